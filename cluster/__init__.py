@@ -1,0 +1,1 @@
+"""Composition root: configuration, the Ray Serve application and the exaone-cluster CLI."""

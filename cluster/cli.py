@@ -1,0 +1,68 @@
+"""The ``exaone-cluster`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _make_checkpoint(args: argparse.Namespace) -> int:
+    from cluster.checkpoint import parse_overrides, write_checkpoint
+    from replicas.model import count_parameters
+    from replicas.model_config import ModelConfig
+
+    try:
+        overrides = parse_overrides(args.set or [])
+        out = write_checkpoint(
+            args.output, preset=args.preset, overrides=overrides, seed=args.seed,
+            dtype=args.dtype, max_shard_bytes=int(args.max_shard_mb * (1 << 20)),
+            weights=False if args.no_weights else None,
+        )  # fmt: skip
+    except ValueError as e:  # ConfigError and bad --set values
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    counts = count_parameters(ModelConfig.from_json_file(out))
+    print(
+        f"wrote {args.preset} checkpoint to {out}: {counts['main'] / 1e6:,.1f}M parameters "
+        f"(+{counts['mtp'] / 1e6:,.1f}M MTP), {counts['active'] / 1e6:,.1f}M active per token"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exaone-cluster", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mk = sub.add_parser(
+        "make-checkpoint",
+        help="write a random-weight EXAONE-MoE checkpoint (HF layout) for tests and benchmarks",
+    )
+    mk.add_argument("output", help="directory to write (created if missing)")
+    mk.add_argument("--preset", default="tiny", choices=["tiny", "small", "k-exaone"])
+    mk.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config.json field (JSON value), e.g. --set num_experts=16",
+    )
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    mk.add_argument(
+        "--max-shard-mb",
+        type=float,
+        default=2048,
+        help="split weights into files of at most this size, with an index",
+    )
+    mk.add_argument("--no-weights", action="store_true", help="config and tokenizer only")
+    mk.set_defaults(func=_make_checkpoint)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Compute plane: the EXAONE-MoE model, weight loading and (later) the engine. No Ray here."""

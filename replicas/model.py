@@ -1,0 +1,533 @@
+"""EXAONE-MoE (K-EXAONE-236B-A23B and any ``exaone_moe`` checkpoint) in plain PyTorch.
+
+The math follows ``shared/docs/model-spec.md`` and is checked logit-for-logit against transformers'
+``ExaoneMoeForCausalLM`` (tests/unit/test_model_vs_hf.py).
+
+Glossary
+    sliding layer   attends to itself and the previous ``W - 1`` tokens, with RoPE.
+    global layer    attends to the whole causal prefix, no positional encoding (NoPE).
+    routed expert   one of ``E`` SwiGLU MLPs; each token uses ``k`` of them, picked by the router.
+    shared expert   a SwiGLU MLP every token of a MoE layer goes through, unweighted.
+    slot            one (token, j) pair, j < k: the j-th expert chosen for a token. Expert outputs
+                    are kept per slot and summed in fp32 in slot order, so the result does not
+                    depend on which process computed which expert.
+    MTP             multi-token prediction layer: drafts token t+2 from (hidden_t, token_{t+1}).
+
+Dimensions (used in shape comments)
+    B batch, T tokens per sequence, N = B*T flattened tokens, H hidden_size,
+    Hq / Hkv query / key-value heads, D head_dim, E experts (held by this module: E_local),
+    K experts per token, I intermediate width, V vocab, S = N*K slots.
+
+Internal parameter names equal the checkpoint names except where several checkpoint tensors are
+fused into one (q/k/v -> ``qkv_proj``, gate/up -> ``gate_up_proj``, per-expert tensors ->
+``experts.w13`` / ``experts.w2``); ``checkpoint_sources`` is the one place that maps the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from replicas.model_config import DENSE, SLIDING, ModelConfig
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """Variance in fp32, cast back to the input dtype, then times the weight (as transformers)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Default (NeoX, rotate-half) RoPE tables for absolute positions. [T] -> 2 x [T, D]."""
+    inv_freq = 1.0 / (
+        theta
+        ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim)
+    )  # [D/2] fp32
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+    emb = torch.cat((angles, angles), dim=-1)  # [T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [..., T, heads, D]; cos/sin: [T, D] broadcast over heads."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def attention_mask(num_tokens: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Boolean [T, T], True where query i may attend key j: j <= i and (i - j < window)."""
+    i = torch.arange(num_tokens, device=device)[:, None]
+    j = torch.arange(num_tokens, device=device)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed &= (i - j) < window
+    return allowed
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); gate and up are one fused [2I, H] matmul (gate rows first)."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.inter = inter
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)  # 2 x [..., I]
+        return self.down_proj(F.silu(gate) * up)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention
+# ------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """GQA attention with per-head QK-norm; RoPE only on sliding layers (global layers are NoPE)."""
+
+    def __init__(self, cfg: ModelConfig, layer_type: str, use_rope: bool):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.window = cfg.sliding_window if layer_type == SLIDING else None
+        self.use_rope = use_rope
+        self.scale = cfg.head_dim**-0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=False)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> q [B, T, Hq, D], k and v [B, T, Hkv, D]; k is what a KV cache stores."""
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim)))  # [B, T, Hq, D]
+        k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim)))  # [B, T, Hkv, D]
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))  # [B, T, Hkv, D]
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Full causal (or sliding-window) self-attention over whole sequences. [B, T, H]."""
+        q, k, v = self.project(x, cos, sin)
+        mask = attention_mask(x.shape[1], self.window, x.device)  # [T, T]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),  # [B, Hq, T, D]
+            k.transpose(1, 2),  # [B, Hkv, T, D]
+            v.transpose(1, 2),
+            attn_mask=mask,
+            scale=self.scale,
+            enable_gqa=True,
+        )  # [B, Hq, T, D]
+        return self.o_proj(out.transpose(1, 2).flatten(2))  # [B, T, H]
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixture of experts
+# ------------------------------------------------------------------------------------------------
+class Routing(NamedTuple):
+    topk_ids: torch.Tensor  # [N, K] int64, global expert ids
+    topk_weights: torch.Tensor  # [N, K] fp32, normalised and scaled
+
+
+class Router(nn.Module):
+    """fp32 sigmoid router with DeepSeek-V3 "noaux_tc" selection (bias for choice only)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.num_experts = cfg.num_experts_per_tok, cfg.num_experts
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
+        # Kept in fp32 whatever the model dtype (transformers: _keep_in_fp32_modules_strict).
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts))
+
+    def forward(self, x: torch.Tensor) -> Routing:  # x [N, H]
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E] fp32
+        choice = scores + self.e_score_correction_bias.float()  # [N, E]
+        if self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)  # [N, G, E/G]
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [N, G]
+            keep = group_scores.topk(self.topk_group, dim=-1).indices  # [N, topk_group]
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+        topk_ids = choice.topk(self.top_k, dim=-1).indices  # [N, K]
+        weights = scores.gather(1, topk_ids)  # [N, K], unbiased scores
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return Routing(topk_ids, weights * self.scaling)
+
+
+class RoutedExperts(nn.Module):
+    """The routed experts of one MoE layer that this process holds (any subset of expert ids).
+
+    ``w13[j]`` is expert ``expert_ids[j]``'s fused gate/up weight [2I, H], ``w2[j]`` its down
+    weight [H, I]. ``forward`` fills the slots whose expert it holds and leaves the others alone,
+    so expert groups that each hold a slice fill disjoint rows of the same slot buffer.
+    """
+
+    def __init__(self, cfg: ModelConfig, expert_ids: Sequence[int]):
+        super().__init__()
+        self.expert_ids = tuple(int(e) for e in expert_ids)
+        self.inter = cfg.moe_intermediate_size
+        n = len(self.expert_ids)
+        self.w13 = nn.Parameter(torch.empty(n, 2 * self.inter, cfg.hidden_size))
+        self.w2 = nn.Parameter(torch.empty(n, cfg.hidden_size, self.inter))
+        self.num_experts = cfg.num_experts
+        self.register_buffer("local_index", torch.empty(0, dtype=torch.long), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)build the global id -> local index map, -1 where not held (after to_empty)."""
+        device = self.w13.device if self.w13.device.type != "meta" else None
+        local = torch.full((self.num_experts,), -1, dtype=torch.long, device=device)
+        local[list(self.expert_ids)] = torch.arange(len(self.expert_ids), device=device)
+        self.local_index = local
+
+    def forward(
+        self, x: torch.Tensor, routing: Routing, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [N, H]; returns ``out`` [S = N*K, H] fp32 with this module's slots filled.
+
+        Slot s is token ``s // K``, choice ``s % K``; its row is ``w * expert(x_token)`` where the
+        expert output (activation dtype) is multiplied by the fp32 weight (transformers'
+        grouped_mm numerics).
+        """
+        num_tokens, k = routing.topk_ids.shape
+        if out is None:
+            out = x.new_zeros(num_tokens * k, x.shape[-1], dtype=torch.float32)
+        local = self.local_index[routing.topk_ids.flatten()]  # [S], -1 where not held
+        order = torch.argsort(local, stable=True)  # slots grouped by local expert
+        counts = torch.bincount(local + 1, minlength=len(self.expert_ids) + 1).tolist()
+        weights = routing.topk_weights.flatten()  # [S] fp32
+        start = counts[0]  # skip slots of experts held elsewhere
+        for j, count in enumerate(counts[1:]):
+            if count == 0:
+                continue
+            slots = order[start : start + count]  # [s_j]
+            start += count
+            h = x[slots // k]  # [s_j, H]
+            gate, up = F.linear(h, self.w13[j]).split(self.inter, dim=-1)  # 2 x [s_j, I]
+            y = F.linear(F.silu(gate) * up, self.w2[j])  # [s_j, H] activation dtype
+            out[slots] = y * weights[slots, None]  # fp32
+        return out
+
+
+def combine_slots(slot_out: torch.Tensor, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """[S, H] fp32 per-slot outputs -> [N, H]: sum over the K choices in fp32, cast once."""
+    return slot_out.view(num_tokens, -1, slot_out.shape[-1]).sum(dim=1).to(dtype)
+
+
+class SparseMoE(nn.Module):
+    """Router + routed experts (possibly a subset, possibly none) + always-on shared expert(s)."""
+
+    def __init__(self, cfg: ModelConfig, expert_ids: Sequence[int]):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg, expert_ids) if len(expert_ids) else None
+        self.shared_experts = SwiGLU(
+            cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H]
+        flat = x.flatten(0, -2)  # [N, H]
+        if self.experts is None or len(self.experts.expert_ids) != self.gate.num_experts:
+            raise RuntimeError("this module holds a subset of experts: dispatch to expert groups")
+        routing = self.gate(flat)
+        routed = combine_slots(self.experts(flat, routing), flat.shape[0], x.dtype)  # [N, H]
+        return routed.view_as(x) + self.shared_experts(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoder layer, model, MTP
+# ------------------------------------------------------------------------------------------------
+class DecoderLayer(nn.Module):
+    """Pre-norm: h += attn(norm(h)); h += ffn(norm(h)). FFN is SwiGLU (dense) or SparseMoE."""
+
+    def __init__(
+        self, cfg: ModelConfig, layer_type: str, mlp_type: str, use_rope: bool, expert_ids
+    ):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_type, use_rope)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = (
+            SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+            if mlp_type == DENSE
+            else SparseMoE(cfg, expert_ids)
+        )
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin)  # [B, T, H]
+        return h + self.mlp(self.post_attention_layernorm(h))  # [B, T, H]
+
+
+class MTP(nn.Module):
+    """One MTP block: u = fc([norm_e(embed(x_{t+1})), norm_h(h_t)]) -> decoder layer -> norm.
+
+    Uses the main model's embedding and lm_head. Attention type and RoPE follow vLLM (the type of
+    layer 0, RoPE always on), see ModelConfig.mtp_layer_type.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.pre_fc_norm_embedding = RMSNorm(h, cfg.rms_norm_eps)
+        self.pre_fc_norm_hidden = RMSNorm(h, cfg.rms_norm_eps)
+        self.fc = nn.Linear(2 * h, h, bias=False)
+        layer = DecoderLayer(cfg, cfg.mtp_layer_type, DENSE, use_rope=True, expert_ids=())
+        self.layers = nn.ModuleList([layer])
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+
+    def forward(
+        self, next_embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """next_embeds [B, T, H] (embedding of token t+1), hidden [B, T, H] (final-normed h_t)."""
+        u = self.fc(
+            torch.cat(
+                [self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], -1
+            )
+        )  # [B, T, H]
+        return self.norm(self.layers[0](u, cos, sin))  # [B, T, H]
+
+
+class ExaoneMoeModel(nn.Module):
+    """Embedding, the decoder layers in ``layer_ids``, and the final norm (module ``model.*``)."""
+
+    def __init__(
+        self, cfg: ModelConfig, layer_ids: Sequence[int], expert_ids: Sequence[int] | None
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        all_experts = range(cfg.num_experts) if expert_ids is None else sorted(set(expert_ids))
+        self.layers = nn.ModuleDict(
+            {
+                str(i): DecoderLayer(
+                    cfg,
+                    cfg.layer_types[i],
+                    cfg.mlp_layer_types[i],
+                    cfg.uses_rope(cfg.layer_types[i]),
+                    all_experts,
+                )
+                for i in layer_ids
+            }
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class ExaoneMoeForCausalLM(nn.Module):
+    """EXAONE-MoE with the transformers-style API:
+
+    >>> model = ExaoneMoeForCausalLM.from_pretrained(path, dtype=torch.float32)
+    >>> logits = model(input_ids)  # [B, T] LongTensor -> [B, T, V]
+
+    ``layers`` / ``expert_ids`` build a partial model (a layer range, a subset of routed experts);
+    ``include_mtp`` adds the MTP block. Only a complete model can run ``forward``.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layers: Iterable[int] | None = None,
+        expert_ids: Iterable[int] | None = None,
+        include_mtp: bool | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_ids = tuple(range(cfg.num_hidden_layers) if layers is None else layers)
+        self.expert_ids = None if expert_ids is None else tuple(sorted(set(expert_ids)))
+        for i in self.layer_ids:
+            if not 0 <= i < cfg.num_hidden_layers:
+                raise ValueError(f"layer {i} out of range [0, {cfg.num_hidden_layers})")
+        for e in self.expert_ids or ():
+            if not 0 <= e < cfg.num_experts:
+                raise ValueError(f"expert id {e} out of range [0, {cfg.num_experts})")
+        self.model = ExaoneMoeModel(cfg, self.layer_ids, self.expert_ids)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if include_mtp is None:
+            include_mtp = cfg.num_nextn_predict_layers > 0
+        self.mtp = MTP(cfg) if include_mtp else None
+
+    @property
+    def is_complete(self) -> bool:
+        full_experts = self.expert_ids is None or len(self.expert_ids) == self.cfg.num_experts
+        return self.layer_ids == tuple(range(self.cfg.num_hidden_layers)) and full_experts
+
+    # ---- forward (whole sequences, no cache) ----------------------------------------------------
+    def rope(self, num_tokens: int, device: torch.device, dtype: torch.dtype):
+        positions = torch.arange(num_tokens, device=device)
+        return rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids -> [B, T, H] final-normed hidden states (what lm_head and MTP read)."""
+        if not self.is_complete:
+            raise RuntimeError("partial model (layer range or expert subset): no full forward")
+        h = self.model.embed_tokens(input_ids)  # [B, T, H]
+        cos, sin = self.rope(input_ids.shape[1], h.device, h.dtype)  # [T, D]
+        for layer in self.model.layers.values():
+            h = layer(h, cos, sin)
+        return self.model.norm(h)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] LongTensor -> [B, T, V] logits (activation dtype)."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        return self.lm_head(self.hidden_states(input_ids))
+
+    def mtp_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Draft logits of the MTP block over whole sequences (no cache).
+
+        input_ids [B, T] -> [B, T-1, V]: row t predicts token t+2 from (h_t, token t+1).
+        """
+        if self.mtp is None:
+            raise RuntimeError("this model was built without its MTP block")
+        hidden = self.hidden_states(input_ids)[:, :-1]  # [B, T-1, H]
+        next_embeds = self.model.embed_tokens(input_ids[:, 1:])  # [B, T-1, H]
+        cos, sin = self.rope(hidden.shape[1], hidden.device, hidden.dtype)
+        return self.lm_head(self.mtp(next_embeds, hidden, cos, sin))
+
+    # ---- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+        layers: Iterable[int] | None = None,
+        expert_ids: Iterable[int] | None = None,
+        include_mtp: bool | None = None,
+        progress: bool | None = None,
+    ) -> ExaoneMoeForCausalLM:
+        """Load from a local Hugging Face-layout directory (see replicas.weights)."""
+        from replicas.weights import load_model
+
+        return load_model(
+            cls, path, dtype=dtype, device=device, layers=layers, expert_ids=expert_ids,
+            include_mtp=include_mtp, progress=progress,
+        )  # fmt: skip
+
+
+class ExpertStack(nn.Module):
+    """Only the routed experts ``expert_ids`` of every MoE layer: what an expert group holds.
+
+    Parameter names match the full model (``model.layers.{i}.mlp.experts.*``), so the same loader
+    fills it and reads only those experts' bytes from the checkpoint.
+    """
+
+    def __init__(self, cfg: ModelConfig, expert_ids: Iterable[int], layers=None):
+        super().__init__()
+        self.cfg = cfg
+        ids = tuple(sorted(set(expert_ids)))
+        chosen = cfg.moe_layers if layers is None else [i for i in layers if i in cfg.moe_layers]
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleDict()
+        for i in chosen:
+            layer = nn.Module()
+            layer.mlp = nn.Module()
+            layer.mlp.experts = RoutedExperts(cfg, ids)
+            self.model.layers[str(i)] = layer
+
+    def experts(self, layer: int) -> RoutedExperts:
+        return self.model.layers[str(layer)].mlp.experts
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, expert_ids: Iterable[int], dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu", layers: Iterable[int] | None = None,
+        progress: bool | None = None,
+    ) -> ExpertStack:  # fmt: skip
+        from replicas.weights import load_model
+
+        return load_model(cls, path, dtype=dtype, device=device, layers=layers,
+                          expert_ids=expert_ids, include_mtp=False, progress=progress)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint name mapping (one place, used by the loader and by make-checkpoint)
+# ------------------------------------------------------------------------------------------------
+class Piece(NamedTuple):
+    """Checkpoint tensor ``key`` (or ``key[src_index]`` for fused expert stacks) fills
+    ``param[dst]`` of an internal parameter."""
+
+    key: str
+    dst: tuple  # index into the internal tensor (ints and slices)
+    src_index: int | None = None
+    alias: str | None = None  # another name the same tensor may carry in a checkpoint
+
+
+def checkpoint_sources(
+    cfg: ModelConfig, name: str, shape: Sequence[int], module: nn.Module, fused_experts: bool
+) -> list[Piece]:
+    """Which checkpoint tensors make up internal tensor ``name`` (of ``shape``, owned by
+    ``module``). ``fused_experts`` picks transformers' ``experts.gate_up_proj``/``down_proj``
+    layout over the published per-expert tensors."""
+    prefix, _, leaf = name.rpartition(".")
+    whole = (slice(None),)
+    if leaf == "weight" and prefix.endswith("qkv_proj"):
+        base = prefix[: -len("qkv_proj")]
+        q, kv = cfg.q_size, cfg.kv_size
+        return [
+            Piece(base + "q_proj.weight", (slice(0, q),)),
+            Piece(base + "k_proj.weight", (slice(q, q + kv),)),
+            Piece(base + "v_proj.weight", (slice(q + kv, q + 2 * kv),)),
+        ]
+    if leaf == "weight" and prefix.endswith("gate_up_proj"):
+        base, inter = prefix[: -len("gate_up_proj")], shape[0] // 2
+        return [
+            Piece(base + "gate_proj.weight", (slice(0, inter),)),
+            Piece(base + "up_proj.weight", (slice(inter, 2 * inter),)),
+        ]
+    if leaf == "e_score_correction_bias":
+        # Published: mlp.e_score_correction_bias; transformers' runtime: mlp.gate.e_score_...
+        return [Piece(prefix.rpartition(".")[0] + ".e_score_correction_bias", whole, alias=name)]
+    if leaf in ("w13", "w2"):
+        inter = module.inter
+        pieces = []
+        for j, e in enumerate(module.expert_ids):
+            if fused_experts:
+                key = prefix + (".gate_up_proj" if leaf == "w13" else ".down_proj")
+                pieces.append(Piece(key, (j,), src_index=e))
+            elif leaf == "w13":
+                pieces.append(Piece(f"{prefix}.{e}.gate_proj.weight", (j, slice(0, inter))))
+                pieces.append(Piece(f"{prefix}.{e}.up_proj.weight", (j, slice(inter, 2 * inter))))
+            else:
+                pieces.append(Piece(f"{prefix}.{e}.down_proj.weight", (j,)))
+        return pieces
+    return [Piece(name, whole)]
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """Total and per-token active parameters of the full model and its MTP block (meta device)."""
+    with torch.device("meta"):
+        model = ExaoneMoeForCausalLM(cfg, include_mtp=cfg.num_nextn_predict_layers > 0)
+    state = model.state_dict()  # parameters and persistent buffers (the correction biases)
+    main = sum(t.numel() for n, t in state.items() if not n.startswith("mtp."))
+    mtp = sum(t.numel() for n, t in state.items() if n.startswith("mtp."))
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    inactive = len(cfg.moe_layers) * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
+    return {"main": main, "mtp": mtp, "total": main + mtp, "active": main - inactive}

@@ -1,0 +1,276 @@
+"""Load EXAONE-MoE weights from a local Hugging Face-layout directory.
+
+Accepted: one ``*.safetensors`` file or many with ``model.safetensors.index.json``; the published
+per-expert layout (``mlp.experts.{e}.{gate,up,down}_proj.weight``) and transformers' fused layout
+(``mlp.experts.gate_up_proj`` [E, 2I, H] / ``mlp.experts.down_proj`` [E, H, I]); MTP tensors
+(``mtp.*``). Files are memory-mapped and only the bytes of the requested layers and experts are
+read, so an expert group holding 1/G of the experts reads and keeps about 1/G of their bytes.
+
+Every problem is collected and reported at once: missing tensors, unexpected tensors and tensors
+of the wrong shape, each by name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from replicas.model import ExaoneMoeForCausalLM, Piece, Router, checkpoint_sources
+from replicas.model_config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar by default above 1 GiB to read
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not fit the model; the message names every offending tensor."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        n = _DTYPE_BYTES.get(self.dtype, 4)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class CheckpointIndex:
+    """Names, shapes and files of every tensor in a checkpoint directory (headers only)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"checkpoint directory {self.path} does not exist")
+        self.config = ModelConfig.from_json_file(self.path)
+        self.raw_config = json.loads((self.path / "config.json").read_text())
+        self.tensors: dict[str, TensorInfo] = {}
+        index_file = self.path / INDEX_FILE
+        if index_file.exists():
+            weight_map = json.loads(index_file.read_text()).get("weight_map", {})
+            files = sorted(set(weight_map.values()))
+        else:
+            weight_map = None
+            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"no *.safetensors files in {self.path}")
+        for name in files:
+            file = self.path / name
+            if not file.exists():
+                raise CheckpointError(f"{INDEX_FILE} names {name}, which is not in {self.path}")
+            for key, info in _read_header(file).items():
+                self.tensors[key] = TensorInfo(file, tuple(info["shape"]), info["dtype"])
+        if weight_map is not None:
+            lost = sorted(k for k, f in weight_map.items() if k not in self.tensors)
+            if lost:
+                raise CheckpointError(
+                    f"{INDEX_FILE} lists tensor(s) absent from their files: {', '.join(lost)}"
+                )
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    @property
+    def has_mtp(self) -> bool:
+        return any(k.startswith("mtp.") for k in self.tensors)
+
+    def resolve(self, piece: Piece) -> str | None:
+        if piece.key in self.tensors:
+            return piece.key
+        if piece.alias is not None and piece.alias in self.tensors:
+            return piece.alias
+        return None
+
+
+def _read_header(file: Path) -> dict:
+    """The safetensors JSON header (8-byte little-endian length, then JSON)."""
+    with open(file, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) != 8:
+            raise CheckpointError(f"{file.name} is not a safetensors file (truncated header)")
+        (n,) = struct.unpack("<Q", raw_len)
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file.name} has a corrupt safetensors header: {e}") from e
+    header.pop("__metadata__", None)
+    return header
+
+
+# ------------------------------------------------------------------------------------------------
+# Planning: which checkpoint bytes fill which internal tensor
+# ------------------------------------------------------------------------------------------------
+def _owner(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rpartition(".")[0])
+
+
+def _is_fused(index: CheckpointIndex, name: str) -> bool:
+    prefix = name.rpartition(".")[0]  # ...mlp.experts
+    return f"{prefix}.gate_up_proj" in index or f"{prefix}.down_proj" in index
+
+
+def plan_pieces(model: nn.Module, index: CheckpointIndex) -> dict[str, list[Piece]]:
+    """Internal tensor name -> the checkpoint pieces that fill it (persistent tensors only)."""
+    plan = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        fused = name.endswith((".w13", ".w2")) and _is_fused(index, name)
+        plan[name] = checkpoint_sources(model.cfg, name, tensor.shape, _owner(model, name), fused)
+    return plan
+
+
+def _expected_shape(target_shape, piece: Piece, num_experts: int) -> tuple[int, ...]:
+    shape = tuple(torch.empty(target_shape, device="meta")[piece.dst].shape)
+    return (num_experts, *shape) if piece.src_index is not None else shape
+
+
+def check_checkpoint(
+    model: nn.Module, index: CheckpointIndex, plan: dict[str, list[Piece]], full_plan
+) -> None:
+    """Raise CheckpointError naming every missing, mis-shaped or unexpected tensor."""
+    missing, misshaped = [], []
+    state = model.state_dict(keep_vars=True)
+    for name, pieces in plan.items():
+        for piece in pieces:
+            key = index.resolve(piece)
+            if key is None:
+                missing.append(piece.key)
+                continue
+            want = _expected_shape(state[name].shape, piece, index.config.num_experts)
+            got = index.tensors[key].shape
+            if got != want:
+                misshaped.append(f"{key}: checkpoint {list(got)}, model expects {list(want)}")
+    known = {k for pieces in full_plan.values() for p in pieces for k in (p.key, p.alias) if k}
+    loads_mtp = getattr(model, "mtp", None) is not None
+    unexpected = sorted(
+        k for k in index.tensors if k not in known and (loads_mtp or not k.startswith("mtp."))
+    )
+    problems = []
+    if missing:
+        problems.append(
+            f"{len(missing)} missing tensor(s):\n  " + "\n  ".join(sorted(set(missing)))
+        )
+    if misshaped:
+        problems.append(
+            f"{len(misshaped)} tensor(s) of the wrong shape:\n  " + "\n  ".join(misshaped)
+        )
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s):\n  " + "\n  ".join(unexpected))
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {index.path} does not match the config:\n" + "\n".join(problems)
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+def materialize(model: nn.Module, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
+    """Turn a meta-device model into uninitialised storage of ``dtype`` on ``device`` (the router's
+    correction bias stays fp32), ready to be filled by ``copy_pieces``."""
+    model.to(dtype)
+    for m in model.modules():
+        if isinstance(m, Router):
+            m.e_score_correction_bias = m.e_score_correction_bias.float()
+    model.to_empty(device=device)
+    for m in model.modules():
+        if hasattr(m, "reset_buffers"):
+            m.reset_buffers()
+    return model
+
+
+@torch.no_grad()
+def copy_pieces(
+    model: nn.Module, index: CheckpointIndex, plan: dict[str, list[Piece]], progress: bool | None
+) -> int:
+    """Copy every planned piece from the memory-mapped files; returns the bytes read."""
+    state = model.state_dict(keep_vars=True)
+    by_file: dict[Path, list[tuple[str, Piece, str]]] = defaultdict(list)
+    total = 0
+    for name, pieces in plan.items():
+        for piece in pieces:
+            key = index.resolve(piece)
+            info = index.tensors[key]
+            by_file[info.file].append((name, piece, key))
+            total += info.nbytes // (info.shape[0] if piece.src_index is not None else 1)
+    show = progress if progress is not None else total >= PROGRESS_MIN_BYTES
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not show) as bar:
+        for file, items in by_file.items():
+            with safe_open(str(file), framework="pt") as f:
+                for name, piece, key in items:
+                    if piece.src_index is not None:
+                        src = f.get_slice(key)[piece.src_index]
+                    else:
+                        src = f.get_tensor(key)
+                    state[name].data[piece.dst].copy_(src)
+                    bar.update(src.numel() * src.element_size())
+    return total
+
+
+def load_model(
+    cls,
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    layers: Iterable[int] | None = None,
+    expert_ids: Iterable[int] | None = None,
+    include_mtp: bool | None = None,
+    progress: bool | None = None,
+):
+    """Build ``cls(cfg, layers=..., expert_ids=..., include_mtp=...)`` and fill it from ``path``.
+
+    ``include_mtp=None`` loads the MTP block when the config declares one and its tensors are
+    present (transformers-saved checkpoints drop ``mtp.*``); ``True`` requires them.
+    """
+    index = CheckpointIndex(path)
+    cfg = index.config
+    if "num_nextn_predict_layers" not in index.raw_config and index.has_mtp:
+        # An early K-EXAONE config lacked the field although the checkpoint has the MTP block.
+        cfg = replace(cfg, num_nextn_predict_layers=1)
+    if include_mtp is None:
+        include_mtp = cfg.num_nextn_predict_layers > 0 and index.has_mtp
+        if cfg.num_nextn_predict_layers > 0 and not index.has_mtp:
+            log.warning("%s: config declares an MTP layer but has no mtp.* tensors; "
+                        "loading without MTP (no speculative decoding)", path)  # fmt: skip
+    with torch.device("meta"):
+        model = _build(cls, cfg, layers, expert_ids, include_mtp)
+        full = ExaoneMoeForCausalLM(cfg, include_mtp=include_mtp)  # every known checkpoint name
+    plan = plan_pieces(model, index)
+    check_checkpoint(model, index, plan, plan_pieces(full, index))
+    materialize(model, dtype, device)
+    model.bytes_read = copy_pieces(model, index, plan, progress)
+    model.requires_grad_(False)
+    model.eval()
+    model.checkpoint_path = index.path
+    return model
+
+
+def _build(cls, cfg, layers, expert_ids, include_mtp):
+    if cls.__name__ == "ExpertStack":
+        return cls(cfg, expert_ids=range(cfg.num_experts) if expert_ids is None else expert_ids,
+                   layers=layers)  # fmt: skip
+    return cls(cfg, layers=layers, expert_ids=expert_ids, include_mtp=include_mtp)
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of the weights (persistent parameters and buffers) this model holds."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())

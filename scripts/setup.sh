@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv and install exaone-cluster with its test tools. Idempotent; safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# torch is pinned to the 2.13 CPU build in pyproject.toml; pip takes it from the local wheel
+# cache when one exists, else from PyPI.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
