@@ -34,3 +34,23 @@ def make_ckpt(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+_FIGURES: list[str] = []
+
+
+@pytest.fixture
+def report(request):
+    """report("...") records a measured figure; all figures print at the end of the run."""
+
+    def add(line: str) -> None:
+        _FIGURES.append(f"{request.node.name}: {line}")
+
+    return add
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("measured figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)

@@ -20,10 +20,10 @@ def _raw(**changes):
     return raw
 
 
-def test_k_exaone_counts_on_meta_device():
+def test_k_exaone_counts_on_meta_device(report):
     cfg = ModelConfig.from_hf(PRESETS["k-exaone"])
     counts = count_parameters(cfg)
-    print(f"K-EXAONE: total {counts['total']:,} (main {counts['main']:,} + MTP {counts['mtp']:,}),"
+    report(f"K-EXAONE: total {counts['total']:,} (main {counts['main']:,} + MTP {counts['mtp']:,}),"
           f" active per token {counts['active']:,}")  # fmt: skip
     assert abs(counts["total"] - K_EXAONE_PARAMS) <= 0.001 * K_EXAONE_PARAMS
     assert counts["total"] == K_EXAONE_PARAMS  # in fact exact, tensor for tensor

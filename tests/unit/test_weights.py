@@ -142,7 +142,7 @@ _RSS_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_expert_subset_memory_is_proportional(make_ckpt):
+def test_expert_subset_memory_is_proportional(make_ckpt, report):
     """Resident memory (RssAnon growth of a fresh process) of an expert group's load scales with
     the number of experts it holds."""
     ckpt = make_ckpt(dtype="bfloat16", hidden_size=256, moe_intermediate_size=256,
@@ -155,7 +155,7 @@ def test_expert_subset_memory_is_proportional(make_ckpt):
         )  # fmt: skip
         results[n] = json.loads(out.stdout.strip().splitlines()[-1])
     full, quarter = results[32], results[8]
-    print(
+    report(
         f"expert weights held: 32 experts {full['held'] / 2**20:.1f} MiB "
         f"(RSS +{full['rss'] / 2**20:.1f} MiB, read {full['read'] / 2**20:.1f} MiB); "
         f"8 experts {quarter['held'] / 2**20:.1f} MiB (RSS +{quarter['rss'] / 2**20:.1f} MiB, "
