@@ -413,23 +413,13 @@ class ExaoneMoeForCausalLM(nn.Module):
 
     # ---- loading ---------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        dtype: torch.dtype = torch.bfloat16,
-        device: str | torch.device = "cpu",
-        layers: Iterable[int] | None = None,
-        expert_ids: Iterable[int] | None = None,
-        include_mtp: bool | None = None,
-        progress: bool | None = None,
-    ) -> ExaoneMoeForCausalLM:
-        """Load from a local Hugging Face-layout directory (see replicas.weights)."""
+    def from_pretrained(cls, path: str | Path, **options) -> ExaoneMoeForCausalLM:
+        """Load from a local Hugging Face-layout directory. Options (see
+        ``replicas.weights.load_model``): dtype, device, layers, expert_ids, include_mtp,
+        progress."""
         from replicas.weights import load_model
 
-        return load_model(
-            cls, path, dtype=dtype, device=device, layers=layers, expert_ids=expert_ids,
-            include_mtp=include_mtp, progress=progress,
-        )  # fmt: skip
+        return load_model(cls, path, **options)
 
 
 class ExpertStack(nn.Module):
