@@ -25,15 +25,21 @@ fused into one (q/k/v -> ``qkv_proj``, gate/up -> ``gate_up_proj``, per-expert t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from replicas.model_config import DENSE, SLIDING, ModelConfig
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class AttentionBackend(Protocol):
+    def attend_fn(self, layer: int) -> Attend: ...
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,8 +137,16 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Full causal (or sliding-window) self-attention over whole sequences. [B, T, H]."""
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend | None = None
+    ) -> torch.Tensor:
+        """Without ``attend``: causal (or sliding-window) self-attention over whole sequences,
+        x [B, T, H]. With ``attend`` (a KV-cache backend): x is [N, H], the flattened new tokens
+        of a step, and ``attend(q [N, Hq, D], k, v [N, Hkv, D]) -> [N, Hq, D]`` stores k/v and
+        attends over each sequence's cached context plus its new tokens."""
+        if attend is not None:
+            q, k, v = self.project(x[None], cos, sin)  # [1, N, heads, D]
+            return self.o_proj(attend(q[0], k[0], v[0]).flatten(1))  # [N, H]
         q, k, v = self.project(x, cos, sin)
         mask = attention_mask(x.shape[1], self.window, x.device)  # [T, T]
         out = F.scaled_dot_product_attention(
@@ -281,9 +295,11 @@ class DecoderLayer(nn.Module):
             else SparseMoE(cfg, expert_ids)
         )
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin)  # [B, T, H]
-        return h + self.mlp(self.post_attention_layernorm(h))  # [B, T, H]
+    def forward(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend | None = None
+    ) -> torch.Tensor:  # [B, T, H], or [N, H] with a KV-cache backend
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attend)
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class MTP(nn.Module):
@@ -391,6 +407,21 @@ class ExaoneMoeForCausalLM(nn.Module):
         cos, sin = self.rope(input_ids.shape[1], h.device, h.dtype)  # [T, D]
         for layer in self.model.layers.values():
             h = layer(h, cos, sin)
+        return self.model.norm(h)
+
+    # ---- one engine step over flattened tokens, with a KV cache ---------------------------------
+    def step_hidden(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend
+    ) -> torch.Tensor:
+        """input_ids, positions [N] (the new tokens of every scheduled sequence, concatenated)
+        -> [N, H] final-normed hidden states. ``backend.attend_fn(layer)`` returns the attention
+        callable of each layer (see replicas.kv_cache)."""
+        if not self.is_complete:
+            raise RuntimeError("partial model (layer range or expert subset): no forward")
+        h = self.model.embed_tokens(input_ids)  # [N, H]
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        for i, layer in self.model.layers.items():
+            h = layer(h, cos, sin, backend.attend_fn(int(i)))  # [N, H]
         return self.model.norm(h)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

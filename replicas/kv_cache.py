@@ -1,0 +1,237 @@
+"""Hybrid KV cache: paged blocks for global layers, a per-sequence window for sliding layers.
+
+Glossary
+    block       ``block_size`` consecutive token positions of one sequence in every global layer;
+                one block id indexes the same rows of all global layers' K/V pools.
+    block table the block ids of a sequence, in position order.
+    slot        a sequence's row in the sliding-layer state: the K/V of its last ``W - 1``
+                positions (all a sliding layer ever needs again), kept in position order.
+    chunk       the new tokens a sequence computes in one step (a prefill piece or 1 decode token).
+
+Global (NoPE) layers keep the whole context. Sliding layers keep only ``W - 1`` rows between
+steps; during a step a chunk attends over ``state + chunk`` and the state is rewritten *after*
+attention (a ring exactly W wide, written before attending, breaks chunked prefill:
+model-spec.md section 7).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from replicas.model import Attend
+from replicas.model_config import SLIDING, ModelConfig
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory accounting
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KVFootprint:
+    global_bytes_per_token: int
+    """K and V of every global layer for one token."""
+    sliding_bytes_per_sequence: int
+    """The kept window (W - 1 rows) of every sliding layer, per running sequence."""
+    sliding_bytes_per_inflight_token: int
+    """Transient K/V of the tokens a sequence computes in a step, across sliding layers."""
+
+    def sequence_bytes(self, num_tokens: int, block_size: int = 1) -> int:
+        """Cache bytes held by one sequence of ``num_tokens`` (global blocks rounded up)."""
+        blocks = -(-num_tokens // block_size)
+        return blocks * block_size * self.global_bytes_per_token + self.sliding_bytes_per_sequence
+
+
+def kv_footprint(cfg: ModelConfig, dtype_bytes: int = 2, include_mtp: bool = False) -> KVFootprint:
+    """KV bytes for any config (bf16 by default). K-EXAONE: 48 KiB/token, ~18 MiB/sequence."""
+    per_token_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes  # K and V
+    num_sliding = len(cfg.sliding_layers) + (
+        1 if include_mtp and cfg.mtp_layer_type == SLIDING else 0
+    )
+    num_global = len(cfg.full_layers) + (1 if include_mtp and cfg.mtp_layer_type != SLIDING else 0)
+    kept = (cfg.sliding_window - 1) if cfg.sliding_window else 0
+    return KVFootprint(
+        global_bytes_per_token=num_global * per_token_layer,
+        sliding_bytes_per_sequence=num_sliding * kept * per_token_layer,
+        sliding_bytes_per_inflight_token=num_sliding * per_token_layer,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Allocation (pure Python)
+# ------------------------------------------------------------------------------------------------
+class BlockPool:
+    """Free list of ids 0..n-1 (global-layer blocks, or sliding slots)."""
+
+    def __init__(self, num: int):
+        self.num_total = num
+        self._free = deque(range(num))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"asked for {n} ids, {len(self._free)} free")
+        return [self._free.popleft() for _ in range(n)]
+
+    def free(self, ids: Sequence[int]) -> None:
+        self._free.extend(ids)
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """What one sequence computes in a step."""
+
+    num_computed: int  # positions already in the cache
+    num_new: int  # new tokens this step (positions num_computed ..)
+    block_ids: Sequence[int]  # global block table, covering num_computed + num_new
+    slot: int  # sliding-state row
+
+
+# ------------------------------------------------------------------------------------------------
+# Storage and per-step attention
+# ------------------------------------------------------------------------------------------------
+class HybridKVCache:
+    """The K/V tensors of one engine: global pools [num_blocks * block_size, Hkv, D] per global
+    layer and sliding states [max_seqs, W - 1, Hkv, D] per sliding layer."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        max_seqs: int,
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
+    ):
+        self.cfg, self.block_size = cfg, block_size
+        self.window = cfg.sliding_window
+        self.blocks = BlockPool(num_blocks)
+        self.slots = BlockPool(max_seqs)
+        shape_kv = (cfg.num_key_value_heads, cfg.head_dim)
+        self.global_k, self.global_v, self.sliding_k, self.sliding_v = {}, {}, {}, {}
+        for i, t in enumerate(cfg.layer_types):
+            if t == SLIDING:
+                state = (max_seqs, self.window - 1, *shape_kv)
+                self.sliding_k[i] = torch.zeros(state, dtype=dtype, device=device)
+                self.sliding_v[i] = torch.zeros(state, dtype=dtype, device=device)
+            else:
+                pool = (num_blocks * block_size, *shape_kv)
+                self.global_k[i] = torch.zeros(pool, dtype=dtype, device=device)
+                self.global_v[i] = torch.zeros(pool, dtype=dtype, device=device)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def step(self, chunks: Sequence[SeqChunk]) -> StepAttention:
+        return StepAttention(self, chunks)
+
+
+class StepAttention:
+    """Index tensors for one step, shared by all layers; implements AttentionBackend.
+
+    Queries are padded to [B, Qmax]; keys to [B, Kmax] per layer kind; one SDPA call per layer.
+    """
+
+    def __init__(self, cache: HybridKVCache, chunks: Sequence[SeqChunk]):
+        self.cache = cache
+        dev = next(iter({**cache.global_k, **cache.sliding_k}.values())).device
+        bs, w = cache.block_size, cache.window
+        num_new = torch.tensor([c.num_new for c in chunks], device=dev)  # [B]
+        computed = torch.tensor([c.num_computed for c in chunks], device=dev)  # [B]
+        starts = torch.cumsum(num_new, 0) - num_new  # [B] offset of each chunk in the flat N
+        q_max = int(num_new.max())
+        j = torch.arange(q_max, device=dev)[None, :]  # [1, Qmax]
+        self.q_valid = j < num_new[:, None]  # [B, Qmax]
+        self.q_index = torch.where(self.q_valid, starts[:, None] + j, 0)  # [B, Qmax] into N
+        q_pos = computed[:, None] + j  # [B, Qmax]
+
+        # Global layers: write the chunk at its positions, then read positions [0, total).
+        total = computed + num_new
+        k_max = int(total.max())
+        kpos = torch.arange(k_max, device=dev)[None, :]  # [1, Kmax]
+        width = max(-(-k_max // bs), max(len(c.block_ids) for c in chunks))
+        tables = torch.zeros(len(chunks), width, dtype=torch.long, device=dev)
+        for b, c in enumerate(chunks):
+            tables[b, : len(c.block_ids)] = torch.as_tensor(c.block_ids, dtype=torch.long)
+        rows = tables.gather(1, (kpos // bs).expand(len(chunks), -1)) * bs + kpos % bs  # [B, Kmax]
+        k_valid = kpos < total[:, None]
+        self.global_rows = torch.where(k_valid, rows, 0)  # [B, Kmax] rows of the pools
+        self.write_rows = self.global_rows.gather(1, q_pos.clamp(max=k_max - 1))[
+            self.q_valid
+        ]  # [N]
+        self.global_mask = self._mask(q_pos, kpos.expand(len(chunks), -1), k_valid, None)
+
+        # Sliding layers: keys = kept state rows (positions [computed - kept, computed)) + chunk.
+        if w is not None:
+            kept = computed.clamp(max=w - 1)  # [B]
+            s_max = int((kept + num_new).max())
+            r = torch.arange(s_max, device=dev)[None, :]  # [1, Smax]
+            s_valid = r < (kept + num_new)[:, None]
+            s_pos = computed[:, None] - kept[:, None] + r  # [B, Smax] absolute positions
+            slots = torch.tensor([c.slot for c in chunks], device=dev)
+            from_state = r < kept[:, None]
+            # Index into cat(state.flatten(0, 1), chunk_k): state rows first, then the N new rows.
+            n_state = cache.slots.num_total * (w - 1)
+            state_idx = slots[:, None] * (w - 1) + r
+            chunk_idx = n_state + starts[:, None] + (r - kept[:, None])
+            src = torch.where(from_state, state_idx, chunk_idx)
+            self.sliding_src = torch.where(s_valid, src, 0)  # [B, Smax]
+            self.sliding_mask = self._mask(q_pos, s_pos, s_valid, w)
+            # New state: the last W - 1 positions of (state + chunk), in position order.
+            new_kept = (kept + num_new).clamp(max=w - 1)  # [B]
+            t = torch.arange(w - 1, device=dev)[None, :]
+            take = (kept + num_new - new_kept)[:, None] + t  # [B, W-1] rows of the keys above
+            self.state_valid = t < new_kept[:, None]
+            self.state_src = self.sliding_src.gather(1, take.clamp(max=s_max - 1))
+            self.state_dst = slots[:, None] * (w - 1) + t  # [B, W-1] flat state rows
+
+    @staticmethod
+    def _mask(q_pos, k_pos, k_valid, window) -> torch.Tensor:
+        """[B, 1, Qmax, Kmax]: key position <= query position (within the window), key valid.
+        Padded query rows may attend key 0 so softmax stays finite; their output is dropped."""
+        allowed = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
+        if window is not None:
+            allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
+        allowed[:, :, 0] |= ~allowed.any(-1)
+        return allowed[:, None]
+
+    def _sdpa(self, q, k_pad, v_pad, mask) -> torch.Tensor:
+        q_pad = q[self.q_index]  # [B, Qmax, Hq, D]
+        out = F.scaled_dot_product_attention(
+            q_pad.transpose(1, 2),
+            k_pad.transpose(1, 2),
+            v_pad.transpose(1, 2),
+            attn_mask=mask,
+            scale=q.shape[-1] ** -0.5,
+            enable_gqa=True,
+        )  # [B, Hq, Qmax, D]
+        return out.transpose(1, 2)[self.q_valid]  # [N, Hq, D]
+
+    def attend_fn(self, layer: int) -> Attend:
+        if layer in self.cache.global_k:
+            kc, vc = self.cache.global_k[layer], self.cache.global_v[layer]
+
+            def attend_global(q, k, v):
+                kc[self.write_rows] = k
+                vc[self.write_rows] = v
+                return self._sdpa(q, kc[self.global_rows], vc[self.global_rows], self.global_mask)
+
+            return attend_global
+        ks, vs = self.cache.sliding_k[layer], self.cache.sliding_v[layer]
+
+        def attend_sliding(q, k, v):
+            k_src = torch.cat([ks.flatten(0, 1), k])  # state rows, then the chunk's rows
+            v_src = torch.cat([vs.flatten(0, 1), v])
+            out = self._sdpa(q, k_src[self.sliding_src], v_src[self.sliding_src], self.sliding_mask)
+            dst, src = self.state_dst[self.state_valid], self.state_src[self.state_valid]
+            ks.view(-1, *ks.shape[2:])[dst] = k_src[src]  # rewrite the window after attending
+            vs.view(-1, *vs.shape[2:])[dst] = v_src[src]
+            return out
+
+        return attend_sliding
