@@ -16,13 +16,13 @@ model-spec.md section 7).
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from replicas.block_pool import BlockPool
 from replicas.model import Attend
 from replicas.model_config import SLIDING, ModelConfig
 
@@ -58,29 +58,6 @@ def kv_footprint(cfg: ModelConfig, dtype_bytes: int = 2, include_mtp: bool = Fal
         sliding_bytes_per_sequence=num_sliding * kept * per_token_layer,
         sliding_bytes_per_inflight_token=num_sliding * per_token_layer,
     )
-
-
-# ------------------------------------------------------------------------------------------------
-# Allocation (pure Python)
-# ------------------------------------------------------------------------------------------------
-class BlockPool:
-    """Free list of ids 0..n-1 (global-layer blocks, or sliding slots)."""
-
-    def __init__(self, num: int):
-        self.num_total = num
-        self._free = deque(range(num))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} ids, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
-
-    def free(self, ids: Sequence[int]) -> None:
-        self._free.extend(ids)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,235 @@
+"""The single-process engine every attention replica runs: schedule -> execute -> update.
+
+Plain Python + torch, no Ray. ``add_request`` / ``step`` / ``abort``; each ``step`` returns the
+new tokens (and log-probs) of every request that produced any, and which requests finished.
+Stop strings need text, so they are handled by the caller that detokenizes (see
+``replicas.async_engine``), which aborts the request when one matches.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from replicas.kv_cache import HybridKVCache, SeqChunk, kv_footprint
+from replicas.model import ExaoneMoeForCausalLM
+from replicas.request import FinishReason, Request
+from replicas.sampler import SamplingBatch, make_generator, sample
+from replicas.sampling_params import SamplingParams
+from replicas.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    block_size: int = 16
+    kv_cache_bytes: int = 1 << 30
+    """Memory for global-layer KV blocks (sliding states are sized by max_num_seqs)."""
+    num_blocks: int | None = None
+    """Override the block count derived from kv_cache_bytes."""
+    max_model_len: int | None = None
+    """Context limit (prompt + output); default: the model's max_position_embeddings."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """Entries for prompt positions 1.. (position 0 has no prediction), sent once."""
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+def _pairs(ids: torch.Tensor, values: torch.Tensor) -> tuple[tuple[int, float], ...]:
+    return tuple(zip(ids.tolist(), values.tolist(), strict=True))
+
+
+@dataclass
+class _PromptLogprobState:
+    entries: list[TokenLogprob] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: ExaoneMoeForCausalLM,
+        config: EngineConfig = EngineConfig(),
+        eos_token_ids: Sequence[int] | None = None,
+    ):
+        cfg = model.cfg
+        self.model, self.config = model, config
+        dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        per_token = kv_footprint(cfg, torch.finfo(dtype).bits // 8).global_bytes_per_token
+        num_blocks = config.num_blocks or max(
+            1, config.kv_cache_bytes // max(per_token * config.block_size, 1)
+        )
+        self.cache = HybridKVCache(
+            cfg, num_blocks, config.block_size, config.max_num_seqs, dtype, self.device
+        )
+        sched = SchedulerConfig(
+            config.max_num_batched_tokens, config.max_num_seqs, config.block_size
+        )
+        self.scheduler = Scheduler(sched, self.cache.blocks, self.cache.slots)
+        self.eos_token_ids = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self._arrival = itertools.count()
+        self._prompt_logprobs: dict[str, _PromptLogprobState] = {}
+
+    # ---- API -----------------------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> None:
+        """Queue a request. Raises ValueError (naming the field) for invalid input."""
+        vocab = self.model.cfg.vocab_size
+        if not prompt_ids:
+            raise ValueError("prompt is empty: give at least one token")
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens; the context limit is {self.max_model_len}"
+            )
+        params.validate(vocab, max_new_tokens=room)
+        request = Request(request_id, list(prompt_ids), params, next(self._arrival))
+        if params.seed is not None:
+            request.generator = make_generator(params.seed, self.device)
+        self.scheduler.add(request)
+        if params.prompt_logprobs is not None:
+            self._prompt_logprobs[request_id] = _PromptLogprobState()
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now; its KV blocks return to the pool immediately."""
+        self._prompt_logprobs.pop(request_id, None)
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    @property
+    def num_blocks_in_use(self) -> int:
+        return self.cache.blocks.num_used
+
+    # ---- one step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        hidden = self._execute(plan)  # [N, H]
+        sampled, outputs = self._sample(plan, hidden)
+        finished = self.scheduler.update(plan, sampled, self.eos_token_ids)
+        for request in finished:
+            out = outputs[request.request_id]
+            out.finished, out.finish_reason = True, request.finish_reason
+        for out in outputs.values():
+            request = next(c.request for c in plan.chunks if c.request.request_id == out.request_id)
+            out.num_output_tokens = len(request.output_ids)
+        return list(outputs.values())
+
+    def _execute(self, plan: SchedulerOutput) -> torch.Tensor:
+        ids, positions, chunks = [], [], []
+        for c in plan.chunks:
+            r = c.request
+            ids.extend(r.token_at(c.start, c.start + c.num_new))
+            positions.extend(range(c.start, c.start + c.num_new))
+            chunks.append(SeqChunk(c.start, c.num_new, r.block_ids, r.slot))
+        dev = self.device
+        return self.model.step_hidden(
+            torch.tensor(ids, device=dev),
+            torch.tensor(positions, device=dev),
+            self.cache.step(chunks),
+        )
+
+    def _sample(self, plan: SchedulerOutput, hidden: torch.Tensor):
+        rows, requests, outputs = [], [], {}
+        offset = 0
+        for c in plan.chunks:
+            r = c.request
+            if r.request_id in self._prompt_logprobs:
+                self._collect_prompt_logprobs(c, hidden[offset : offset + c.num_new])
+            if c.completes:
+                rows.append(offset + c.num_new - 1)
+                requests.append(r)
+            offset += c.num_new
+        sampled: dict[str, int] = {}
+        if not requests:
+            return sampled, outputs
+        logits = self.model.lm_head(hidden[rows])  # [S, V]
+        batch = SamplingBatch(
+            params=[r.params for r in requests],
+            output_ids=[r.output_ids for r in requests],
+            prompt_ids=[r.prompt_ids for r in requests],
+            generators=[r.generator for r in requests],
+        )
+        result = sample(logits, batch)
+        for i, r in enumerate(requests):
+            token = int(result.token_ids[i])
+            sampled[r.request_id] = token
+            out = RequestOutput(r.request_id, [token], num_prompt_tokens=r.num_prompt_tokens)
+            n_top = r.params.logprobs
+            if n_top is not None:
+                top = (
+                    _pairs(result.top_ids[i, :n_top], result.top_logprobs[i, :n_top])
+                    if n_top
+                    else ()
+                )
+                out.logprobs = [TokenLogprob(token, float(result.logprobs[i]), top)]
+            state = self._prompt_logprobs.pop(r.request_id, None)
+            if state is not None:
+                out.prompt_logprobs = state.entries
+            outputs[r.request_id] = out
+        return sampled, outputs
+
+    def _collect_prompt_logprobs(self, chunk, hidden: torch.Tensor) -> None:
+        """Row j of the chunk (position start + j) predicts prompt token start + j + 1.
+        Positions already collected (before a preemption) are skipped."""
+        r = chunk.request
+        entries = self._prompt_logprobs[r.request_id].entries
+        first = max(chunk.start, len(entries))  # next position without an entry
+        end = min(chunk.start + chunk.num_new, r.num_prompt_tokens - 1)
+        if end <= first:
+            return
+        rows = hidden[first - chunk.start : end - chunk.start]
+        logprobs = self.model.lm_head(rows).float().log_softmax(-1)  # [n, V]
+        targets = r.prompt_ids[first + 1 : end + 1]
+        index = torch.tensor(targets, device=logprobs.device)[:, None]
+        chosen = logprobs.gather(1, index)[:, 0]
+        k = r.params.prompt_logprobs
+        top = logprobs.topk(k, dim=-1) if k else None
+        for j, token in enumerate(targets):
+            pairs = () if top is None else _pairs(top.indices[j], top.values[j])
+            entries.append(TokenLogprob(token, float(chosen[j]), pairs))
+
+    # ---- convenience ---------------------------------------------------------------------------
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[list[int]]:
+        """Run prompts to completion; returns the generated token ids of each, in order."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        ids = [f"gen-{next(self._arrival)}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params, strict=True):
+            self.add_request(rid, prompt, p)
+        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                tokens[out.request_id].extend(out.new_token_ids)
+        return [tokens[rid] for rid in ids]

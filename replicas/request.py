@@ -1,0 +1,60 @@
+"""A generation request as the engine tracks it. Pure Python."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from replicas.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # eos, a stop token id, or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"  # cancelled by the client or the server
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: int
+    """Monotonic admission number: FCFS order and preemption priority (latest goes first)."""
+    output_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    """Positions whose K/V are in the cache; catches up with num_tokens every step it runs."""
+    status: RequestStatus = RequestStatus.WAITING
+    block_ids: list[int] = field(default_factory=list)
+    slot: int | None = None
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    generator: Any = None
+    """Seeded torch.Generator for this request (None: unseeded)."""
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Known tokens: prompt + generated."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_at(self, start: int, end: int) -> list[int]:
+        """Known tokens in positions [start, end)."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        return (self.prompt_ids + self.output_ids)[start:end]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED

@@ -1,0 +1,199 @@
+"""Continuous-batching scheduler after vLLM v1's rule. Pure Python (no torch, no Ray).
+
+One rule: every step, each request's computed tokens catch up with its known tokens (prompt +
+output), under a per-step token budget. A prompt longer than the budget is prefilled in chunks
+across steps; decodes (1 token) and prefill chunks share a step. Running requests go first, in
+admission order (FCFS); waiting ones are admitted while the budget, the running-sequence cap and
+free cache blocks allow. When a running request needs a block and none is free, the most
+recently admitted running request is preempted: its blocks are freed and it is recomputed from
+scratch later (prompt + the tokens it had generated), so outputs do not change.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from replicas.block_pool import BlockPool
+from replicas.request import FinishReason, Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 512
+    """Token budget of one step (prefill chunks + decodes)."""
+    max_num_seqs: int = 64
+    """Running sequences at most (also the number of sliding-state slots)."""
+    block_size: int = 16
+    """Positions per global-layer cache block."""
+
+    def __post_init__(self):
+        for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    request: Request
+    start: int  # first position computed this step (= num_computed_tokens before the step)
+    num_new: int
+
+    @property
+    def completes(self) -> bool:
+        """True when the chunk reaches the last known token, so a new token is sampled."""
+        return self.start + self.num_new == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_new for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockPool, slots: BlockPool):
+        self.config = config
+        self.blocks, self.slots = blocks, slots
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    # ---- admission and removal -----------------------------------------------------------------
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.config.block_size)
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        most = request.num_prompt_tokens + request.params.max_tokens
+        if self.blocks_needed(most) > self.blocks.num_total:
+            raise ValueError(
+                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
+                f"({request.params.max_tokens}) exceeds the KV cache "
+                f"({self.blocks.num_total * self.config.block_size} tokens)"
+            )
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Finish a request now and return its blocks to the pool at once."""
+        request = self.requests.get(request_id)
+        if request is None or request.is_finished:
+            return None
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._finish(request, FinishReason.ABORT)
+        return request
+
+    def _release(self, request: Request) -> None:
+        self.blocks.free(request.block_ids)
+        request.block_ids = []
+        if request.slot is not None:
+            self.slots.free([request.slot])
+            request.slot = None
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        self._release(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        del self.requests[request.request_id]
+
+    def _preempt(self, request: Request) -> None:
+        self._release(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        need = self.blocks_needed(num_tokens) - len(request.block_ids)
+        if need > self.blocks.num_free:
+            return False
+        if need > 0:
+            request.block_ids.extend(self.blocks.allocate(need))
+        return True
+
+    # ---- one step ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self._grow(request, request.num_computed_tokens + n):
+                victim = self.running.pop()  # latest admitted
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                break
+            out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
+            budget -= n
+            i += 1
+        while (
+            self.waiting
+            and budget > 0
+            and not out.preempted
+            and len(self.running) < self.config.max_num_seqs
+            and self.slots.num_free > 0
+        ):
+            request = self.waiting[0]
+            n = min(request.num_tokens, budget)
+            if not self._grow(request, n):
+                break
+            self.waiting.popleft()
+            request.slot = self.slots.allocate(1)[0]
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.chunks.append(ScheduledChunk(request, 0, n))
+            budget -= n
+        return out
+
+    def update(
+        self, out: SchedulerOutput, sampled: dict[str, int], eos_token_ids: Iterable[int]
+    ) -> list[Request]:
+        """Advance computed tokens, append sampled tokens, finish stopped requests.
+
+        ``sampled`` maps the request id of every completing chunk to its new token.
+        Returns the requests that finished this step.
+        """
+        eos = set(eos_token_ids)
+        finished = []
+        for chunk in out.chunks:
+            request = chunk.request
+            if request.is_finished:  # aborted while the step ran
+                continue
+            request.num_computed_tokens = chunk.start + chunk.num_new
+            if request.request_id not in sampled:
+                continue  # a prefill chunk short of the end: nothing to sample yet
+            token = sampled[request.request_id]
+            request.output_ids.append(token)
+            reason = stop_reason(request, token, eos)
+            if reason is not None:
+                self.running.remove(request)
+                self._finish(request, reason)
+                finished.append(request)
+        return finished
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+
+def stop_reason(request: Request, token: int, eos: set[int]) -> FinishReason | None:
+    params = request.params
+    if token in params.stop_token_ids or (token in eos and not params.ignore_eos):
+        return FinishReason.STOP
+    if len(request.output_ids) >= params.max_tokens:
+        return FinishReason.LENGTH
+    return None
