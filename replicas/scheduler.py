@@ -39,11 +39,13 @@ class ScheduledChunk:
     request: Request
     start: int  # first position computed this step (= num_computed_tokens before the step)
     num_new: int
+    completes: bool
+    """The chunk reaches the last known token, so a new token is sampled (fixed at schedule)."""
 
-    @property
-    def completes(self) -> bool:
-        """True when the chunk reaches the last known token, so a new token is sampled."""
-        return self.start + self.num_new == self.request.num_tokens
+    @classmethod
+    def of(cls, request: Request, num_new: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        return cls(request, start, num_new, start + num_new == request.num_tokens)
 
 
 @dataclass
@@ -137,7 +139,7 @@ class Scheduler:
                     break
             if request.status != RequestStatus.RUNNING:
                 break
-            out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
+            out.chunks.append(ScheduledChunk.of(request, n))
             budget -= n
             i += 1
         while (
@@ -155,7 +157,7 @@ class Scheduler:
             request.slot = self.slots.allocate(1)[0]
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.chunks.append(ScheduledChunk(request, 0, n))
+            out.chunks.append(ScheduledChunk.of(request, n))
             budget -= n
         return out
 
