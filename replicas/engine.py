@@ -92,10 +92,8 @@ class LLMEngine:
         self._prompt_logprobs: dict[str, _PromptLogprobState] = {}
 
     # ---- API -----------------------------------------------------------------------------------
-    def add_request(
-        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
-    ) -> None:
-        """Queue a request. Raises ValueError (naming the field) for invalid input."""
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise ValueError (naming the field) if the request can never be served."""
         vocab = self.model.cfg.vocab_size
         if not prompt_ids:
             raise ValueError("prompt is empty: give at least one token")
@@ -108,6 +106,13 @@ class LLMEngine:
                 f"prompt has {len(prompt_ids)} tokens; the context limit is {self.max_model_len}"
             )
         params.validate(vocab, max_new_tokens=room)
+        self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
+
+    def add_request(
+        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> None:
+        """Queue a request. Raises ValueError (naming the field) for invalid input."""
+        self.check_request(prompt_ids, params)
         request = Request(request_id, list(prompt_ids), params, next(self._arrival))
         if params.seed is not None:
             request.generator = make_generator(params.seed, self.device)

@@ -70,16 +70,18 @@ class Scheduler:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.config.block_size)
 
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """A request must fit in the whole cache on its own, or it could never finish."""
+        if self.blocks_needed(num_prompt_tokens + max_tokens) > self.blocks.num_total:
+            raise ValueError(
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the "
+                f"KV cache ({self.blocks.num_total * self.config.block_size} tokens)"
+            )
+
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        most = request.num_prompt_tokens + request.params.max_tokens
-        if self.blocks_needed(most) > self.blocks.num_total:
-            raise ValueError(
-                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
-                f"({request.params.max_tokens}) exceeds the KV cache "
-                f"({self.blocks.num_total * self.config.block_size} tokens)"
-            )
+        self.check_fits(request.num_prompt_tokens, request.params.max_tokens)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 

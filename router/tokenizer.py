@@ -1,0 +1,147 @@
+"""Tokenizer and chat template of a checkpoint directory. No torch.
+
+Loads ``tokenizer.json`` (Hugging Face tokenizers) and ``tokenizer_config.json`` (special tokens,
+chat template; ``chat_template.jinja`` wins when present, as in transformers 5). Chats render
+with the checkpoint's own Jinja template in a sandbox configured like transformers'
+(``tojson`` = ``json.dumps(ensure_ascii=False)``, ``raise_exception``, trim/lstrip blocks).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ChatError(ValueError):
+    """A chat request the template cannot render; the message says what to fix."""
+
+
+def _tojson(value: Any, indent: int | None = None, separators=None, sort_keys: bool = False):
+    return json.dumps(
+        value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _raise(message: str):
+    raise ChatError(message)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    return env
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.exists():
+            raise FileNotFoundError(f"{file} not found: the checkpoint needs a tokenizer.json")
+        self._tok = HFTokenizer.from_file(str(file))
+        config_file = path / "tokenizer_config.json"
+        self.config: dict[str, Any] = (
+            json.loads(config_file.read_text()) if config_file.exists() else {}
+        )
+        template_file = path / "chat_template.jinja"
+        template = (
+            template_file.read_text()
+            if template_file.exists()
+            else self.config.get("chat_template")
+        )
+        self.chat_template = template
+        self._template = _environment().from_string(template) if template else None
+        self.special_ids = {t.id for t in self._added_tokens() if t.special}
+        self.eos_token = self.config.get("eos_token")
+        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+
+    def _added_tokens(self):
+        class _Added:
+            def __init__(self, d):
+                self.id, self.content, self.special = d["id"], d["content"], d["special"]
+
+        data = json.loads(self._tok.to_str())
+        return [_Added(d) for d in data.get("added_tokens", [])]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids, special-token strings included; no BOS (EXAONE prompts have none)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def render_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool = True,
+    ) -> str:
+        """Messages (OpenAI shape) -> prompt text, via the checkpoint's chat template."""
+        if self._template is None:
+            raise ChatError("this checkpoint has no chat template: send text or token ids")
+        validate_messages(messages, tools)
+        try:
+            return self._template.render(
+                messages=list(messages),
+                tools=list(tools) if tools else None,
+                add_generation_prompt=add_generation_prompt,
+                enable_thinking=enable_thinking,
+                eos_token=self.eos_token,
+            )
+        except jinja2.TemplateError as e:
+            raise ChatError(f"chat template failed: {e}") from e
+
+
+def validate_messages(
+    messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None
+) -> None:
+    """Raise ChatError naming the message index and field that is wrong."""
+    if not messages:
+        raise ChatError("messages is empty: send at least one message")
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        if role not in ROLES:
+            raise ChatError(f"messages[{i}].role={role!r}: use one of {', '.join(ROLES)}")
+        content = m.get("content")
+        if content is not None and not isinstance(content, str):
+            raise ChatError(f"messages[{i}].content must be a string")
+        if role in ("system", "user", "tool") and content is None:
+            raise ChatError(f"messages[{i}].content is required for role {role!r}")
+        for j, call in enumerate(m.get("tool_calls") or []):
+            fn = call.get("function", call)
+            if not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise ChatError(f"messages[{i}].tool_calls[{j}] needs a function name")
+            args = fn.get("arguments", {})
+            if isinstance(args, str):
+                try:
+                    json.loads(args)
+                except json.JSONDecodeError as e:
+                    raise ChatError(
+                        f"messages[{i}].tool_calls[{j}].arguments is not valid JSON: {e}"
+                    ) from e
+            elif not isinstance(args, dict):
+                raise ChatError(f"messages[{i}].tool_calls[{j}].arguments must be an object")
+    for k, tool in enumerate(tools or []):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ChatError(f"tools[{k}] needs a function with a name")
+        params = fn.get("parameters", {})
+        if not isinstance(params, dict):
+            raise ChatError(f"tools[{k}].parameters must be a JSON-schema object")
