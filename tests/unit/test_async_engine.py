@@ -1,0 +1,148 @@
+"""AsyncEngine + router text stream: deltas, stop strings across tokens, cancel frees blocks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from replicas.async_engine import AsyncEngine
+from replicas.engine import EngineConfig, LLMEngine
+from replicas.model import ExaoneMoeForCausalLM
+from replicas.sampling_params import SamplingParams
+from router.stream import stream_text
+from router.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(make_ckpt):
+    path = make_ckpt(dtype="float32")
+    model = ExaoneMoeForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model, Tokenizer(path)
+
+
+def _engine(model):
+    return AsyncEngine(LLMEngine(model, EngineConfig(block_size=4, max_num_batched_tokens=32)))
+
+
+async def _collect(engine, tok, rid, prompt, params):
+    deltas = []
+    async for d in stream_text(engine.generate(rid, prompt, params), tok, stop=params.stop):
+        deltas.append(d)
+    return deltas
+
+
+def _free_run(model, tok, prompt, n):
+    """Greedy tokens and their decoded pieces, from the plain engine."""
+    ids = LLMEngine(model, EngineConfig(block_size=4)).generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    )[0]
+    return ids, [tok.decode([t]) for t in ids]
+
+
+def test_streams_deltas_and_text_matches_tokens(setup):
+    model, tok = setup
+    prompt = tok.encode("<|user|>\nHello there, model.<|endofturn|>\n<|assistant|>\n")
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+    async def main():
+        engine = _engine(model)
+        deltas = await _collect(engine, tok, "a", prompt, params)
+        await engine.close()
+        return deltas
+
+    deltas = asyncio.run(main())
+    ids = [t for d in deltas for t in d.token_ids]
+    assert len(deltas) > 1 and len(ids) == 20
+    assert "".join(d.text for d in deltas) == tok.decode(ids)
+    assert deltas[-1].finished and deltas[-1].finish_reason == "length"
+    assert deltas[-1].num_output_tokens == 20
+
+
+def test_stop_string_split_across_two_tokens(setup):
+    model, tok = setup
+    prompt = tok.encode("<|user|>\nTell me about the cluster.<|endofturn|>\n<|assistant|>\n")
+    ids, pieces = _free_run(model, tok, prompt, 40)
+    full = tok.decode(ids)
+    # A stop string made of the end of one token's text and the start of the next one's,
+    # whose first occurrence in the output is exactly at that token boundary.
+    stop, boundary = None, None
+    for i in range(3, len(ids) - 1):
+        a, b = pieces[i], pieces[i + 1]
+        if a.strip() and b.strip():
+            candidate = a[-1] + b[0]
+            cut = len(tok.decode(ids[: i + 1])) - 1
+            if full.find(candidate) == cut:
+                stop, boundary = candidate, i
+                break
+    assert stop is not None, "no usable token boundary in the greedy output"
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=(stop,))
+
+    async def main():
+        engine = _engine(model)
+        deltas = await _collect(engine, tok, "s", prompt, params)
+        await engine.wait_idle()
+        blocks = engine.engine.num_blocks_in_use
+        await engine.close()
+        return deltas, blocks
+
+    deltas, blocks = asyncio.run(main())
+    text = "".join(d.text for d in deltas)
+    assert text == full[: full.find(stop)]
+    assert stop not in text
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].stop_string == stop
+    assert sum(len(d.token_ids) for d in deltas) == boundary + 2  # stopped at the second token
+    assert blocks == 0  # the engine aborted the request
+
+
+def test_cancelled_stream_frees_blocks_and_others_continue(setup):
+    model, tok = setup
+    prompt = tok.encode("<|user|>\nA long answer please.<|endofturn|>\n")
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    short = SamplingParams(temperature=0, max_tokens=15, ignore_eos=True)
+
+    async def main():
+        engine = _engine(model)
+        expected = await _collect(engine, tok, "ref", prompt, short)
+        seen = []
+
+        async def consume_some():
+            async for out in engine.generate("victim", prompt, long):
+                seen.append(out)
+                await asyncio.sleep(0)
+
+        victim = asyncio.create_task(consume_some())
+        other = asyncio.create_task(_collect(engine, tok, "other", prompt, short))
+        while len(seen) < 5:
+            await asyncio.sleep(0.01)
+        victim.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await victim
+        got = await other
+        await engine.wait_idle()
+        blocks = engine.engine.num_blocks_in_use
+        await engine.close()
+        return expected, got, blocks, len(seen)
+
+    expected, got, blocks, n_seen = asyncio.run(main())
+    assert n_seen < 200
+    assert [t for d in got for t in d.token_ids] == [t for d in expected for t in d.token_ids]
+    assert blocks == 0
+
+
+def test_bad_input_raises_before_queueing(setup):
+    model, _ = setup
+
+    async def main():
+        engine = _engine(model)
+        with pytest.raises(ValueError, match="temperature"):
+            async for _ in engine.generate("x", [5, 6], SamplingParams(temperature=-1)):
+                pass
+        with pytest.raises(ValueError, match="prompt is empty"):
+            async for _ in engine.generate("y", [], SamplingParams()):
+                pass
+        assert not engine.engine.has_unfinished_requests()
+        await engine.close()
+
+    asyncio.run(main())
