@@ -152,21 +152,22 @@ class StepAttention:
             s_valid = r < (kept + num_new)[:, None]
             s_pos = computed[:, None] - kept[:, None] + r  # [B, Smax] absolute positions
             slots = torch.tensor([c.slot for c in chunks], device=dev)
-            from_state = r < kept[:, None]
-            # Index into cat(state.flatten(0, 1), chunk_k): state rows first, then the N new rows.
-            n_state = cache.slots.num_total * (w - 1)
-            state_idx = slots[:, None] * (w - 1) + r
-            chunk_idx = n_state + starts[:, None] + (r - kept[:, None])
-            src = torch.where(from_state, state_idx, chunk_idx)
-            self.sliding_src = torch.where(s_valid, src, 0)  # [B, Smax]
+            # Each key row comes from the kept state (first `kept` rows) or from the chunk.
+            self.from_state = (r < kept[:, None])[..., None, None]  # [B, Smax, 1, 1]
+            state_idx = slots[:, None] * (w - 1) + r.clamp(max=w - 2)  # rows of the state
+            chunk_idx = starts[:, None] + (r - kept[:, None])  # rows of the step's new k/v
+            n_new = int(num_new.sum())
+            self.state_idx = torch.where(s_valid, state_idx, 0)
+            self.chunk_idx = torch.where(s_valid, chunk_idx.clamp(0, n_new - 1), 0)
             self.sliding_mask = self._mask(q_pos, s_pos, s_valid, w)
             # New state: the last W - 1 positions of (state + chunk), in position order.
             new_kept = (kept + num_new).clamp(max=w - 1)  # [B]
             t = torch.arange(w - 1, device=dev)[None, :]
-            take = (kept + num_new - new_kept)[:, None] + t  # [B, W-1] rows of the keys above
-            self.state_valid = t < new_kept[:, None]
-            self.state_src = self.sliding_src.gather(1, take.clamp(max=s_max - 1))
-            self.state_dst = slots[:, None] * (w - 1) + t  # [B, W-1] flat state rows
+            take = (kept + num_new - new_kept)[:, None] + t  # [B, W-1] key rows to keep
+            valid = t < new_kept[:, None]
+            self.keep_b = torch.arange(len(chunks), device=dev)[:, None].expand_as(take)[valid]
+            self.keep_row = take[valid]
+            self.keep_dst = (slots[:, None] * (w - 1) + t)[valid]  # flat state rows
 
     @staticmethod
     def _mask(q_pos, k_pos, k_valid, window) -> torch.Tensor:
@@ -203,12 +204,12 @@ class StepAttention:
         ks, vs = self.cache.sliding_k[layer], self.cache.sliding_v[layer]
 
         def attend_sliding(q, k, v):
-            k_src = torch.cat([ks.flatten(0, 1), k])  # state rows, then the chunk's rows
-            v_src = torch.cat([vs.flatten(0, 1), v])
-            out = self._sdpa(q, k_src[self.sliding_src], v_src[self.sliding_src], self.sliding_mask)
-            dst, src = self.state_dst[self.state_valid], self.state_src[self.state_valid]
-            ks.view(-1, *ks.shape[2:])[dst] = k_src[src]  # rewrite the window after attending
-            vs.view(-1, *vs.shape[2:])[dst] = v_src[src]
+            ks_flat, vs_flat = ks.view(-1, *ks.shape[2:]), vs.view(-1, *vs.shape[2:])
+            k_pad = torch.where(self.from_state, ks_flat[self.state_idx], k[self.chunk_idx])
+            v_pad = torch.where(self.from_state, vs_flat[self.state_idx], v[self.chunk_idx])
+            out = self._sdpa(q, k_pad, v_pad, self.sliding_mask)  # [B, Smax, Hkv, D] keys
+            ks_flat[self.keep_dst] = k_pad[self.keep_b, self.keep_row]  # rewrite after attending
+            vs_flat[self.keep_dst] = v_pad[self.keep_b, self.keep_row]
             return out
 
         return attend_sliding

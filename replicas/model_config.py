@@ -214,8 +214,8 @@ class ModelConfig:
             raise bad(
                 "topk_group", "the kept groups must hold at least num_experts_per_tok experts"
             )
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise bad("sliding_window", "must be positive or null")
+        if self.sliding_window is not None and self.sliding_window < 2:
+            raise bad("sliding_window", "must be >= 2 (or null for no sliding layers)")
         if self.hidden_act != "silu":
             raise bad("hidden_act", "only 'silu' (SwiGLU) is supported")
         if self.num_nextn_predict_layers not in (0, 1):

@@ -1,0 +1,147 @@
+"""Output tokens/s of our engine vs transformers' generate (and vLLM when its venv exists).
+
+Same checkpoint, prompts (64 random tokens each), dtype and greedy decoding with 128 new tokens
+(ignore_eos), one run; prints medians and ratios. Asserts nothing.
+
+    .venv/bin/python bench/throughput.py                          # tiny and small, batch 1/16/64
+    .venv/bin/python bench/throughput.py --presets tiny --batch-sizes 1,16
+
+vLLM runs through ../shared/peers/bench_vllm.py in its own venv (set up with
+../shared/peers/setup_vllm_venv.sh; --vllm-python overrides where it is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.forward import DTYPES, checkpoint  # noqa: E402
+from replicas.engine import EngineConfig, LLMEngine  # noqa: E402
+from replicas.model import ExaoneMoeForCausalLM  # noqa: E402
+from replicas.sampling_params import SamplingParams  # noqa: E402
+
+PEER_SCRIPT = ROOT.parent / "shared" / "peers" / "bench_vllm.py"
+DEFAULT_VLLM_PYTHON = Path.home() / ".cache" / "exaone-peers" / "vllm-venv" / "bin" / "python"
+
+
+def prompts_for(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab, (batch, length), generator=g).tolist()
+
+
+def run_ours(model, prompts, new_tokens: int) -> float:
+    engine = LLMEngine(
+        model,
+        EngineConfig(max_num_batched_tokens=2048, max_num_seqs=max(64, len(prompts)),
+                     block_size=16, kv_cache_bytes=2 << 30),
+    )  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    assert all(len(o) == new_tokens for o in outs)
+    return sum(map(len, outs)) / elapsed
+
+
+def run_hf(model, prompts, new_tokens: int) -> float:
+    ids = torch.tensor(prompts)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
+    elapsed = time.perf_counter() - start
+    return (out.shape[1] - ids.shape[1]) * ids.shape[0] / elapsed
+
+
+def run_vllm(python: Path, path: Path, dtype: str, batches: list[int], prompt_len: int,
+             new_tokens: int) -> dict[int, float] | str:  # fmt: skip
+    if not python.exists() or not PEER_SCRIPT.exists():
+        return "not installed (../shared/peers/setup_vllm_venv.sh)"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "vllm.json"
+        cmd = [str(python), str(PEER_SCRIPT), "--model", str(path), "--dtype", dtype,
+               "--batch-sizes", ",".join(map(str, batches)), "--new-tokens", str(new_tokens),
+               "--prompt-tokens", str(prompt_len), "--repeats", "2", "--json", str(out)]  # fmt: skip
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+        if proc.returncode != 0 or not out.exists():
+            return "failed: " + (proc.stderr or proc.stdout).strip().splitlines()[-1][:200]
+        runs = json.loads(out.read_text())["runs"]
+        return {int(b): r["out_tok_s"] for b, r in runs.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--presets", default="tiny,small")
+    ap.add_argument("--batch-sizes", default="1,16,64")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per point (median)")
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument(
+        "--vllm-python", type=Path, default=Path(os.environ.get("VLLM_PYTHON", DEFAULT_VLLM_PYTHON))
+    )
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+
+    from transformers import ExaoneMoeForCausalLM as HFModel
+
+    rows = []
+    for preset in args.presets.split(","):
+        path = checkpoint(preset, args.dtype)
+        dtype = DTYPES[args.dtype]
+        ours = ExaoneMoeForCausalLM.from_pretrained(path, dtype=dtype, include_mtp=False)
+        hf = None if args.no_hf else HFModel.from_pretrained(path, dtype=dtype)
+        vocab = ours.cfg.vocab_size
+        warm = prompts_for(2, args.prompt_tokens, vocab, seed=99)
+        run_ours(ours, warm, 4)
+        if hf is not None:
+            run_hf(hf, warm, 4)
+        for b in batches:
+            prompts = prompts_for(b, args.prompt_tokens, vocab, seed=b)
+            ours_tps = statistics.median(
+                run_ours(ours, prompts, args.new_tokens) for _ in range(args.repeats)
+            )
+            hf_tps = None if hf is None else statistics.median(
+                run_hf(hf, prompts, args.new_tokens) for _ in range(args.repeats)
+            )  # fmt: skip
+            rows.append([preset, b, ours_tps, hf_tps])
+            print(f"{preset} batch {b}: ours {ours_tps:.1f} tok/s"
+                  + ("" if hf_tps is None else f", transformers {hf_tps:.1f} tok/s"), flush=True)  # fmt: skip
+        del ours, hf
+        vllm = run_vllm(args.vllm_python, path, args.dtype, batches, args.prompt_tokens,
+                        args.new_tokens)  # fmt: skip
+        for row in rows:
+            if row[0] == preset:
+                row.append(vllm.get(row[1]) if isinstance(vllm, dict) else None)
+        if isinstance(vllm, str):
+            print(f"{preset}: vLLM {vllm}")
+
+    print(f"\noutput tokens/s, greedy, {args.prompt_tokens}-token prompts, {args.new_tokens} new "
+          f"tokens, {args.dtype}, torch threads {torch.get_num_threads()}")  # fmt: skip
+    print(f"{'preset':<7}{'batch':>6}{'ours':>10}{'transformers':>14}{'vLLM':>10}"
+          f"{'ours/HF':>10}{'ours/vLLM':>11}")  # fmt: skip
+    for preset, b, o, h, v in rows:
+        fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+        ratio = lambda a, c: "-" if c is None else f"{a / c:.2f}x"  # noqa: E731
+        print(f"{preset:<7}{b:>6}{fmt(o):>10}{fmt(h):>14}{fmt(v):>10}{ratio(o, h):>10}"
+              f"{ratio(o, v):>11}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
