@@ -236,19 +236,40 @@ class RoutedExperts(nn.Module):
             out = x.new_zeros(num_tokens * k, x.shape[-1], dtype=torch.float32)
         local = self.local_index[routing.topk_ids.flatten()]  # [S], -1 where not held
         order = torch.argsort(local, stable=True)  # slots grouped by local expert
-        counts = torch.bincount(local + 1, minlength=len(self.expert_ids) + 1).tolist()
+        counts = torch.bincount(local + 1, minlength=len(self.expert_ids) + 1)  # [1 + E_local]
         weights = routing.topk_weights.flatten()  # [S] fp32
-        start = counts[0]  # skip slots of experts held elsewhere
-        for j, count in enumerate(counts[1:]):
-            if count == 0:
-                continue
-            slots = order[start : start + count]  # [s_j]
-            start += count
-            h = x[slots // k]  # [s_j, H]
-            gate, up = F.linear(h, self.w13[j]).split(self.inter, dim=-1)  # 2 x [s_j, I]
-            y = F.linear(F.silu(gate) * up, self.w2[j])  # [s_j, H] activation dtype
-            out[slots] = y * weights[slots, None]  # fp32
+        slots = order[int(counts[0]) :]  # [S_held], skipping slots of experts held elsewhere
+        if slots.numel() == 0:
+            return out
+        h = x[slots // k]  # [S_held, H]
+        if self._use_grouped_mm(x):
+            offsets = counts[1:].cumsum(0).to(torch.int32)  # [E_local] end row of each expert
+            gate, up = torch._grouped_mm(h, self.w13.transpose(1, 2), offs=offsets).split(
+                self.inter, dim=-1
+            )  # 2 x [S_held, I]
+            y = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)
+        else:
+            y = torch.empty_like(h)  # [S_held, H]
+            start = 0
+            for j, count in enumerate(counts[1:].tolist()):
+                if count:
+                    rows = slice(start, start + count)
+                    gate, up = F.linear(h[rows], self.w13[j]).split(self.inter, dim=-1)
+                    y[rows] = F.linear(F.silu(gate) * up, self.w2[j])
+                    start += count
+        out[slots] = y * weights[slots, None]  # [S_held, H] expert dtype x fp32 -> fp32
         return out
+
+    def _use_grouped_mm(self, x: torch.Tensor) -> bool:
+        """One grouped GEMM for all experts instead of a loop (same results, bit for bit).
+        Measured on 2 CPU cores: faster for bf16/fp16 and for small expert matrices, slower
+        for fp32 at hidden 1024 x 256; needs 16-byte aligned rows."""
+        if not hasattr(torch, "_grouped_mm") or x.dtype != self.w13.dtype:
+            return False
+        row_bytes = (x.shape[-1] * x.element_size(), self.inter * x.element_size())
+        if any(b % 16 for b in row_bytes):
+            return False
+        return x.dtype != torch.float32 or x.shape[-1] * self.inter <= 1 << 16
 
 
 def combine_slots(slot_out: torch.Tensor, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:

@@ -140,3 +140,27 @@ def test_mtp_block_runs_and_is_loaded(make_ckpt):
     ids2 = ids.clone()
     ids2[:, 5] = (ids2[:, 5] + 1) % model.cfg.vocab_size
     assert not torch.allclose(model.mtp_logits(ids2)[:, 4], draft[:, 4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_loop_and_grouped_mm_agree_bitwise(make_ckpt, dtype, monkeypatch):
+    from replicas.model import RoutedExperts
+
+    ckpt = make_ckpt(dtype="float32")
+    ids = _ids(ckpt, 2, 24)
+    full = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=dtype)
+    subset = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=dtype, expert_ids=[1, 2, 5])
+    layer = full.cfg.moe_layers[0]
+    x = torch.randn(48, full.cfg.hidden_size, dtype=dtype)
+    routing = full.model.layers[str(layer)].mlp.gate(x)
+    results = {}
+    for path in (True, False):
+        monkeypatch.setattr(RoutedExperts, "_use_grouped_mm", lambda self, x, p=path: p)
+        with torch.no_grad():
+            results[path] = (
+                full(ids),
+                subset.model.layers[str(layer)].mlp.experts(x, routing),
+            )
+    assert torch.equal(results[True][0], results[False][0])
+    assert torch.equal(results[True][1], results[False][1])
+    assert results[True][1].abs().sum() > 0  # the subset really computed its slots
