@@ -75,7 +75,8 @@ def run_vllm(python: Path, path: Path, dtype: str, batches: list[int], prompt_le
         out = Path(tmp) / "vllm.json"
         cmd = [str(python), str(PEER_SCRIPT), "--model", str(path), "--dtype", dtype,
                "--batch-sizes", ",".join(map(str, batches)), "--new-tokens", str(new_tokens),
-               "--prompt-tokens", str(prompt_len), "--repeats", "2", "--json", str(out)]  # fmt: skip
+               "--prompt-tokens", str(prompt_len), "--repeats", "2",
+               "--json", str(out)]  # fmt: skip
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
         if proc.returncode != 0 or not out.exists():
@@ -121,8 +122,8 @@ def main() -> None:
                 run_hf(hf, prompts, args.new_tokens) for _ in range(args.repeats)
             )  # fmt: skip
             rows.append([preset, b, ours_tps, hf_tps])
-            print(f"{preset} batch {b}: ours {ours_tps:.1f} tok/s"
-                  + ("" if hf_tps is None else f", transformers {hf_tps:.1f} tok/s"), flush=True)  # fmt: skip
+            hf_text = "" if hf_tps is None else f", transformers {hf_tps:.1f} tok/s"
+            print(f"{preset} batch {b}: ours {ours_tps:.1f} tok/s{hf_text}", flush=True)
         del ours, hf
         vllm = run_vllm(args.vllm_python, path, args.dtype, batches, args.prompt_tokens,
                         args.new_tokens)  # fmt: skip

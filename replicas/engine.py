@@ -144,9 +144,9 @@ class LLMEngine:
         for request in finished:
             out = outputs[request.request_id]
             out.finished, out.finish_reason = True, request.finish_reason
+        requests = {c.request.request_id: c.request for c in plan.chunks}
         for out in outputs.values():
-            request = next(c.request for c in plan.chunks if c.request.request_id == out.request_id)
-            out.num_output_tokens = len(request.output_ids)
+            out.num_output_tokens = len(requests[out.request_id].output_ids)
         return list(outputs.values())
 
     def _execute(self, plan: SchedulerOutput) -> torch.Tensor:

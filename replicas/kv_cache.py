@@ -133,9 +133,8 @@ class StepAttention:
         k_max = int(total.max())
         kpos = torch.arange(k_max, device=dev)[None, :]  # [1, Kmax]
         width = max(-(-k_max // bs), max(len(c.block_ids) for c in chunks))
-        tables = torch.zeros(len(chunks), width, dtype=torch.long, device=dev)
-        for b, c in enumerate(chunks):
-            tables[b, : len(c.block_ids)] = torch.as_tensor(c.block_ids, dtype=torch.long)
+        padded = [list(c.block_ids) + [0] * (width - len(c.block_ids)) for c in chunks]
+        tables = torch.tensor(padded, dtype=torch.long, device=dev)  # [B, blocks]
         rows = tables.gather(1, (kpos // bs).expand(len(chunks), -1)) * bs + kpos % bs  # [B, Kmax]
         k_valid = kpos < total[:, None]
         self.global_rows = torch.where(k_valid, rows, 0)  # [B, Kmax] rows of the pools

@@ -109,6 +109,8 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
     """logits [N, V] (any float dtype) -> one token per row, plus requested log-probs."""
     params = batch.params
+    if all(p.is_greedy and p.logprobs is None and not p.has_penalties for p in params):
+        return SampleOutput(logits.argmax(-1), None, None, None)  # the common fast path
     logits = logits.float()
     want_logprobs = [p.logprobs for p in params if p.logprobs is not None]
     raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
