@@ -155,7 +155,7 @@ def test_expert_loop_and_grouped_mm_agree_bitwise(make_ckpt, dtype, monkeypatch)
     routing = full.model.layers[str(layer)].mlp.gate(x)
     results = {}
     for path in (True, False):
-        monkeypatch.setattr(RoutedExperts, "_use_grouped_mm", lambda self, x, p=path: p)
+        monkeypatch.setattr(RoutedExperts, "_use_grouped_mm", lambda self, x, n, p=path: p)
         with torch.no_grad():
             results[path] = (
                 full(ids),
