@@ -4,14 +4,16 @@ Glossary
     block       ``block_size`` consecutive token positions of one sequence in every global layer;
                 one block id indexes the same rows of all global layers' K/V pools.
     block table the block ids of a sequence, in position order.
-    slot        a sequence's row in the sliding-layer state: the K/V of its last ``W - 1``
-                positions (all a sliding layer ever needs again), kept in position order.
+    slot        a sequence's row in the sliding-layer state: a ring of ``W - 1`` K/V rows
+                holding its last ``W - 1`` positions (all a sliding layer ever needs again);
+                position p lives in ring row ``p % (W - 1)``.
     chunk       the new tokens a sequence computes in one step (a prefill piece or 1 decode token).
 
 Global (NoPE) layers keep the whole context. Sliding layers keep only ``W - 1`` rows between
-steps; during a step a chunk attends over ``state + chunk`` and the state is rewritten *after*
-attention (a ring exactly W wide, written before attending, breaks chunked prefill:
-model-spec.md section 7).
+steps; during a step a chunk attends over ``ring + chunk`` (masked by the position each ring row
+holds) and only then writes its newest rows into the ring. Writing before attending into a ring
+exactly W wide breaks chunked prefill (model-spec.md section 7); attending first avoids it, and
+each step writes only its new rows.
 """
 
 from __future__ import annotations
@@ -143,30 +145,22 @@ class StepAttention:
         ]  # [N]
         self.global_mask = self._mask(q_pos, kpos.expand(len(chunks), -1), k_valid, None)
 
-        # Sliding layers: keys = kept state rows (positions [computed - kept, computed)) + chunk.
+        # Sliding layers: a ring of W - 1 rows per sequence; position p lives in row p % (W - 1).
+        # Keys of a step = the ring (the W - 1 positions before the chunk) + the chunk itself.
         if w is not None:
-            kept = computed.clamp(max=w - 1)  # [B]
-            s_max = int((kept + num_new).max())
-            r = torch.arange(s_max, device=dev)[None, :]  # [1, Smax]
-            s_valid = r < (kept + num_new)[:, None]
-            s_pos = computed[:, None] - kept[:, None] + r  # [B, Smax] absolute positions
+            ring = w - 1
             slots = torch.tensor([c.slot for c in chunks], device=dev)
-            # Each key row comes from the kept state (first `kept` rows) or from the chunk.
-            self.from_state = (r < kept[:, None])[..., None, None]  # [B, Smax, 1, 1]
-            state_idx = slots[:, None] * (w - 1) + r.clamp(max=w - 2)  # rows of the state
-            chunk_idx = starts[:, None] + (r - kept[:, None])  # rows of the step's new k/v
-            n_new = int(num_new.sum())
-            self.state_idx = torch.where(s_valid, state_idx, 0)
-            self.chunk_idx = torch.where(s_valid, chunk_idx.clamp(0, n_new - 1), 0)
-            self.sliding_mask = self._mask(q_pos, s_pos, s_valid, w)
-            # New state: the last W - 1 positions of (state + chunk), in position order.
-            new_kept = (kept + num_new).clamp(max=w - 1)  # [B]
-            t = torch.arange(w - 1, device=dev)[None, :]
-            take = (kept + num_new - new_kept)[:, None] + t  # [B, W-1] key rows to keep
-            valid = t < new_kept[:, None]
-            self.keep_b = torch.arange(len(chunks), device=dev)[:, None].expand_as(take)[valid]
-            self.keep_row = take[valid]
-            self.keep_dst = (slots[:, None] * (w - 1) + t)[valid]  # flat state rows
+            r = torch.arange(ring, device=dev)[None, :]  # [1, W-1]
+            last = computed[:, None] - 1
+            ring_pos = last - ((last - r) % ring)  # [B, W-1] position held by each ring row
+            self.ring_rows = slots[:, None] * ring + r  # [B, W-1] rows of the flat ring
+            k_pos = torch.cat([ring_pos, q_pos], 1)  # [B, W-1 + Qmax]
+            k_valid = torch.cat([ring_pos >= 0, self.q_valid], 1)
+            self.sliding_mask = self._mask(q_pos, k_pos, k_valid, w)
+            # After attending, store the chunk's last W - 1 positions (distinct ring rows).
+            keep = self.q_valid & (q_pos >= total[:, None] - ring)
+            self.ring_dst = (slots[:, None] * ring + q_pos % ring)[keep]
+            self.ring_src = self.q_index[keep]
 
     @staticmethod
     def _mask(q_pos, k_pos, k_valid, window) -> torch.Tensor:
@@ -204,11 +198,11 @@ class StepAttention:
 
         def attend_sliding(q, k, v):
             ks_flat, vs_flat = ks.view(-1, *ks.shape[2:]), vs.view(-1, *vs.shape[2:])
-            k_pad = torch.where(self.from_state, ks_flat[self.state_idx], k[self.chunk_idx])
-            v_pad = torch.where(self.from_state, vs_flat[self.state_idx], v[self.chunk_idx])
-            out = self._sdpa(q, k_pad, v_pad, self.sliding_mask)  # [B, Smax, Hkv, D] keys
-            ks_flat[self.keep_dst] = k_pad[self.keep_b, self.keep_row]  # rewrite after attending
-            vs_flat[self.keep_dst] = v_pad[self.keep_b, self.keep_row]
+            k_pad = torch.cat([ks_flat[self.ring_rows], k[self.q_index]], 1)  # [B, W-1+Qmax, ..]
+            v_pad = torch.cat([vs_flat[self.ring_rows], v[self.q_index]], 1)
+            out = self._sdpa(q, k_pad, v_pad, self.sliding_mask)
+            ks_flat[self.ring_dst] = k[self.ring_src]  # only new rows, after attending
+            vs_flat[self.ring_dst] = v[self.ring_src]
             return out
 
         return attend_sliding
