@@ -140,9 +140,8 @@ class StepAttention:
         rows = tables.gather(1, (kpos // bs).expand(len(chunks), -1)) * bs + kpos % bs  # [B, Kmax]
         k_valid = kpos < total[:, None]
         self.global_rows = torch.where(k_valid, rows, 0)  # [B, Kmax] rows of the pools
-        self.write_rows = self.global_rows.gather(1, q_pos.clamp(max=k_max - 1))[
-            self.q_valid
-        ]  # [N]
+        write = self.global_rows.gather(1, q_pos.clamp(max=k_max - 1))  # [B, Qmax]
+        self.write_rows = write[self.q_valid]  # [N] pool rows of the new tokens
         self.global_mask = self._mask(q_pos, kpos.expand(len(chunks), -1), k_valid, None)
 
         # Sliding layers: a ring of W - 1 rows per sequence; position p lives in row p % (W - 1).
