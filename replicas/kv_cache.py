@@ -104,9 +104,6 @@ class HybridKVCache:
                 self.global_k[i] = torch.zeros(pool, dtype=dtype, device=device)
                 self.global_v[i] = torch.zeros(pool, dtype=dtype, device=device)
 
-    def blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
     def step(self, chunks: Sequence[SeqChunk]) -> StepAttention:
         return StepAttention(self, chunks)
 
