@@ -2,8 +2,8 @@
 
 Plain Python + torch, no Ray. ``add_request`` / ``step`` / ``abort``; each ``step`` returns the
 new tokens (and log-probs) of every request that produced any, and which requests finished.
-Stop strings need text, so they are handled by the caller that detokenizes (see
-``replicas.async_engine``), which aborts the request when one matches.
+Stop strings need text, so they are handled by the caller that detokenizes
+(``router.stream``), which aborts the request when one matches.
 """
 
 from __future__ import annotations
