@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=1, help="timed runs per point (median)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument(
         "--vllm-python", type=Path, default=Path(os.environ.get("VLLM_PYTHON", DEFAULT_VLLM_PYTHON))
@@ -115,12 +115,13 @@ def main() -> None:
             run_hf(hf, warm, 4)
         for b in batches:
             prompts = prompts_for(b, args.prompt_tokens, vocab, seed=b)
-            ours_tps = statistics.median(
-                run_ours(ours, prompts, args.new_tokens) for _ in range(args.repeats)
-            )
-            hf_tps = None if hf is None else statistics.median(
-                run_hf(hf, prompts, args.new_tokens) for _ in range(args.repeats)
-            )  # fmt: skip
+            ours_runs, hf_runs = [], []
+            for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both
+                ours_runs.append(run_ours(ours, prompts, args.new_tokens))
+                if hf is not None:
+                    hf_runs.append(run_hf(hf, prompts, args.new_tokens))
+            ours_tps = statistics.median(ours_runs)
+            hf_tps = statistics.median(hf_runs) if hf_runs else None
             rows.append([preset, b, ours_tps, hf_tps])
             hf_text = "" if hf_tps is None else f", transformers {hf_tps:.1f} tok/s"
             print(f"{preset} batch {b}: ours {ours_tps:.1f} tok/s{hf_text}", flush=True)

@@ -146,11 +146,13 @@ class StepAttention:
         if w is not None:
             ring = w - 1
             slots = torch.tensor([c.slot for c in chunks], device=dev)
-            r = torch.arange(ring, device=dev)[None, :]  # [1, W-1]
+            # Rows >= max(computed) hold nothing yet for any sequence of the step: skip them.
+            held = min(ring, max(c.num_computed for c in chunks))
+            r = torch.arange(held, device=dev)[None, :]  # [1, R]
             last = computed[:, None] - 1
-            ring_pos = last - ((last - r) % ring)  # [B, W-1] position held by each ring row
-            self.ring_rows = slots[:, None] * ring + r  # [B, W-1] rows of the flat ring
-            k_pos = torch.cat([ring_pos, q_pos], 1)  # [B, W-1 + Qmax]
+            ring_pos = last - ((last - r) % ring)  # [B, R] position held by each ring row
+            self.ring_rows = slots[:, None] * ring + r  # [B, R] rows of the flat ring
+            k_pos = torch.cat([ring_pos, q_pos], 1)  # [B, R + Qmax]
             k_valid = torch.cat([ring_pos >= 0, self.q_valid], 1)
             self.sliding_mask = self._mask(q_pos, k_pos, k_valid, w)
             # After attending, store the chunk's last W - 1 positions (distinct ring rows).
@@ -194,7 +196,7 @@ class StepAttention:
 
         def attend_sliding(q, k, v):
             ks_flat, vs_flat = ks.view(-1, *ks.shape[2:]), vs.view(-1, *vs.shape[2:])
-            k_pad = torch.cat([ks_flat[self.ring_rows], k[self.q_index]], 1)  # [B, W-1+Qmax, ..]
+            k_pad = torch.cat([ks_flat[self.ring_rows], k[self.q_index]], 1)  # [B, R+Qmax, ..]
             v_pad = torch.cat([vs_flat[self.ring_rows], v[self.q_index]], 1)
             out = self._sdpa(q, k_pad, v_pad, self.sliding_mask)
             ks_flat[self.ring_dst] = k[self.ring_src]  # only new rows, after attending

@@ -232,8 +232,9 @@ class RoutedExperts(nn.Module):
         grouped_mm numerics).
         """
         num_tokens, k = routing.topk_ids.shape
-        if out is None:
-            out = x.new_zeros(num_tokens * k, x.shape[-1], dtype=torch.float32)
+        if out is None:  # every slot is written below when this module holds all experts
+            alloc = torch.empty if len(self.expert_ids) == self.num_experts else torch.zeros
+            out = alloc(num_tokens * k, x.shape[-1], dtype=torch.float32, device=x.device)
         local = self.local_index[routing.topk_ids.flatten()]  # [S], -1 where not held
         order = torch.argsort(local, stable=True)  # slots grouped by local expert
         counts = torch.bincount(local + 1, minlength=len(self.expert_ids) + 1)  # [1 + E_local]
