@@ -56,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mk.add_argument("--no-weights", action="store_true", help="config and tokenizer only")
     mk.set_defaults(func=_make_checkpoint)
+
+    from cluster import client_cmd, serve_cmd
+
+    sv = sub.add_parser("serve", help="start a local Ray cluster serving a model over gRPC")
+    serve_cmd.add_arguments(sv)
+    sv.set_defaults(func=serve_cmd.run)
+    gen = sub.add_parser("generate", help="stream a completion from a running server")
+    client_cmd.add_arguments(gen, chat=False)
+    gen.set_defaults(func=client_cmd.run_generate)
+    ch = sub.add_parser("chat", help="chat with a running server (one message, or turns on stdin)")
+    client_cmd.add_arguments(ch, chat=True)
+    ch.set_defaults(func=client_cmd.run_chat)
     return parser
 
 

@@ -14,7 +14,8 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator, Sequence
 
-from replicas.engine import LLMEngine, RequestOutput
+from replicas.engine import LLMEngine
+from replicas.outputs import RequestOutput
 from replicas.sampling_params import SamplingParams
 
 
@@ -44,6 +45,9 @@ class AsyncEngine:
         try:
             while True:
                 item = await queue.get()
+                while not queue.empty() and not isinstance(item, BaseException):
+                    nxt = queue.get_nowait()  # a slow reader gets one merged delta, not many
+                    item = nxt if isinstance(nxt, BaseException) else item.merge(nxt)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -54,6 +58,11 @@ class AsyncEngine:
             self._queues.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    @property
+    def num_requests(self) -> int:
+        """Requests whose streams are open (queued, running, or finishing)."""
+        return len(self._queues)
 
     def abort(self, request_id: str) -> None:
         """Abort before the next step (blocks return to the pool then)."""

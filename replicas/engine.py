@@ -9,6 +9,7 @@ Stop strings need text, so they are handled by the caller that detokenizes
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,7 +17,8 @@ import torch
 
 from replicas.kv_cache import HybridKVCache, SeqChunk, kv_footprint
 from replicas.model import ExaoneMoeForCausalLM
-from replicas.request import FinishReason, Request
+from replicas.outputs import RequestOutput, TokenLogprob
+from replicas.request import Request
 from replicas.sampler import SamplingBatch, make_generator, sample
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -33,26 +35,6 @@ class EngineConfig:
     """Override the block count derived from kv_cache_bytes."""
     max_model_len: int | None = None
     """Context limit (prompt + output); default: the model's max_position_embeddings."""
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    new_token_ids: list[int]
-    finished: bool = False
-    finish_reason: FinishReason | None = None
-    logprobs: list[TokenLogprob] | None = None
-    prompt_logprobs: list[TokenLogprob] | None = None
-    """Entries for prompt positions 1.. (position 0 has no prediction), sent once."""
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
 
 
 def _pairs(ids: torch.Tensor, values: torch.Tensor) -> tuple[tuple[int, float], ...]:
@@ -114,6 +96,7 @@ class LLMEngine:
         """Queue a request. Raises ValueError (naming the field) for invalid input."""
         self.check_request(prompt_ids, params)
         request = Request(request_id, list(prompt_ids), params, next(self._arrival))
+        request.arrival_time = time.monotonic()
         if params.seed is not None:
             request.generator = make_generator(params.seed, self.device)
         self.scheduler.add(request)
@@ -138,6 +121,10 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
+        now = time.monotonic()
+        for c in plan.chunks:
+            if c.request.first_scheduled_time is None:
+                c.request.first_scheduled_time = now
         hidden = self._execute(plan)  # [N, H]
         sampled, outputs = self._sample(plan, hidden)
         finished = self.scheduler.update(plan, sampled, self.eos_token_ids)
@@ -188,7 +175,12 @@ class LLMEngine:
         for i, r in enumerate(requests):
             token = int(result.token_ids[i])
             sampled[r.request_id] = token
-            out = RequestOutput(r.request_id, [token], num_prompt_tokens=r.num_prompt_tokens)
+            out = RequestOutput(
+                r.request_id,
+                [token],
+                num_prompt_tokens=r.num_prompt_tokens,
+                queue_time_s=r.first_scheduled_time - r.arrival_time,
+            )
             n_top = r.params.logprobs
             if n_top is not None:
                 top = (

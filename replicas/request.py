@@ -38,6 +38,10 @@ class Request:
     num_preemptions: int = 0
     generator: Any = None
     """Seeded torch.Generator for this request (None: unseeded)."""
+    arrival_time: float = 0.0
+    """time.monotonic() when the engine accepted the request."""
+    first_scheduled_time: float | None = None
+    """time.monotonic() of the first step that computed any of its tokens."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,0 +1,214 @@
+"""The Ray Serve application: Router (gRPC ingress) -> AttentionShard (engine).
+
+``build_app(args)`` is the application builder that ``serve run cluster.app:build_app``,
+``serve deploy`` (``import_path: cluster.app:build_app`` + ``args``), KubeRay's serveConfigV2 and
+``exaone-cluster serve`` all use; ``args`` is a ClusterConfig (or a dict of its fields).
+
+Colocated mode: the attention replica runs every expert itself. The Serve gRPC proxy calls the
+Router's method named after each RPC (Generate, Tokenize, Detokenize, GetModelInfo, and
+grpc.health.v1's Check/Watch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from grpc_health.v1 import health_pb2
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.grpc_util import RayServegRPCContext
+from ray.serve.handle import DeploymentHandle
+
+from cluster.config import ClusterConfig
+from protos.exaone.v1 import generation_pb2 as pb
+from replicas.model_config import ModelConfig
+from replicas.sampling_params import SamplingParams
+from router.errors import RequestError
+from router.requests import RequestLimits
+from router.service import GenerationService
+from router.tokenizer import Tokenizer
+
+GRPC_SERVICERS = [
+    "protos.exaone.v1.generation_pb2_grpc.add_GenerationServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+HEALTH_SERVICES = ("", "exaone.v1.Generation")
+
+
+def model_info(config: ClusterConfig, cfg: ModelConfig, tokenizer: Tokenizer) -> pb.ModelInfo:
+    raw = json.loads((Path(config.model_path) / "config.json").read_text())
+    max_len = config.engine.max_model_len or cfg.max_position_embeddings
+    return pb.ModelInfo(
+        model_id=config.name,
+        architecture=(raw.get("architectures") or ["ExaoneMoeForCausalLM"])[0],
+        max_context_tokens=max_len,
+        max_output_tokens=min(config.router.max_output_tokens or max_len - 1, max_len - 1),
+        sliding_window=cfg.sliding_window or 0,
+        num_layers=cfg.num_hidden_layers,
+        num_sliding_layers=len(cfg.sliding_layers),
+        num_global_layers=len(cfg.full_layers),
+        num_moe_layers=len(cfg.moe_layers),
+        num_experts=cfg.num_experts,
+        num_experts_per_token=cfg.num_experts_per_tok,
+        num_shared_experts=cfg.num_shared_experts,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        dtype=config.dtype,
+        eos_token_ids=list(cfg.eos_token_ids),
+        capabilities=pb.Capabilities(
+            chat=tokenizer.chat_template is not None,
+            tools=tokenizer.chat_template is not None,
+            reasoning=tokenizer.chat_template is not None,
+            logprobs=True,
+            prompt_logprobs=True,
+            mtp=cfg.num_nextn_predict_layers > 0,
+            prefix_cache=False,
+        ),
+    )
+
+
+@serve.deployment(name="AttentionShard")
+class AttentionShardDeployment:
+    def __init__(self, config: ClusterConfig):
+        from replicas.attention_shard import AttentionShard  # torch: only in this replica
+        from replicas.engine import EngineConfig
+
+        e = config.engine
+        self.shard = AttentionShard(
+            config.model_path,
+            EngineConfig(
+                max_num_batched_tokens=e.max_num_batched_tokens,
+                max_num_seqs=e.max_num_seqs,
+                block_size=e.block_size,
+                kv_cache_bytes=e.kv_cache_bytes,
+                max_model_len=e.max_model_len,
+            ),
+            dtype=config.dtype,
+            max_waiting_requests=e.max_waiting_requests,
+            num_threads=config.attention.num_threads or os.cpu_count(),
+        )
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
+        async for out in self.shard.generate(request_id, prompt_ids, params):
+            yield out
+
+    def stats(self):
+        return self.shard.stats()
+
+    async def wait_idle(self, timeout_s: float = 30.0):
+        return await self.shard.wait_idle(timeout_s)
+
+
+class _ShardClient:
+    """EngineClient over a DeploymentHandle: one streaming call per request; closing it cancels
+    the call, which aborts the request in the engine."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle.options(stream=True)
+
+    async def generate(
+        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncIterator[Any]:
+        stream = self.handle.generate.remote(request_id, list(prompt_ids), params)
+        finished = False
+        try:
+            async for out in stream:
+                finished = out.finished
+                yield out
+        except RayTaskError as e:  # re-raise what the replica raised (ValueError, QueueFullError)
+            cause = getattr(e, "cause", None)
+            raise (cause if isinstance(cause, Exception) else e) from None
+        finally:
+            if not finished:
+                stream.cancel()
+
+
+@serve.deployment(name="Router")
+class RouterDeployment:
+    def __init__(self, config: ClusterConfig, shard: DeploymentHandle):
+        cfg = ModelConfig.from_json_file(Path(config.model_path) / "config.json")
+        tokenizer = Tokenizer(config.model_path)
+        info = model_info(config, cfg, tokenizer)
+        limits = RequestLimits(
+            vocab_size=cfg.vocab_size,
+            max_model_len=info.max_context_tokens,
+            max_output_tokens=info.max_output_tokens,
+            max_request_bytes=config.router.max_request_bytes,
+        )
+        self.shard = shard
+        self.service = GenerationService(tokenizer, _ShardClient(shard), limits, info)
+
+    # ---- exaone.v1.Generation ------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext):
+        try:
+            async for response in self.service.generate(request):
+                yield response
+        except RequestError as e:
+            grpc_context.set_code(e.code)
+            grpc_context.set_details(e.message)
+            raise
+
+    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context: RayServegRPCContext):
+        return self._unary(self.service.tokenize, request, grpc_context)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, grpc_context: RayServegRPCContext):
+        return self._unary(self.service.detokenize, request, grpc_context)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest) -> pb.ModelInfo:
+        return self.service.model_info()
+
+    @staticmethod
+    def _unary(method, request, grpc_context: RayServegRPCContext):
+        try:
+            return method(request)
+        except RequestError as e:
+            grpc_context.set_code(e.code)
+            grpc_context.set_details(e.message)
+            raise
+
+    # ---- grpc.health.v1.Health -----------------------------------------------------------------
+    async def _status(self, service: str) -> int:
+        if service not in HEALTH_SERVICES:
+            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        try:
+            await asyncio.wait_for(self.shard.stats.remote(), timeout=5.0)
+        except Exception:  # noqa: BLE001 - any failure to reach the engine means not serving
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse.SERVING
+
+    async def Check(self, request: health_pb2.HealthCheckRequest) -> Any:
+        return health_pb2.HealthCheckResponse(status=await self._status(request.service))
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest):
+        last = None
+        while True:  # ends when the client cancels
+            status = await self._status(request.service)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(1.0)
+
+    # ---- for tests and operators (not on the gRPC API) -------------------------------------------
+    async def shard_stats(self):
+        return await self.shard.stats.remote()
+
+
+def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:
+    config = args if isinstance(args, ClusterConfig) else ClusterConfig.model_validate(args)
+    e, a, r = config.engine, config.attention, config.router
+    shard = AttentionShardDeployment.options(
+        num_replicas=a.num_replicas,
+        ray_actor_options={"num_cpus": a.num_cpus},
+        # Admission is the shard's own (RESOURCE_EXHAUSTED with a message); let Serve pass all.
+        max_ongoing_requests=e.max_num_seqs + e.max_waiting_requests + 16,
+    ).bind(config)
+    return RouterDeployment.options(
+        num_replicas=r.num_replicas,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=r.max_ongoing_requests,
+    ).bind(config, shard)

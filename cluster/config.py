@@ -1,0 +1,72 @@
+"""ClusterConfig: the one pydantic model that `serve run`, `serve deploy`, KubeRay and the CLI pass
+to ``cluster.app:build_app``. Unknown or invalid fields fail at start with the field's name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineOptions(_Strict):
+    max_num_seqs: int = Field(64, ge=1, description="Sequences decoded together at most.")
+    max_num_batched_tokens: int = Field(512, ge=1, description="Tokens per engine step at most.")
+    block_size: int = Field(16, ge=1, description="Tokens per KV block (global layers).")
+    kv_cache_bytes: int = Field(1 << 30, ge=1, description="Memory for global-layer KV blocks.")
+    max_model_len: int | None = Field(
+        None, ge=2, description="Prompt + output tokens per request; default: the model's limit."
+    )
+    max_waiting_requests: int = Field(
+        256, ge=0, description="Requests queued beyond max_num_seqs before RESOURCE_EXHAUSTED."
+    )
+
+
+class AttentionOptions(_Strict):
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per replica.")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch threads per replica; default: every core of the node."
+    )
+
+
+class RouterOptions(_Strict):
+    num_replicas: int = Field(1, ge=1)
+    max_request_bytes: int = Field(4 << 20, ge=1024, description="Largest request accepted.")
+    max_output_tokens: int | None = Field(
+        None, ge=1, description="Largest max_tokens accepted; default: the context limit."
+    )
+    max_ongoing_requests: int = Field(1024, ge=1, description="Streams one router replica holds.")
+
+
+class ClusterConfig(_Strict):
+    model_path: str = Field(description="Local checkpoint directory (Hugging Face layout).")
+    model_id: str | None = Field(None, description="Name reported by GetModelInfo.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    engine: EngineOptions = EngineOptions()
+    attention: AttentionOptions = AttentionOptions()
+    router: RouterOptions = RouterOptions()
+
+    @model_validator(mode="after")
+    def _model_dir_exists(self) -> ClusterConfig:
+        if not (Path(self.model_path) / "config.json").is_file():
+            raise ValueError(f"model_path={self.model_path!r}: no config.json there")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.model_id or Path(self.model_path).resolve().name
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> ClusterConfig:
+        """YAML or JSON file; ``overrides`` (e.g. model_path from the command line) win."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of ClusterConfig fields")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(data)

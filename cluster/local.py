@@ -1,0 +1,104 @@
+"""A single-node Ray cluster running the app, all listeners on 127.0.0.1.
+
+Used by ``exaone-cluster serve`` and by the integration tests. Not for Kubernetes: there the
+nodes must advertise their pod IPs (the Helm chart starts Ray itself).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from cluster.config import ClusterConfig
+from cluster.loopback import HOOK
+
+APP_NAME = "exaone"
+# Before Ray starts: node IP 127.0.0.1 (platform.md section 2), and patience for a proxy that
+# starts slowly on a busy 2-core machine (the default 5 s readiness check kills it).
+LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+@dataclass
+class LocalCluster:
+    grpc_address: str
+    dashboard_url: str | None
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def start_local(
+    config: ClusterConfig,
+    grpc_port: int = 9000,
+    http_port: int = 8000,
+    dashboard_port: int | None = 8265,
+    num_cpus: int | None = None,
+    ready_timeout_s: float = 600.0,
+) -> LocalCluster:
+    """Start Ray + Serve + the app; return once the model answers a health check."""
+    os.environ.update(LOCAL_ENV)
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+    from ray.serve.schema import LoggingConfig
+
+    from cluster.app import GRPC_SERVICERS, build_app
+
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=dashboard_port is not None,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port or 8265,
+        runtime_env={"worker_process_setup_hook": HOOK},
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+    try:
+        logging = LoggingConfig(enable_access_log=False, log_level="WARNING")
+        serve.start(
+            http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+            grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS),
+            logging_config=logging,
+        )
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/", logging_config=logging)
+        address = f"127.0.0.1:{grpc_port}"
+        wait_serving(address, ready_timeout_s)
+    except BaseException:
+        serve.shutdown()
+        ray.shutdown()
+        raise
+    dashboard = f"http://127.0.0.1:{dashboard_port}" if dashboard_port is not None else None
+    return LocalCluster(address, dashboard)
+
+
+def wait_serving(address: str, timeout_s: float) -> None:
+    """Until grpc.health.v1 says SERVING at ``address``."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} not SERVING after {timeout_s:.0f} s")
+            time.sleep(0.2)

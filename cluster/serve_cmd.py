@@ -1,0 +1,94 @@
+"""``exaone-cluster serve``: a local Ray cluster serving a model over gRPC until Ctrl-C/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+DEFAULT_PRESET = "tiny"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EXAONE_CLUSTER_CACHE", Path.home() / ".cache" / "exaone-cluster"))
+
+
+def default_model() -> Path:
+    """The bundled model: the ``tiny`` checkpoint, built once into the cache directory."""
+    path = cache_dir() / "models" / DEFAULT_PRESET
+    if not (path / "config.json").is_file():
+        from cluster.checkpoint import write_checkpoint
+
+        print(f"building the {DEFAULT_PRESET} checkpoint once into {path} ...", flush=True)
+        tmp = path.with_name(path.name + ".partial")
+        write_checkpoint(tmp, preset=DEFAULT_PRESET, seed=0, dtype="float32")
+        tmp.rename(path)
+    return path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory (default: the bundled tiny model)")
+    p.add_argument("--config", help="ClusterConfig YAML/JSON file (--model overrides model_path)")
+    p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--http-port", type=int, default=8000, help="Ray Serve's HTTP proxy port")
+    p.add_argument("--dashboard-port", type=int, default=8265)
+    p.add_argument("--no-dashboard", action="store_true")
+    p.add_argument("--num-cpus", type=int, help="CPUs Ray may use (default: all)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from cluster.config import ClusterConfig
+    from cluster.local import start_local
+
+    try:
+        model = args.model
+        if model is None and args.config is None:
+            model = str(default_model())
+        config = (
+            ClusterConfig.from_file(args.config, model_path=model)
+            if args.config
+            else ClusterConfig(model_path=model)
+        )
+    except (ValidationError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # while starting: unwind (start_local cleans up)
+        signal.signal(sig, interrupt)
+    print(f"starting Ray and loading {config.model_path} ...", flush=True)
+    try:
+        cluster = start_local(
+            config,
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            dashboard_port=None if args.no_dashboard else args.dashboard_port,
+            num_cpus=args.num_cpus,
+        )
+    except KeyboardInterrupt:
+        print("interrupted while starting", file=sys.stderr)
+        return 130
+    # Installed after ray.init, which sets its own SIGTERM handler that would end the process
+    # before Serve and Ray are shut down.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        print(f"serving {config.name} over gRPC at {cluster.grpc_address}", flush=True)
+        if cluster.dashboard_url:
+            print(f"Ray dashboard: {cluster.dashboard_url} (token: ~/.ray/auth_token)", flush=True)
+        print("Ctrl-C or SIGTERM stops the server", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        print("stopping ...", flush=True)
+        cluster.stop()
+    print("stopped", flush=True)
+    return 0

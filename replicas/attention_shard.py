@@ -1,0 +1,87 @@
+"""An attention replica's work, without Ray: load the model, run the engine, stream outputs.
+
+In colocated mode (the only mode so far) it also runs every routed expert itself. ``cluster.app``
+wraps it in a Ray Serve deployment; tests and benchmarks use it in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from replicas.async_engine import AsyncEngine
+from replicas.engine import EngineConfig, LLMEngine
+from replicas.model import ExaoneMoeForCausalLM
+from replicas.outputs import QueueFullError, RequestOutput
+from replicas.sampling_params import SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    num_requests: int
+    """Open streams: running, waiting, or just finished."""
+    num_running: int
+    num_waiting: int
+    num_blocks_in_use: int
+    num_blocks_total: int
+
+
+class AttentionShard:
+    def __init__(
+        self,
+        model_path: str | Path,
+        engine_config: EngineConfig,
+        dtype: str = "float32",
+        max_waiting_requests: int = 256,
+        num_threads: int | None = None,
+    ):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        model = ExaoneMoeForCausalLM.from_pretrained(
+            model_path, dtype=DTYPES[dtype], include_mtp=False, progress=False
+        )
+        self.engine = AsyncEngine(LLMEngine(model, engine_config))
+        self.max_requests = engine_config.max_num_seqs + max_waiting_requests
+
+    async def generate(
+        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request; closing the iterator early aborts it and frees its blocks.
+        Raises ValueError for input the engine can never serve, QueueFullError at capacity."""
+        if self.engine.num_requests >= self.max_requests:
+            raise QueueFullError(
+                f"replica at capacity ({self.engine.num_requests} requests in flight, limit "
+                f"{self.max_requests}): retry with backoff"
+            )
+        stream = self.engine.generate(request_id, prompt_ids, params)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()
+
+    def stats(self) -> ShardStats:
+        engine = self.engine.engine
+        return ShardStats(
+            num_requests=self.engine.num_requests,
+            num_running=len(engine.scheduler.running),
+            num_waiting=len(engine.scheduler.waiting),
+            num_blocks_in_use=engine.num_blocks_in_use,
+            num_blocks_total=engine.cache.blocks.num_total,
+        )
+
+    async def wait_idle(self, timeout_s: float = 30.0) -> ShardStats:
+        """Until no request is queued or running (aborts applied); returns the stats then."""
+        await asyncio.wait_for(self.engine.wait_idle(), timeout_s)
+        return self.stats()
+
+    async def close(self) -> None:
+        await self.engine.close()

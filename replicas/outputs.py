@@ -1,0 +1,52 @@
+"""What the engine streams back per request. Torch-free: these cross Ray to the router."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from replicas.request import FinishReason
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """Entries for prompt positions 1.. (position 0 has no prediction), sent once."""
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV was reused (prefix cache) rather than computed."""
+    num_accepted_draft_tokens: int = 0
+    """Output tokens that came from accepted MTP drafts (so far)."""
+    queue_time_s: float | None = None
+    """Arrival at the engine -> first scheduled step."""
+
+    def merge(self, later: RequestOutput) -> RequestOutput:
+        """This delta followed by ``later`` (same request) as one delta."""
+        if self.logprobs is not None or later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + (later.logprobs or [])
+        self.new_token_ids = self.new_token_ids + later.new_token_ids
+        self.prompt_logprobs = self.prompt_logprobs or later.prompt_logprobs
+        self.finished, self.finish_reason = later.finished, later.finish_reason
+        self.num_prompt_tokens = later.num_prompt_tokens
+        self.num_output_tokens = later.num_output_tokens
+        self.num_cached_tokens = later.num_cached_tokens
+        self.num_accepted_draft_tokens = later.num_accepted_draft_tokens
+        if self.queue_time_s is None:
+            self.queue_time_s = later.queue_time_s
+        return self
+
+
+class QueueFullError(RuntimeError):
+    """The replica holds as many requests as it admits; the caller should retry later."""

@@ -1,0 +1,220 @@
+"""Proto requests -> validated prompt ids and SamplingParams. No torch, no Ray.
+
+Every check raises ``RequestError(INVALID_ARGUMENT)`` whose message names the proto field
+(``sampling.top_p``, ``chat.messages[2].role``) and the allowed range, so a caller can fix the
+request without reading server logs. The README's error table is this module's contract.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from protos.exaone.v1 import generation_pb2 as pb
+from replicas.sampling_params import SamplingParams
+from router.errors import invalid
+from router.tokenizer import ChatError, Tokenizer
+
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+# SamplingParams field -> where the caller set it in GenerateRequest.
+FIELD_PATHS = {
+    "temperature": "sampling.temperature",
+    "top_p": "sampling.top_p",
+    "top_k": "sampling.top_k",
+    "min_p": "sampling.min_p",
+    "presence_penalty": "sampling.presence_penalty",
+    "frequency_penalty": "sampling.frequency_penalty",
+    "repetition_penalty": "sampling.repetition_penalty",
+    "max_tokens": "stopping.max_tokens",
+    "stop": "stopping.stop",
+    "stop string": "stopping.stop entry",
+    "stop_token_ids": "stopping.stop_token_ids",
+    "logprobs": "logprobs.top_logprobs",
+    "prompt_logprobs": "logprobs.prompt_top_logprobs",
+}
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    vocab_size: int
+    max_model_len: int
+    """Prompt + output tokens of one request."""
+    max_output_tokens: int
+    max_request_bytes: int = 4 << 20
+    max_messages: int = 1024
+    max_tools: int = 128
+
+
+@dataclass(frozen=True)
+class Prompt:
+    token_ids: list[int]
+    text: str | None
+    """The text that was tokenized (for chat: the rendered prompt); None for token ids."""
+    chat: bool = False
+    thinking: bool = True
+    tools: bool = False
+
+
+def request_id_of(request: pb.GenerateRequest) -> str:
+    if not request.request_id:
+        return f"req-{uuid.uuid4().hex}"
+    if not REQUEST_ID.fullmatch(request.request_id):
+        raise invalid(
+            f"request_id={request.request_id[:40]!r}: use 1-128 printable ASCII characters "
+            "without spaces, or leave it empty"
+        )
+    return request.request_id
+
+
+def check_size(request, limits: RequestLimits) -> None:
+    size = request.ByteSize()
+    if size > limits.max_request_bytes:
+        raise invalid(
+            f"request is {size} bytes; the limit is {limits.max_request_bytes} bytes "
+            "(router.max_request_bytes): send a shorter prompt"
+        )
+
+
+def chat_to_dicts(chat: pb.Chat, limits: RequestLimits, where: str = "chat"):
+    """Proto chat -> (messages, tools) in the shape the chat template takes."""
+    if not chat.messages:
+        raise invalid(f"{where}.messages is empty: send at least one message")
+    if len(chat.messages) > limits.max_messages:
+        raise invalid(
+            f"{where}.messages has {len(chat.messages)} entries; at most {limits.max_messages}"
+        )
+    if len(chat.tools) > limits.max_tools:
+        raise invalid(f"{where}.tools has {len(chat.tools)} entries; at most {limits.max_tools}")
+    messages: list[dict[str, Any]] = []
+    for i, m in enumerate(chat.messages):
+        d: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.role == "assistant" and not m.content:
+            d["content"] = None
+        if m.reasoning_content:
+            d["reasoning_content"] = m.reasoning_content
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        calls = []
+        for j, c in enumerate(m.tool_calls):
+            field = f"{where}.messages[{i}].tool_calls[{j}].arguments_json"
+            args = _json_object(c.arguments_json or "{}", field)
+            calls.append({"id": c.id, "type": "function",
+                          "function": {"name": c.name, "arguments": args}})  # fmt: skip
+        if calls:
+            d["tool_calls"] = calls
+        messages.append(d)
+    tools = []
+    for k, t in enumerate(chat.tools):
+        if not t.name:
+            raise invalid(f"{where}.tools[{k}].name is empty: give the function a name")
+        params = _json_object(t.parameters_json, f"{where}.tools[{k}].parameters_json") if (
+            t.parameters_json) else {"type": "object", "properties": {}}  # fmt: skip
+        fn: dict[str, Any] = {"name": t.name}
+        if t.description:
+            fn["description"] = t.description
+        fn["parameters"] = params
+        tools.append({"type": "function", "function": fn})
+    return messages, tools
+
+
+def _json_object(text: str, field: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise invalid(f"{field} is not valid JSON ({e.msg} at char {e.pos})") from e
+    if not isinstance(value, dict):
+        raise invalid(f"{field} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def render_chat(tokenizer: Tokenizer, chat: pb.Chat, limits: RequestLimits,
+                where: str = "chat") -> str:  # fmt: skip
+    messages, tools = chat_to_dicts(chat, limits, where)
+    thinking = chat.enable_thinking if chat.HasField("enable_thinking") else True
+    try:
+        return tokenizer.render_chat(messages, tools or None, enable_thinking=thinking)
+    except ChatError as e:
+        raise invalid(f"{where}: {e}") from e
+
+
+def check_token_ids(ids, limits: RequestLimits, field: str) -> list[int]:
+    for i, t in enumerate(ids):
+        if t >= limits.vocab_size:
+            raise invalid(f"{field}[{i}]={t} is outside the vocabulary [0, {limits.vocab_size})")
+    return list(ids)
+
+
+def prompt_of(request: pb.GenerateRequest, tokenizer: Tokenizer, limits: RequestLimits) -> Prompt:
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise invalid("input is missing: set one of text, token_ids or chat")
+    if kind == "text":
+        if not request.text:
+            raise invalid("text is empty: send a non-empty prompt")
+        prompt = Prompt(tokenizer.encode(request.text), request.text)
+    elif kind == "token_ids":
+        ids = check_token_ids(request.token_ids.ids, limits, "token_ids.ids")
+        if not ids:
+            raise invalid("token_ids.ids is empty: send at least one token id")
+        prompt = Prompt(ids, None)
+    else:
+        text = render_chat(tokenizer, request.chat, limits)
+        thinking = (
+            request.chat.enable_thinking if request.chat.HasField("enable_thinking") else True
+        )
+        prompt = Prompt(tokenizer.encode(text), text, chat=True, thinking=thinking,
+                        tools=len(request.chat.tools) > 0)  # fmt: skip
+    if not prompt.token_ids:
+        raise invalid(f"{kind} gives no tokens: send a non-empty prompt")
+    n = len(prompt.token_ids)
+    if n >= limits.max_model_len:
+        raise invalid(
+            f"prompt has {n} tokens; the context limit is {limits.max_model_len} (prompt + at "
+            "least 1 output token): shorten the prompt"
+        )
+    return prompt
+
+
+def sampling_params_of(
+    request: pb.GenerateRequest, num_prompt_tokens: int, limits: RequestLimits
+) -> SamplingParams:
+    s, st, lp = request.sampling, request.stopping, request.logprobs
+    opt = lambda msg, name, default: getattr(msg, name) if msg.HasField(name) else default  # noqa: E731
+    params = SamplingParams(
+        temperature=opt(s, "temperature", 1.0),
+        top_p=opt(s, "top_p", 1.0),
+        top_k=opt(s, "top_k", -1),
+        min_p=opt(s, "min_p", 0.0),
+        presence_penalty=opt(s, "presence_penalty", 0.0),
+        frequency_penalty=opt(s, "frequency_penalty", 0.0),
+        repetition_penalty=opt(s, "repetition_penalty", 1.0),
+        seed=opt(s, "seed", None),
+        max_tokens=opt(st, "max_tokens", DEFAULT_MAX_TOKENS),
+        stop=tuple(st.stop),
+        stop_token_ids=tuple(st.stop_token_ids),
+        ignore_eos=st.ignore_eos,
+        logprobs=opt(lp, "top_logprobs", None),
+        prompt_logprobs=opt(lp, "prompt_top_logprobs", None),
+    )
+    if params.max_tokens > limits.max_output_tokens:
+        raise invalid(
+            f"stopping.max_tokens={params.max_tokens}: must be <= {limits.max_output_tokens} "
+            "(the server's max_output_tokens)"
+        )
+    try:
+        params.validate(limits.vocab_size, max_new_tokens=limits.max_model_len - num_prompt_tokens)
+    except ValueError as e:
+        raise invalid(_with_path(str(e))) from e
+    return params
+
+
+def _with_path(message: str) -> str:
+    """'top_p=1.5: ...' -> 'sampling.top_p=1.5: ...' (longest field name first)."""
+    for name in sorted(FIELD_PATHS, key=len, reverse=True):
+        if message.startswith(name):
+            return FIELD_PATHS[name] + message[len(name) :]
+    return message
