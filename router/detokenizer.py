@@ -38,6 +38,14 @@ class IncrementalDetokenizer:
                 self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return "".join(out)
 
+    def flush(self) -> str:
+        """At the end of a stream: whatever is still held back (an incomplete character comes
+        out as U+FFFD, as the full decode would show it)."""
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix) :]
+
 
 class StopStringMatcher:
     """Feeds text deltas, returns what is safe to emit and whether a stop string matched."""

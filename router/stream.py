@@ -53,7 +53,10 @@ async def stream_text(
             stopped = stops.stopped is not None
             finished = stopped or out.finished
             if finished and not stopped:
-                text += stops.flush()
+                text += stops.feed(detok.flush())
+                if stops.stopped is None:
+                    text += stops.flush()
+                stopped = stops.stopped is not None
             delta = TextDelta(
                 token_ids=list(out.new_token_ids),
                 text=text,

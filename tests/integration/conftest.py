@@ -1,0 +1,71 @@
+"""Integration tier: real Ray (``ray.init(address="local")``), real Ray Serve, real gRPC on
+loopback. No fakes. ``scripts/test.sh`` runs this tier inside a private network namespace when it
+runs as root (Serve's listeners then cannot be reached from outside even if they bound widely)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> set[int]:
+    """pid's descendant processes (Linux /proc)."""
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for c in map(int, children):
+                if c not in found:
+                    found.add(c)
+                    todo.append(c)
+    return found
+
+
+def listening_addresses(pids: set[int]) -> list[tuple[int, str, int]]:
+    """(pid, address, port) of every TCP socket in LISTEN state owned by ``pids``."""
+    listening: dict[str, tuple[str, int]] = {}
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] != "0A":  # LISTEN
+                continue
+            addr_hex, port_hex = cols[1].split(":")
+            raw = bytes.fromhex(addr_hex)
+            if v6:
+                words = [raw[i : i + 4][::-1] for i in range(0, 16, 4)]
+                ip = socket.inet_ntop(socket.AF_INET6, b"".join(words))
+            else:
+                ip = socket.inet_ntop(socket.AF_INET, raw[::-1])
+            listening[cols[9]] = (ip, int(port_hex, 16))
+    out = []
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and (inode := target[8:-1]) in listening:
+                out.append((pid, *listening[inode]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def served_ckpt(make_ckpt):
+    return make_ckpt(dtype="float32")

@@ -1,0 +1,227 @@
+"""The Generation API end to end: Ray Serve's gRPC proxy -> Router -> AttentionShard (engine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from cluster.config import ClusterConfig, EngineOptions
+from cluster.local import APP_NAME, start_local
+from protos.exaone.v1 import generation_pb2_grpc as pb_grpc
+from replicas.engine import EngineConfig, LLMEngine
+from replicas.model import ExaoneMoeForCausalLM
+from replicas.model_config import ModelConfig
+from replicas.sampling_params import SamplingParams
+from router.client import GenerationClient, build_request
+from tests.bad_inputs import BAD_INPUTS
+from tests.integration.conftest import descendants, free_port, listening_addresses
+
+pytestmark = pytest.mark.integration
+
+ENGINE = EngineOptions(
+    max_num_seqs=32, max_num_batched_tokens=256, block_size=8, kv_cache_bytes=32 << 20,
+    max_model_len=384, max_waiting_requests=64,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster(served_ckpt):
+    config = ClusterConfig(model_path=str(served_ckpt), engine=ENGINE)
+    local = start_local(config, grpc_port=free_port(), http_port=free_port(),
+                        dashboard_port=None, num_cpus=2, ready_timeout_s=300)  # fmt: skip
+    yield local
+    local.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with GenerationClient(cluster.grpc_address, timeout_s=120) as c:
+        yield c
+
+
+def shard_stats():
+    from ray import serve
+
+    return serve.get_deployment_handle("AttentionShard", APP_NAME).stats.remote().result()
+
+
+def wait_until_idle(timeout_s=30.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = shard_stats()
+        if stats.num_blocks_in_use == 0 and stats.num_requests == 0 or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.1)
+
+
+def prompts(n):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 1000, (int(k),), generator=g).tolist()
+            for k in torch.randint(3, 40, (n,), generator=g)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(served_ckpt):
+    """Greedy outputs of the same prompts from the engine in this process."""
+    model = ExaoneMoeForCausalLM.from_pretrained(served_ckpt, dtype=torch.float32)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=32, block_size=8, max_model_len=384))
+    ps = prompts(32)
+    outs = engine.generate(ps, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    return ps, outs
+
+
+def test_health_serving_and_model_info_matches_checkpoint(client, cluster, served_ckpt):
+    assert client.health() == "SERVING"
+    assert client.health("exaone.v1.Generation") == "SERVING"
+    health = health_pb2_grpc.HealthStub(client.channel)
+    unknown = health.Check(health_pb2.HealthCheckRequest(service="nope")).status
+    assert unknown == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+    cfg = ModelConfig.from_json_file(served_ckpt / "config.json")
+    info = client.model_info()
+    assert info.model_id == served_ckpt.name
+    raw = json.loads((served_ckpt / "config.json").read_text())
+    assert info.architecture == raw["architectures"][0]
+    assert (info.num_layers, info.num_experts, info.num_experts_per_token) == (
+        cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok)  # fmt: skip
+    assert (info.vocab_size, info.hidden_size, info.sliding_window) == (
+        cfg.vocab_size, cfg.hidden_size, cfg.sliding_window)  # fmt: skip
+    assert info.num_sliding_layers + info.num_global_layers == cfg.num_hidden_layers
+    assert info.num_moe_layers == len(cfg.moe_layers)
+    assert info.max_context_tokens == 384 and info.max_output_tokens == 383
+    assert list(info.eos_token_ids) == list(cfg.eos_token_ids)
+    assert info.capabilities.chat and info.capabilities.logprobs
+
+
+def test_reflection_lists_the_services(client):
+    stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+        list_services="")])))  # fmt: skip
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"exaone.v1.Generation", "grpc.health.v1.Health"} <= names
+
+
+def test_greedy_over_grpc_equals_engine_and_streams(client, reference):
+    ps, want = reference
+    for prompt, expected in list(zip(ps, want, strict=True))[:4]:
+        result = client.generate(token_ids=prompt, temperature=0.0, max_tokens=24,
+                                 ignore_eos=True)  # fmt: skip
+        assert result.token_ids == expected
+        assert result.num_deltas > 1  # streamed, not one blob
+        assert result.finish_reason == "length"
+        assert result.usage["prompt_tokens"] == len(prompt)
+        assert result.usage["completion_tokens"] == 24
+
+
+def test_32_concurrent_streams_complete_correctly(client, reference):
+    ps, want = reference
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def run(i):
+        try:
+            out = client.generate(token_ids=ps[i], temperature=0.0, max_tokens=24,
+                                  ignore_eos=True)  # fmt: skip
+            results[i] = out.token_ids
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors[:3]
+    assert [results[i] for i in range(32)] == want
+
+
+def _start_long_stream(client, **kwargs):
+    request = build_request(token_ids=[5, 6, 7, 8], temperature=0.0, max_tokens=350,
+                            ignore_eos=True)  # fmt: skip
+    return client.stub.Generate(request, **kwargs)
+
+
+def test_cancel_frees_kv_blocks(client):
+    call = _start_long_stream(client)
+    stream = iter(call)
+    next(stream), next(stream)
+    busy = shard_stats()
+    assert busy.num_blocks_in_use > 0 and busy.num_requests == 1
+    call.cancel()
+    stats = wait_until_idle()
+    assert stats.num_blocks_in_use == 0 and stats.num_requests == 0
+
+
+def test_deadline_aborts_and_frees_kv_blocks(client):
+    call = _start_long_stream(client, timeout=1.0)
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in call:
+            pass
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    stats = wait_until_idle()
+    assert stats.num_blocks_in_use == 0 and stats.num_requests == 0
+
+
+def test_bad_inputs_get_their_status_and_server_keeps_serving(client):
+    info = client.model_info()
+    stub = pb_grpc.GenerationStub(client.channel)
+    failures = []
+    for row in BAD_INPUTS:
+        request = row.build(info)
+        try:
+            if row.method == "Generate":
+                list(stub.Generate(request, timeout=60))
+            else:
+                getattr(stub, row.method)(request, timeout=60)
+            failures.append(f"{row.name}: accepted")
+        except grpc.RpcError as e:
+            if e.code().name != row.code or row.message not in (e.details() or ""):
+                failures.append(f"{row.name}: {e.code().name} {e.details()!r}")
+    assert not failures, "\n".join(failures)
+    result = client.generate(token_ids=[5, 6, 7], max_tokens=3, temperature=0.0)
+    assert result.usage["completion_tokens"] == 3
+    assert client.health() == "SERVING"
+
+
+def test_generate_cli_json_parses(cluster):
+    cmd = [sys.executable, "-m", "cluster.cli", "generate", "--address", cluster.grpc_address,
+           "--token-ids", "5,6,7", "--max-tokens", "6", "--temperature", "0", "--ignore-eos",
+           "--logprobs", "2", "--json"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert len(out["token_ids"]) == 6 and out["finish_reason"] == "length"
+    assert len(out["logprobs"]) == 6 and out["usage"]["prompt_tokens"] == 3
+    bad = subprocess.run(cmd[:-1] + ["--top-p", "2"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "top_p" in bad.stderr
+
+
+def test_chat_over_grpc_streams_reasoning(client):
+    result = client.generate(messages=[{"role": "user", "content": "Hello"}], max_tokens=16,
+                             temperature=0.0, ignore_eos=True)  # fmt: skip
+    assert len(result.token_ids) == 16 and result.text
+    # Thinking is on by default: until </think>, everything is reasoning.
+    if "</think>" not in result.text and "<tool_call>" not in result.text:
+        assert (result.reasoning, result.content) == (result.text, "")
+    else:
+        assert result.text.startswith(result.reasoning)
+
+
+def test_every_listener_is_on_loopback(cluster):
+    found = listening_addresses(descendants(os.getpid()))
+    assert found, "no listening sockets found for the Ray processes"
+    wide = [
+        (pid, ip, port)
+        for pid, ip, port in found
+        if ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+    ]
+    assert not wide, f"listening beyond loopback: {wide}"
