@@ -125,6 +125,8 @@ class StepAttention:
         j = torch.arange(q_max, device=dev)[None, :]  # [1, Qmax]
         self.q_valid = j < num_new[:, None]  # [B, Qmax]
         self.q_index = torch.where(self.q_valid, starts[:, None] + j, 0)  # [B, Qmax] into N
+        self.out_index = self.q_valid.flatten().nonzero()[:, 0]  # [N] rows of the flat [B*Qmax]
+        self.decode_only = q_max == 1  # then [N] is [B, 1]: no query gather/scatter at all
         q_pos = computed[:, None] + j  # [B, Qmax]
 
         # Global layers: write the chunk at its positions, then read positions [0, total).
@@ -171,7 +173,7 @@ class StepAttention:
         return allowed[:, None]
 
     def _sdpa(self, q, k_pad, v_pad, mask) -> torch.Tensor:
-        q_pad = q[self.q_index]  # [B, Qmax, Hq, D]
+        q_pad = q[:, None] if self.decode_only else _rows(q, self.q_index)  # [B, Qmax, Hq, D]
         out = F.scaled_dot_product_attention(
             q_pad.transpose(1, 2),
             k_pad.transpose(1, 2),
@@ -180,27 +182,39 @@ class StepAttention:
             scale=q.shape[-1] ** -0.5,
             enable_gqa=True,
         )  # [B, Hq, Qmax, D]
-        return out.transpose(1, 2)[self.q_valid]  # [N, Hq, D]
+        out = out.transpose(1, 2)  # [B, Qmax, Hq, D]
+        if self.decode_only:
+            return out[:, 0]
+        return out.flatten(0, 1).index_select(0, self.out_index)  # [N, Hq, D]
 
     def attend_fn(self, layer: int) -> Attend:
         if layer in self.cache.global_k:
             kc, vc = self.cache.global_k[layer], self.cache.global_v[layer]
 
             def attend_global(q, k, v):
-                kc[self.write_rows] = k
-                vc[self.write_rows] = v
-                return self._sdpa(q, kc[self.global_rows], vc[self.global_rows], self.global_mask)
+                kc.index_copy_(0, self.write_rows, k)
+                vc.index_copy_(0, self.write_rows, v)
+                rows = self.global_rows
+                return self._sdpa(q, _rows(kc, rows), _rows(vc, rows), self.global_mask)
 
             return attend_global
         ks, vs = self.cache.sliding_k[layer], self.cache.sliding_v[layer]
 
         def attend_sliding(q, k, v):
             ks_flat, vs_flat = ks.view(-1, *ks.shape[2:]), vs.view(-1, *vs.shape[2:])
-            k_pad = torch.cat([ks_flat[self.ring_rows], k[self.q_index]], 1)  # [B, R+Qmax, ..]
-            v_pad = torch.cat([vs_flat[self.ring_rows], v[self.q_index]], 1)
+            k_new = k[:, None] if self.decode_only else _rows(k, self.q_index)  # [B, Qmax, ..]
+            v_new = v[:, None] if self.decode_only else _rows(v, self.q_index)
+            k_pad = torch.cat([_rows(ks_flat, self.ring_rows), k_new], 1)  # [B, R+Qmax, ..]
+            v_pad = torch.cat([_rows(vs_flat, self.ring_rows), v_new], 1)
             out = self._sdpa(q, k_pad, v_pad, self.sliding_mask)
-            ks_flat[self.ring_dst] = k[self.ring_src]  # only new rows, after attending
-            vs_flat[self.ring_dst] = v[self.ring_src]
+            # Only the new rows, after attending.
+            ks_flat.index_copy_(0, self.ring_dst, k.index_select(0, self.ring_src))
+            vs_flat.index_copy_(0, self.ring_dst, v.index_select(0, self.ring_src))
             return out
 
         return attend_sliding
+
+
+def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for a 2-D long index [B, K] -> [B, K, *row] (index_select is the fast path)."""
+    return table.index_select(0, index.flatten()).view(*index.shape, *table.shape[1:])

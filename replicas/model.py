@@ -242,7 +242,7 @@ class RoutedExperts(nn.Module):
         slots = order[int(counts[0]) :]  # [S_held], skipping slots of experts held elsewhere
         if slots.numel() == 0:
             return out
-        h = x[slots // k]  # [S_held, H]
+        h = x.index_select(0, slots // k)  # [S_held, H]
         if self._use_grouped_mm(x, slots.numel()):
             offsets = counts[1:].cumsum(0).to(torch.int32)  # [E_local] end row of each expert
             gate, up = torch._grouped_mm(h, self.w13.transpose(1, 2), offs=offsets).split(
@@ -258,7 +258,8 @@ class RoutedExperts(nn.Module):
                     gate, up = F.linear(h[rows], self.w13[j]).split(self.inter, dim=-1)
                     y[rows] = F.linear(F.silu(gate) * up, self.w2[j])
                     start += count
-        out[slots] = y * weights[slots, None]  # [S_held, H] expert dtype x fp32 -> fp32
+        # [S_held, H] expert dtype x fp32 -> fp32, into the held slots' rows
+        out.index_copy_(0, slots, y * weights.index_select(0, slots)[:, None])
         return out
 
     def _use_grouped_mm(self, x: torch.Tensor, num_rows: int) -> bool:
