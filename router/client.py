@@ -151,8 +151,15 @@ def _as_dict(message) -> dict[str, Any]:
 
 
 class GenerationClient:
-    def __init__(self, address: str = "127.0.0.1:9000", timeout_s: float | None = None):
+    def __init__(
+        self,
+        address: str = "127.0.0.1:9000",
+        timeout_s: float | None = None,
+        application: str | None = None,
+    ):
+        """``application``: the Serve application to call when several are deployed."""
         self.address, self.timeout_s = address, timeout_s
+        self.metadata = (("application", application),) if application else None
         self.channel = grpc.insecure_channel(address)
         self.stub = pb_grpc.GenerationStub(self.channel)
 
@@ -161,7 +168,8 @@ class GenerationClient:
         """Raw GenerateResponse messages (deltas, then the final). Keyword arguments as
         ``build_request``; closing the iterator cancels the call."""
         request = build_request(prompt, **kwargs)
-        call = self.stub.Generate(request, timeout=timeout_s or self.timeout_s)
+        call = self.stub.Generate(request, timeout=timeout_s or self.timeout_s,
+                                  metadata=self.metadata)  # fmt: skip
         try:
             yield from call
         finally:
@@ -180,19 +188,21 @@ class GenerationClient:
             req.chat.CopyFrom(chat(messages, tools, enable_thinking))
         else:
             req.text = text or ""
-        return self.stub.Tokenize(req, timeout=self.timeout_s)
+        return self.stub.Tokenize(req, timeout=self.timeout_s, metadata=self.metadata)
 
     def detokenize(self, token_ids: Sequence[int], include_special_tokens: bool = False) -> str:
         req = pb.DetokenizeRequest(token_ids=token_ids,
                                    include_special_tokens=include_special_tokens)  # fmt: skip
-        return self.stub.Detokenize(req, timeout=self.timeout_s).text
+        return self.stub.Detokenize(req, timeout=self.timeout_s, metadata=self.metadata).text
 
     def model_info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s)
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s,
+                                      metadata=self.metadata)  # fmt: skip
 
     def health(self, service: str = "") -> str:
         stub = health_pb2_grpc.HealthStub(self.channel)
-        status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout_s)
+        request = health_pb2.HealthCheckRequest(service=service)
+        status = stub.Check(request, timeout=self.timeout_s, metadata=self.metadata)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)
 
     def close(self) -> None:

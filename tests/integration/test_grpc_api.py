@@ -225,3 +225,39 @@ def test_every_listener_is_on_loopback(cluster):
         if ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
     ]
     assert not wide, f"listening beyond loopback: {wide}"
+
+
+def test_queue_full_is_resource_exhausted(cluster, served_ckpt):
+    """A second app whose replica admits one request: the next gets RESOURCE_EXHAUSTED. Runs
+    last in this module: while two apps exist, calls must name their application."""
+    from ray import serve
+
+    from cluster.app import build_app
+
+    engine = EngineOptions(max_num_seqs=1, max_waiting_requests=0, block_size=8,
+                           kv_cache_bytes=8 << 20, max_model_len=384)  # fmt: skip
+    config = ClusterConfig(model_path=str(served_ckpt), engine=engine)
+    serve.run(build_app(config), name="one-slot", route_prefix="/one-slot")
+    try:
+        with GenerationClient(cluster.grpc_address, 120, application="one-slot") as small:
+            busy = small.stream(token_ids=[5, 6, 7], temperature=0.0, max_tokens=300,
+                                ignore_eos=True)  # fmt: skip
+            next(busy)  # admitted and running
+            with pytest.raises(grpc.RpcError) as e:
+                small.generate(token_ids=[5, 6], max_tokens=2)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "at capacity" in e.value.details() and "retry" in e.value.details()
+            busy.close()  # cancels; the slot frees
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert small.generate(token_ids=[5, 6], max_tokens=2).usage[
+                        "completion_tokens"] == 2  # fmt: skip
+                    break
+                except grpc.RpcError as again:
+                    if again.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or (
+                            time.monotonic() > deadline):  # fmt: skip
+                        raise
+                    time.sleep(0.2)
+    finally:
+        serve.delete("one-slot")

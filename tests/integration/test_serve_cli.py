@@ -1,0 +1,82 @@
+"""`exaone-cluster serve` as a newcomer runs it: builds the bundled model once, prints the address
+when ready, serves, and stops cleanly (exit 0, no Ray process left) on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from router.client import GenerationClient
+from tests.integration.conftest import descendants, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def _lines(proc) -> queue.Queue:
+    q: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            q.put(line)
+        q.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return q
+
+
+def _wait_for(q: queue.Queue, needle: str, timeout_s: float, seen: list[str]) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            line = q.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        seen.append(line)
+        if needle in line:
+            return line
+    raise AssertionError(f"no {needle!r} in output:\n{''.join(seen)}")
+
+
+def test_serve_builds_default_model_serves_and_stops_on_sigterm(tmp_path):
+    port = free_port()
+    env = dict(os.environ, EXAONE_CLUSTER_CACHE=str(tmp_path), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--grpc-port", str(port),
+           "--http-port", str(free_port()), "--no-dashboard", "--num-cpus", "2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)  # fmt: skip
+    seen: list[str] = []
+    try:
+        lines = _lines(proc)
+        ready = _wait_for(lines, "serving", 400, seen)
+        assert f"127.0.0.1:{port}" in ready
+        assert any("building the tiny checkpoint" in line for line in seen)
+        assert (Path(tmp_path) / "models" / "tiny" / "config.json").is_file()
+        with GenerationClient(f"127.0.0.1:{port}", timeout_s=120) as client:
+            assert client.health() == "SERVING"
+            result = client.generate("Hello", max_tokens=5, temperature=0.0, ignore_eos=True)
+            assert len(result.token_ids) == 5
+        ray_processes = descendants(proc.pid)
+        assert ray_processes
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, "".join(seen)
+        _wait_for(lines, "stopped", 5, seen)
+        deadline = time.monotonic() + 30
+        while (alive := [p for p in ray_processes if Path(f"/proc/{p}").exists()]) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.5)
+        assert not alive, f"processes left after stop: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
