@@ -22,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.checkpoint import write_checkpoint  # noqa: E402
 from replicas.model import ExaoneMoeForCausalLM, count_parameters  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from replicas.weights import DTYPES  # noqa: E402
 
 
 def cache_dir() -> Path:

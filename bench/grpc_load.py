@@ -33,6 +33,7 @@ from replicas.async_engine import AsyncEngine  # noqa: E402
 from replicas.engine import EngineConfig, LLMEngine  # noqa: E402
 from replicas.model import ExaoneMoeForCausalLM  # noqa: E402
 from replicas.sampling_params import SamplingParams  # noqa: E402
+from replicas.weights import DTYPES  # noqa: E402
 
 
 @dataclass
@@ -140,7 +141,7 @@ def main() -> None:
                                 kv_cache_bytes=256 << 20, max_waiting_requests=256)  # fmt: skip
     engine_cfg = EngineConfig(max_num_seqs=max(levels), max_num_batched_tokens=512,
                               kv_cache_bytes=256 << 20)  # fmt: skip
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     model = ExaoneMoeForCausalLM.from_pretrained(path, dtype=dtype, include_mtp=False)
     vocab = model.cfg.vocab_size
 

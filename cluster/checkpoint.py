@@ -20,9 +20,7 @@ from cluster.presets import PRESETS, WEIGHTLESS_PRESETS
 from cluster.tokenizer_build import write_tokenizer
 from replicas.model import ExaoneMoeForCausalLM, Router, checkpoint_sources
 from replicas.model_config import ModelConfig
-from replicas.weights import INDEX_FILE, materialize
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+from replicas.weights import DTYPES, INDEX_FILE, materialize
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -18,8 +18,7 @@ from replicas.engine import EngineConfig, LLMEngine
 from replicas.model import ExaoneMoeForCausalLM
 from replicas.outputs import QueueFullError, RequestOutput
 from replicas.sampling_params import SamplingParams
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from replicas.weights import DTYPES
 
 
 @dataclass(frozen=True)

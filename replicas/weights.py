@@ -31,6 +31,8 @@ from replicas.model_config import ModelConfig
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Weight dtypes by the names configs and command lines use."""
 PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar by default above 1 GiB to read
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
