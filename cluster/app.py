@@ -100,9 +100,6 @@ class AttentionShardDeployment:
     def stats(self):
         return self.shard.stats()
 
-    async def wait_idle(self, timeout_s: float = 30.0):
-        return await self.shard.wait_idle(timeout_s)
-
 
 class _ShardClient:
     """EngineClient over a DeploymentHandle: one streaming call per request; closing it cancels
@@ -149,8 +146,7 @@ class RouterDeployment:
             async for response in self.service.generate(request):
                 yield response
         except RequestError as e:
-            grpc_context.set_code(e.code)
-            grpc_context.set_details(e.message)
+            _set_status(grpc_context, e)
             raise
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context: RayServegRPCContext):
@@ -167,8 +163,7 @@ class RouterDeployment:
         try:
             return method(request)
         except RequestError as e:
-            grpc_context.set_code(e.code)
-            grpc_context.set_details(e.message)
+            _set_status(grpc_context, e)
             raise
 
     # ---- grpc.health.v1.Health -----------------------------------------------------------------
@@ -193,9 +188,11 @@ class RouterDeployment:
                 last = status
             await asyncio.sleep(1.0)
 
-    # ---- for tests and operators (not on the gRPC API) -------------------------------------------
-    async def shard_stats(self):
-        return await self.shard.stats.remote()
+
+def _set_status(grpc_context: RayServegRPCContext, error: RequestError) -> None:
+    """The proxy returns this status (not INTERNAL) when the method then raises."""
+    grpc_context.set_code(error.code)
+    grpc_context.set_details(error.message)
 
 
 def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:
