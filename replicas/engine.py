@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from replicas.dispatch import ExpertDispatcher, run_microbatches, split_balanced
 from replicas.kv_cache import HybridKVCache, SeqChunk, kv_footprint
 from replicas.model import ExaoneMoeForCausalLM
 from replicas.outputs import RequestOutput, TokenLogprob
 from replicas.request import Request
 from replicas.sampler import SamplingBatch, make_generator, sample
 from replicas.sampling_params import SamplingParams
-from replicas.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from replicas.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class EngineConfig:
     """Override the block count derived from kv_cache_bytes."""
     max_model_len: int | None = None
     """Context limit (prompt + output); default: the model's max_position_embeddings."""
+    num_microbatches: int = 2
+    """Micro-batches per step when the experts are remote (2 = ping-pong: one micro-batch's
+    attention overlaps another's experts); 1 sends the whole step at once."""
 
 
 def _pairs(ids: torch.Tensor, values: torch.Tensor) -> tuple[tuple[int, float], ...]:
@@ -52,9 +56,16 @@ class LLMEngine:
         model: ExaoneMoeForCausalLM,
         config: EngineConfig = EngineConfig(),
         eos_token_ids: Sequence[int] | None = None,
+        experts: ExpertDispatcher | None = None,
     ):
+        """``experts``: where the routed experts run when ``model`` holds none of them
+        (disaggregated mode); None when the model holds them all (colocated)."""
         cfg = model.cfg
-        self.model, self.config = model, config
+        if model.experts_remote != (experts is not None):
+            raise ValueError(
+                "a model without routed experts needs an ExpertDispatcher, and only such a model"
+            )
+        self.model, self.config, self.experts = model, config, experts
         dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
@@ -137,17 +148,27 @@ class LLMEngine:
         return list(outputs.values())
 
     def _execute(self, plan: SchedulerOutput) -> torch.Tensor:
-        ids, positions, chunks = [], [], []
-        for c in plan.chunks:
+        if self.experts is None:
+            return self.model.step_hidden(*self._inputs(plan.chunks))
+        runs = split_balanced([c.num_new for c in plan.chunks], self.config.num_microbatches)
+        stages = [
+            self.model.step_layers(*self._inputs(plan.chunks[r.start : r.stop])) for r in runs
+        ]
+        return torch.cat(run_microbatches(stages, self.experts))  # [N, H], chunk order
+
+    def _inputs(self, chunks: Sequence[ScheduledChunk]):
+        """(input_ids [N], positions [N], attention backend) of these chunks."""
+        ids, positions, seqs = [], [], []
+        for c in chunks:
             r = c.request
             ids.extend(r.token_at(c.start, c.start + c.num_new))
             positions.extend(range(c.start, c.start + c.num_new))
-            chunks.append(SeqChunk(c.start, c.num_new, r.block_ids, r.slot))
+            seqs.append(SeqChunk(c.start, c.num_new, r.block_ids, r.slot))
         dev = self.device
-        return self.model.step_hidden(
+        return (
             torch.tensor(ids, device=dev),
             torch.tensor(positions, device=dev),
-            self.cache.step(chunks),
+            self.cache.step(seqs),
         )
 
     def _sample(self, plan: SchedulerOutput, hidden: torch.Tensor):

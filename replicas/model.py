@@ -25,7 +25,7 @@ fused into one (q/k/v -> ``qkv_proj``, gate/up -> ``gate_up_proj``, per-expert t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -168,6 +168,14 @@ class Routing(NamedTuple):
     topk_weights: torch.Tensor  # [N, K] fp32, normalised and scaled
 
 
+class ExpertCall(NamedTuple):
+    """What one MoE layer of a step needs from the routed experts (see step_layers)."""
+
+    layer: int
+    x: torch.Tensor  # [N, H] post-attention-normed hidden states
+    routing: Routing
+
+
 class Router(nn.Module):
     """fp32 sigmoid router with DeepSeek-V3 "noaux_tc" selection (bias for choice only)."""
 
@@ -222,45 +230,52 @@ class RoutedExperts(nn.Module):
         local[list(self.expert_ids)] = torch.arange(len(self.expert_ids), device=device)
         self.local_index = local
 
-    def forward(
-        self, x: torch.Tensor, routing: Routing, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """x [N, H]; returns ``out`` [S = N*K, H] fp32 with this module's slots filled.
+    def compute(self, x: torch.Tensor, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H], topk_ids [N, K] global ids -> (slots [S_held], y [S_held, H]).
 
-        Slot s is token ``s // K``, choice ``s % K``; its row is ``w * expert(x_token)`` where the
-        expert output (activation dtype) is multiplied by the fp32 weight (transformers'
-        grouped_mm numerics).
+        Slot s is token ``s // K``, choice ``s % K``. Only the slots whose expert this module
+        holds are computed, grouped by expert and in slot order within an expert, so an expert
+        sees the same rows in the same order whichever process holds it. ``y`` is the unweighted
+        expert output in the activation dtype.
         """
-        num_tokens, k = routing.topk_ids.shape
-        if out is None:  # every slot is written below when this module holds all experts
-            alloc = torch.empty if len(self.expert_ids) == self.num_experts else torch.zeros
-            out = alloc(num_tokens * k, x.shape[-1], dtype=torch.float32, device=x.device)
-        local = self.local_index[routing.topk_ids.flatten()]  # [S], -1 where not held
+        k = topk_ids.shape[1]
+        local = self.local_index[topk_ids.flatten()]  # [S], -1 where not held
         order = torch.argsort(local, stable=True)  # slots grouped by local expert
         counts = torch.bincount(local + 1, minlength=len(self.expert_ids) + 1)  # [1 + E_local]
-        weights = routing.topk_weights.flatten()  # [S] fp32
         slots = order[int(counts[0]) :]  # [S_held], skipping slots of experts held elsewhere
         if slots.numel() == 0:
-            return out
+            return slots, x.new_empty(0, x.shape[-1])
         h = x.index_select(0, slots // k)  # [S_held, H]
         if self._use_grouped_mm(x, slots.numel()):
             offsets = counts[1:].cumsum(0).to(torch.int32)  # [E_local] end row of each expert
             gate, up = torch._grouped_mm(h, self.w13.transpose(1, 2), offs=offsets).split(
                 self.inter, dim=-1
             )  # 2 x [S_held, I]
-            y = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)
-        else:
-            y = torch.empty_like(h)  # [S_held, H]
-            start = 0
-            for j, count in enumerate(counts[1:].tolist()):
-                if count:
-                    rows = slice(start, start + count)
-                    gate, up = F.linear(h[rows], self.w13[j]).split(self.inter, dim=-1)
-                    y[rows] = F.linear(F.silu(gate) * up, self.w2[j])
-                    start += count
-        # [S_held, H] expert dtype x fp32 -> fp32, into the held slots' rows
-        out.index_copy_(0, slots, y * weights.index_select(0, slots)[:, None])
-        return out
+            return slots, torch._grouped_mm(
+                F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets
+            )
+        y = torch.empty_like(h)  # [S_held, H]
+        start = 0
+        for j, count in enumerate(counts[1:].tolist()):
+            if count:
+                rows = slice(start, start + count)
+                gate, up = F.linear(h[rows], self.w13[j]).split(self.inter, dim=-1)
+                y[rows] = F.linear(F.silu(gate) * up, self.w2[j])
+                start += count
+        return slots, y
+
+    def forward(
+        self, x: torch.Tensor, routing: Routing, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [N, H]; returns ``out`` [S = N*K, H] fp32 with this module's slots filled with
+        ``w * expert(x_token)`` (expert output in the activation dtype times the fp32 weight:
+        transformers' grouped_mm numerics)."""
+        num_tokens, k = routing.topk_ids.shape
+        if out is None:  # every slot is written below when this module holds all experts
+            alloc = torch.empty if len(self.expert_ids) == self.num_experts else torch.zeros
+            out = alloc(num_tokens * k, x.shape[-1], dtype=torch.float32, device=x.device)
+        slots, y = self.compute(x, routing.topk_ids)
+        return fill_slots(out, slots, y, routing.topk_weights)
 
     def _use_grouped_mm(self, x: torch.Tensor, num_rows: int) -> bool:
         """One grouped GEMM for all experts instead of a loop (same results, bit for bit).
@@ -274,6 +289,16 @@ class RoutedExperts(nn.Module):
         small = x.shape[-1] * self.inter <= 1 << 16  # dispatch-bound sizes
         few_rows = num_rows <= 16 * len(self.expert_ids)
         return x.dtype != torch.float32 or small or few_rows
+
+
+def fill_slots(
+    out: torch.Tensor, slots: torch.Tensor, y: torch.Tensor, topk_weights: torch.Tensor
+) -> torch.Tensor:
+    """out[slots] = y * weight of each slot, in fp32 (out [S, H] fp32, y [S_held, H])."""
+    if slots.numel():
+        weights = topk_weights.flatten().index_select(0, slots)  # [S_held] fp32
+        out.index_copy_(0, slots, y * weights[:, None])
+    return out
 
 
 def combine_slots(slot_out: torch.Tensor, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
@@ -435,19 +460,54 @@ class ExaoneMoeForCausalLM(nn.Module):
         return self.model.norm(h)
 
     # ---- one engine step over flattened tokens, with a KV cache ---------------------------------
-    def step_hidden(
+    @property
+    def experts_remote(self) -> bool:
+        """True when this model holds no routed experts (they live in expert groups)."""
+        return self.expert_ids is not None and not self.expert_ids
+
+    def step_layers(
         self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend
-    ) -> torch.Tensor:
-        """input_ids, positions [N] (the new tokens of every scheduled sequence, concatenated)
-        -> [N, H] final-normed hidden states. ``backend.attend_fn(layer)`` returns the attention
-        callable of each layer (see replicas.kv_cache)."""
-        if not self.is_complete:
-            raise RuntimeError("partial model (layer range or expert subset): no forward")
+    ) -> Generator[ExpertCall, torch.Tensor, torch.Tensor]:
+        """One engine step as a generator. input_ids, positions [N] (the new tokens of every
+        scheduled sequence, concatenated); ``backend.attend_fn(layer)`` returns each layer's
+        attention callable (see replicas.kv_cache). Returns [N, H] final-normed hidden states.
+
+        When the routed experts live elsewhere (``experts_remote``) it yields an ExpertCall at
+        every MoE layer and expects the [S, H] fp32 slot outputs back (``send``); the shared
+        expert runs before yielding, so its work overlaps the experts'. Otherwise it yields
+        nothing."""
+        if self.layer_ids != tuple(range(self.cfg.num_hidden_layers)):
+            raise RuntimeError("partial model (a layer range): no forward")
+        if not (self.experts_remote or self.is_complete):
+            raise RuntimeError("this model holds a subset of the experts: no forward")
         h = self.model.embed_tokens(input_ids)  # [N, H]
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         for i, layer in self.model.layers.items():
-            h = layer(h, cos, sin, backend.attend_fn(int(i)))  # [N, H]
+            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, backend.attend_fn(int(i)))
+            x = layer.post_attention_layernorm(h)  # [N, H]
+            moe = layer.mlp
+            if isinstance(moe, SparseMoE) and moe.experts is None:
+                routing = moe.gate(x)
+                shared = moe.shared_experts(x)  # [N, H]
+                slot_out = yield ExpertCall(int(i), x, routing)  # [S, H] fp32
+                h = h + (combine_slots(slot_out, x.shape[0], x.dtype) + shared)
+            else:
+                h = h + moe(x)
         return self.model.norm(h)
+
+    def step_hidden(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend
+    ) -> torch.Tensor:
+        """``step_layers`` run to the end with every expert held here -> [N, H]."""
+        stages = self.step_layers(input_ids, positions, backend)
+        try:
+            call = next(stages)
+        except StopIteration as done:
+            return done.value
+        stages.close()
+        raise RuntimeError(
+            f"layer {call.layer}: routed experts are remote, use an ExpertDispatcher"
+        )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, T] LongTensor -> [B, T, V] logits (activation dtype)."""

@@ -1,0 +1,212 @@
+"""Dispatch/combine between an attention replica and the expert groups (design.md decision 3).
+
+``ExpertPlacement`` says which routed experts each group owns. ``ExpertTransport`` is the small
+interface a transport implements: send one group the hidden states of the tokens that chose its
+experts, get back ``(slots, y)`` (the group's held slots and their unweighted expert outputs,
+see ``RoutedExperts.compute``). ``ExpertDispatcher`` splits an ExpertCall by group and combines
+the answers into the [S, H] fp32 slot buffer, weighting each slot exactly as the colocated model
+does, so outputs do not depend on the number of groups. ``run_microbatches`` drives several
+micro-batches of one step so that one micro-batch's attention runs while another's experts do
+(ping-pong).
+
+Transports: ``InProcessTransport`` (expert groups in this process: tests, benchmarks) and
+``cluster.expert_transport.ServeHandleTransport`` (Ray Serve deployment handles).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from replicas.model import ExpertCall, fill_slots
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """``groups[g]`` = the expert ids group g owns (every expert exactly once)."""
+
+    num_experts: int
+    groups: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self):
+        seen: dict[int, int] = {}
+        if not self.groups:
+            raise ValueError("expert placement: at least one group is needed")
+        for g, ids in enumerate(self.groups):
+            if not ids:
+                raise ValueError(f"expert group {g} owns no experts")
+            for e in ids:
+                if not 0 <= e < self.num_experts:
+                    raise ValueError(
+                        f"expert group {g}: expert id {e} not in [0, {self.num_experts})"
+                    )
+                if e in seen:
+                    raise ValueError(f"expert {e} is in groups {seen[e]} and {g}: each once")
+                seen[e] = g
+        missing = sorted(set(range(self.num_experts)) - set(seen))
+        if missing:
+            raise ValueError(
+                f"experts {missing[:8]}{'...' if len(missing) > 8 else ''} are in no group"
+            )
+
+    @classmethod
+    def contiguous(cls, num_experts: int, num_groups: int) -> ExpertPlacement:
+        """Group g owns [g * E / G, (g + 1) * E / G) (sizes differ by at most one)."""
+        if not 1 <= num_groups <= num_experts:
+            raise ValueError(f"num_groups={num_groups}: must be in [1, {num_experts}] (experts)")
+        bounds = [num_experts * g // num_groups for g in range(num_groups + 1)]
+        return cls(
+            num_experts, tuple(tuple(range(bounds[g], bounds[g + 1])) for g in range(num_groups))
+        )
+
+    @classmethod
+    def of(cls, num_experts: int, num_groups: int, expert_map: Sequence[Sequence[int]] | None):
+        """An explicit map (one list of expert ids per group) or, without one, contiguous."""
+        if expert_map is None:
+            return cls.contiguous(num_experts, num_groups)
+        if len(expert_map) != num_groups:
+            raise ValueError(f"expert_map has {len(expert_map)} groups, num_groups is {num_groups}")
+        return cls(num_experts, tuple(tuple(int(e) for e in ids) for ids in expert_map))
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    def group_of(self) -> torch.Tensor:
+        """[E] long: the group that owns each expert."""
+        owner = torch.empty(self.num_experts, dtype=torch.long)
+        for g, ids in enumerate(self.groups):
+            owner[list(ids)] = g
+        return owner
+
+
+class ExpertResult(Protocol):
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots [S_g] long into the sub-batch's N_g * K slots, y [S_g, H]); blocks."""
+        ...
+
+
+class ExpertTransport(Protocol):
+    placement: ExpertPlacement
+
+    def submit(
+        self, group: int, layer: int, x: torch.Tensor, topk_ids: torch.Tensor
+    ) -> ExpertResult:
+        """Start group ``group``'s experts of MoE layer ``layer`` on x [N_g, H] with
+        topk_ids [N_g, K] (global ids); must not block on the answer."""
+        ...
+
+
+@dataclass
+class _Done:
+    value: tuple[torch.Tensor, torch.Tensor]
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.value
+
+
+class InProcessTransport:
+    """Expert groups that live in this process (``groups[g].forward`` answers at once)."""
+
+    def __init__(self, placement: ExpertPlacement, groups: Sequence):
+        if len(groups) != placement.num_groups:
+            raise ValueError(f"{len(groups)} groups given, placement has {placement.num_groups}")
+        self.placement, self.groups = placement, list(groups)
+
+    def submit(self, group, layer, x, topk_ids) -> ExpertResult:
+        return _Done(self.groups[group].forward(layer, x, topk_ids))
+
+
+class PendingCombine:
+    """One ExpertCall in flight: the answers of every group it was sent to."""
+
+    def __init__(self, call: ExpertCall, parts: list[tuple[torch.Tensor, ExpertResult]]):
+        self.call, self.parts = call, parts
+
+    def wait(self) -> torch.Tensor:
+        """-> [S, H] fp32 slot outputs, each slot weighted (same numerics as colocated)."""
+        topk_ids, weights = self.call.routing
+        n, k = topk_ids.shape
+        out = torch.empty(
+            n * k, self.call.x.shape[-1], dtype=torch.float32, device=self.call.x.device
+        )
+        for tokens, pending in self.parts:
+            local_slots, y = pending.result()  # slots of the sub-batch of `tokens`
+            slots = tokens.index_select(0, local_slots // k) * k + local_slots % k  # [S_g]
+            fill_slots(out, slots, y.to(self.call.x.device), weights)
+        return out
+
+
+class ExpertDispatcher:
+    """Splits each ExpertCall by owning group and combines the groups' answers."""
+
+    def __init__(self, transport: ExpertTransport):
+        self.transport = transport
+        self.group_of = transport.placement.group_of()  # [E]
+
+    def submit(self, call: ExpertCall) -> PendingCombine:
+        topk_ids = call.routing.topk_ids  # [N, K]
+        owner = self.group_of.to(topk_ids.device)[topk_ids]  # [N, K]
+        parts = []
+        for g in torch.unique(owner).tolist():
+            tokens = (owner == g).any(1).nonzero()[:, 0]  # [N_g] tokens with a slot in g
+            if tokens.numel() == owner.shape[0]:
+                x, ids = call.x, topk_ids
+            else:
+                x, ids = call.x.index_select(0, tokens), topk_ids.index_select(0, tokens)
+            parts.append((tokens, self.transport.submit(g, call.layer, x, ids)))
+        return PendingCombine(call, parts)
+
+
+Stages = Generator[ExpertCall, torch.Tensor, torch.Tensor]
+
+
+def run_microbatches(stages: Sequence[Stages], dispatcher: ExpertDispatcher) -> list[torch.Tensor]:
+    """Drive the step generators of several micro-batches (``model.step_layers``) to the end.
+
+    Each one runs until its next MoE layer, sends its tokens to the experts and yields the
+    core to the next; the oldest call in flight is awaited first. With two micro-batches, one's
+    attention runs while the other's experts do. Returns each generator's hidden states.
+    """
+    results: list[torch.Tensor | None] = [None] * len(stages)
+    in_flight: deque[tuple[int, PendingCombine]] = deque()
+
+    def advance(i: int, slot_out: torch.Tensor | None) -> None:
+        try:
+            call = stages[i].send(slot_out)
+        except StopIteration as done:
+            results[i] = done.value
+            return
+        in_flight.append((i, dispatcher.submit(call)))
+
+    try:
+        for i in range(len(stages)):
+            advance(i, None)
+        while in_flight:
+            i, pending = in_flight.popleft()
+            advance(i, pending.wait())
+    finally:
+        for s in stages:
+            s.close()
+    return results  # type: ignore[return-value]
+
+
+def split_balanced(sizes: Sequence[int], parts: int) -> list[range]:
+    """Split items (with token counts ``sizes``) into at most ``parts`` contiguous runs of about
+    equal tokens, none empty."""
+    parts = max(1, min(parts, len(sizes)))
+    total, bounds, acc, start = sum(sizes), [], 0, 0
+    for i, n in enumerate(sizes):
+        acc += n
+        remaining_items, remaining_parts = len(sizes) - i - 1, parts - len(bounds) - 1
+        if remaining_parts and (
+            acc * parts >= total * (len(bounds) + 1) or remaining_items == remaining_parts
+        ):
+            bounds.append(range(start, i + 1))
+            start = i + 1
+    bounds.append(range(start, len(sizes)))
+    return [b for b in bounds if len(b)]

@@ -1,0 +1,217 @@
+"""Disaggregated experts without Ray: placement, dispatch/combine, ping-pong micro-batches.
+
+Expert groups run in-process here (InProcessTransport); the Serve transport is exercised by
+tests/integration/test_disaggregated.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from replicas.dispatch import (
+    ExpertDispatcher,
+    ExpertPlacement,
+    InProcessTransport,
+    split_balanced,
+)
+from replicas.engine import EngineConfig, LLMEngine
+from replicas.expert_group import ExpertGroup
+from replicas.model import ExaoneMoeForCausalLM
+from replicas.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def ckpt(make_ckpt):
+    return make_ckpt(dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def colocated(ckpt):
+    return ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32, include_mtp=False)
+
+
+@pytest.fixture(scope="module")
+def attention_only(ckpt):
+    return ExaoneMoeForCausalLM.from_pretrained(
+        ckpt, dtype=torch.float32, include_mtp=False, expert_ids=()
+    )
+
+
+def _dispatcher(ckpt, placement: ExpertPlacement) -> ExpertDispatcher:
+    groups = [ExpertGroup(ckpt, g, ids) for g, ids in enumerate(placement.groups)]
+    return ExpertDispatcher(InProcessTransport(placement, groups))
+
+
+def _prompts(n: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    sizes = torch.randint(1, 40, (n,), generator=g).tolist()
+    return [torch.randint(2, vocab, (s,), generator=g).tolist() for s in sizes]
+
+
+# ---- placement ---------------------------------------------------------------------------------
+def test_contiguous_placement_covers_every_expert_once():
+    p = ExpertPlacement.contiguous(10, 4)
+    assert p.groups == ((0, 1), (2, 3, 4), (5, 6), (7, 8, 9))
+    assert p.group_of().tolist() == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    assert ExpertPlacement.contiguous(8, 1).groups == (tuple(range(8)),)
+
+
+def test_explicit_map_is_checked():
+    p = ExpertPlacement.of(4, 2, [[3, 0], [1, 2]])
+    assert p.group_of().tolist() == [0, 1, 1, 0]
+    cases = {
+        "in groups 0 and 1": [[0, 1], [1, 2, 3]],
+        "in no group": [[0], [1, 2]],
+        "not in [0, 4)": [[0, 1, 4], [2, 3]],
+        "owns no experts": [[0, 1, 2, 3], []],
+    }
+    for message, groups in cases.items():
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
+            ExpertPlacement.of(4, len(groups), groups)
+    with pytest.raises(ValueError, match="expert_map has 2 groups, num_groups is 3"):
+        ExpertPlacement.of(4, 3, [[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match="num_groups=5"):
+        ExpertPlacement.contiguous(4, 5)
+
+
+def test_split_balanced_is_contiguous_and_even():
+    assert split_balanced([1, 1, 1, 1], 2) == [range(0, 2), range(2, 4)]
+    assert split_balanced([100, 1, 1, 1], 2) == [range(0, 1), range(1, 4)]
+    assert split_balanced([1, 1, 1, 100], 2) == [range(0, 3), range(3, 4)]
+    assert split_balanced([5], 2) == [range(0, 1)]
+    assert split_balanced([3, 3, 3], 1) == [range(0, 3)]
+    for sizes in ([1] * 7, [4, 1, 9, 2, 2, 8], [1, 50, 1, 1, 1, 1]):
+        for parts in (2, 3, 4):
+            runs = split_balanced(sizes, parts)
+            assert [i for r in runs for i in r] == list(range(len(sizes)))
+            assert len(runs) == min(parts, len(sizes)) and all(len(r) for r in runs)
+
+
+# ---- numerics ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_groups", [2, 4])
+def test_dispatched_step_is_bitwise_colocated(ckpt, colocated, attention_only, num_groups):
+    """One step over several prompts, experts split over groups, gives the same hidden states,
+    bit for bit, as the colocated model. Split into micro-batches it is equal up to rounding:
+    the dense matmuls then see fewer rows, and the CPU GEMM blocks rows differently."""
+    placement = ExpertPlacement.contiguous(colocated.cfg.num_experts, num_groups)
+    dispatcher = _dispatcher(ckpt, placement)
+    prompts = _prompts(6, colocated.cfg.vocab_size)
+
+    def hidden(model, parts):
+        engine = LLMEngine(
+            model,
+            EngineConfig(max_num_batched_tokens=512, block_size=4, num_microbatches=parts),
+            experts=None if model is colocated else dispatcher,
+        )
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=4))
+        plan = engine.scheduler.schedule()
+        return engine._execute(plan)
+
+    want = hidden(colocated, 1)
+    assert torch.equal(hidden(attention_only, 1), want)
+    for parts in (2, 3):
+        torch.testing.assert_close(hidden(attention_only, parts), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_groups,parts", [(2, 2), (4, 1), (4, 2)])
+def test_disaggregated_engine_greedy_equals_colocated(
+    ckpt, colocated, attention_only, num_groups, parts
+):
+    prompts = _prompts(16, colocated.cfg.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    config = EngineConfig(max_num_batched_tokens=48, block_size=4, num_microbatches=parts)
+    want = LLMEngine(colocated, config).generate(prompts, params)
+    placement = ExpertPlacement.contiguous(colocated.cfg.num_experts, num_groups)
+    engine = LLMEngine(attention_only, config, experts=_dispatcher(ckpt, placement))
+    assert engine.generate(prompts, params) == want
+    assert engine.num_blocks_in_use == 0
+
+
+def test_micro_batches_interleave(ckpt, colocated, attention_only):
+    """Ping-pong: the second micro-batch's first expert call is sent before the first
+    micro-batch's first call is combined."""
+    placement = ExpertPlacement.contiguous(colocated.cfg.num_experts, 2)
+    events = []
+
+    class Recording(InProcessTransport):
+        def submit(self, group, layer, x, topk_ids):
+            events.append(("submit", layer, x.shape[0]))
+            return super().submit(group, layer, x, topk_ids)
+
+    groups = [ExpertGroup(ckpt, g, ids) for g, ids in enumerate(placement.groups)]
+    dispatcher = ExpertDispatcher(Recording(placement, groups))
+    engine = LLMEngine(
+        attention_only, EngineConfig(block_size=4, num_microbatches=2), experts=dispatcher
+    )
+    engine.add_request("a", [5] * 3, SamplingParams(max_tokens=1))
+    engine.add_request("b", [6] * 5, SamplingParams(max_tokens=1))
+    plan = engine.scheduler.schedule()
+    original = dispatcher.submit
+    order = []
+
+    def submit(call):
+        order.append(("send", call.layer, call.x.shape[0]))
+        pending = original(call)
+        wait = pending.wait
+
+        def traced_wait():
+            order.append(("combine", call.layer, call.x.shape[0]))
+            return wait()
+
+        pending.wait = traced_wait
+        return pending
+
+    dispatcher.submit = submit
+    engine._execute(plan)
+    first_moe = attention_only.cfg.moe_layers[0]
+    assert order[:3] == [
+        ("send", first_moe, 3),
+        ("send", first_moe, 5),
+        ("combine", first_moe, 3),
+    ]
+    assert len(order) == 4 * len(attention_only.cfg.moe_layers)
+
+
+def test_run_microbatches_closes_generators_on_error(ckpt, attention_only):
+    class Broken:
+        placement = ExpertPlacement.contiguous(attention_only.cfg.num_experts, 2)
+
+        def submit(self, group, layer, x, topk_ids):
+            raise ConnectionError("expert group unreachable")
+
+    engine = LLMEngine(
+        attention_only, EngineConfig(block_size=4), experts=ExpertDispatcher(Broken())
+    )
+    engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=1))
+    with pytest.raises(ConnectionError, match="unreachable"):
+        engine.step()
+
+
+# ---- what each group holds ---------------------------------------------------------------------
+def test_expert_group_holds_only_its_experts(ckpt, colocated):
+    cfg = colocated.cfg
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4  # fp32 bytes, one layer
+    placement = ExpertPlacement.of(cfg.num_experts, 2, [[0, 5, 6], [1, 2, 3, 4, 7]])
+    for g, ids in enumerate(placement.groups):
+        group = ExpertGroup(ckpt, g, ids)
+        stats = group.stats()
+        assert stats.expert_ids == tuple(sorted(ids))
+        assert stats.resident_bytes == len(ids) * per_expert * len(cfg.moe_layers)
+        for layer in cfg.moe_layers:
+            w13 = group.stack.experts(layer).w13
+            want = colocated.model.layers[str(layer)].mlp.experts.w13[list(sorted(ids))]
+            assert torch.equal(w13, want)
+
+
+def test_expert_group_counts_tokens_per_expert(ckpt, colocated):
+    cfg = colocated.cfg
+    group = ExpertGroup(ckpt, 0, [0, 1, 2])
+    ids = torch.tensor([[0, 5], [1, 0], [7, 6]])
+    x = torch.randn(3, cfg.hidden_size)
+    slots, y = group.forward(cfg.moe_layers[0], x, ids)
+    assert slots.tolist() == [0, 3, 2]  # expert 0's slots (token order), then expert 1's
+    assert y.shape == (3, cfg.hidden_size)
+    stats = group.stats()
+    assert stats.num_calls == 1 and stats.num_tokens_per_expert == (2, 1, 0)
