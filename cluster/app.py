@@ -1,10 +1,13 @@
-"""The Ray Serve application: Router (gRPC ingress) -> AttentionShard (engine).
+"""The Ray Serve application: Router (gRPC ingress) -> AttentionShard (engine) -> ExpertGroup-g.
 
 ``build_app(args)`` is the application builder that ``serve run cluster.app:build_app``,
 ``serve deploy`` (``import_path: cluster.app:build_app`` + ``args``), KubeRay's serveConfigV2 and
 ``exaone-cluster serve`` all use; ``args`` is a ClusterConfig (or a dict of its fields).
 
-Colocated mode: the attention replica runs every expert itself. The Serve gRPC proxy calls the
+With ``experts.num_groups`` = 0 (colocated) the attention replicas run every expert themselves;
+otherwise each group g is its own deployment ``ExpertGroup-g`` holding experts
+``placement.groups[g]`` of every MoE layer, and the attention replicas dispatch to them through
+ServeHandleTransport. The Serve gRPC proxy calls the
 Router's method named after each RPC (Generate, Tokenize, Detokenize, GetModelInfo, and
 grpc.health.v1's Check/Watch).
 """
@@ -12,6 +15,7 @@ grpc.health.v1's Check/Watch).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -20,13 +24,14 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ClusterConfig
 from protos.exaone.v1 import generation_pb2 as pb
 from replicas.model_config import ModelConfig
+from replicas.outputs import ReplicaUnavailableError
 from replicas.sampling_params import SamplingParams
 from router.errors import RequestError
 from router.requests import RequestLimits
@@ -38,6 +43,7 @@ GRPC_SERVICERS = [
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 HEALTH_SERVICES = ("", "exaone.v1.Generation")
+LOST_REPLICA = (ActorDiedError, ActorUnavailableError)
 
 
 def model_info(config: ClusterConfig, cfg: ModelConfig, tokenizer: Tokenizer) -> pb.ModelInfo:
@@ -72,13 +78,51 @@ def model_info(config: ClusterConfig, cfg: ModelConfig, tokenizer: Tokenizer) ->
     )
 
 
+def _device(num_gpus: float) -> str:
+    import torch
+
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+@serve.deployment(name="ExpertGroup")
+class ExpertGroupDeployment:
+    """Replica of expert group ``group``: its experts of every MoE layer, nothing else."""
+
+    def __init__(self, config: ClusterConfig, group: int):
+        from replicas.expert_group import ExpertGroup  # torch: only in this replica
+
+        placement = config.placement(_model_config(config).num_experts)
+        e = config.experts
+        self.group = ExpertGroup(
+            config.model_path,
+            group,
+            placement.groups[group],
+            dtype=config.dtype,
+            device=_device(e.num_gpus),
+            num_threads=e.num_threads or os.cpu_count(),
+        )
+
+    def forward(self, layer: int, x, topk_ids):
+        return self.group.forward(layer, x, topk_ids)
+
+    def stats(self):
+        return self.group.stats()
+
+
 @serve.deployment(name="AttentionShard")
 class AttentionShardDeployment:
-    def __init__(self, config: ClusterConfig):
+    def __init__(self, config: ClusterConfig, *expert_groups: DeploymentHandle):
+        from cluster.expert_transport import ServeHandleTransport
         from replicas.attention_shard import AttentionShard  # torch: only in this replica
         from replicas.engine import EngineConfig
 
-        e = config.engine
+        e, a = config.engine, config.attention
+        placement = config.placement(_model_config(config).num_experts)
+        transport = None
+        if placement is not None:
+            transport = ServeHandleTransport(
+                placement, expert_groups, call_timeout_s=config.experts.call_timeout_s
+            )
         self.shard = AttentionShard(
             config.model_path,
             EngineConfig(
@@ -87,10 +131,13 @@ class AttentionShardDeployment:
                 block_size=e.block_size,
                 kv_cache_bytes=e.kv_cache_bytes,
                 max_model_len=e.max_model_len,
+                num_microbatches=a.num_microbatches,
             ),
             dtype=config.dtype,
             max_waiting_requests=e.max_waiting_requests,
-            num_threads=config.attention.num_threads or os.cpu_count(),
+            num_threads=a.num_threads or os.cpu_count(),
+            experts=transport,
+            device=_device(a.num_gpus),
         )
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
@@ -98,12 +145,21 @@ class AttentionShardDeployment:
             yield out
 
     def stats(self):
-        return self.shard.stats()
+        replica = serve.get_replica_context().replica_id.unique_id
+        return dataclasses.replace(self.shard.stats(), replica=replica)
+
+
+def _model_config(config: ClusterConfig) -> ModelConfig:
+    return ModelConfig.from_json_file(Path(config.model_path) / "config.json")
 
 
 class _ShardClient:
     """EngineClient over a DeploymentHandle: one streaming call per request; closing it cancels
-    the call, which aborts the request in the engine."""
+    the call, which aborts the request in the engine. A replica lost before the request's
+    first output is retried on another (nothing was streamed yet); lost later, the request ends
+    with ReplicaUnavailableError (its KV cache is gone)."""
+
+    MAX_ATTEMPTS = 3
 
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle.options(stream=True)
@@ -111,24 +167,33 @@ class _ShardClient:
     async def generate(
         self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
     ) -> AsyncIterator[Any]:
-        stream = self.handle.generate.remote(request_id, list(prompt_ids), params)
-        finished = False
-        try:
-            async for out in stream:
-                finished = out.finished
-                yield out
-        except RayTaskError as e:  # re-raise what the replica raised (ValueError, QueueFullError)
-            cause = getattr(e, "cause", None)
-            raise (cause if isinstance(cause, Exception) else e) from None
-        finally:
-            if not finished:
-                stream.cancel()
+        for attempt in range(1, self.MAX_ATTEMPTS + 1):
+            stream = self.handle.generate.remote(request_id, list(prompt_ids), params)
+            started = finished = False
+            try:
+                async for out in stream:
+                    started, finished = True, out.finished
+                    yield out
+                return
+            except RayTaskError as e:  # re-raise what the replica raised (ValueError, ...)
+                cause = getattr(e, "cause", None)
+                raise (cause if isinstance(cause, Exception) else e) from None
+            except LOST_REPLICA as e:
+                if started or attempt == self.MAX_ATTEMPTS:
+                    raise ReplicaUnavailableError(
+                        f"the attention replica serving this request was lost "
+                        f"({type(e).__name__}); retry the request"
+                    ) from None
+                await asyncio.sleep(0.1 * attempt)
+            finally:
+                if not finished:
+                    stream.cancel()
 
 
 @serve.deployment(name="Router")
 class RouterDeployment:
     def __init__(self, config: ClusterConfig, shard: DeploymentHandle):
-        cfg = ModelConfig.from_json_file(Path(config.model_path) / "config.json")
+        cfg = _model_config(config)
         tokenizer = Tokenizer(config.model_path)
         info = model_info(config, cfg, tokenizer)
         limits = RequestLimits(
@@ -197,15 +262,38 @@ def _set_status(grpc_context: RayServegRPCContext, error: RequestError) -> None:
 
 def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:
     config = args if isinstance(args, ClusterConfig) else ClusterConfig.model_validate(args)
-    e, a, r = config.engine, config.attention, config.router
+    e, a, x, r = config.engine, config.attention, config.experts, config.router
+    groups = [
+        ExpertGroupDeployment.options(
+            name=expert_group_name(g),
+            num_replicas=x.replicas_per_group,
+            ray_actor_options=_actor_options(x.num_cpus, x.num_gpus, x.resources),
+            # Each attention replica keeps num_microbatches calls in flight per group.
+            max_ongoing_requests=max(16, 4 * a.num_replicas * a.num_microbatches),
+        ).bind(config, g)
+        for g in range(x.num_groups)
+    ]
     shard = AttentionShardDeployment.options(
         num_replicas=a.num_replicas,
-        ray_actor_options={"num_cpus": a.num_cpus},
+        ray_actor_options=_actor_options(a.num_cpus, a.num_gpus, a.resources),
         # Admission is the shard's own (RESOURCE_EXHAUSTED with a message); let Serve pass all.
         max_ongoing_requests=e.max_num_seqs + e.max_waiting_requests + 16,
-    ).bind(config)
+    ).bind(config, *groups)
     return RouterDeployment.options(
         num_replicas=r.num_replicas,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=r.max_ongoing_requests,
     ).bind(config, shard)
+
+
+def expert_group_name(group: int) -> str:
+    return f"ExpertGroup-{group}"
+
+
+def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dict:
+    options: dict[str, Any] = {"num_cpus": num_cpus}
+    if num_gpus:
+        options["num_gpus"] = num_gpus
+    if resources:
+        options["resources"] = dict(resources)
+    return options

@@ -3,11 +3,14 @@ to ``cluster.app:build_app``. Unknown or invalid fields fail at start with the f
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from replicas.placement import ExpertPlacement
 
 
 class _Strict(BaseModel):
@@ -30,8 +33,51 @@ class EngineOptions(_Strict):
 class AttentionOptions(_Strict):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per replica.")
+    num_gpus: float = Field(
+        0, ge=0, description="GPUs per replica (1 on GPU nodes: the model then runs on it)."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each replica needs."
+    )
     num_threads: int | None = Field(
         None, ge=1, description="torch threads per replica; default: every core of the node."
+    )
+    num_microbatches: int = Field(
+        2,
+        ge=1,
+        description="With expert groups: micro-batches per step kept in flight (2 = ping-pong).",
+    )
+    prefix_affinity_blocks: int = Field(
+        4, ge=0, description="Leading prompt blocks that pick a replica (0: least loaded only)."
+    )
+    max_load_imbalance: int = Field(
+        8,
+        ge=0,
+        description="Requests more than the least loaded replica before affinity is ignored.",
+    )
+
+
+class ExpertOptions(_Strict):
+    num_groups: int = Field(
+        0, ge=0, description="Expert groups; 0 = colocated (attention replicas run the experts)."
+    )
+    replicas_per_group: int = Field(1, ge=1)
+    expert_map: list[list[int]] | None = Field(
+        None,
+        description="Expert ids of each group; default: contiguous ranges of equal size.",
+    )
+    num_cpus: float = Field(0.5, ge=0, description="Ray CPUs reserved per expert replica.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per expert replica (on GPU nodes: 1).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each expert replica needs."
+    )
+    num_threads: int | None = Field(
+        None, ge=1, description="torch threads per expert replica; default: every core."
+    )
+    call_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="How long one layer call may retry (replica lost, group restarting).",
     )
 
 
@@ -50,13 +96,30 @@ class ClusterConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     engine: EngineOptions = EngineOptions()
     attention: AttentionOptions = AttentionOptions()
+    experts: ExpertOptions = ExpertOptions()
     router: RouterOptions = RouterOptions()
 
     @model_validator(mode="after")
     def _model_dir_exists(self) -> ClusterConfig:
-        if not (Path(self.model_path) / "config.json").is_file():
+        config = Path(self.model_path) / "config.json"
+        if not config.is_file():
             raise ValueError(f"model_path={self.model_path!r}: no config.json there")
+        if self.experts.num_groups:
+            num_experts = json.loads(config.read_text()).get("num_experts", 0)
+            try:
+                self.placement(num_experts)
+            except ValueError as e:
+                raise ValueError(f"experts: {e}") from None
+        elif self.experts.expert_map is not None:
+            raise ValueError("experts.expert_map is set but experts.num_groups is 0")
         return self
+
+    def placement(self, num_experts: int):
+        """The ExpertPlacement of ``experts`` (None in colocated mode)."""
+        e = self.experts
+        if not e.num_groups:
+            return None
+        return ExpertPlacement.of(num_experts, e.num_groups, e.expert_map)
 
     @property
     def name(self) -> str:

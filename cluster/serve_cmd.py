@@ -37,6 +37,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dashboard-port", type=int, default=8265)
     p.add_argument("--no-dashboard", action="store_true")
     p.add_argument("--num-cpus", type=int, help="CPUs Ray may use (default: all)")
+    p.add_argument("--expert-groups", type=int, help="expert groups (0: colocated, the default)")
+    p.add_argument("--expert-replicas", type=int, help="replicas per expert group")
+    p.add_argument("--attention-replicas", type=int, help="attention replicas")
+
+
+def with_overrides(config, args: argparse.Namespace):
+    """The command line's placement flags over the config file's."""
+    data = config.model_dump()
+    for flag, section, field in (
+        ("expert_groups", "experts", "num_groups"),
+        ("expert_replicas", "experts", "replicas_per_group"),
+        ("attention_replicas", "attention", "num_replicas"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            data[section][field] = value
+    return type(config).model_validate(data)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             if args.config
             else ClusterConfig(model_path=model)
         )
+        config = with_overrides(config, args)
     except (ValidationError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -81,7 +99,12 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        print(f"serving {config.name} over gRPC at {cluster.grpc_address}", flush=True)
+        x = config.experts
+        mode = "colocated"
+        if x.num_groups:
+            plural = "s" if x.replicas_per_group > 1 else ""
+            mode = f"{x.num_groups} expert groups x {x.replicas_per_group} replica{plural}"
+        print(f"serving {config.name} over gRPC at {cluster.grpc_address} ({mode})", flush=True)
         if cluster.dashboard_url:
             print(f"Ray dashboard: {cluster.dashboard_url} (token: ~/.ray/auth_token)", flush=True)
         print("Ctrl-C or SIGTERM stops the server", flush=True)

@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 
 from replicas.engine import LLMEngine
-from replicas.outputs import RequestOutput
+from replicas.outputs import RequestOutput, StepFailedError
 from replicas.sampling_params import SamplingParams
 
 
@@ -109,7 +109,10 @@ class AsyncEngine:
                     errors.append((request_id, e))
         if not self.engine.has_unfinished_requests():
             return [], errors
-        return self.engine.step(), errors
+        try:
+            return self.engine.step(), errors
+        except StepFailedError as e:  # those requests end with the error; the others go on
+            return [], errors + [(request_id, e.cause) for request_id in e.request_ids]
 
     async def _run(self) -> None:
         while True:

@@ -1,7 +1,8 @@
 """An attention replica's work, without Ray: load the model, run the engine, stream outputs.
 
-In colocated mode (the only mode so far) it also runs every routed expert itself. ``cluster.app``
-wraps it in a Ray Serve deployment; tests and benchmarks use it in-process.
+It holds every weight but the routed experts when given an expert transport (disaggregated
+mode: each MoE layer dispatches to the expert groups), and all of them otherwise (colocated).
+``cluster.app`` wraps it in a Ray Serve deployment; tests and benchmarks use it in-process.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from pathlib import Path
 import torch
 
 from replicas.async_engine import AsyncEngine
+from replicas.dispatch import ExpertDispatcher, ExpertTransport
 from replicas.engine import EngineConfig, LLMEngine
 from replicas.model import ExaoneMoeForCausalLM
 from replicas.outputs import QueueFullError, RequestOutput
 from replicas.sampling_params import SamplingParams
-from replicas.weights import DTYPES
+from replicas.weights import DTYPES, resident_bytes
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,12 @@ class ShardStats:
     num_waiting: int
     num_blocks_in_use: int
     num_blocks_total: int
+    resident_bytes: int
+    """Bytes of the weights this replica holds (no routed experts in disaggregated mode)."""
+    num_expert_retries: int = 0
+    """Expert layer calls sent again because a replica was lost (disaggregated mode)."""
+    replica: str = ""
+    """Which replica answered (set by the Serve deployment)."""
 
 
 class AttentionShard:
@@ -39,15 +47,25 @@ class AttentionShard:
         dtype: str = "float32",
         max_waiting_requests: int = 256,
         num_threads: int | None = None,
+        experts: ExpertTransport | None = None,
+        device: str = "cpu",
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
         if num_threads:
             torch.set_num_threads(num_threads)
         model = ExaoneMoeForCausalLM.from_pretrained(
-            model_path, dtype=DTYPES[dtype], include_mtp=False, progress=False
+            model_path,
+            dtype=DTYPES[dtype],
+            device=device,
+            include_mtp=False,
+            progress=False,
+            expert_ids=None if experts is None else (),
         )
-        self.engine = AsyncEngine(LLMEngine(model, engine_config))
+        self.resident_bytes = resident_bytes(model)
+        self.experts = experts
+        dispatcher = None if experts is None else ExpertDispatcher(experts)
+        self.engine = AsyncEngine(LLMEngine(model, engine_config, experts=dispatcher))
         self.max_requests = engine_config.max_num_seqs + max_waiting_requests
 
     async def generate(
@@ -75,6 +93,8 @@ class AttentionShard:
             num_waiting=len(engine.scheduler.waiting),
             num_blocks_in_use=engine.num_blocks_in_use,
             num_blocks_total=engine.cache.blocks.num_total,
+            resident_bytes=self.resident_bytes,
+            num_expert_retries=getattr(self.experts, "num_retries", 0),
         )
 
     async def wait_idle(self, timeout_s: float = 30.0) -> ShardStats:

@@ -1,6 +1,7 @@
 """Dispatch/combine between an attention replica and the expert groups (design.md decision 3).
 
-``ExpertPlacement`` says which routed experts each group owns. ``ExpertTransport`` is the small
+``ExpertPlacement`` (replicas.placement) says which routed experts each group owns.
+``ExpertTransport`` is the small
 interface a transport implements: send one group the hidden states of the tokens that chose its
 experts, get back ``(slots, y)`` (the group's held slots and their unweighted expert outputs,
 see ``RoutedExperts.compute``). ``ExpertDispatcher`` splits an ExpertCall by group and combines
@@ -23,65 +24,7 @@ from typing import Protocol
 import torch
 
 from replicas.model import ExpertCall, fill_slots
-
-
-@dataclass(frozen=True)
-class ExpertPlacement:
-    """``groups[g]`` = the expert ids group g owns (every expert exactly once)."""
-
-    num_experts: int
-    groups: tuple[tuple[int, ...], ...]
-
-    def __post_init__(self):
-        seen: dict[int, int] = {}
-        if not self.groups:
-            raise ValueError("expert placement: at least one group is needed")
-        for g, ids in enumerate(self.groups):
-            if not ids:
-                raise ValueError(f"expert group {g} owns no experts")
-            for e in ids:
-                if not 0 <= e < self.num_experts:
-                    raise ValueError(
-                        f"expert group {g}: expert id {e} not in [0, {self.num_experts})"
-                    )
-                if e in seen:
-                    raise ValueError(f"expert {e} is in groups {seen[e]} and {g}: each once")
-                seen[e] = g
-        missing = sorted(set(range(self.num_experts)) - set(seen))
-        if missing:
-            raise ValueError(
-                f"experts {missing[:8]}{'...' if len(missing) > 8 else ''} are in no group"
-            )
-
-    @classmethod
-    def contiguous(cls, num_experts: int, num_groups: int) -> ExpertPlacement:
-        """Group g owns [g * E / G, (g + 1) * E / G) (sizes differ by at most one)."""
-        if not 1 <= num_groups <= num_experts:
-            raise ValueError(f"num_groups={num_groups}: must be in [1, {num_experts}] (experts)")
-        bounds = [num_experts * g // num_groups for g in range(num_groups + 1)]
-        return cls(
-            num_experts, tuple(tuple(range(bounds[g], bounds[g + 1])) for g in range(num_groups))
-        )
-
-    @classmethod
-    def of(cls, num_experts: int, num_groups: int, expert_map: Sequence[Sequence[int]] | None):
-        """An explicit map (one list of expert ids per group) or, without one, contiguous."""
-        if expert_map is None:
-            return cls.contiguous(num_experts, num_groups)
-        if len(expert_map) != num_groups:
-            raise ValueError(f"expert_map has {len(expert_map)} groups, num_groups is {num_groups}")
-        return cls(num_experts, tuple(tuple(int(e) for e in ids) for ids in expert_map))
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.groups)
-
-    def group_of(self) -> torch.Tensor:
-        """[E] long: the group that owns each expert."""
-        owner = torch.empty(self.num_experts, dtype=torch.long)
-        for g, ids in enumerate(self.groups):
-            owner[list(ids)] = g
-        return owner
+from replicas.placement import ExpertPlacement
 
 
 class ExpertResult(Protocol):
@@ -146,7 +89,7 @@ class ExpertDispatcher:
 
     def __init__(self, transport: ExpertTransport):
         self.transport = transport
-        self.group_of = transport.placement.group_of()  # [E]
+        self.group_of = torch.tensor(transport.placement.group_of())  # [E] long
 
     def submit(self, call: ExpertCall) -> PendingCombine:
         topk_ids = call.routing.topk_ids  # [N, K]

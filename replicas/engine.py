@@ -18,7 +18,7 @@ import torch
 from replicas.dispatch import ExpertDispatcher, run_microbatches, split_balanced
 from replicas.kv_cache import HybridKVCache, SeqChunk, kv_footprint
 from replicas.model import ExaoneMoeForCausalLM
-from replicas.outputs import RequestOutput, TokenLogprob
+from replicas.outputs import RequestOutput, StepFailedError, TokenLogprob
 from replicas.request import Request
 from replicas.sampler import SamplingBatch, make_generator, sample
 from replicas.sampling_params import SamplingParams
@@ -136,8 +136,15 @@ class LLMEngine:
         for c in plan.chunks:
             if c.request.first_scheduled_time is None:
                 c.request.first_scheduled_time = now
-        hidden = self._execute(plan)  # [N, H]
-        sampled, outputs = self._sample(plan, hidden)
+        try:
+            hidden = self._execute(plan)  # [N, H]
+            sampled, outputs = self._sample(plan, hidden)
+        except Exception as e:
+            # The step may have written part of these sequences' KV: drop them, free blocks.
+            ids = [c.request.request_id for c in plan.chunks]
+            for request_id in ids:
+                self.abort(request_id)
+            raise StepFailedError(ids, e) from e
         finished = self.scheduler.update(plan, sampled, self.eos_token_ids)
         for request in finished:
             out = outputs[request.request_id]

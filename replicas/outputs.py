@@ -50,3 +50,16 @@ class RequestOutput:
 
 class QueueFullError(RuntimeError):
     """The replica holds as many requests as it admits; the caller should retry later."""
+
+
+class ReplicaUnavailableError(RuntimeError):
+    """A replica the request needed (attention shard or expert group) was lost and the request
+    could not be finished; the caller may retry it."""
+
+
+class StepFailedError(RuntimeError):
+    """An engine step raised; the requests it ran were aborted (their blocks freed)."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"engine step failed for {len(request_ids)} requests: {cause}")
+        self.request_ids, self.cause = request_ids, cause

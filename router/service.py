@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import grpc
 
 from protos.exaone.v1 import generation_pb2 as pb
-from replicas.outputs import QueueFullError
+from replicas.outputs import QueueFullError, ReplicaUnavailableError
 from replicas.sampling_params import SamplingParams
 from router.errors import RequestError, invalid
 from router.requests import (
@@ -40,8 +40,9 @@ FINISH_REASONS = {
 class EngineClient(Protocol):
     """Where token generation happens: an attention replica (over Ray) or an in-process engine.
 
-    ``generate`` raises ValueError for input the engine rejects and QueueFullError at capacity;
-    closing the iterator early must abort the request."""
+    ``generate`` raises ValueError for input the engine rejects, QueueFullError at capacity and
+    ReplicaUnavailableError when a replica it needed was lost; closing the iterator early must
+    abort the request."""
 
     def generate(
         self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
@@ -194,5 +195,7 @@ async def _translate_errors(deltas: AsyncIterator[TextDelta]) -> AsyncIterator[T
             yield d
     except QueueFullError as e:
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
+    except ReplicaUnavailableError as e:
+        raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from e
     except ValueError as e:
         raise invalid(str(e)) from e

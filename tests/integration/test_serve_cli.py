@@ -47,18 +47,25 @@ def _wait_for(q: queue.Queue, needle: str, timeout_s: float, seen: list[str]) ->
     raise AssertionError(f"no {needle!r} in output:\n{''.join(seen)}")
 
 
-def test_serve_builds_default_model_serves_and_stops_on_sigterm(tmp_path):
+@pytest.mark.parametrize(
+    "extra,mode",
+    [([], "colocated"), (["--expert-groups", "2"], "2 expert groups x 1 replica")],
+    ids=["colocated", "expert-groups-2"],
+)
+def test_serve_builds_default_model_serves_and_stops_on_sigterm(tmp_path, extra, mode):
+    """On 2 CPUs, as on a laptop; with --expert-groups 2 the experts run in their own replicas
+    (fractional CPUs)."""
     port = free_port()
     env = dict(os.environ, EXAONE_CLUSTER_CACHE=str(tmp_path), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--grpc-port", str(port),
-           "--http-port", str(free_port()), "--no-dashboard", "--num-cpus", "2"]  # fmt: skip
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--grpc-port", str(port), "--http-port",
+           str(free_port()), "--no-dashboard", "--num-cpus", "2", *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)  # fmt: skip
     seen: list[str] = []
     try:
         lines = _lines(proc)
         ready = _wait_for(lines, "serving", 400, seen)
-        assert f"127.0.0.1:{port}" in ready
+        assert f"127.0.0.1:{port}" in ready and f"({mode})" in ready
         assert any("building the tiny checkpoint" in line for line in seen)
         assert (Path(tmp_path) / "models" / "tiny" / "config.json").is_file()
         with GenerationClient(f"127.0.0.1:{port}", timeout_s=120) as client:

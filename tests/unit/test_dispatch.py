@@ -11,13 +11,14 @@ import torch
 
 from replicas.dispatch import (
     ExpertDispatcher,
-    ExpertPlacement,
     InProcessTransport,
     split_balanced,
 )
 from replicas.engine import EngineConfig, LLMEngine
 from replicas.expert_group import ExpertGroup
 from replicas.model import ExaoneMoeForCausalLM
+from replicas.outputs import StepFailedError
+from replicas.placement import ExpertPlacement
 from replicas.sampling_params import SamplingParams
 
 
@@ -53,13 +54,13 @@ def _prompts(n: int, vocab: int) -> list[list[int]]:
 def test_contiguous_placement_covers_every_expert_once():
     p = ExpertPlacement.contiguous(10, 4)
     assert p.groups == ((0, 1), (2, 3, 4), (5, 6), (7, 8, 9))
-    assert p.group_of().tolist() == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    assert p.group_of() == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
     assert ExpertPlacement.contiguous(8, 1).groups == (tuple(range(8)),)
 
 
 def test_explicit_map_is_checked():
     p = ExpertPlacement.of(4, 2, [[3, 0], [1, 2]])
-    assert p.group_of().tolist() == [0, 1, 1, 0]
+    assert p.group_of() == [0, 1, 1, 0]
     cases = {
         "in groups 0 and 1": [[0, 1], [1, 2, 3]],
         "in no group": [[0], [1, 2]],
@@ -174,7 +175,7 @@ def test_micro_batches_interleave(ckpt, colocated, attention_only):
     assert len(order) == 4 * len(attention_only.cfg.moe_layers)
 
 
-def test_run_microbatches_closes_generators_on_error(ckpt, attention_only):
+def test_transport_error_fails_the_step_and_frees_its_blocks(ckpt, attention_only):
     class Broken:
         placement = ExpertPlacement.contiguous(attention_only.cfg.num_experts, 2)
 
@@ -185,8 +186,10 @@ def test_run_microbatches_closes_generators_on_error(ckpt, attention_only):
         attention_only, EngineConfig(block_size=4), experts=ExpertDispatcher(Broken())
     )
     engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=1))
-    with pytest.raises(ConnectionError, match="unreachable"):
+    with pytest.raises(StepFailedError) as failed:
         engine.step()
+    assert isinstance(failed.value.cause, ConnectionError) and failed.value.request_ids == ["a"]
+    assert engine.num_blocks_in_use == 0 and not engine.has_unfinished_requests()
 
 
 # ---- what each group holds ---------------------------------------------------------------------

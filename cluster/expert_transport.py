@@ -1,0 +1,81 @@
+"""ExpertTransport over Ray Serve deployment handles (the first transport, design.md decision 3).
+
+One handle per expert group; Serve picks a replica of the group for every call and follows the
+group's autoscaling. Called from the engine's worker thread (Serve runs the handle's router in
+its own loop, so ``remote()`` and ``result()`` are safe there). A call whose replica dies or
+cannot be reached is sent again, to another replica of the group or to the group once it has
+restarted, until ``call_timeout_s``; layer calls have no side effects, so retrying cannot
+change an output.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+from ray import exceptions as ray_exceptions
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from replicas.outputs import ReplicaUnavailableError
+from replicas.placement import ExpertPlacement
+
+log = logging.getLogger(__name__)
+
+# Failures of the replica or the path to it (not of the computation itself).
+RETRIABLE = (
+    ray_exceptions.RayActorError,  # ActorDiedError, ActorUnavailableError
+    ray_exceptions.WorkerCrashedError,
+    ray_exceptions.NodeDiedError,
+    ray_exceptions.ObjectLostError,
+    ray_exceptions.OwnerDiedError,
+    DeploymentUnavailableError,
+    BackPressureError,
+    TimeoutError,
+)
+
+
+class _Call:
+    def __init__(self, transport: ServeHandleTransport, group: int, args: tuple):
+        self.transport, self.group, self.args = transport, group, args
+        self.deadline = time.monotonic() + transport.call_timeout_s
+        self.response = transport.handles[group].remote(*args)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        attempt = 0
+        while True:
+            remaining = self.deadline - time.monotonic()
+            try:
+                return self.response.result(timeout_s=max(remaining, 0.001))
+            except RETRIABLE as e:
+                attempt += 1
+                self.transport.num_retries += 1
+                if time.monotonic() >= self.deadline:
+                    raise ReplicaUnavailableError(
+                        f"expert group {self.group}: no replica answered layer {self.args[0]} "
+                        f"within {self.transport.call_timeout_s:.0f} s ({type(e).__name__})"
+                    ) from e
+                log.warning("expert group %d, layer %d: %s; retrying (attempt %d)",
+                            self.group, self.args[0], type(e).__name__, attempt)  # fmt: skip
+                time.sleep(min(0.05 * attempt, 1.0))
+                self.response = self.transport.handles[self.group].remote(*self.args)
+
+
+class ServeHandleTransport:
+    def __init__(
+        self,
+        placement: ExpertPlacement,
+        handles: Sequence[DeploymentHandle],
+        call_timeout_s: float = 60.0,
+    ):
+        if len(handles) != placement.num_groups:
+            raise ValueError(f"{len(handles)} handles, placement has {placement.num_groups} groups")
+        self.placement = placement
+        self.handles = [h.forward for h in handles]
+        self.call_timeout_s = call_timeout_s
+        self.num_retries = 0
+
+    def submit(self, group: int, layer: int, x: torch.Tensor, topk_ids: torch.Tensor) -> _Call:
+        return _Call(self, group, (layer, x.cpu(), topk_ids.cpu()))

@@ -1,0 +1,232 @@
+"""Disaggregated mode end to end: gRPC -> Router -> AttentionShard replicas -> ExpertGroup-g
+deployments (Ray Serve handles), on a real local Ray cluster.
+
+Two applications share the cluster: "disagg" (2 attention replicas, 2 expert groups of 2
+replicas each) and "four-groups" (1 attention replica, 4 expert groups). Greedy outputs of both
+must equal the colocated engine's; losing an expert replica must change nothing, losing an
+attention replica ends only its own requests, with UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+import ray
+import torch
+from ray import serve
+
+from cluster.app import build_app, expert_group_name
+from cluster.config import ClusterConfig, EngineOptions
+from cluster.local import APP_NAME, start_local
+from replicas.engine import EngineConfig, LLMEngine
+from replicas.model import ExaoneMoeForCausalLM
+from replicas.model_config import ModelConfig
+from replicas.sampling_params import SamplingParams
+from router.client import Completion, GenerationClient
+from tests.integration.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+ENGINE = EngineOptions(
+    max_num_seqs=32, max_num_batched_tokens=128, block_size=8, kv_cache_bytes=32 << 20,
+    max_model_len=384, max_waiting_requests=64,
+)  # fmt: skip
+FOUR = "four-groups"
+NEW_TOKENS = 24
+
+
+def _config(ckpt, num_groups: int, attention_replicas: int, replicas_per_group: int):
+    return ClusterConfig(
+        model_path=str(ckpt),
+        engine=ENGINE,
+        attention={"num_replicas": attention_replicas, "num_cpus": 0.5, "num_threads": 1},
+        experts={"num_groups": num_groups, "replicas_per_group": replicas_per_group,
+                 "num_cpus": 0.25, "num_threads": 1, "call_timeout_s": 60},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster(served_ckpt):
+    local = start_local(_config(served_ckpt, 2, 2, 2), grpc_port=free_port(),
+                        http_port=free_port(), dashboard_port=None, num_cpus=8,
+                        ready_timeout_s=300)  # fmt: skip
+    try:
+        serve.run(build_app(_config(served_ckpt, 4, 1, 1)), name=FOUR, route_prefix="/four")
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(served_ckpt):
+    """Greedy outputs of the colocated engine, in this process."""
+    model = ExaoneMoeForCausalLM.from_pretrained(served_ckpt, dtype=torch.float32)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=32, block_size=8, max_model_len=384))
+    g = torch.Generator().manual_seed(7)
+    ps = [torch.randint(3, 1000, (int(k),), generator=g).tolist()
+          for k in torch.randint(3, 60, (16,), generator=g)]  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    return ps, engine.generate(ps, params)
+
+
+class _Streams:
+    """Every prompt streamed in its own thread at once; ``started`` is set once every stream
+    has its first delta. ``results[i]``: token ids, or the grpc.RpcError the stream ended with."""
+
+    def __init__(self, address, application, prompts, max_tokens=NEW_TOKENS):
+        self.results: dict[int, object] = {}
+        self.started = threading.Event()
+        self._count, self._lock = 0, threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, args=(address, application, i, p, max_tokens))
+            for i, p in enumerate(prompts)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, address, application, i, prompt, max_tokens):
+        result = Completion()
+        first = True
+        with GenerationClient(address, timeout_s=180, application=application) as c:
+            try:
+                for response in c.stream(token_ids=prompt, temperature=0.0,
+                                         max_tokens=max_tokens, ignore_eos=True):  # fmt: skip
+                    result.add(response)
+                    if first:
+                        first = False
+                        with self._lock:
+                            self._count += 1
+                            if self._count == len(self._threads):
+                                self.started.set()
+                self.results[i] = result.token_ids
+            except grpc.RpcError as e:
+                self.results[i] = e
+                self.started.set()
+
+    def join(self) -> dict[int, object]:
+        for t in self._threads:
+            t.join(300)
+        return self.results
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+
+def _generate_all(address, application, prompts):
+    results = _Streams(address, application, prompts).join()
+    errors = [r for r in results.values() if isinstance(r, grpc.RpcError)]
+    assert not errors, [e.details() for e in errors]
+    return results
+
+
+def _replica_actors(app: str, deployment: str) -> list[str]:
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return sorted(a["name"] for a in names if a["name"].startswith(prefix))
+
+
+def _stats_per_replica(app: str, deployment: str, calls: int = 24) -> dict:
+    """{replica id: stats}, from enough calls that every replica answers at least once."""
+    handle = serve.get_deployment_handle(deployment, app)
+    found = {}
+    for _ in range(calls):
+        stats = handle.stats.remote().result()
+        found[stats.replica] = stats
+    return found
+
+
+def _kill(name: str) -> None:
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+
+def _wait_running(app: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while serve.status().applications[app].status != "RUNNING":
+        assert time.monotonic() < deadline, serve.status().applications[app]
+        time.sleep(0.5)
+
+
+# ---- tests -------------------------------------------------------------------------------------
+def test_status_lists_deployments_with_replica_counts(cluster):
+    apps = serve.status().applications
+    want = {"Router": 1, "AttentionShard": 2, "ExpertGroup-0": 2, "ExpertGroup-1": 2}
+    for app, expected in ((APP_NAME, want),
+                          (FOUR, {"Router": 1, "AttentionShard": 1,
+                                  **{expert_group_name(g): 1 for g in range(4)}})):  # fmt: skip
+        deployments = apps[app].deployments
+        assert set(deployments) == set(expected)
+        for name, count in expected.items():
+            assert sum(deployments[name].replica_states.values()) == count, name
+            assert len(_replica_actors(app, name)) == count
+
+
+@pytest.mark.parametrize("application", [APP_NAME, FOUR])
+def test_greedy_equals_colocated(cluster, reference, application):
+    ps, want = reference
+    got = _generate_all(cluster.grpc_address, application, ps)
+    assert [got[i] for i in range(len(ps))] == want
+
+
+def test_each_replica_holds_only_its_experts(cluster, served_ckpt):
+    cfg = ModelConfig.from_json_file(served_ckpt / "config.json")
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4 * len(cfg.moe_layers)
+    for app, groups in ((APP_NAME, 2), (FOUR, 4)):
+        seen: set[int] = set()
+        for g in range(groups):
+            handle = serve.get_deployment_handle(expert_group_name(g), app)
+            stats = handle.stats.remote().result()
+            assert stats.group == g
+            assert len(stats.expert_ids) == cfg.num_experts // groups
+            assert stats.resident_bytes == len(stats.expert_ids) * per_expert
+            seen.update(stats.expert_ids)
+        assert seen == set(range(cfg.num_experts))
+        shard = serve.get_deployment_handle("AttentionShard", app).stats.remote().result()
+        full = ExaoneMoeForCausalLM.from_pretrained(served_ckpt, dtype=torch.float32,
+                                                    include_mtp=False)  # fmt: skip
+        full_bytes = sum(t.numel() * t.element_size() for t in full.state_dict().values())
+        assert shard.resident_bytes == full_bytes - cfg.num_experts * per_expert
+
+
+def test_losing_an_expert_replica_loses_no_request(cluster, reference, report):
+    ps, want = reference
+    victim = _replica_actors(APP_NAME, "ExpertGroup-1")[0]
+    streams = _Streams(cluster.grpc_address, APP_NAME, ps)
+    assert streams.started.wait(120)
+    _kill(victim)
+    assert streams.running  # killed mid-stream
+    results = streams.join()
+    assert [results.get(i) for i in range(len(ps))] == want
+    assert victim not in _replica_actors(APP_NAME, "ExpertGroup-1")
+    shards = _stats_per_replica(APP_NAME, "AttentionShard")
+    assert len(shards) == 2
+    retries = sum(s.num_expert_retries for s in shards.values())
+    report(f"expert layer calls retried after the kill: {retries}")
+    _wait_running(APP_NAME)  # Serve replaces the replica
+
+
+def test_losing_an_attention_replica_ends_only_its_requests(cluster, reference):
+    ps, want = reference
+    victim = _replica_actors(APP_NAME, "AttentionShard")[0]
+    streams = _Streams(cluster.grpc_address, APP_NAME, ps)
+    assert streams.started.wait(120)
+    _kill(victim)
+    assert streams.running
+    results = streams.join()
+    assert len(results) == len(ps)
+    failed = {i: r for i, r in results.items() if isinstance(r, grpc.RpcError)}
+    assert failed, "the killed replica had streams running"
+    assert len(failed) < len(ps), "the other replica's streams go on"
+    for i, r in results.items():
+        if i in failed:
+            assert r.code() == grpc.StatusCode.UNAVAILABLE, r.details()
+            assert "attention replica" in r.details() and "retry" in r.details()
+        else:
+            assert r == want[i]
+    # New requests go to the surviving replica (or the replacement); none fails.
+    again = _generate_all(cluster.grpc_address, APP_NAME, ps[:8])
+    assert [again[i] for i in range(8)] == want[:8]
+    _wait_running(APP_NAME)

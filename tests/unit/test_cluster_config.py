@@ -1,0 +1,61 @@
+"""ClusterConfig: placement fields, their errors, and the serve command's overrides."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from pydantic import ValidationError
+
+from cluster.config import ClusterConfig
+from cluster.serve_cmd import add_arguments, with_overrides
+
+
+@pytest.fixture(scope="module")
+def ckpt(make_ckpt):
+    return str(make_ckpt(dtype="float32"))  # tiny: 8 experts
+
+
+def test_colocated_by_default(ckpt):
+    config = ClusterConfig(model_path=ckpt)
+    assert config.experts.num_groups == 0 and config.placement(8) is None
+
+
+def test_contiguous_and_explicit_placement(ckpt):
+    config = ClusterConfig(model_path=ckpt, experts={"num_groups": 4})
+    assert config.placement(8).groups == ((0, 1), (2, 3), (4, 5), (6, 7))
+    explicit = ClusterConfig(
+        model_path=ckpt, experts={"num_groups": 2, "expert_map": [[7, 0, 1], [2, 3, 4, 5, 6]]}
+    )
+    assert explicit.placement(8).groups == ((7, 0, 1), (2, 3, 4, 5, 6))
+
+
+@pytest.mark.parametrize(
+    "experts,message",
+    [
+        ({"num_groups": 9}, "num_groups=9: must be in \\[1, 8\\]"),
+        ({"num_groups": 2, "expert_map": [[0, 1, 2, 3]]}, "expert_map has 1 groups"),
+        ({"num_groups": 2, "expert_map": [[0, 1, 2], [3, 4, 5, 6]]}, "experts \\[7\\] are in no"),
+        ({"expert_map": [[0]]}, "num_groups is 0"),
+        ({"num_groups": -1}, "num_groups"),
+        ({"num_group": 2}, "num_group"),
+    ],
+)
+def test_bad_placement_names_the_field(ckpt, experts, message):
+    with pytest.raises(ValidationError, match=message):
+        ClusterConfig(model_path=ckpt, experts=experts)
+
+
+def test_serve_flags_override_the_file(ckpt, tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(
+        "experts:\n  num_groups: 4\n  replicas_per_group: 3\nattention:\n  num_cpus: 2\n"
+    )
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--expert-groups", "2", "--attention-replicas", "2"])
+    config = with_overrides(ClusterConfig.from_file(path, model_path=ckpt), args)
+    assert (config.experts.num_groups, config.experts.replicas_per_group) == (2, 3)
+    assert (config.attention.num_replicas, config.attention.num_cpus) == (2, 2.0)
+    unchanged = with_overrides(ClusterConfig(model_path=ckpt), parser.parse_args([]))
+    assert unchanged == ClusterConfig(model_path=ckpt)
