@@ -25,10 +25,12 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+from ray.serve.config import RequestRouterConfig
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ClusterConfig
+from cluster.request_router import PrefixAffinityRouter
 from protos.exaone.v1 import generation_pb2 as pb
 from replicas.model_config import ModelConfig
 from replicas.outputs import ReplicaUnavailableError
@@ -103,7 +105,11 @@ class ExpertGroupDeployment:
         )
 
     def forward(self, layer: int, x, topk_ids):
-        return self.group.forward(layer, x, topk_ids)
+        """Packed tensors in and out (cluster.expert_transport.pack)."""
+        from cluster.expert_transport import pack, unpack
+
+        slots, y = self.group.forward(layer, unpack(x), unpack(topk_ids))
+        return pack(slots), pack(y)
 
     def stats(self):
         return self.group.stats()
@@ -262,19 +268,18 @@ def _set_status(grpc_context: RayServegRPCContext, error: RequestError) -> None:
 
 def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:
     config = args if isinstance(args, ClusterConfig) else ClusterConfig.model_validate(args)
-    e, a, x, r = config.engine, config.attention, config.experts, config.router
-    groups = [
-        ExpertGroupDeployment.options(
-            name=expert_group_name(g),
-            num_replicas=x.replicas_per_group,
-            ray_actor_options=_actor_options(x.num_cpus, x.num_gpus, x.resources),
-            # Each attention replica keeps num_microbatches calls in flight per group.
-            max_ongoing_requests=max(16, 4 * a.num_replicas * a.num_microbatches),
-        ).bind(config, g)
-        for g in range(x.num_groups)
-    ]
+    e, a, r = config.engine, config.attention, config.router
+    groups = expert_groups(config)
     shard = AttentionShardDeployment.options(
         num_replicas=a.num_replicas,
+        request_router_config=RequestRouterConfig(
+            request_router_class=PrefixAffinityRouter,
+            request_router_kwargs={
+                "block_size": e.block_size,
+                "num_blocks": a.prefix_affinity_blocks,
+                "max_imbalance": a.max_load_imbalance,
+            },
+        ),
         ray_actor_options=_actor_options(a.num_cpus, a.num_gpus, a.resources),
         # Admission is the shard's own (RESOURCE_EXHAUSTED with a message); let Serve pass all.
         max_ongoing_requests=e.max_num_seqs + e.max_waiting_requests + 16,
@@ -284,6 +289,21 @@ def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=r.max_ongoing_requests,
     ).bind(config, shard)
+
+
+def expert_groups(config: ClusterConfig) -> list[serve.Application]:
+    """The bound ExpertGroup-g deployments of ``config`` (none in colocated mode)."""
+    a, x = config.attention, config.experts
+    return [
+        ExpertGroupDeployment.options(
+            name=expert_group_name(g),
+            num_replicas=x.replicas_per_group,
+            ray_actor_options=_actor_options(x.num_cpus, x.num_gpus, x.resources),
+            # Each attention replica keeps num_microbatches calls in flight per group.
+            max_ongoing_requests=max(16, 4 * a.num_replicas * a.num_microbatches),
+        ).bind(config, g)
+        for g in range(x.num_groups)
+    ]
 
 
 def expert_group_name(group: int) -> str:

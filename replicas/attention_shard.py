@@ -35,6 +35,8 @@ class ShardStats:
     """Bytes of the weights this replica holds (no routed experts in disaggregated mode)."""
     num_expert_retries: int = 0
     """Expert layer calls sent again because a replica was lost (disaggregated mode)."""
+    num_requests_total: int = 0
+    """Requests admitted since start."""
     replica: str = ""
     """Which replica answered (set by the Serve deployment)."""
 
@@ -64,6 +66,7 @@ class AttentionShard:
         )
         self.resident_bytes = resident_bytes(model)
         self.experts = experts
+        self.num_requests_total = 0
         dispatcher = None if experts is None else ExpertDispatcher(experts)
         self.engine = AsyncEngine(LLMEngine(model, engine_config, experts=dispatcher))
         self.max_requests = engine_config.max_num_seqs + max_waiting_requests
@@ -79,6 +82,7 @@ class AttentionShard:
                 f"{self.max_requests}): retry with backoff"
             )
         stream = self.engine.generate(request_id, prompt_ids, params)
+        self.num_requests_total += 1
         try:
             async for out in stream:
                 yield out
@@ -95,6 +99,7 @@ class AttentionShard:
             num_blocks_total=engine.cache.blocks.num_total,
             resident_bytes=self.resident_bytes,
             num_expert_retries=getattr(self.experts, "num_retries", 0),
+            num_requests_total=self.num_requests_total,
         )
 
     async def wait_idle(self, timeout_s: float = 30.0) -> ShardStats:

@@ -191,6 +191,25 @@ def test_each_replica_holds_only_its_experts(cluster, served_ckpt):
         assert shard.resident_bytes == full_bytes - cfg.num_experts * per_expert
 
 
+def test_requests_with_a_shared_prefix_go_to_one_replica(cluster, reference):
+    """Prefix affinity: 6 prompts sharing their first 4 KV blocks (block 8) all land on the same
+    attention replica; prompts without a shared prefix spread over both."""
+    before = _stats_per_replica(APP_NAME, "AttentionShard")
+    assert len(before) == 2
+    shared = list(range(100, 132))
+    prompts = [shared + [200 + i, 300 + i] for i in range(6)]
+    with GenerationClient(cluster.grpc_address, timeout_s=120, application=APP_NAME) as c:
+        for p in prompts:  # one by one: equal loads, so affinity alone decides
+            c.generate(token_ids=p, max_tokens=2, temperature=0.0)
+    after = _stats_per_replica(APP_NAME, "AttentionShard")
+    added = sorted(after[r].num_requests_total - before[r].num_requests_total for r in before)
+    assert added == [0, 6]
+    distinct = [[i] * 40 for i in range(400, 416)]
+    _generate_all(cluster.grpc_address, APP_NAME, distinct)
+    final = _stats_per_replica(APP_NAME, "AttentionShard")
+    assert all(final[r].num_requests_total > after[r].num_requests_total for r in before)
+
+
 def test_losing_an_expert_replica_loses_no_request(cluster, reference, report):
     ps, want = reference
     victim = _replica_actors(APP_NAME, "ExpertGroup-1")[0]

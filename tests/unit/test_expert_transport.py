@@ -9,7 +9,7 @@ import pytest
 import torch
 from ray.exceptions import ActorDiedError
 
-from cluster.expert_transport import ServeHandleTransport
+from cluster.expert_transport import ServeHandleTransport, pack, unpack
 from replicas.async_engine import AsyncEngine
 from replicas.dispatch import ExpertDispatcher
 from replicas.engine import EngineConfig, LLMEngine
@@ -19,6 +19,7 @@ from replicas.placement import ExpertPlacement
 from replicas.sampling_params import SamplingParams
 
 ANSWER = (torch.tensor([0]), torch.ones(1, 4))
+PACKED = (pack(ANSWER[0]), pack(ANSWER[1]))
 
 
 class _Response:
@@ -40,7 +41,7 @@ class _Handle:
 
     def remote(self, *args):
         self.calls.append(args)
-        return _Response(self.outcomes.pop(0) if self.outcomes else ANSWER)
+        return _Response(self.outcomes.pop(0) if self.outcomes else PACKED)
 
 
 def test_lost_replica_call_is_sent_again():
@@ -49,7 +50,7 @@ def test_lost_replica_call_is_sent_again():
     x, ids = torch.randn(2, 4), torch.tensor([[0, 1], [2, 3]])
     slots, y = transport.submit(0, 3, x, ids).result()
     assert torch.equal(y, ANSWER[1]) and len(handle.calls) == 3
-    assert all(c[0] == 3 and torch.equal(c[1], x) for c in handle.calls)
+    assert all(c[0] == 3 and torch.equal(unpack(c[1]), x) for c in handle.calls)
     assert transport.num_retries == 2
 
 
@@ -91,3 +92,10 @@ def test_failed_step_ends_its_requests_and_frees_blocks(make_ckpt):
 
     asyncio.run(run())
     assert engine.num_blocks_in_use == 0 and not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.long])
+def test_pack_round_trip_is_exact(dtype):
+    t = (torch.randn(3, 5) * 100).to(dtype)
+    back = unpack(pack(t))
+    assert back.dtype == dtype and torch.equal(back, t)

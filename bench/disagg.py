@@ -1,0 +1,207 @@
+"""Disaggregated experts vs colocated: dispatch cost per hop and output tokens/s, one run.
+
+Starts a local Ray cluster, deploys ExpertGroup-g Serve deployments for 2 and 4 groups, and runs
+the engine in this process (it is what an attention replica runs) against them through
+ServeHandleTransport, with ping-pong (2 micro-batches) and without (1). Colocated = the same
+engine holding every expert. Same checkpoint, prompts, dtype and greedy decoding (ignore_eos).
+Prints medians, ratios and where the time of a disaggregated step goes. Asserts nothing.
+
+    .venv/bin/python bench/disagg.py                       # small preset, batch 1/16/64
+    .venv/bin/python bench/disagg.py --preset tiny --batch-sizes 1,16 --repeats 1
+
+Run it under `unshare -n` as root (Serve's listeners), like the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.forward import DTYPES, checkpoint  # noqa: E402
+from bench.throughput import prompts_for  # noqa: E402
+from replicas.dispatch import ExpertDispatcher  # noqa: E402
+from replicas.engine import EngineConfig, LLMEngine  # noqa: E402
+from replicas.expert_group import ExpertGroup  # noqa: E402
+from replicas.model import ExaoneMoeForCausalLM  # noqa: E402
+from replicas.sampling_params import SamplingParams  # noqa: E402
+
+
+class TimedTransport:
+    """Wraps a transport: time the attention side spends blocked on expert answers."""
+
+    def __init__(self, inner):
+        self.inner, self.placement = inner, inner.placement
+        self.wait_s, self.num_calls = 0.0, 0
+
+    def submit(self, group, layer, x, topk_ids):
+        pending = self.inner.submit(group, layer, x, topk_ids)
+        self.num_calls += 1
+        outer = self
+
+        class _Timed:
+            def result(self):
+                start = time.perf_counter()
+                try:
+                    return pending.result()
+                finally:
+                    outer.wait_s += time.perf_counter() - start
+
+        return _Timed()
+
+
+def run_engine(model, prompts, new_tokens, experts=None, microbatches=1) -> tuple[float, float]:
+    """-> (output tokens/s, wall seconds)."""
+    engine = LLMEngine(
+        model,
+        EngineConfig(max_num_batched_tokens=2048, max_num_seqs=max(64, len(prompts)),
+                     block_size=16, kv_cache_bytes=2 << 30, num_microbatches=microbatches),
+        experts=experts,
+    )  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    assert all(len(o) == new_tokens for o in outs)
+    return sum(map(len, outs)) / elapsed, elapsed
+
+
+def deploy_groups(path: Path, dtype: str, num_groups: int, threads: int):
+    from ray import serve
+
+    from cluster.app import expert_group_name, expert_groups
+    from cluster.config import ClusterConfig
+
+    config = ClusterConfig(
+        model_path=str(path), dtype=dtype,
+        experts={"num_groups": num_groups, "num_cpus": 0.1, "num_threads": threads},
+    )  # fmt: skip
+    # Only the expert groups are deployed (the engine runs here, as in an attention replica),
+    # each as its own application.
+    handles = []
+    for g, group in enumerate(expert_groups(config)):
+        app = f"groups{num_groups}-{g}"
+        serve.run(group, name=app, route_prefix=None)
+        handles.append(serve.get_deployment_handle(expert_group_name(g), app))
+    return config, handles
+
+
+def hop_overhead(transport, group: ExpertGroup, hidden: int, layer: int, repeats: int = 50):
+    """Median ms of a one-token layer call through the transport, minus the group's own
+    compute for the same input in this process."""
+    x = torch.randn(1, hidden)
+    ids = torch.tensor([list(group.expert_ids[:1]) * 1])  # one slot, held by group 0
+    times, local = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        transport.submit(0, layer, x, ids).result()
+        times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        group.forward(layer, x, ids)
+        local.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, statistics.median(local) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--preset", default="small", choices=["tiny", "small"])
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--batch-sizes", default="1,16,64")
+    ap.add_argument("--groups", default="2,4")
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per point (median)")
+    ap.add_argument("--expert-threads", type=int, default=1, help="torch threads per group")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    group_counts = [int(g) for g in args.groups.split(",")]
+
+    from cluster.local import LOCAL_ENV
+
+    os.environ.update(LOCAL_ENV)
+    import ray
+    from ray import serve
+    from ray.serve.schema import LoggingConfig
+
+    from cluster.expert_transport import ServeHandleTransport
+    from cluster.loopback import HOOK
+
+    path = checkpoint(args.preset, args.dtype)
+    dtype = DTYPES[args.dtype]
+    colocated = ExaoneMoeForCausalLM.from_pretrained(path, dtype=dtype, include_mtp=False,
+                                                     progress=False)  # fmt: skip
+    attention = ExaoneMoeForCausalLM.from_pretrained(path, dtype=dtype, include_mtp=False,
+                                                     expert_ids=(), progress=False)  # fmt: skip
+    cfg = colocated.cfg
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING",
+             log_to_driver=False, runtime_env={"worker_process_setup_hook": HOOK})  # fmt: skip
+    logging = LoggingConfig(enable_access_log=False, log_level="WARNING")
+    serve.start(logging_config=logging)
+    try:
+        transports = {}
+        for g in group_counts:
+            config, handles = deploy_groups(path, args.dtype, g, args.expert_threads)
+            transports[g] = ServeHandleTransport(config.placement(cfg.num_experts), handles)
+        layer = cfg.moe_layers[0]
+        probe = ExpertGroup(path, 0, transports[group_counts[0]].placement.groups[0],
+                            dtype=args.dtype)  # fmt: skip
+        hop_ms, local_ms = hop_overhead(transports[group_counts[0]], probe, cfg.hidden_size, layer)
+        del probe
+        print(f"one-token layer call: {hop_ms:.2f} ms round trip, {local_ms:.2f} ms of it expert "
+              f"compute -> {hop_ms - local_ms:.2f} ms dispatch overhead per hop "
+              f"({len(cfg.moe_layers)} MoE layers: {(hop_ms - local_ms) * len(cfg.moe_layers):.0f}"
+              f" ms per step if nothing overlaps)", flush=True)  # fmt: skip
+
+        configs = [("colocated", None, 1)]
+        for g in group_counts:
+            configs += [(f"{g} groups", g, 1), (f"{g} groups ping-pong", g, 2)]
+        warm = prompts_for(2, args.prompt_tokens, cfg.vocab_size, seed=99)
+        for _, g, mb in configs:
+            run_engine(*((colocated, warm, 2) if g is None else (attention, warm, 2)),
+                       experts=None if g is None else ExpertDispatcher(transports[g]),
+                       microbatches=mb)  # fmt: skip
+        rows = []
+        for b in batches:
+            prompts = prompts_for(b, args.prompt_tokens, cfg.vocab_size, seed=b)
+            runs = {name: [] for name, _, _ in configs}
+            waits = {name: [] for name, _, _ in configs}
+            for _ in range(args.repeats):  # interleaved, so drift hits every configuration
+                for name, g, mb in configs:
+                    if g is None:
+                        tps, wall = run_engine(colocated, prompts, args.new_tokens)
+                        waits[name].append(0.0)
+                    else:
+                        timed = TimedTransport(transports[g])
+                        tps, wall = run_engine(attention, prompts, args.new_tokens,
+                                               ExpertDispatcher(timed), mb)  # fmt: skip
+                        waits[name].append(timed.wait_s / wall)
+                    runs[name].append(tps)
+            base = statistics.median(runs["colocated"])
+            for name, _, _ in configs:
+                tps = statistics.median(runs[name])
+                rows.append((b, name, tps, base / tps, statistics.median(waits[name])))
+                print(f"batch {b:>3} {name:<20} {tps:8.1f} tok/s  colocated/this "
+                      f"{base / tps:5.2f}x  waiting on experts {100 * rows[-1][4]:4.0f}% of wall",
+                      flush=True)  # fmt: skip
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    print(f"\n{args.preset}, {args.dtype}, {args.prompt_tokens}-token prompts, {args.new_tokens} "
+          f"new tokens, greedy; engine threads {torch.get_num_threads()}, expert threads "
+          f"{args.expert_threads}; medians of {args.repeats}")  # fmt: skip
+    print(f"{'batch':>5}  {'configuration':<22}{'tok/s':>9}{'slowdown':>10}{'wait':>7}")
+    for b, name, tps, slow, wait in rows:
+        print(f"{b:>5}  {name:<22}{tps:>9.1f}{slow:>9.2f}x{100 * wait:>6.0f}%")
+
+
+if __name__ == "__main__":
+    main()

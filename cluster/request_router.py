@@ -1,0 +1,45 @@
+"""router.affinity as a Ray Serve request router for the AttentionShard deployment.
+
+Serve calls ``choose_replicas`` for each pending ``generate(request_id, prompt_ids, params)``;
+the ranks it returns are tried in order (a replica at max_ongoing_requests is skipped).
+Loads come from Serve's queue-length cache, probed when missing.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from router.affinity import prefix_key, rank_replicas
+
+
+class PrefixAffinityRouter(RequestRouter):
+    def initialize_state(self, block_size: int = 16, num_blocks: int = 4, max_imbalance: int = 8):
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.max_imbalance = max_imbalance
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        key = None
+        args = pending_request.args if pending_request is not None else None
+        if args and len(args) >= 2 and isinstance(args[1], list | tuple):
+            key = prefix_key(args[1], self.block_size, self.num_blocks)
+        loads = await self._loads(candidate_replicas)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        salt = os.urandom(8)  # spreads ties (idle replicas, requests without a prefix)
+        return [[by_id[r]] for r in rank_replicas(key, loads, self.max_imbalance, salt)]
+
+    async def _loads(self, replicas: list[RunningReplica]) -> dict[str, int | None]:
+        cache = self.replica_queue_len_cache
+        loads = {r.replica_id.unique_id: cache.get(r.replica_id) for r in replicas}
+        missing = [r for r in replicas if loads[r.replica_id.unique_id] is None]
+        if missing:
+            for replica, queue_len in await self._probe_queue_lens(missing, 0):
+                loads[replica.replica_id.unique_id] = queue_len
+        return loads
