@@ -27,12 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.forward import DTYPES, checkpoint  # noqa: E402
-from bench.throughput import prompts_for  # noqa: E402
+from bench.throughput import prompts_for, run_engine  # noqa: E402
 from replicas.dispatch import ExpertDispatcher  # noqa: E402
-from replicas.engine import EngineConfig, LLMEngine  # noqa: E402
 from replicas.expert_group import ExpertGroup  # noqa: E402
 from replicas.model import ExaoneMoeForCausalLM  # noqa: E402
-from replicas.sampling_params import SamplingParams  # noqa: E402
 
 
 class TimedTransport:
@@ -56,22 +54,6 @@ class TimedTransport:
                     outer.wait_s += time.perf_counter() - start
 
         return _Timed()
-
-
-def run_engine(model, prompts, new_tokens, experts=None, microbatches=1) -> tuple[float, float]:
-    """-> (output tokens/s, wall seconds)."""
-    engine = LLMEngine(
-        model,
-        EngineConfig(max_num_batched_tokens=2048, max_num_seqs=max(64, len(prompts)),
-                     block_size=16, kv_cache_bytes=2 << 30, num_microbatches=microbatches),
-        experts=experts,
-    )  # fmt: skip
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    outs = engine.generate(prompts, params)
-    elapsed = time.perf_counter() - start
-    assert all(len(o) == new_tokens for o in outs)
-    return sum(map(len, outs)) / elapsed, elapsed
 
 
 def deploy_groups(path: Path, dtype: str, num_groups: int, threads: int):

@@ -42,17 +42,24 @@ def prompts_for(batch: int, length: int, vocab: int, seed: int) -> list[list[int
 
 
 def run_ours(model, prompts, new_tokens: int) -> float:
+    return run_engine(model, prompts, new_tokens)[0]
+
+
+def run_engine(model, prompts, new_tokens, experts=None, microbatches=1) -> tuple[float, float]:
+    """Greedy generation of every prompt at once -> (output tokens/s, wall seconds).
+    ``experts``: an ExpertDispatcher when ``model`` holds no routed experts."""
     engine = LLMEngine(
         model,
         EngineConfig(max_num_batched_tokens=2048, max_num_seqs=max(64, len(prompts)),
-                     block_size=16, kv_cache_bytes=2 << 30),
+                     block_size=16, kv_cache_bytes=2 << 30, num_microbatches=microbatches),
+        experts=experts,
     )  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
     outs = engine.generate(prompts, params)
     elapsed = time.perf_counter() - start
     assert all(len(o) == new_tokens for o in outs)
-    return sum(map(len, outs)) / elapsed
+    return sum(map(len, outs)) / elapsed, elapsed
 
 
 def run_hf(model, prompts, new_tokens: int) -> float:
