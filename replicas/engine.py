@@ -19,6 +19,9 @@ from replicas.dispatch import ExpertDispatcher, run_microbatches, split_balanced
 from replicas.kv_cache import HybridKVCache, SeqChunk, kv_footprint
 from replicas.model import ExaoneMoeForCausalLM
 from replicas.outputs import RequestOutput, StepFailedError, TokenLogprob
+from replicas.prefix_cache import PrefixBlockPool
+from replicas.prefix_manager import PrefixCacheConfig, PrefixCacheManager
+from replicas.redis_tier import RedisTier
 from replicas.request import Request
 from replicas.sampler import SamplingBatch, make_generator, sample
 from replicas.sampling_params import SamplingParams
@@ -39,6 +42,8 @@ class EngineConfig:
     num_microbatches: int = 2
     """Micro-batches per step when the experts are remote (2 = ping-pong: one micro-batch's
     attention overlaps another's experts); 1 sends the whole step at once."""
+    prefix_cache: PrefixCacheConfig | None = None
+    """Reuse the KV state of shared prompt prefixes (None: off)."""
 
 
 def _pairs(ids: torch.Tensor, values: torch.Tensor) -> tuple[tuple[int, float], ...]:
@@ -57,9 +62,13 @@ class LLMEngine:
         config: EngineConfig = EngineConfig(),
         eos_token_ids: Sequence[int] | None = None,
         experts: ExpertDispatcher | None = None,
+        redis: RedisTier | None = None,
     ):
         """``experts``: where the routed experts run when ``model`` holds none of them
-        (disaggregated mode); None when the model holds them all (colocated)."""
+        (disaggregated mode); None when the model holds them all (colocated).
+        ``redis``: the shared tier of the prefix cache (needs config.prefix_cache)."""
+        if redis is not None and config.prefix_cache is None:
+            raise ValueError("a Redis tier needs EngineConfig.prefix_cache")
         cfg = model.cfg
         if model.experts_remote != (experts is not None):
             raise ValueError(
@@ -73,13 +82,17 @@ class LLMEngine:
         num_blocks = config.num_blocks or max(
             1, config.kv_cache_bytes // max(per_token * config.block_size, 1)
         )
+        pool = PrefixBlockPool(num_blocks) if config.prefix_cache is not None else None
         self.cache = HybridKVCache(
-            cfg, num_blocks, config.block_size, config.max_num_seqs, dtype, self.device
+            cfg, num_blocks, config.block_size, config.max_num_seqs, dtype, self.device, pool
         )
+        self.prefix = None
+        if config.prefix_cache is not None:
+            self.prefix = PrefixCacheManager(self.cache, pool, config.prefix_cache, redis, dtype)
         sched = SchedulerConfig(
             config.max_num_batched_tokens, config.max_num_seqs, config.block_size
         )
-        self.scheduler = Scheduler(sched, self.cache.blocks, self.cache.slots)
+        self.scheduler = Scheduler(sched, self.cache.blocks, self.cache.slots, self.prefix)
         self.eos_token_ids = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self._arrival = itertools.count()
         self._prompt_logprobs: dict[str, _PromptLogprobState] = {}
@@ -102,17 +115,38 @@ class LLMEngine:
         self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
 
     def add_request(
-        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
-    ) -> None:
-        """Queue a request. Raises ValueError (naming the field) for invalid input."""
+        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+        pinned: bool = False,
+    ) -> None:  # fmt: skip
+        """Queue a request. Raises ValueError (naming the field) for invalid input.
+        ``pinned``: its prefix-cache entries never expire (see pin_prefix)."""
         self.check_request(prompt_ids, params)
         request = Request(request_id, list(prompt_ids), params, next(self._arrival))
         request.arrival_time = time.monotonic()
         if params.seed is not None:
             request.generator = make_generator(params.seed, self.device)
         self.scheduler.add(request)
+        if self.prefix is not None:
+            self.prefix.on_add(request, params.prefix_boundaries, pinned)
         if params.prompt_logprobs is not None:
             self._prompt_logprobs[request_id] = _PromptLogprobState()
+
+    def pin_prefix(self, token_ids: Sequence[int]) -> None:
+        """Register a prefix (e.g. a rendered system prompt) whose cache entries never expire:
+        compute it now (or fetch it from Redis) and keep a snapshot at its end for every
+        prompt that starts with it."""
+        if self.prefix is None:
+            raise ValueError("pinning a prefix needs the prefix cache (EngineConfig.prefix_cache)")
+        ids = list(token_ids)
+        if not ids:
+            raise ValueError("a pinned prefix needs at least one token")
+        self.prefix.pin(ids)
+        # One extra token so the prefix itself is a boundary a hit can use.
+        rid = f"pin-{next(self._arrival)}"
+        self.add_request(rid, ids + [ids[-1]], SamplingParams(max_tokens=1, temperature=0.0),
+                         pinned=True)  # fmt: skip
+        while self.has_unfinished_requests():
+            self.step()
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now; its KV blocks return to the pool immediately."""
@@ -131,13 +165,20 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         if not plan.chunks:
+            if self.prefix is not None:  # only Redis lookups outstanding: wait a little
+                self.prefix.wait_any(self.scheduler.waiting, timeout_s=0.005)
             return []
         now = time.monotonic()
         for c in plan.chunks:
             if c.request.first_scheduled_time is None:
                 c.request.first_scheduled_time = now
         try:
+            for request in plan.restored:
+                self.prefix.restore(request)
             hidden = self._execute(plan)  # [N, H]
+            if self.prefix is not None:
+                for c in plan.chunks:
+                    self.prefix.capture(c.request, c.start + c.num_new)
             sampled, outputs = self._sample(plan, hidden)
         except Exception as e:
             # The step may have written part of these sequences' KV: drop them, free blocks.
@@ -208,6 +249,7 @@ class LLMEngine:
                 [token],
                 num_prompt_tokens=r.num_prompt_tokens,
                 queue_time_s=r.first_scheduled_time - r.arrival_time,
+                num_cached_tokens=r.num_cached_tokens,
             )
             n_top = r.params.logprobs
             if n_top is not None:

@@ -87,10 +87,12 @@ class HybridKVCache:
         max_seqs: int,
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
+        blocks: BlockPool | None = None,
     ):
+        """``blocks``: the pool of block ids (a PrefixBlockPool when prefixes are shared)."""
         self.cfg, self.block_size = cfg, block_size
         self.window = cfg.sliding_window
-        self.blocks = BlockPool(num_blocks)
+        self.blocks = blocks if blocks is not None else BlockPool(num_blocks)
         self.slots = BlockPool(max_seqs)
         shape_kv = (cfg.num_key_value_heads, cfg.head_dim)
         self.global_k, self.global_v, self.sliding_k, self.sliding_v = {}, {}, {}, {}
@@ -106,6 +108,65 @@ class HybridKVCache:
 
     def step(self, chunks: Sequence[SeqChunk]) -> StepAttention:
         return StepAttention(self, chunks)
+
+    # ---- prefix cache: copy state out of and back into the cache -------------------------------
+    @property
+    def global_layers(self) -> tuple[int, ...]:
+        return tuple(self.global_k)
+
+    @property
+    def sliding_layers(self) -> tuple[int, ...]:
+        return tuple(self.sliding_k)
+
+    def _global_rows(self, block: int, num_rows: int) -> torch.Tensor:
+        dev = next(iter(self.global_k.values())).device
+        return block * self.block_size + torch.arange(num_rows, device=dev)
+
+    def read_rows(self, block: int, num_rows: int) -> torch.Tensor:
+        """The first ``num_rows`` positions of a block in every global layer:
+        [2, Lg, num_rows, Hkv, D] (K then V)."""
+        rows = self._global_rows(block, num_rows)
+        return torch.stack([
+            torch.stack([pool[i].index_select(0, rows) for i in self.global_layers])
+            for pool in (self.global_k, self.global_v)
+        ])  # fmt: skip
+
+    def write_rows(self, block: int, data: torch.Tensor) -> None:
+        """Inverse of read_rows (data [2, Lg, r, Hkv, D])."""
+        rows = self._global_rows(block, data.shape[2])
+        for kv, pool in enumerate((self.global_k, self.global_v)):
+            for j, i in enumerate(self.global_layers):
+                pool[i].index_copy_(0, rows, data[kv, j].to(pool[i]))
+
+    def _ring_rows(self, num_tokens: int) -> list[int]:
+        """Ring rows of the last min(P, W - 1) positions before P, oldest first."""
+        if not self.window:
+            return []
+        ring = self.window - 1
+        return [p % ring for p in range(max(0, num_tokens - ring), num_tokens)]
+
+    def read_window(self, slot: int, num_tokens: int) -> torch.Tensor:
+        """Each sliding layer's kept positions before ``num_tokens``: [2, Ls, n, Hkv, D]."""
+        rows = self._ring_rows(num_tokens)
+        shape = (2, len(self.sliding_layers), len(rows), self.cfg.num_key_value_heads,
+                 self.cfg.head_dim)  # fmt: skip
+        if not self.sliding_layers:
+            return torch.empty(shape, dtype=next(iter(self.global_k.values())).dtype)
+        return torch.stack([
+            torch.stack([state[i][slot, rows] for i in self.sliding_layers])
+            for state in (self.sliding_k, self.sliding_v)
+        ])  # fmt: skip
+
+    def write_window(self, slot: int, num_tokens: int, data: torch.Tensor) -> None:
+        """Inverse of read_window: the slot then holds what a prefill of num_tokens left."""
+        rows = self._ring_rows(num_tokens)
+        if len(rows) != data.shape[2]:
+            raise ValueError(
+                f"window of {data.shape[2]} rows, position {num_tokens} needs {len(rows)}"
+            )
+        for kv, state in enumerate((self.sliding_k, self.sliding_v)):
+            for j, i in enumerate(self.sliding_layers):
+                state[i][slot, rows] = data[kv, j].to(state[i])
 
 
 class StepAttention:

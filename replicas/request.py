@@ -42,6 +42,20 @@ class Request:
     """time.monotonic() when the engine accepted the request."""
     first_scheduled_time: float | None = None
     """time.monotonic() of the first step that computed any of its tokens."""
+    prefix: Any = None
+    """Prefix-cache state (replicas.prefix_manager.PrefixState), None when nothing to reuse."""
+    num_cached_tokens: int = 0
+    """Prompt tokens restored from the prefix cache instead of computed."""
+
+    @property
+    def next_boundary(self) -> int | None:
+        """The next position where the prefix cache wants a snapshot (chunks end there)."""
+        if self.prefix is None:
+            return None
+        for p in self.prefix.capture_at:
+            if p > self.num_computed_tokens:
+                return p
+        return None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -45,6 +45,9 @@ class SamplingParams:
     """Return the top-N log-probabilities of each generated position (N <= 20)."""
     prompt_logprobs: int | None = None
     """Return the top-N log-probabilities of each prompt position (N <= 20)."""
+    prefix_boundaries: tuple[int, ...] = ()
+    """Prompt positions where a reusable prefix ends (e.g. the end of the system message): the
+    prefix cache keeps the model state there. Hints only; they never change the output."""
 
     @property
     def is_greedy(self) -> bool:

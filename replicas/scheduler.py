@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from replicas.block_pool import BlockPool
 from replicas.request import FinishReason, Request, RequestStatus
@@ -52,16 +53,31 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    restored: list[Request] = field(default_factory=list)
+    """Admitted at a cached prefix: their cache state must be restored before the step runs."""
 
     @property
     def num_tokens(self) -> int:
         return sum(c.num_new for c in self.chunks)
 
 
+class PrefixMatcher(Protocol):
+    """The prefix cache as the scheduler sees it (replicas.prefix_manager)."""
+
+    def is_ready(self, request: Request) -> bool: ...
+
+    def match(self, request: Request) -> Any:
+        """None, or a match with ``num_tokens`` and ``shared`` (block ids, references held)."""
+
+    def release(self, request: Request) -> None: ...
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockPool, slots: BlockPool):
+    def __init__(self, config: SchedulerConfig, blocks: BlockPool, slots: BlockPool,
+                 prefix: PrefixMatcher | None = None):  # fmt: skip
         self.config = config
         self.blocks, self.slots = blocks, slots
+        self.prefix = prefix
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -132,7 +148,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            n = self._chunk(request, budget)
             while not self._grow(request, request.num_computed_tokens + n):
                 victim = self.running.pop()  # latest admitted
                 self._preempt(victim)
@@ -144,24 +160,46 @@ class Scheduler:
             out.chunks.append(ScheduledChunk.of(request, n))
             budget -= n
             i += 1
+        i = 0
         while (
-            self.waiting
+            i < len(self.waiting)
             and budget > 0
             and not out.preempted
             and len(self.running) < self.config.max_num_seqs
             and self.slots.num_free > 0
         ):
-            request = self.waiting[0]
-            n = min(request.num_tokens, budget)
-            if not self._grow(request, n):
+            request = self.waiting[i]
+            if self.prefix is not None and not self.prefix.is_ready(request):
+                i += 1  # its Redis lookup is still out; later requests may go first
+                continue
+            match = self.prefix.match(request) if self.prefix is not None else None
+            if match is not None:
+                request.block_ids = list(match.shared)
+                request.num_computed_tokens = match.num_tokens
+            n = self._chunk(request, budget)
+            if not self._grow(request, request.num_computed_tokens + n):
+                if match is not None:
+                    self.prefix.release(request)
+                    request.block_ids, request.num_computed_tokens = [], 0
                 break
-            self.waiting.popleft()
+            del self.waiting[i]
             request.slot = self.slots.allocate(1)[0]
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            if match is not None:
+                out.restored.append(request)
             out.chunks.append(ScheduledChunk.of(request, n))
             budget -= n
         return out
+
+    def _chunk(self, request: Request, budget: int) -> int:
+        """Tokens to compute this step: catch up under the budget, ending on the next prefix
+        cache boundary so its snapshot can be taken."""
+        n = min(request.num_tokens - request.num_computed_tokens, budget)
+        boundary = request.next_boundary
+        if boundary is not None:
+            n = min(n, boundary - request.num_computed_tokens)
+        return n
 
     def update(
         self, out: SchedulerOutput, sampled: dict[str, int], eos_token_ids: Iterable[int]

