@@ -129,6 +129,7 @@ class AttentionShardDeployment:
             transport = ServeHandleTransport(
                 placement, expert_groups, call_timeout_s=config.experts.call_timeout_s
             )
+        prefix, redis, pinned = _prefix_cache(config)
         self.shard = AttentionShard(
             config.model_path,
             EngineConfig(
@@ -138,12 +139,15 @@ class AttentionShardDeployment:
                 kv_cache_bytes=e.kv_cache_bytes,
                 max_model_len=e.max_model_len,
                 num_microbatches=a.num_microbatches,
+                prefix_cache=prefix,
             ),
             dtype=config.dtype,
             max_waiting_requests=e.max_waiting_requests,
             num_threads=a.num_threads or os.cpu_count(),
             experts=transport,
             device=_device(a.num_gpus),
+            redis=redis,
+            pinned_prefixes=pinned,
         )
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
@@ -153,6 +157,40 @@ class AttentionShardDeployment:
     def stats(self):
         replica = serve.get_replica_context().replica_id.unique_id
         return dataclasses.replace(self.shard.stats(), replica=replica)
+
+
+def _prefix_cache(config: ClusterConfig):
+    """-> (PrefixCacheConfig | None, RedisTier | None, pinned prefixes as token ids)."""
+    from replicas.fingerprint import model_fingerprint
+    from replicas.prefix_manager import PrefixCacheConfig
+    from replicas.redis_tier import RedisTier
+    from router.requests import system_prefix_text
+    from router.tokenizer import Tokenizer
+
+    pc = config.prefix_cache
+    if not pc.enabled:
+        return None, None, []
+    fp = model_fingerprint(config.model_path, config.dtype, pc.revision)
+    prefix = PrefixCacheConfig(fp, pc.snapshot_interval_tokens, pc.local_snapshot_bytes)
+    redis = None
+    if pc.redis_url:
+        redis = RedisTier(
+            pc.redis_url, f"exaone:{fp}", ttl_s=pc.ttl_s,
+            password=pc.redis_password or os.environ.get("EXAONE_REDIS_PASSWORD"),
+            ssl_ca_certs=pc.redis_tls_ca_file, timeout_s=pc.redis_timeout_s,
+        )  # fmt: skip
+    pinned = []
+    if pc.pinned_system_prompts:
+        tokenizer = Tokenizer(config.model_path)
+        for text in pc.pinned_system_prompts:
+            # As the router renders a chat that starts with this system message.
+            chat = [{"role": "system", "content": text}, {"role": "user", "content": ""}]
+            rendered = system_prefix_text(tokenizer, chat)
+            if rendered is None:
+                raise ValueError("prefix_cache.pinned_system_prompts: the chat template cannot "
+                                 "render a system message alone")  # fmt: skip
+            pinned.append(tokenizer.encode(rendered))
+    return prefix, redis, pinned
 
 
 def _model_config(config: ClusterConfig) -> ModelConfig:

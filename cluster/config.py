@@ -90,6 +90,36 @@ class RouterOptions(_Strict):
     max_ongoing_requests: int = Field(1024, ge=1, description="Streams one router replica holds.")
 
 
+class PrefixCacheOptions(_Strict):
+    enabled: bool = Field(True, description="Reuse the KV state of shared prompt prefixes.")
+    redis_url: str | None = Field(
+        None,
+        description="The shared tier: redis://[user:password@]host:port/db, or rediss:// for "
+        "TLS. Unset: `exaone-cluster serve` starts a local redis-server if it finds one, "
+        "else each replica keeps its local cache only.",
+    )
+    redis_password: str | None = Field(
+        None, description="Password (else the URL's, else $EXAONE_REDIS_PASSWORD)."
+    )
+    redis_tls_ca_file: str | None = Field(None, description="CA bundle for rediss:// URLs.")
+    ttl_s: int = Field(3600, ge=1, description="Lifetime of every unpinned key in Redis.")
+    pinned_system_prompts: list[str] = Field(
+        default_factory=list,
+        description="System prompts computed at start and kept in Redis without TTL.",
+    )
+    snapshot_interval_tokens: int = Field(
+        512, ge=0, description="Also snapshot every N prompt tokens (0: system prompts only)."
+    )
+    local_snapshot_bytes: int = Field(
+        256 << 20, ge=0, description="Window snapshots kept per replica (LRU)."
+    )
+    local_redis_maxmemory: str = Field(
+        "1gb", description="maxmemory of the redis-server `serve` starts (volatile-lru)."
+    )
+    revision: str = Field("", description="Extra fingerprint part: bump it after retraining.")
+    redis_timeout_s: float = Field(1.0, gt=0, description="Socket timeout of Redis calls.")
+
+
 class ClusterConfig(_Strict):
     model_path: str = Field(description="Local checkpoint directory (Hugging Face layout).")
     model_id: str | None = Field(None, description="Name reported by GetModelInfo.")
@@ -98,6 +128,7 @@ class ClusterConfig(_Strict):
     attention: AttentionOptions = AttentionOptions()
     experts: ExpertOptions = ExpertOptions()
     router: RouterOptions = RouterOptions()
+    prefix_cache: PrefixCacheOptions = PrefixCacheOptions()
 
     @model_validator(mode="after")
     def _model_dir_exists(self) -> ClusterConfig:

@@ -60,7 +60,6 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from cluster.config import ClusterConfig
-    from cluster.local import start_local
 
     try:
         model = args.model
@@ -75,6 +74,42 @@ def run(args: argparse.Namespace) -> int:
     except (ValidationError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+    redis_server, config = start_redis(config)
+    try:
+        return _serve(args, config)
+    finally:
+        if redis_server is not None:
+            redis_server.stop()
+
+
+def start_redis(config):
+    """A local redis-server for the prefix cache when it is on and no URL is configured.
+    -> (the server or None, the config pointing at it); says at start what the cache uses."""
+    pc = config.prefix_cache
+    if not pc.enabled:
+        print("prefix cache: off", flush=True)
+        return None, config
+    if pc.redis_url:
+        where = pc.redis_url.rsplit("@", 1)[-1]  # no password in the log
+        print(f"prefix cache: local + Redis at {where}", flush=True)
+        return None, config
+    from cluster.redis_server import RedisServer, find_redis_server
+
+    if find_redis_server() is None:
+        print("prefix cache: local only, per replica (no redis-server found; set "
+              "prefix_cache.redis_url to share it across replicas)", flush=True)  # fmt: skip
+        return None, config
+    server = RedisServer(maxmemory=pc.local_redis_maxmemory).start()
+    print(f"prefix cache: local + redis-server at 127.0.0.1:{server.port} (pid "
+          f"{server.proc.pid}, no persistence, maxmemory {pc.local_redis_maxmemory}, "
+          "volatile-lru)", flush=True)  # fmt: skip
+    prefix = pc.model_copy(update={"redis_url": server.url})
+    return server, config.model_copy(update={"prefix_cache": prefix})
+
+
+def _serve(args: argparse.Namespace, config) -> int:
+    from cluster.local import start_local
 
     def interrupt(*_):
         raise KeyboardInterrupt

@@ -19,6 +19,8 @@ from replicas.dispatch import ExpertDispatcher, ExpertTransport
 from replicas.engine import EngineConfig, LLMEngine
 from replicas.model import ExaoneMoeForCausalLM
 from replicas.outputs import QueueFullError, RequestOutput
+from replicas.prefix_manager import PrefixCacheStats
+from replicas.redis_tier import RedisTier
 from replicas.sampling_params import SamplingParams
 from replicas.weights import DTYPES, resident_bytes
 
@@ -39,6 +41,8 @@ class ShardStats:
     """Requests admitted since start."""
     replica: str = ""
     """Which replica answered (set by the Serve deployment)."""
+    prefix_cache: PrefixCacheStats | None = None
+    """Hits, misses, bytes and errors of the prefix cache (None when it is off)."""
 
 
 class AttentionShard:
@@ -51,7 +55,11 @@ class AttentionShard:
         num_threads: int | None = None,
         experts: ExpertTransport | None = None,
         device: str = "cpu",
+        redis: RedisTier | None = None,
+        pinned_prefixes: Sequence[Sequence[int]] = (),
     ):
+        """``redis``: the prefix cache's shared tier (engine_config.prefix_cache must be set);
+        ``pinned_prefixes``: token ids of prefixes computed now and kept without TTL."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
         if num_threads:
@@ -68,7 +76,10 @@ class AttentionShard:
         self.experts = experts
         self.num_requests_total = 0
         dispatcher = None if experts is None else ExpertDispatcher(experts)
-        self.engine = AsyncEngine(LLMEngine(model, engine_config, experts=dispatcher))
+        engine = LLMEngine(model, engine_config, experts=dispatcher, redis=redis)
+        for ids in pinned_prefixes:
+            engine.pin_prefix(ids)
+        self.engine = AsyncEngine(engine)
         self.max_requests = engine_config.max_num_seqs + max_waiting_requests
 
     async def generate(
@@ -100,6 +111,7 @@ class AttentionShard:
             resident_bytes=self.resident_bytes,
             num_expert_retries=getattr(self.experts, "num_retries", 0),
             num_requests_total=self.num_requests_total,
+            prefix_cache=engine.prefix.stats() if engine.prefix is not None else None,
         )
 
     async def wait_idle(self, timeout_s: float = 30.0) -> ShardStats:
@@ -109,3 +121,5 @@ class AttentionShard:
 
     async def close(self) -> None:
         await self.engine.close()
+        if self.engine.engine.prefix is not None:
+            self.engine.engine.prefix.close()

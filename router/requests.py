@@ -57,6 +57,8 @@ class Prompt:
     chat: bool = False
     thinking: bool = True
     tools: bool = False
+    prefix_boundaries: tuple[int, ...] = ()
+    """Where a reusable prefix ends (the system message): a hint for the prefix cache."""
 
 
 def request_id_of(request: pb.GenerateRequest) -> str:
@@ -133,12 +135,41 @@ def _json_object(text: str, field: str) -> dict[str, Any]:
 
 def render_chat(tokenizer: Tokenizer, chat: pb.Chat, limits: RequestLimits,
                 where: str = "chat") -> str:  # fmt: skip
+    return _render(tokenizer, chat, limits, where)[0]
+
+
+def _render(tokenizer: Tokenizer, chat: pb.Chat, limits: RequestLimits, where: str):
+    """-> (prompt text, the rendered leading system messages or None)."""
     messages, tools = chat_to_dicts(chat, limits, where)
     thinking = chat.enable_thinking if chat.HasField("enable_thinking") else True
     try:
-        return tokenizer.render_chat(messages, tools or None, enable_thinking=thinking)
+        text = tokenizer.render_chat(messages, tools or None, enable_thinking=thinking)
     except ChatError as e:
         raise invalid(f"{where}: {e}") from e
+    return text, system_prefix_text(tokenizer, messages, tools or None, thinking)
+
+
+def system_prefix_text(tokenizer: Tokenizer, messages, tools=None, thinking: bool = True):
+    """The chat template's rendering of the leading system messages alone (with the tools,
+    which the template declares there), or None when there are none or nothing follows."""
+    n = 0
+    while n < len(messages) and messages[n].get("role") == "system":
+        n += 1
+    if n == 0 or n == len(messages):
+        return None
+    try:
+        return tokenizer.render_chat(messages[:n], tools, add_generation_prompt=False,
+                                     enable_thinking=thinking)  # fmt: skip
+    except ChatError:
+        return None
+
+
+def prefix_boundary(tokenizer: Tokenizer, ids: list[int], text: str, prefix: str | None):
+    """Token count of ``prefix`` if the prompt's tokens start with its tokens, else None."""
+    if not prefix or not text.startswith(prefix):
+        return None
+    head = tokenizer.encode(prefix)
+    return len(head) if 0 < len(head) < len(ids) and ids[: len(head)] == head else None
 
 
 def check_token_ids(ids, limits: RequestLimits, field: str) -> list[int]:
@@ -162,12 +193,15 @@ def prompt_of(request: pb.GenerateRequest, tokenizer: Tokenizer, limits: Request
             raise invalid("token_ids.ids is empty: send at least one token id")
         prompt = Prompt(ids, None)
     else:
-        text = render_chat(tokenizer, request.chat, limits)
+        text, system = _render(tokenizer, request.chat, limits, "chat")
         thinking = (
             request.chat.enable_thinking if request.chat.HasField("enable_thinking") else True
         )
-        prompt = Prompt(tokenizer.encode(text), text, chat=True, thinking=thinking,
-                        tools=len(request.chat.tools) > 0)  # fmt: skip
+        ids = tokenizer.encode(text)
+        boundary = prefix_boundary(tokenizer, ids, text, system)
+        prompt = Prompt(ids, text, chat=True, thinking=thinking,
+                        tools=len(request.chat.tools) > 0,
+                        prefix_boundaries=(boundary,) if boundary else ())  # fmt: skip
     if not prompt.token_ids:
         raise invalid(f"{kind} gives no tokens: send a non-empty prompt")
     n = len(prompt.token_ids)

@@ -8,6 +8,7 @@ gRPC status; the host sets them on the call. No torch, no Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
@@ -67,6 +68,8 @@ class GenerationService:
         request_id = request_id_of(request)
         prompt = prompt_of(request, self.tokenizer, self.limits)
         params = sampling_params_of(request, len(prompt.token_ids), self.limits)
+        if prompt.prefix_boundaries:
+            params = dataclasses.replace(params, prefix_boundaries=prompt.prefix_boundaries)
         outputs = _Tracked(self.engine.generate(request_id, prompt.token_ids, params))
         deltas = stream_text(
             outputs,

@@ -21,6 +21,7 @@ from ray import serve
 from cluster.app import build_app, expert_group_name
 from cluster.config import ClusterConfig, EngineOptions
 from cluster.local import APP_NAME, start_local
+from cluster.redis_server import RedisServer
 from replicas.engine import EngineConfig, LLMEngine
 from replicas.model import ExaoneMoeForCausalLM
 from replicas.model_config import ModelConfig
@@ -38,10 +39,12 @@ FOUR = "four-groups"
 NEW_TOKENS = 24
 
 
-def _config(ckpt, num_groups: int, attention_replicas: int, replicas_per_group: int):
+def _config(ckpt, num_groups: int, attention_replicas: int, replicas_per_group: int,
+            redis_url: str | None = None):  # fmt: skip
     return ClusterConfig(
         model_path=str(ckpt),
         engine=ENGINE,
+        prefix_cache={"redis_url": redis_url, "snapshot_interval_tokens": 32},
         attention={"num_replicas": attention_replicas, "num_cpus": 0.5, "num_threads": 1},
         experts={"num_groups": num_groups, "replicas_per_group": replicas_per_group,
                  "num_cpus": 0.25, "num_threads": 1, "call_timeout_s": 60},
@@ -50,14 +53,18 @@ def _config(ckpt, num_groups: int, attention_replicas: int, replicas_per_group: 
 
 @pytest.fixture(scope="module")
 def cluster(served_ckpt):
-    local = start_local(_config(served_ckpt, 2, 2, 2), grpc_port=free_port(),
-                        http_port=free_port(), dashboard_port=None, num_cpus=8,
-                        ready_timeout_s=300)  # fmt: skip
-    try:
-        serve.run(build_app(_config(served_ckpt, 4, 1, 1)), name=FOUR, route_prefix="/four")
-        yield local
-    finally:
-        local.stop()
+    """Both applications share one redis-server (the prefix cache's shared tier)."""
+    with RedisServer() as redis_server:
+        url = redis_server.url
+        local = start_local(_config(served_ckpt, 2, 2, 2, url), grpc_port=free_port(),
+                            http_port=free_port(), dashboard_port=None, num_cpus=8,
+                            ready_timeout_s=300)  # fmt: skip
+        try:
+            serve.run(build_app(_config(served_ckpt, 4, 1, 1, url)), name=FOUR,
+                      route_prefix="/four")  # fmt: skip
+            yield local
+        finally:
+            local.stop()
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +215,28 @@ def test_requests_with_a_shared_prefix_go_to_one_replica(cluster, reference):
     _generate_all(cluster.grpc_address, APP_NAME, distinct)
     final = _stats_per_replica(APP_NAME, "AttentionShard")
     assert all(final[r].num_requests_total > after[r].num_requests_total for r in before)
+
+
+def test_a_replica_that_never_saw_a_prefix_gets_it_from_redis(cluster, served_ckpt):
+    """A 40-token prefix computed in the "exaone" application (2 attention replicas) is
+    resumed by the "four-groups" application's own attention replica through Redis."""
+    shared = list(range(500, 540))
+    prompts = [shared + [7, 8, 9], shared + [10, 11]]
+    model = ExaoneMoeForCausalLM.from_pretrained(served_ckpt, dtype=torch.float32)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    want = LLMEngine(model, EngineConfig(block_size=8)).generate(prompts, params)
+    (before,) = _stats_per_replica(FOUR, "AttentionShard", calls=2).values()
+    usage = []
+    for app, prompt, expect in ((APP_NAME, prompts[0], want[0]), (FOUR, prompts[1], want[1])):
+        with GenerationClient(cluster.grpc_address, timeout_s=120, application=app) as c:
+            got = c.generate(token_ids=prompt, max_tokens=6, temperature=0.0, ignore_eos=True)
+        assert got.token_ids == expect
+        usage.append(got.usage.get("cached_prompt_tokens", 0))
+        time.sleep(0.5)  # the first replica's Redis write is asynchronous
+    assert usage == [0, 32]  # the snapshot every 32 tokens
+    (after,) = _stats_per_replica(FOUR, "AttentionShard", calls=2).values()
+    assert after.prefix_cache.num_redis_hits == before.prefix_cache.num_redis_hits + 1
+    assert after.prefix_cache.redis_bytes_read > before.prefix_cache.redis_bytes_read
 
 
 def test_losing_an_expert_replica_loses_no_request(cluster, reference, report):

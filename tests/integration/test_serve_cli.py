@@ -68,10 +68,24 @@ def test_serve_builds_default_model_serves_and_stops_on_sigterm(tmp_path, extra,
         assert f"127.0.0.1:{port}" in ready and f"({mode})" in ready
         assert any("building the tiny checkpoint" in line for line in seen)
         assert (Path(tmp_path) / "models" / "tiny" / "config.json").is_file()
+        assert any("prefix cache: local + redis-server at 127.0.0.1:" in line for line in seen)
         with GenerationClient(f"127.0.0.1:{port}", timeout_s=120) as client:
             assert client.health() == "SERVING"
             result = client.generate("Hello", max_tokens=5, temperature=0.0, ignore_eos=True)
             assert len(result.token_ids) == 5
+            # The same system prompt twice: the second request resumes after it.
+            system = {"role": "system", "content": "You answer in one word. " * 12}
+            usage = [
+                client.generate(
+                    messages=[system, {"role": "user", "content": q}],
+                    max_tokens=2,
+                    temperature=0.0,
+                    ignore_eos=True,
+                ).usage  # fmt: skip
+                for q in ("Why?", "Why not?")
+            ]
+            assert usage[0].get("cached_prompt_tokens", 0) == 0
+            assert usage[1]["cached_prompt_tokens"] > 20, usage
         ray_processes = descendants(proc.pid)
         assert ray_processes
         proc.send_signal(signal.SIGTERM)
