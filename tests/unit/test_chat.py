@@ -162,3 +162,44 @@ def test_unterminated_call_and_thinking_off():
     assert out.content == "Sure" and out.tool_calls == []
     assert out.tool_call_errors[0].reason == "unterminated <tool_call>"
     assert parse_output("plain\n", thinking=False).content == "plain\n"
+
+
+def test_router_marks_the_end_of_the_system_messages_as_a_prefix_boundary(ckpt):
+    """The hint the prefix cache snapshots at: the tokens of the leading system message(s),
+    rendered alone, are a prefix of the whole prompt's tokens; no hint without a system message
+    or when nothing follows it. A pinned system prompt renders to exactly those tokens."""
+    from cluster.app import _prefix_cache
+    from cluster.config import ClusterConfig
+    from protos.exaone.v1 import generation_pb2 as pb
+    from router.requests import RequestLimits, prompt_of
+
+    tok = Tokenizer(ckpt)
+    limits = RequestLimits(vocab_size=1024, max_model_len=4096, max_output_tokens=16)
+    system = "You are a careful assistant. " * 8
+
+    def prompt(*messages, tools=()):
+        chat = pb.Chat(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages],
+                       tools=list(tools))  # fmt: skip
+        return prompt_of(pb.GenerateRequest(chat=chat), tok, limits)
+
+    p = prompt(("system", system), ("user", "Hi"))
+    (b,) = p.prefix_boundaries
+    head = tok.encode(tok.render_chat([{"role": "system", "content": system}],
+                                      add_generation_prompt=False))  # fmt: skip
+    assert b == len(head) and p.token_ids[:b] == head and b < len(p.token_ids)
+    other = prompt(("system", system), ("user", "Something else entirely"))
+    assert other.prefix_boundaries == (b,) and other.token_ids[:b] == head
+    two = prompt(("system", system), ("system", "Be brief."), ("user", "Hi"))
+    assert two.prefix_boundaries[0] > b
+    with_tools = prompt(("system", system), ("user", "Hi"),
+                        tools=[pb.Tool(name="lookup", description="Find a fact.")])  # fmt: skip
+    assert with_tools.prefix_boundaries[0] > b  # the template declares tools in the system turn
+    assert prompt(("user", "Hi")).prefix_boundaries == ()
+    assert prompt(("system", system)).prefix_boundaries == ()
+    text = prompt_of(pb.GenerateRequest(text=system), tok, limits)
+    assert text.prefix_boundaries == ()
+
+    config = ClusterConfig(model_path=str(ckpt),
+                           prefix_cache={"pinned_system_prompts": [system]})  # fmt: skip
+    prefix, redis, pinned = _prefix_cache(config)
+    assert redis is None and pinned == [head] and prefix.fingerprint
