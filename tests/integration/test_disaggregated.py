@@ -224,7 +224,9 @@ def test_a_replica_that_never_saw_a_prefix_gets_it_from_redis(cluster, served_ck
     prompts = [shared + [7, 8, 9], shared + [10, 11]]
     model = ExaoneMoeForCausalLM.from_pretrained(served_ckpt, dtype=torch.float32)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    want = LLMEngine(model, EngineConfig(block_size=8)).generate(prompts, params)
+    want = LLMEngine(model, EngineConfig(block_size=8, kv_cache_bytes=32 << 20)).generate(
+        prompts, params
+    )
     (before,) = _stats_per_replica(FOUR, "AttentionShard", calls=2).values()
     usage = []
     for app, prompt, expect in ((APP_NAME, prompts[0], want[0]), (FOUR, prompts[1], want[1])):

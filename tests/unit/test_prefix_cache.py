@@ -23,6 +23,8 @@ from replicas.prefix_cache import (
 from replicas.prefix_manager import PrefixCacheConfig, stored_bytes_per_token
 from replicas.sampling_params import SamplingParams
 
+KV = 32 << 20  # KV pool bytes per engine (the 1 GiB default, times many engines, adds up)
+
 
 def test_hash_chain_names_prefixes_not_blocks():
     root = chain_root("model-a", 4)
@@ -148,9 +150,11 @@ def test_scheduler_ends_chunks_on_boundaries_and_local_hits_match(tiny_model):
     prefix, prompts = _prompts(45, 5)
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True,
                             prefix_boundaries=(45,))  # fmt: skip
-    ref = LLMEngine(tiny_model, EngineConfig(max_num_batched_tokens=64))
+    ref = LLMEngine(tiny_model, EngineConfig(max_num_batched_tokens=64, kv_cache_bytes=KV))
     want = [ref.generate([p], params)[0] for p in prompts]
-    cfg = EngineConfig(max_num_batched_tokens=64, prefix_cache=PrefixCacheConfig("t", 16))
+    cfg = EngineConfig(
+        max_num_batched_tokens=64, kv_cache_bytes=KV, prefix_cache=PrefixCacheConfig("t", 16)
+    )
     engine = LLMEngine(tiny_model, cfg)
     cuts = []
     schedule = engine.scheduler.schedule
@@ -180,7 +184,7 @@ def test_batched_hits_and_preemption_keep_outputs(tiny_model):
     _, prompts = _prompts(40, 12, seed=3)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
                             prefix_boundaries=(40,))  # fmt: skip
-    want = LLMEngine(tiny_model, EngineConfig()).generate(prompts, params)
+    want = LLMEngine(tiny_model, EngineConfig(kv_cache_bytes=KV)).generate(prompts, params)
     cfg = EngineConfig(max_num_batched_tokens=96, num_blocks=14, block_size=8,
                        prefix_cache=PrefixCacheConfig("t", 0))  # fmt: skip
     engine = LLMEngine(tiny_model, cfg)
@@ -190,9 +194,9 @@ def test_batched_hits_and_preemption_keep_outputs(tiny_model):
     # Another prefix needs the blocks: the first prefix's unused blocks are evicted, and its
     # prompts are then computed again with unchanged outputs.
     _, others = _prompts(40, 3, seed=4)
-    assert engine.generate(others, params) == LLMEngine(tiny_model, EngineConfig()).generate(
-        others, params
-    )
+    assert engine.generate(others, params) == LLMEngine(
+        tiny_model, EngineConfig(kv_cache_bytes=KV)
+    ).generate(others, params)
     assert engine.cache.blocks.num_evictions > 0
     assert engine.generate(prompts[:2], params) == want[:2]
     assert engine.num_blocks_in_use == 0
