@@ -22,12 +22,14 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import ray
 from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.config import ClusterConfig
 from cluster.request_router import PrefixAffinityRouter
@@ -88,28 +90,72 @@ def _device(num_gpus: float) -> str:
 
 @serve.deployment(name="ExpertGroup")
 class ExpertGroupDeployment:
-    """Replica of expert group ``group``: its experts of every MoE layer, nothing else."""
+    """Replica of expert group ``group``: its experts of every MoE layer, nothing else.
+
+    With the "actor" transport the experts live in a named worker actor this replica starts
+    (and takes down with it); attention replicas call the worker directly. The replica's own
+    ``forward`` also works (through the worker), so Serve handles reach the group either way."""
 
     def __init__(self, config: ClusterConfig, group: int):
-        from replicas.expert_group import ExpertGroup  # torch: only in this replica
-
         placement = config.placement(_model_config(config).num_experts)
         e = config.experts
-        self.group = ExpertGroup(
-            config.model_path,
-            group,
-            placement.groups[group],
-            dtype=config.dtype,
-            device=_device(e.num_gpus),
-            num_threads=e.num_threads or os.cpu_count(),
-        )
+        args = (config.model_path, group, placement.groups[group], config.dtype,
+                _device(e.num_gpus), e.num_threads or os.cpu_count())  # fmt: skip
+        if e.transport == "actor":
+            from cluster.expert_transport import WORKER_NAMESPACE, worker_name
+
+            ctx = serve.get_replica_context()
+            name = worker_name(ctx.app_name, group, ctx.replica_id.unique_id)
+            strategy = NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=True
+            )
+            self.worker = ExpertWorker.options(
+                name=name, namespace=WORKER_NAMESPACE, scheduling_strategy=strategy,
+                **_actor_options(e.num_cpus, e.num_gpus, e.resources),
+            ).remote(*args)  # fmt: skip
+            ray.get(self.worker.ready.remote())
+            self.group = None
+        else:
+            self.worker, self.group = None, _load_group(*args)
 
     def forward(self, layer: int, x, topk_ids):
         """Packed tensors in and out (cluster.expert_transport.pack)."""
-        from cluster.expert_transport import pack, unpack
+        if self.worker is not None:
+            return ray.get(self.worker.forward.remote(layer, x, topk_ids))
+        return _forward_packed(self.group, layer, x, topk_ids)
 
-        slots, y = self.group.forward(layer, unpack(x), unpack(topk_ids))
-        return pack(slots), pack(y)
+    def stats(self):
+        return (
+            ray.get(self.worker.stats.remote()) if self.worker is not None else self.group.stats()
+        )
+
+
+def _load_group(path, group, expert_ids, dtype, device, num_threads):
+    from replicas.expert_group import ExpertGroup  # torch: only in expert processes
+
+    return ExpertGroup(path, group, expert_ids, dtype=dtype, device=device,
+                       num_threads=num_threads)  # fmt: skip
+
+
+def _forward_packed(group, layer, x, topk_ids):
+    from cluster.expert_transport import pack, unpack
+
+    slots, y = group.forward(layer, unpack(x), unpack(topk_ids))
+    return pack(slots), pack(y)
+
+
+@ray.remote
+class ExpertWorker:
+    """The process that holds an expert group replica's weights ("actor" transport)."""
+
+    def __init__(self, *args):
+        self.group = _load_group(*args)
+
+    def ready(self) -> bool:
+        return True
+
+    def forward(self, layer: int, x, topk_ids):
+        return _forward_packed(self.group, layer, x, topk_ids)
 
     def stats(self):
         return self.group.stats()
@@ -118,17 +164,21 @@ class ExpertGroupDeployment:
 @serve.deployment(name="AttentionShard")
 class AttentionShardDeployment:
     def __init__(self, config: ClusterConfig, *expert_groups: DeploymentHandle):
-        from cluster.expert_transport import ServeHandleTransport
+        from cluster.expert_transport import ActorTransport, ServeHandleTransport, worker_prefix
         from replicas.attention_shard import AttentionShard  # torch: only in this replica
         from replicas.engine import EngineConfig
 
         e, a = config.engine, config.attention
         placement = config.placement(_model_config(config).num_experts)
-        transport = None
-        if placement is not None:
-            transport = ServeHandleTransport(
-                placement, expert_groups, call_timeout_s=config.experts.call_timeout_s
-            )
+        transport, x = None, config.experts
+        if placement is not None and x.transport == "serve":
+            transport = ServeHandleTransport(placement, expert_groups,
+                                             call_timeout_s=x.call_timeout_s)  # fmt: skip
+        elif placement is not None:
+            app = serve.get_replica_context().app_name
+            prefixes = [worker_prefix(app, g) for g in range(placement.num_groups)]
+            transport = ActorTransport(placement, prefixes, call_timeout_s=x.call_timeout_s)
+            transport.wait_ready()
         prefix, redis, pinned = _prefix_cache(config)
         self.shard = AttentionShard(
             config.model_path,
@@ -336,7 +386,10 @@ def expert_groups(config: ClusterConfig) -> list[serve.Application]:
         ExpertGroupDeployment.options(
             name=expert_group_name(g),
             num_replicas=x.replicas_per_group,
-            ray_actor_options=_actor_options(x.num_cpus, x.num_gpus, x.resources),
+            # With the "actor" transport the worker actor holds the resources, not the replica.
+            ray_actor_options=_actor_options(x.num_cpus, x.num_gpus, x.resources)
+            if x.transport == "serve"
+            else {"num_cpus": 0},
             # Each attention replica keeps num_microbatches calls in flight per group.
             max_ongoing_requests=max(16, 4 * a.num_replicas * a.num_microbatches),
         ).bind(config, g)

@@ -79,6 +79,12 @@ class ExpertOptions(_Strict):
         gt=0,
         description="How long one layer call may retry (replica lost, group restarting).",
     )
+    transport: Literal["actor", "serve"] = Field(
+        "actor",
+        description="Per-layer calls: 'actor' = direct Ray actor calls to each replica's expert "
+        "worker (fastest; Serve still runs and scales the replicas), 'serve' = through Serve "
+        "deployment handles.",
+    )
 
 
 class RouterOptions(_Strict):

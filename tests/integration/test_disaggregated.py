@@ -1,8 +1,9 @@
 """Disaggregated mode end to end: gRPC -> Router -> AttentionShard replicas -> ExpertGroup-g
-deployments (Ray Serve handles), on a real local Ray cluster.
+deployments, on a real local Ray cluster.
 
-Two applications share the cluster: "disagg" (2 attention replicas, 2 expert groups of 2
-replicas each) and "four-groups" (1 attention replica, 4 expert groups). Greedy outputs of both
+Two applications share the cluster: "exaone" (2 attention replicas, 2 expert groups of 2
+replicas each, layer calls as direct actor calls to the groups' workers) and "four-groups"
+(1 attention replica, 4 expert groups, layer calls through Serve handles). Greedy outputs of both
 must equal the colocated engine's; losing an expert replica must change nothing, losing an
 attention replica ends only its own requests, with UNAVAILABLE.
 """
@@ -40,14 +41,15 @@ NEW_TOKENS = 24
 
 
 def _config(ckpt, num_groups: int, attention_replicas: int, replicas_per_group: int,
-            redis_url: str | None = None):  # fmt: skip
+            redis_url: str | None = None, transport: str = "actor"):  # fmt: skip
     return ClusterConfig(
         model_path=str(ckpt),
         engine=ENGINE,
         prefix_cache={"redis_url": redis_url, "snapshot_interval_tokens": 32},
         attention={"num_replicas": attention_replicas, "num_cpus": 0.5, "num_threads": 1},
         experts={"num_groups": num_groups, "replicas_per_group": replicas_per_group,
-                 "num_cpus": 0.25, "num_threads": 1, "call_timeout_s": 60},
+                 "num_cpus": 0.25, "num_threads": 1, "call_timeout_s": 60,
+                 "transport": transport},
     )  # fmt: skip
 
 
@@ -60,7 +62,7 @@ def cluster(served_ckpt):
                             http_port=free_port(), dashboard_port=None, num_cpus=8,
                             ready_timeout_s=300)  # fmt: skip
         try:
-            serve.run(build_app(_config(served_ckpt, 4, 1, 1, url)), name=FOUR,
+            serve.run(build_app(_config(served_ckpt, 4, 1, 1, url, "serve")), name=FOUR,
                       route_prefix="/four")  # fmt: skip
             yield local
         finally:
