@@ -1,8 +1,9 @@
 """Disaggregated experts vs colocated: dispatch cost per hop and output tokens/s, one run.
 
 Starts a local Ray cluster, deploys ExpertGroup-g Serve deployments for 2 and 4 groups, and runs
-the engine in this process (it is what an attention replica runs) against them through
-ServeHandleTransport, with ping-pong (2 micro-batches) and without (1). Colocated = the same
+the engine in this process (it is what an attention replica runs) against them through each
+transport (direct actor calls to the groups' workers, and Serve handles), with ping-pong (2
+micro-batches) and without (1). Colocated = the same
 engine holding every expert. Same checkpoint, prompts, dtype and greedy decoding (ignore_eos).
 Prints medians, ratios and where the time of a disaggregated step goes. Asserts nothing.
 
@@ -31,6 +32,7 @@ from bench.throughput import prompts_for, run_engine  # noqa: E402
 from replicas.dispatch import ExpertDispatcher  # noqa: E402
 from replicas.expert_group import ExpertGroup  # noqa: E402
 from replicas.model import ExaoneMoeForCausalLM  # noqa: E402
+from replicas.model_config import ModelConfig  # noqa: E402
 
 
 class TimedTransport:
@@ -56,7 +58,7 @@ class TimedTransport:
         return _Timed()
 
 
-def deploy_groups(path: Path, dtype: str, num_groups: int, threads: int):
+def deploy_groups(path: Path, dtype: str, num_groups: int, threads: int, transport: str):
     from ray import serve
 
     from cluster.app import expert_group_name, expert_groups
@@ -64,16 +66,25 @@ def deploy_groups(path: Path, dtype: str, num_groups: int, threads: int):
 
     config = ClusterConfig(
         model_path=str(path), dtype=dtype,
-        experts={"num_groups": num_groups, "num_cpus": 0.1, "num_threads": threads},
+        experts={"num_groups": num_groups, "num_cpus": 0.1, "num_threads": threads,
+                 "transport": transport},
     )  # fmt: skip
     # Only the expert groups are deployed (the engine runs here, as in an attention replica),
     # each as its own application.
-    handles = []
+    from cluster.expert_transport import ActorTransport, ServeHandleTransport, worker_prefix
+
+    handles, prefixes = [], []
     for g, group in enumerate(expert_groups(config)):
-        app = f"groups{num_groups}-{g}"
+        app = f"groups{num_groups}-{transport}-{g}"
         serve.run(group, name=app, route_prefix=None)
         handles.append(serve.get_deployment_handle(expert_group_name(g), app))
-    return config, handles
+        prefixes.append(worker_prefix(app, g))
+    placement = config.placement(ModelConfig.from_json_file(path / "config.json").num_experts)
+    if transport == "serve":
+        return ServeHandleTransport(placement, handles)
+    out = ActorTransport(placement, prefixes)
+    out.wait_ready()
+    return out
 
 
 def hop_overhead(transport, group: ExpertGroup, hidden: int, layer: int, repeats: int = 50):
@@ -102,7 +113,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per point (median)")
     ap.add_argument("--expert-threads", type=int, default=1, help="torch threads per group")
+    ap.add_argument("--transports", default="actor,serve", help="actor and/or serve")
     args = ap.parse_args()
+    kinds = args.transports.split(",")
     batches = [int(b) for b in args.batch_sizes.split(",")]
     group_counts = [int(g) for g in args.groups.split(",")]
 
@@ -113,7 +126,6 @@ def main() -> None:
     from ray import serve
     from ray.serve.schema import LoggingConfig
 
-    from cluster.expert_transport import ServeHandleTransport
     from cluster.loopback import HOOK
 
     path = checkpoint(args.preset, args.dtype)
@@ -130,21 +142,28 @@ def main() -> None:
     try:
         transports = {}
         for g in group_counts:
-            config, handles = deploy_groups(path, args.dtype, g, args.expert_threads)
-            transports[g] = ServeHandleTransport(config.placement(cfg.num_experts), handles)
+            for t in kinds:
+                transports[g, t] = deploy_groups(path, args.dtype, g, args.expert_threads, t)
         layer = cfg.moe_layers[0]
-        probe = ExpertGroup(path, 0, transports[group_counts[0]].placement.groups[0],
-                            dtype=args.dtype)  # fmt: skip
-        hop_ms, local_ms = hop_overhead(transports[group_counts[0]], probe, cfg.hidden_size, layer)
+        first = transports[group_counts[0], kinds[0]]
+        probe = ExpertGroup(path, 0, first.placement.groups[0], dtype=args.dtype)
+        for t in kinds:
+            hop_ms, local_ms = hop_overhead(transports[group_counts[0], t], probe,
+                                            cfg.hidden_size, layer)  # fmt: skip
+            over = hop_ms - local_ms
+            print(f"{t} transport, one-token layer call: {hop_ms:.2f} ms round trip, "
+                  f"{local_ms:.2f} ms of it expert compute -> {over:.2f} ms dispatch overhead "
+                  f"per hop ({len(cfg.moe_layers)} MoE layers: {over * len(cfg.moe_layers):.0f} "
+                  "ms per step if nothing overlaps)", flush=True)  # fmt: skip
         del probe
-        print(f"one-token layer call: {hop_ms:.2f} ms round trip, {local_ms:.2f} ms of it expert "
-              f"compute -> {hop_ms - local_ms:.2f} ms dispatch overhead per hop "
-              f"({len(cfg.moe_layers)} MoE layers: {(hop_ms - local_ms) * len(cfg.moe_layers):.0f}"
-              f" ms per step if nothing overlaps)", flush=True)  # fmt: skip
 
         configs = [("colocated", None, 1)]
         for g in group_counts:
-            configs += [(f"{g} groups", g, 1), (f"{g} groups ping-pong", g, 2)]
+            for t in kinds:
+                configs += [
+                    (f"{g} groups {t}", (g, t), 1),
+                    (f"{g} groups {t} ping-pong", (g, t), 2),
+                ]
         warm = prompts_for(2, args.prompt_tokens, cfg.vocab_size, seed=99)
         for _, g, mb in configs:
             run_engine(*((colocated, warm, 2) if g is None else (attention, warm, 2)),
