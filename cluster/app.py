@@ -111,7 +111,7 @@ class ExpertGroupDeployment:
             )
             self.worker = ExpertWorker.options(
                 name=name, namespace=WORKER_NAMESPACE, scheduling_strategy=strategy,
-                **_actor_options(e.num_cpus, e.num_gpus, e.resources),
+                **worker_options(config),
             ).remote(*args)  # fmt: skip
             ray.get(self.worker.ready.remote())
             self.group = None
@@ -128,6 +128,13 @@ class ExpertGroupDeployment:
         return (
             ray.get(self.worker.stats.remote()) if self.worker is not None else self.group.stats()
         )
+
+
+def worker_options(config: ClusterConfig) -> dict:
+    """Resources of an expert replica's worker actor ("actor" transport): the group's CPUs,
+    GPUs and custom resources (the Serve replica itself then reserves none)."""
+    e = config.experts
+    return _actor_options(e.num_cpus, e.num_gpus, e.resources)
 
 
 def _load_group(path, group, expert_ids, dtype, device, num_threads):

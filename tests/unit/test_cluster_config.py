@@ -59,3 +59,31 @@ def test_serve_flags_override_the_file(ckpt, tmp_path):
     assert (config.attention.num_replicas, config.attention.num_cpus) == (2, 2.0)
     unchanged = with_overrides(ClusterConfig(model_path=ckpt), parser.parse_args([]))
     assert unchanged == ClusterConfig(model_path=ckpt)
+
+
+@pytest.mark.parametrize("transport", ["actor", "serve"])
+def test_gpu_placement_gives_attention_and_each_expert_replica_its_own_gpu(make_ckpt, transport):
+    """On GPU nodes (num_gpus 1 each) Ray hands every attention replica and every expert
+    process a GPU of its own. With the actor transport the worker holds the GPU and the Serve
+    replica reserves nothing."""
+    from cluster.app import build_app, expert_groups, worker_options
+
+    config = ClusterConfig(
+        model_path=str(make_ckpt("tiny")),
+        attention={"num_gpus": 1, "num_cpus": 2},
+        experts={"num_groups": 2, "replicas_per_group": 2, "num_gpus": 1, "num_cpus": 1,
+                 "resources": {"expert_node": 1}, "transport": transport},
+    )  # fmt: skip
+    groups = [g._bound_deployment for g in expert_groups(config)]
+    assert [d.name for d in groups] == ["ExpertGroup-0", "ExpertGroup-1"]
+    assert all(d.num_replicas == 2 for d in groups)
+    gpu = {"num_cpus": 1, "num_gpus": 1, "resources": {"expert_node": 1}}
+    if transport == "serve":
+        assert all(d.ray_actor_options == gpu for d in groups)
+    else:
+        assert all(d.ray_actor_options == {"num_cpus": 0} for d in groups)
+        assert worker_options(config) == gpu
+    router = build_app(config)._bound_deployment
+    shard = router.init_args[1]._bound_deployment
+    assert shard.name == "AttentionShard"
+    assert shard.ray_actor_options == {"num_cpus": 2, "num_gpus": 1}
