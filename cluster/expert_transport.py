@@ -57,20 +57,33 @@ def unpack(packed) -> torch.Tensor:
     return t.view(getattr(torch, dtype)) if dtype else t
 
 
-class _Call:
-    def __init__(self, transport: ServeHandleTransport, group: int, args: tuple):
+class _RetryingCall:
+    """One layer call. While the replica serving it is lost (or none is up), it is sent again
+    after a short backoff, until ``call_timeout_s``; then ReplicaUnavailableError."""
+
+    retriable: tuple[type[BaseException], ...] = RETRIABLE
+
+    def __init__(self, transport, group: int, args: tuple):
         self.transport, self.group, self.args = transport, group, args
         self.deadline = time.monotonic() + transport.call_timeout_s
-        self.response = transport.handles[group].remote(*args)
+        self.pending = self._send()
+
+    def _send(self):
+        raise NotImplementedError
+
+    def _wait(self, timeout_s: float):
+        raise NotImplementedError
+
+    def _before_resend(self) -> None:
+        pass
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         attempt = 0
         while True:
-            remaining = self.deadline - time.monotonic()
             try:
-                slots, y = self.response.result(timeout_s=max(remaining, 0.001))
+                slots, y = self._wait(max(self.deadline - time.monotonic(), 0.001))
                 return unpack(slots), unpack(y)
-            except RETRIABLE as e:
+            except self.retriable as e:
                 attempt += 1
                 self.transport.num_retries += 1
                 if time.monotonic() >= self.deadline:
@@ -81,7 +94,16 @@ class _Call:
                 log.warning("expert group %d, layer %d: %s; retrying (attempt %d)",
                             self.group, self.args[0], type(e).__name__, attempt)  # fmt: skip
                 time.sleep(min(0.05 * attempt, 1.0))
-                self.response = self.transport.handles[self.group].remote(*self.args)
+                self._before_resend()
+                self.pending = self._send()
+
+
+class _ServeCall(_RetryingCall):
+    def _send(self):
+        return self.transport.handles[self.group].remote(*self.args)
+
+    def _wait(self, timeout_s: float):
+        return self.pending.result(timeout_s=timeout_s)
 
 
 class ServeHandleTransport:
@@ -98,8 +120,8 @@ class ServeHandleTransport:
         self.call_timeout_s = call_timeout_s
         self.num_retries = 0
 
-    def submit(self, group: int, layer: int, x: torch.Tensor, topk_ids: torch.Tensor) -> _Call:
-        return _Call(self, group, (layer, pack(x), pack(topk_ids)))
+    def submit(self, group: int, layer: int, x: torch.Tensor, topk_ids: torch.Tensor) -> _ServeCall:
+        return _ServeCall(self, group, (layer, pack(x), pack(topk_ids)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,36 +138,21 @@ def worker_prefix(app: str, group: int) -> str:
     return f"expert-worker:{app}:{group}:"
 
 
-class _ActorCall:
-    def __init__(self, transport: ActorTransport, group: int, args: tuple):
-        self.transport, self.group, self.args = transport, group, args
-        self.deadline = time.monotonic() + transport.call_timeout_s
-        self.ref = transport._send(group, args)
+class _ActorCall(_RetryingCall):
+    retriable = (*RETRIABLE, ray_exceptions.GetTimeoutError)
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _send(self):
+        return self.transport._send(self.group, self.args)
+
+    def _wait(self, timeout_s: float):
         import ray
 
-        attempt = 0
-        while True:
-            remaining = self.deadline - time.monotonic()
-            try:
-                if self.ref is None:
-                    raise TimeoutError("no worker of the group is up")
-                slots, y = ray.get(self.ref, timeout=max(remaining, 0.001))
-                return unpack(slots), unpack(y)
-            except (*RETRIABLE, ray_exceptions.GetTimeoutError) as e:
-                attempt += 1
-                self.transport.num_retries += 1
-                if time.monotonic() >= self.deadline:
-                    raise ReplicaUnavailableError(
-                        f"expert group {self.group}: no replica answered layer {self.args[0]} "
-                        f"within {self.transport.call_timeout_s:.0f} s ({type(e).__name__})"
-                    ) from e
-                log.warning("expert group %d, layer %d: %s; retrying (attempt %d)",
-                            self.group, self.args[0], type(e).__name__, attempt)  # fmt: skip
-                time.sleep(min(0.05 * attempt, 1.0))
-                self.transport.refresh()
-                self.ref = self.transport._send(self.group, self.args)
+        if self.pending is None:
+            raise TimeoutError("no worker of the group is up")
+        return ray.get(self.pending, timeout=timeout_s)
+
+    def _before_resend(self) -> None:
+        self.transport.refresh()
 
 
 class ActorTransport:
