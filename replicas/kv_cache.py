@@ -138,7 +138,7 @@ class HybridKVCache:
             for j, i in enumerate(self.global_layers):
                 pool[i].index_copy_(0, rows, data[kv, j].to(pool[i]))
 
-    def _ring_rows(self, num_tokens: int) -> list[int]:
+    def ring_rows(self, num_tokens: int) -> list[int]:
         """Ring rows of the last min(P, W - 1) positions before P, oldest first."""
         if not self.window:
             return []
@@ -147,7 +147,7 @@ class HybridKVCache:
 
     def read_window(self, slot: int, num_tokens: int) -> torch.Tensor:
         """Each sliding layer's kept positions before ``num_tokens``: [2, Ls, n, Hkv, D]."""
-        rows = self._ring_rows(num_tokens)
+        rows = self.ring_rows(num_tokens)
         shape = (2, len(self.sliding_layers), len(rows), self.cfg.num_key_value_heads,
                  self.cfg.head_dim)  # fmt: skip
         if not self.sliding_layers:
@@ -159,7 +159,7 @@ class HybridKVCache:
 
     def write_window(self, slot: int, num_tokens: int, data: torch.Tensor) -> None:
         """Inverse of read_window: the slot then holds what a prefill of num_tokens left."""
-        rows = self._ring_rows(num_tokens)
+        rows = self.ring_rows(num_tokens)
         if len(rows) != data.shape[2]:
             raise ValueError(
                 f"window of {data.shape[2]} rows, position {num_tokens} needs {len(rows)}"

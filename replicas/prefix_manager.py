@@ -87,6 +87,8 @@ class PrefixState:
     pinned: bool = False
     redis_blocks: set[int] = field(default_factory=set)
     """Block indexes Redis already holds (from the lookup): not sent again."""
+    settled: bool = False
+    """The first match attempt counted a miss / sent Redis what it lacked."""
 
 
 @dataclass
@@ -195,10 +197,9 @@ class PrefixCacheManager:
         state = request.prefix
         if state is None:
             return None
-        lookup = None
+        lookup = None  # kept by the future: a retried admission or a preempted request reuses it
         if state.lookup is not None:
             lookup = state.lookup.result() if state.lookup.exception() is None else Lookup()
-            state.lookup = None  # used once; a preempted request re-matches locally
         found = None
         hit = lookup.hit if lookup is not None else None
         for p in state.usable:
@@ -214,16 +215,18 @@ class PrefixCacheManager:
             if snap is not None and run == nfull:
                 found = (p, run, {}, snap, "local")
                 break
-        if lookup is not None:
-            state.redis_blocks = lookup.blocks_present
-            self._publish_missing(request, lookup, found)
+        if not state.settled:  # once per request, however often admission is tried
+            state.settled = True
+            if lookup is not None:
+                state.redis_blocks = lookup.blocks_present
+                self._publish_missing(request, lookup, found)
+            if found is None:
+                self.num_misses += 1
         if found is None:
-            self.num_misses += 1
             return None
         p, run, fetched, snap, source = found
         shared = [self.pool.acquire(name) for name in state.names[:run]]
         state.match = PrefixMatch(p, shared, fetched, snap, source)
-        state.capture_at = [b for b in state.capture_at if b > p]
         return state.match
 
     def release(self, request: Request) -> None:
@@ -261,7 +264,7 @@ class PrefixCacheManager:
         if state is None:
             return
         while state.capture_at and state.capture_at[0] < num_computed:
-            state.capture_at.pop(0)  # passed without a snapshot (e.g. preempted mid-way)
+            state.capture_at.pop(0)  # resumed past it from the cache, or preempted mid-way
         if not state.capture_at or state.capture_at[0] != num_computed:
             return
         p = state.capture_at.pop(0)
@@ -355,7 +358,7 @@ class PrefixCacheManager:
             if p <= local_best:
                 break
             nfull = p // self.bs
-            need = range(local_run if local_run < nfull else nfull, nfull)
+            need = range(min(local_run, nfull), nfull)
             if p not in out.windows_present or any(i not in out.blocks_present for i in need):
                 continue
             try:
@@ -379,7 +382,7 @@ class PrefixCacheManager:
         snap, fetched, corrupt = None, {}, False
         try:
             num, win = fmt.decode(values[0], fmt.KIND_WINDOW, self.dtype, self._expect_window)
-            n_rows = len(self.cache._ring_rows(p))
+            n_rows = len(self.cache.ring_rows(p))
             if (
                 num != p
                 or win[fmt.SLIDING].shape[2] != n_rows

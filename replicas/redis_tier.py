@@ -16,12 +16,13 @@ dead server costs one timeout, not one per request.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import redis
 from redis import exceptions as redis_errors
@@ -173,17 +174,9 @@ class RedisTier:
 
     def snapshot_stats(self) -> RedisTierStats:
         with self._lock:
-            return RedisTierStats(
-                **{f.name: getattr(self.stats, f.name) for f in fields(self.stats)}
-            )
+            return dataclasses.replace(self.stats)
 
     def close(self) -> None:
         self.reads.shutdown(wait=True, cancel_futures=True)
         self.writes.shutdown(wait=True, cancel_futures=True)
         self.client.close()
-
-
-def done_future(value) -> Future:
-    f: Future = Future()
-    f.set_result(value)
-    return f
