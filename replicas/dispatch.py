@@ -4,9 +4,9 @@
 ``ExpertTransport`` is the small
 interface a transport implements: send one group the hidden states of the tokens that chose its
 experts, get back ``(slots, y)`` (the group's held slots and their unweighted expert outputs,
-see ``RoutedExperts.compute``). ``ExpertDispatcher`` splits an ExpertCall by group and combines
-the answers into the [S, H] fp32 slot buffer, weighting each slot exactly as the colocated model
-does, so outputs do not depend on the number of groups. ``run_microbatches`` drives several
+see ``RoutedExperts.compute``). ``ExpertDispatcher`` splits an ExpertCall by group and gathers
+the answers into one ``ExpertRows``, which the model weights and sums exactly as in colocated
+mode, so outputs do not depend on the number of groups. ``run_microbatches`` drives several
 micro-batches of one step so that one micro-batch's attention runs while another's experts do
 (ping-pong).
 
@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from replicas.model import ExpertCall, fill_slots
+from replicas.model import ExpertCall, ExpertRows
 from replicas.placement import ExpertPlacement
 
 
@@ -70,18 +70,16 @@ class PendingCombine:
     def __init__(self, call: ExpertCall, parts: list[tuple[torch.Tensor, ExpertResult]]):
         self.call, self.parts = call, parts
 
-    def wait(self) -> torch.Tensor:
-        """-> [S, H] fp32 slot outputs, each slot weighted (same numerics as colocated)."""
-        topk_ids, weights = self.call.routing
-        n, k = topk_ids.shape
-        out = torch.empty(
-            n * k, self.call.x.shape[-1], dtype=torch.float32, device=self.call.x.device
-        )
+    def wait(self) -> ExpertRows:
+        """-> every group's rows, by slot of the whole call (weighted later, as colocated)."""
+        topk_ids = self.call.routing.topk_ids
+        k = topk_ids.shape[1]
+        parts = []
         for tokens, pending in self.parts:
             local_slots, y = pending.result()  # slots of the sub-batch of `tokens`
             slots = tokens.index_select(0, local_slots // k) * k + local_slots % k  # [S_g]
-            fill_slots(out, slots, y.to(self.call.x.device), weights)
-        return out
+            parts.append((slots, None, y.to(self.call.x.device)))
+        return ExpertRows.assemble(topk_ids.numel(), parts)
 
 
 class ExpertDispatcher:
@@ -118,9 +116,9 @@ def run_microbatches(stages: Sequence[Stages], dispatcher: ExpertDispatcher) -> 
     results: list[torch.Tensor | None] = [None] * len(stages)
     in_flight: deque[tuple[int, PendingCombine]] = deque()
 
-    def advance(i: int, slot_out: torch.Tensor | None) -> None:
+    def advance(i: int, rows: ExpertRows | None) -> None:
         try:
-            call = stages[i].send(slot_out)
+            call = stages[i].send(rows)
         except StopIteration as done:
             results[i] = done.value
             return

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from replicas.gemm_rows import pad_rows, padded_rows, pads_rows
 from replicas.model_config import DENSE, SLIDING, ModelConfig
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -89,14 +90,27 @@ def attention_mask(num_tokens: int, window: int | None, device: torch.device) ->
     return allowed
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose half-precision CPU calls see padded row counts (replicas.gemm_rows):
+    same weights and state-dict names, far fewer oneDNN kernel compilations in serving."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if not pads_rows(self.weight) or x.dim() == 1:
+            return super().forward(x)
+        flat = x.reshape(-1, x.shape[-1])  # [M, in]
+        rows = flat.shape[0]
+        out = F.linear(pad_rows(flat, padded_rows(rows)), self.weight, self.bias)
+        return out[:rows].view(*x.shape[:-1], out.shape[-1])
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); gate and up are one fused [2I, H] matmul (gate rows first)."""
 
     def __init__(self, hidden: int, inter: int):
         super().__init__()
         self.inter = inter
-        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_up_proj = Linear(hidden, 2 * inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)  # 2 x [..., I]
@@ -120,8 +134,8 @@ class Attention(nn.Module):
         self.window = cfg.sliding_window if layer_type == SLIDING else None
         self.use_rope = use_rope
         self.scale = cfg.head_dim**-0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=False)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=False)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
@@ -238,44 +252,62 @@ class RoutedExperts(nn.Module):
         sees the same rows in the same order whichever process holds it. ``y`` is the unweighted
         expert output in the activation dtype.
         """
-        k = topk_ids.shape[1]
+        slots, rows, y = self.compute_rows(x, topk_ids)
+        return slots, (y if rows is None else y.index_select(0, rows))
+
+    def compute_rows(
+        self, x: torch.Tensor, topk_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``compute`` without the final copy: (slots [S_held], rows [S_held] or None, y [R, H]),
+        slot ``slots[i]``'s output being ``y[rows[i]]`` (``y[i]`` when rows is None).
+
+        In half precision on CPU each expert's rows are padded with zero rows up to
+        ``padded_rows(count)`` (replicas.gemm_rows), so the GEMMs see few distinct shapes."""
+        n, k = topk_ids.shape
         local = self.local_index[topk_ids.flatten()]  # [S], -1 where not held
         order = torch.argsort(local, stable=True)  # slots grouped by local expert
         counts = torch.bincount(local + 1, minlength=len(self.expert_ids) + 1)  # [1 + E_local]
         slots = order[int(counts[0]) :]  # [S_held], skipping slots of experts held elsewhere
         if slots.numel() == 0:
-            return slots, x.new_empty(0, x.shape[-1])
-        h = x.index_select(0, slots // k)  # [S_held, H]
-        if self._use_grouped_mm(x, slots.numel()):
-            offsets = counts[1:].cumsum(0).to(torch.int32)  # [E_local] end row of each expert
+            return slots, None, x.new_empty(0, x.shape[-1])
+        sizes = counts[1:]  # [E_local] rows of each expert
+        padded = sizes
+        if pads_rows(self.w13):
+            padded = torch.tensor([padded_rows(c) for c in sizes.tolist()], device=sizes.device)
+        if torch.equal(padded, sizes):
+            return slots, None, self._experts(x.index_select(0, slots // k), sizes)
+        expert = torch.repeat_interleave(torch.arange(len(sizes), device=x.device), sizes)
+        extra = (padded.cumsum(0) - padded) - (sizes.cumsum(0) - sizes)  # [E_local] pad rows before
+        rows = torch.arange(slots.numel(), device=x.device) + extra[expert]  # [S_held]
+        source = torch.full((int(padded.sum()),), n, dtype=torch.long, device=x.device)
+        source[rows] = slots // k  # token of each padded row; row n of the input is zeros
+        h = torch.cat([x, x.new_zeros(1, x.shape[-1])]).index_select(0, source)  # [R, H]
+        return slots, rows, self._experts(h, padded)
+
+    def _experts(self, h: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """h [R, H], rows grouped by local expert (``sizes`` [E_local] rows each) -> [R, H]."""
+        if self._use_grouped_mm(h, h.shape[0]):
+            offsets = sizes.cumsum(0).to(torch.int32)  # [E_local] end row of each expert
             gate, up = torch._grouped_mm(h, self.w13.transpose(1, 2), offs=offsets).split(
                 self.inter, dim=-1
-            )  # 2 x [S_held, I]
-            return slots, torch._grouped_mm(
-                F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets
-            )
-        y = torch.empty_like(h)  # [S_held, H]
+            )  # 2 x [R, I]
+            return torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)
+        y = torch.empty_like(h)  # [R, H]
         start = 0
-        for j, count in enumerate(counts[1:].tolist()):
+        for j, count in enumerate(sizes.tolist()):
             if count:
                 rows = slice(start, start + count)
                 gate, up = F.linear(h[rows], self.w13[j]).split(self.inter, dim=-1)
                 y[rows] = F.linear(F.silu(gate) * up, self.w2[j])
                 start += count
-        return slots, y
+        return y
 
-    def forward(
-        self, x: torch.Tensor, routing: Routing, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """x [N, H]; returns ``out`` [S = N*K, H] fp32 with this module's slots filled with
-        ``w * expert(x_token)`` (expert output in the activation dtype times the fp32 weight:
-        transformers' grouped_mm numerics)."""
-        num_tokens, k = routing.topk_ids.shape
-        if out is None:  # every slot is written below when this module holds all experts
-            alloc = torch.empty if len(self.expert_ids) == self.num_experts else torch.zeros
-            out = alloc(num_tokens * k, x.shape[-1], dtype=torch.float32, device=x.device)
-        slots, y = self.compute(x, routing.topk_ids)
-        return fill_slots(out, slots, y, routing.topk_weights)
+    def forward(self, x: torch.Tensor, routing: Routing) -> ExpertRows:
+        """x [N, H] -> this module's expert outputs for every slot it holds (the others read a
+        zero row); ``weighted_sum`` turns them into the routed MoE output."""
+        return ExpertRows.assemble(
+            routing.topk_ids.numel(), [self.compute_rows(x, routing.topk_ids)]
+        )
 
     def _use_grouped_mm(self, x: torch.Tensor, num_rows: int) -> bool:
         """One grouped GEMM for all experts instead of a loop (same results, bit for bit).
@@ -291,19 +323,59 @@ class RoutedExperts(nn.Module):
         return x.dtype != torch.float32 or small or few_rows
 
 
-def fill_slots(
-    out: torch.Tensor, slots: torch.Tensor, y: torch.Tensor, topk_weights: torch.Tensor
-) -> torch.Tensor:
-    """out[slots] = y * weight of each slot, in fp32 (out [S, H] fp32, y [S_held, H])."""
-    if slots.numel():
-        weights = topk_weights.flatten().index_select(0, slots)  # [S_held] fp32
-        out.index_copy_(0, slots, y * weights[:, None])
+class ExpertRows(NamedTuple):
+    """The routed experts' answer for one MoE layer: slot s's unweighted output (activation
+    dtype) is ``y[row_of_slot[s]]``. Rows come grouped by expert, possibly with padding rows,
+    from one or several holders; nothing is copied into slot order."""
+
+    y: torch.Tensor  # [R, H]
+    row_of_slot: torch.Tensor  # [S] long
+
+    @staticmethod
+    def assemble(
+        num_slots: int, parts: Sequence[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]
+    ) -> ExpertRows:
+        """From ``(slots, rows, y)`` parts for disjoint slots (``RoutedExperts.compute_rows``,
+        rows None meaning y[i] belongs to slots[i]). Slots no part covers read a zero row."""
+        covered = sum(slots.numel() for slots, _, _ in parts)
+        if len(parts) == 1 and covered == num_slots:  # one holder of every expert: no copy
+            slots, rows, y = parts[0]
+            if rows is None:
+                rows = torch.arange(slots.numel(), device=y.device)
+            row_of_slot = torch.empty(num_slots, dtype=torch.long, device=y.device)
+            return ExpertRows(y, row_of_slot.index_copy_(0, slots, rows))
+        ys = [y for _, _, y in parts]
+        ys.append(ys[0].new_zeros(1, ys[0].shape[-1]))  # the row uncovered slots read
+        y = torch.cat(ys)
+        row_of_slot = torch.full((num_slots,), y.shape[0] - 1, device=y.device)
+        offset = 0
+        for slots, rows, part_y in parts:
+            if rows is None:
+                rows = torch.arange(slots.numel(), device=y.device)
+            row_of_slot.index_copy_(0, slots, rows + offset)
+            offset += part_y.shape[0]
+        return ExpertRows(y, row_of_slot)
+
+
+COMBINE_TOKENS = 128  # tokens per chunk of weighted_sum: the fp32 accumulator stays in cache
+
+
+def weighted_sum(rows: ExpertRows, topk_weights: torch.Tensor) -> torch.Tensor:
+    """-> [N, H] routed MoE output in the activation dtype: sum over k < K of ``fp32(y_slot) *
+    weight``, accumulated in fp32 in slot order and cast once (transformers' grouped_mm
+    numerics, bit for bit). Chunked over tokens, it never builds the [S, H] fp32 products."""
+    y, (n, k) = rows.y, topk_weights.shape
+    out = y.new_empty(n, y.shape[-1])
+    row_of_slot = rows.row_of_slot.view(n, k)
+    for start in range(0, n, COMBINE_TOKENS):
+        stop = min(n, start + COMBINE_TOKENS)
+        picked = y.index_select(0, row_of_slot[start:stop].flatten()).view(stop - start, k, -1)
+        weights = topk_weights[start:stop, :, None]  # [n', K, 1] fp32
+        acc = picked[:, 0].float() * weights[:, 0]  # [n', H] fp32
+        for j in range(1, k):
+            acc += picked[:, j].float() * weights[:, j]
+        out[start:stop] = acc
     return out
-
-
-def combine_slots(slot_out: torch.Tensor, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
-    """[S, H] fp32 per-slot outputs -> [N, H]: sum over the K choices in fp32, cast once."""
-    return slot_out.view(num_tokens, -1, slot_out.shape[-1]).sum(dim=1).to(dtype)
 
 
 class SparseMoE(nn.Module):
@@ -322,7 +394,7 @@ class SparseMoE(nn.Module):
         if self.experts is None or len(self.experts.expert_ids) != self.gate.num_experts:
             raise RuntimeError("this module holds a subset of experts: dispatch to expert groups")
         routing = self.gate(flat)
-        routed = combine_slots(self.experts(flat, routing), flat.shape[0], x.dtype)  # [N, H]
+        routed = weighted_sum(self.experts(flat, routing), routing.topk_weights)  # [N, H]
         return routed.view_as(x) + self.shared_experts(x)
 
 
@@ -364,7 +436,7 @@ class MTP(nn.Module):
         h = cfg.hidden_size
         self.pre_fc_norm_embedding = RMSNorm(h, cfg.rms_norm_eps)
         self.pre_fc_norm_hidden = RMSNorm(h, cfg.rms_norm_eps)
-        self.fc = nn.Linear(2 * h, h, bias=False)
+        self.fc = Linear(2 * h, h, bias=False)
         layer = DecoderLayer(cfg, cfg.mtp_layer_type, DENSE, use_rope=True, expert_ids=())
         self.layers = nn.ModuleList([layer])
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
@@ -434,7 +506,7 @@ class ExaoneMoeForCausalLM(nn.Module):
             if not 0 <= e < cfg.num_experts:
                 raise ValueError(f"expert id {e} out of range [0, {cfg.num_experts})")
         self.model = ExaoneMoeModel(cfg, self.layer_ids, self.expert_ids)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if include_mtp is None:
             include_mtp = cfg.num_nextn_predict_layers > 0
         self.mtp = MTP(cfg) if include_mtp else None
@@ -473,7 +545,7 @@ class ExaoneMoeForCausalLM(nn.Module):
         attention callable (see replicas.kv_cache). Returns [N, H] final-normed hidden states.
 
         When the routed experts live elsewhere (``experts_remote``) it yields an ExpertCall at
-        every MoE layer and expects the [S, H] fp32 slot outputs back (``send``); the shared
+        every MoE layer and expects the experts' ExpertRows back (``send``); the shared
         expert runs before yielding, so its work overlaps the experts'. Otherwise it yields
         nothing."""
         if self.layer_ids != tuple(range(self.cfg.num_hidden_layers)):
@@ -489,8 +561,8 @@ class ExaoneMoeForCausalLM(nn.Module):
             if isinstance(moe, SparseMoE) and moe.experts is None:
                 routing = moe.gate(x)
                 shared = moe.shared_experts(x)  # [N, H]
-                slot_out = yield ExpertCall(int(i), x, routing)  # [S, H] fp32
-                h = h + (combine_slots(slot_out, x.shape[0], x.dtype) + shared)
+                rows = yield ExpertCall(int(i), x, routing)  # ExpertRows
+                h = h + (weighted_sum(rows, routing.topk_weights) + shared)
             else:
                 h = h + moe(x)
         return self.model.norm(h)
