@@ -9,3 +9,6 @@ fi
 # torch is pinned to the 2.13 CPU build in pyproject.toml; pip takes it from the local wheel
 # cache when one exists, else from PyPI.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+# Build our C kernels now (cached under ~/.cache/exaone-cluster/kernels); without a compiler or
+# AVX512-BF16 the engine uses PyTorch instead, and this says why.
+.venv/bin/python -c "from replicas import cpu_kernels as k; print('CPU kernels:', 'ready' if k.available() else k.unavailable_reason())"
