@@ -63,6 +63,8 @@ def build() -> Path:
 
 def _load() -> ctypes.CDLL | None:
     global _lib, _reason
+    if _lib is not None:  # the hot path: once per MoE layer and step
+        return _lib
     with _lock:
         if _lib is not None or _reason is not None:
             return _lib
@@ -76,8 +78,8 @@ def _load() -> ctypes.CDLL | None:
             except (OSError, RuntimeError) as e:
                 _reason = str(e)
             else:
-                p, i64 = ctypes.c_void_p, ctypes.c_int
-                lib.moe_experts_bf16.argtypes = [p, p, i64, i64, i64, p, p, p, p, i64]
+                p, i32 = ctypes.c_void_p, ctypes.c_int
+                lib.moe_experts_bf16.argtypes = [p, p, i32, i32, i32, p, p, p, p, i32]
                 lib.moe_experts_bf16.restype = None
                 _lib = lib
         return _lib

@@ -96,7 +96,7 @@ class Linear(nn.Linear):
     same weights and state-dict names, far fewer oneDNN kernel compilations in serving."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        if not pads_rows(self.weight) or x.dim() == 1:
+        if not pads_rows(self.weight):
             return super().forward(x)
         flat = x.reshape(-1, x.shape[-1])  # [M, in]
         rows = flat.shape[0]
@@ -275,20 +275,21 @@ class RoutedExperts(nn.Module):
         if slots.numel() == 0:
             return slots, None, x.new_empty(0, x.shape[-1])
         sizes = counts[1:]  # [E_local] rows of each expert
+        tokens = slots // k  # [S_held] token of each held slot
         if self._use_kernel(x, slots.numel(), sizes):
             offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # [E_local + 1]
-            h = x.index_select(0, slots // k)  # [S_held, H]
+            h = x.index_select(0, tokens)  # [S_held, H]
             return slots, None, cpu_kernels.moe_experts_bf16(h, offsets, self.w13, self.w2)
         padded = sizes
         if pads_rows(self.w13):
             padded = torch.tensor([padded_rows(c) for c in sizes.tolist()], device=sizes.device)
         if torch.equal(padded, sizes):
-            return slots, None, self._experts(x.index_select(0, slots // k), sizes)
+            return slots, None, self._experts(x.index_select(0, tokens), sizes)
         expert = torch.repeat_interleave(torch.arange(len(sizes), device=x.device), sizes)
         extra = (padded.cumsum(0) - padded) - (sizes.cumsum(0) - sizes)  # [E_local] pad rows before
         rows = torch.arange(slots.numel(), device=x.device) + extra[expert]  # [S_held]
         source = torch.full((int(padded.sum()),), n, dtype=torch.long, device=x.device)
-        source[rows] = slots // k  # token of each padded row; row n of the input is zeros
+        source[rows] = tokens  # token of each padded row; row n of the input is zeros
         h = torch.cat([x, x.new_zeros(1, x.shape[-1])]).index_select(0, source)  # [R, H]
         return slots, rows, self._experts(h, padded)
 
@@ -358,15 +359,13 @@ class ExpertRows(NamedTuple):
         rows None meaning y[i] belongs to slots[i]). Slots no part covers read a zero row."""
         covered = sum(slots.numel() for slots, _, _ in parts)
         if len(parts) == 1 and covered == num_slots:  # one holder of every expert: no copy
-            slots, rows, y = parts[0]
-            if rows is None:
-                rows = torch.arange(slots.numel(), device=y.device)
+            y = parts[0][2]
             row_of_slot = torch.empty(num_slots, dtype=torch.long, device=y.device)
-            return ExpertRows(y, row_of_slot.index_copy_(0, slots, rows))
-        ys = [y for _, _, y in parts]
-        ys.append(ys[0].new_zeros(1, ys[0].shape[-1]))  # the row uncovered slots read
-        y = torch.cat(ys)
-        row_of_slot = torch.full((num_slots,), y.shape[0] - 1, device=y.device)
+        else:
+            ys = [y for _, _, y in parts]
+            ys.append(ys[0].new_zeros(1, ys[0].shape[-1]))  # the row uncovered slots read
+            y = torch.cat(ys)
+            row_of_slot = torch.full((num_slots,), y.shape[0] - 1, device=y.device)
         offset = 0
         for slots, rows, part_y in parts:
             if rows is None:
