@@ -1,13 +1,16 @@
 """Our C kernels for CPU serving (replicas/csrc), built on first use and called through ctypes.
 
-``moe_experts_bf16``: the routed experts of one MoE layer when each expert has only a few rows
-(decode), bf16 on AVX512-BF16 CPUs. See csrc/moe_bf16.c for why and how.
+- ``moe_experts_amx``: the routed experts of one MoE layer in bf16 on AMX (Sapphire Rapids and
+  later), for any number of rows. See csrc/moe_amx.c.
+- ``moe_experts_bf16``: the same on AVX512-BF16 without AMX, for few rows per expert (decode).
+  See csrc/moe_bf16.c.
 
-The shared library is compiled with the system C compiler (``$CC``, else ``cc``) into
+Each library is compiled with the system C compiler (``$CC``, else ``cc``) into
 ``$EXAONE_KERNEL_CACHE`` (default ``~/.cache/exaone-cluster/kernels``), under a name that hashes
 the source and flags, so a changed source is rebuilt and concurrent builders do not collide.
-``available()`` is False, and callers use PyTorch, when the CPU lacks AVX512-BF16, no compiler
-works, or ``EXAONE_CPU_KERNELS=0``; the first reason is kept in ``unavailable_reason()``.
+``available()`` / ``amx_available()`` are False, and callers use PyTorch, when the CPU lacks the
+instructions, no compiler works, or ``EXAONE_CPU_KERNELS=0``; the first reason is kept in
+``unavailable_reason()`` / ``amx_unavailable_reason()``.
 """
 
 from __future__ import annotations
@@ -19,16 +22,14 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "moe_bf16.c"
-FLAGS = ["-O3", "-mavx512f", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
-
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_reason: str | None = None
+CSRC = Path(__file__).with_name("csrc")
+BASE_FLAGS = ["-O3", "-mavx512f", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+P, I32 = ctypes.c_void_p, ctypes.c_int
 
 
 def cache_dir() -> Path:
@@ -36,62 +37,128 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EXAONE_KERNEL_CACHE", default))
 
 
-def build() -> Path:
-    """Compile the library if needed -> its path. Raises RuntimeError with the compiler's
-    message when it fails."""
+def build(source: Path, flags: list[str]) -> Path:
+    """Compile ``source`` into a shared library if needed -> its path. Raises RuntimeError with
+    the compiler's message when it fails."""
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler: {compiler!r} is not on PATH (set $CC)")
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"libexaone_moe_{tag}.so"
+    text = source.read_bytes()
+    tag = hashlib.sha256(text + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"lib{source.stem}_{tag}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / target.name
         proc = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"],
+            [compiler, *flags, str(source), "-o", str(partial), "-lm"],
             capture_output=True,
             text=True,
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {proc.stderr.strip()[-500:]}")
+            raise RuntimeError(f"{compiler} failed on {source.name}: {proc.stderr.strip()[-500:]}")
         os.replace(partial, target)  # atomic: a concurrent builder sees all or nothing
     return target
 
 
-def _load() -> ctypes.CDLL | None:
-    global _lib, _reason
-    if _lib is not None:  # the hot path: once per MoE layer and step
-        return _lib
-    with _lock:
-        if _lib is not None or _reason is not None:
-            return _lib
-        if os.environ.get("EXAONE_CPU_KERNELS", "1") == "0":
-            _reason = "disabled by EXAONE_CPU_KERNELS=0"
-        elif not torch.cpu._is_avx512_bf16_supported():
-            _reason = "this CPU has no AVX512-BF16"
-        else:
-            try:
-                lib = ctypes.CDLL(str(build()))
-            except (OSError, RuntimeError) as e:
-                _reason = str(e)
+class _Library:
+    """One kernel library: built and loaded once, on first use, or the reason it cannot be."""
+
+    def __init__(self, source: str, flags: list[str], cpu_check: Callable[[], str | None],
+                 declare: Callable[[ctypes.CDLL], str | None]):  # fmt: skip
+        self.source, self.flags = CSRC / source, flags
+        self.cpu_check, self.declare = cpu_check, declare
+        self.lib: ctypes.CDLL | None = None
+        self.reason: str | None = None
+        self.lock = threading.Lock()
+
+    def load(self) -> ctypes.CDLL | None:
+        if self.lib is not None:  # the hot path: once per MoE layer and step
+            return self.lib
+        with self.lock:
+            if self.lib is not None or self.reason is not None:
+                return self.lib
+            if os.environ.get("EXAONE_CPU_KERNELS", "1") == "0":
+                self.reason = "disabled by EXAONE_CPU_KERNELS=0"
+            elif (reason := self.cpu_check()) is not None:
+                self.reason = reason
             else:
-                p, i32 = ctypes.c_void_p, ctypes.c_int
-                lib.moe_experts_bf16.argtypes = [p, p, i32, i32, i32, p, p, p, p, i32]
-                lib.moe_experts_bf16.restype = None
-                _lib = lib
-        return _lib
+                try:
+                    lib = ctypes.CDLL(str(build(self.source, self.flags)))
+                except (OSError, RuntimeError) as e:
+                    self.reason = str(e)
+                else:
+                    self.reason = self.declare(lib)
+                    self.lib = lib if self.reason is None else None
+            return self.lib
+
+    def require(self) -> ctypes.CDLL:
+        lib = self.load()
+        if lib is None:
+            raise RuntimeError(f"CPU kernel {self.source.name} unavailable: {self.reason}")
+        return lib
+
+
+def _avx512_bf16() -> str | None:
+    return None if torch.cpu._is_avx512_bf16_supported() else "this CPU has no AVX512-BF16"
+
+
+def _declare_bf16(lib: ctypes.CDLL) -> str | None:
+    lib.moe_experts_bf16.argtypes = [P, P, I32, I32, I32, P, P, P, P, I32]
+    lib.moe_experts_bf16.restype = None
+    return None
+
+
+def _declare_amx(lib: ctypes.CDLL) -> str | None:
+    lib.moe_amx_init.restype = I32
+    lib.moe_amx_init.argtypes = []
+    code = lib.moe_amx_init()  # asks Linux for the tile state (once per process)
+    if code != 0:
+        return {-2: "this CPU has no AMX-BF16"}.get(code, f"AMX refused by the OS (code {code})")
+    lib.moe_experts_amx.argtypes = [P, P, P, P, I32, I32, I32, P, P, P, P, P, I32]
+    lib.moe_experts_amx.restype = None
+    return None
+
+
+_BF16 = _Library("moe_bf16.c", BASE_FLAGS, _avx512_bf16, _declare_bf16)
+_AMX = _Library("moe_amx.c", [*BASE_FLAGS, "-mamx-tile", "-mamx-bf16"], _avx512_bf16, _declare_amx)
 
 
 def available() -> bool:
-    return _load() is not None
+    """The AVX512-BF16 kernel (moe_experts_bf16) can run here."""
+    return _BF16.load() is not None
 
 
 def unavailable_reason() -> str | None:
-    _load()
-    return _reason
+    _BF16.load()
+    return _BF16.reason
+
+
+def amx_available() -> bool:
+    """The AMX kernel (moe_experts_amx) can run here."""
+    return _AMX.load() is not None
+
+
+def amx_unavailable_reason() -> str | None:
+    _AMX.load()
+    return _AMX.reason
+
+
+def _check_experts(x_name: str, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                   offsets: torch.Tensor, rows: int) -> torch.Tensor:  # fmt: skip
+    """Input checks both kernels share -> offsets as contiguous int64."""
+    num_experts, two_inter, hidden = w13.shape
+    for name, t in ((x_name, x), ("w13", w13), ("w2", w2)):
+        if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous bf16 CPU tensor")
+    if x.shape[1] != hidden or tuple(w2.shape) != (num_experts, hidden, two_inter // 2):
+        raise ValueError(f"shapes do not match: {x_name} {tuple(x.shape)}, w13 {tuple(w13.shape)}, "
+                         f"w2 {tuple(w2.shape)}")  # fmt: skip
+    offsets = offsets.to(torch.int64).contiguous()
+    if offsets.shape != (num_experts + 1,) or int(offsets[-1]) != rows:
+        raise ValueError(f"offsets must be [{num_experts + 1}] ending at {rows} rows")
+    return offsets
 
 
 def moe_experts_bf16(
@@ -100,24 +167,47 @@ def moe_experts_bf16(
     """h [R, H] bf16 rows grouped by expert, offsets [E + 1] int64 (expert e owns rows
     offsets[e]..offsets[e+1]), w13 [E, 2I, H], w2 [E, H, I] bf16 -> [R, H] bf16:
     down(silu(gate(h)) * up(h)) per row with its expert's weights."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"CPU kernels unavailable: {_reason}")
-    num_experts, two_inter, hidden = w13.shape
-    inter = two_inter // 2
-    for name, t in (("h", h), ("w13", w13), ("w2", w2)):
-        if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous bf16 CPU tensor")
-    if h.shape[1] != hidden or tuple(w2.shape) != (num_experts, hidden, inter):
-        raise ValueError(f"shapes do not match: h {tuple(h.shape)}, w13 {tuple(w13.shape)}, "
-                         f"w2 {tuple(w2.shape)}")  # fmt: skip
-    offsets = offsets.to(torch.int64).contiguous()
-    if offsets.shape != (num_experts + 1,) or int(offsets[-1]) != h.shape[0]:
-        raise ValueError(f"offsets must be [{num_experts + 1}] ending at {h.shape[0]} rows")
+    lib = _BF16.require()
+    offsets = _check_experts("h", h, w13, w2, offsets, h.shape[0])
+    inter = w13.shape[1] // 2
     act = h.new_empty(h.shape[0], inter)
     out = torch.empty_like(h)
     lib.moe_experts_bf16(
-        h.data_ptr(), offsets.data_ptr(), num_experts, hidden, inter, w13.data_ptr(),
+        h.data_ptr(), offsets.data_ptr(), w13.shape[0], h.shape[1], inter, w13.data_ptr(),
         w2.data_ptr(), act.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+AMX_BLOCK = 16  # rows per block in moe_amx.c
+
+
+def moe_experts_amx(
+    x: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """x [N, H] bf16, tokens [S] (row of x for each grouped row), offsets [E + 1] int64 (expert
+    e owns grouped rows offsets[e]..offsets[e+1]), w13 [E, 2I, H], w2 [E, H, I] bf16 -> [S, H]
+    bf16: down(silu(gate(x[t])) * up(x[t])) for each grouped row's token t. H and I must be
+    multiples of 32."""
+    lib = _AMX.require()
+    offsets = _check_experts("x", x, w13, w2, offsets, tokens.numel())
+    num_experts, two_inter, hidden = w13.shape
+    inter = two_inter // 2
+    if hidden % 32 or inter % 32:
+        raise ValueError(f"hidden ({hidden}) and intermediate ({inter}) must be multiples of 32")
+    tokens = tokens.to(torch.int64).contiguous()
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= x.shape[0]):
+        raise ValueError(f"tokens must index the {x.shape[0]} rows of x")
+    per_expert = (offsets[1:] - offsets[:-1] + AMX_BLOCK - 1) // AMX_BLOCK  # [E] blocks
+    blocks = torch.cat([per_expert.new_zeros(1), per_expert.cumsum(0)])  # [E + 1]
+    num_blocks = int(blocks[-1])
+    xpack = torch.empty(num_blocks * hidden // 2 * AMX_BLOCK, dtype=torch.int32)
+    actpack = torch.empty(num_blocks * inter // 2 * AMX_BLOCK, dtype=torch.int32)
+    out = x.new_empty(tokens.numel(), hidden)
+    lib.moe_experts_amx(
+        x.data_ptr(), tokens.data_ptr(), offsets.data_ptr(), blocks.data_ptr(), num_experts,
+        hidden, inter, w13.data_ptr(), w2.data_ptr(), xpack.data_ptr(), actpack.data_ptr(),
+        out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out

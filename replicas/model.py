@@ -219,7 +219,8 @@ class Router(nn.Module):
         return Routing(topk_ids, weights * self.scaling)
 
 
-KERNEL_MAX_ROWS_PER_EXPERT = 12  # average rows per used expert up to which the kernel runs
+KERNEL_MAX_ROWS_PER_EXPERT = 12  # average rows per used expert up to which the AVX512 kernel runs
+AVX512_BEST_ROWS_PER_EXPERT = 2  # ... and up to which it beats the AMX kernel
 
 
 class RoutedExperts(nn.Module):
@@ -276,10 +277,15 @@ class RoutedExperts(nn.Module):
             return slots, None, x.new_empty(0, x.shape[-1])
         sizes = counts[1:]  # [E_local] rows of each expert
         tokens = slots // k  # [S_held] token of each held slot
-        if self._use_kernel(x, slots.numel(), sizes):
+        kernel = self._cpu_kernel(x, slots.numel(), sizes)
+        if kernel is not None:
             offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # [E_local + 1]
-            h = x.index_select(0, tokens)  # [S_held, H]
-            return slots, None, cpu_kernels.moe_experts_bf16(h, offsets, self.w13, self.w2)
+            if kernel == "amx":
+                y = cpu_kernels.moe_experts_amx(x, tokens, offsets, self.w13, self.w2)
+            else:
+                h = x.index_select(0, tokens)  # [S_held, H]
+                y = cpu_kernels.moe_experts_bf16(h, offsets, self.w13, self.w2)
+            return slots, None, y
         padded = sizes
         if pads_rows(self.w13):
             padded = torch.tensor([padded_rows(c) for c in sizes.tolist()], device=sizes.device)
@@ -318,16 +324,32 @@ class RoutedExperts(nn.Module):
             routing.topk_ids.numel(), [self.compute_rows(x, routing.topk_ids)]
         )
 
-    def _use_kernel(self, x: torch.Tensor, num_rows: int, sizes: torch.Tensor) -> bool:
-        """Our AVX512-BF16 kernel (replicas.cpu_kernels) when experts have few rows each:
-        decode. Measured on 2 cores (small preset, 15 layers of cold weights, ms per layer):
-        2 rows per expert 8.5-11 vs 19-32 for grouped_mm, 8 rows 17-19 vs 19-24, 32 rows 64-95
-        vs 35-46."""
+    def _cpu_kernel(self, x: torch.Tensor, num_rows: int, sizes: torch.Tensor) -> str | None:
+        """Which of our bf16 CPU kernels (replicas.cpu_kernels) computes these rows, if any.
+
+        Measured on 2 cores (small preset, 15 layers of cold weights, ms per layer):
+        - AMX: 8 rows per expert 8.1-8.4 vs 13.5-14.3 for the AVX512 kernel and 19-23 for
+          grouped_mm; 32 rows 10-13 vs 26-30 (grouped_mm); 256 rows 64 vs 94-99 (grouped_mm).
+        - AVX512 kernel: 2 rows per expert 7.1-7.5 vs 7.6-8.4 for AMX, so it keeps the
+          smallest batches; without AMX it runs up to KERNEL_MAX_ROWS_PER_EXPERT."""
         if x.dtype != torch.bfloat16 or self.w13.dtype != torch.bfloat16 or x.device.type != "cpu":
-            return False
-        if num_rows > KERNEL_MAX_ROWS_PER_EXPERT * int(torch.count_nonzero(sizes)):
-            return False
-        return self.w13.is_contiguous() and self.w2.is_contiguous() and cpu_kernels.available()
+            return None
+        if not (x.is_contiguous() and self.w13.is_contiguous() and self.w2.is_contiguous()):
+            return None
+        used = int(torch.count_nonzero(sizes))
+        few = num_rows <= AVX512_BEST_ROWS_PER_EXPERT * used
+        if (
+            not (few and cpu_kernels.available())
+            and self._amx_shapes()
+            and cpu_kernels.amx_available()
+        ):
+            return "amx"
+        if num_rows <= KERNEL_MAX_ROWS_PER_EXPERT * used and cpu_kernels.available():
+            return "avx512"
+        return None
+
+    def _amx_shapes(self) -> bool:
+        return self.w13.shape[-1] % 32 == 0 and self.inter % 32 == 0
 
     def _use_grouped_mm(self, x: torch.Tensor, num_rows: int) -> bool:
         """One grouped GEMM for all experts instead of a loop (same results, bit for bit).

@@ -1,8 +1,10 @@
-"""Our C MoE kernel for bf16 decode (replicas/csrc/moe_bf16.c via replicas.cpu_kernels)."""
+"""Our C MoE kernels for bf16 on CPU (replicas/csrc/moe_amx.c and moe_bf16.c via
+replicas.cpu_kernels)."""
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,17 @@ from replicas.model import KERNEL_MAX_ROWS_PER_EXPERT, ExaoneMoeForCausalLM, Rou
 CAN_BUILD = torch.cpu._is_avx512_bf16_supported() and shutil.which("cc") is not None
 
 
+def _cpu_flags() -> set[str]:
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next(
+        (set(line.split(":")[1].split()) for line in lines if line.startswith("flags")), set()
+    )
+
+
+CAN_AMX = CAN_BUILD and {"amx_bf16", "amx_tile"} <= _cpu_flags()
+
+
 def test_available_exactly_when_the_cpu_and_a_compiler_allow():
     """Not a skip: on machines like ours (AVX512-BF16, cc) the kernel must build and load;
     elsewhere it must say why, and refuse to run."""
@@ -23,6 +36,19 @@ def test_available_exactly_when_the_cpu_and_a_compiler_allow():
         with pytest.raises(RuntimeError, match="unavailable"):
             cpu_kernels.moe_experts_bf16(
                 torch.zeros(1, 32, dtype=torch.bfloat16), torch.tensor([0, 1]),
+                torch.zeros(1, 64, 32, dtype=torch.bfloat16),
+                torch.zeros(1, 32, 32, dtype=torch.bfloat16),
+            )  # fmt: skip
+
+
+def test_amx_available_exactly_when_the_cpu_and_a_compiler_allow():
+    """Not a skip either: /proc/cpuinfo's amx flags decide what must happen."""
+    assert cpu_kernels.amx_available() == CAN_AMX, cpu_kernels.amx_unavailable_reason()
+    if not CAN_AMX:
+        assert cpu_kernels.amx_unavailable_reason()
+        with pytest.raises(RuntimeError, match="unavailable"):
+            cpu_kernels.moe_experts_amx(
+                torch.zeros(1, 32, dtype=torch.bfloat16), torch.tensor([0]), torch.tensor([0, 1]),
                 torch.zeros(1, 64, 32, dtype=torch.bfloat16),
                 torch.zeros(1, 32, 32, dtype=torch.bfloat16),
             )  # fmt: skip
@@ -75,34 +101,91 @@ def test_kernel_checks_its_inputs():
                                      torch.tensor([0, 1, 3]), w13, w2)  # fmt: skip
 
 
+needs_amx = pytest.mark.skipif(not CAN_AMX, reason="covered by the availability test")
+
+
+@needs_amx
+@pytest.mark.parametrize("hidden,inter", [(64, 32), (96, 64), (1024, 256)])
+def test_amx_kernel_matches_pytorch_bf16(hidden, inter):
+    """Experts with 0, 1, 15, 16, 17, 33 and 40 rows (partial, whole and several 16-row
+    blocks), tokens gathered in any order and repeated."""
+    counts = torch.tensor([0, 3, 17, 1, 0, 40, 16, 15, 33])
+    num_experts = len(counts)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden) * 0.1).bfloat16()
+    w2 = (torch.randn(num_experts, hidden, inter) * 0.1).bfloat16()
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    x = torch.randn(50, hidden).bfloat16()
+    tokens = torch.randint(0, x.shape[0], (int(counts.sum()),))
+    got = cpu_kernels.moe_experts_amx(x, tokens, offsets, w13, w2)
+    want = _torch_experts(x[tokens], offsets, w13, w2)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    scale = want.float().abs().max()
+    diff = (got.float() - want.float()).abs()
+    assert diff.max() <= 0.02 * scale  # bf16 rounding of intermediates, summation order
+    assert diff.mean() <= 0.002 * scale
+    if CAN_BUILD:  # same roundings as the AVX512 kernel: only fp32 summation order differs
+        other = cpu_kernels.moe_experts_bf16(x[tokens], offsets, w13, w2)
+        assert (got.float() - other.float()).abs().max() <= 0.01 * scale
+
+
+@needs_amx
+def test_amx_kernel_checks_its_inputs():
+    w13 = torch.zeros(2, 64, 32, dtype=torch.bfloat16)
+    w2 = torch.zeros(2, 32, 32, dtype=torch.bfloat16)
+    x = torch.zeros(3, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="offsets"):
+        cpu_kernels.moe_experts_amx(x, torch.arange(3), torch.tensor([0, 1, 2]), w13, w2)
+    with pytest.raises(ValueError, match="index the 3 rows"):
+        cpu_kernels.moe_experts_amx(x, torch.tensor([0, 3]), torch.tensor([0, 1, 2]), w13, w2)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        cpu_kernels.moe_experts_amx(torch.zeros(3, 48, dtype=torch.bfloat16), torch.arange(3),
+                                    torch.tensor([0, 1, 3]),
+                                    torch.zeros(2, 64, 48, dtype=torch.bfloat16),
+                                    torch.zeros(2, 48, 32, dtype=torch.bfloat16))  # fmt: skip
+
+
 @needs_kernel
-def test_routed_experts_use_the_kernel_for_decode_sizes_only(make_ckpt, monkeypatch):
+def test_routed_experts_pick_the_kernel_by_rows_per_expert(make_ckpt, monkeypatch):
+    """1 row per expert: the AVX512 kernel; 8 and 24: AMX where the CPU has it, else the AVX512
+    kernel up to KERNEL_MAX_ROWS_PER_EXPERT and PyTorch beyond. Every result matches the
+    PyTorch path."""
     ckpt = make_ckpt(dtype="bfloat16")
     model = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, include_mtp=False)
-    mlp = model.model.layers[str(model.cfg.moe_layers[0])].mlp
+    experts = model.model.layers[str(model.cfg.moe_layers[0])].mlp.experts
+    assert isinstance(experts, RoutedExperts)
+    e, k = model.cfg.num_experts, model.cfg.num_experts_per_tok
     calls = []
-    kernel = cpu_kernels.moe_experts_bf16
 
-    def counting(h, offsets, w13, w2):
-        calls.append(h.shape[0])
-        return kernel(h, offsets, w13, w2)
+    def counting(name: str):
+        kernel = getattr(cpu_kernels, name)
 
-    monkeypatch.setattr(cpu_kernels, "moe_experts_bf16", counting)
-    e = model.cfg.num_experts
-    decode = torch.randn(4, model.cfg.hidden_size, dtype=torch.bfloat16)  # 8 slots, <= 1/expert
-    prefill = torch.randn(KERNEL_MAX_ROWS_PER_EXPERT * e, model.cfg.hidden_size).bfloat16()
-    results = {}
-    for x in (decode, prefill):
-        routing = mlp.gate(x)
-        slots, y = mlp.experts.compute(x, routing.topk_ids)
-        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-        plain_slots, plain_y = mlp.experts.compute(x, routing.topk_ids)
-        monkeypatch.undo()
-        monkeypatch.setattr(cpu_kernels, "moe_experts_bf16", counting)
+        def call(*args):
+            calls.append(name)
+            return kernel(*args)
+
+        return call
+
+    for name in ("moe_experts_bf16", "moe_experts_amx"):
+        monkeypatch.setattr(cpu_kernels, name, counting(name))
+
+    def run(rows_per_expert: int) -> list[str]:  # the kernels called
+        tokens = rows_per_expert * e // k
+        topk = (torch.arange(tokens)[:, None] * k + torch.arange(k)) % e  # [T, k], even load
+        x = torch.randn(tokens, model.cfg.hidden_size).bfloat16()
+        slots, y = experts.compute(x, topk)
+        with monkeypatch.context() as m:
+            m.setattr(cpu_kernels, "available", lambda: False)
+            m.setattr(cpu_kernels, "amx_available", lambda: False)
+            plain_slots, plain_y = experts.compute(x, topk)
         assert torch.equal(slots, plain_slots)
         scale = plain_y.float().abs().max()
         assert (y.float() - plain_y.float()).abs().max() <= 0.02 * scale
-        results[x.shape[0]] = list(calls)
+        used = list(calls)
         calls.clear()
-    assert results == {4: [8], prefill.shape[0]: []}  # 24 rows per expert: PyTorch path
-    assert isinstance(mlp.experts, RoutedExperts)
+        return used
+
+    assert KERNEL_MAX_ROWS_PER_EXPERT < 24
+    if CAN_AMX:
+        assert [run(n) for n in (1, 8, 24)] == [["moe_experts_bf16"]] + [["moe_experts_amx"]] * 2
+    monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
+    assert [run(n) for n in (1, 8, 24)] == [["moe_experts_bf16"]] * 2 + [[]]
