@@ -118,6 +118,8 @@ def _declare_amx(lib: ctypes.CDLL) -> str | None:
         return {-2: "this CPU has no AMX-BF16"}.get(code, f"AMX refused by the OS (code {code})")
     lib.moe_experts_amx.argtypes = [P, P, P, P, I32, I32, I32, P, P, P, P, P, I32]
     lib.moe_experts_amx.restype = None
+    lib.linear_amx.argtypes = [P, ctypes.c_int64, I32, I32, P, P, P, I32]
+    lib.linear_amx.restype = None
     return None
 
 
@@ -210,4 +212,23 @@ def moe_experts_amx(
         hidden, inter, w13.data_ptr(), w2.data_ptr(), xpack.data_ptr(), actpack.data_ptr(),
         out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
+    return out
+
+
+def linear_amx(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T in bf16 with fp32 sums -> [M, N] bf16 (no bias). K must be a
+    multiple of 32 and N of 16."""
+    lib = _AMX.require()
+    for name, t in (("x", x), ("weight", weight)):
+        if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous bf16 CPU tensor")
+    (m, k), (n, k_w) = x.shape, weight.shape
+    if k != k_w or k % 32 or n % 16:
+        raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)}: inner sizes "
+                         "must match and be multiples of 32, outputs of 16")  # fmt: skip
+    blocks = (m + AMX_BLOCK - 1) // AMX_BLOCK
+    xpack = torch.empty(blocks * k // 2 * AMX_BLOCK, dtype=torch.int32)
+    out = x.new_empty(m, n)
+    lib.linear_amx(x.data_ptr(), m, k, n, weight.data_ptr(), xpack.data_ptr(), out.data_ptr(),
+                   torch.get_num_threads())  # fmt: skip
     return out

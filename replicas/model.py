@@ -91,17 +91,35 @@ def attention_mask(num_tokens: int, window: int | None, device: torch.device) ->
     return allowed
 
 
+AMX_LINEAR_MAX_ROWS = 512  # rows up to which bf16 Linear runs our AMX kernel, not oneDNN
+
+
 class Linear(nn.Linear):
-    """nn.Linear whose half-precision CPU calls see padded row counts (replicas.gemm_rows):
-    same weights and state-dict names, far fewer oneDNN kernel compilations in serving."""
+    """nn.Linear, same weights and state-dict names, with two CPU half-precision speed-ups:
+    - bf16 with up to AMX_LINEAR_MAX_ROWS rows runs ``cpu_kernels.linear_amx`` where the CPU
+      has AMX. Measured on 2 cores (small preset's 5 projections of one layer, 33 MB): 1 row
+      2.6 vs 4.8 ms for oneDNN, 64 rows 5.2 vs 9.8, 512 rows 28 vs 36, 2048 rows 179 vs 138.
+    - otherwise row counts are padded (replicas.gemm_rows), so oneDNN compiles far fewer
+      kernels in serving."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         if not pads_rows(self.weight):
             return super().forward(x)
         flat = x.reshape(-1, x.shape[-1])  # [M, in]
         rows = flat.shape[0]
-        out = F.linear(pad_rows(flat, padded_rows(rows)), self.weight, self.bias)
-        return out[:rows].view(*x.shape[:-1], out.shape[-1])
+        if self._use_amx(flat):
+            out = cpu_kernels.linear_amx(flat.contiguous(), self.weight)
+        else:
+            out = F.linear(pad_rows(flat, padded_rows(rows)), self.weight, self.bias)[:rows]
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _use_amx(self, flat: torch.Tensor) -> bool:
+        w = self.weight
+        if w.dtype != torch.bfloat16 or flat.dtype != w.dtype or self.bias is not None:
+            return False
+        if not 0 < flat.shape[0] <= AMX_LINEAR_MAX_ROWS or w.shape[1] % 32 or w.shape[0] % 16:
+            return False
+        return w.is_contiguous() and cpu_kernels.amx_available()
 
 
 class SwiGLU(nn.Module):

@@ -114,13 +114,20 @@ static inline __m512i act16(const float* gate, const float* up) {
   return _mm512_cvtepu16_epi32(a); /* one bf16 per dword, low half */
 }
 
-/* Rows x[rows[0..n)] (n <= 16, length k) -> tile-B blocks: dst[kb][k2][m] holds the pair
- * x[rows[m]][kb*32 + 2*k2 .. +1]; zero for m >= n. */
-static void pack_rows(const uint16_t* x, const int64_t* rows, int n, int k, uint32_t* dst) {
+/* Rows x[rows[first + m]] (x[first + m] when rows is NULL), m < n <= 16, length k -> tile-B
+ * blocks: dst[kb][k2][m] holds the pair at columns kb*32 + 2*k2 .. +1; zero for m >= n. */
+static void pack_rows(const uint16_t* x, const int64_t* rows, int64_t first, int n, int k,
+                      uint32_t* dst) {
   __m512i r[16];
   for (int kb = 0; kb < k / 32; kb++) {
-    for (int m = 0; m < 16; m++)
-      r[m] = m < n ? _mm512_loadu_si512(x + rows[m] * k + kb * 32) : _mm512_setzero_si512();
+    for (int m = 0; m < 16; m++) {
+      if (m >= n) {
+        r[m] = _mm512_setzero_si512();
+        continue;
+      }
+      const int64_t row = rows ? rows[first + m] : first + m;
+      r[m] = _mm512_loadu_si512(x + row * k + kb * 32);
+    }
     transpose16(r);
     for (int i = 0; i < 16; i++) _mm512_storeu_si512(dst + ((int64_t)kb * 16 + i) * TM, r[i]);
   }
@@ -133,79 +140,109 @@ static inline int block_rows(const int64_t* offsets, const int64_t* blocks, int 
   return left < TM ? (int)left : TM;
 }
 
+/* Pack every 16-row block of every expert (x rows via tokens, or in order when NULL). */
+static void pack_phase(const uint16_t* x, const int64_t* tokens, const int64_t* offsets,
+                       const int64_t* blocks, int num_experts, int k, uint32_t* xpack) {
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t b = 0; b < blocks[num_experts]; b++) {
+    int e = 0;
+    while (blocks[e + 1] <= b) e++;
+    int64_t first;
+    const int n = block_rows(offsets, blocks, e, b, &first);
+    pack_rows(x, tokens, first, n, k, xpack + b * ((int64_t)k / 2 * TM));
+  }
+}
+
+/* out[row] = packed row . w[e]^T for each expert's rows: w [E, n_out, k], out [rows, n_out].
+ * Work items are (expert, 16 output features); tiles 0 (C), 2 (A), 4 (B). */
+static void project_phase(const uint32_t* packed, const int64_t* offsets, const int64_t* blocks,
+                          int num_experts, int k, int n_out, const uint16_t* w, uint16_t* out) {
+  const int64_t block = (int64_t)k / 2 * TM; /* dwords per packed block */
+#pragma omp for schedule(dynamic, 4)
+  for (int item = 0; item < num_experts * (n_out / 16); item++) {
+    const int e = item / (n_out / 16), f0 = item % (n_out / 16) * 16;
+    const uint16_t* we = w + ((int64_t)e * n_out + f0) * k; /* 16 weight rows */
+    float y[16][16];                                         /* [feature][token] */
+    for (int64_t b = blocks[e]; b < blocks[e + 1]; b++) {
+      const uint32_t* pb = packed + b * block;
+      _tile_zero(0);
+      for (int kb = 0; kb < k / 32; kb++) {
+        _tile_loadd(2, we + kb * 32, k * 2);
+        _tile_loadd(4, pb + (int64_t)kb * 16 * TM, 64);
+        _tile_dpbf16ps(0, 2, 4);
+      }
+      _tile_stored(0, y, 64);
+      __m512i rows[16];
+      for (int i = 0; i < 16; i++) rows[i] = _mm512_loadu_si512(y[i]);
+      transpose16(rows); /* -> [token][feature] */
+      int64_t first;
+      const int n = block_rows(offsets, blocks, e, b, &first);
+      for (int m = 0; m < n; m++) {
+        const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(rows[m]));
+        _mm256_storeu_si256((__m256i*)(out + (first + m) * n_out + f0), v);
+      }
+    }
+  }
+}
+
+/* act = bf16(silu(gate(x))) * up(x) per expert row, written in tile-B layout for the down
+ * projection (intermediate features are its K). Items: (expert, 16 features); tiles 0-4. */
+static void gate_up_phase(const uint32_t* xpack, const int64_t* blocks, int num_experts,
+                          int hidden, int inter, const uint16_t* w13, uint32_t* actpack) {
+  const int64_t xblock = (int64_t)hidden / 2 * TM, ablock = (int64_t)inter / 2 * TM; /* dwords */
+#pragma omp for schedule(dynamic, 2)
+  for (int item = 0; item < num_experts * (inter / 16); item++) {
+    const int e = item / (inter / 16), f0 = item % (inter / 16) * 16;
+    const uint16_t* wg = w13 + ((int64_t)e * 2 * inter + f0) * hidden; /* 16 gate rows */
+    const uint16_t* wu = wg + (int64_t)inter * hidden;                  /* 16 up rows */
+    float gate[16][16], up[16][16];                                      /* [feature][token] */
+    for (int64_t b = blocks[e]; b < blocks[e + 1]; b++) {
+      const uint32_t* xb = xpack + b * xblock;
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int kb = 0; kb < hidden / 32; kb++) {
+        _tile_loadd(2, wg + kb * 32, hidden * 2);
+        _tile_loadd(3, wu + kb * 32, hidden * 2);
+        _tile_loadd(4, xb + (int64_t)kb * 16 * TM, 64);
+        _tile_dpbf16ps(0, 2, 4);
+        _tile_dpbf16ps(1, 3, 4);
+      }
+      _tile_stored(0, gate, 64);
+      _tile_stored(1, up, 64);
+      /* features f0+i, f0+i+1 are one pair of the down projection's K dimension */
+      uint32_t* ab = actpack + b * ablock + (int64_t)(f0 / 32) * 16 * TM + (f0 % 32) / 2 * TM;
+      for (int i = 0; i < 16; i += 2) {
+        const __m512i even = act16(gate[i], up[i]), odd = act16(gate[i + 1], up[i + 1]);
+        _mm512_storeu_si512(ab + i / 2 * TM, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+      }
+    }
+  }
+}
+
 void moe_experts_amx(const uint16_t* x, const int64_t* tokens, const int64_t* offsets,
                      const int64_t* blocks, int num_experts, int hidden, int inter,
                      const uint16_t* w13, const uint16_t* w2, uint32_t* xpack, uint32_t* actpack,
                      uint16_t* out, int num_threads) {
-  const int items_up = num_experts * (inter / 16), items_down = num_experts * (hidden / 16);
-  const int64_t xblock = (int64_t)hidden / 2 * TM, ablock = (int64_t)inter / 2 * TM; /* dwords */
-  const int64_t num_blocks = blocks[num_experts];
 #pragma omp parallel num_threads(num_threads)
   {
     configure_tiles(); /* per thread: tile state is per thread */
+    pack_phase(x, tokens, offsets, blocks, num_experts, hidden, xpack);
+    gate_up_phase(xpack, blocks, num_experts, hidden, inter, w13, actpack);
+    project_phase(actpack, offsets, blocks, num_experts, inter, hidden, w2, out);
+    _tile_release();
+  }
+}
 
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < num_blocks; b++) {
-      int e = 0;
-      while (blocks[e + 1] <= b) e++;
-      int64_t first;
-      const int n = block_rows(offsets, blocks, e, b, &first);
-      pack_rows(x, tokens + first, n, hidden, xpack + b * xblock);
-    }
-
-#pragma omp for schedule(dynamic, 2)
-    for (int item = 0; item < items_up; item++) {
-      const int e = item / (inter / 16), f0 = item % (inter / 16) * 16;
-      const uint16_t* wg = w13 + ((int64_t)e * 2 * inter + f0) * hidden; /* 16 gate rows */
-      const uint16_t* wu = wg + (int64_t)inter * hidden;                  /* 16 up rows */
-      float gate[16][16], up[16][16];                                      /* [feature][token] */
-      for (int64_t b = blocks[e]; b < blocks[e + 1]; b++) {
-        const uint32_t* xb = xpack + b * xblock;
-        _tile_zero(0);
-        _tile_zero(1);
-        for (int kb = 0; kb < hidden / 32; kb++) {
-          _tile_loadd(2, wg + kb * 32, hidden * 2);
-          _tile_loadd(3, wu + kb * 32, hidden * 2);
-          _tile_loadd(4, xb + (int64_t)kb * 16 * TM, 64);
-          _tile_dpbf16ps(0, 2, 4);
-          _tile_dpbf16ps(1, 3, 4);
-        }
-        _tile_stored(0, gate, 64);
-        _tile_stored(1, up, 64);
-        /* features f0+i, f0+i+1 are one pair of the down projection's K dimension */
-        uint32_t* ab = actpack + b * ablock + (int64_t)(f0 / 32) * 16 * TM + (f0 % 32) / 2 * TM;
-        for (int i = 0; i < 16; i += 2) {
-          const __m512i even = act16(gate[i], up[i]), odd = act16(gate[i + 1], up[i + 1]);
-          _mm512_storeu_si512(ab + i / 2 * TM, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
-        }
-      }
-    }
-
-#pragma omp for schedule(dynamic, 4)
-    for (int item = 0; item < items_down; item++) {
-      const int e = item / (hidden / 16), f0 = item % (hidden / 16) * 16;
-      const uint16_t* wd = w2 + ((int64_t)e * hidden + f0) * inter; /* 16 down rows */
-      float y[16][16];                                                /* [feature][token] */
-      for (int64_t b = blocks[e]; b < blocks[e + 1]; b++) {
-        const uint32_t* ab = actpack + b * ablock;
-        _tile_zero(0);
-        for (int kb = 0; kb < inter / 32; kb++) {
-          _tile_loadd(2, wd + kb * 32, inter * 2);
-          _tile_loadd(4, ab + (int64_t)kb * 16 * TM, 64);
-          _tile_dpbf16ps(0, 2, 4);
-        }
-        _tile_stored(0, y, 64);
-        __m512i rows[16];
-        for (int i = 0; i < 16; i++) rows[i] = _mm512_loadu_si512(y[i]);
-        transpose16(rows); /* -> [token][feature] */
-        int64_t first;
-        const int n = block_rows(offsets, blocks, e, b, &first);
-        for (int m = 0; m < n; m++) {
-          const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(rows[m]));
-          _mm256_storeu_si256((__m256i*)(out + (first + m) * hidden + f0), v);
-        }
-      }
-    }
+/* out [m, n_out] = x [m, k] . w [n_out, k]^T in bf16 (fp32 sums), one 16-row block at a time;
+ * xpack: ceil(m / 16) * k / 2 * 16 uint32 of scratch. */
+void linear_amx(const uint16_t* x, int64_t m, int k, int n_out, const uint16_t* w,
+                uint32_t* xpack, uint16_t* out, int num_threads) {
+  const int64_t offsets[2] = {0, m}, blocks[2] = {0, (m + TM - 1) / TM};
+#pragma omp parallel num_threads(num_threads)
+  {
+    configure_tiles();
+    pack_phase(x, NULL, offsets, blocks, 1, k, xpack);
+    project_phase(xpack, offsets, blocks, 1, k, n_out, w, out);
     _tile_release();
   }
 }

@@ -48,6 +48,7 @@ def _recording_linear(monkeypatch) -> list[int]:
 
 
 def test_linear_pads_bf16_rows_and_leaves_fp32_alone(monkeypatch):
+    monkeypatch.setattr(Linear, "_use_amx", lambda self, flat: False)  # the oneDNN path
     layer = Linear(64, 32, bias=False)
     x = torch.randn(3, 37, 64)  # 111 rows
     seen = _recording_linear(monkeypatch)

@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from replicas import cpu_kernels
-from replicas.model import KERNEL_MAX_ROWS_PER_EXPERT, ExaoneMoeForCausalLM, RoutedExperts
+from replicas.model import (
+    AMX_LINEAR_MAX_ROWS,
+    KERNEL_MAX_ROWS_PER_EXPERT,
+    ExaoneMoeForCausalLM,
+    Linear,
+    RoutedExperts,
+)
 
 CAN_BUILD = torch.cpu._is_avx512_bf16_supported() and shutil.which("cc") is not None
 
@@ -189,3 +195,38 @@ def test_routed_experts_pick_the_kernel_by_rows_per_expert(make_ckpt, monkeypatc
         assert [run(n) for n in (1, 8, 24)] == [["moe_experts_bf16"]] + [["moe_experts_amx"]] * 2
     monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
     assert [run(n) for n in (1, 8, 24)] == [["moe_experts_bf16"]] * 2 + [[]]
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 17, 64])
+def test_amx_linear_matches_pytorch_bf16(rows):
+    x = torch.randn(rows, 96).bfloat16()
+    w = (torch.randn(48, 96) * 0.1).bfloat16()
+    got, want = cpu_kernels.linear_amx(x, w), F.linear(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    scale = want.float().abs().max()
+    assert (got.float() - want.float()).abs().max() <= 0.01 * scale  # fp32 sum order only
+    with pytest.raises(ValueError, match="multiples of 32"):
+        cpu_kernels.linear_amx(torch.zeros(2, 40).bfloat16(), torch.zeros(48, 40).bfloat16())
+    with pytest.raises(ValueError, match="bf16"):
+        cpu_kernels.linear_amx(x.float(), w)
+
+
+def test_linear_runs_amx_for_bf16_up_to_its_row_limit(monkeypatch):
+    """bf16 Linear calls the AMX kernel for 1..AMX_LINEAR_MAX_ROWS rows where it can run, and
+    oneDNN beyond; fp32 never; results match F.linear either way."""
+    calls = []
+    kernel = cpu_kernels.linear_amx
+    monkeypatch.setattr(
+        cpu_kernels, "linear_amx", lambda x, w: calls.append(x.shape[0]) or kernel(x, w)
+    )
+    layer = Linear(64, 32, bias=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        layer.to(dtype)
+        for rows in (1, 5, AMX_LINEAR_MAX_ROWS, AMX_LINEAR_MAX_ROWS + 1):
+            x = torch.randn(rows, 64).to(dtype)
+            want = F.linear(x, layer.weight)
+            got = layer(x[None])[0]  # leading dims are kept
+            assert got.shape == want.shape
+            assert (got.float() - want.float()).abs().max() <= 0.01 * want.float().abs().max()
+    assert calls == ([1, 5, AMX_LINEAR_MAX_ROWS] if CAN_AMX else [])
