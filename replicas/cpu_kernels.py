@@ -37,27 +37,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EXAONE_KERNEL_CACHE", default))
 
 
-def build(source: Path, flags: list[str]) -> Path:
-    """Compile ``source`` into a shared library if needed -> its path. Raises RuntimeError with
-    the compiler's message when it fails."""
+def build(name: str, sources: list[Path], flags: list[str]) -> Path:
+    """Compile ``sources`` into the shared library ``name`` if needed -> its path. Raises
+    RuntimeError with the compiler's message when it fails."""
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler: {compiler!r} is not on PATH (set $CC)")
-    text = source.read_bytes()
+    text = b"".join(p.read_bytes() for p in [*sources, *sorted(CSRC.glob("*.h"))])
     tag = hashlib.sha256(text + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"lib{source.stem}_{tag}.so"
+    target = cache_dir() / f"lib{name}_{tag}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / target.name
         proc = subprocess.run(
-            [compiler, *flags, str(source), "-o", str(partial), "-lm"],
+            [compiler, *flags, f"-I{CSRC}", *map(str, sources), "-o", str(partial), "-lm"],
             capture_output=True,
             text=True,
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {source.name}: {proc.stderr.strip()[-500:]}")
+            raise RuntimeError(f"{compiler} failed on {name}: {proc.stderr.strip()[-500:]}")
         os.replace(partial, target)  # atomic: a concurrent builder sees all or nothing
     return target
 
@@ -65,9 +65,10 @@ def build(source: Path, flags: list[str]) -> Path:
 class _Library:
     """One kernel library: built and loaded once, on first use, or the reason it cannot be."""
 
-    def __init__(self, source: str, flags: list[str], cpu_check: Callable[[], str | None],
+    def __init__(self, name: str, sources: list[str], flags: list[str],
+                 cpu_check: Callable[[], str | None],
                  declare: Callable[[ctypes.CDLL], str | None]):  # fmt: skip
-        self.source, self.flags = CSRC / source, flags
+        self.name, self.sources, self.flags = name, [CSRC / s for s in sources], flags
         self.cpu_check, self.declare = cpu_check, declare
         self.lib: ctypes.CDLL | None = None
         self.reason: str | None = None
@@ -85,7 +86,7 @@ class _Library:
                 self.reason = reason
             else:
                 try:
-                    lib = ctypes.CDLL(str(build(self.source, self.flags)))
+                    lib = ctypes.CDLL(str(build(self.name, self.sources, self.flags)))
                 except (OSError, RuntimeError) as e:
                     self.reason = str(e)
                 else:
@@ -96,7 +97,7 @@ class _Library:
     def require(self) -> ctypes.CDLL:
         lib = self.load()
         if lib is None:
-            raise RuntimeError(f"CPU kernel {self.source.name} unavailable: {self.reason}")
+            raise RuntimeError(f"CPU kernels {self.name} unavailable: {self.reason}")
         return lib
 
 
@@ -107,6 +108,9 @@ def _avx512_bf16() -> str | None:
 def _declare_bf16(lib: ctypes.CDLL) -> str | None:
     lib.moe_experts_bf16.argtypes = [P, P, I32, I32, I32, P, P, P, P, I32]
     lib.moe_experts_bf16.restype = None
+    lib.decode_attention_bf16.argtypes = [P, P, P, P, I32, P, P, P, I32, I32, I32, I32,
+                                          ctypes.c_float, P, P, I32]  # fmt: skip
+    lib.decode_attention_bf16.restype = None
     return None
 
 
@@ -123,8 +127,10 @@ def _declare_amx(lib: ctypes.CDLL) -> str | None:
     return None
 
 
-_BF16 = _Library("moe_bf16.c", BASE_FLAGS, _avx512_bf16, _declare_bf16)
-_AMX = _Library("moe_amx.c", [*BASE_FLAGS, "-mamx-tile", "-mamx-bf16"], _avx512_bf16, _declare_amx)
+_BF16 = _Library("exaone_avx512", ["moe_bf16.c", "decode_attention.c"], BASE_FLAGS,
+                 _avx512_bf16, _declare_bf16)  # fmt: skip
+_AMX = _Library("exaone_amx", ["moe_amx.c"], [*BASE_FLAGS, "-mamx-tile", "-mamx-bf16"],
+                _avx512_bf16, _declare_amx)  # fmt: skip
 
 
 def available() -> bool:
@@ -231,4 +237,44 @@ def linear_amx(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = x.new_empty(m, n)
     lib.linear_amx(x.data_ptr(), m, k, n, weight.data_ptr(), xpack.data_ptr(), out.data_ptr(),
                    torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def decode_attention_bf16(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, rows: torch.Tensor,
+    valid: torch.Tensor, scale: float, k_extra: torch.Tensor | None = None,
+    v_extra: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """One query token per sequence: q [B, Hq, D] over the keys/values at pool rows ``rows``
+    [B, R] of k_pool/v_pool [P, Hkv, D], then (when given) one more key/value per sequence,
+    k_extra/v_extra [B, Hkv, D]; valid [B, R (+1)] bool says which keys count -> [B, Hq, D]
+    bf16. D must be a multiple of 32."""
+    lib = _BF16.require()
+    extra = k_extra is not None
+    named = [("q", q), ("k_pool", k_pool), ("v_pool", v_pool)]
+    named += [("k_extra", k_extra), ("v_extra", v_extra)] if extra else []
+    for name, t in named:
+        if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous bf16 CPU tensor")
+    (batch, heads, dim), (_, kv_heads, _) = q.shape, k_pool.shape
+    if dim % 32 or heads % kv_heads or heads // kv_heads > 64 or k_pool.shape != v_pool.shape:
+        raise ValueError(f"q {tuple(q.shape)}, pools {tuple(k_pool.shape)}: head_dim must be a "
+                         "multiple of 32, query heads a multiple (<= 64x) of kv heads")  # fmt: skip
+    rows = rows.to(torch.int64).contiguous()
+    num_rows = rows.shape[1]
+    if rows.shape[0] != batch or tuple(valid.shape) != (batch, num_rows + extra):
+        raise ValueError(f"rows {tuple(rows.shape)} / valid {tuple(valid.shape)} do not fit "
+                         f"{batch} sequences")  # fmt: skip
+    if extra and (k_extra.shape != (batch, kv_heads, dim) or v_extra.shape != k_extra.shape):
+        raise ValueError("k_extra and v_extra must be [B, Hkv, D]")
+    valid = valid.to(torch.uint8).contiguous()
+    threads = torch.get_num_threads()
+    scores = torch.empty(threads * (heads // kv_heads) * (num_rows + 1), dtype=torch.float32)
+    out = torch.empty_like(q)
+    lib.decode_attention_bf16(
+        q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), rows.data_ptr(), num_rows,
+        k_extra.data_ptr() if extra else None, v_extra.data_ptr() if extra else None,
+        valid.data_ptr(), batch, heads, kv_heads, dim, scale, scores.data_ptr(), out.data_ptr(),
+        threads,
+    )  # fmt: skip
     return out

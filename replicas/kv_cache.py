@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from replicas import cpu_kernels
 from replicas.block_pool import BlockPool
 from replicas.model import Attend
 from replicas.model_config import SLIDING, ModelConfig
@@ -188,6 +189,12 @@ class StepAttention:
         self.q_index = torch.where(self.q_valid, starts[:, None] + j, 0)  # [B, Qmax] into N
         self.out_index = self.q_valid.flatten().nonzero()[:, 0]  # [N] rows of the flat [B*Qmax]
         self.decode_only = q_max == 1  # then [N] is [B, 1]: no query gather/scatter at all
+        pool = next(iter({**cache.global_k, **cache.sliding_k}.values()))
+        # Decode in bf16 on CPU: our kernel reads keys in place (replicas/csrc/decode_attention.c)
+        self.use_kernel = (
+            self.decode_only and pool.dtype == torch.bfloat16 and pool.device.type == "cpu"
+            and pool.shape[-1] % 32 == 0 and cpu_kernels.available()
+        )  # fmt: skip
         q_pos = computed[:, None] + j  # [B, Qmax]
 
         # Global layers: write the chunk at its positions, then read positions [0, total).
@@ -256,6 +263,11 @@ class StepAttention:
                 kc.index_copy_(0, self.write_rows, k)
                 vc.index_copy_(0, self.write_rows, v)
                 rows = self.global_rows
+                if self.use_kernel:
+                    valid = self.global_mask[:, 0, 0]  # [B, Kmax]
+                    return cpu_kernels.decode_attention_bf16(
+                        q.contiguous(), kc, vc, rows, valid, q.shape[-1] ** -0.5
+                    )
                 return self._sdpa(q, _rows(kc, rows), _rows(vc, rows), self.global_mask)
 
             return attend_global
@@ -263,11 +275,17 @@ class StepAttention:
 
         def attend_sliding(q, k, v):
             ks_flat, vs_flat = ks.view(-1, *ks.shape[2:]), vs.view(-1, *vs.shape[2:])
-            k_new = k[:, None] if self.decode_only else _rows(k, self.q_index)  # [B, Qmax, ..]
-            v_new = v[:, None] if self.decode_only else _rows(v, self.q_index)
-            k_pad = torch.cat([_rows(ks_flat, self.ring_rows), k_new], 1)  # [B, R+Qmax, ..]
-            v_pad = torch.cat([_rows(vs_flat, self.ring_rows), v_new], 1)
-            out = self._sdpa(q, k_pad, v_pad, self.sliding_mask)
+            if self.use_kernel:  # keys: the ring, then the decoded token itself
+                out = cpu_kernels.decode_attention_bf16(
+                    q.contiguous(), ks_flat, vs_flat, self.ring_rows, self.sliding_mask[:, 0, 0],
+                    q.shape[-1] ** -0.5, k.contiguous(), v.contiguous(),
+                )  # fmt: skip
+            else:
+                k_new = k[:, None] if self.decode_only else _rows(k, self.q_index)  # [B, Qmax, ..]
+                v_new = v[:, None] if self.decode_only else _rows(v, self.q_index)
+                k_pad = torch.cat([_rows(ks_flat, self.ring_rows), k_new], 1)  # [B, R+Qmax, ..]
+                v_pad = torch.cat([_rows(vs_flat, self.ring_rows), v_new], 1)
+                out = self._sdpa(q, k_pad, v_pad, self.sliding_mask)
             # Only the new rows, after attending.
             ks_flat.index_copy_(0, self.ring_dst, k.index_select(0, self.ring_src))
             vs_flat.index_copy_(0, self.ring_dst, v.index_select(0, self.ring_src))

@@ -230,3 +230,47 @@ def test_linear_runs_amx_for_bf16_up_to_its_row_limit(monkeypatch):
             assert got.shape == want.shape
             assert (got.float() - want.float()).abs().max() <= 0.01 * want.float().abs().max()
     assert calls == ([1, 5, AMX_LINEAR_MAX_ROWS] if CAN_AMX else [])
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv_heads,dim,extra", [(16, 2, 128, True), (4, 4, 32, False)])
+def test_decode_attention_matches_sdpa(heads, kv_heads, dim, extra):
+    """Keys read in place at scattered pool rows, some masked out, plus (sliding layers) the
+    decoded token's own key; against fp32 SDPA over the gathered keys."""
+    batch, pool_rows, num_rows = 5, 300, 37
+    q = torch.randn(batch, heads, dim).bfloat16()
+    k_pool, v_pool = (torch.randn(pool_rows, kv_heads, dim).bfloat16() for _ in range(2))
+    rows = torch.randint(0, pool_rows, (batch, num_rows))
+    valid = torch.rand(batch, num_rows + extra) < 0.7
+    valid[:, -1] = True  # every query attends at least one key
+    k_extra, v_extra = (torch.randn(batch, kv_heads, dim).bfloat16() for _ in range(2))
+    keys, values = k_pool[rows], v_pool[rows]  # [B, R, Hkv, D]
+    if extra:
+        keys, values = (
+            torch.cat([keys, k_extra[:, None]], 1),
+            torch.cat([values, v_extra[:, None]], 1),
+        )
+    want = F.scaled_dot_product_attention(
+        q[:, :, None].float(), keys.transpose(1, 2).float(), values.transpose(1, 2).float(),
+        attn_mask=valid[:, None, None], scale=dim**-0.5, enable_gqa=True,
+    )[:, :, 0]  # fmt: skip
+    got = cpu_kernels.decode_attention_bf16(
+        q, k_pool, v_pool, rows, valid, dim**-0.5, *((k_extra, v_extra) if extra else ())
+    )
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert (got.float() - want).abs().max() <= 0.01 * want.abs().max()  # bf16 output rounding
+
+
+@needs_kernel
+def test_decode_attention_checks_its_inputs():
+    q = torch.zeros(2, 4, 32, dtype=torch.bfloat16)
+    pool = torch.zeros(10, 2, 32, dtype=torch.bfloat16)
+    rows, valid = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="bf16"):
+        cpu_kernels.decode_attention_bf16(q.float(), pool, pool, rows, valid, 1.0)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        half = pool[..., :16].contiguous()
+        cpu_kernels.decode_attention_bf16(q[..., :16].contiguous(), half, half, rows, valid, 1.0)
+    with pytest.raises(ValueError, match="do not fit"):  # an extra key needs one more flag
+        extra = torch.zeros(2, 2, 32, dtype=torch.bfloat16)
+        cpu_kernels.decode_attention_bf16(q, pool, pool, rows, valid, 1.0, extra, extra)
