@@ -1,7 +1,7 @@
 """Output tokens/s of our engine vs transformers' generate (and vLLM when its venv exists).
 
-Same checkpoint, prompts (64 random tokens each), dtype and greedy decoding with 128 new tokens
-(ignore_eos), one run; prints medians and ratios. Asserts nothing.
+Same checkpoint, prompts (64 random tokens each), dtype (bf16 unless --dtype) and greedy decoding
+with 128 new tokens (ignore_eos); prints medians and ratios. Asserts nothing.
 
     .venv/bin/python bench/throughput.py                          # tiny and small, batch 1/16/64
     .venv/bin/python bench/throughput.py --presets tiny --batch-sizes 1,16
@@ -96,7 +96,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--presets", default="tiny,small")
     ap.add_argument("--batch-sizes", default="1,16,64")
-    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
+                    help="the checkpoints' own dtype by default, as vLLM serves them")  # fmt: skip
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
