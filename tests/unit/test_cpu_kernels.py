@@ -70,6 +70,23 @@ def _torch_experts(h, offsets, w13, w2):
     return torch.cat(out)
 
 
+def _random_experts(counts: torch.Tensor, hidden: int, inter: int):
+    """-> w13 [E, 2I, H], w2 [E, H, I] bf16 and offsets [E + 1] for these row counts."""
+    w13 = (torch.randn(len(counts), 2 * inter, hidden) * 0.1).bfloat16()
+    w2 = (torch.randn(len(counts), hidden, inter) * 0.1).bfloat16()
+    return w13, w2, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+
+
+def _assert_experts_close(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """bf16 rounding of intermediates and summation order only -> the output scale."""
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    scale = want.float().abs().max()
+    diff = (got.float() - want.float()).abs()
+    assert diff.max() <= 0.02 * scale
+    assert diff.mean() <= 0.002 * scale
+    return scale
+
+
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="covered by the availability test")
 
 
@@ -79,32 +96,10 @@ def test_kernel_matches_pytorch_bf16(hidden, inter):
     """Odd sizes run the tails (dims not multiples of 32, row counts not multiples of 4, an
     odd output feature count, experts without rows)."""
     counts = torch.tensor([0, 3, 5, 1, 0, 9, 4, 2, 13])
-    num_experts = len(counts)
-    w13 = (torch.randn(num_experts, 2 * inter, hidden) * 0.1).bfloat16()
-    w2 = (torch.randn(num_experts, hidden, inter) * 0.1).bfloat16()
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    w13, w2, offsets = _random_experts(counts, hidden, inter)
     h = torch.randn(int(counts.sum()), hidden).bfloat16()
     got = cpu_kernels.moe_experts_bf16(h, offsets, w13, w2)
-    want = _torch_experts(h, offsets, w13, w2)
-    assert got.dtype == torch.bfloat16 and got.shape == want.shape
-    scale = want.float().abs().max()
-    diff = (got.float() - want.float()).abs()
-    assert diff.max() <= 0.02 * scale  # bf16 rounding of intermediates, summation order
-    assert diff.mean() <= 0.002 * scale
-
-
-@needs_kernel
-def test_kernel_checks_its_inputs():
-    w13 = torch.zeros(2, 64, 32, dtype=torch.bfloat16)
-    w2 = torch.zeros(2, 32, 32, dtype=torch.bfloat16)
-    h = torch.zeros(3, 32, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="offsets"):
-        cpu_kernels.moe_experts_bf16(h, torch.tensor([0, 1, 2]), w13, w2)  # 2 rows, not 3
-    with pytest.raises(ValueError, match="bf16"):
-        cpu_kernels.moe_experts_bf16(h.float(), torch.tensor([0, 1, 3]), w13, w2)
-    with pytest.raises(ValueError, match="shapes"):
-        cpu_kernels.moe_experts_bf16(torch.zeros(3, 16, dtype=torch.bfloat16),
-                                     torch.tensor([0, 1, 3]), w13, w2)  # fmt: skip
+    _assert_experts_close(got, _torch_experts(h, offsets, w13, w2))
 
 
 needs_amx = pytest.mark.skipif(not CAN_AMX, reason="covered by the availability test")
@@ -116,29 +111,30 @@ def test_amx_kernel_matches_pytorch_bf16(hidden, inter):
     """Experts with 0, 1, 15, 16, 17, 33 and 40 rows (partial, whole and several 16-row
     blocks), tokens gathered in any order and repeated."""
     counts = torch.tensor([0, 3, 17, 1, 0, 40, 16, 15, 33])
-    num_experts = len(counts)
-    w13 = (torch.randn(num_experts, 2 * inter, hidden) * 0.1).bfloat16()
-    w2 = (torch.randn(num_experts, hidden, inter) * 0.1).bfloat16()
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    w13, w2, offsets = _random_experts(counts, hidden, inter)
     x = torch.randn(50, hidden).bfloat16()
     tokens = torch.randint(0, x.shape[0], (int(counts.sum()),))
     got = cpu_kernels.moe_experts_amx(x, tokens, offsets, w13, w2)
-    want = _torch_experts(x[tokens], offsets, w13, w2)
-    assert got.dtype == torch.bfloat16 and got.shape == want.shape
-    scale = want.float().abs().max()
-    diff = (got.float() - want.float()).abs()
-    assert diff.max() <= 0.02 * scale  # bf16 rounding of intermediates, summation order
-    assert diff.mean() <= 0.002 * scale
+    scale = _assert_experts_close(got, _torch_experts(x[tokens], offsets, w13, w2))
     if CAN_BUILD:  # same roundings as the AVX512 kernel: only fp32 summation order differs
         other = cpu_kernels.moe_experts_bf16(x[tokens], offsets, w13, w2)
         assert (got.float() - other.float()).abs().max() <= 0.01 * scale
 
 
-@needs_amx
-def test_amx_kernel_checks_its_inputs():
+@needs_kernel
+def test_expert_kernels_check_their_inputs():
     w13 = torch.zeros(2, 64, 32, dtype=torch.bfloat16)
     w2 = torch.zeros(2, 32, 32, dtype=torch.bfloat16)
-    x = torch.zeros(3, 32, dtype=torch.bfloat16)
+    h = x = torch.zeros(3, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="offsets"):
+        cpu_kernels.moe_experts_bf16(h, torch.tensor([0, 1, 2]), w13, w2)  # 2 rows, not 3
+    with pytest.raises(ValueError, match="bf16"):
+        cpu_kernels.moe_experts_bf16(h.float(), torch.tensor([0, 1, 3]), w13, w2)
+    with pytest.raises(ValueError, match="shapes"):
+        cpu_kernels.moe_experts_bf16(torch.zeros(3, 16, dtype=torch.bfloat16),
+                                     torch.tensor([0, 1, 3]), w13, w2)  # fmt: skip
+    if not CAN_AMX:
+        return
     with pytest.raises(ValueError, match="offsets"):
         cpu_kernels.moe_experts_amx(x, torch.arange(3), torch.tensor([0, 1, 2]), w13, w2)
     with pytest.raises(ValueError, match="index the 3 rows"):
