@@ -4,16 +4,22 @@ Glossary
     block       ``block_size`` consecutive token positions of one sequence in every global layer;
                 one block id indexes the same rows of all global layers' K/V pools.
     block table the block ids of a sequence, in position order.
-    slot        a sequence's row in the sliding-layer state: a ring of ``W - 1`` K/V rows
-                holding its last ``W - 1`` positions (all a sliding layer ever needs again);
-                position p lives in ring row ``p % (W - 1)``.
+    slot        a sequence's row in the sliding-layer state: a ring of ``R = W - 1 + S`` K/V
+                rows; position p lives in ring row ``p % R``. The last ``W - 1`` positions are
+                all a sliding layer ever needs again; the ``S`` spare rows (``spec_tokens``)
+                take speculative positions (MTP drafts being verified) without overwriting any
+                of those, so rejecting drafts needs no copy-back: a sequence just resumes at
+                its accepted length and the rejected rows fall out of every later window.
     chunk       the new tokens a sequence computes in one step (a prefill piece or 1 decode token).
+    MTP layer   with ``include_mtp`` the MTP block's attention layer has its own K/V here, as
+                layer id ``cfg.num_hidden_layers``, of type ``cfg.mtp_layer_type``.
 
-Global (NoPE) layers keep the whole context. Sliding layers keep only ``W - 1`` rows between
-steps; during a step a chunk attends over ``ring + chunk`` (masked by the position each ring row
-holds) and only then writes its newest rows into the ring. Writing before attending into a ring
-exactly W wide breaks chunked prefill (model-spec.md section 7); attending first avoids it, and
-each step writes only its new rows.
+Global (NoPE) layers keep the whole context; positions past a sequence's length are simply
+rewritten later. Sliding layers keep only ``W - 1`` (+ S) rows between steps; during a step a
+chunk attends over ``ring + chunk`` (masked by the position each ring row holds) and only then
+writes its newest rows into the ring. Writing before attending into a ring exactly W wide
+breaks chunked prefill (model-spec.md section 7); attending first avoids it, and each step
+writes only its new rows.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ class KVFootprint:
     global_bytes_per_token: int
     """K and V of every global layer for one token."""
     sliding_bytes_per_sequence: int
-    """The kept window (W - 1 rows) of every sliding layer, per running sequence."""
+    """The kept ring (W - 1 + spec_tokens rows) of every sliding layer, per running sequence."""
     sliding_bytes_per_inflight_token: int
     """Transient K/V of the tokens a sequence computes in a step, across sliding layers."""
 
@@ -48,14 +54,16 @@ class KVFootprint:
         return blocks * block_size * self.global_bytes_per_token + self.sliding_bytes_per_sequence
 
 
-def kv_footprint(cfg: ModelConfig, dtype_bytes: int = 2, include_mtp: bool = False) -> KVFootprint:
-    """KV bytes for any config (bf16 by default). K-EXAONE: 48 KiB/token, ~18 MiB/sequence."""
+def kv_footprint(cfg: ModelConfig, dtype_bytes: int = 2, include_mtp: bool = False,
+                 spec_tokens: int = 0) -> KVFootprint:  # fmt: skip
+    """KV bytes for any config (bf16 by default). K-EXAONE: 48 KiB/token, ~18 MiB/sequence.
+    ``spec_tokens``: spare ring rows for speculative positions (HybridKVCache)."""
     per_token_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes  # K and V
     num_sliding = len(cfg.sliding_layers) + (
         1 if include_mtp and cfg.mtp_layer_type == SLIDING else 0
     )
     num_global = len(cfg.full_layers) + (1 if include_mtp and cfg.mtp_layer_type != SLIDING else 0)
-    kept = (cfg.sliding_window - 1) if cfg.sliding_window else 0
+    kept = (cfg.sliding_window - 1 + spec_tokens) if cfg.sliding_window else 0
     return KVFootprint(
         global_bytes_per_token=num_global * per_token_layer,
         sliding_bytes_per_sequence=num_sliding * kept * per_token_layer,
@@ -78,7 +86,7 @@ class SeqChunk:
 # ------------------------------------------------------------------------------------------------
 class HybridKVCache:
     """The K/V tensors of one engine: global pools [num_blocks * block_size, Hkv, D] per global
-    layer and sliding states [max_seqs, W - 1, Hkv, D] per sliding layer."""
+    layer and sliding states [max_seqs, W - 1 + spec_tokens, Hkv, D] per sliding layer."""
 
     def __init__(
         self,
@@ -89,17 +97,25 @@ class HybridKVCache:
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
         blocks: BlockPool | None = None,
+        include_mtp: bool = False,
+        spec_tokens: int = 0,
     ):
-        """``blocks``: the pool of block ids (a PrefixBlockPool when prefixes are shared)."""
+        """``blocks``: the pool of block ids (a PrefixBlockPool when prefixes are shared);
+        ``include_mtp``: also hold the MTP layer's K/V; ``spec_tokens``: positions a sequence
+        may write past its accepted length (drafts in verification), see the glossary."""
+        if spec_tokens < 0:
+            raise ValueError("spec_tokens must be >= 0")
         self.cfg, self.block_size = cfg, block_size
         self.window = cfg.sliding_window
+        self.ring = self.window - 1 + spec_tokens if self.window else 0  # rows per slot
         self.blocks = blocks if blocks is not None else BlockPool(num_blocks)
         self.slots = BlockPool(max_seqs)
         shape_kv = (cfg.num_key_value_heads, cfg.head_dim)
         self.global_k, self.global_v, self.sliding_k, self.sliding_v = {}, {}, {}, {}
-        for i, t in enumerate(cfg.layer_types):
+        types = list(cfg.layer_types) + ([cfg.mtp_layer_type] if include_mtp else [])
+        for i, t in enumerate(types):
             if t == SLIDING:
-                state = (max_seqs, self.window - 1, *shape_kv)
+                state = (max_seqs, self.ring, *shape_kv)
                 self.sliding_k[i] = torch.zeros(state, dtype=dtype, device=device)
                 self.sliding_v[i] = torch.zeros(state, dtype=dtype, device=device)
             else:
@@ -139,12 +155,17 @@ class HybridKVCache:
             for j, i in enumerate(self.global_layers):
                 pool[i].index_copy_(0, rows, data[kv, j].to(pool[i]))
 
+    @property
+    def mtp_layer(self) -> int:
+        """The MTP layer's id here (when ``include_mtp``)."""
+        return self.cfg.num_hidden_layers
+
     def ring_rows(self, num_tokens: int) -> list[int]:
         """Ring rows of the last min(P, W - 1) positions before P, oldest first."""
         if not self.window:
             return []
-        ring = self.window - 1
-        return [p % ring for p in range(max(0, num_tokens - ring), num_tokens)]
+        kept = self.window - 1
+        return [p % self.ring for p in range(max(0, num_tokens - kept), num_tokens)]
 
     def read_window(self, slot: int, num_tokens: int) -> torch.Tensor:
         """Each sliding layer's kept positions before ``num_tokens``: [2, Ls, n, Hkv, D]."""
@@ -211,10 +232,11 @@ class StepAttention:
         self.write_rows = write[self.q_valid]  # [N] pool rows of the new tokens
         self.global_mask = self._mask(q_pos, kpos.expand(len(chunks), -1), k_valid, None)
 
-        # Sliding layers: a ring of W - 1 rows per sequence; position p lives in row p % (W - 1).
-        # Keys of a step = the ring (the W - 1 positions before the chunk) + the chunk itself.
+        # Sliding layers: a ring of R = W - 1 + S rows per sequence; position p lives in row
+        # p % R. Keys of a step = the ring (the R positions before the chunk, masked to the
+        # window) + the chunk itself.
         if w is not None:
-            ring = w - 1
+            ring = cache.ring
             slots = torch.tensor([c.slot for c in chunks], device=dev)
             # Rows >= max(computed) hold nothing yet for any sequence of the step: skip them.
             held = min(ring, max(c.num_computed for c in chunks))
@@ -225,7 +247,7 @@ class StepAttention:
             k_pos = torch.cat([ring_pos, q_pos], 1)  # [B, R + Qmax]
             k_valid = torch.cat([ring_pos >= 0, self.q_valid], 1)
             self.sliding_mask = self._mask(q_pos, k_pos, k_valid, w)
-            # After attending, store the chunk's last W - 1 positions (distinct ring rows).
+            # After attending, store the chunk's last R positions (distinct ring rows).
             keep = self.q_valid & (q_pos >= total[:, None] - ring)
             self.ring_dst = (slots[:, None] * ring + q_pos % ring)[keep]
             self.ring_src = self.q_index[keep]

@@ -500,15 +500,18 @@ class MTP(nn.Module):
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
 
     def forward(
-        self, next_embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
-        """next_embeds [B, T, H] (embedding of token t+1), hidden [B, T, H] (final-normed h_t)."""
+        self, next_embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        attend: Attend | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """next_embeds [B, T, H] (embedding of token t+1), hidden [B, T, H] (final-normed h_t)
+        -> [B, T, H]. With ``attend`` (a KV-cache backend), [N, H] flat rows, as the decoder
+        layers take them."""
         u = self.fc(
             torch.cat(
                 [self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], -1
             )
         )  # [B, T, H]
-        return self.norm(self.layers[0](u, cos, sin))  # [B, T, H]
+        return self.norm(self.layers[0](u, cos, sin, attend))  # [B, T, H]
 
 
 class ExaoneMoeModel(nn.Module):
@@ -656,6 +659,21 @@ class ExaoneMoeForCausalLM(nn.Module):
         next_embeds = self.model.embed_tokens(input_ids[:, 1:])  # [B, T-1, H]
         cos, sin = self.rope(hidden.shape[1], hidden.device, hidden.dtype)
         return self.lm_head(self.mtp(next_embeds, hidden, cos, sin))
+
+    def mtp_step(
+        self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+        backend: AttentionBackend, layer: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """One MTP pass through a KV cache. Row i is position ``positions[i]``: ``hidden[i]``
+        is that position's final-normed hidden state (the main model's, or the MTP's own output
+        when drafting further ahead) and ``next_ids[i]`` the token after it. ``layer`` is the
+        MTP layer's id in the cache. -> d [N, H] (after mtp.norm); ``lm_head(d[i])`` drafts the
+        token after ``next_ids[i]``, and d[i] is the hidden input of the next draft."""
+        if self.mtp is None:
+            raise RuntimeError("this model was built without its MTP block")
+        embeds = self.model.embed_tokens(next_ids)  # [N, H]
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
+        return self.mtp(embeds, hidden, cos, sin, backend.attend_fn(layer))
 
     # ---- loading ---------------------------------------------------------------------------------
     @classmethod
