@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from replicas.dispatch import ExpertDispatcher, run_microbatches, split_balanced
+from replicas.draft_policy import AcceptanceTracker
 from replicas.kv_cache import HybridKVCache, SeqChunk, kv_footprint
 from replicas.model import ExaoneMoeForCausalLM
 from replicas.outputs import RequestOutput, StepFailedError, TokenLogprob
@@ -44,6 +45,13 @@ class EngineConfig:
     attention overlaps another's experts); 1 sends the whole step at once."""
     prefix_cache: PrefixCacheConfig | None = None
     """Reuse the KV state of shared prompt prefixes (None: off)."""
+    num_speculative_tokens: int = 0
+    """MTP self-speculative decoding: draft tokens per sequence and step (0: off). Needs the
+    model's MTP block; greedy requests are drafted for, and every step verifies the drafts."""
+
+    def __post_init__(self):
+        if self.num_speculative_tokens < 0:
+            raise ValueError("num_speculative_tokens must be >= 0")
 
 
 def _pairs(ids: torch.Tensor, values: torch.Tensor) -> tuple[tuple[int, float], ...]:
@@ -83,9 +91,13 @@ class LLMEngine:
             1, config.kv_cache_bytes // max(per_token * config.block_size, 1)
         )
         pool = PrefixBlockPool(num_blocks) if config.prefix_cache is not None else None
+        self.spec_tokens = config.num_speculative_tokens
+        if self.spec_tokens and model.mtp is None:
+            raise ValueError("speculative decoding needs the model's MTP block (include_mtp)")
         self.cache = HybridKVCache(
-            cfg, num_blocks, config.block_size, config.max_num_seqs, dtype, self.device, pool
-        )
+            cfg, num_blocks, config.block_size, config.max_num_seqs, dtype, self.device, pool,
+            include_mtp=bool(self.spec_tokens), spec_tokens=self.spec_tokens,
+        )  # fmt: skip
         self.prefix = None
         if config.prefix_cache is not None:
             self.prefix = PrefixCacheManager(self.cache, pool, config.prefix_cache, redis, dtype)
@@ -96,6 +108,8 @@ class LLMEngine:
         self.eos_token_ids = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self._arrival = itertools.count()
         self._prompt_logprobs: dict[str, _PromptLogprobState] = {}
+        self.acceptance = AcceptanceTracker(max(self.spec_tokens, 1))
+        """MTP drafts verified and accepted per draft position (``drafted`` / ``accepted``)."""
 
     # ---- API -----------------------------------------------------------------------------------
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -186,13 +200,24 @@ class LLMEngine:
             for request_id in ids:
                 self.abort(request_id)
             raise StepFailedError(ids, e) from e
+        for c in plan.chunks:
+            if c.num_drafts and c.request.request_id in sampled:
+                accepted = len(sampled[c.request.request_id]) - 1
+                c.request.num_drafted_tokens += c.num_drafts
+                c.request.num_accepted_drafts += accepted
+                self.acceptance.observe(c.num_drafts, accepted)
         finished = self.scheduler.update(plan, sampled, self.eos_token_ids)
+        if self.spec_tokens:
+            self._draft(plan, hidden, sampled)
         for request in finished:
             out = outputs[request.request_id]
             out.finished, out.finish_reason = True, request.finish_reason
         requests = {c.request.request_id: c.request for c in plan.chunks}
         for out in outputs.values():
-            out.num_output_tokens = len(requests[out.request_id].output_ids)
+            r = requests[out.request_id]
+            out.num_output_tokens = len(r.output_ids)
+            out.num_drafted_tokens = r.num_drafted_tokens
+            out.num_accepted_draft_tokens = r.num_accepted_drafts
         return list(outputs.values())
 
     def _execute(self, plan: SchedulerOutput) -> torch.Tensor:
@@ -220,50 +245,118 @@ class LLMEngine:
         )
 
     def _sample(self, plan: SchedulerOutput, hidden: torch.Tensor):
-        rows, requests, outputs = [], [], {}
+        """Sample every completing chunk's next token. A chunk with drafts d_1..d_k gets k + 1
+        rows, the positions of its last known token and of each draft; row i is sampled as if
+        d_1..d_i had been generated (penalties see them). Greedy verification: the drafts are
+        accepted while they equal what the model picks, and the model's pick after the last
+        accepted one comes too (only greedy requests are drafted for)."""
+        rows, owners, outputs = [], [], {}  # owners: (request, row i of its chunk)
         offset = 0
         for c in plan.chunks:
             r = c.request
             if r.request_id in self._prompt_logprobs:
                 self._collect_prompt_logprobs(c, hidden[offset : offset + c.num_new])
             if c.completes:
-                rows.append(offset + c.num_new - 1)
-                requests.append(r)
+                last = offset + c.num_new - c.num_drafts - 1  # the last known token's row
+                rows.extend(range(last, last + c.num_drafts + 1))
+                owners.extend((r, i) for i in range(c.num_drafts + 1))
             offset += c.num_new
-        sampled: dict[str, int] = {}
-        if not requests:
+        sampled: dict[str, list[int]] = {}
+        if not rows:
             return sampled, outputs
         logits = self.model.lm_head(hidden[rows])  # [S, V]
         batch = SamplingBatch(
-            params=[r.params for r in requests],
-            output_ids=[r.output_ids for r in requests],
-            prompt_ids=[r.prompt_ids for r in requests],
-            generators=[r.generator for r in requests],
+            params=[r.params for r, _ in owners],
+            output_ids=[r.output_ids + r.draft_ids[:i] if i else r.output_ids for r, i in owners],
+            prompt_ids=[r.prompt_ids for r, _ in owners],
+            generators=[r.generator for r, _ in owners],
         )
         result = sample(logits, batch)
-        for i, r in enumerate(requests):
-            token = int(result.token_ids[i])
-            sampled[r.request_id] = token
-            out = RequestOutput(
-                r.request_id,
-                [token],
-                num_prompt_tokens=r.num_prompt_tokens,
-                queue_time_s=r.first_scheduled_time - r.arrival_time,
-                num_cached_tokens=r.num_cached_tokens,
-            )
+        picks = result.token_ids.tolist()
+        for j, (r, i) in enumerate(owners):
+            if i and (i > len(sampled[r.request_id]) or picks[j - 1] != r.draft_ids[i - 1]):
+                continue  # an earlier draft was rejected: this row does not count
+            token = picks[j]
+            sampled.setdefault(r.request_id, []).append(token)
+            out = outputs.get(r.request_id)
+            if out is None:
+                out = outputs[r.request_id] = RequestOutput(
+                    r.request_id,
+                    [],
+                    num_prompt_tokens=r.num_prompt_tokens,
+                    queue_time_s=r.first_scheduled_time - r.arrival_time,
+                    num_cached_tokens=r.num_cached_tokens,
+                )
+                state = self._prompt_logprobs.pop(r.request_id, None)
+                if state is not None:
+                    out.prompt_logprobs = state.entries
+            out.new_token_ids.append(token)
             n_top = r.params.logprobs
             if n_top is not None:
                 top = (
-                    _pairs(result.top_ids[i, :n_top], result.top_logprobs[i, :n_top])
+                    _pairs(result.top_ids[j, :n_top], result.top_logprobs[j, :n_top])
                     if n_top
                     else ()
                 )
-                out.logprobs = [TokenLogprob(token, float(result.logprobs[i]), top)]
-            state = self._prompt_logprobs.pop(r.request_id, None)
-            if state is not None:
-                out.prompt_logprobs = state.entries
-            outputs[r.request_id] = out
+                out.logprobs = (out.logprobs or []) + [
+                    TokenLogprob(token, float(result.logprobs[j]), top)
+                ]
         return sampled, outputs
+
+    def _draft(self, plan: SchedulerOutput, hidden: torch.Tensor, sampled) -> None:
+        """MTP after the step: its cache gets this step's verified positions (the main model's
+        hidden state of position p with the token at p + 1, as vLLM feeds it), then greedy
+        requests get up to ``spec_tokens`` drafts, the later ones from the MTP's own output
+        (position + 1 each time), written to the spare positions the cache keeps for them."""
+        seqs, ids, positions, rows, drafting = [], [], [], [], []
+        offset = 0
+        for c in plan.chunks:
+            r = c.request
+            tokens = sampled.get(r.request_id, ())
+            n = c.num_new - (c.num_drafts - (len(tokens) - 1) if tokens else 0)  # verified
+            if not r.is_finished and n > 0:
+                rows.extend(range(offset, offset + n))
+                positions.extend(range(c.start, c.start + n))
+                ids.extend(r.token_at(c.start + 1, c.start + n + 1))
+                seqs.append(SeqChunk(c.start, n, r.block_ids, r.slot))
+                budget = min(self.spec_tokens, r.params.max_tokens - len(r.output_ids) - 1,
+                             self.max_model_len - r.num_tokens)  # fmt: skip
+                if tokens and r.params.temperature == 0 and budget > 0:
+                    drafting.append((r, len(ids) - 1, budget))
+            offset += c.num_new
+        if not seqs:
+            return
+        dev = self.device
+        mtp = self.cache.mtp_layer
+        d = self.model.mtp_step(
+            torch.tensor(ids, device=dev), hidden[rows], torch.tensor(positions, device=dev),
+            self.cache.step(seqs), mtp,
+        )  # fmt: skip
+        if not drafting:
+            return
+        h = d[[row for _, row, _ in drafting]]  # [B, H]
+        for j in range(self.spec_tokens):
+            picks = self.model.lm_head(h).argmax(-1).tolist()
+            for (r, _, _), token in zip(drafting, picks, strict=True):
+                r.draft_ids.append(token)
+            # The next draft comes from (the MTP's own output, the draft just made) one position
+            # on; a global MTP layer needs the blocks of that position.
+            pos = [r.num_tokens - 2 + len(r.draft_ids) for r, _, _ in drafting]
+            keep = [
+                i for i, ((r, _, budget), p) in enumerate(zip(drafting, pos, strict=True))
+                if budget > j + 1 and self.scheduler.reserve(r, p + 1)
+            ]  # fmt: skip
+            if not keep or j + 1 == self.spec_tokens:
+                break
+            drafting, pos, h = [drafting[i] for i in keep], [pos[i] for i in keep], h[keep]
+            steps = [
+                SeqChunk(p, 1, r.block_ids, r.slot)
+                for p, (r, _, _) in zip(pos, drafting, strict=True)
+            ]
+            h = self.model.mtp_step(
+                torch.tensor([r.draft_ids[-1] for r, _, _ in drafting], device=dev), h,
+                torch.tensor(pos, device=dev), self.cache.step(steps), mtp,
+            )  # fmt: skip
 
     def _collect_prompt_logprobs(self, chunk, hidden: torch.Tensor) -> None:
         """Row j of the chunk (position start + j) predicts prompt token start + j + 1.

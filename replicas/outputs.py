@@ -29,6 +29,8 @@ class RequestOutput:
     """Prompt tokens whose KV was reused (prefix cache) rather than computed."""
     num_accepted_draft_tokens: int = 0
     """Output tokens that came from accepted MTP drafts (so far)."""
+    num_drafted_tokens: int = 0
+    """MTP drafts verified for this request (so far), accepted or not."""
     queue_time_s: float | None = None
     """Arrival at the engine -> first scheduled step."""
 
@@ -43,6 +45,7 @@ class RequestOutput:
         self.num_output_tokens = later.num_output_tokens
         self.num_cached_tokens = later.num_cached_tokens
         self.num_accepted_draft_tokens = later.num_accepted_draft_tokens
+        self.num_drafted_tokens = later.num_drafted_tokens
         if self.queue_time_s is None:
             self.queue_time_s = later.queue_time_s
         return self

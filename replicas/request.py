@@ -46,6 +46,11 @@ class Request:
     """Prefix-cache state (replicas.prefix_manager.PrefixState), None when nothing to reuse."""
     num_cached_tokens: int = 0
     """Prompt tokens restored from the prefix cache instead of computed."""
+    draft_ids: list[int] = field(default_factory=list)
+    """MTP draft tokens for the positions after the known ones, verified by the next step."""
+    num_drafted_tokens: int = 0
+    num_accepted_drafts: int = 0
+    """MTP drafts verified for this request, and how many of them were accepted."""
 
     @property
     def next_boundary(self) -> int | None:
@@ -67,13 +72,18 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
     def token_at(self, start: int, end: int) -> list[int]:
-        """Known tokens in positions [start, end)."""
+        """Tokens in positions [start, end): known ones, then drafts."""
         p = len(self.prompt_ids)
         if end <= p:
             return self.prompt_ids[start:end]
         if start >= p:  # decode: only generated tokens, no copy of the prompt
-            return self.output_ids[start - p : end - p]
-        return self.prompt_ids[start:] + self.output_ids[: end - p]
+            out = self.output_ids[start - p : end - p]
+        else:
+            out = self.prompt_ids[start:] + self.output_ids[: end - p]
+        known = self.num_tokens
+        if end > known:
+            out = out + self.draft_ids[max(start - known, 0) : end - known]
+        return out
 
     @property
     def is_finished(self) -> bool:

@@ -1,18 +1,19 @@
 """Continuous-batching scheduler after vLLM v1's rule. Pure Python (no torch, no Ray).
 
 One rule: every step, each request's computed tokens catch up with its known tokens (prompt +
-output), under a per-step token budget. A prompt longer than the budget is prefilled in chunks
-across steps; decodes (1 token) and prefill chunks share a step. Running requests go first, in
-admission order (FCFS); waiting ones are admitted while the budget, the running-sequence cap and
-free cache blocks allow. When a running request needs a block and none is free, the most
-recently admitted running request is preempted: its blocks are freed and it is recomputed from
-scratch later (prompt + the tokens it had generated), so outputs do not change.
+output, plus any MTP drafts to verify), under a per-step token budget. A prompt longer than the
+budget is prefilled in chunks across steps; decodes (1 token, or 1 + drafts) and prefill chunks
+share a step. Running requests go first, in admission order (FCFS); waiting ones are admitted
+while the budget, the running-sequence cap and free cache blocks allow. When a running request
+needs a block and none is free, the most recently admitted running request is preempted: its
+blocks are freed and it is recomputed from scratch later (prompt + the tokens it had generated),
+so outputs do not change.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,11 +43,14 @@ class ScheduledChunk:
     num_new: int
     completes: bool
     """The chunk reaches the last known token, so a new token is sampled (fixed at schedule)."""
+    num_drafts: int = 0
+    """Draft tokens at the end of the chunk (positions after the last known token)."""
 
     @classmethod
     def of(cls, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens
-        return cls(request, start, num_new, start + num_new == request.num_tokens)
+        past = start + num_new - request.num_tokens  # drafts included, when > 0
+        return cls(request, start, num_new, past >= 0, max(past, 0))
 
 
 @dataclass
@@ -129,9 +133,15 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self._release(request)
         request.num_computed_tokens = 0
+        request.draft_ids = []
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
+
+    def reserve(self, request: Request, num_tokens: int) -> bool:
+        """Blocks for ``num_tokens`` positions of a running request, if free ones allow (the
+        engine's MTP drafts write a few positions ahead). Never preempts."""
+        return self._grow(request, num_tokens)
 
     def _grow(self, request: Request, num_tokens: int) -> bool:
         need = self.blocks_needed(num_tokens) - len(request.block_ids)
@@ -194,37 +204,45 @@ class Scheduler:
 
     def _chunk(self, request: Request, budget: int) -> int:
         """Tokens to compute this step: catch up under the budget, ending on the next prefix
-        cache boundary so its snapshot can be taken."""
-        n = min(request.num_tokens - request.num_computed_tokens, budget)
+        cache boundary so its snapshot can be taken. Drafts that do not fit are dropped."""
+        known = request.num_tokens - request.num_computed_tokens
+        n = min(known + len(request.draft_ids), budget)
         boundary = request.next_boundary
         if boundary is not None:
             n = min(n, boundary - request.num_computed_tokens)
+        del request.draft_ids[max(n - known, 0) :]
         return n
 
     def update(
-        self, out: SchedulerOutput, sampled: dict[str, int], eos_token_ids: Iterable[int]
+        self, out: SchedulerOutput, sampled: dict[str, Sequence[int]], eos_token_ids: Iterable[int]
     ) -> list[Request]:
         """Advance computed tokens, append sampled tokens, finish stopped requests.
 
-        ``sampled`` maps the request id of every completing chunk to its new token.
-        Returns the requests that finished this step.
+        ``sampled`` maps the request id of every completing chunk to its new tokens: the drafts
+        it accepted, then one token sampled after them (just that one without drafts). The
+        rejected drafts' positions are not computed: the request resumes after the accepted
+        ones. Tokens past a stop are dropped. Returns the requests that finished this step.
         """
         eos = set(eos_token_ids)
         finished = []
         for chunk in out.chunks:
             request = chunk.request
+            request.draft_ids = []  # verified now; the engine drafts anew
             if request.is_finished:  # aborted while the step ran
                 continue
-            request.num_computed_tokens = chunk.start + chunk.num_new
-            if request.request_id not in sampled:
-                continue  # a prefill chunk short of the end: nothing to sample yet
-            token = sampled[request.request_id]
-            request.output_ids.append(token)
-            reason = stop_reason(request, token, eos)
-            if reason is not None:
-                self.running.remove(request)
-                self._finish(request, reason)
-                finished.append(request)
+            tokens = sampled.get(request.request_id, ())
+            rejected = chunk.num_drafts - (len(tokens) - 1) if tokens else 0
+            if not 0 <= rejected <= chunk.num_drafts:
+                raise ValueError(f"{len(tokens)} tokens for a chunk with {chunk.num_drafts} drafts")
+            request.num_computed_tokens = chunk.start + chunk.num_new - rejected
+            for token in tokens:  # none: a prefill chunk short of the end
+                request.output_ids.append(token)
+                reason = stop_reason(request, token, eos)
+                if reason is not None:
+                    self.running.remove(request)
+                    self._finish(request, reason)
+                    finished.append(request)
+                    break
         return finished
 
     @property

@@ -25,7 +25,7 @@ def _req(rid, n_prompt, arrival, max_tokens=8):
 
 def _run_step(s: Scheduler, token=7):
     out = s.schedule()
-    sampled = {c.request.request_id: token for c in out.chunks if c.completes}
+    sampled = {c.request.request_id: [token] for c in out.chunks if c.completes}
     return out, s.update(out, sampled, EOS)
 
 
@@ -109,10 +109,10 @@ def test_finish_reasons():
     s.add(_req("len", 3, 0, max_tokens=2))
     s.add(Request("eos", [1, 2], SamplingParams(max_tokens=9), 1))
     out = s.schedule()
-    finished = s.update(out, {"len": 5, "eos": 53}, EOS)
+    finished = s.update(out, {"len": [5], "eos": [53]}, EOS)
     assert [(r.request_id, r.finish_reason) for r in finished] == [("eos", FinishReason.STOP)]
     out = s.schedule()
-    finished = s.update(out, {"len": 5}, EOS)
+    finished = s.update(out, {"len": [5]}, EOS)
     assert [(r.request_id, r.finish_reason) for r in finished] == [("len", FinishReason.LENGTH)]
 
 

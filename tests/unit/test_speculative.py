@@ -1,0 +1,140 @@
+"""MTP self-speculative decoding in the engine: drafts, batched verification, rollback (issue 7)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from replicas.engine import EngineConfig, LLMEngine
+from replicas.model import ExaoneMoeForCausalLM
+from replicas.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(make_ckpt):
+    return ExaoneMoeForCausalLM.from_pretrained(make_ckpt(dtype="float32"), dtype=torch.float32)
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 40, (n,), generator=g).tolist()  # window 8: many cross it
+    return [torch.randint(2, 1000, (s,), generator=g).tolist() for s in sizes]
+
+
+def _engine(model, k: int, **kw) -> LLMEngine:
+    config = dict(max_num_batched_tokens=64, block_size=4, num_speculative_tokens=k)
+    return LLMEngine(model, EngineConfig(**{**config, **kw}))
+
+
+def _redraft(engine: LLMEngine, pick) -> LLMEngine:
+    """After the engine's MTP ran (so its cache is filled as usual), replace each request's
+    drafts with ``pick(request) -> list[int]``."""
+    draft = engine._draft
+
+    def redraft(plan, hidden, sampled):
+        draft(plan, hidden, sampled)
+        for c in plan.chunks:
+            if c.request.draft_ids:
+                c.request.draft_ids = pick(c.request)
+
+    engine._draft = redraft
+    return engine
+
+
+def _oracle(engine: LLMEngine, truth: list[list[int]], seed: int) -> LLMEngine:
+    """Drafts from the true greedy continuation, each wrong with probability 1/3: every
+    acceptance length and rejection point happens, which random MTP weights never give."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.model.cfg.vocab_size
+
+    def pick(r):
+        index = int(r.request_id.rsplit("-", 1)[1])  # generate(): "gen-<n>-<index>"
+        done = len(r.output_ids)
+        right = truth[index][done : done + len(r.draft_ids)]
+        wrong = torch.rand(len(right), generator=g) < 1 / 3
+        return [(t + 1) % vocab if w else t for t, w in zip(right, wrong.tolist(), strict=True)]
+
+    return _redraft(engine, pick)
+
+
+def _accepted_and_rejected_everywhere(engine: LLMEngine) -> bool:
+    """Some drafts were accepted and some rejected at every draft position."""
+    tracker = engine.acceptance
+    return all(0 < a < d for a, d in zip(tracker.accepted, tracker.drafted, strict=True))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_with_mtp_equals_greedy_without(tiny, k, report):
+    prompts = _prompts(32)
+    want = _engine(tiny, 0).generate(prompts, GREEDY)
+    engine = _engine(tiny, k)
+    assert engine.generate(prompts, GREEDY) == want
+    drafted, accepted = engine.acceptance.drafted, engine.acceptance.accepted
+    assert drafted[0] > 0  # the MTP drafted (random weights: few are accepted)
+    report(f"k={k}, random MTP: drafted per position {drafted}, accepted {accepted}")
+
+
+def _run(engine: LLMEngine, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
+    """Greedy outputs of every prompt and the engine steps it took (ids as generate() names
+    them, which the oracle reads)."""
+    ids = [f"gen-0-{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(rid, prompt, GREEDY)
+    got, steps = {rid: [] for rid in ids}, 0
+    while engine.has_unfinished_requests():
+        steps += 1
+        for out in engine.step():
+            got[out.request_id].extend(out.new_token_ids)
+    return [got[rid] for rid in ids], steps
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_any_drafts_verify_to_the_same_greedy_outputs(tiny, k, report):
+    """Drafts right and wrong at every position: the outputs stay the model's greedy ones and
+    accepted drafts save steps."""
+    prompts = _prompts(32, seed=1)
+    budget = 256  # prefill takes 3 steps (drafts get cut to fit while it runs), then decode
+    want, plain_steps = _run(_engine(tiny, 0, max_num_batched_tokens=budget), prompts)
+    engine = _oracle(_engine(tiny, k, max_num_batched_tokens=budget), want, seed=k)
+    got, steps = _run(engine, prompts)
+    assert got == want
+    drafted, accepted = engine.acceptance.drafted, engine.acceptance.accepted
+    report(f"k={k}, oracle drafts (1/3 wrong): drafted {drafted}, accepted {accepted}, "
+           f"{steps} steps vs {plain_steps} without")  # fmt: skip
+    assert _accepted_and_rejected_everywhere(engine)
+    assert steps < plain_steps
+
+
+def _cache_state(engine: LLMEngine, request_id: str, upto: int) -> dict[int, torch.Tensor]:
+    """K/V of positions [0, upto) of a running request, per layer (sliding: the kept window)."""
+    r, cache = engine.scheduler.requests[request_id], engine.cache
+    assert r.num_computed_tokens == upto
+    window = cache.read_window(r.slot, upto)  # [2, Ls, n, Hkv, D]
+    rows = torch.cat([cache.read_rows(b, cache.block_size) for b in r.block_ids], 2)[:, :, :upto]
+    return {**dict(zip(cache.sliding_layers, window.unbind(1), strict=True)),
+            **dict(zip(cache.global_layers, rows.unbind(1), strict=True))}  # fmt: skip
+
+
+def test_after_rejections_every_cache_holds_what_a_plain_run_holds(tiny):
+    """Mid-generation, after drafts were accepted and rejected at every position, the main
+    layers' global blocks and sliding windows and the MTP layer's window hold what an engine
+    that never speculated holds at the same length."""
+    prompt = _prompts(1, seed=5)[0] + list(range(2, 20))  # longer than the window
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    truth = _engine(tiny, 0).generate([prompt], params)
+    spec = _oracle(_engine(tiny, 3), truth, seed=2)
+    spec.add_request("gen-0-0", prompt, params)
+    for _ in range(8):
+        spec.step()
+    assert _accepted_and_rejected_everywhere(spec)
+    upto = spec.scheduler.requests["gen-0-0"].num_computed_tokens
+    plain = _redraft(_engine(tiny, 3), lambda r: [])  # its MTP runs, nothing is drafted
+    plain.add_request("gen-0-0", prompt, params)
+    while plain.scheduler.requests["gen-0-0"].num_computed_tokens < upto:
+        plain.step()
+    got, want = _cache_state(spec, "gen-0-0", upto), _cache_state(plain, "gen-0-0", upto)
+    assert got.keys() == want.keys() and spec.cache.mtp_layer in got
+    for layer in want:
+        assert (got[layer] - want[layer]).abs().max() <= 1e-5, layer
