@@ -47,7 +47,7 @@ class EngineConfig:
     """Reuse the KV state of shared prompt prefixes (None: off)."""
     num_speculative_tokens: int = 0
     """MTP self-speculative decoding: draft tokens per sequence and step (0: off). Needs the
-    model's MTP block; greedy requests are drafted for, and every step verifies the drafts."""
+    model's MTP block; every step verifies the drafts of all running requests in one batch."""
 
     def __post_init__(self):
         if self.num_speculative_tokens < 0:
@@ -247,9 +247,10 @@ class LLMEngine:
     def _sample(self, plan: SchedulerOutput, hidden: torch.Tensor):
         """Sample every completing chunk's next token. A chunk with drafts d_1..d_k gets k + 1
         rows, the positions of its last known token and of each draft; row i is sampled as if
-        d_1..d_i had been generated (penalties see them). Greedy verification: the drafts are
-        accepted while they equal what the model picks, and the model's pick after the last
-        accepted one comes too (only greedy requests are drafted for)."""
+        d_1..d_i had been generated (penalties see them) and verifies d_{i+1}: greedy rows keep
+        it when it is their argmax, sampled rows by rejection sampling (replicas.sampler), so
+        every token follows the main model's distribution. Drafts count while each row kept
+        its draft; the row after the last kept one adds its own token."""
         rows, owners, outputs = [], [], {}  # owners: (request, row i of its chunk)
         offset = 0
         for c in plan.chunks:
@@ -270,6 +271,7 @@ class LLMEngine:
             output_ids=[r.output_ids + r.draft_ids[:i] if i else r.output_ids for r, i in owners],
             prompt_ids=[r.prompt_ids for r, _ in owners],
             generators=[r.generator for r, _ in owners],
+            draft_ids=[r.draft_ids[i] if i < len(r.draft_ids) else None for r, i in owners],
         )
         result = sample(logits, batch)
         picks = result.token_ids.tolist()
@@ -305,8 +307,8 @@ class LLMEngine:
 
     def _draft(self, plan: SchedulerOutput, hidden: torch.Tensor, sampled) -> None:
         """MTP after the step: its cache gets this step's verified positions (the main model's
-        hidden state of position p with the token at p + 1, as vLLM feeds it), then greedy
-        requests get up to ``spec_tokens`` drafts, the later ones from the MTP's own output
+        hidden state of position p with the token at p + 1, as vLLM feeds it), then running
+        requests get up to ``spec_tokens`` greedy drafts, the later ones from the MTP's own output
         (position + 1 each time), written to the spare positions the cache keeps for them."""
         seqs, ids, positions, rows, drafting = [], [], [], [], []
         offset = 0
@@ -321,7 +323,7 @@ class LLMEngine:
                 seqs.append(SeqChunk(c.start, n, r.block_ids, r.slot))
                 budget = min(self.spec_tokens, r.params.max_tokens - len(r.output_ids) - 1,
                              self.max_model_len - r.num_tokens)  # fmt: skip
-                if tokens and r.params.temperature == 0 and budget > 0:
+                if tokens and budget > 0:
                     drafting.append((r, len(ids) - 1, budget))
             offset += c.num_new
         if not seqs:

@@ -31,6 +31,11 @@ class SamplingBatch:
     """Prompt tokens (repetition penalty only)."""
     generators: Sequence[torch.Generator | None]
     """Per-row generator for seeded requests (see make_generator), None for unseeded."""
+    draft_ids: Sequence[int | None] | None = None
+    """Per row, an MTP draft of the token this row picks (None: no draft). A sampled row keeps
+    its draft with probability p(draft) and otherwise draws from p without it: rejection
+    sampling against a one-hot draft, so the token still follows p exactly. A greedy row picks
+    its argmax either way (the draft is kept when it is the argmax)."""
 
 
 class SampleOutput(NamedTuple):
@@ -94,6 +99,28 @@ def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     return logits
 
 
+def _uniform(n: int, generators: Sequence[torch.Generator | None], device) -> torch.Tensor:
+    """[n] U(0, 1), each seeded row from its own generator."""
+    u = torch.rand(n, device=device)
+    for i, g in enumerate(generators):
+        if g is not None:
+            u[i] = torch.rand(1, generator=g, device=device)[0]
+    return u
+
+
+def _verify_drafts(probs: torch.Tensor, drafts: Sequence[int | None], generators) -> tuple:
+    """Rejection sampling against one-hot drafts -> (rows keeping their draft [n] bool, the
+    drafts [n]); the rejected drafts are removed from ``probs`` in place."""
+    dev = probs.device
+    has = torch.tensor([d is not None for d in drafts], device=dev)
+    draft = torch.tensor([0 if d is None else d for d in drafts], device=dev)
+    rows = torch.arange(len(drafts), device=dev)
+    keep = has & (_uniform(len(drafts), generators, dev) < probs[rows, draft])
+    reject = has & ~keep
+    probs[rows[reject], draft[reject]] = 0.0
+    return keep, draft
+
+
 def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """argmax(p / q) with q ~ Exp(1) is a draw from p (the exponential race)."""
     q = torch.empty_like(probs)
@@ -122,7 +149,13 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
         rows = torch.tensor(sampled_rows, device=logits.device)
         sub_params = [params[i] for i in sampled_rows]
         probs = filter_logits(logits[rows], sub_params).softmax(-1)
-        tokens[rows] = _draw(probs, [batch.generators[i] for i in sampled_rows])
+        generators = [batch.generators[i] for i in sampled_rows]
+        drafts = [batch.draft_ids[i] for i in sampled_rows] if batch.draft_ids else None
+        if drafts is not None and any(d is not None for d in drafts):
+            keep, draft = _verify_drafts(probs, drafts, generators)
+            tokens[rows] = torch.where(keep, draft, _draw(probs, generators))
+        else:
+            tokens[rows] = _draw(probs, generators)
     if raw_logprobs is None:
         return SampleOutput(tokens, None, None, None)
     chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
