@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from replicas.dispatch import ExpertDispatcher, run_microbatches, split_balanced
-from replicas.draft_policy import AcceptanceTracker
+from replicas.draft_policy import AcceptanceTracker, DraftPolicy, DraftPolicyConfig
 from replicas.kv_cache import HybridKVCache, SeqChunk, kv_footprint
 from replicas.model import ExaoneMoeForCausalLM
 from replicas.outputs import RequestOutput, StepFailedError, TokenLogprob
@@ -48,10 +48,20 @@ class EngineConfig:
     num_speculative_tokens: int = 0
     """MTP self-speculative decoding: draft tokens per sequence and step (0: off). Needs the
     model's MTP block; every step verifies the drafts of all running requests in one batch."""
+    draft_policy: DraftPolicyConfig | None = None
+    """Adaptive draft length (replicas.draft_policy): each step drafts the k <= its
+    max_draft_tokens with the best expected tokens/s for the batch, pausing when drafting does
+    not pay (large batches, low acceptance). None: always num_speculative_tokens."""
 
     def __post_init__(self):
         if self.num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
+        policy = self.draft_policy
+        if policy is not None and policy.max_draft_tokens > self.num_speculative_tokens:
+            raise ValueError(
+                f"draft_policy.max_draft_tokens ({policy.max_draft_tokens}) exceeds "
+                f"num_speculative_tokens ({self.num_speculative_tokens})"
+            )
 
 
 def _pairs(ids: torch.Tensor, values: torch.Tensor) -> tuple[tuple[int, float], ...]:
@@ -108,7 +118,10 @@ class LLMEngine:
         self.eos_token_ids = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self._arrival = itertools.count()
         self._prompt_logprobs: dict[str, _PromptLogprobState] = {}
-        self.acceptance = AcceptanceTracker(max(self.spec_tokens, 1))
+        self.policy = DraftPolicy(config.draft_policy) if config.draft_policy else None
+        self.acceptance = (
+            self.policy.acceptance if self.policy else AcceptanceTracker(max(self.spec_tokens, 1))
+        )
         """MTP drafts verified and accepted per draft position (``drafted`` / ``accepted``)."""
 
     # ---- API -----------------------------------------------------------------------------------
@@ -189,7 +202,10 @@ class LLMEngine:
         try:
             for request in plan.restored:
                 self.prefix.restore(request)
+            started = time.perf_counter()
             hidden = self._execute(plan)  # [N, H]
+            if self.policy is not None:
+                self.policy.step_s.observe(plan.num_tokens, time.perf_counter() - started)
             if self.prefix is not None:
                 for c in plan.chunks:
                     self.prefix.capture(c.request, c.start + c.num_new)
@@ -334,10 +350,13 @@ class LLMEngine:
             torch.tensor(ids, device=dev), hidden[rows], torch.tensor(positions, device=dev),
             self.cache.step(seqs), mtp,
         )  # fmt: skip
-        if not drafting:
+        k = self.policy.draft_length(len(drafting)) if self.policy else self.spec_tokens
+        drafting = [(r, row, min(budget, k)) for r, row, budget in drafting]
+        if not drafting or not k:
             return
+        started, num_seqs = time.perf_counter(), len(drafting)
         h = d[[row for _, row, _ in drafting]]  # [B, H]
-        for j in range(self.spec_tokens):
+        for j in range(k):
             picks = self.model.lm_head(h).argmax(-1).tolist()
             for (r, _, _), token in zip(drafting, picks, strict=True):
                 r.draft_ids.append(token)
@@ -348,7 +367,9 @@ class LLMEngine:
                 i for i, ((r, _, budget), p) in enumerate(zip(drafting, pos, strict=True))
                 if budget > j + 1 and self.scheduler.reserve(r, p + 1)
             ]  # fmt: skip
-            if not keep or j + 1 == self.spec_tokens:
+            if not keep or j + 1 == k:
+                if self.policy is not None:  # seconds per MTP pass over the batch
+                    self.policy.draft_s.observe(num_seqs, (time.perf_counter() - started) / (j + 1))
                 break
             drafting, pos, h = [drafting[i] for i in keep], [pos[i] for i in keep], h[keep]
             steps = [

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from replicas import sampler
+from replicas.draft_policy import DraftPolicyConfig
 from replicas.engine import EngineConfig, LLMEngine
 from replicas.model import ExaoneMoeForCausalLM
 from replicas.sampler import SamplingBatch, sample
@@ -189,3 +190,33 @@ def test_sampled_requests_are_drafted_and_verified(tiny):
         runs.append(engine.generate(prompts, params))
         assert engine.acceptance.drafted[0] > 0
     assert runs[0] == runs[1] and all(len(t) == 12 for t in runs[0])
+
+
+def test_adaptive_draft_length_drafts_when_it_pays_and_pauses_when_not(tiny, report):
+    """The draft policy wired into the engine. Drafts that are often right (the oracle) keep
+    it drafting; a random MTP's drafts (almost never right) make it pause but for probes; when
+    k + 1 tokens per sequence cannot fit its token cap it never drafts. Outputs are the greedy
+    ones in every case (the cap that never fits is 1 token: drafting is for every batch
+    size, including one sequence finishing its prefill alone)."""
+    prompts = _prompts(8, seed=4)
+    want = _engine(tiny, 0).generate(prompts, GREEDY)
+    counts = {}
+    for name, cap, oracle in (("oracle", 512, True), ("random", 512, False), ("full", 1, False)):
+        policy = DraftPolicyConfig(max_draft_tokens=2, max_step_tokens=cap, min_gain=1.0,
+                                   probe_interval_steps=4)  # fmt: skip
+        engine = _engine(tiny, 2, draft_policy=policy)
+        # Fixed costs (10 ms a step + 0.1 ms a token, 2 ms an MTP pass): decisions then
+        # depend on acceptance only, not on this machine's timings.
+        for cost, fixed, per in (
+            (engine.policy.step_s, 0.01, 1e-4),
+            (engine.policy.draft_s, 0.002, 2e-4),
+        ):
+            cost.prior, cost.observe = (fixed, per), lambda n, seconds: None
+        if oracle:
+            engine = _oracle(engine, want, seed=0)
+        assert engine.generate(prompts, GREEDY) == want
+        counts[name] = engine.acceptance.drafted[0]
+    report(f"first-position drafts with the policy: {counts}")
+    assert counts["oracle"] > 2 * counts["random"] > 0 and counts["full"] == 0
+    with pytest.raises(ValueError, match="exceeds"):
+        EngineConfig(num_speculative_tokens=1, draft_policy=DraftPolicyConfig(max_draft_tokens=2))
