@@ -173,6 +173,7 @@ class AttentionShardDeployment:
     def __init__(self, config: ClusterConfig, *expert_groups: DeploymentHandle):
         from cluster.expert_transport import ActorTransport, ServeHandleTransport, worker_prefix
         from replicas.attention_shard import AttentionShard  # torch: only in this replica
+        from replicas.draft_policy import DraftPolicyConfig
         from replicas.engine import EngineConfig
 
         e, a = config.engine, config.attention
@@ -197,6 +198,12 @@ class AttentionShardDeployment:
                 max_model_len=e.max_model_len,
                 num_microbatches=a.num_microbatches,
                 prefix_cache=prefix,
+                num_speculative_tokens=e.num_speculative_tokens,
+                draft_policy=(
+                    DraftPolicyConfig(max_draft_tokens=e.num_speculative_tokens)
+                    if e.adaptive_drafting and e.num_speculative_tokens
+                    else None
+                ),
             ),
             dtype=config.dtype,
             max_waiting_requests=e.max_waiting_requests,

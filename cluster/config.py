@@ -28,6 +28,12 @@ class EngineOptions(_Strict):
     max_waiting_requests: int = Field(
         256, ge=0, description="Requests queued beyond max_num_seqs before RESOURCE_EXHAUSTED."
     )
+    num_speculative_tokens: int = Field(
+        0, ge=0, le=8, description="MTP draft tokens per sequence and step (0: no drafting)."
+    )
+    adaptive_drafting: bool = Field(
+        True, description="Let the draft policy shrink or pause drafting when it does not pay."
+    )
 
 
 class AttentionOptions(_Strict):
@@ -149,6 +155,12 @@ class ClusterConfig(_Strict):
                 raise ValueError(f"experts: {e}") from None
         elif self.experts.expert_map is not None:
             raise ValueError("experts.expert_map is set but experts.num_groups is 0")
+        mtp = json.loads(config.read_text()).get("num_nextn_predict_layers", 0)
+        if self.engine.num_speculative_tokens and not mtp:
+            raise ValueError(
+                "engine.num_speculative_tokens needs an MTP block, and this checkpoint has none "
+                "(num_nextn_predict_layers is 0)"
+            )
         return self
 
     def placement(self, num_experts: int):

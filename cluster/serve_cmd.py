@@ -40,15 +40,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-groups", type=int, help="expert groups (0: colocated, the default)")
     p.add_argument("--expert-replicas", type=int, help="replicas per expert group")
     p.add_argument("--attention-replicas", type=int, help="attention replicas")
+    p.add_argument("--speculative-tokens", type=int,
+                   help="MTP draft tokens per sequence and step (0: off, the default)")  # fmt: skip
 
 
 def with_overrides(config, args: argparse.Namespace):
-    """The command line's placement flags over the config file's."""
+    """The command line's placement (and drafting) flags over the config file's."""
     data = config.model_dump()
     for flag, section, field in (
         ("expert_groups", "experts", "num_groups"),
         ("expert_replicas", "experts", "replicas_per_group"),
         ("attention_replicas", "attention", "num_replicas"),
+        ("speculative_tokens", "engine", "num_speculative_tokens"),
     ):
         value = getattr(args, flag, None)
         if value is not None:

@@ -68,7 +68,7 @@ class AttentionShard:
             model_path,
             dtype=DTYPES[dtype],
             device=device,
-            include_mtp=False,
+            include_mtp=engine_config.num_speculative_tokens > 0,  # the MTP block drafts
             progress=False,
             expert_ids=None if experts is None else (),
         )

@@ -97,6 +97,7 @@ class GenerationService:
                             cached_prompt_tokens=outputs.last_cached,
                             completion_tokens=d.num_output_tokens,
                             accepted_draft_tokens=outputs.last_accepted,
+                            drafted_tokens=outputs.last_drafted,
                         ),
                         timings=pb.Timings(
                             queue_ms=1000 * (outputs.queue_time_s or 0.0),
@@ -170,7 +171,7 @@ class _Tracked:
         self._outputs = outputs
         self.queue_time_s: float | None = None
         self.prompt_logprobs = None
-        self.last_cached = self.last_accepted = 0
+        self.last_cached = self.last_accepted = self.last_drafted = 0
 
     def __aiter__(self):
         return self
@@ -183,6 +184,7 @@ class _Tracked:
             self.prompt_logprobs = out.prompt_logprobs
         self.last_cached = getattr(out, "num_cached_tokens", 0)
         self.last_accepted = getattr(out, "num_accepted_draft_tokens", 0)
+        self.last_drafted = getattr(out, "num_drafted_tokens", 0)
         return out
 
     async def aclose(self) -> None:

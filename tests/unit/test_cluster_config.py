@@ -87,3 +87,16 @@ def test_gpu_placement_gives_attention_and_each_expert_replica_its_own_gpu(make_
     shard = router.init_args[1]._bound_deployment
     assert shard.name == "AttentionShard"
     assert shard.ray_actor_options == {"num_cpus": 2, "num_gpus": 1}
+
+
+def test_speculative_tokens_from_the_file_or_the_flag(ckpt, make_ckpt):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = with_overrides(ClusterConfig(model_path=ckpt), parser.parse_args(
+        ["--speculative-tokens", "2"]))  # fmt: skip
+    assert config.engine.num_speculative_tokens == 2 and config.engine.adaptive_drafting
+    with pytest.raises(ValidationError, match="num_speculative_tokens"):
+        ClusterConfig(model_path=ckpt, engine={"num_speculative_tokens": 9})
+    no_mtp = str(make_ckpt(dtype="float32", num_nextn_predict_layers=0))
+    with pytest.raises(ValidationError, match="needs an MTP block"):
+        ClusterConfig(model_path=no_mtp, engine={"num_speculative_tokens": 1})

@@ -4,6 +4,7 @@ parsing into reasoning/content/tool calls, usage and timings, queue-full admissi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import grpc
@@ -88,6 +89,28 @@ def test_greedy_stream_matches_engine_and_reports_usage(env):
     t = final.timings
     assert 0 <= t.queue_ms <= t.time_to_first_token_ms <= t.total_ms
     assert len({r.request_id for r in responses}) == 1
+    assert shard.stats().num_blocks_in_use == 0
+
+
+def test_speculative_stream_matches_and_reports_drafts_in_usage(env):
+    """MTP drafting on (k = 2): the stream still carries the greedy tokens (several per delta
+    when drafts are accepted), with a log-prob for each, and the usage says how many drafts
+    were verified and accepted."""
+    path, tok, info, limits = env
+    spec = dataclasses.replace(ENGINE, num_speculative_tokens=2)
+    shard = AttentionShard(path, spec)
+    prompt = [7, 300, 42, 9, 12, 500, 77]
+    want = LLMEngine(shard.engine.engine.model, ENGINE).generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]  # fmt: skip
+    request = build_request(token_ids=prompt, temperature=0.0, max_tokens=24, ignore_eos=True,
+                            logprobs=1)  # fmt: skip
+    responses = asyncio.run(_collect(_service(env, shard), request))
+    deltas, usage = [r.delta for r in responses[:-1]], responses[-1].final.usage
+    ids = [t for d in deltas for t in d.token_ids]
+    assert ids == want
+    assert [e.token_id for d in deltas for e in d.logprobs] == ids
+    assert 0 <= usage.accepted_draft_tokens <= usage.drafted_tokens
+    assert usage.drafted_tokens >= 24 - 1 - usage.accepted_draft_tokens  # a draft every step
     assert shard.stats().num_blocks_in_use == 0
 
 

@@ -6,9 +6,13 @@ import pytest
 import torch
 
 from replicas import sampler
+from replicas.dispatch import ExpertDispatcher, InProcessTransport
 from replicas.draft_policy import DraftPolicyConfig
 from replicas.engine import EngineConfig, LLMEngine
+from replicas.expert_group import ExpertGroup
 from replicas.model import ExaoneMoeForCausalLM
+from replicas.placement import ExpertPlacement
+from replicas.prefix_manager import PrefixCacheConfig
 from replicas.sampler import SamplingBatch, sample
 from replicas.sampling_params import SamplingParams
 
@@ -220,3 +224,27 @@ def test_adaptive_draft_length_drafts_when_it_pays_and_pauses_when_not(tiny, rep
     assert counts["oracle"] > 2 * counts["random"] > 0 and counts["full"] == 0
     with pytest.raises(ValueError, match="exceeds"):
         EngineConfig(num_speculative_tokens=1, draft_policy=DraftPolicyConfig(max_draft_tokens=2))
+
+
+def test_greedy_with_mtp_equals_without_disaggregated_and_with_prefix_hits(make_ckpt, tiny):
+    """The same guarantee with the routed experts in two expert groups (the drafts of every
+    sequence verified in one dispatched forward), and with prompts that resume from the prefix
+    cache (32-token shared prefix, a snapshot every 16 tokens), oracle drafts in both."""
+    ckpt = make_ckpt(dtype="float32")
+    shared = torch.randint(2, 1000, (32,), generator=torch.Generator().manual_seed(6)).tolist()
+    prompts = [shared + p for p in _prompts(16, seed=6)]
+    want = _engine(tiny, 0).generate(prompts, GREEDY)
+    attention = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32, expert_ids=())
+    placement = ExpertPlacement.contiguous(tiny.cfg.num_experts, 2)
+    groups = [ExpertGroup(ckpt, g, ids) for g, ids in enumerate(placement.groups)]
+    dispatcher = ExpertDispatcher(InProcessTransport(placement, groups))
+    config = EngineConfig(max_num_batched_tokens=64, block_size=4, num_speculative_tokens=2)
+    disagg = LLMEngine(attention, config, experts=dispatcher)
+    prefix = PrefixCacheConfig("t", snapshot_interval_tokens=16)
+    cached = _engine(tiny, 2, prefix_cache=prefix, kv_cache_bytes=32 << 20)
+    for engine in (disagg, cached):
+        _oracle(engine, want, seed=5)
+        assert engine.generate(prompts, GREEDY) == want
+        assert _accepted_and_rejected_everywhere(engine)
+    stats = cached.prefix.stats()  # the first prompts run together, before any snapshot
+    assert stats.num_local_hits >= 8 and stats.num_cached_tokens >= 8 * 32
