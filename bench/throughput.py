@@ -45,13 +45,22 @@ def run_ours(model, prompts, new_tokens: int) -> float:
     return run_engine(model, prompts, new_tokens)[0]
 
 
-def run_engine(model, prompts, new_tokens, experts=None, microbatches=1) -> tuple[float, float]:
+def run_engine(
+    model, prompts, new_tokens, experts=None, microbatches=1, **config
+) -> tuple[float, float]:
     """Greedy generation of every prompt at once -> (output tokens/s, wall seconds).
-    ``experts``: an ExpertDispatcher when ``model`` holds no routed experts."""
+    ``experts``: an ExpertDispatcher when ``model`` holds no routed experts; ``config``:
+    more EngineConfig fields."""
+    return run_engine_stats(model, prompts, new_tokens, experts, microbatches, **config)[:2]
+
+
+def run_engine_stats(model, prompts, new_tokens, experts=None, microbatches=1, **config):
+    """``run_engine`` that also returns the engine (its acceptance counts, say)."""
     engine = LLMEngine(
         model,
         EngineConfig(max_num_batched_tokens=2048, max_num_seqs=max(64, len(prompts)),
-                     block_size=16, kv_cache_bytes=2 << 30, num_microbatches=microbatches),
+                     block_size=16, kv_cache_bytes=2 << 30, num_microbatches=microbatches,
+                     **config),
         experts=experts,
     )  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
@@ -59,7 +68,7 @@ def run_engine(model, prompts, new_tokens, experts=None, microbatches=1) -> tupl
     outs = engine.generate(prompts, params)
     elapsed = time.perf_counter() - start
     assert all(len(o) == new_tokens for o in outs)
-    return sum(map(len, outs)) / elapsed, elapsed
+    return sum(map(len, outs)) / elapsed, elapsed, engine
 
 
 def run_hf(model, prompts, new_tokens: int) -> float:
