@@ -206,10 +206,11 @@ class LLMEngine:
             hidden = self._execute(plan)  # [N, H]
             if self.policy is not None:
                 self.policy.step_s.observe(plan.num_tokens, time.perf_counter() - started)
-            if self.prefix is not None:
+            sampled, outputs = self._sample(plan, hidden)
+            filled = self._mtp_fill(plan, hidden, sampled) if self.spec_tokens else None
+            if self.prefix is not None:  # after the MTP, so snapshots hold its rows too
                 for c in plan.chunks:
                     self.prefix.capture(c.request, c.start + c.num_new)
-            sampled, outputs = self._sample(plan, hidden)
         except Exception as e:
             # The step may have written part of these sequences' KV: drop them, free blocks.
             ids = [c.request.request_id for c in plan.chunks]
@@ -223,8 +224,7 @@ class LLMEngine:
                 c.request.num_accepted_drafts += accepted
                 self.acceptance.observe(c.num_drafts, accepted)
         finished = self.scheduler.update(plan, sampled, self.eos_token_ids)
-        if self.spec_tokens:
-            self._draft(plan, hidden, sampled)
+        self._draft(filled)
         for request in finished:
             out = outputs[request.request_id]
             out.finished, out.finish_reason = True, request.finish_reason
@@ -321,35 +321,52 @@ class LLMEngine:
                 ]
         return sampled, outputs
 
-    def _draft(self, plan: SchedulerOutput, hidden: torch.Tensor, sampled) -> None:
-        """MTP after the step: its cache gets this step's verified positions (the main model's
-        hidden state of position p with the token at p + 1, as vLLM feeds it), then running
-        requests get up to ``spec_tokens`` greedy drafts, the later ones from the MTP's own output
-        (position + 1 each time), written to the spare positions the cache keeps for them."""
-        seqs, ids, positions, rows, drafting = [], [], [], [], []
+    def _mtp_fill(self, plan: SchedulerOutput, hidden: torch.Tensor, sampled):
+        """The MTP's KV cache gets this step's verified positions: position p's main-model
+        hidden state with the token at p + 1 (as vLLM feeds it). Runs before the prefix cache
+        snapshots the step and before the scheduler updates it (requests may finish then).
+        -> (d [M, H] the MTP outputs, [(request, row of d at its last verified position)] for
+        the requests that sampled this step) or None."""
+        seqs, ids, positions, rows, last = [], [], [], [], []
         offset = 0
         for c in plan.chunks:
             r = c.request
-            tokens = sampled.get(r.request_id, ())
+            tokens = sampled.get(r.request_id, [])
             n = c.num_new - (c.num_drafts - (len(tokens) - 1) if tokens else 0)  # verified
             if not r.is_finished and n > 0:
+                known = r.num_tokens  # before this step's tokens are appended
                 rows.extend(range(offset, offset + n))
                 positions.extend(range(c.start, c.start + n))
-                ids.extend(r.token_at(c.start + 1, c.start + n + 1))
+                following = r.token_at(c.start + 1, min(c.start + n + 1, known)) + tokens
+                ids.extend(following[:n])
                 seqs.append(SeqChunk(c.start, n, r.block_ids, r.slot))
-                budget = min(self.spec_tokens, r.params.max_tokens - len(r.output_ids) - 1,
-                             self.max_model_len - r.num_tokens)  # fmt: skip
-                if tokens and budget > 0:
-                    drafting.append((r, len(ids) - 1, budget))
+                if tokens:
+                    last.append((r, len(ids) - 1))
             offset += c.num_new
         if not seqs:
-            return
+            return None
         dev = self.device
-        mtp = self.cache.mtp_layer
         d = self.model.mtp_step(
             torch.tensor(ids, device=dev), hidden[rows], torch.tensor(positions, device=dev),
-            self.cache.step(seqs), mtp,
+            self.cache.step(seqs), self.cache.mtp_layer,
         )  # fmt: skip
+        return d, last
+
+    def _draft(self, filled) -> None:
+        """After the scheduler's update: up to ``spec_tokens`` greedy drafts per running
+        request that sampled this step, the first from its MTP output at its last verified
+        position, the later ones from the MTP's own output (position + 1 each time), written
+        to the spare positions the cache keeps for them."""
+        if filled is None:
+            return
+        d, last = filled
+        drafting = []
+        for r, row in last:
+            budget = min(self.spec_tokens, r.params.max_tokens - len(r.output_ids) - 1,
+                         self.max_model_len - r.num_tokens)  # fmt: skip
+            if not r.is_finished and budget > 0:
+                drafting.append((r, row, budget))
+        dev, mtp = self.device, self.cache.mtp_layer
         k = self.policy.draft_length(len(drafting)) if self.policy else self.spec_tokens
         drafting = [(r, row, min(budget, k)) for r, row, budget in drafting]
         if not drafting or not k:

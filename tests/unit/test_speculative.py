@@ -40,11 +40,11 @@ def _redraft(engine: LLMEngine, pick) -> LLMEngine:
     drafts with ``pick(request) -> list[int]``."""
     draft = engine._draft
 
-    def redraft(plan, hidden, sampled):
-        draft(plan, hidden, sampled)
-        for c in plan.chunks:
-            if c.request.draft_ids:
-                c.request.draft_ids = pick(c.request)
+    def redraft(filled):
+        draft(filled)
+        for r in engine.scheduler.running:
+            if r.draft_ids:
+                r.draft_ids = pick(r)
 
     engine._draft = redraft
     return engine
@@ -248,3 +248,32 @@ def test_greedy_with_mtp_equals_without_disaggregated_and_with_prefix_hits(make_
         assert _accepted_and_rejected_everywhere(engine)
     stats = cached.prefix.stats()  # the first prompts run together, before any snapshot
     assert stats.num_local_hits >= 8 and stats.num_cached_tokens >= 8 * 32
+
+
+def test_prefix_snapshots_carry_the_mtp_rows(tiny):
+    """A prefix-cache snapshot is taken after the MTP ran on the step, so a request resuming at
+    the boundary gets the MTP window an uncached run has there (not rows from before)."""
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(2, 1000, (40,), generator=g).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    prefix = PrefixCacheConfig("t", snapshot_interval_tokens=32)
+    cached = _engine(tiny, 2, prefix_cache=prefix, kv_cache_bytes=32 << 20)
+    cached.generate([prompt], params)  # snapshots at 32
+    restored = {}
+    restore = cached.prefix.restore
+
+    def spy(request):
+        restore(request)
+        restored["window"] = cached.cache.read_window(request.slot, 32)
+
+    cached.prefix.restore = spy
+    cached.generate([prompt], params)  # resumes at 32
+    assert cached.prefix.stats().num_local_hits == 1
+    plain = _engine(tiny, 2, max_num_batched_tokens=32)  # its first step computes 0..31
+    plain.add_request("p", prompt, params)
+    plain.step()
+    request = plain.scheduler.requests["p"]
+    want = plain.cache.read_window(request.slot, 32)
+    mtp = plain.cache.sliding_layers.index(plain.cache.mtp_layer)
+    assert want[:, mtp].abs().sum() > 0
+    assert (restored["window"] - want).abs().max() <= 1e-5  # every layer, the MTP's included
