@@ -235,6 +235,8 @@ def _prefix_cache(config: ClusterConfig):
     if not pc.enabled:
         return None, None, []
     fp = model_fingerprint(config.model_path, config.dtype, pc.revision)
+    if config.engine.num_speculative_tokens:
+        fp += "-mtp"  # its snapshots also hold the MTP layer's rows: a layout of their own
     prefix = PrefixCacheConfig(fp, pc.snapshot_interval_tokens, pc.local_snapshot_bytes)
     redis = None
     if pc.redis_url:

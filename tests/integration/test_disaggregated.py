@@ -34,7 +34,7 @@ pytestmark = pytest.mark.integration
 
 ENGINE = EngineOptions(
     max_num_seqs=32, max_num_batched_tokens=128, block_size=8, kv_cache_bytes=32 << 20,
-    max_model_len=384, max_waiting_requests=64,
+    max_model_len=384, max_waiting_requests=64, num_speculative_tokens=2,
 )  # fmt: skip
 FOUR = "four-groups"
 NEW_TOKENS = 24
@@ -55,7 +55,8 @@ def _config(ckpt, num_groups: int, attention_replicas: int, replicas_per_group: 
 
 @pytest.fixture(scope="module")
 def cluster(served_ckpt):
-    """Both applications share one redis-server (the prefix cache's shared tier)."""
+    """Both applications share one redis-server (the prefix cache's shared tier); both draft
+    with the MTP block (ENGINE: k = 2), so every test here also runs speculative decoding."""
     with RedisServer() as redis_server:
         url = redis_server.url
         local = start_local(_config(served_ckpt, 2, 2, 2, url), grpc_port=free_port(),
@@ -195,7 +196,7 @@ def test_each_replica_holds_only_its_experts(cluster, served_ckpt):
         assert seen == set(range(cfg.num_experts))
         shard = serve.get_deployment_handle("AttentionShard", app).stats.remote().result()
         full = ExaoneMoeForCausalLM.from_pretrained(served_ckpt, dtype=torch.float32,
-                                                    include_mtp=False)  # fmt: skip
+                                                    include_mtp=True)  # fmt: skip
         full_bytes = sum(t.numel() * t.element_size() for t in full.state_dict().values())
         assert shard.resident_bytes == full_bytes - cfg.num_experts * per_expert
 
