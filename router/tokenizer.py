@@ -41,6 +41,11 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
+def compile_template(text: str):
+    """A chat template's source -> a jinja2 Template rendered as transformers renders it."""
+    return _environment().from_string(text)
+
+
 class Tokenizer:
     def __init__(self, path: str | Path):
         path = Path(path)
@@ -59,7 +64,7 @@ class Tokenizer:
             else self.config.get("chat_template")
         )
         self.chat_template = template
-        self._template = _environment().from_string(template) if template else None
+        self._template = compile_template(template) if template else None
         self.special_ids = {t.id for t in self._added_tokens() if t.special}
         self.eos_token = self.config.get("eos_token")
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
