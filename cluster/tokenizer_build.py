@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -80,8 +80,11 @@ def chat_template() -> str:
     return resources.files("cluster").joinpath("chat_template.jinja").read_text()
 
 
-def build_tokenizer(vocab_size: int, seed: int = 0) -> Tokenizer:
-    """Train byte-level BPE (at most ``vocab_size`` entries) with the special tokens first."""
+def build_tokenizer(
+    vocab_size: int, seed: int = 0, corpus: Iterable[str] | None = None
+) -> Tokenizer:
+    """Train byte-level BPE (at most ``vocab_size`` entries) with the special tokens first, on
+    ``corpus`` (default: the built-in synthetic one)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -91,13 +94,15 @@ def build_tokenizer(vocab_size: int, seed: int = 0) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(synthetic_corpus(seed=seed), trainer)
+    tok.train_from_iterator(synthetic_corpus(seed=seed) if corpus is None else corpus, trainer)
     return tok
 
 
-def write_tokenizer(out_dir: Path, vocab_size: int, max_length: int, seed: int = 0) -> None:
-    """tokenizer.json and tokenizer_config.json (with the chat template) into ``out_dir``."""
-    tok = build_tokenizer(min(vocab_size, 8192), seed)
+def write_tokenizer(out_dir: Path, vocab_size: int, max_length: int, seed: int = 0,
+                    corpus: Iterable[str] | None = None) -> None:  # fmt: skip
+    """tokenizer.json and tokenizer_config.json (with the chat template) into ``out_dir``;
+    ``corpus``: the texts to train the BPE on (default: the built-in synthetic one)."""
+    tok = build_tokenizer(min(vocab_size, 8192), seed, corpus)
     data = json.loads(tok.to_str())
     for added in data["added_tokens"]:
         added["special"] = added["content"] not in TEXT_TAGS

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from cluster.chat_corpus import TASKS, chats, render
+from cluster.tokenizer_build import EOS_ID, special_tokens, write_tokenizer
 from router.parsing import parse_output
 from router.tokenizer import Tokenizer
 
@@ -43,3 +46,19 @@ def test_renders_as_the_router_renders_prompts_and_parses_back(make_ckpt):
             head = render(messages[:2], tools)  # user + the tool-calling turn
             call = parse_output(head.split("<think>\n", 1)[1].removesuffix("<|endofturn|>\n"))
             assert [c.name for c in call.tool_calls] == ["get_weather"]
+
+
+def test_a_tokenizer_trained_on_the_chats_keeps_the_special_ids(tmp_path):
+    """The BPE the bundled model will use: trained on rendered chats, the special tokens at
+    their fixed ids, every chat encoded and decoded back exactly, in fewer tokens than bytes."""
+    texts = [render(m, t) for m, t in chats(400, seed=0)]
+    write_tokenizer(tmp_path, 2048, 4096, corpus=texts)
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": EOS_ID}))
+    tok = Tokenizer(tmp_path)
+    assert tok.eos_token_id == EOS_ID and tok.encode("<|user|>") == [
+        special_tokens().index("<|user|>")
+    ]
+    for text in texts[:40]:
+        ids = tok.encode(text)
+        assert tok.decode(ids, skip_special_tokens=False) == text
+        assert len(ids) < len(text.encode()) / 2.5
