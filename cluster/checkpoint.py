@@ -110,9 +110,11 @@ def write_checkpoint(
     dtype: str = "bfloat16",
     max_shard_bytes: int = 2 << 30,
     weights: bool | None = None,
+    tokenizer_corpus: list[str] | None = None,
 ) -> Path:
     """Write a checkpoint directory; returns its path. ``weights=False`` writes config and
-    tokenizer only (the default for weightless presets such as k-exaone)."""
+    tokenizer only (the default for weightless presets such as k-exaone);
+    ``tokenizer_corpus``: texts to train the BPE on (default: the built-in synthetic ones)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     raw = preset_config(preset, overrides)
@@ -125,7 +127,8 @@ def write_checkpoint(
                   "pad_token_id": cfg.pad_token_id, "do_sample": True, "temperature": 1.0,
                   "top_p": 0.95}  # fmt: skip
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    write_tokenizer(out, cfg.vocab_size, cfg.max_position_embeddings, seed=seed)
+    write_tokenizer(out, cfg.vocab_size, cfg.max_position_embeddings, seed=seed,
+                    corpus=tokenizer_corpus)  # fmt: skip
     if weights is None:
         weights = preset not in WEIGHTLESS_PRESETS
     if weights:

@@ -1,0 +1,52 @@
+"""The bundled model's trainer (cluster/train_bundled.py), on a tiny budget."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from cluster.train_bundled import BUNDLED, TrainConfig, train
+from replicas.engine import EngineConfig, LLMEngine
+from replicas.model import ExaoneMoeForCausalLM
+from replicas.model_config import ModelConfig
+from replicas.sampling_params import SamplingParams
+from router.tokenizer import Tokenizer
+
+SMALL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+         "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
+         "sliding_window": 16, "max_position_embeddings": 512}  # fmt: skip
+
+
+def test_training_lowers_both_losses_and_writes_a_servable_checkpoint(tmp_path):
+    config = TrainConfig(max_steps=40, batch=4, seq_len=64, lr=3e-3, warmup_steps=5,
+                         num_chats=400, model=SMALL)  # fmt: skip
+    summary = train(tmp_path, config, log=lambda line: None)
+    curve = summary["curve"]
+    assert summary["steps"] == 40 and len(curve) == 40
+    first = sum(c["loss"] for c in curve[:5]) / 5
+    last = sum(c["loss"] for c in curve[-5:]) / 5
+    first_mtp = sum(c["mtp_loss"] for c in curve[:5]) / 5
+    last_mtp = sum(c["mtp_loss"] for c in curve[-5:]) / 5
+    assert last < 0.8 * first and last_mtp < 0.8 * first_mtp, (first, last, first_mtp, last_mtp)
+    assert json.loads((tmp_path / "training.json").read_text())["steps"] == 40
+    model = ExaoneMoeForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert model.mtp is not None and model.cfg.hidden_size == 64
+    tok = Tokenizer(tmp_path)
+    prompt = tok.encode(tok.render_chat([{"role": "user", "content": "What is 2 + 3?"}]))
+    engine = LLMEngine(model, EngineConfig(block_size=8, kv_cache_bytes=8 << 20,
+                                           num_speculative_tokens=2))  # fmt: skip
+    [ids] = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8))
+    assert ids and all(0 <= t < 512 for t in ids)
+
+
+def test_the_bundled_model_fits_25_mb_in_bf16():
+    from cluster.checkpoint import preset_config
+    from replicas.model import count_parameters
+
+    cfg = ModelConfig.from_hf(preset_config("tiny", BUNDLED))
+    counts = count_parameters(cfg)
+    assert 2 * counts["total"] <= 25e6, counts
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_experts) == (256, 8, 16)
+    assert list(cfg.layer_types[:4]) == ["sliding_attention"] * 3 + ["full_attention"]
