@@ -66,6 +66,16 @@ def run_vllm_mtp(python: Path, path: Path, dtype: str, batches: list[int], k: in
         return json.loads(out.read_text())
 
 
+def chat_prompts(path: Path, n: int) -> list[list[int]]:
+    """n held-out chats (a seed training never uses), rendered up to the assistant's turn."""
+    from cluster.chat_corpus import chats
+    from router.tokenizer import Tokenizer
+
+    tok = Tokenizer(path)
+    held_out = chats(n, seed=10_000 + n)
+    return [tok.encode(tok.render_chat(m[:-1], tools=t)) for m, t in held_out]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", type=Path, help="checkpoint directory (default: --preset's)")
@@ -75,6 +85,8 @@ def main() -> None:
     ap.add_argument("--k", default="0,1,2,3", help="draft tokens per step (0: off)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--chat-prompts", action="store_true",
+                    help="prompts: held-out synthetic chats (cluster.chat_corpus)")  # fmt: skip
     ap.add_argument(
         "--vllm", action="store_true", help="also run vLLM's MTP (slow: a launch per k)"
     )
@@ -93,7 +105,8 @@ def main() -> None:
 
     rows = []
     for b in batches:
-        prompts = prompts_for(b, args.prompt_tokens, vocab, seed=b)
+        prompts = (chat_prompts(path, b) if args.chat_prompts
+                   else prompts_for(b, args.prompt_tokens, vocab, seed=b))  # fmt: skip
         for k in ks:
             tps, _, engine = run_engine_stats(model, prompts, args.new_tokens,
                                               num_speculative_tokens=k)  # fmt: skip
