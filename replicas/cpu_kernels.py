@@ -153,13 +153,17 @@ def amx_unavailable_reason() -> str | None:
     return _AMX.reason
 
 
+def _require_bf16(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous bf16 CPU tensor")
+
+
 def _check_experts(x_name: str, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                    offsets: torch.Tensor, rows: int) -> torch.Tensor:  # fmt: skip
     """Input checks both kernels share -> offsets as contiguous int64."""
     num_experts, two_inter, hidden = w13.shape
-    for name, t in ((x_name, x), ("w13", w13), ("w2", w2)):
-        if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous bf16 CPU tensor")
+    _require_bf16(**{x_name: x}, w13=w13, w2=w2)
     if x.shape[1] != hidden or tuple(w2.shape) != (num_experts, hidden, two_inter // 2):
         raise ValueError(f"shapes do not match: {x_name} {tuple(x.shape)}, w13 {tuple(w13.shape)}, "
                          f"w2 {tuple(w2.shape)}")  # fmt: skip
@@ -225,9 +229,7 @@ def linear_amx(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T in bf16 with fp32 sums -> [M, N] bf16 (no bias). K must be a
     multiple of 32 and N of 16."""
     lib = _AMX.require()
-    for name, t in (("x", x), ("weight", weight)):
-        if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous bf16 CPU tensor")
+    _require_bf16(x=x, weight=weight)
     (m, k), (n, k_w) = x.shape, weight.shape
     if k != k_w or k % 32 or n % 16:
         raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)}: inner sizes "
@@ -251,11 +253,8 @@ def decode_attention_bf16(
     bf16. D must be a multiple of 32."""
     lib = _BF16.require()
     extra = k_extra is not None
-    named = [("q", q), ("k_pool", k_pool), ("v_pool", v_pool)]
-    named += [("k_extra", k_extra), ("v_extra", v_extra)] if extra else []
-    for name, t in named:
-        if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous bf16 CPU tensor")
+    _require_bf16(q=q, k_pool=k_pool, v_pool=v_pool,
+                  **({"k_extra": k_extra, "v_extra": v_extra} if extra else {}))  # fmt: skip
     (batch, heads, dim), (_, kv_heads, _) = q.shape, k_pool.shape
     if dim % 32 or heads % kv_heads or heads // kv_heads > 64 or k_pool.shape != v_pool.shape:
         raise ValueError(f"q {tuple(q.shape)}, pools {tuple(k_pool.shape)}: head_dim must be a "

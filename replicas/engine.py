@@ -332,7 +332,7 @@ class LLMEngine:
         for c in plan.chunks:
             r = c.request
             tokens = sampled.get(r.request_id, [])
-            n = c.num_new - (c.num_drafts - (len(tokens) - 1) if tokens else 0)  # verified
+            n = c.num_verified(len(tokens))
             if not r.is_finished and n > 0:
                 known = r.num_tokens  # before this step's tokens are appended
                 rows.extend(range(offset, offset + n))

@@ -199,7 +199,8 @@ class StepAttention:
 
     def __init__(self, cache: HybridKVCache, chunks: Sequence[SeqChunk]):
         self.cache = cache
-        dev = next(iter({**cache.global_k, **cache.sliding_k}.values())).device
+        pool = next(iter({**cache.global_k, **cache.sliding_k}.values()))  # any layer's K
+        dev = pool.device
         bs, w = cache.block_size, cache.window
         num_new = torch.tensor([c.num_new for c in chunks], device=dev)  # [B]
         computed = torch.tensor([c.num_computed for c in chunks], device=dev)  # [B]
@@ -210,7 +211,6 @@ class StepAttention:
         self.q_index = torch.where(self.q_valid, starts[:, None] + j, 0)  # [B, Qmax] into N
         self.out_index = self.q_valid.flatten().nonzero()[:, 0]  # [N] rows of the flat [B*Qmax]
         self.decode_only = q_max == 1  # then [N] is [B, 1]: no query gather/scatter at all
-        pool = next(iter({**cache.global_k, **cache.sliding_k}.values()))
         # Decode in bf16 on CPU: our kernel reads keys in place (replicas/csrc/decode_attention.c)
         self.use_kernel = (
             self.decode_only and pool.dtype == torch.bfloat16 and pool.device.type == "cpu"

@@ -99,13 +99,23 @@ def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     return logits
 
 
-def _uniform(n: int, generators: Sequence[torch.Generator | None], device) -> torch.Tensor:
-    """[n] U(0, 1), each seeded row from its own generator."""
-    u = torch.rand(n, device=device)
+def _noise(shape: tuple[int, ...], generators: Sequence[torch.Generator | None], device,
+           fill: str) -> torch.Tensor:  # fmt: skip
+    """A tensor of ``shape`` filled row by row with ``Tensor.<fill>`` (uniform_, exponential_):
+    unseeded rows in one call, each seeded row from its own generator."""
+    noise = torch.empty(shape, device=device)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if unseeded:
+        noise[unseeded] = getattr(torch.empty(len(unseeded), *shape[1:], device=device), fill)()
     for i, g in enumerate(generators):
         if g is not None:
-            u[i] = torch.rand(1, generator=g, device=device)[0]
-    return u
+            getattr(noise[i], fill)(generator=g)
+    return noise
+
+
+def _uniform(n: int, generators: Sequence[torch.Generator | None], device) -> torch.Tensor:
+    """[n] U(0, 1), each seeded row from its own generator."""
+    return _noise((n,), generators, device, "uniform_")
 
 
 def _verify_drafts(probs: torch.Tensor, drafts: Sequence[int | None], generators) -> tuple:
@@ -123,13 +133,7 @@ def _verify_drafts(probs: torch.Tensor, drafts: Sequence[int | None], generators
 
 def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """argmax(p / q) with q ~ Exp(1) is a draw from p (the exponential race)."""
-    q = torch.empty_like(probs)
-    unseeded = [i for i, g in enumerate(generators) if g is None]
-    if unseeded:
-        q[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
-    for i, g in enumerate(generators):
-        if g is not None:
-            q[i].exponential_(generator=g)
+    q = _noise(tuple(probs.shape), generators, probs.device, "exponential_")
     return (probs / q).argmax(-1)
 
 

@@ -46,6 +46,11 @@ class ScheduledChunk:
     num_drafts: int = 0
     """Draft tokens at the end of the chunk (positions after the last known token)."""
 
+    def num_verified(self, num_sampled: int) -> int:
+        """Positions of the chunk that stand once ``num_sampled`` tokens were sampled for it
+        (its accepted drafts, then one more): all but the rejected drafts."""
+        return self.num_new - (self.num_drafts - (num_sampled - 1) if num_sampled else 0)
+
     @classmethod
     def of(cls, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens
@@ -139,11 +144,8 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def reserve(self, request: Request, num_tokens: int) -> bool:
-        """Blocks for ``num_tokens`` positions of a running request, if free ones allow (the
-        engine's MTP drafts write a few positions ahead). Never preempts."""
-        return self._grow(request, num_tokens)
-
-    def _grow(self, request: Request, num_tokens: int) -> bool:
+        """Blocks for ``num_tokens`` positions of a request, if free ones allow (scheduling,
+        and the engine's MTP drafts that write a few positions ahead). Never preempts."""
         need = self.blocks_needed(num_tokens) - len(request.block_ids)
         if need > self.blocks.num_free:
             return False
@@ -159,7 +161,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = self._chunk(request, budget)
-            while not self._grow(request, request.num_computed_tokens + n):
+            while not self.reserve(request, request.num_computed_tokens + n):
                 victim = self.running.pop()  # latest admitted
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -187,7 +189,7 @@ class Scheduler:
                 request.block_ids = list(match.shared)
                 request.num_computed_tokens = match.num_tokens
             n = self._chunk(request, budget)
-            if not self._grow(request, request.num_computed_tokens + n):
+            if not self.reserve(request, request.num_computed_tokens + n):
                 if match is not None:
                     self.prefix.release(request)
                     request.block_ids, request.num_computed_tokens = [], 0
@@ -231,10 +233,10 @@ class Scheduler:
             if request.is_finished:  # aborted while the step ran
                 continue
             tokens = sampled.get(request.request_id, ())
-            rejected = chunk.num_drafts - (len(tokens) - 1) if tokens else 0
-            if not 0 <= rejected <= chunk.num_drafts:
+            verified = chunk.num_verified(len(tokens))
+            if not chunk.num_new - chunk.num_drafts <= verified <= chunk.num_new:
                 raise ValueError(f"{len(tokens)} tokens for a chunk with {chunk.num_drafts} drafts")
-            request.num_computed_tokens = chunk.start + chunk.num_new - rejected
+            request.num_computed_tokens = chunk.start + verified
             for token in tokens:  # none: a prefill chunk short of the end
                 request.output_ids.append(token)
                 reason = stop_reason(request, token, eos)
