@@ -1,6 +1,7 @@
 """Dispatch/combine between an attention replica and the expert groups (design.md decision 3).
 
-``ExpertPlacement`` (replicas.placement) says which routed experts each group owns.
+``ExpertPlacement`` (replicas.placement) says which routed experts each group owns, and
+``ExpertMap`` which it holds per layer after rebalancing (copies of hot experts included).
 ``ExpertTransport`` is the small
 interface a transport implements: send one group the hidden states of the tokens that chose its
 experts, get back ``(slots, y)`` (the group's held slots and their unweighted expert outputs,
@@ -24,7 +25,7 @@ from typing import Protocol
 import torch
 
 from replicas.model import ExpertCall, ExpertRows
-from replicas.placement import ExpertPlacement
+from replicas.placement import ExpertMap, ExpertPlacement
 
 
 class ExpertResult(Protocol):
@@ -83,22 +84,73 @@ class PendingCombine:
 
 
 class ExpertDispatcher:
-    """Splits each ExpertCall by owning group and combines the groups' answers."""
+    """Splits each ExpertCall by group and combines the groups' answers.
 
-    def __init__(self, transport: ExpertTransport):
+    The map (``replicas.placement.ExpertMap``) says which groups hold each expert in each
+    layer. A slot goes to the group holding its expert; an expert held by several groups
+    (copies of a hot expert) has its slots dealt over them in turn, in slot order. Each group
+    gets the tokens with a slot for it, and their top-k ids with every slot that is not its
+    own set to ``NO_EXPERT`` (the expert count), so every slot is computed exactly once.
+    ``set_map`` takes a new map, which the next step adopts (``begin_step``).
+    """
+
+    def __init__(self, transport: ExpertTransport, expert_map: ExpertMap | None = None):
         self.transport = transport
-        self.group_of = torch.tensor(transport.placement.group_of())  # [E] long
+        self.map = expert_map or ExpertMap.of(transport.placement)
+        if self.map.num_groups != transport.placement.num_groups:
+            raise ValueError(f"expert map has {self.map.num_groups} groups, the transport "
+                             f"{transport.placement.num_groups}")  # fmt: skip
+        self._pending: ExpertMap | None = None
+        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def set_map(self, expert_map: ExpertMap) -> None:
+        """Use ``expert_map`` from the next step on (thread-safe: one reference swap)."""
+        if expert_map.num_groups != self.map.num_groups:
+            raise ValueError(f"expert map has {expert_map.num_groups} groups, not "
+                             f"{self.map.num_groups}")  # fmt: skip
+        self._pending = expert_map
+
+    def begin_step(self) -> None:
+        """Adopt a map given to ``set_map`` (called between engine steps)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending is not self.map:
+            self.map, self._tables = pending, {}
+
+    def _table(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (groups [E, C] holding each expert, padded with its first; copies [E])."""
+        if layer not in self._tables:
+            copies = self.map.copies(layer)
+            width = max(map(len, copies))
+            table = torch.tensor([c + c[:1] * (width - len(c)) for c in copies])
+            self._tables[layer] = (table, torch.tensor([len(c) for c in copies]))
+        table, counts = self._tables[layer]
+        return table.to(device), counts.to(device)
+
+    def owners(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
+        """topk_ids [N, K] -> the group computing each slot [N, K]."""
+        table, counts = self._table(layer, topk_ids.device)
+        flat = topk_ids.flatten()  # [S]
+        if table.shape[1] == 1:
+            return table[flat, 0].view_as(topk_ids)
+        order = torch.argsort(flat, stable=True)  # slots grouped by expert, in slot order
+        per_expert = torch.bincount(flat, minlength=table.shape[0])  # [E]
+        starts = per_expert.cumsum(0) - per_expert  # [E] first sorted position of each expert
+        rank = torch.empty_like(flat)
+        rank[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+        return table[flat, rank % counts[flat]].view_as(topk_ids)
 
     def submit(self, call: ExpertCall) -> PendingCombine:
         topk_ids = call.routing.topk_ids  # [N, K]
-        owner = self.group_of.to(topk_ids.device)[topk_ids]  # [N, K]
+        owner = self.owners(call.layer, topk_ids)  # [N, K]
         parts = []
         for g in torch.unique(owner).tolist():
-            tokens = (owner == g).any(1).nonzero()[:, 0]  # [N_g] tokens with a slot in g
+            mine = owner == g  # [N, K]
+            tokens = mine.any(1).nonzero()[:, 0]  # [N_g] tokens with a slot in g
+            ids = torch.where(mine, topk_ids, self.map.num_experts)  # others' slots: NO_EXPERT
             if tokens.numel() == owner.shape[0]:
-                x, ids = call.x, topk_ids
+                x = call.x
             else:
-                x, ids = call.x.index_select(0, tokens), topk_ids.index_select(0, tokens)
+                x, ids = call.x.index_select(0, tokens), ids.index_select(0, tokens)
             parts.append((tokens, self.transport.submit(g, call.layer, x, ids)))
         return PendingCombine(call, parts)
 

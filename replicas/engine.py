@@ -239,6 +239,7 @@ class LLMEngine:
     def _execute(self, plan: SchedulerOutput) -> torch.Tensor:
         if self.experts is None:
             return self.model.step_hidden(*self._inputs(plan.chunks))
+        self.experts.begin_step()  # a new expert map takes effect between steps
         runs = split_balanced([c.num_new for c in plan.chunks], self.config.num_microbatches)
         stages = [
             self.model.step_layers(*self._inputs(plan.chunks[r.start : r.stop])) for r in runs

@@ -1,33 +1,55 @@
 """An expert group replica's work, without Ray: hold experts [ids] of every MoE layer, compute them.
 
-Loads only its experts' bytes from the checkpoint (``ExpertStack``) and answers
-``forward(layer, x, topk_ids) -> (slots, y)`` with a grouped GEMM over the tokens it receives.
-It counts the tokens each expert served, for the balancer and the autoscaler.
+Loads only its experts' bytes from the checkpoint (``ExpertStack``; the same experts in every
+MoE layer, or per layer after rebalancing) and answers ``forward(layer, x, topk_ids) -> (slots,
+y)`` with a grouped GEMM over the tokens it receives. It counts the tokens each expert served
+over a sliding window (``LoadWindow``), for the balancer, the autoscaler and the metrics.
+``prepare`` loads the experts a new expert map adds (keeping the old ones while calls made with
+the old map may still arrive); ``commit`` drops those the map no longer gives it.
 ``cluster.app`` wraps it in one Ray Serve deployment per group.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from replicas.model import ExpertStack
+from replicas.expert_load import LoadWindow
+from replicas.model import ExpertStack, RoutedExperts
 from replicas.weights import DTYPES, resident_bytes
+
+
+class ExpertNotHeldError(RuntimeError):
+    """A call sent slots of experts this replica does not hold (made with another expert map);
+    the sender refreshes its map and sends again."""
 
 
 @dataclass(frozen=True)
 class ExpertGroupStats:
     group: int
     expert_ids: tuple[int, ...]
+    """Every expert held in some layer, sorted."""
     resident_bytes: int
     """Bytes of the weights this replica holds (only its experts)."""
     num_calls: int
     num_tokens_per_expert: tuple[int, ...]
-    """Slots computed per expert (aligned with expert_ids), summed over layers."""
+    """Slots computed per expert since start (aligned with expert_ids), summed over layers."""
+    layers: tuple[int, ...] = ()
+    """The MoE layers, in the order of window_counts' rows."""
+    window_counts: tuple[tuple[int, ...], ...] = ()
+    """Slots per (layer, global expert id) over the last window_s seconds."""
+    window_s: float = 0.0
+    tokens_per_s: float = 0.0
+    """Slots per second per MoE layer over the window: this replica's token load."""
+    ready_s: float = 0.0
+    """Seconds from the start of loading to ready."""
+    map_version: int = 0
+    """The expert map version of the holdings (ExpertMap.version)."""
 
 
 class ExpertGroup:
@@ -35,46 +57,109 @@ class ExpertGroup:
         self,
         model_path: str | Path,
         group: int,
-        expert_ids: Sequence[int],
+        expert_ids: Sequence[int] | Mapping[int, Sequence[int]],
         dtype: str = "float32",
         device: str = "cpu",
         num_threads: int | None = None,
+        window_s: float = 30.0,
+        map_version: int = 0,
     ):
+        started = time.monotonic()
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.group = group
-        self.stack = ExpertStack.from_pretrained(
-            model_path, expert_ids, dtype=DTYPES[dtype], device=device, progress=False
-        )
-        self.expert_ids = tuple(sorted(set(int(e) for e in expert_ids)))
+        self.group, self.model_path, self.dtype = group, model_path, DTYPES[dtype]
         self.device = torch.device(device)
-        self.resident_bytes = resident_bytes(self.stack)
+        self.stack = ExpertStack.from_pretrained(
+            model_path, expert_ids, dtype=self.dtype, device=device, progress=False
+        )
+        self.cfg = self.stack.cfg
         self._lock = threading.Lock()
         self._num_calls = 0
-        self._tokens = torch.zeros(len(self.expert_ids), dtype=torch.long)
+        self._tokens = torch.zeros(self.cfg.num_experts, dtype=torch.long)  # by global id
+        self.load = LoadWindow(self.stack.layer_ids(), self.cfg.num_experts, window_s)
+        self.map_version = map_version
+        self.ready_s = time.monotonic() - started
+
+    @property
+    def expert_ids(self) -> tuple[int, ...]:
+        return tuple(sorted({e for ids in self.stack.holdings().values() for e in ids}))
+
+    @property
+    def resident_bytes(self) -> int:
+        return resident_bytes(self.stack)
 
     @torch.inference_mode()
     def forward(
         self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, H], topk_ids [N, K] global ids -> (slots [S_held], y [S_held, H])."""
+        """x [N, H], topk_ids [N, K] global ids, NO_EXPERT (num_experts) for slots other
+        groups compute -> (slots [S_held], y [S_held, H]). Every other id must be held here."""
         experts = self.stack.experts(layer)
+        ids = topk_ids.flatten().to(self.device)  # [S]
+        local = experts.local_index[ids]
+        missing = (local < 0) & (ids != self.cfg.num_experts)
+        if bool(missing.any()):
+            raise ExpertNotHeldError(
+                f"expert group {self.group} (map version {self.map_version}) does not hold "
+                f"experts {sorted(set(ids[missing].tolist()))} of layer {layer}"
+            )
         slots, y = experts.compute(x.to(self.device), topk_ids.to(self.device))
-        local = experts.local_index[topk_ids.flatten().to(self.device)]
-        counts = torch.bincount(local[local >= 0], minlength=len(self.expert_ids)).cpu()
+        served = ids[local >= 0]
         with self._lock:
             self._num_calls += 1
-            self._tokens += counts
+            self._tokens += torch.bincount(served.cpu(), minlength=self.cfg.num_experts)
+            self.load.add(layer, served)
         return slots.cpu(), y.cpu()
+
+    def prepare(self, holdings: Mapping[int, Sequence[int]], version: int) -> float:
+        """Load the experts of ``holdings`` ({layer: ids}) not held yet, keeping the current ones
+        too, so calls made with the old map or the new one both work -> seconds it took."""
+        started = time.monotonic()
+        held = self.stack.holdings()
+        missing = {layer: sorted(set(ids) - set(held.get(layer, ()))) for layer, ids in
+                   holdings.items()}  # fmt: skip
+        missing = {layer: ids for layer, ids in missing.items() if ids}
+        if missing:
+            fresh = ExpertStack.from_pretrained(self.model_path, missing, dtype=self.dtype,
+                                                device=self.device, layers=list(missing),
+                                                progress=False)  # fmt: skip
+            for layer, ids in missing.items():
+                mine = self.stack.experts(layer)
+                merged = RoutedExperts.gather(self.cfg, mine.expert_ids + tuple(ids),
+                                              [mine, fresh.experts(layer)])  # fmt: skip
+                with self._lock:
+                    self.stack.replace_experts(layer, merged)
+        with self._lock:
+            self.map_version = max(self.map_version, version)
+        return time.monotonic() - started
+
+    def commit(self, holdings: Mapping[int, Sequence[int]]) -> None:
+        """Drop every expert not in ``holdings`` (all of which must be held)."""
+        for layer, ids in holdings.items():
+            mine = self.stack.experts(layer)
+            if tuple(sorted(set(ids))) != mine.expert_ids:
+                kept = RoutedExperts.gather(self.cfg, ids, [mine])
+                with self._lock:
+                    self.stack.replace_experts(layer, kept)
+
+    def holdings(self) -> dict[int, tuple[int, ...]]:
+        return self.stack.holdings()
 
     def stats(self) -> ExpertGroupStats:
         with self._lock:
+            ids = self.expert_ids
             return ExpertGroupStats(
                 group=self.group,
-                expert_ids=self.expert_ids,
+                expert_ids=ids,
                 resident_bytes=self.resident_bytes,
                 num_calls=self._num_calls,
-                num_tokens_per_expert=tuple(self._tokens.tolist()),
+                num_tokens_per_expert=tuple(self._tokens[list(ids)].tolist()),
+                layers=tuple(self.load.layers),
+                window_counts=tuple(tuple(row) for row in self.load.counts().tolist()),
+                window_s=self.load.seconds(),
+                tokens_per_s=self.load.tokens_per_s(),
+                ready_s=self.ready_s,
+                map_version=self.map_version,
             )

@@ -25,7 +25,7 @@ fused into one (q/k/v -> ``qkv_proj``, gate/up -> ``gate_up_proj``, per-expert t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -261,11 +261,33 @@ class RoutedExperts(nn.Module):
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
-        """(Re)build the global id -> local index map, -1 where not held (after to_empty)."""
+        """(Re)build the global id -> local index map, -1 where not held (after to_empty).
+        Id ``num_experts`` (NO_EXPERT, a slot another group computes) maps to -1 too."""
         device = self.w13.device if self.w13.device.type != "meta" else None
-        local = torch.full((self.num_experts,), -1, dtype=torch.long, device=device)
+        local = torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=device)
         local[list(self.expert_ids)] = torch.arange(len(self.expert_ids), device=device)
         self.local_index = local
+
+    @classmethod
+    def gather(cls, cfg: ModelConfig, expert_ids: Sequence[int],
+               sources: Sequence[RoutedExperts]) -> RoutedExperts:  # fmt: skip
+        """Experts ``expert_ids`` of one layer, each copied from the first of ``sources`` that
+        holds it (what a group keeps when its holdings change)."""
+        ids = tuple(sorted(set(expert_ids)))
+        with torch.device("meta"):
+            out = cls(cfg, ids)
+        w13, w2 = [], []
+        for e in ids:
+            src = next((m for m in sources if int(m.local_index[e]) >= 0), None)
+            if src is None:
+                raise ValueError(f"expert {e} is in none of the sources")
+            j = int(src.local_index[e])
+            w13.append(src.w13[j])
+            w2.append(src.w2[j])
+        out.w13 = nn.Parameter(torch.stack(w13), requires_grad=False)  # [E_local, 2I, H]
+        out.w2 = nn.Parameter(torch.stack(w2), requires_grad=False)  # [E_local, H, I]
+        out.reset_buffers()
+        return out
 
     def compute(self, x: torch.Tensor, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H], topk_ids [N, K] global ids -> (slots [S_held], y [S_held, H]).
@@ -687,24 +709,40 @@ class ExaoneMoeForCausalLM(nn.Module):
 
 
 class ExpertStack(nn.Module):
-    """Only the routed experts ``expert_ids`` of every MoE layer: what an expert group holds.
+    """Only the routed experts ``expert_ids`` of every MoE layer (or, given a mapping, those of
+    each listed layer): what an expert group holds.
 
     Parameter names match the full model (``model.layers.{i}.mlp.experts.*``), so the same loader
     fills it and reads only those experts' bytes from the checkpoint.
     """
 
-    def __init__(self, cfg: ModelConfig, expert_ids: Iterable[int], layers=None):
+    def __init__(self, cfg: ModelConfig, expert_ids: Iterable[int] | Mapping[int, Iterable[int]],
+                 layers=None):  # fmt: skip
         super().__init__()
         self.cfg = cfg
-        ids = tuple(sorted(set(expert_ids)))
+        per_layer = dict(expert_ids) if isinstance(expert_ids, Mapping) else None
+        shared = None if per_layer is not None else tuple(expert_ids)
         chosen = cfg.moe_layers if layers is None else [i for i in layers if i in cfg.moe_layers]
+        if per_layer is not None:
+            chosen = [i for i in chosen if i in per_layer]
         self.model = nn.Module()
         self.model.layers = nn.ModuleDict()
         for i in chosen:
             layer = nn.Module()
             layer.mlp = nn.Module()
-            layer.mlp.experts = RoutedExperts(cfg, ids)
+            ids = per_layer[i] if per_layer is not None else shared
+            layer.mlp.experts = RoutedExperts(cfg, tuple(sorted(set(ids))))
             self.model.layers[str(i)] = layer
+
+    def layer_ids(self) -> list[int]:
+        return [int(i) for i in self.model.layers]
+
+    def holdings(self) -> dict[int, tuple[int, ...]]:
+        """-> {MoE layer: the expert ids held there}."""
+        return {i: self.experts(i).expert_ids for i in self.layer_ids()}
+
+    def replace_experts(self, layer: int, experts: RoutedExperts) -> None:
+        self.model.layers[str(layer)].mlp.experts = experts
 
     def experts(self, layer: int) -> RoutedExperts:
         return self.model.layers[str(layer)].mlp.experts

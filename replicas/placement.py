@@ -64,3 +64,65 @@ class ExpertPlacement:
             for e in ids:
                 owner[e] = g
         return owner
+
+
+Holdings = tuple[tuple[int, ...], ...]
+"""One MoE layer: ``holdings[g]`` = the sorted expert ids group g holds there."""
+
+
+@dataclass(frozen=True)
+class ExpertMap:
+    """Which experts each group holds in each MoE layer, where a hot expert may be held by
+    several groups (redundant copies; the dispatcher splits its tokens over them).
+
+    ``layers[layer]`` (by model layer id) overrides ``default`` for that layer; ``version``
+    grows with every rebalance, so a replica can tell which map a call was made with.
+    """
+
+    num_experts: int
+    default: Holdings
+    layers: tuple[tuple[int, Holdings], ...] = ()
+    version: int = 0
+
+    def __post_init__(self):
+        for layer, holdings in ((None, self.default), *self.layers):
+            where = "default" if layer is None else f"layer {layer}"
+            if len(holdings) != len(self.default):
+                raise ValueError(f"expert map, {where}: {len(holdings)} groups, not "
+                                 f"{len(self.default)}")  # fmt: skip
+            copies = [0] * self.num_experts
+            for g, ids in enumerate(holdings):
+                if len(set(ids)) != len(ids) or not ids:
+                    raise ValueError(f"expert map, {where}: group {g} holds {list(ids)} (each "
+                                     "expert at most once, at least one expert)")  # fmt: skip
+                for e in ids:
+                    if not 0 <= e < self.num_experts:
+                        raise ValueError(f"expert map, {where}: expert id {e} not in "
+                                         f"[0, {self.num_experts})")  # fmt: skip
+                    copies[e] += 1
+            if 0 in copies:
+                raise ValueError(f"expert map, {where}: expert {copies.index(0)} is in no group")
+
+    @classmethod
+    def of(cls, placement: ExpertPlacement) -> ExpertMap:
+        """A static placement: every layer as ``placement.groups``, no copies."""
+        return cls(placement.num_experts, placement.groups)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.default)
+
+    def holdings(self, layer: int) -> Holdings:
+        return dict(self.layers).get(layer, self.default)
+
+    def group_holdings(self, group: int, layers: Sequence[int]) -> dict[int, tuple[int, ...]]:
+        """What group ``group`` holds in each of ``layers`` -> {layer: expert ids}."""
+        return {layer: self.holdings(layer)[group] for layer in layers}
+
+    def copies(self, layer: int) -> list[list[int]]:
+        """The groups holding each expert in ``layer``, indexed by expert id."""
+        out: list[list[int]] = [[] for _ in range(self.num_experts)]
+        for g, ids in enumerate(self.holdings(layer)):
+            for e in ids:
+                out[e].append(g)
+        return out

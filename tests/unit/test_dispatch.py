@@ -9,16 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cluster.balancer import balance
 from replicas.dispatch import (
     ExpertDispatcher,
     InProcessTransport,
     split_balanced,
 )
 from replicas.engine import EngineConfig, LLMEngine
-from replicas.expert_group import ExpertGroup
+from replicas.expert_group import ExpertGroup, ExpertNotHeldError
 from replicas.model import ExaoneMoeForCausalLM
 from replicas.outputs import StepFailedError
-from replicas.placement import ExpertPlacement
+from replicas.placement import ExpertMap, ExpertPlacement
 from replicas.sampling_params import SamplingParams
 
 
@@ -211,10 +212,89 @@ def test_expert_group_holds_only_its_experts(ckpt, colocated):
 def test_expert_group_counts_tokens_per_expert(ckpt, colocated):
     cfg = colocated.cfg
     group = ExpertGroup(ckpt, 0, [0, 1, 2])
-    ids = torch.tensor([[0, 5], [1, 0], [7, 6]])
+    none = cfg.num_experts  # NO_EXPERT: a slot another group computes
+    ids = torch.tensor([[0, none], [1, 0], [none, none]])
     x = torch.randn(3, cfg.hidden_size)
     slots, y = group.forward(cfg.moe_layers[0], x, ids)
     assert slots.tolist() == [0, 3, 2]  # expert 0's slots (token order), then expert 1's
     assert y.shape == (3, cfg.hidden_size)
     stats = group.stats()
     assert stats.num_calls == 1 and stats.num_tokens_per_expert == (2, 1, 0)
+    row = stats.layers.index(cfg.moe_layers[0])
+    assert stats.window_counts[row][:3] == (2, 1, 0) and sum(stats.window_counts[row]) == 3
+    assert stats.tokens_per_s > 0 and stats.ready_s > 0
+
+
+def test_expert_group_refuses_slots_of_experts_it_does_not_hold(ckpt, colocated):
+    cfg = colocated.cfg
+    group = ExpertGroup(ckpt, 1, [3, 4])
+    with pytest.raises(ExpertNotHeldError, match=r"does not hold experts \[0, 7\]"):
+        group.forward(cfg.moe_layers[0], torch.randn(2, cfg.hidden_size),
+                      torch.tensor([[3, 0], [7, 4]]))  # fmt: skip
+    assert group.stats().num_calls == 0
+
+
+# ---- expert maps with copies and live rebalancing ---------------------------------------------
+def test_expert_map_is_checked_and_per_layer():
+    default = ((0, 1), (2, 3))
+    m = ExpertMap(4, default, ((5, ((0, 1, 2), (2, 3))),), version=3)
+    assert m.holdings(5) == ((0, 1, 2), (2, 3)) and m.holdings(1) == default
+    assert m.copies(5) == [[0], [0], [0, 1], [1]] and m.num_groups == 2
+    assert m.group_holdings(0, [1, 5]) == {1: (0, 1), 5: (0, 1, 2)}
+    assert ExpertMap.of(ExpertPlacement.contiguous(4, 2)).default == default
+    for message, layer in {"expert 3 is in no group": ((0, 1), (2,)),
+                           "3 groups": ((0,), (1, 2), (3,)),
+                           "holds \\[1, 1\\]": ((0, 2, 3), (1, 1))}.items():  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            ExpertMap(4, default, ((1, layer),))
+
+
+def test_copies_of_a_hot_expert_split_its_slots_in_turn(ckpt):
+    placement = ExpertPlacement.contiguous(8, 2)
+    m = ExpertMap(8, placement.groups, ((1, ((0, 1, 2, 3), (0, 4, 5, 6, 7))),))
+    dispatcher = ExpertDispatcher(InProcessTransport(placement, [None, None]), m)
+    ids = torch.tensor([[0, 5], [0, 1], [4, 0], [0, 7]])
+    assert dispatcher.owners(1, ids).tolist() == [[0, 1], [1, 0], [1, 0], [1, 1]]
+    assert dispatcher.owners(2, ids).tolist() == [[0, 1], [0, 0], [1, 0], [0, 1]]
+
+
+def test_rebalanced_groups_with_copies_give_colocated_outputs(ckpt, colocated, attention_only):
+    """Greedy outputs through groups whose holdings change between steps (a hot expert copied
+    into every group, experts moved, old copies dropped) equal colocated outputs; every slot
+    is computed exactly once."""
+    cfg = colocated.cfg
+    prompts = _prompts(16, cfg.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    config = EngineConfig(max_num_batched_tokens=48, block_size=4)
+    want = LLMEngine(colocated, config).generate(prompts, params)
+
+    placement = ExpertPlacement.contiguous(cfg.num_experts, 2)
+    groups = [ExpertGroup(ckpt, g, ids) for g, ids in enumerate(placement.groups)]
+    dispatcher = ExpertDispatcher(InProcessTransport(placement, groups))
+    engine = LLMEngine(attention_only, config, experts=dispatcher)
+    load = [[float(e == 0) * 100 + 1 for e in range(cfg.num_experts)] for _ in cfg.moe_layers]
+    layers = balance(load, 2, cfg.num_experts // 2 + 1)
+    per_layer = tuple(zip(cfg.moe_layers, layers, strict=True))
+    new = ExpertMap(cfg.num_experts, placement.groups, per_layer, version=1)
+    assert all(new.copies(layer)[0] == [0, 1] for layer in cfg.moe_layers)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    outputs: dict[str, list[int]] = {}
+    for step in range(1000):
+        if step == 3:  # mid-traffic: load the new experts, switch, then drop the old ones
+            for g, group in enumerate(groups):
+                group.prepare(new.group_holdings(g, cfg.moe_layers), new.version)
+            dispatcher.set_map(new)
+        if step == 5:
+            for g, group in enumerate(groups):
+                group.commit(new.group_holdings(g, cfg.moe_layers))
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if not engine.has_unfinished_requests():
+            break
+    assert [outputs[str(i)] for i in range(len(prompts))] == want
+    for g, group in enumerate(groups):
+        assert group.holdings() == new.group_holdings(g, cfg.moe_layers)
+    for group in groups:  # both copies of the hot expert served slots
+        stats = group.stats()
+        assert stats.num_tokens_per_expert[stats.expert_ids.index(0)] > 0
