@@ -46,6 +46,8 @@ class ExpertGroupStats:
     window_s: float = 0.0
     tokens_per_s: float = 0.0
     """Slots per second per MoE layer over the window: this replica's token load."""
+    busy: float = 0.0
+    """The fraction of the window spent computing (near 1: calls are waiting)."""
     ready_s: float = 0.0
     """Seconds from the start of loading to ready."""
     map_version: int = 0
@@ -96,6 +98,7 @@ class ExpertGroup:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H], topk_ids [N, K] global ids, NO_EXPERT (num_experts) for slots other
         groups compute -> (slots [S_held], y [S_held, H]). Every other id must be held here."""
+        started = time.monotonic()
         experts = self.stack.experts(layer)
         ids = topk_ids.flatten().to(self.device)  # [S]
         local = experts.local_index[ids]
@@ -110,8 +113,9 @@ class ExpertGroup:
         with self._lock:
             self._num_calls += 1
             self._tokens += torch.bincount(served.cpu(), minlength=self.cfg.num_experts)
-            self.load.add(layer, served)
-        return slots.cpu(), y.cpu()
+            slots, y = slots.cpu(), y.cpu()
+            self.load.add(layer, served, busy_s=time.monotonic() - started)
+        return slots, y
 
     def prepare(self, holdings: Mapping[int, Sequence[int]], version: int) -> float:
         """Load the experts of ``holdings`` ({layer: ids}) not held yet, keeping the current ones
@@ -160,6 +164,7 @@ class ExpertGroup:
                 window_counts=tuple(tuple(row) for row in self.load.counts().tolist()),
                 window_s=self.load.seconds(),
                 tokens_per_s=self.load.tokens_per_s(),
+                busy=self.load.busy(),
                 ready_s=self.ready_s,
                 map_version=self.map_version,
             )

@@ -37,13 +37,13 @@ def test_tokens_per_second_is_per_layer_over_the_time_covered():
     clock = Clock()
     w = LoadWindow([0, 1], num_experts=2, window_s=10.0, num_buckets=5, clock=clock)
     clock.now += 2.0  # 2 s since start: the rate is over 2 s, not the whole window
-    w.add(0, torch.tensor([0] * 8))
-    w.add(1, torch.tensor([1] * 8))
-    assert w.tokens_per_s() == pytest.approx(8 / 2)
+    w.add(0, torch.tensor([0] * 8), busy_s=0.5)
+    w.add(1, torch.tensor([1] * 8), busy_s=0.5)
+    assert w.tokens_per_s() == pytest.approx(8 / 2) and w.busy() == pytest.approx(1 / 2)
     clock.now += 6.0
-    assert w.tokens_per_s() == pytest.approx(8 / 8)
+    assert w.tokens_per_s() == pytest.approx(8 / 8) and w.busy() == pytest.approx(1 / 8)
     clock.now += 30.0
-    assert w.tokens_per_s() == 0.0
+    assert w.tokens_per_s() == 0.0 and w.busy() == 0.0
     assert LoadWindow([], 2, clock=clock).tokens_per_s() == 0.0
 
 

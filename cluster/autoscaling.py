@@ -1,0 +1,83 @@
+"""Autoscaling policies (issue 8): how many replicas an expert group and the attention
+deployment want, from the signals their replicas report. The arithmetic is pure and unit-tested;
+the two classes at the bottom adapt it to Ray Serve's custom-policy interface.
+
+Serve calls a policy every control-loop tick with an ``AutoscalingContext`` whose
+``aggregated_metrics`` hold what each replica's ``record_autoscaling_stats`` returned (averaged
+over ``look_back_period_s``). Serve itself then applies ``min_replicas``/``max_replicas`` and the
+cool-downs (``upscale_delay_s``, ``downscale_delay_s``: a decision must hold that long).
+
+Expert group (per deployment ``ExpertGroup-g``):
+- token load: the group's slots per second per MoE layer, summed over replicas, against
+  ``target_tokens_per_s`` per replica;
+- queueing: the fraction of time each replica was busy computing, summed, against
+  ``target_busy`` per replica (a replica that is always busy has calls waiting).
+The group wants enough replicas for both.
+
+Attention (``AttentionShard``): running sequences against ``target_running_seqs`` per replica,
+waiting requests against ``target_waiting`` per replica, and KV-cache use against
+``target_kv_usage`` per replica; enough replicas for all three.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+
+def _need(total: float, per_replica: float) -> int:
+    return math.ceil(total / per_replica - 1e-9) if total > 0 else 0
+
+
+def expert_group_replicas(tokens_per_s: Iterable[float], busy: Iterable[float],
+                          target_tokens_per_s: float, target_busy: float) -> int:  # fmt: skip
+    """Replicas an expert group needs: for its token load and for its busy time (at least 1).
+    ``tokens_per_s`` and ``busy`` hold one value per running replica."""
+    return max(1, _need(sum(tokens_per_s), target_tokens_per_s), _need(sum(busy), target_busy))
+
+
+def attention_replicas(running: Iterable[float], waiting: Iterable[float],
+                       kv_usage: Iterable[float], target_running_seqs: float,
+                       target_waiting: float, target_kv_usage: float) -> int:  # fmt: skip
+    """Replicas the attention deployment needs (at least 1), one value per replica in each
+    signal: running sequences, waiting requests, KV-cache use (0..1)."""
+    return max(
+        1,
+        _need(sum(running), target_running_seqs),
+        _need(sum(waiting), target_waiting),
+        _need(sum(kv_usage), target_kv_usage),
+    )
+
+
+def _per_replica(ctx, name: str) -> list[float]:
+    metrics: Mapping[Any, float] = (ctx.aggregated_metrics or {}).get(name, {})
+    return [float(v) for v in metrics.values()]
+
+
+class ExpertGroupPolicy:
+    """Serve custom autoscaling policy of one expert group (``policy_kwargs`` = the targets)."""
+
+    def __init__(self, target_tokens_per_s: float = 2000.0, target_busy: float = 0.7):
+        self.target_tokens_per_s, self.target_busy = target_tokens_per_s, target_busy
+
+    def __call__(self, ctx) -> tuple[int, dict]:
+        if not ctx.running_replicas or not ctx.aggregated_metrics:
+            return ctx.target_num_replicas, {}  # nothing reported yet: keep the target
+        want = expert_group_replicas(_per_replica(ctx, "tokens_per_s"), _per_replica(ctx, "busy"),
+                                     self.target_tokens_per_s, self.target_busy)  # fmt: skip
+        return want, {}
+
+
+class AttentionPolicy:
+    """Serve custom autoscaling policy of the attention deployment."""
+
+    def __init__(self, target_running_seqs: float = 32.0, target_waiting: float = 4.0,
+                 target_kv_usage: float = 0.8):  # fmt: skip
+        self.targets = (target_running_seqs, target_waiting, target_kv_usage)
+
+    def __call__(self, ctx) -> tuple[int, dict]:
+        if not ctx.running_replicas or not ctx.aggregated_metrics:
+            return ctx.target_num_replicas, {}
+        signals = [_per_replica(ctx, n) for n in ("running_seqs", "waiting", "kv_usage")]
+        return attention_replicas(*signals, *self.targets), {}
