@@ -101,6 +101,7 @@ class ExpertDispatcher:
             raise ValueError(f"expert map has {self.map.num_groups} groups, the transport "
                              f"{transport.placement.num_groups}")  # fmt: skip
         self._pending: ExpertMap | None = None
+        self._in_step = False
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def set_map(self, expert_map: ExpertMap) -> None:
@@ -115,6 +116,19 @@ class ExpertDispatcher:
         pending, self._pending = self._pending, None
         if pending is not None and pending is not self.map:
             self.map, self._tables = pending, {}
+        self._in_step = True
+
+    def end_step(self) -> None:
+        self._in_step = False
+
+    @property
+    def version_in_use(self) -> int:
+        """The newest map version a step may still be using: a step in flight keeps the map it
+        began with; any later step takes the one given to ``set_map``."""
+        pending = self._pending
+        if self._in_step or pending is None:
+            return self.map.version
+        return pending.version
 
     def _table(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (groups [E, C] holding each expert, padded with its first; copies [E])."""

@@ -240,11 +240,14 @@ class LLMEngine:
         if self.experts is None:
             return self.model.step_hidden(*self._inputs(plan.chunks))
         self.experts.begin_step()  # a new expert map takes effect between steps
-        runs = split_balanced([c.num_new for c in plan.chunks], self.config.num_microbatches)
-        stages = [
-            self.model.step_layers(*self._inputs(plan.chunks[r.start : r.stop])) for r in runs
-        ]
-        return torch.cat(run_microbatches(stages, self.experts))  # [N, H], chunk order
+        try:
+            runs = split_balanced([c.num_new for c in plan.chunks], self.config.num_microbatches)
+            stages = [
+                self.model.step_layers(*self._inputs(plan.chunks[r.start : r.stop])) for r in runs
+            ]
+            return torch.cat(run_microbatches(stages, self.experts))  # [N, H], chunk order
+        finally:
+            self.experts.end_step()
 
     def _inputs(self, chunks: Sequence[ScheduledChunk]):
         """(input_ids [N], positions [N], attention backend) of these chunks."""
