@@ -217,13 +217,23 @@ class LLMEngine:
             for request_id in ids:
                 self.abort(request_id)
             raise StepFailedError(ids, e) from e
-        for c in plan.chunks:
-            if c.num_drafts and c.request.request_id in sampled:
-                accepted = len(sampled[c.request.request_id]) - 1
-                c.request.num_drafted_tokens += c.num_drafts
-                c.request.num_accepted_drafts += accepted
-                self.acceptance.observe(c.num_drafts, accepted)
+        before = {c.request.request_id: len(c.request.output_ids) for c in plan.chunks}
         finished = self.scheduler.update(plan, sampled, self.eos_token_ids)
+        for c in plan.chunks:
+            rid = c.request.request_id
+            if rid not in sampled:
+                continue
+            kept = len(c.request.output_ids) - before[rid]  # tokens past a stop are dropped
+            if rid in outputs and kept < len(outputs[rid].new_token_ids):
+                out = outputs[rid]
+                out.new_token_ids = out.new_token_ids[:kept]
+                if out.logprobs is not None:
+                    out.logprobs = out.logprobs[:kept]
+            if c.num_drafts:
+                accepted = len(sampled[rid]) - 1
+                c.request.num_drafted_tokens += c.num_drafts
+                c.request.num_accepted_drafts += min(accepted, kept)
+                self.acceptance.observe(c.num_drafts, accepted)
         self._draft(filled)
         for request in finished:
             out = outputs[request.request_id]

@@ -277,3 +277,31 @@ def test_prefix_snapshots_carry_the_mtp_rows(tiny):
     mtp = plain.cache.sliding_layers.index(plain.cache.mtp_layer)
     assert want[:, mtp].abs().sum() > 0
     assert (restored["window"] - want).abs().max() <= 1e-5  # every layer, the MTP's included
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_stop_inside_accepted_drafts_ends_the_request_there(tiny, k):
+    """A stop token among the accepted drafts ends the output at it: what follows (further
+    accepted drafts, the bonus token) is dropped from the output and the usage."""
+    prompts = _prompts(8, seed=5)
+    truth, _ = _run(_engine(tiny, 0), prompts)
+    stops = [t[4 + i % 3] for i, t in enumerate(truth)]
+    want = [t[: t.index(s) + 1] for t, s in zip(truth, stops, strict=True)]
+    engine = _redraft(_engine(tiny, k), lambda r: truth[int(r.request_id.rsplit("-", 1)[1])][
+        len(r.output_ids) : len(r.output_ids) + len(r.draft_ids)])  # fmt: skip
+    got: dict[str, list[int]] = {}
+    for i, (prompt, stop) in enumerate(zip(prompts, stops, strict=True)):
+        params = SamplingParams(temperature=0.0, max_tokens=GREEDY.max_tokens,
+                                stop_token_ids=(stop,))  # fmt: skip
+        engine.add_request(f"gen-0-{i}", prompt, params)
+    usage = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                usage[out.request_id] = (out.num_output_tokens, out.num_accepted_draft_tokens)
+    assert [got[f"gen-0-{i}"] for i in range(len(prompts))] == want
+    for i, w in enumerate(want):
+        num_output, accepted = usage[f"gen-0-{i}"]
+        assert num_output == len(w) and accepted <= len(w) - 1  # the first token: prefill
+    assert sum(engine.acceptance.accepted) > 0
