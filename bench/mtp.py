@@ -1,6 +1,7 @@
 """MTP self-speculative decoding: output tokens/s with drafting off and k = 1, 2, 3 drafts per
 step, at batch 1, 8 and 32, with the acceptance rate per draft position; and the same with
-vLLM's MTP on the same checkpoint when its venv exists (--vllm, one vLLM launch per k).
+vLLM's MTP on the same checkpoint and the same prompts when its venv exists (--vllm, one vLLM
+launch per k, bench/vllm_mtp.py).
 
 Greedy decoding of random prompts (64 tokens, 128 new, ignore_eos), one run per point, in one
 process, so the ratios against k = 0 are side by side. Asserts nothing.
@@ -28,39 +29,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.forward import DTYPES, checkpoint  # noqa: E402
-from bench.throughput import DEFAULT_VLLM_PYTHON, PEER_SCRIPT, prompts_for, run_engine_stats  # noqa: E402
+from bench.throughput import DEFAULT_VLLM_PYTHON, prompts_for, run_engine_stats  # noqa: E402
 from replicas.model import ExaoneMoeForCausalLM  # noqa: E402
 
 
-def run_vllm_mtp(python: Path, path: Path, dtype: str, batches: list[int], k: int,
-                 prompt_len: int, new_tokens: int) -> dict | str:  # fmt: skip
-    """vLLM's own figures for one k -> {batch: tok/s} plus its acceptance counters, or why not."""
-    if not python.exists() or not PEER_SCRIPT.exists():
+def run_vllm_mtp(python: Path, path: Path, dtype: str, prompts: dict[int, list[list[int]]],
+                 k: int, new_tokens: int) -> dict | str:  # fmt: skip
+    """vLLM on the same prompts for one k (bench/vllm_mtp.py in its venv) -> its figures per
+    batch size and drafting counters, or why not."""
+    if not python.exists():
         return "not installed (../shared/peers/setup_vllm_venv.sh)"
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "vllm.json"
-        cmd = [
-            str(python),
-            str(PEER_SCRIPT),
-            "--model",
-            str(path),
-            "--dtype",
-            dtype,
-            "--batch-sizes",
-            ",".join(map(str, batches)),
-            "--new-tokens",
-            str(new_tokens),
-            "--prompt-tokens",
-            str(prompt_len),
-            "--repeats",
-            "1",
-            "--json",
-            str(out),
-        ]
-        if k:
-            cmd += ["--mtp", str(k)]  # fmt: skip
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+        out, given = Path(tmp) / "vllm.json", Path(tmp) / "prompts.json"
+        given.write_text(json.dumps({str(b): p for b, p in prompts.items()}))
+        cmd = [str(python), str(ROOT / "bench" / "vllm_mtp.py"), "--model", str(path),
+               "--dtype", dtype, "--prompts", str(given), "--new-tokens", str(new_tokens),
+               "--mtp", str(k), "--json", str(out)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0 or not out.exists():
             return "failed: " + (proc.stderr or proc.stdout).strip().splitlines()[-1][:200]
         return json.loads(out.read_text())
@@ -103,10 +88,11 @@ def main() -> None:
     vocab = model.cfg.vocab_size
     run_engine_stats(model, prompts_for(2, args.prompt_tokens, vocab, seed=99), 4)  # warm-up
 
-    rows = []
+    rows, given = [], {}
     for b in batches:
         prompts = (chat_prompts(path, b) if args.chat_prompts
                    else prompts_for(b, args.prompt_tokens, vocab, seed=b))  # fmt: skip
+        given[b] = prompts
         for k in ks:
             tps, _, engine = run_engine_stats(model, prompts, args.new_tokens,
                                               num_speculative_tokens=k)  # fmt: skip
@@ -122,8 +108,8 @@ def main() -> None:
     vllm = {}
     if args.vllm:
         for k in ks:
-            vllm[k] = run_vllm_mtp(args.vllm_python, path, args.dtype, batches, k,
-                                   args.prompt_tokens, args.new_tokens)  # fmt: skip
+            vllm[k] = run_vllm_mtp(args.vllm_python, path, args.dtype, given, k,
+                                   args.new_tokens)  # fmt: skip
             if isinstance(vllm[k], str):
                 print(f"vLLM k {k}: {vllm[k]}")
 
@@ -132,19 +118,25 @@ def main() -> None:
         f"{args.new_tokens} new tokens, {args.dtype}, torch threads {torch.get_num_threads()}"
     )
     print(f"{'batch':>5}{'k':>3}{'ours':>9}{'vs k=0':>8}{'accepted/step':>15}  per position"
-          f"{'':>6}{'vLLM':>9}{'vs k=0':>8}")  # fmt: skip
+          f"{'':>6}{'vLLM':>9}{'vs k=0':>8}  vLLM per position")  # fmt: skip
     base = {b: tps for b, k, tps, _, _ in rows if k == 0}
     for b, k, tps, rates, mean in rows:
-        theirs = vllm.get(k)
-        v = theirs["runs"].get(str(b), {}).get("out_tok_s") if isinstance(theirs, dict) else None
-        v0 = vllm.get(0)
-        v0 = v0["runs"].get(str(b), {}).get("out_tok_s") if isinstance(v0, dict) else None
+        theirs, v0 = vllm_run(vllm.get(k), b), vllm_run(vllm.get(0), b)
+        v, v0 = theirs.get("out_tok_s"), v0.get("out_tok_s")
+        drafts = theirs.get("drafts") or 0
+        v_rates = [round(a / drafts, 2) for a in theirs.get("accepted_per_position", [])][:k]
         ratio = f"{tps / base[b]:.2f}x" if b in base else "-"
         v_ratio = f"{v / v0:.2f}x" if v and v0 else "-"
         print(
             f"{b:>5}{k:>3}{tps:>9.1f}{ratio:>8}{mean:>15.2f}  "
             f"{str([round(r, 2) for r in rates]):<18}{(f'{v:.1f}' if v else '-'):>9}{v_ratio:>8}"
+            f"  {v_rates if drafts else '-'}"
         )
+
+
+def vllm_run(result: dict | str | None, batch: int) -> dict:
+    """One batch size's figures from a vLLM result ({} when it did not run)."""
+    return result["runs"].get(str(batch), {}) if isinstance(result, dict) else {}
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
+import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,7 @@ GRPC_SERVICERS = [
 ]
 HEALTH_SERVICES = ("", "exaone.v1.Generation")
 LOST_REPLICA = (ActorDiedError, ActorUnavailableError)
+log = logging.getLogger(__name__)
 
 
 def model_info(config: ClusterConfig, cfg: ModelConfig, tokenizer: Tokenizer) -> pb.ModelInfo:
@@ -96,15 +100,22 @@ class ExpertGroupDeployment:
     (and takes down with it); attention replicas call the worker directly. The replica's own
     ``forward`` also works (through the worker), so Serve handles reach the group either way."""
 
-    def __init__(self, config: ClusterConfig, group: int):
+    def __init__(self, config: ClusterConfig, group: int,
+                 balancer: DeploymentHandle | None = None):  # fmt: skip
         placement = config.placement(_model_config(config).num_experts)
         e = config.experts
-        args = (config.model_path, group, placement.groups[group], config.dtype,
-                _device(e.num_gpus), e.num_threads or os.cpu_count())  # fmt: skip
+        version, holdings = 0, placement.groups[group]
+        if balancer is not None:  # a replica started after a rebalance loads the current map
+            version, holdings = _off_loop(
+                lambda: balancer.initial_holdings.remote(group).result(timeout_s=60)
+            )
+        args = (config.model_path, group, holdings, config.dtype, _device(e.num_gpus),
+                e.num_threads or os.cpu_count(), e.load_window_s, version)  # fmt: skip
+        ctx = serve.get_replica_context()
+        self.replica, self.group_id = ctx.replica_id.unique_id, group
         if e.transport == "actor":
             from cluster.expert_transport import WORKER_NAMESPACE, worker_name
 
-            ctx = serve.get_replica_context()
             name = worker_name(ctx.app_name, group, ctx.replica_id.unique_id)
             strategy = NodeAffinitySchedulingStrategy(
                 ray.get_runtime_context().get_node_id(), soft=True
@@ -117,6 +128,27 @@ class ExpertGroupDeployment:
             self.group = None
         else:
             self.worker, self.group = None, _load_group(*args)
+        self.balancer = balancer
+        self.reporter = None
+        if balancer is not None:
+            self.reporter = Every(e.balancer.report_interval_s, self._report).start()
+        from cluster.metrics import ExpertMetrics
+
+        self.metrics = ExpertMetrics(group, self.replica)
+        self.metrics_loop = Every(config.metrics_interval_s,
+                                  lambda: self.metrics.update(self.stats())).start()  # fmt: skip
+
+    def _report(self) -> None:
+        """Tell the balancer this replica's load; do what it answers (load or drop experts)."""
+        stats = self.stats()
+        counts = dict(zip(stats.layers, stats.window_counts, strict=True))
+        todo = self.balancer.expert_report.remote(self.replica, self.group_id, stats.map_version,
+                                                  counts).result(timeout_s=30)  # fmt: skip
+        args = (todo.holdings, todo.version, todo.commit)
+        if self.worker is not None:
+            ray.get(self.worker.follow.remote(*args))
+        else:
+            self.group.follow(*args)
 
     def forward(self, layer: int, x, topk_ids):
         """Packed tensors in and out (cluster.expert_transport.pack)."""
@@ -129,6 +161,11 @@ class ExpertGroupDeployment:
             ray.get(self.worker.stats.remote()) if self.worker is not None else self.group.stats()
         )
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What this group's autoscaling policy reads (cluster.autoscaling.ExpertGroupPolicy)."""
+        stats = await self.worker.stats.remote() if self.worker is not None else self.group.stats()
+        return {"tokens_per_s": stats.tokens_per_s, "busy": stats.busy}
+
 
 def worker_options(config: ClusterConfig) -> dict:
     """Resources of an expert replica's worker actor ("actor" transport): the group's CPUs,
@@ -137,11 +174,12 @@ def worker_options(config: ClusterConfig) -> dict:
     return _actor_options(e.num_cpus, e.num_gpus, e.resources)
 
 
-def _load_group(path, group, expert_ids, dtype, device, num_threads):
+def _load_group(path, group, expert_ids, dtype, device, num_threads, window_s, version):
     from replicas.expert_group import ExpertGroup  # torch: only in expert processes
 
     return ExpertGroup(path, group, expert_ids, dtype=dtype, device=device,
-                       num_threads=num_threads)  # fmt: skip
+                       num_threads=num_threads, window_s=window_s,
+                       map_version=version)  # fmt: skip
 
 
 def _forward_packed(group, layer, x, topk_ids):
@@ -167,10 +205,95 @@ class ExpertWorker:
     def stats(self):
         return self.group.stats()
 
+    def follow(self, holdings, version: int, commit: bool) -> None:
+        self.group.follow(holdings, version, commit)
+
+
+@serve.deployment(name="ExpertBalancer")
+class ExpertBalancerDeployment:
+    """The live expert balancer: replicas report their load and map version here and get back
+    what to hold or dispatch with (cluster.rebalancer.Rebalancer has the phases)."""
+
+    def __init__(self, config: ClusterConfig):
+        from cluster.rebalancer import Rebalancer
+        from replicas.placement import ExpertMap
+
+        cfg = _model_config(config)
+        placement = config.placement(cfg.num_experts)
+        self.rebalancer = Rebalancer(ExpertMap.of(placement), tuple(cfg.moe_layers),
+                                     config.experts.balancer.rebalance_config())  # fmt: skip
+        self.lock = threading.Lock()
+        from cluster.metrics import BalancerMetrics
+
+        self.metrics = BalancerMetrics()
+        self.metrics_loop = Every(config.metrics_interval_s, self._update_metrics).start()
+
+    def _update_metrics(self) -> None:
+        with self.lock:
+            r, now = self.rebalancer, time.time()
+            args = (r.measured_imbalance(now), r.published.version, len(r.history))
+        self.metrics.update(*args)
+
+    def initial_holdings(self, group: int):
+        with self.lock:
+            return self.rebalancer.initial_holdings(group)
+
+    def expert_report(self, replica: str, group: int, version: int, counts):
+        with self.lock:
+            return self.rebalancer.expert_report(replica, group, version, counts, time.time())
+
+    def attention_report(self, replica: str, version: int):
+        with self.lock:
+            return self.rebalancer.attention_report(replica, version, time.time())
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            r, now = self.rebalancer, time.time()
+            return {"phase": r.phase, "version": r.published.version,
+                    "imbalance": r.imbalance(now),
+                    "measured_imbalance": r.measured_imbalance(now), "history": list(r.history),
+                    "holdings": {layer: r.published.holdings(layer) for layer in r.moe_layers},
+                    "load": r.load(now)}  # fmt: skip
+
+
+def _off_loop(fn):
+    """``fn()`` in a thread of its own: Serve runs constructors on its user-code event loop,
+    where a blocking handle call (``.result()``) is refused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result()
+
+
+class Every:
+    """Calls ``fn`` every ``interval_s`` seconds in a daemon thread until ``stop``; a failing
+    call is logged and retried at the next tick."""
+
+    def __init__(self, interval_s: float, fn):
+        self.interval_s, self.fn = interval_s, fn
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Every:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            try:
+                self.fn()
+            except Exception:  # noqa: BLE001 - keep reporting; the next tick may work
+                log.warning("periodic %s failed", getattr(self.fn, "__name__", "call"),
+                            exc_info=True)  # fmt: skip
+
+    def stop(self) -> None:
+        self.stopped.set()
+
 
 @serve.deployment(name="AttentionShard")
 class AttentionShardDeployment:
-    def __init__(self, config: ClusterConfig, *expert_groups: DeploymentHandle):
+    def __init__(self, config: ClusterConfig, balancer: DeploymentHandle | None,
+                 *expert_groups: DeploymentHandle):  # fmt: skip
         from cluster.expert_transport import ActorTransport, ServeHandleTransport, worker_prefix
         from replicas.attention_shard import AttentionShard  # torch: only in this replica
         from replicas.draft_policy import DraftPolicyConfig
@@ -213,14 +336,52 @@ class AttentionShardDeployment:
             redis=redis,
             pinned_prefixes=pinned,
         )
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.balancer, self.reporter = balancer, None
+        if balancer is not None and self.shard.dispatcher is not None:
+            self.reporter = Every(x.balancer.report_interval_s, self._report).start()
+        from cluster.metrics import ShardMetrics
+
+        self.metrics, self._slots_seen = ShardMetrics(self.replica), {}
+        self.metrics_loop = Every(config.metrics_interval_s, self._update_metrics).start()
+
+    def _update_metrics(self) -> None:
+        from cluster.metrics import group_imbalance
+
+        engine = self.shard.engine.engine
+        imbalance, dispatcher = None, self.shard.dispatcher
+        if dispatcher is not None:  # slots sent to each group since the last update
+            now = {layer: list(row) for layer, row in list(dispatcher.group_slots.items())}
+            delta = []
+            for layer, row in now.items():
+                before = self._slots_seen.get(layer, [0] * len(row))
+                delta.append([a - b for a, b in zip(row, before, strict=True)])
+            self._slots_seen = now
+            imbalance = group_imbalance(delta) if any(map(any, delta)) else None
+        acceptance = engine.acceptance if engine.config.num_speculative_tokens else None
+        self.metrics.update(self.shard.stats(), acceptance, imbalance)
+
+    def _report(self) -> None:
+        """Tell the balancer which expert map this replica dispatches with; take a newer one
+        (it is used from the next engine step on)."""
+        dispatcher = self.shard.dispatcher
+        published = self.balancer.attention_report.remote(
+            self.replica, dispatcher.version_in_use
+        ).result(timeout_s=30)
+        dispatcher.offer(published)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
         async for out in self.shard.generate(request_id, prompt_ids, params):
             yield out
 
     def stats(self):
-        replica = serve.get_replica_context().replica_id.unique_id
-        return dataclasses.replace(self.shard.stats(), replica=replica)
+        return dataclasses.replace(self.shard.stats(), replica=self.replica)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the attention autoscaling policy reads (cluster.autoscaling.AttentionPolicy)."""
+        s = self.shard.stats()
+        return {"running_seqs": float(s.num_running), "waiting": float(s.num_waiting),
+                "kv_usage": s.num_blocks_in_use / max(s.num_blocks_total, 1)}  # fmt: skip
 
 
 def _prefix_cache(config: ClusterConfig):
@@ -314,13 +475,21 @@ class RouterDeployment:
         )
         self.shard = shard
         self.service = GenerationService(tokenizer, _ShardClient(shard), limits, info)
+        from cluster.metrics import RouterMetrics
+
+        self.metrics = RouterMetrics()
 
     # ---- exaone.v1.Generation ------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext):
         try:
             async for response in self.service.generate(request):
+                if response.HasField("final"):
+                    f = response.final
+                    reason = pb.FinishReason.Name(f.finish_reason).removeprefix("FINISH_REASON_")
+                    self.metrics.finished(reason.lower(), f.usage, f.timings)
                 yield response
         except RequestError as e:
+            self.metrics.failed(e.code.name)
             _set_status(grpc_context, e)
             raise
 
@@ -373,9 +542,14 @@ def _set_status(grpc_context: RayServegRPCContext, error: RequestError) -> None:
 def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:
     config = args if isinstance(args, ClusterConfig) else ClusterConfig.model_validate(args)
     e, a, r = config.engine, config.attention, config.router
-    groups = expert_groups(config)
+    balancer = None
+    if config.experts.num_groups and config.experts.balancer.enabled:
+        balancer = ExpertBalancerDeployment.options(
+            num_replicas=1, ray_actor_options={"num_cpus": 0}
+        ).bind(config)
+    groups = expert_groups(config, balancer)
     shard = AttentionShardDeployment.options(
-        num_replicas=a.num_replicas,
+        **_replicas(a.num_replicas, a.autoscaling),
         request_router_config=RequestRouterConfig(
             request_router_class=PrefixAffinityRouter,
             request_router_kwargs={
@@ -387,7 +561,7 @@ def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:
         ray_actor_options=_actor_options(a.num_cpus, a.num_gpus, a.resources),
         # Admission is the shard's own (RESOURCE_EXHAUSTED with a message); let Serve pass all.
         max_ongoing_requests=e.max_num_seqs + e.max_waiting_requests + 16,
-    ).bind(config, *groups)
+    ).bind(config, balancer, *groups)
     return RouterDeployment.options(
         num_replicas=r.num_replicas,
         ray_actor_options={"num_cpus": 0},
@@ -395,22 +569,29 @@ def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:
     ).bind(config, shard)
 
 
-def expert_groups(config: ClusterConfig) -> list[serve.Application]:
+def expert_groups(config: ClusterConfig, balancer=None) -> list[serve.Application]:
     """The bound ExpertGroup-g deployments of ``config`` (none in colocated mode)."""
     a, x = config.attention, config.experts
     return [
         ExpertGroupDeployment.options(
             name=expert_group_name(g),
-            num_replicas=x.replicas_per_group,
+            **_replicas(x.replicas_per_group, x.autoscaling),
             # With the "actor" transport the worker actor holds the resources, not the replica.
             ray_actor_options=_actor_options(x.num_cpus, x.num_gpus, x.resources)
             if x.transport == "serve"
             else {"num_cpus": 0},
             # Each attention replica keeps num_microbatches calls in flight per group.
             max_ongoing_requests=max(16, 4 * a.num_replicas * a.num_microbatches),
-        ).bind(config, g)
+        ).bind(config, g, balancer)
         for g in range(x.num_groups)
     ]
+
+
+def _replicas(num_replicas: int, autoscaling) -> dict[str, Any]:
+    """A fixed replica count, or Serve autoscaling with our policy starting from it."""
+    if autoscaling.enabled:
+        return {"autoscaling_config": autoscaling.serve_config(num_replicas)}
+    return {"num_replicas": num_replicas}
 
 
 def expert_group_name(group: int) -> str:

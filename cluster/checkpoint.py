@@ -10,6 +10,7 @@ name mapping the loader uses (``replicas.model.checkpoint_sources``).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +112,14 @@ def write_checkpoint(
     max_shard_bytes: int = 2 << 30,
     weights: bool | None = None,
     tokenizer_corpus: list[str] | None = None,
+    hot_experts: Sequence[int] = (),
+    hot_bias: float = 0.5,
 ) -> Path:
     """Write a checkpoint directory; returns its path. ``weights=False`` writes config and
     tokenizer only (the default for weightless presets such as k-exaone);
-    ``tokenizer_corpus``: texts to train the BPE on (default: the built-in synthetic ones)."""
+    ``tokenizer_corpus``: texts to train the BPE on (default: the built-in synthetic ones);
+    ``hot_experts``: experts whose router correction bias gets ``hot_bias`` more in every MoE
+    layer, so most tokens choose them (a skewed load, for the balancer and autoscaling)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     raw = preset_config(preset, overrides)
@@ -133,5 +138,8 @@ def write_checkpoint(
         weights = preset not in WEIGHTLESS_PRESETS
     if weights:
         model = random_model(cfg, seed)
+        for i in cfg.moe_layers:
+            bias = model.model.layers[str(i)].mlp.gate.e_score_correction_bias
+            bias[list(hot_experts)] += hot_bias
         save_sharded(checkpoint_tensors(model, DTYPES[dtype]), out, max_shard_bytes)
     return out

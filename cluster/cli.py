@@ -18,6 +18,7 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
             args.output, preset=args.preset, overrides=overrides, seed=args.seed,
             dtype=args.dtype, max_shard_bytes=int(args.max_shard_mb * (1 << 20)),
             weights=False if args.no_weights else None,
+            hot_experts=[int(e) for e in args.hot_experts.split(",")] if args.hot_experts else (),
         )  # fmt: skip
     except ValueError as e:  # ConfigError and bad --set values
         print(f"error: {e}", file=sys.stderr)
@@ -55,9 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="split weights into files of at most this size, with an index",
     )
     mk.add_argument("--no-weights", action="store_true", help="config and tokenizer only")
+    mk.add_argument(
+        "--hot-experts", metavar="IDS", help="experts most tokens choose (router bias), e.g. 0,1"
+    )
     mk.set_defaults(func=_make_checkpoint)
 
-    from cluster import client_cmd, serve_cmd
+    from cluster import client_cmd, serve_cmd, status_cmd
 
     sv = sub.add_parser("serve", help="start a local Ray cluster serving a model over gRPC")
     serve_cmd.add_arguments(sv)
@@ -68,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="chat with a running server (one message, or turns on stdin)")
     client_cmd.add_arguments(ch, chat=True)
     ch.set_defaults(func=client_cmd.run_chat)
+    st = sub.add_parser("status", help="deployments, replicas, expert placement and load of a "
+                        "running cluster")  # fmt: skip
+    status_cmd.add_arguments(st)
+    st.set_defaults(func=status_cmd.run)
     return parser
 
 

@@ -36,8 +36,66 @@ class EngineOptions(_Strict):
     )
 
 
+class _Autoscaling(_Strict):
+    enabled: bool = Field(False, description="Let Serve scale the replicas with this policy.")
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(4, ge=1)
+    upscale_delay_s: float = Field(5.0, ge=0, description="A scale-up must hold this long.")
+    downscale_delay_s: float = Field(30.0, ge=0, description="A scale-down must hold this long.")
+    # Serve 2.60 deprecates this field but still reads it (the push interval of replica
+    # metrics; the env vars meant to replace it are not read yet), so we set it.
+    metrics_interval_s: float = Field(1.0, gt=0, description="How often replicas report.")
+    look_back_period_s: float = Field(5.0, gt=0, description="Reports averaged over this long.")
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError("look_back_period_s must be longer than metrics_interval_s")
+        return self
+
+    def serve_config(self, initial_replicas: int, policy: str, **kwargs) -> dict:
+        """Serve's ``autoscaling_config`` with our custom policy (cluster.autoscaling)."""
+        return {
+            "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+            "initial_replicas": min(max(initial_replicas, self.min_replicas), self.max_replicas),
+            "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+            "metrics_interval_s": self.metrics_interval_s,
+            "look_back_period_s": self.look_back_period_s,
+            "policy": {"policy_function": f"cluster.autoscaling:{policy}", "policy_kwargs": kwargs},
+        }  # fmt: skip
+
+
+class ExpertAutoscaling(_Autoscaling):
+    target_tokens_per_s: float = Field(
+        2000.0, gt=0, description="Slots per second per MoE layer one expert replica should serve."
+    )
+    target_busy: float = Field(
+        0.7, gt=0, le=1, description="Fraction of time an expert replica should spend computing."
+    )
+
+    def serve_config(self, initial_replicas: int) -> dict:
+        return super().serve_config(initial_replicas, "ExpertGroupPolicy",
+                                    target_tokens_per_s=self.target_tokens_per_s,
+                                    target_busy=self.target_busy)  # fmt: skip
+
+
+class AttentionAutoscaling(_Autoscaling):
+    target_running_seqs: float = Field(32.0, gt=0, description="Running sequences per replica.")
+    target_waiting: float = Field(4.0, gt=0, description="Waiting requests per replica.")
+    target_kv_usage: float = Field(0.8, gt=0, le=1, description="KV-cache use per replica.")
+
+    def serve_config(self, initial_replicas: int) -> dict:
+        return super().serve_config(initial_replicas, "AttentionPolicy",
+                                    target_running_seqs=self.target_running_seqs,
+                                    target_waiting=self.target_waiting,
+                                    target_kv_usage=self.target_kv_usage)  # fmt: skip
+
+
 class AttentionOptions(_Strict):
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1, description="Replicas (the initial count when autoscaled).")
+    autoscaling: AttentionAutoscaling = AttentionAutoscaling()
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per replica.")
     num_gpus: float = Field(
         0, ge=0, description="GPUs per replica (1 on GPU nodes: the model then runs on it)."
@@ -63,11 +121,41 @@ class AttentionOptions(_Strict):
     )
 
 
+class BalancerOptions(_Strict):
+    enabled: bool = Field(
+        False, description="Rebalance experts live: copies of hot experts, moved between groups."
+    )
+    threshold: float = Field(1.2, ge=1, description="Rebalance above this imbalance (max/mean).")
+    min_gain: float = Field(
+        0.05, ge=0, lt=1, description="... if the new map is at least this fraction better."
+    )
+    redundant_slots: int = Field(
+        1, ge=0, description="Expert slots per group and layer beyond an even share (copies)."
+    )
+    min_interval_s: float = Field(30.0, ge=0, description="Time between rebalances at least.")
+    report_interval_s: float = Field(1.0, gt=0, description="How often replicas report load.")
+    stale_s: float = Field(10.0, gt=0, description="A replica silent this long is taken as gone.")
+    min_tokens: int = Field(256, ge=0, description="Reported slots needed to trust the load.")
+
+    def rebalance_config(self):
+        from cluster.rebalancer import RebalanceConfig
+
+        return RebalanceConfig(threshold=self.threshold, min_gain=self.min_gain,
+                               redundant_slots=self.redundant_slots,
+                               min_interval_s=self.min_interval_s, stale_s=self.stale_s,
+                               min_tokens=self.min_tokens)  # fmt: skip
+
+
 class ExpertOptions(_Strict):
     num_groups: int = Field(
         0, ge=0, description="Expert groups; 0 = colocated (attention replicas run the experts)."
     )
-    replicas_per_group: int = Field(1, ge=1)
+    replicas_per_group: int = Field(1, ge=1, description="Replicas (initial, when autoscaled).")
+    autoscaling: ExpertAutoscaling = ExpertAutoscaling()
+    balancer: BalancerOptions = BalancerOptions()
+    load_window_s: float = Field(
+        10.0, gt=0, description="Expert replicas report their token load over this window."
+    )
     expert_map: list[list[int]] | None = Field(
         None,
         description="Expert ids of each group; default: contiguous ranges of equal size.",
@@ -141,6 +229,9 @@ class ClusterConfig(_Strict):
     experts: ExpertOptions = ExpertOptions()
     router: RouterOptions = RouterOptions()
     prefix_cache: PrefixCacheOptions = PrefixCacheOptions()
+    metrics_interval_s: float = Field(
+        2.0, gt=0, description="How often replicas update their gauges (cluster/metrics.py)."
+    )
 
     @model_validator(mode="after")
     def _model_dir_exists(self) -> ClusterConfig:
@@ -155,6 +246,9 @@ class ClusterConfig(_Strict):
                 raise ValueError(f"experts: {e}") from None
         elif self.experts.expert_map is not None:
             raise ValueError("experts.expert_map is set but experts.num_groups is 0")
+        elif self.experts.balancer.enabled or self.experts.autoscaling.enabled:
+            raise ValueError("experts.balancer and experts.autoscaling need expert groups "
+                             "(experts.num_groups > 0)")  # fmt: skip
         mtp = json.loads(config.read_text()).get("num_nextn_predict_layers", 0)
         if self.engine.num_speculative_tokens and not mtp:
             raise ValueError(

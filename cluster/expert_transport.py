@@ -21,6 +21,7 @@ from ray import exceptions as ray_exceptions
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from replicas.expert_group import ExpertNotHeldError
 from replicas.outputs import ReplicaUnavailableError
 from replicas.placement import ExpertPlacement
 
@@ -36,6 +37,9 @@ RETRIABLE = (
     DeploymentUnavailableError,
     BackPressureError,
     TimeoutError,
+    # A replica that does not hold an expert the call's map gives it (it started mid-rebalance
+    # with the newer map): another replica of the group, or this one once prepared, will.
+    ExpertNotHeldError,
 )
 
 
@@ -175,21 +179,42 @@ class ActorTransport:
         self.call_timeout_s, self.refresh_s = call_timeout_s, refresh_s
         self.num_retries = 0
         self._workers: list[list] = [[] for _ in prefixes]
+        self._ready: dict[str, object] = {}  # name -> actor, loaded
+        self._starting: dict[str, tuple] = {}  # name -> (actor, its ready() ref)
         self._next = [0] * len(prefixes)
         self._refreshed = 0.0
 
     def refresh(self) -> None:
+        """Find the groups' workers by name. A worker is named as soon as it is created, before
+        it has loaded its experts: it is used only once its ``ready()`` call has returned
+        (until then calls sent to it would wait behind the loading)."""
         import ray
 
         named = ray.util.list_named_actors(all_namespaces=True)
         names = sorted(a["name"] for a in named if a["namespace"] == WORKER_NAMESPACE)
-        workers: list[list] = [[] for _ in self.prefixes]
-        for g, prefix in enumerate(self.prefixes):
-            for name in names:
-                if name.startswith(prefix):
-                    with contextlib.suppress(ValueError):  # gone since listed
-                        workers[g].append(ray.get_actor(name, namespace=WORKER_NAMESPACE))
-        self._workers = workers
+        pending = {}
+        for name in names:
+            if name in self._ready or not any(name.startswith(p) for p in self.prefixes):
+                continue
+            if name not in self._starting:
+                with contextlib.suppress(ValueError):  # gone since listed
+                    actor = ray.get_actor(name, namespace=WORKER_NAMESPACE)
+                    self._starting[name] = (actor, actor.ready.remote())
+            if name in self._starting:
+                pending[name] = self._starting[name]
+        if pending:
+            refs = [ref for _, ref in pending.values()]
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            done = set(done)
+            for name, (actor, ref) in pending.items():
+                if ref in done:
+                    self._ready[name] = actor
+                    del self._starting[name]
+        live = set(names)
+        self._ready = {n: a for n, a in self._ready.items() if n in live}
+        self._starting = {n: v for n, v in self._starting.items() if n in live}
+        self._workers = [[a for n, a in sorted(self._ready.items()) if n.startswith(prefix)]
+                         for prefix in self.prefixes]  # fmt: skip
         self._refreshed = time.monotonic()
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:

@@ -28,6 +28,8 @@ LOCAL_ENV = {
 class LocalCluster:
     grpc_address: str
     dashboard_url: str | None
+    metrics_url: str | None = None
+    """Prometheus text from this node's Ray metrics agent (ours are prefixed ray_exaone_)."""
 
     def stop(self) -> None:
         import ray
@@ -46,6 +48,7 @@ def start_local(
     dashboard_port: int | None = 8265,
     num_cpus: int | None = None,
     ready_timeout_s: float = 600.0,
+    metrics_port: int | None = None,
 ) -> LocalCluster:
     """Start Ray + Serve + the app; return once the model answers a health check."""
     os.environ.update(LOCAL_ENV)
@@ -63,6 +66,7 @@ def start_local(
         dashboard_host="127.0.0.1",
         dashboard_port=dashboard_port or 8265,
         runtime_env={"worker_process_setup_hook": HOOK},
+        _metrics_export_port=metrics_port,
         logging_level="WARNING",
         log_to_driver=False,
     )
@@ -81,7 +85,8 @@ def start_local(
         ray.shutdown()
         raise
     dashboard = f"http://127.0.0.1:{dashboard_port}" if dashboard_port is not None else None
-    return LocalCluster(address, dashboard)
+    port = next((n.get("MetricsExportPort") for n in ray.nodes() if n.get("Alive")), None)
+    return LocalCluster(address, dashboard, f"http://127.0.0.1:{port}/metrics" if port else None)
 
 
 def wait_serving(address: str, timeout_s: float) -> None:

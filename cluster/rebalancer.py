@@ -119,9 +119,25 @@ class Rebalancer:
         """The published map's imbalance under the current load (1.0 with no load)."""
         return imbalance(self.holdings(self.published), self.load(now))
 
+    def measured_imbalance(self, now: float) -> float:
+        """Imbalance of the slots the groups actually served (their live replicas' windows):
+        sum over layers of the busiest group's slots over the mean group's (1.0: no load)."""
+        groups = self.published.num_groups
+        busiest = mean = 0.0
+        for layer in self.moe_layers:
+            per_group = [0.0] * groups
+            for r in self._live_experts(now):
+                per_group[r.group] += sum(r.counts.get(layer, ()))
+            busiest += max(per_group)
+            mean += sum(per_group) / groups
+        return busiest / mean if mean > 0 else 1.0
+
     def tick(self, now: float) -> None:
         c = self.config
         if self.phase == "idle":
+            reporting = {r.group for r in self._live_experts(now)}
+            if len(reporting) < self.published.num_groups:
+                return  # decide on the whole picture: every group has reported
             load = self.load(now)
             if sum(map(sum, load)) < c.min_tokens or now - self.last_started < c.min_interval_s:
                 return

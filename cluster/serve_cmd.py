@@ -3,39 +3,33 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
-DEFAULT_PRESET = "tiny"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EXAONE_CLUSTER_CACHE", Path.home() / ".cache" / "exaone-cluster"))
+BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled_model"
+"""The trained bundled model (cluster/bundled_model/README.md, made by cluster.train_bundled)."""
 
 
 def default_model() -> Path:
-    """The bundled model: the ``tiny`` checkpoint, built once into the cache directory."""
-    path = cache_dir() / "models" / DEFAULT_PRESET
-    if not (path / "config.json").is_file():
-        from cluster.checkpoint import write_checkpoint
-
-        print(f"building the {DEFAULT_PRESET} checkpoint once into {path} ...", flush=True)
-        tmp = path.with_name(path.name + ".partial")
-        write_checkpoint(tmp, preset=DEFAULT_PRESET, seed=0, dtype="float32")
-        tmp.rename(path)
-    return path
+    """The bundled model's directory; an error that says what to do when it is missing."""
+    if not (BUNDLED_MODEL / "config.json").is_file():
+        raise OSError(
+            f"the bundled model is missing from {BUNDLED_MODEL}: restore it from git, train one "
+            "there (python -m cluster.train_bundled DIR), or pass --model DIR"
+        )
+    return BUNDLED_MODEL
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint directory (default: the bundled tiny model)")
+    p.add_argument("--model", help="checkpoint directory (default: cluster/bundled_model)")
     p.add_argument("--config", help="ClusterConfig YAML/JSON file (--model overrides model_path)")
     p.add_argument("--grpc-port", type=int, default=9000)
     p.add_argument("--http-port", type=int, default=8000, help="Ray Serve's HTTP proxy port")
     p.add_argument("--dashboard-port", type=int, default=8265)
     p.add_argument("--no-dashboard", action="store_true")
+    p.add_argument("--metrics-port", type=int, help="Ray's Prometheus metrics port (default: any)")
     p.add_argument("--num-cpus", type=int, help="CPUs Ray may use (default: all)")
     p.add_argument("--expert-groups", type=int, help="expert groups (0: colocated, the default)")
     p.add_argument("--expert-replicas", type=int, help="replicas per expert group")
@@ -127,6 +121,7 @@ def _serve(args: argparse.Namespace, config) -> int:
             http_port=args.http_port,
             dashboard_port=None if args.no_dashboard else args.dashboard_port,
             num_cpus=args.num_cpus,
+            metrics_port=args.metrics_port,
         )
     except KeyboardInterrupt:
         print("interrupted while starting", file=sys.stderr)
@@ -145,6 +140,8 @@ def _serve(args: argparse.Namespace, config) -> int:
         print(f"serving {config.name} over gRPC at {cluster.grpc_address} ({mode})", flush=True)
         if cluster.dashboard_url:
             print(f"Ray dashboard: {cluster.dashboard_url} (token: ~/.ray/auth_token)", flush=True)
+        if cluster.metrics_url:
+            print(f"Prometheus metrics: {cluster.metrics_url}", flush=True)
         print("Ctrl-C or SIGTERM stops the server", flush=True)
         while not stop.wait(0.5):
             pass

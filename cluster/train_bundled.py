@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -37,6 +39,8 @@ BUNDLED = {
     "moe_intermediate_size": 64, "num_experts": 16, "num_experts_per_tok": 2,
     "sliding_window": 64, "max_position_embeddings": 2048,
 }  # fmt: skip
+SAVE_SECONDS = 15.0
+"""Kept back from the time budget for writing the checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -81,12 +85,18 @@ def losses(model: ExaoneMoeForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor
     return lm, mtp
 
 
-def learning_rate(step: int, total: int, config: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to a tenth."""
+def learning_rate(step: int, progress: float, config: TrainConfig) -> float:
+    """Linear warm-up over the first steps, then cosine decay to a tenth as ``progress``
+    (the fraction of the step or time budget spent, whichever is further) goes 0 -> 1."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    done = min(1.0, (step - config.warmup_steps) / max(total - config.warmup_steps, 1))
+    done = min(1.0, max(progress, 0.0))
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
+
+
+def machine() -> str:
+    """Where the training ran, for the model card."""
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}"
 
 
 def train(out_dir: str | Path, config: TrainConfig = TrainConfig(),
@@ -94,6 +104,7 @@ def train(out_dir: str | Path, config: TrainConfig = TrainConfig(),
     """Write the tokenizer and config, train, save bf16 weights and ``training.json`` (the
     loss curve) into ``out_dir`` -> the training summary."""
     out = Path(out_dir)
+    began = time.monotonic()  # the budget covers corpus, tokenizer and saving too
     torch.manual_seed(config.seed)
     texts = [render(m, t) for m, t in chats(config.num_chats, seed=config.seed)]
     write_checkpoint(out, "tiny", overrides=config.model, seed=config.seed, weights=False,
@@ -104,14 +115,16 @@ def train(out_dir: str | Path, config: TrainConfig = TrainConfig(),
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
     stream = token_stream(tok, texts, config.seed)
-    deadline = time.monotonic() + 60 * config.minutes
+    started = time.monotonic()
+    loop_seconds = 60 * config.minutes - (started - began) - SAVE_SECONDS
     total = config.max_steps or 10**9
-    curve, step, started = [], 0, time.monotonic()
-    while step < total and time.monotonic() < deadline:
+    curve, step = [], 0
+    while step < total and (elapsed := time.monotonic() - started) < loop_seconds:
         ids = next_batch(stream, config.batch, config.seq_len)
         lm, mtp = losses(model, ids)
+        progress = max(step / total, elapsed / loop_seconds)
         for group in opt.param_groups:
-            group["lr"] = learning_rate(step, total if config.max_steps else 900, config)
+            group["lr"] = learning_rate(step, progress, config)
         opt.zero_grad(set_to_none=True)
         (lm + config.mtp_weight * mtp).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -125,7 +138,7 @@ def train(out_dir: str | Path, config: TrainConfig = TrainConfig(),
     save_sharded(checkpoint_tensors(model, torch.bfloat16), out, 2 << 30)
     summary = {
         "config": asdict(config), "steps": step, "tokens": step * config.batch * config.seq_len,
-        "seconds": round(time.monotonic() - started, 1), "curve": curve,
+        "seconds": round(time.monotonic() - began, 1), "machine": machine(), "curve": curve,
     }  # fmt: skip
     (out / "training.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -75,8 +75,8 @@ class AttentionShard:
         self.resident_bytes = resident_bytes(model)
         self.experts = experts
         self.num_requests_total = 0
-        dispatcher = None if experts is None else ExpertDispatcher(experts)
-        engine = LLMEngine(model, engine_config, experts=dispatcher, redis=redis)
+        self.dispatcher = None if experts is None else ExpertDispatcher(experts)
+        engine = LLMEngine(model, engine_config, experts=self.dispatcher, redis=redis)
         for ids in pinned_prefixes:
             engine.pin_prefix(ids)
         self.engine = AsyncEngine(engine)

@@ -103,6 +103,8 @@ class ExpertDispatcher:
         self._pending: ExpertMap | None = None
         self._in_step = False
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.group_slots: dict[int, list[int]] = {}
+        """{MoE layer: slots sent to each group since start} (for the imbalance metric)."""
 
     def set_map(self, expert_map: ExpertMap) -> None:
         """Use ``expert_map`` from the next step on (thread-safe: one reference swap)."""
@@ -110,6 +112,13 @@ class ExpertDispatcher:
             raise ValueError(f"expert map has {expert_map.num_groups} groups, not "
                              f"{self.map.num_groups}")  # fmt: skip
         self._pending = expert_map
+
+    def offer(self, expert_map: ExpertMap) -> None:
+        """``set_map`` if ``expert_map`` is newer than the one in use or pending."""
+        pending = self._pending
+        newest = max(self.map.version, pending.version if pending is not None else -1)
+        if expert_map.version > newest:
+            self.set_map(expert_map)
 
     def begin_step(self) -> None:
         """Adopt a map given to ``set_map`` (called between engine steps)."""
@@ -156,6 +165,9 @@ class ExpertDispatcher:
     def submit(self, call: ExpertCall) -> PendingCombine:
         topk_ids = call.routing.topk_ids  # [N, K]
         owner = self.owners(call.layer, topk_ids)  # [N, K]
+        sent = torch.bincount(owner.flatten().cpu(), minlength=self.map.num_groups).tolist()
+        total = self.group_slots.setdefault(call.layer, [0] * self.map.num_groups)
+        self.group_slots[call.layer] = [a + b for a, b in zip(total, sent, strict=True)]
         parts = []
         for g in torch.unique(owner).tolist():
             mine = owner == g  # [N, K]

@@ -136,7 +136,7 @@ class ExpertGroup:
                 with self._lock:
                     self.stack.replace_experts(layer, merged)
         with self._lock:
-            self.map_version = max(self.map_version, version)
+            self.map_version = version
         return time.monotonic() - started
 
     def commit(self, holdings: Mapping[int, Sequence[int]]) -> None:
@@ -147,6 +147,16 @@ class ExpertGroup:
                 kept = RoutedExperts.gather(self.cfg, ids, [mine])
                 with self._lock:
                     self.stack.replace_experts(layer, kept)
+
+    def follow(self, holdings: Mapping[int, Sequence[int]], version: int, commit: bool) -> None:
+        """Do what the balancer says (cluster.rebalancer.ExpertInstruction): load what
+        ``holdings`` adds, and with ``commit`` drop the rest."""
+        held = self.stack.holdings()
+        lacking = any(not set(ids) <= set(held.get(layer, ())) for layer, ids in holdings.items())
+        if lacking or version != self.map_version:
+            self.prepare(holdings, version)
+        if commit:
+            self.commit(holdings)
 
     def holdings(self) -> dict[int, tuple[int, ...]]:
         return self.stack.holdings()

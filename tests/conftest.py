@@ -13,18 +13,19 @@ from cluster.checkpoint import write_checkpoint
 
 @pytest.fixture(scope="session")
 def make_ckpt(tmp_path_factory):
-    """Factory: make_ckpt(preset="tiny", dtype="float32", seed=0, **config_overrides) -> Path.
+    """Factory: make_ckpt(preset="tiny", dtype="float32", seed=0, hot_experts=(),
+    **config_overrides) -> Path.
     Identical requests share one directory."""
     cache: dict[str, Path] = {}
 
     def make(preset: str = "tiny", dtype: str = "float32", seed: int = 0, shard_mb: float = 2048,
-             **overrides) -> Path:  # fmt: skip
-        key = json.dumps([preset, dtype, seed, shard_mb, overrides], sort_keys=True)
+             hot_experts: tuple[int, ...] = (), **overrides) -> Path:  # fmt: skip
+        key = json.dumps([preset, dtype, seed, shard_mb, hot_experts, overrides], sort_keys=True)
         if key not in cache:
             out = tmp_path_factory.mktemp(f"ckpt-{preset}")
             cache[key] = write_checkpoint(
                 out, preset=preset, overrides=overrides, seed=seed, dtype=dtype,
-                max_shard_bytes=int(shard_mb * (1 << 20)),
+                max_shard_bytes=int(shard_mb * (1 << 20)), hot_experts=hot_experts,
             )  # fmt: skip
         return cache[key]
 

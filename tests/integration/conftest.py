@@ -66,6 +66,27 @@ def listening_addresses(pids: set[int]) -> list[tuple[int, str, int]]:
     return out
 
 
+def colocated_reference(
+    ckpt, seed: int, num_prompts: int, max_len: int, new_tokens: int, max_model_len: int = 384
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Random prompts (3..max_len tokens) and the colocated engine's greedy outputs for them,
+    computed in this process: what every disaggregated run must reproduce."""
+    import torch
+
+    from replicas.engine import EngineConfig, LLMEngine
+    from replicas.model import ExaoneMoeForCausalLM
+    from replicas.sampling_params import SamplingParams
+
+    model = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=32, block_size=8,
+                                           max_model_len=max_model_len))  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 1000, (int(n),), generator=g).tolist()
+               for n in torch.randint(3, max_len, (num_prompts,), generator=g)]  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    return prompts, engine.generate(prompts, params)
+
+
 @pytest.fixture(scope="session")
 def served_ckpt(make_ckpt):
     return make_ckpt(dtype="float32")

@@ -28,7 +28,7 @@ from replicas.model import ExaoneMoeForCausalLM
 from replicas.model_config import ModelConfig
 from replicas.sampling_params import SamplingParams
 from router.client import Completion, GenerationClient
-from tests.integration.conftest import free_port
+from tests.integration.conftest import colocated_reference, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -73,13 +73,8 @@ def cluster(served_ckpt):
 @pytest.fixture(scope="module")
 def reference(served_ckpt):
     """Greedy outputs of the colocated engine, in this process."""
-    model = ExaoneMoeForCausalLM.from_pretrained(served_ckpt, dtype=torch.float32)
-    engine = LLMEngine(model, EngineConfig(max_num_seqs=32, block_size=8, max_model_len=384))
-    g = torch.Generator().manual_seed(7)
-    ps = [torch.randint(3, 1000, (int(k),), generator=g).tolist()
-          for k in torch.randint(3, 60, (16,), generator=g)]  # fmt: skip
-    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    return ps, engine.generate(ps, params)
+    return colocated_reference(served_ckpt, seed=7, num_prompts=16, max_len=60,
+                               new_tokens=NEW_TOKENS)  # fmt: skip
 
 
 class _Streams:

@@ -1,5 +1,6 @@
-"""`exaone-cluster serve` as a newcomer runs it: builds the bundled model once, prints the address
-when ready, serves, and stops cleanly (exit 0, no Ray process left) on SIGTERM."""
+"""`exaone-cluster serve` as a newcomer runs it: serves the bundled (trained) model, prints the
+address when ready, answers a first chat question with readable text, and stops cleanly (exit 0,
+no Ray process left) on SIGTERM."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def _wait_for(q: queue.Queue, needle: str, timeout_s: float, seen: list[str]) ->
     [([], "colocated"), (["--expert-groups", "2"], "2 expert groups x 1 replica")],
     ids=["colocated", "expert-groups-2"],
 )
-def test_serve_builds_default_model_serves_and_stops_on_sigterm(tmp_path, extra, mode):
+def test_serve_bundled_model_answers_and_stops_on_sigterm(tmp_path, extra, mode):
     """On 2 CPUs, as on a laptop; with --expert-groups 2 the experts run in their own replicas
     (fractional CPUs)."""
     port = free_port()
@@ -67,13 +68,17 @@ def test_serve_builds_default_model_serves_and_stops_on_sigterm(tmp_path, extra,
         lines = _lines(proc)
         ready = _wait_for(lines, "serving", 400, seen)
         assert f"127.0.0.1:{port}" in ready and f"({mode})" in ready
-        assert any("building the tiny checkpoint" in line for line in seen)
-        assert (Path(tmp_path) / "models" / "tiny" / "config.json").is_file()
+        assert any("bundled_model" in line for line in seen), "".join(seen)
         assert any("prefix cache: local + redis-server at 127.0.0.1:" in line for line in seen)
         with GenerationClient(f"127.0.0.1:{port}", timeout_s=120) as client:
             assert client.health() == "SERVING"
             result = client.generate("Hello", max_tokens=5, temperature=0.0, ignore_eos=True)
             assert len(result.token_ids) == 5
+            # A newcomer's first chat question gets a readable, right answer.
+            question = {"role": "user", "content": "What is the capital of Japan?"}
+            answer = client.generate(messages=[question], max_tokens=64, temperature=0.0)
+            assert answer.content.strip() == "The capital of Japan is Tokyo.", answer
+            assert "Japan" in answer.reasoning and answer.finish_reason == "stop", answer
             # The same system prompt twice: the second request resumes after it.
             system = {"role": "system", "content": "You answer in one word. " * 12}
             usage = [

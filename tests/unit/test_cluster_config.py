@@ -100,3 +100,33 @@ def test_speculative_tokens_from_the_file_or_the_flag(ckpt, make_ckpt):
     no_mtp = str(make_ckpt(dtype="float32", num_nextn_predict_layers=0))
     with pytest.raises(ValidationError, match="needs an MTP block"):
         ClusterConfig(model_path=no_mtp, engine={"num_speculative_tokens": 1})
+
+
+def test_autoscaling_gives_serve_our_policies_with_their_targets(make_ckpt):
+    from ray.serve.config import AutoscalingConfig
+
+    from cluster.app import build_app, expert_groups
+
+    config = ClusterConfig(
+        model_path=str(make_ckpt("tiny")),
+        attention={"num_replicas": 2, "autoscaling": {"enabled": True, "max_replicas": 3,
+                                                      "target_running_seqs": 8}},
+        experts={"num_groups": 2, "replicas_per_group": 1, "autoscaling": {
+            "enabled": True, "min_replicas": 1, "max_replicas": 4, "target_tokens_per_s": 500,
+            "upscale_delay_s": 2, "downscale_delay_s": 20}},
+    )  # fmt: skip
+    for d in (g._bound_deployment for g in expert_groups(config)):
+        scaling = d._deployment_config.autoscaling_config
+        assert isinstance(scaling, AutoscalingConfig)
+        assert (scaling.min_replicas, scaling.max_replicas, scaling.initial_replicas) == (1, 4, 1)
+        assert (scaling.upscale_delay_s, scaling.downscale_delay_s) == (2, 20)
+        assert scaling.policy.policy_function == "cluster.autoscaling:ExpertGroupPolicy"
+        assert scaling.policy.policy_kwargs == {"target_tokens_per_s": 500, "target_busy": 0.7}
+    shard = build_app(config)._bound_deployment.init_args[1]._bound_deployment
+    scaling = shard._deployment_config.autoscaling_config
+    assert (scaling.initial_replicas, scaling.max_replicas) == (2, 3)
+    assert scaling.policy.policy_function == "cluster.autoscaling:AttentionPolicy"
+    assert scaling.policy.policy_kwargs["target_running_seqs"] == 8
+    with pytest.raises(ValidationError, match="min_replicas=3 > max_replicas=2"):
+        ClusterConfig(model_path=str(make_ckpt("tiny")),
+                      experts={"autoscaling": {"min_replicas": 3, "max_replicas": 2}})  # fmt: skip

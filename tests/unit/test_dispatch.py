@@ -298,3 +298,20 @@ def test_rebalanced_groups_with_copies_give_colocated_outputs(ckpt, colocated, a
     for group in groups:  # both copies of the hot expert served slots
         stats = group.stats()
         assert stats.num_tokens_per_expert[stats.expert_ids.index(0)] > 0
+
+
+def test_expert_group_follows_the_balancers_instructions(ckpt, colocated):
+    cfg = colocated.cfg
+    first, second = cfg.moe_layers[0], cfg.moe_layers[1]
+    group = ExpertGroup(ckpt, 0, [0, 1, 2, 3])
+    target = {first: (0, 1, 4), second: (0, 1, 2, 3)}
+    group.follow(target, version=1, commit=False)  # prepare: load expert 4, keep 2 and 3
+    assert group.holdings()[first] == (0, 1, 2, 3, 4) and group.stats().map_version == 1
+    want = colocated.model.layers[str(first)].mlp.experts.w13[[0, 1, 2, 3, 4]]
+    assert torch.equal(group.stack.experts(first).w13, want)
+    group.follow(target, version=1, commit=True)  # commit: drop 2 and 3 in the first layer
+    assert group.holdings() == {**{layer: (0, 1, 2, 3) for layer in cfg.moe_layers}, **target}
+    assert torch.equal(group.stack.experts(first).w13, want[[0, 1, 4]])
+    none = cfg.num_experts
+    with pytest.raises(ExpertNotHeldError):
+        group.forward(first, torch.randn(1, cfg.hidden_size), torch.tensor([[2, none]]))

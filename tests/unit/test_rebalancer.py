@@ -27,21 +27,25 @@ def test_no_rebalance_without_enough_load_or_when_balanced():
     r = _rebalancer()
     r.expert_report("a", 0, 0, _hot(scale=10), now=0.0)  # 88 slots: below min_tokens
     assert r.phase == "idle"
-    r.expert_report("a", 0, 0, _even(), now=1.0)
-    r.expert_report("b", 1, 0, _even(), now=1.0)
-    assert r.phase == "idle" and r.imbalance(1.0) == 1.0
+    r.expert_report("a", 0, 0, {layer: [100] * 4 + [0] * 4 for layer in LAYERS}, now=1.0)
+    r.expert_report("b", 1, 0, {layer: [0] * 4 + [100] * 4 for layer in LAYERS}, now=1.0)
+    assert r.phase == "idle" and r.imbalance(1.0) == 1.0 and r.measured_imbalance(1.0) == 1.0
+    r.expert_report("c", 1, 0, {1: [0] * 4 + [50] * 4}, now=2.0)  # a second replica of group 1
+    assert abs(r.measured_imbalance(2.0) - (600 + 400) / (500 + 400)) < 1e-9
+    assert r.phase == "idle"  # 1.11 is under the threshold
 
 
 def test_a_skewed_load_goes_through_prepare_and_switch_to_a_balanced_map():
     r = _rebalancer()
-    assert r.expert_report("a", 0, 0, {}, now=0.0).commit  # idle: hold the published map
-    first = r.expert_report("a", 0, 0, _hot(), now=0.1)
+    assert r.expert_report("a", 0, 0, _hot(), now=0.0).commit  # idle: hold the published map
+    assert r.phase == "idle"  # group 1 has not reported: no decision on half the picture
+    first = r.expert_report("b", 1, 0, {}, now=0.1)
     assert r.phase == "prepare" and r.target.version == 1
     assert (first.version, first.commit) == (1, False)
     assert r.history[0]["imbalance_before"] > 1.9 and r.history[0]["imbalance_predicted"] < 1.1
     # Prepare: each group is told to load its share of the target, keeping what it has.
     b = r.expert_report("b", 1, 0, {}, now=1.0)
-    assert (b.version, b.commit) == (1, False)
+    assert b == first
     assert all(0 in ids and 1 in ids for ids in b.holdings.values())  # copies of the hot pair
     assert r.attention_report("x", 0, now=1.0).version == 0  # not published yet
     r.attention_report("y", 0, now=1.0)
@@ -60,12 +64,16 @@ def test_a_skewed_load_goes_through_prepare_and_switch_to_a_balanced_map():
     done = r.expert_report("a", 0, 1, _hot(), now=4.5)
     assert done.commit and done.holdings == r.published.group_holdings(0, LAYERS)
     assert r.imbalance(4.5) < 1.1
+    for replica, group in (("a", 0), ("b", 1)):  # each group now serves half the hot slots
+        r.expert_report(replica, group, 1, {layer: [50, 50, 1, 1, 1, 1, 1, 1] for layer in LAYERS},
+                        now=5.0)  # fmt: skip
+    assert r.measured_imbalance(5.0) == 1.0
 
 
 def test_gone_replicas_are_not_waited_for_and_rebalances_are_spaced():
     r = _rebalancer()
-    r.expert_report("a", 0, 0, _hot(), now=0.0)
     r.expert_report("gone", 1, 0, {}, now=0.0)
+    r.expert_report("a", 0, 0, _hot(), now=0.0)
     r.attention_report("dead", 0, now=0.0)
     assert r.phase == "prepare"
     r.expert_report("a", 0, 1, _hot(), now=20.0)  # "gone" last reported 20 s ago
@@ -77,6 +85,7 @@ def test_gone_replicas_are_not_waited_for_and_rebalances_are_spaced():
     only_in_0 = [e for e in r.published.holdings(1)[0] if e not in r.published.holdings(1)[1]]
     moved = {layer: [100 if e in only_in_0[:2] else 1 for e in range(8)] for layer in LAYERS}
     r.experts.clear()
+    r.expert_report("b", 1, 1, {}, now=25.0)
     r.expert_report("a", 0, 1, moved, now=25.0)
     assert r.imbalance(25.0) > CONFIG.threshold and r.phase == "idle"
     r.expert_report("a", 0, 1, moved, now=31.0)

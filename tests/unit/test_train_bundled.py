@@ -6,7 +6,8 @@ import json
 
 import torch
 
-from cluster.train_bundled import BUNDLED, TrainConfig, train
+from cluster import model_card
+from cluster.train_bundled import BUNDLED, TrainConfig, learning_rate, train
 from replicas.engine import EngineConfig, LLMEngine
 from replicas.model import ExaoneMoeForCausalLM
 from replicas.model_config import ModelConfig
@@ -19,7 +20,7 @@ SMALL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hi
          "sliding_window": 16, "max_position_embeddings": 512}  # fmt: skip
 
 
-def test_training_lowers_both_losses_and_writes_a_servable_checkpoint(tmp_path):
+def test_training_lowers_both_losses_and_writes_a_servable_checkpoint_with_a_card(tmp_path):
     config = TrainConfig(max_steps=40, batch=4, seq_len=64, lr=3e-3, warmup_steps=5,
                          num_chats=400, model=SMALL)  # fmt: skip
     summary = train(tmp_path, config, log=lambda line: None)
@@ -39,6 +40,27 @@ def test_training_lowers_both_losses_and_writes_a_servable_checkpoint(tmp_path):
                                            num_speculative_tokens=2))  # fmt: skip
     [ids] = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8))
     assert ids and all(0 <= t < 512 for t in ids)
+
+    evaluation = model_card.write(tmp_path, num_chats=8)
+    assert evaluation["turns"] == 9  # 8 chats, one of them the two-turn weather chat
+    assert sum(f["turns"] for f in evaluation["families"].values()) == 9
+    assert 0 <= evaluation["correct"] <= 9 and len(evaluation["acceptance_per_position"]) == 3
+    assert evaluation["drafted"] > 0 and 0 <= evaluation["accepted"] <= evaluation["drafted"]
+    text = (tmp_path / "README.md").read_text()
+    assert "40 steps" in text and f"**{evaluation['correct']}/9**" in text
+    assert json.loads((tmp_path / "eval.json").read_text()) == evaluation
+    assert (tmp_path / "loss.svg").read_text().count("<polyline") == 2
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth_with_progress():
+    config = TrainConfig(lr=1.0, warmup_steps=10)
+    assert learning_rate(0, 0.0, config) == 0.1 and learning_rate(9, 0.0, config) == 1.0
+    assert learning_rate(10, 0.0, config) == 1.0
+    assert abs(learning_rate(500, 0.5, config) - 0.55) < 1e-9
+    assert abs(learning_rate(900, 1.0, config) - 0.1) < 1e-9
+    assert learning_rate(901, 1.7, config) == learning_rate(900, 1.0, config)
+    rates = [learning_rate(10 + i, i / 100, config) for i in range(101)]
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
 
 
 def test_the_bundled_model_fits_25_mb_in_bf16():

@@ -1,0 +1,131 @@
+"""``exaone-cluster status``: what a running cluster is doing, from its Ray cluster: deployments
+and replica counts, each expert replica's experts and load, the balancer's map and imbalance.
+
+``collect`` talks to Ray; ``render`` (pure) turns what it found into the text printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default="auto", help="Ray cluster address (default: the local)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
+    out, ids = [], sorted(ids)
+    start = prev = None
+    for e in [*ids, None]:
+        if e is not None and prev is not None and e == prev + 1:
+            prev = e
+            continue
+        if start is not None:
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        start = prev = e
+    return ",".join(out)
+
+
+def _expert_stats(app: str, deployment: str, group: int) -> list[dict[str, Any]]:
+    """Every replica's stats: from the workers (actor transport) or, failing that, a few calls
+    through the deployment handle (each reaches some replica)."""
+    import ray
+    from ray import serve
+
+    from cluster.expert_transport import WORKER_NAMESPACE, worker_prefix
+
+    prefix = worker_prefix(app, group)
+    named = ray.util.list_named_actors(all_namespaces=True)
+    workers = [a["name"] for a in named
+               if a["namespace"] == WORKER_NAMESPACE and a["name"].startswith(prefix)]  # fmt: skip
+    found = {}
+    for name in workers:
+        try:
+            stats = ray.get(ray.get_actor(name, WORKER_NAMESPACE).stats.remote(), timeout=10)
+            found[name.removeprefix(prefix)] = stats
+        except Exception:  # noqa: BLE001 - a replica going away while we look
+            continue
+    if not workers:
+        handle = serve.get_deployment_handle(deployment, app)
+        for i in range(8):
+            found[f"call-{i}"] = handle.stats.remote().result(timeout_s=10)
+    return [
+        {"replica": r, "experts": list(s.expert_ids), "tokens_per_s": round(s.tokens_per_s, 1),
+         "busy": round(s.busy, 3), "ready_s": round(s.ready_s, 2), "map_version": s.map_version}
+        for r, s in sorted(found.items())
+    ]  # fmt: skip
+
+
+def _name(value) -> str:
+    """An enum member's value (Serve's statuses are str enums), else str()."""
+    return str(getattr(value, "value", value))
+
+
+def collect() -> dict[str, Any]:
+    """Every Serve application's deployments, expert replicas and balancer state."""
+    from ray import serve
+
+    out: dict[str, Any] = {"applications": {}}
+    for app, status in serve.status().applications.items():
+        deployments = {}
+        for name, d in status.deployments.items():
+            entry: dict[str, Any] = {"status": _name(d.status),
+                                     "replicas": {_name(k): n for k, n in
+                                                  d.replica_states.items()}}  # fmt: skip
+            if name.startswith("ExpertGroup-"):
+                entry["expert_replicas"] = _expert_stats(app, name, int(name.split("-")[1]))
+            if name == "ExpertBalancer":
+                entry["balancer"] = (
+                    serve.get_deployment_handle(name, app).status.remote().result(timeout_s=10)
+                )
+            deployments[name] = entry
+        out["applications"][app] = {"status": _name(status.status), "deployments": deployments}
+    return out
+
+
+def render(found: dict[str, Any]) -> str:
+    lines = []
+    for app, a in found["applications"].items():
+        lines.append(f"application {app}: {a['status']}")
+        for name, d in a["deployments"].items():
+            counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(d["replicas"].items()))
+            lines.append(f"  {name:<16} {d['status']:<10} replicas: {counts or 'none'}")
+            for r in d.get("expert_replicas", []):
+                lines.append(
+                    f"    {r['replica'][:12]:<12} experts {_ranges(r['experts']):<20} "
+                    f"{r['tokens_per_s']:>8.1f} tok/s  busy {r['busy']:.0%}  "
+                    f"ready in {r['ready_s']:.1f} s  map v{r['map_version']}"
+                )
+            if (b := d.get("balancer")) is not None:
+                lines.append(
+                    f"    map v{b['version']} ({b['phase']}), imbalance measured "
+                    f"{b['measured_imbalance']:.2f}, predicted {b['imbalance']:.2f}, "
+                    f"{len(b['history'])} rebalance(s)"
+                )
+                for layer, holdings in b["holdings"].items():
+                    groups = "  ".join(f"g{g}: {_ranges(list(ids))}"
+                                       for g, ids in enumerate(holdings))  # fmt: skip
+                    lines.append(f"      layer {layer}: {groups}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+
+    try:
+        ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, RuntimeError) as e:
+        print(f"error: no Ray cluster at {args.address!r} ({e}); is `exaone-cluster serve` "
+              "running?", file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        found = collect()
+    finally:
+        ray.shutdown()
+    print(json.dumps(found, indent=1, default=str) if args.json else render(found))
+    return 0

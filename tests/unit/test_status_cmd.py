@@ -1,0 +1,31 @@
+"""``exaone-cluster status``'s rendering (cluster/status_cmd.py); the integration tier runs it
+against a live cluster."""
+
+from __future__ import annotations
+
+from cluster.status_cmd import _ranges, render
+
+
+def test_expert_ids_print_as_ranges():
+    assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert _ranges([3]) == "3" and _ranges([]) == ""
+
+
+def test_render_lists_deployments_replicas_placement_and_load():
+    found = {"applications": {"exaone": {"status": "RUNNING", "deployments": {
+        "AttentionShard": {"status": "HEALTHY", "replicas": {"RUNNING": 2}},
+        "ExpertGroup-0": {"status": "UPSCALING", "replicas": {"RUNNING": 1, "STARTING": 1},
+                          "expert_replicas": [{"replica": "abc", "experts": [0, 1, 2, 3],
+                                               "tokens_per_s": 812.5, "busy": 0.43,
+                                               "ready_s": 1.25, "map_version": 2}]},
+        "ExpertBalancer": {"status": "HEALTHY", "replicas": {"RUNNING": 1}, "balancer": {
+            "version": 2, "phase": "idle", "measured_imbalance": 1.04, "imbalance": 1.01,
+            "history": [{}, {}], "holdings": {1: [[0, 1, 2], [0, 3]]}}},
+    }}}}  # fmt: skip
+    text = render(found)
+    assert "application exaone: RUNNING" in text
+    assert "AttentionShard   HEALTHY    replicas: 2 running" in text
+    assert "replicas: 1 running, 1 starting" in text
+    assert "experts 0-3" in text and "812.5 tok/s" in text and "busy 43%" in text
+    assert "map v2 (idle), imbalance measured 1.04, predicted 1.01, 2 rebalance(s)" in text
+    assert "layer 1: g0: 0-2  g1: 0,3" in text
