@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--groups", type=int, default=2)
     ap.add_argument("--max-replicas", type=int, default=3)
-    ap.add_argument("--target-tokens-per-s", type=float, default=200.0)
+    ap.add_argument("--target-tokens-per-s", type=float, default=60.0)
     ap.add_argument("--ramp", default="1,4,16", help="concurrent streams per stage")
     ap.add_argument("--stage-s", type=float, default=30.0)
     ap.add_argument("--cooldown-s", type=float, default=30.0)

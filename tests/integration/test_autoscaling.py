@@ -2,9 +2,10 @@
 
 The checkpoint's router bias sends most tokens to experts 0 and 1, both in ExpertGroup-0. Two
 applications share the cluster:
-- "exaone" autoscales its expert groups: under heavy traffic ExpertGroup-0 scales up (its custom
-  Serve policy reads the replicas' tokens/s and busy time) while ExpertGroup-1 stays at its
-  minimum; under a trickle it scales back down.
+- "exaone" autoscales its expert groups and its attention replicas: under heavy traffic
+  ExpertGroup-0 scales up (its custom Serve policy reads the replicas' tokens/s and busy time)
+  while ExpertGroup-1 stays at its minimum, and AttentionShard scales up on running sequences;
+  under a trickle both scale back down.
 - "balanced" runs the live balancer: it copies the hot experts into both groups while traffic
   flows, and the load the groups serve evens out.
 Every request streamed meanwhile, across the scale-up, the scale-down and the rebalance,
@@ -42,14 +43,16 @@ def skewed_ckpt(make_ckpt):
     return make_ckpt(dtype="float32", hot_experts=HOT)
 
 
-def _config(ckpt, metrics_interval_s: float = 2.0, **experts) -> ClusterConfig:
+def _config(ckpt, metrics_interval_s: float = 2.0, attention_scaling=None,
+            **experts) -> ClusterConfig:  # fmt: skip
     return ClusterConfig(
         model_path=str(ckpt),
         metrics_interval_s=metrics_interval_s,
         engine={"max_num_seqs": 32, "max_num_batched_tokens": 128, "block_size": 8,
                 "kv_cache_bytes": 32 << 20, "max_model_len": 256},
         prefix_cache={"enabled": False},
-        attention={"num_replicas": 1, "num_cpus": 0.5, "num_threads": 1},
+        attention={"num_replicas": 1, "num_cpus": 0.5, "num_threads": 1,
+                   "autoscaling": attention_scaling or {}},
         experts={"num_groups": 2, "replicas_per_group": 1, "num_cpus": 0.25, "num_threads": 1,
                  "load_window_s": 3.0, **experts},
     )  # fmt: skip
@@ -65,7 +68,11 @@ def cluster(skewed_ckpt):
                 "min_tokens": 64}  # fmt: skip
     # Ray's own config name (case matters): export metrics every second, not every ten.
     os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112
-    local = start_local(_config(skewed_ckpt, autoscaling=scaling, metrics_interval_s=0.5),
+    # Attention replicas scale on running sequences: 16 streams want 2, a trickle 1.
+    attention = {**{k: v for k, v in scaling.items() if not k.startswith("target_")},
+                 "target_running_seqs": 8.0}  # fmt: skip
+    local = start_local(_config(skewed_ckpt, autoscaling=scaling, metrics_interval_s=0.5,
+                                attention_scaling=attention),
                         grpc_port=free_port(), http_port=free_port(), dashboard_port=None,
                         num_cpus=8, ready_timeout_s=300, metrics_port=free_port())  # fmt: skip
     try:
@@ -144,13 +151,16 @@ def _scaling_state(deployment: str) -> str:
 
 
 def test_the_hot_group_scales_up_under_load_and_back_down_after(cluster, reference):
+    """So does the attention deployment, on its own signal (running sequences)."""
     hot, cold = expert_group_name(0), expert_group_name(1)
-    assert (_running(hot), _running(cold)) == (1, 1)
+    assert (_running(hot), _running(cold), _running("AttentionShard")) == (1, 1, 1)
     heavy = _Traffic(cluster.grpc_address, reference, streams=16, application=APP_NAME)
     try:
         _wait(lambda: _running(hot) == 2, 120, "ExpertGroup-0 scaling up",
               lambda: f"{_scaling_state(hot)}, {heavy.done} done {heavy.failures[:2]}")  # fmt: skip
-        # The new replica serves: requests keep succeeding with the same outputs.
+        _wait(lambda: _running("AttentionShard") == 2, 120, "AttentionShard scaling up",
+              lambda: _scaling_state("AttentionShard"))  # fmt: skip
+        # The new replicas serve: requests keep succeeding with the same outputs.
         served_before = heavy.done
         _wait(lambda: heavy.done >= served_before + 16, 120, "requests after the scale-up")
         assert _running(cold) == 1  # the cold group's load never asked for more
@@ -162,6 +172,8 @@ def test_the_hot_group_scales_up_under_load_and_back_down_after(cluster, referen
     try:
         _wait(lambda: _running(hot) == 1, 120, "ExpertGroup-0 scaling back down",
               lambda: _scaling_state(hot))  # fmt: skip
+        _wait(lambda: _running("AttentionShard") == 1, 120, "AttentionShard scaling back down",
+              lambda: _scaling_state("AttentionShard"))  # fmt: skip
     finally:
         trickle.stop()
     assert trickle.done > 0 and not trickle.failures, trickle.failures[:5]
