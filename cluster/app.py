@@ -220,8 +220,9 @@ class ExpertBalancerDeployment:
 
         cfg = _model_config(config)
         placement = config.placement(cfg.num_experts)
-        self.rebalancer = Rebalancer(ExpertMap.of(placement), tuple(cfg.moe_layers),
-                                     config.experts.balancer.rebalance_config())  # fmt: skip
+        self.rebalancer = Rebalancer.starting(ExpertMap.of(placement), cfg.moe_layers,
+                                              config.experts.balancer.rebalance_config(),
+                                              epoch=int(time.time()))  # fmt: skip
         self.lock = threading.Lock()
         from cluster.metrics import BalancerMetrics
 
@@ -231,7 +232,8 @@ class ExpertBalancerDeployment:
     def _update_metrics(self) -> None:
         with self.lock:
             r, now = self.rebalancer, time.time()
-            args = (r.measured_imbalance(now), r.published.version, len(r.history))
+            rebalances = sum(h.get("reason") != "start" for h in r.history)
+            args = (r.measured_imbalance(now), r.published.version, rebalances)
         self.metrics.update(*args)
 
     def initial_holdings(self, group: int):

@@ -20,6 +20,8 @@ Phases of one rebalance (``ExpertMap.version`` v -> v + 1):
 
 A replica that has not reported for ``stale_s`` is taken for gone (Serve replaced or removed it)
 and no longer waited for. A new expert replica loads its group's share of the published map.
+A balancer that restarts (``Rebalancer.starting``) numbers its maps above its predecessor's and
+first walks the cluster back to the initial map through the same phases.
 """
 
 from __future__ import annotations
@@ -75,6 +77,18 @@ class Rebalancer:
     attention: dict[str, tuple[int, float]] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     """One entry per rebalance: versions, times and imbalance before/predicted."""
+
+    @classmethod
+    def starting(cls, initial: ExpertMap, moe_layers: Sequence[int], config: RebalanceConfig,
+                 epoch: int) -> Rebalancer:  # fmt: skip
+        """A balancer that may be replacing one that died: replicas may hold a later map than
+        ``initial``. Its maps are numbered from ``epoch`` (seconds since 1970 at start, above
+        any version an earlier balancer reached), and it begins by moving the cluster back to
+        ``initial`` the safe way (prepare, then switch, then commit) instead of telling expert
+        replicas to drop what attention replicas may still dispatch to."""
+        first = ExpertMap(initial.num_experts, initial.default, initial.layers, epoch)
+        return cls(first, tuple(moe_layers), config, phase="prepare", target=first,
+                   history=[{"version": epoch, "started": None, "reason": "start"}])  # fmt: skip
 
     # ---- reports --------------------------------------------------------------------------------
     def expert_report(

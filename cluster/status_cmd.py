@@ -105,7 +105,7 @@ def render(found: dict[str, Any]) -> str:
                 lines.append(
                     f"    map v{b['version']} ({b['phase']}), imbalance measured "
                     f"{b['measured_imbalance']:.2f}, predicted {b['imbalance']:.2f}, "
-                    f"{len(b['history'])} rebalance(s)"
+                    f"{sum(h.get('reason') != 'start' for h in b['history'])} rebalance(s)"
                 )
                 for layer, holdings in b["holdings"].items():
                     groups = "  ".join(f"g{g}: {_ranges(list(ids))}"

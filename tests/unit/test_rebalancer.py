@@ -95,3 +95,25 @@ def test_gone_replicas_are_not_waited_for_and_rebalances_are_spaced():
 def test_a_new_replica_loads_the_published_map():
     r = _rebalancer()
     assert r.initial_holdings(1) == (0, {1: (4, 5, 6, 7), 2: (4, 5, 6, 7)})
+
+
+def test_a_restarted_balancer_walks_the_cluster_back_safely():
+    """Replicas still hold and dispatch with version 7 (from a balancer that died); the new one
+    numbers its maps from its epoch and prepares before anyone drops an expert."""
+    initial = ExpertMap.of(ExpertPlacement.contiguous(8, 2))
+    r = Rebalancer.starting(initial, LAYERS, CONFIG, epoch=1_000)
+    assert (r.phase, r.published.version, r.target.version) == ("prepare", 1_000, 1_000)
+    assert r.initial_holdings(0) == (1_000, {1: (0, 1, 2, 3), 2: (0, 1, 2, 3)})
+    a = r.expert_report("a", 0, 7, _hot(), now=0.0)
+    assert (a.version, a.commit) == (1_000, False)  # load the initial map's experts, keep all
+    r.attention_report("x", 7, now=0.0)
+    r.expert_report("b", 1, 7, {}, now=0.1)
+    assert r.phase == "prepare"
+    r.expert_report("a", 0, 1_000, _hot(), now=1.0)
+    r.expert_report("b", 1, 1_000, {}, now=1.0)
+    assert r.phase == "switch"
+    assert r.attention_report("x", 7, now=1.5).version == 1_000  # x adopts it (a newer one)
+    assert not r.expert_report("a", 0, 1_000, _hot(), now=1.6).commit  # x may still use v7
+    r.attention_report("x", 1_000, now=2.0)
+    assert r.phase == "idle" and r.expert_report("a", 0, 1_000, {}, now=2.1).commit
+    assert r.history == [{"version": 1_000, "started": None, "reason": "start", "switched": 2.0}]
