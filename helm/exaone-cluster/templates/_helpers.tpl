@@ -1,0 +1,116 @@
+{{/* Names and labels. */}}
+{{- define "exaone.fullname" -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "exaone.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "exaone.selector" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* The Redis password Secret's name and key. */}}
+{{- define "exaone.redisSecret" -}}
+{{- default (printf "%s-redis" (include "exaone.fullname" .)) .Values.redis.password.existingSecret -}}
+{{- end -}}
+
+{{/* The prefix cache's Redis URL (no password: pods read it from the Secret). */}}
+{{- define "exaone.redisUrl" -}}
+{{- if .Values.redis.enabled -}}
+{{- printf "redis://%s-redis:6379/0" (include "exaone.fullname" .) -}}
+{{- else -}}
+{{- .Values.redis.externalUrl -}}
+{{- end -}}
+{{- end -}}
+
+{{/* ClusterConfig for build_app: the values' config with model_path and the Redis URL. */}}
+{{- define "exaone.clusterConfig" -}}
+{{- $config := deepCopy .Values.config -}}
+{{- $_ := set $config "model_path" .Values.model.mountPath -}}
+{{- $url := include "exaone.redisUrl" . -}}
+{{- if $url -}}
+{{- $prefix := default (dict) $config.prefix_cache -}}
+{{- $_ := set $prefix "redis_url" $url -}}
+{{- $_ := set $config "prefix_cache" $prefix -}}
+{{- end -}}
+{{- toYaml $config -}}
+{{- end -}}
+
+{{/* Volumes and mounts shared by every Ray pod: the model, read-only. */}}
+{{- define "exaone.modelVolume" -}}
+- name: model
+{{- if .Values.model.pvc.existingClaim }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.model.pvc.existingClaim }}
+    readOnly: true
+{{- else if .Values.model.pvc.create }}
+  persistentVolumeClaim:
+    claimName: {{ include "exaone.fullname" . }}-model
+    readOnly: true
+{{- else if .Values.model.hostPath }}
+  hostPath:
+    path: {{ .Values.model.hostPath }}
+    type: Directory
+{{- else }}
+  emptyDir: {}
+{{- end }}
+{{- end -}}
+
+{{/* The weights fetch hook: an init container writing into the model volume. */}}
+{{- define "exaone.fetchInit" -}}
+{{- if .Values.model.fetch.enabled }}
+initContainers:
+  - name: fetch-model
+    image: {{ .Values.model.fetch.image }}
+    command:
+      {{- toYaml .Values.model.fetch.command | nindent 6 }}
+    env:
+      - name: MODEL_DIR
+        value: {{ .Values.model.mountPath }}
+      {{- with .Values.model.fetch.env }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
+    volumeMounts:
+      - name: model
+        mountPath: {{ .Values.model.mountPath }}
+    securityContext:
+      allowPrivilegeEscalation: false
+      capabilities:
+        drop: [ALL]
+{{- end }}
+{{- end -}}
+
+{{/* A Ray container: image, env (Redis password), model mount, security. */}}
+{{- define "exaone.rayContainer" -}}
+image: "{{ .root.Values.image.repository }}:{{ .root.Values.image.tag }}"
+imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+env:
+  - name: EXAONE_REDIS_PASSWORD
+    valueFrom:
+      secretKeyRef:
+        name: {{ include "exaone.redisSecret" .root }}
+        key: {{ .root.Values.redis.password.key }}
+        optional: true
+volumeMounts:
+  - name: model
+    mountPath: {{ .root.Values.model.mountPath }}
+    readOnly: true
+securityContext:
+  allowPrivilegeEscalation: false
+  capabilities:
+    drop: [ALL]
+resources:
+  {{- $resources := deepCopy .group.resources }}
+  {{- if .gpus }}
+  {{- $_ := set $resources.limits "nvidia.com/gpu" (int .gpus) }}
+  {{- $_ := set $resources.requests "nvidia.com/gpu" (int .gpus) }}
+  {{- end }}
+  {{- toYaml $resources | nindent 2 }}
+{{- end -}}

@@ -1,0 +1,157 @@
+"""The Helm chart (helm/exaone-cluster), without a cluster: strict lint, offline render with the
+defaults and the CI values files, every Kubernetes object validated strictly, the RayService
+against KubeRay's CRD schema, the Serve arguments against ClusterConfig, and values.schema.json
+refusing bad values. helm-python-sdk (Helm's Go SDK, no binary) and kubernetes-validate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from cluster.config import ClusterConfig
+from cluster.helm_schema import values_schema
+from cluster.serve_cmd import BUNDLED_MODEL
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "exaone-cluster"
+KUBERAY = ROOT.parent / "shared" / "schemas" / "kuberay" / "rayservice-ray.io-v1.json"
+VALUES_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
+KUBE_VERSION = "1.30.0"
+
+
+def _render(values: dict) -> list[dict]:
+    chart = helm.Chart.load(CHART)
+    try:
+        out = chart.render(values, name="demo", namespace="llm", is_install=True)
+    finally:
+        chart.close()
+    docs = []
+    for path, text in out.items():
+        if path.endswith(".yaml"):
+            docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def _values(path: Path | None) -> dict:
+    return yaml.safe_load(path.read_text()) if path else {}
+
+
+def test_lint_is_clean_in_strict_mode():
+    result = helm.lint(CHART, strict=True, kube_version=KUBE_VERSION)
+    assert not result["errors"], result
+    assert [m for m in result["messages"] if m["severity"] > 1] == [], result["messages"]
+    for path in VALUES_FILES:
+        assert not helm.lint(CHART, _values(path), strict=True)["errors"], path.name
+
+
+def test_the_committed_schema_is_the_generated_one():
+    assert json.loads((CHART / "values.schema.json").read_text()) == values_schema()
+
+
+@pytest.mark.parametrize(
+    "values_file", [None, *VALUES_FILES], ids=lambda p: p.stem if p else "defaults"
+)
+def test_renders_and_every_object_validates(values_file):
+    docs = _render(_values(values_file))
+    kinds = sorted(d["kind"] for d in docs)
+    assert "RayService" in kinds and kinds.count("Service") >= 2, kinds
+    crd = json.loads(KUBERAY.read_text())
+    for doc in docs:
+        if doc["kind"] == "RayService":
+            errors = [e.message for e in jsonschema.Draft7Validator(crd).iter_errors(doc)]
+            assert not errors, errors
+            serve = yaml.safe_load(doc["spec"]["serveConfigV2"])
+            [app] = serve["applications"]
+            assert app["import_path"] == "cluster.app:build_app"
+            assert serve["grpc_options"]["grpc_servicer_functions"]
+            config = _parse_cluster_config(app["args"])
+            groups = {
+                g["groupName"]: g for g in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+            }
+            assert set(groups) == {"attention", "experts"}
+            assert "attention_shard" in groups["attention"]["rayStartParams"]["resources"]
+            assert config.attention.resources.keys() <= {"attention_shard"}
+        elif doc["kind"] == "ServiceMonitor":  # the Prometheus Operator's CRD: no schema here
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["spec"]["endpoints"]
+        else:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def _parse_cluster_config(args: dict) -> ClusterConfig:
+    """ClusterConfig as build_app parses the arguments. model_path (a mount in the pods) is
+    pointed at the bundled checkpoint, so the checks that read the checkpoint run too."""
+    return ClusterConfig.model_validate({**args, "model_path": str(BUNDLED_MODEL)})
+
+
+def test_serve_arguments_are_the_values_config_plus_what_the_chart_sets():
+    [rs] = [d for d in _render({}) if d["kind"] == "RayService"]
+    args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert args["model_path"] == defaults["model"]["mountPath"]
+    assert args["prefix_cache"]["redis_url"] == "redis://demo-exaone-cluster-redis:6379/0"
+    assert args["experts"] == defaults["config"]["experts"]
+    config = _parse_cluster_config(args)
+    assert config.experts.num_groups == 4 and config.dtype == "bfloat16"
+    [ext] = [p for p in VALUES_FILES if "external" in p.name]
+    [rs] = [d for d in _render(_values(ext)) if d["kind"] == "RayService"]
+    args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["prefix_cache"]["redis_url"] == "redis://redis.cache.svc.cluster.local:6379/2"
+    assert not [d for d in _render(_values(ext)) if d["kind"] == "StatefulSet"]
+
+
+@pytest.mark.parametrize("bad,where", [
+    ({"attentionWorkers": {"replicas": -1}}, "replicas"),
+    ({"expertWorkers": {"maxReplicas": 0}}, "maxReplicas"),
+    ({"grpc": {"port": "9000"}}, "port"),
+    ({"unknownKey": 1}, "unknownKey"),
+    ({"config": {"experts": {"num_groups": -2}}}, "num_groups"),
+    ({"config": {"engine": {"max_num_seqs": "many"}}}, "max_num_seqs"),
+    ({"config": {"engine": {"no_such_option": 1}}}, "no_such_option"),
+    ({"redis": {"maxmemoryPolicy": "random"}}, "maxmemoryPolicy"),
+])  # fmt: skip
+def test_the_values_schema_rejects_bad_values(bad, where):
+    with pytest.raises(helm.HelmError) as failure:
+        _render(bad)
+    assert where in str(failure.value)
+
+
+def test_the_options_render_what_they_promise():
+    [prod] = [p for p in VALUES_FILES if "production" in p.name]
+    docs = _render(_values(prod))
+    by_kind: dict[str, list[dict]] = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    [rs] = by_kind["RayService"]
+    ft = rs["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"].endswith(":6379")
+    assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == {
+        "name": "gcs-redis",
+        "key": "password",
+    }
+    assert len(by_kind["NetworkPolicy"]) == 2 and len(by_kind["PodDisruptionBudget"]) == 2
+    [grpc_only] = [p for p in by_kind["NetworkPolicy"] if p["metadata"]["name"].endswith("-grpc")]
+    assert grpc_only["spec"]["ingress"] == [{"ports": [{"port": 9000, "protocol": "TCP"}]}]
+    assert by_kind["ServiceMonitor"][0]["metadata"]["labels"]["release"] == "prometheus"
+    workers = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert all(w["template"]["spec"]["tolerations"] for w in workers)
+    gpu = workers[0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert gpu == 1
+    # The fetch hook: an init container with the model volume read-write, Ray read-only.
+    [ext] = [p for p in VALUES_FILES if "external" in p.name]
+    [rs] = [d for d in _render(_values(ext)) if d["kind"] == "RayService"]
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    [init] = head["initContainers"]
+    assert init["volumeMounts"][0].get("readOnly") is None and init["command"][0] == "/s5cmd"
+    assert head["containers"][0]["volumeMounts"][0]["readOnly"] is True
+    assert head["volumes"][0]["persistentVolumeClaim"]["claimName"] == "demo-exaone-cluster-model"
+    # Defaults: none of the optional objects, and a gRPC proxy on the head.
+    kinds = {d["kind"] for d in _render({})}
+    assert not kinds & {"NetworkPolicy", "ServiceMonitor", "PersistentVolumeClaim"}
+    with pytest.raises(helm.HelmError, match="redisAddress is required"):
+        _render({"gcsFaultTolerance": {"enabled": True}})
