@@ -9,6 +9,8 @@ from pathlib import Path
 
 import grpc
 
+CHAT_MAX_TOKENS = 1024
+
 
 def add_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
     p.add_argument("--address", default="127.0.0.1:9000", help="gRPC address HOST:PORT")
@@ -21,7 +23,11 @@ def add_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
     else:
         p.add_argument("prompt", nargs="?", help="prompt text")
         p.add_argument("--token-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
-    p.add_argument("--max-tokens", type=int)
+    if chat:  # a reply with its reasoning block needs more than the API's default of 16
+        p.add_argument("--max-tokens", type=int, default=CHAT_MAX_TOKENS,
+                       help=f"tokens to generate at most (default {CHAT_MAX_TOKENS})")  # fmt: skip
+    else:
+        p.add_argument("--max-tokens", type=int, help="tokens to generate at most (default 16)")
     for name in ("temperature", "top-p", "min-p", "presence-penalty", "frequency-penalty",
                  "repetition-penalty"):  # fmt: skip
         p.add_argument(f"--{name}", type=float)
