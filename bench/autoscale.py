@@ -29,11 +29,11 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from cluster.app import expert_group_name  # noqa: E402
+from cluster.balancer import busiest_over_mean  # noqa: E402
 from cluster.checkpoint import write_checkpoint  # noqa: E402
 from cluster.config import ClusterConfig  # noqa: E402
 from cluster.expert_transport import WORKER_NAMESPACE, worker_prefix  # noqa: E402
 from cluster.local import APP_NAME, start_local  # noqa: E402
-from cluster.metrics import group_imbalance  # noqa: E402
 from cluster.redis_server import free_port  # noqa: E402
 from router.client import GenerationClient  # noqa: E402
 
@@ -95,7 +95,7 @@ def expert_state(num_groups: int) -> tuple[list[int], float]:
                 continue
             for layer, row in zip(s.layers, s.window_counts, strict=True):
                 per_layer.setdefault(layer, [0.0] * num_groups)[g] += sum(row)
-    return replicas, group_imbalance(list(per_layer.values()))
+    return replicas, busiest_over_mean(per_layer.values())
 
 
 def run(ckpt: Path, args, balancer: bool) -> list[dict]:

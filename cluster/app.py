@@ -348,7 +348,7 @@ class AttentionShardDeployment:
         self.metrics_loop = Every(config.metrics_interval_s, self._update_metrics).start()
 
     def _update_metrics(self) -> None:
-        from cluster.metrics import group_imbalance
+        from cluster.balancer import busiest_over_mean
 
         engine = self.shard.engine.engine
         imbalance, dispatcher = None, self.shard.dispatcher
@@ -359,7 +359,7 @@ class AttentionShardDeployment:
                 before = self._slots_seen.get(layer, [0] * len(row))
                 delta.append([a - b for a, b in zip(row, before, strict=True)])
             self._slots_seen = now
-            imbalance = group_imbalance(delta) if any(map(any, delta)) else None
+            imbalance = busiest_over_mean(delta) if any(map(any, delta)) else None
         acceptance = engine.acceptance if engine.config.num_speculative_tokens else None
         self.metrics.update(self.shard.stats(), acceptance, imbalance)
 

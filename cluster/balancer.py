@@ -18,7 +18,7 @@ mean group's tokens (1.0 = perfectly even).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 Holdings = tuple[tuple[int, ...], ...]
 """One MoE layer: ``holdings[g]`` = the sorted expert ids group g holds."""
@@ -96,15 +96,22 @@ def group_loads(holdings: Holdings, load: Sequence[float]) -> list[float]:
     return [sum(load[e] / copies[e] for e in ids) for ids in holdings]
 
 
-def imbalance(layers: Sequence[Holdings], load: Sequence[Sequence[float]]) -> float:
-    """Sum over layers of the busiest group's tokens / sum of the mean group's (>= 1; 1.0 when
-    there is no load)."""
+def busiest_over_mean(per_layer: Iterable[Sequence[float]]) -> float:
+    """[L][G] tokens per MoE layer and group -> sum over layers of the busiest group's over the
+    sum of the mean group's (>= 1; 1.0 when there is no load)."""
     busiest = mean = 0.0
-    for holdings, layer_load in zip(layers, load, strict=True):
-        per_group = group_loads(holdings, layer_load)
-        busiest += max(per_group)
-        mean += sum(per_group) / len(per_group)
+    for per_group in per_layer:
+        if per_group:
+            busiest += max(per_group)
+            mean += sum(per_group) / len(per_group)
     return busiest / mean if mean > 0 else 1.0
+
+
+def imbalance(layers: Sequence[Holdings], load: Sequence[Sequence[float]]) -> float:
+    """``busiest_over_mean`` of the groups' loads when every expert's tokens split evenly over
+    its copies."""
+    pairs = zip(layers, load, strict=True)
+    return busiest_over_mean(group_loads(holdings, layer_load) for holdings, layer_load in pairs)
 
 
 def balance(load: Sequence[Sequence[float]], num_groups: int,

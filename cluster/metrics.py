@@ -15,8 +15,6 @@ Each deployment owns one recorder, created in its replica process:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from ray.util.metrics import Counter, Gauge, Histogram
 
 LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
@@ -144,10 +142,3 @@ class BalancerMetrics:
         self.imbalance.set(measured_imbalance)
         self.version.set(version)
         self._totals.add(self.rebalances, num_rebalances, {})
-
-
-def group_imbalance(counts: Sequence[Sequence[int]]) -> float:
-    """[L][G] slots per MoE layer and group -> sum of the busiest group's over the mean's."""
-    busiest = sum(max(row) for row in counts if row)
-    mean = sum(sum(row) / len(row) for row in counts if row)
-    return busiest / mean if mean > 0 else 1.0

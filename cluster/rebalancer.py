@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from cluster.balancer import balance, imbalance
+from cluster.balancer import balance, busiest_over_mean, imbalance
 from replicas.placement import ExpertMap, Holdings
 
 
@@ -136,15 +136,14 @@ class Rebalancer:
     def measured_imbalance(self, now: float) -> float:
         """Imbalance of the slots the groups actually served (their live replicas' windows):
         sum over layers of the busiest group's slots over the mean group's (1.0: no load)."""
-        groups = self.published.num_groups
-        busiest = mean = 0.0
+        live = self._live_experts(now)
+        per_layer = []
         for layer in self.moe_layers:
-            per_group = [0.0] * groups
-            for r in self._live_experts(now):
+            per_group = [0.0] * self.published.num_groups
+            for r in live:
                 per_group[r.group] += sum(r.counts.get(layer, ()))
-            busiest += max(per_group)
-            mean += sum(per_group) / groups
-        return busiest / mean if mean > 0 else 1.0
+            per_layer.append(per_group)
+        return busiest_over_mean(per_layer)
 
     def tick(self, now: float) -> None:
         c = self.config
