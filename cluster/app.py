@@ -110,7 +110,8 @@ class ExpertGroupDeployment:
                 lambda: balancer.initial_holdings.remote(group).result(timeout_s=60)
             )
         args = (config.model_path, group, holdings, config.dtype, _device(e.num_gpus),
-                e.num_threads or os.cpu_count(), e.load_window_s, version)  # fmt: skip
+                e.num_threads or os.cpu_count(), e.load_window_s, version,
+                config.kernels)  # fmt: skip
         ctx = serve.get_replica_context()
         self.replica, self.group_id = ctx.replica_id.unique_id, group
         if e.transport == "actor":
@@ -174,12 +175,13 @@ def worker_options(config: ClusterConfig) -> dict:
     return _actor_options(e.num_cpus, e.num_gpus, e.resources)
 
 
-def _load_group(path, group, expert_ids, dtype, device, num_threads, window_s, version):
+def _load_group(path, group, expert_ids, dtype, device, num_threads, window_s, version,
+                kernels):  # fmt: skip
     from replicas.expert_group import ExpertGroup  # torch: only in expert processes
 
     return ExpertGroup(path, group, expert_ids, dtype=dtype, device=device,
                        num_threads=num_threads, window_s=window_s,
-                       map_version=version)  # fmt: skip
+                       map_version=version, kernels=kernels)  # fmt: skip
 
 
 def _forward_packed(group, layer, x, topk_ids):
@@ -329,6 +331,7 @@ class AttentionShardDeployment:
                     if e.adaptive_drafting and e.num_speculative_tokens
                     else None
                 ),
+                kernels=config.kernels,
             ),
             dtype=config.dtype,
             max_waiting_requests=e.max_waiting_requests,

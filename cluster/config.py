@@ -224,6 +224,12 @@ class ClusterConfig(_Strict):
     model_path: str = Field(description="Local checkpoint directory (Hugging Face layout).")
     model_id: str | None = Field(None, description="Name reported by GetModelInfo.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    kernels: Literal["auto", "torch", "triton", "vllm"] = Field(
+        "auto",
+        description="Kernels for the routed experts and attention: torch (reference; our C "
+        "kernels on CPU), triton (ours, CUDA), vllm (vLLM's fused MoE and attention, CUDA, the "
+        "gpu extra), auto (CUDA: vllm if installed, else triton; CPU: torch). Logged at start.",
+    )
     engine: EngineOptions = EngineOptions()
     attention: AttentionOptions = AttentionOptions()
     experts: ExpertOptions = ExpertOptions()

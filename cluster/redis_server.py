@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -34,8 +35,30 @@ def find_redis_server() -> str | None:
     return path if path and Path(path).is_file() else None
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free loopback port for a server started next. Picked at random below the ephemeral
+    range: a port the OS handed out (bind to 0) could be handed out again to anyone (a Ray
+    worker, a client socket) before our server binds it, which made Serve's proxy fail to bind
+    now and then; the OS never hands out ports below the range on its own."""
+    low = _ephemeral_low()
+    pick = random.SystemRandom()
+    for _ in range(200):
+        port = pick.randrange(min(10000, low // 2), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every try was taken: let the OS choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

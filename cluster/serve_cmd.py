@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-replicas", type=int, help="attention replicas")
     p.add_argument("--speculative-tokens", type=int,
                    help="MTP draft tokens per sequence and step (0: off, the default)")  # fmt: skip
+    p.add_argument("--kernels", choices=["auto", "torch", "triton", "vllm"],
+                   help="expert and attention kernels (default auto: CUDA vllm > triton, "
+                   "CPU torch)")  # fmt: skip
 
 
 def with_overrides(config, args: argparse.Namespace):
@@ -50,6 +53,8 @@ def with_overrides(config, args: argparse.Namespace):
         value = getattr(args, flag, None)
         if value is not None:
             data[section][field] = value
+    if getattr(args, "kernels", None) is not None:
+        data["kernels"] = args.kernels
     return type(config).model_validate(data)
 
 

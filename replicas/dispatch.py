@@ -103,8 +103,12 @@ class ExpertDispatcher:
         self._pending: ExpertMap | None = None
         self._in_step = False
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.group_slots: dict[int, list[int]] = {}
+        self._slot_counts: dict[int, torch.Tensor] = {}  # on the activations' device: no sync
+
+    @property
+    def group_slots(self) -> dict[int, list[int]]:
         """{MoE layer: slots sent to each group since start} (for the imbalance metric)."""
+        return {layer: counts.tolist() for layer, counts in list(self._slot_counts.items())}
 
     def set_map(self, expert_map: ExpertMap) -> None:
         """Use ``expert_map`` from the next step on (thread-safe: one reference swap)."""
@@ -165,9 +169,9 @@ class ExpertDispatcher:
     def submit(self, call: ExpertCall) -> PendingCombine:
         topk_ids = call.routing.topk_ids  # [N, K]
         owner = self.owners(call.layer, topk_ids)  # [N, K]
-        sent = torch.bincount(owner.flatten().cpu(), minlength=self.map.num_groups).tolist()
-        total = self.group_slots.setdefault(call.layer, [0] * self.map.num_groups)
-        self.group_slots[call.layer] = [a + b for a, b in zip(total, sent, strict=True)]
+        sent = torch.bincount(owner.flatten(), minlength=self.map.num_groups)  # [G]
+        total = self._slot_counts.get(call.layer)
+        self._slot_counts[call.layer] = sent if total is None else total + sent  # a new tensor
         parts = []
         for g in torch.unique(owner).tolist():
             mine = owner == g  # [N, K]

@@ -9,12 +9,14 @@ Stop strings need text, so they are handled by the caller that detokenizes
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from replicas import kernel_backend
 from replicas.dispatch import ExpertDispatcher, run_microbatches, split_balanced
 from replicas.draft_policy import AcceptanceTracker, DraftPolicy, DraftPolicyConfig
 from replicas.kv_cache import HybridKVCache, SeqChunk, kv_footprint
@@ -27,6 +29,8 @@ from replicas.request import Request
 from replicas.sampler import SamplingBatch, make_generator, sample
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,9 @@ class EngineConfig:
     """Adaptive draft length (replicas.draft_policy): each step drafts the k <= its
     max_draft_tokens with the best expected tokens/s for the batch, pausing when drafting does
     not pay (large batches, low acceptance). None: always num_speculative_tokens."""
+    kernels: str = "torch"
+    """Kernels for the routed experts and attention: auto, torch, triton or vllm
+    (replicas.kernel_backend; the choice is logged when the engine starts)."""
 
     def __post_init__(self):
         if self.num_speculative_tokens < 0:
@@ -104,9 +111,13 @@ class LLMEngine:
         self.spec_tokens = config.num_speculative_tokens
         if self.spec_tokens and model.mtp is None:
             raise ValueError("speculative decoding needs the model's MTP block (include_mtp)")
+        self.kernels = kernel_backend.choose(config.kernels, self.device)
+        logger.info("engine kernels: %s (%s)", self.kernels.name, self.kernels.reason)
+        kernel_backend.apply(model, self.kernels.name)
         self.cache = HybridKVCache(
             cfg, num_blocks, config.block_size, config.max_num_seqs, dtype, self.device, pool,
             include_mtp=bool(self.spec_tokens), spec_tokens=self.spec_tokens,
+            kernels=self.kernels.name,
         )  # fmt: skip
         self.prefix = None
         if config.prefix_cache is not None:

@@ -11,6 +11,7 @@ the old map may still arrive); ``commit`` drops those the map no longer gives it
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -19,9 +20,12 @@ from pathlib import Path
 
 import torch
 
+from replicas import kernel_backend
 from replicas.expert_load import LoadWindow
 from replicas.model import ExpertStack, RoutedExperts
 from replicas.weights import DTYPES, resident_bytes
+
+logger = logging.getLogger(__name__)
 
 
 class ExpertNotHeldError(RuntimeError):
@@ -65,7 +69,9 @@ class ExpertGroup:
         num_threads: int | None = None,
         window_s: float = 30.0,
         map_version: int = 0,
+        kernels: str = "torch",
     ):
+        """``kernels``: auto, torch, triton or vllm (replicas.kernel_backend), logged."""
         started = time.monotonic()
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
@@ -77,6 +83,10 @@ class ExpertGroup:
             model_path, expert_ids, dtype=self.dtype, device=device, progress=False
         )
         self.cfg = self.stack.cfg
+        self.kernels = kernel_backend.choose(kernels, self.device)
+        logger.info("expert group %d kernels: %s (%s)", group, self.kernels.name,
+                    self.kernels.reason)  # fmt: skip
+        kernel_backend.apply(self.stack, self.kernels.name)
         self._lock = threading.Lock()
         self._num_calls = 0
         self._tokens = torch.zeros(self.cfg.num_experts, dtype=torch.long)  # by global id

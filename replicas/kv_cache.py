@@ -99,12 +99,15 @@ class HybridKVCache:
         blocks: BlockPool | None = None,
         include_mtp: bool = False,
         spec_tokens: int = 0,
+        kernels: str = "torch",
     ):
         """``blocks``: the pool of block ids (a PrefixBlockPool when prefixes are shared);
         ``include_mtp``: also hold the MTP layer's K/V; ``spec_tokens``: positions a sequence
-        may write past its accepted length (drafts in verification), see the glossary."""
+        may write past its accepted length (drafts in verification), see the glossary;
+        ``kernels``: "torch" (SDPA, our C decode kernel on CPU), "triton" or "vllm"."""
         if spec_tokens < 0:
             raise ValueError("spec_tokens must be >= 0")
+        self.kernels = kernels  # attention kernels of each step (replicas.kernel_backend)
         self.cfg, self.block_size = cfg, block_size
         self.window = cfg.sliding_window
         self.ring = self.window - 1 + spec_tokens if self.window else 0  # rows per slot
@@ -194,7 +197,9 @@ class HybridKVCache:
 class StepAttention:
     """Index tensors for one step, shared by all layers; implements AttentionBackend.
 
-    Queries are padded to [B, Qmax]; keys to [B, Kmax] per layer kind; one SDPA call per layer.
+    torch kernels: queries are padded to [B, Qmax], keys to [B, Kmax] per layer kind, one SDPA
+    call per layer (or our C kernel for bf16 decode on CPU). triton / vllm kernels read the
+    cache in place (replicas.triton_attention, replicas.vllm_kernels).
     """
 
     def __init__(self, cache: HybridKVCache, chunks: Sequence[SeqChunk]):
@@ -205,36 +210,63 @@ class StepAttention:
         num_new = torch.tensor([c.num_new for c in chunks], device=dev)  # [B]
         computed = torch.tensor([c.num_computed for c in chunks], device=dev)  # [B]
         starts = torch.cumsum(num_new, 0) - num_new  # [B] offset of each chunk in the flat N
-        q_max = int(num_new.max())
+        q_max = max(c.num_new for c in chunks)
         j = torch.arange(q_max, device=dev)[None, :]  # [1, Qmax]
         self.q_valid = j < num_new[:, None]  # [B, Qmax]
         self.q_index = torch.where(self.q_valid, starts[:, None] + j, 0)  # [B, Qmax] into N
-        self.out_index = self.q_valid.flatten().nonzero()[:, 0]  # [N] rows of the flat [B*Qmax]
         self.decode_only = q_max == 1  # then [N] is [B, 1]: no query gather/scatter at all
+        q_pos = computed[:, None] + j  # [B, Qmax]
+        total = computed + num_new
+
+        # Global layers: the chunk is written at its positions before attending.
+        width = max(max(len(c.block_ids) for c in chunks), 1)
+        padded = [list(c.block_ids) + [0] * (width - len(c.block_ids)) for c in chunks]
+        tables = torch.tensor(padded, dtype=torch.long, device=dev)  # [B, blocks]
+        block_of = tables.gather(1, (q_pos // bs).clamp(max=width - 1))  # [B, Qmax]
+        self.write_rows = (block_of * bs + q_pos % bs)[self.q_valid]  # [N] pool rows
+
+        # Sliding layers: a ring of R = W - 1 + S rows per sequence; position p lives in row
+        # p % R. After attending, a chunk stores its last R positions (distinct ring rows).
+        if w is not None:
+            ring = cache.ring
+            slots = torch.tensor([c.slot for c in chunks], device=dev)
+            keep = self.q_valid & (q_pos >= total[:, None] - ring)
+            self.ring_dst = (slots[:, None] * ring + q_pos % ring)[keep]
+            self.ring_src = self.q_index[keep]
+
+        self.kernels = cache.kernels
+        if self.kernels == "torch":
+            self._torch_indices(chunks, computed, total, q_pos, tables, pool)
+        else:
+            from replicas.triton_attention import AttentionBatch
+
+            group = cache.cfg.num_attention_heads // cache.cfg.num_key_value_heads
+            self.batch = AttentionBatch.build(
+                [c.num_new for c in chunks], [c.num_computed for c in chunks],
+                [c.block_ids for c in chunks], [c.slot for c in chunks], group, dev,
+            )  # fmt: skip
+
+    def _torch_indices(self, chunks, computed, total, q_pos, tables, pool) -> None:
+        """Padded key rows and masks for the SDPA path."""
+        cache, dev = self.cache, pool.device
+        bs, w = cache.block_size, cache.window
+        self.out_index = self.q_valid.flatten().nonzero()[:, 0]  # [N] rows of the flat [B*Qmax]
         # Decode in bf16 on CPU: our kernel reads keys in place (replicas/csrc/decode_attention.c)
         self.use_kernel = (
             self.decode_only and pool.dtype == torch.bfloat16 and pool.device.type == "cpu"
             and pool.shape[-1] % 32 == 0 and cpu_kernels.available()
         )  # fmt: skip
-        q_pos = computed[:, None] + j  # [B, Qmax]
-
-        # Global layers: write the chunk at its positions, then read positions [0, total).
-        total = computed + num_new
+        # Global layers: read positions [0, total).
         k_max = int(total.max())
         kpos = torch.arange(k_max, device=dev)[None, :]  # [1, Kmax]
-        width = max(-(-k_max // bs), max(len(c.block_ids) for c in chunks))
-        padded = [list(c.block_ids) + [0] * (width - len(c.block_ids)) for c in chunks]
-        tables = torch.tensor(padded, dtype=torch.long, device=dev)  # [B, blocks]
+        width = max(-(-k_max // bs), tables.shape[1])
+        tables = F.pad(tables, (0, width - tables.shape[1]))
         rows = tables.gather(1, (kpos // bs).expand(len(chunks), -1)) * bs + kpos % bs  # [B, Kmax]
         k_valid = kpos < total[:, None]
         self.global_rows = torch.where(k_valid, rows, 0)  # [B, Kmax] rows of the pools
-        write = self.global_rows.gather(1, q_pos.clamp(max=k_max - 1))  # [B, Qmax]
-        self.write_rows = write[self.q_valid]  # [N] pool rows of the new tokens
         self.global_mask = self._mask(q_pos, kpos.expand(len(chunks), -1), k_valid, None)
-
-        # Sliding layers: a ring of R = W - 1 + S rows per sequence; position p lives in row
-        # p % R. Keys of a step = the ring (the R positions before the chunk, masked to the
-        # window) + the chunk itself.
+        # Sliding layers: keys of a step = the ring (the R positions before the chunk, masked
+        # to the window) + the chunk itself.
         if w is not None:
             ring = cache.ring
             slots = torch.tensor([c.slot for c in chunks], device=dev)
@@ -247,10 +279,6 @@ class StepAttention:
             k_pos = torch.cat([ring_pos, q_pos], 1)  # [B, R + Qmax]
             k_valid = torch.cat([ring_pos >= 0, self.q_valid], 1)
             self.sliding_mask = self._mask(q_pos, k_pos, k_valid, w)
-            # After attending, store the chunk's last R positions (distinct ring rows).
-            keep = self.q_valid & (q_pos >= total[:, None] - ring)
-            self.ring_dst = (slots[:, None] * ring + q_pos % ring)[keep]
-            self.ring_src = self.q_index[keep]
 
     @staticmethod
     def _mask(q_pos, k_pos, k_valid, window) -> torch.Tensor:
@@ -277,6 +305,15 @@ class StepAttention:
             return out[:, 0]
         return out.flatten(0, 1).index_select(0, self.out_index)  # [N, Hq, D]
 
+    def _kernel(self, q, k, v, k_cache, v_cache, window: int | None, ring: int | None):
+        """The triton / vllm attention call (see replicas.triton_attention.attend)."""
+        if self.kernels == "vllm":
+            from replicas.vllm_kernels import attend
+        else:
+            from replicas.triton_attention import attend
+        return attend(q, k, v, k_cache, v_cache, self.batch, window=window, ring=ring,
+                      block_size=self.cache.block_size, scale=q.shape[-1] ** -0.5)  # fmt: skip
+
     def attend_fn(self, layer: int) -> Attend:
         if layer in self.cache.global_k:
             kc, vc = self.cache.global_k[layer], self.cache.global_v[layer]
@@ -284,6 +321,8 @@ class StepAttention:
             def attend_global(q, k, v):
                 kc.index_copy_(0, self.write_rows, k)
                 vc.index_copy_(0, self.write_rows, v)
+                if self.kernels != "torch":
+                    return self._kernel(q, k, v, kc, vc, None, None)
                 rows = self.global_rows
                 if self.use_kernel:
                     valid = self.global_mask[:, 0, 0]  # [B, Kmax]
@@ -297,7 +336,9 @@ class StepAttention:
 
         def attend_sliding(q, k, v):
             ks_flat, vs_flat = ks.view(-1, *ks.shape[2:]), vs.view(-1, *vs.shape[2:])
-            if self.use_kernel:  # keys: the ring, then the decoded token itself
+            if self.kernels != "torch":
+                out = self._kernel(q, k, v, ks_flat, vs_flat, self.cache.window, self.cache.ring)
+            elif self.use_kernel:  # keys: the ring, then the decoded token itself
                 out = cpu_kernels.decode_attention_bf16(
                     q.contiguous(), ks_flat, vs_flat, self.ring_rows, self.sliding_mask[:, 0, 0],
                     q.shape[-1] ** -0.5, k.contiguous(), v.contiguous(),

@@ -249,6 +249,8 @@ class RoutedExperts(nn.Module):
     so expert groups that each hold a slice fill disjoint rows of the same slot buffer.
     """
 
+    kernels = "torch"  # or "triton" / "vllm": replicas.kernel_backend.apply sets it
+
     def __init__(self, cfg: ModelConfig, expert_ids: Sequence[int]):
         super().__init__()
         self.expert_ids = tuple(int(e) for e in expert_ids)
@@ -287,6 +289,7 @@ class RoutedExperts(nn.Module):
         out.w13 = nn.Parameter(torch.stack(w13), requires_grad=False)  # [E_local, 2I, H]
         out.w2 = nn.Parameter(torch.stack(w2), requires_grad=False)  # [E_local, H, I]
         out.reset_buffers()
+        out.kernels = sources[0].kernels if sources else cls.kernels
         return out
 
     def compute(self, x: torch.Tensor, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,6 +320,13 @@ class RoutedExperts(nn.Module):
             return slots, None, x.new_empty(0, x.shape[-1])
         sizes = counts[1:]  # [E_local] rows of each expert
         tokens = slots // k  # [S_held] token of each held slot
+        if self.kernels != "torch":  # one grouped-GEMM kernel pair for every expert
+            offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # [E_local + 1]
+            if self.kernels == "vllm":
+                from replicas.vllm_kernels import moe_experts
+            else:
+                from replicas.triton_moe import moe_experts
+            return slots, None, moe_experts(x, tokens, offsets, self.w13, self.w2)
         kernel = self._cpu_kernel(x, slots.numel(), sizes)
         if kernel is not None:
             offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # [E_local + 1]

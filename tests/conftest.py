@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, our Triton kernels run on CPU through Triton's interpreter (it must be chosen
+# before triton is first imported). With one, they run for real and the `gpu` tests run too.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from cluster.checkpoint import write_checkpoint
 
@@ -55,3 +61,13 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured figures")
         for line in _FIGURES:
             terminalreporter.write_line(line)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: on a machine without it they are reported as skipped, with why."""
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_gpu)

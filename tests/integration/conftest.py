@@ -10,11 +10,7 @@ from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cluster.redis_server import free_port  # noqa: F401  (the tests import it from here)
 
 
 def descendants(pid: int) -> set[int]:

@@ -1,0 +1,91 @@
+"""Which kernels run the routed experts and attention: the config field ``kernels``.
+
+- ``torch``: the reference. PyTorch ops (SDPA, grouped_mm), plus our C kernels for bf16 on CPU
+  (replicas.cpu_kernels). Runs anywhere.
+- ``triton``: our Triton kernels (replicas.triton_moe, replicas.triton_attention). Needs a CUDA
+  device, or ``TRITON_INTERPRET=1`` on CPU (slow: for tests only).
+- ``vllm``: vLLM's fused MoE and its unified Triton attention (replicas.vllm_kernels). Needs the
+  ``gpu`` extra (vllm) and a CUDA device.
+- ``auto``: on a CUDA device vllm when it is installed, else triton when it is, else torch; on
+  CPU torch (its C kernels are faster there than Triton's interpreter by far).
+
+``choose`` is pure apart from what it reads of the environment (installed packages, env vars),
+so it is unit-tested; ``apply`` sets the choice on a model's modules.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Kernels = Literal["auto", "torch", "triton", "vllm"]
+KERNELS: tuple[str, ...] = ("auto", "torch", "triton", "vllm")
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    name: str
+    """torch, triton or vllm."""
+    reason: str
+    """Why, in words (logged at start)."""
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable(name: str, device: torch.device) -> str | None:
+    """Why kernels ``name`` cannot run on ``device`` (None when they can)."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        if not _installed("triton"):
+            return "triton is not installed (pip install 'exaone-cluster[gpu]')"
+        if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+            return None
+        return (f"triton kernels need a CUDA device, not {device.type} (TRITON_INTERPRET=1 runs "
+                "them on CPU, slowly, for tests)")  # fmt: skip
+    if name == "vllm":
+        if not _installed("vllm"):
+            return "vllm is not installed (pip install 'exaone-cluster[gpu]')"
+        if device.type != "cuda":
+            return f"vllm kernels need a CUDA device, not {device.type}"
+        return None
+    return f"unknown kernels {name!r}: use one of {', '.join(KERNELS)}"
+
+
+def choose(requested: str, device: str | torch.device) -> KernelChoice:
+    """The kernels to run on ``device``. Raises ValueError when an explicit choice cannot run
+    there, with what to change."""
+    device = torch.device(device)
+    if requested != "auto":
+        reason = unavailable(requested, device)
+        if reason is not None:
+            raise ValueError(f"kernels={requested!r}: {reason}")
+        return KernelChoice(requested, f"requested, on {device.type}")
+    if device.type != "cuda":
+        return KernelChoice("torch", f"auto: {device.type} device")
+    for name in ("vllm", "triton"):
+        reason = unavailable(name, device)
+        if reason is None:
+            return KernelChoice(name, f"auto: CUDA device and {name} is installed")
+    return KernelChoice("torch", "auto: CUDA device, neither vllm nor triton is installed")
+
+
+def apply(module: nn.Module, name: str) -> None:
+    """Make every routed-expert block in ``module`` compute with kernels ``name``."""
+    from replicas.model import RoutedExperts
+
+    for m in module.modules():
+        if isinstance(m, RoutedExperts):
+            m.kernels = name
+    module.kernels = name

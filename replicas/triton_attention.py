@@ -1,0 +1,229 @@
+"""Triton attention over the hybrid KV cache (``kernels: triton``): prefill, chunked prefill,
+decode and draft verification in one kernel, for global layers (paged blocks) and sliding-window
+layers (a ring per sequence), with GQA.
+
+Keys of a query come from two places (replicas.kv_cache explains the layout):
+- the cache: positions ``[lo, computed)`` of the sequence. Paged (global layers): position p is
+  pool row ``block_table[b, p // block_size] * block_size + p % block_size``. Ring (sliding
+  layers): row ``slot[b] * R + p % R``. ``lo`` is 0 for global layers and the window's first
+  position for sliding ones, so a sliding layer never reads more than W - 1 cached keys.
+- the step's own keys ``k``/``v`` [N, Hkv, D] (the flattened new tokens), causally masked. A
+  sliding layer attends before it writes its ring, so a chunk longer than the ring's spare rows
+  still sees every key it needs.
+
+One program takes BLOCK_Q consecutive new tokens of one sequence and the GROUP query heads that
+share one KV head: its BLOCK_M = BLOCK_Q * G_PAD rows share every K/V tile it loads, so decode
+reads each cached key once per KV head, not once per query head. Softmax is online (flash
+attention) in fp32; P is cast to the activation dtype before P @ V as in FlashAttention.
+
+Under Triton's interpreter (CPU, ``TRITON_INTERPRET=1``) dot inputs are upcast to fp32 (numpy
+has no bf16 matmul); see replicas.triton_moe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from replicas.triton_moe import INTERPRET
+
+NEG_INIT = -1.0e30  # running max before any key: finite, so fully masked tiles give exp(-inf) = 0
+
+
+@triton.jit
+def _online_update(q, kt, v, allowed, m_i, l_i, acc, scale,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """One K/V tile of flash attention. q [BM, D], kt [D, BN], v [BN, D], allowed [BM, BN]."""
+    if UPCAST:
+        s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision=PRECISION)
+    else:
+        s = tl.dot(q, kt, input_precision=PRECISION)
+    s = tl.where(allowed, s * scale, float("-inf"))  # [BM, BN] fp32
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if UPCAST:
+        pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision=PRECISION)
+    else:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, out_ptr,
+    tile_seq_ptr, tile_q0_ptr, q_start_ptr, num_new_ptr, computed_ptr, table_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_ch, stride_ot, stride_oh,
+    stride_table, head_dim, scale, block_size,
+    WINDOW: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, RING: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    tile, kv_head = tl.program_id(0), tl.program_id(1)
+    seq = tl.load(tile_seq_ptr + tile)
+    q0 = tl.load(tile_q0_ptr + tile)  # first new token of this tile, within the chunk
+    q_start = tl.load(q_start_ptr + seq)  # the chunk's first row in the flat [N] tokens
+    num_new = tl.load(num_new_ptr + seq)
+    computed = tl.load(computed_ptr + seq)
+
+    m = tl.arange(0, BLOCK_Q * G_PAD)
+    q_idx = q0 + m // G_PAD  # [BM] token within the chunk
+    g = m % G_PAD
+    row_ok = (q_idx < num_new) & (g < GROUP)
+    head = kv_head * GROUP + g  # [BM] query head
+    q_pos = computed + q_idx  # [BM] absolute position
+    d = tl.arange(0, D_PAD)
+    d_ok = d < head_dim
+    q_rows = (q_start + q_idx).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [BM, D]
+
+    m_i = tl.full((BLOCK_Q * G_PAD,), NEG_INIT, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_Q * G_PAD,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_Q * G_PAD, D_PAD), dtype=tl.float32)
+
+    # 1. Cached keys, positions [lo, computed).
+    lo = 0
+    if WINDOW > 0:
+        lo = tl.maximum(computed + q0 - WINDOW + 1, 0)
+    for start in range(lo, computed, BLOCK_N):
+        kp = start + tl.arange(0, BLOCK_N)  # [BN] key positions
+        k_ok = kp < computed
+        if RING:
+            slot = tl.load(table_ptr + seq * stride_table)
+            rows = slot * block_size + kp % block_size
+        else:
+            block = tl.load(table_ptr + seq * stride_table + kp // block_size, mask=k_ok, other=0)
+            rows = block * block_size + kp % block_size
+        rows = rows.to(tl.int64)
+        kt = tl.load(
+            kc_ptr + rows[None, :] * stride_ct + kv_head * stride_ch + d[:, None],
+            mask=k_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )  # [D, BN]
+        v = tl.load(
+            vc_ptr + rows[:, None] * stride_ct + kv_head * stride_ch + d[None, :],
+            mask=k_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )  # [BN, D]
+        allowed = k_ok[None, :] & row_ok[:, None]
+        if WINDOW > 0:
+            allowed = allowed & (q_pos[:, None] - kp[None, :] < WINDOW)
+        m_i, l_i, acc = _online_update(q, kt, v, allowed, m_i, l_i, acc, scale, UPCAST, PRECISION)
+
+    # 2. The chunk's own keys j in [j_lo, j_hi), causal.
+    j_hi = tl.minimum(num_new, q0 + BLOCK_Q)
+    j_lo = 0
+    if WINDOW > 0:
+        j_lo = tl.maximum(q0 - WINDOW + 1, 0)
+    for start in range(j_lo, j_hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)  # [BN] token within the chunk
+        j_ok = j < j_hi
+        k_rows = (q_start + j).to(tl.int64)
+        kt = tl.load(
+            k_ptr + k_rows[None, :] * stride_kt + kv_head * stride_kh + d[:, None],
+            mask=j_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )  # [D, BN]
+        v = tl.load(
+            v_ptr + k_rows[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
+            mask=j_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )  # [BN, D]
+        allowed = j_ok[None, :] & row_ok[:, None] & (j[None, :] <= q_idx[:, None])
+        if WINDOW > 0:
+            allowed = allowed & (q_idx[:, None] - j[None, :] < WINDOW)
+        m_i, l_i, acc = _online_update(q, kt, v, allowed, m_i, l_i, acc, scale, UPCAST, PRECISION)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(
+        out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """A step's sequences as the kernel reads them (built once per step, shared by all layers)."""
+
+    q_start: torch.Tensor  # [B] int32: first row of each chunk in the flat [N] tokens
+    num_new: torch.Tensor  # [B] int32
+    computed: torch.Tensor  # [B] int32: positions already cached
+    block_tables: torch.Tensor  # [B, blocks] int32 (global layers)
+    slots: torch.Tensor  # [B, 1] int32 (sliding layers' ring)
+    tile_seq: torch.Tensor  # [tiles] int32
+    tile_q0: torch.Tensor  # [tiles] int32
+    block_q: int
+    seqs: tuple[tuple[int, int, int], ...]  # (num_new, computed, slot) of each, on the host
+    q_starts: tuple[int, ...]  # q_start on the host
+    max_q: int  # most new tokens of a sequence
+    max_k: int  # most positions (cached + new) of a sequence
+
+    @classmethod
+    def build(cls, num_new: Sequence[int], computed: Sequence[int],
+              block_tables: Sequence[Sequence[int]], slots: Sequence[int], group: int,
+              device: torch.device) -> AttentionBatch:  # fmt: skip
+        g_pad = triton.next_power_of_2(group)
+        rows = 16 if max(num_new) == 1 else 64  # query rows per program (tl.dot needs >= 16)
+        block_q = max(1, rows // g_pad)
+        tile_seq, tile_q0, starts, offset = [], [], [], 0
+        for b, n in enumerate(num_new):
+            starts.append(offset)
+            offset += n
+            for q0 in range(0, n, block_q):
+                tile_seq.append(b)
+                tile_q0.append(q0)
+        width = max(1, max(len(t) for t in block_tables))
+        tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
+
+        def ints(values):
+            return torch.tensor(values, dtype=torch.int32, device=device)
+
+        return cls(ints(starts), ints(list(num_new)), ints(list(computed)), ints(tables),
+                   ints([[s] for s in slots]), ints(tile_seq), ints(tile_q0), block_q,
+                   tuple(zip(num_new, computed, slots, strict=True)), tuple(starts),
+                   max(num_new), max(n + c for n, c in zip(num_new, computed, strict=True)),
+                   )  # fmt: skip
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, batch: AttentionBatch, *, window: int | None, ring: int | None,
+    block_size: int, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """q [N, Hq, D]; k, v [N, Hkv, D] (the step's new tokens); k_cache/v_cache [rows, Hkv, D]:
+    a global layer's pool (``ring`` None: paged with ``block_size``) or a sliding layer's rings
+    flattened (``ring`` = R rows per slot) -> [N, Hq, D] in q's dtype."""
+    num_tokens, num_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if num_heads % kv_heads or k.shape != v.shape or k_cache.shape != v_cache.shape:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, cache {tuple(k_cache.shape)}: "
+                         "query heads must be a multiple of kv heads")  # fmt: skip
+    if not (q.dtype == k.dtype == k_cache.dtype):
+        raise ValueError(f"q {q.dtype}, k {k.dtype}, cache {k_cache.dtype}: one dtype for all")
+    out = torch.empty_like(q)
+    if num_tokens == 0:
+        return out
+    group = num_heads // kv_heads
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    table = batch.slots if ring is not None else batch.block_tables
+    _attention_kernel[(batch.tile_seq.numel(), kv_heads)](
+        q, k, v, k_cache, v_cache, out,
+        batch.tile_seq, batch.tile_q0, batch.q_start, batch.num_new, batch.computed, table,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k_cache.stride(0),
+        k_cache.stride(1), out.stride(0), out.stride(1), table.stride(0), head_dim, scale,
+        ring if ring is not None else block_size, WINDOW=window or 0, GROUP=group,
+        G_PAD=triton.next_power_of_2(group), BLOCK_Q=batch.block_q, BLOCK_N=32,
+        D_PAD=max(16, triton.next_power_of_2(head_dim)), RING=ring is not None,
+        UPCAST=INTERPRET, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    return out
