@@ -52,6 +52,7 @@ GRPC_SERVICERS = [
 HEALTH_SERVICES = ("", "exaone.v1.Generation")
 LOST_REPLICA = (ActorDiedError, ActorUnavailableError)
 log = logging.getLogger(__name__)
+_serve_log = logging.getLogger("ray.serve")  # shown in each replica's log and the dashboard
 
 
 def model_info(config: ClusterConfig, cfg: ModelConfig, tokenizer: Tokenizer) -> pb.ModelInfo:
@@ -131,6 +132,7 @@ class ExpertGroupDeployment:
             self.worker, self.group = None, _load_group(*args)
         self.balancer = balancer
         self.reporter = None
+        _serve_log.info("expert group %d kernels: %s", group, self.stats().kernels)
         if balancer is not None:
             self.reporter = Every(e.balancer.report_interval_s, self._report).start()
         from cluster.metrics import ExpertMetrics
@@ -342,6 +344,8 @@ class AttentionShardDeployment:
             pinned_prefixes=pinned,
         )
         self.replica = serve.get_replica_context().replica_id.unique_id
+        kernels = self.shard.engine.engine.kernels
+        _serve_log.info("attention kernels: %s (%s)", kernels.name, kernels.reason)
         self.balancer, self.reporter = balancer, None
         if balancer is not None and self.shard.dispatcher is not None:
             self.reporter = Every(x.balancer.report_interval_s, self._report).start()

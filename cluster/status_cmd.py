@@ -56,7 +56,8 @@ def _expert_stats(app: str, deployment: str, group: int) -> list[dict[str, Any]]
             found[f"call-{i}"] = handle.stats.remote().result(timeout_s=10)
     return [
         {"replica": r, "experts": list(s.expert_ids), "tokens_per_s": round(s.tokens_per_s, 1),
-         "busy": round(s.busy, 3), "ready_s": round(s.ready_s, 2), "map_version": s.map_version}
+         "busy": round(s.busy, 3), "ready_s": round(s.ready_s, 2), "map_version": s.map_version,
+         "kernels": getattr(s, "kernels", "torch")}
         for r, s in sorted(found.items())
     ]  # fmt: skip
 
@@ -99,7 +100,8 @@ def render(found: dict[str, Any]) -> str:
                 lines.append(
                     f"    {r['replica'][:12]:<12} experts {_ranges(r['experts']):<20} "
                     f"{r['tokens_per_s']:>8.1f} tok/s  busy {r['busy']:.0%}  "
-                    f"ready in {r['ready_s']:.1f} s  map v{r['map_version']}"
+                    f"ready in {r['ready_s']:.1f} s  map v{r['map_version']}  "
+                    f"{r.get('kernels', 'torch')} kernels"
                 )
             if (b := d.get("balancer")) is not None:
                 lines.append(

@@ -56,6 +56,8 @@ class ExpertGroupStats:
     """Seconds from the start of loading to ready."""
     map_version: int = 0
     """The expert map version of the holdings (ExpertMap.version)."""
+    kernels: str = "torch"
+    """What computes the experts (replicas.kernel_backend)."""
 
 
 class ExpertGroup:
@@ -187,4 +189,5 @@ class ExpertGroup:
                 busy=self.load.busy(),
                 ready_s=self.ready_s,
                 map_version=self.map_version,
+                kernels=self.kernels.name,
             )

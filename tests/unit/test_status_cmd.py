@@ -17,7 +17,8 @@ def test_render_lists_deployments_replicas_placement_and_load():
         "ExpertGroup-0": {"status": "UPSCALING", "replicas": {"RUNNING": 1, "STARTING": 1},
                           "expert_replicas": [{"replica": "abc", "experts": [0, 1, 2, 3],
                                                "tokens_per_s": 812.5, "busy": 0.43,
-                                               "ready_s": 1.25, "map_version": 2}]},
+                                               "ready_s": 1.25, "map_version": 2,
+                                               "kernels": "triton"}]},
         "ExpertBalancer": {"status": "HEALTHY", "replicas": {"RUNNING": 1}, "balancer": {
             "version": 2, "phase": "idle", "measured_imbalance": 1.04, "imbalance": 1.01,
             "history": [{}, {}], "holdings": {1: [[0, 1, 2], [0, 3]]}}},
@@ -27,5 +28,6 @@ def test_render_lists_deployments_replicas_placement_and_load():
     assert "AttentionShard   HEALTHY    replicas: 2 running" in text
     assert "replicas: 1 running, 1 starting" in text
     assert "experts 0-3" in text and "812.5 tok/s" in text and "busy 43%" in text
+    assert "map v2  triton kernels" in text
     assert "map v2 (idle), imbalance measured 1.04, predicted 1.01, 2 rebalance(s)" in text
     assert "layer 1: g0: 0-2  g1: 0,3" in text
