@@ -123,15 +123,27 @@ def _steps(cfg: ModelConfig):
         [SeqChunk(0, 13, tables[0], 0)],  # prefill from empty, 13 > ring
         [SeqChunk(13, 7, tables[0], 0), SeqChunk(3, 1, tables[1], 1)],  # chunk + decode
         [SeqChunk(20, 1, tables[0], 0), SeqChunk(5, 1, tables[1], 1), SeqChunk(9, 1, tables[2], 2)],
+        [SeqChunk(21, 1, tables[0], 0), SeqChunk(0, 1, tables[2], 3)],  # an empty context
         [SeqChunk(21, 4, tables[0], 0), SeqChunk(6, 3, tables[1], 1)],  # drafts in verification
     ]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("heads", [(4, 2, 32), (6, 2, 24)], ids=["gqa2-d32", "gqa3-d24"])
-def test_attention_kernel_matches_sdpa(dtype, heads):
+@pytest.mark.parametrize(
+    "heads, splits",
+    [((4, 2, 32), 1), ((6, 2, 24), 1), ((4, 2, 32), 3)],
+    ids=["gqa2-d32", "gqa3-d24", "gqa2-d32-3splits"],
+)
+def test_attention_kernel_matches_sdpa(dtype, heads, splits, monkeypatch):
     """Each step through every layer kind, torch vs triton on identical caches: same outputs,
-    same cache contents afterwards (the kernel path writes the pools and rings the same)."""
+    same cache contents afterwards (the kernel path writes the pools and rings the same).
+    ``splits``: the cached keys split three ways (flash-decoding, what decode of few sequences
+    does on a GPU), on every step, then merged."""
+    from replicas import triton_attention
+
+    monkeypatch.setattr(triton_attention, "num_splits", lambda *a: splits)
+    if splits > 1:  # tiles of 16 keys, so the short contexts here do split across programs
+        monkeypatch.setattr(triton_attention, "BLOCK_N", 16)
     num_heads, kv_heads, head_dim = heads
     cfg = _cfg(num_attention_heads=num_heads, num_key_value_heads=kv_heads, head_dim=head_dim)
     spec = 3
