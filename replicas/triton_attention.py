@@ -60,6 +60,16 @@ def _online_update(q, kt, v, allowed, m_i, l_i, acc, scale,
 
 
 @triton.jit
+def _load_kv(k_base, v_base, rows, ok, stride_row, d, d_ok):
+    """K transposed [D, BN] and V [BN, D] of ``rows`` [BN] (one KV head's base pointers)."""
+    kt = tl.load(k_base + rows[None, :] * stride_row + d[:, None], mask=ok[None, :] & d_ok[:, None],
+                 other=0.0)  # fmt: skip
+    v = tl.load(v_base + rows[:, None] * stride_row + d[None, :], mask=ok[:, None] & d_ok[None, :],
+                other=0.0)  # fmt: skip
+    return kt, v
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     tile_seq_ptr, tile_q0_ptr, q_start_ptr, num_new_ptr, computed_ptr, table_ptr,
@@ -113,17 +123,8 @@ def _attention_kernel(
         else:
             block = tl.load(table_ptr + seq * stride_table + kp // block_size, mask=k_ok, other=0)
             rows = block * block_size + kp % block_size
-        rows = rows.to(tl.int64)
-        kt = tl.load(
-            kc_ptr + rows[None, :] * stride_ct + kv_head * stride_ch + d[:, None],
-            mask=k_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )  # [D, BN]
-        v = tl.load(
-            vc_ptr + rows[:, None] * stride_ct + kv_head * stride_ch + d[None, :],
-            mask=k_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )  # [BN, D]
+        kt, v = _load_kv(kc_ptr + kv_head * stride_ch, vc_ptr + kv_head * stride_ch,
+                         rows.to(tl.int64), k_ok, stride_ct, d, d_ok)  # fmt: skip
         allowed = k_ok[None, :] & row_ok[:, None]
         if WINDOW > 0:
             allowed = allowed & (q_pos[:, None] - kp[None, :] < WINDOW)
@@ -139,17 +140,8 @@ def _attention_kernel(
     for start in range(j_lo, j_hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)  # [BN] token within the chunk
         j_ok = j < j_hi
-        k_rows = (q_start + j).to(tl.int64)
-        kt = tl.load(
-            k_ptr + k_rows[None, :] * stride_kt + kv_head * stride_kh + d[:, None],
-            mask=j_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )  # [D, BN]
-        v = tl.load(
-            v_ptr + k_rows[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
-            mask=j_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )  # [BN, D]
+        kt, v = _load_kv(k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_kh,
+                         (q_start + j).to(tl.int64), j_ok, stride_kt, d, d_ok)  # fmt: skip
         allowed = j_ok[None, :] & row_ok[:, None] & (j[None, :] <= q_idx[:, None])
         if WINDOW > 0:
             allowed = allowed & (q_idx[:, None] - j[None, :] < WINDOW)

@@ -35,14 +35,20 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _expert_of_block(block_start_ptr, pid, num_experts, E_PAD: tl.constexpr):
-    """-> (expert owning block ``pid``, its first block, whether pid is a real block)."""
+def _block_rows(offsets_ptr, block_start_ptr, pid, num_experts, E_PAD: tl.constexpr,
+                BLOCK_M: tl.constexpr):  # fmt: skip
+    """Block ``pid`` -> (its expert, its grouped rows [BM] int64, which of them exist, whether
+    pid is a real block at all). The expert is the number of experts whose blocks end at or
+    before pid."""
     e_idx = tl.arange(0, E_PAD)
     ends = tl.load(block_start_ptr + 1 + e_idx, mask=e_idx < num_experts, other=2147483647)
-    expert = tl.sum((ends <= pid).to(tl.int32), axis=0)
-    total = tl.load(block_start_ptr + num_experts)
-    first = tl.load(block_start_ptr + tl.minimum(expert, num_experts))
-    return expert, first, pid < total
+    expert = tl.minimum(tl.sum((ends <= pid).to(tl.int32), axis=0), num_experts - 1)
+    real = pid < tl.load(block_start_ptr + num_experts)
+    first = tl.load(block_start_ptr + expert)
+    row0 = tl.load(offsets_ptr + expert) + (pid - first) * BLOCK_M
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rows < tl.load(offsets_ptr + expert + 1)  # callers use it only when real
+    return expert, rows, row_ok, real
 
 
 @triton.jit
@@ -54,12 +60,9 @@ def _gate_up_silu_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    expert, first, real = _expert_of_block(block_start_ptr, pid_m, num_experts, E_PAD)
+    expert, rows, row_ok, real = _block_rows(offsets_ptr, block_start_ptr, pid_m, num_experts,
+                                             E_PAD, BLOCK_M)  # fmt: skip
     if real:
-        row0 = tl.load(offsets_ptr + expert) + (pid_m - first) * BLOCK_M
-        row_end = tl.load(offsets_ptr + expert + 1)
-        rows = row0 + tl.arange(0, BLOCK_M)  # [BM] grouped rows
-        row_ok = rows < row_end
         tok = tl.load(tokens_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM] rows of x
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns of I
         col_ok = cols < inter
@@ -87,7 +90,7 @@ def _gate_up_silu_kernel(
             acc_up += tl.dot(a, wu, input_precision=PRECISION)
         act = acc_gate * tl.sigmoid(acc_gate) * acc_up  # silu(gate) * up, fp32
         tl.store(
-            act_ptr + rows[:, None].to(tl.int64) * stride_act + cols[None, :],
+            act_ptr + rows[:, None] * stride_act + cols[None, :],
             act.to(act_ptr.dtype.element_ty),
             mask=row_ok[:, None] & col_ok[None, :],
         )
@@ -102,12 +105,9 @@ def _down_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    expert, first, real = _expert_of_block(block_start_ptr, pid_m, num_experts, E_PAD)
+    expert, rows, row_ok, real = _block_rows(offsets_ptr, block_start_ptr, pid_m, num_experts,
+                                             E_PAD, BLOCK_M)  # fmt: skip
     if real:
-        row0 = tl.load(offsets_ptr + expert) + (pid_m - first) * BLOCK_M
-        row_end = tl.load(offsets_ptr + expert + 1)
-        rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BM]
-        row_ok = rows < row_end
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns of H
         col_ok = cols < hidden
         w_base = w2_ptr + expert.to(tl.int64) * stride_we
