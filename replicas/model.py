@@ -457,8 +457,9 @@ def weighted_sum(rows: ExpertRows, topk_weights: torch.Tensor) -> torch.Tensor:
     y, (n, k) = rows.y, topk_weights.shape
     out = y.new_empty(n, y.shape[-1])
     row_of_slot = rows.row_of_slot.view(n, k)
-    for start in range(0, n, COMBINE_TOKENS):
-        stop = min(n, start + COMBINE_TOKENS)
+    chunk = COMBINE_TOKENS if y.device.type == "cpu" else max(n, 1)  # GPU: one pass, no loop
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
         picked = y.index_select(0, row_of_slot[start:stop].flatten()).view(stop - start, k, -1)
         weights = topk_weights[start:stop, :, None]  # [n', K, 1] fp32
         acc = picked[:, 0].float() * weights[:, 0]  # [n', H] fp32
