@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -117,6 +118,12 @@ def render(found: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cluster.local import LOCAL_ENV
+
+    # As `exaone-cluster serve` does: Ray then keeps 127.0.0.1 as is, where Linux Ray would
+    # swap it for the host's IP, which a cluster bound to loopback does not listen on.
+    key = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    os.environ.setdefault(key, LOCAL_ENV[key])
     import ray
 
     try:

@@ -3,6 +3,8 @@ against a live cluster."""
 
 from __future__ import annotations
 
+import os
+
 from cluster.status_cmd import _ranges, render
 
 
@@ -31,3 +33,26 @@ def test_render_lists_deployments_replicas_placement_and_load():
     assert "map v2  triton kernels" in text
     assert "map v2 (idle), imbalance measured 1.04, predicted 1.01, 2 rebalance(s)" in text
     assert "layer 1: g0: 0-2  g1: 0,3" in text
+
+
+def test_status_connects_to_loopback_as_serve_does(monkeypatch, capsys):
+    """Linux Ray swaps 127.0.0.1 for the host's IP when connecting, unless this is set as
+    `serve` sets it; a cluster bound to loopback was then unreachable (found by hand: status
+    retried for minutes outside a loopback-only network namespace)."""
+    import argparse
+
+    import ray
+
+    from cluster import status_cmd
+
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    seen = {}
+
+    def init(**kwargs):
+        seen["env"] = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+        raise ConnectionError("no cluster")
+
+    monkeypatch.setattr(ray, "init", init)
+    assert status_cmd.run(argparse.Namespace(address="auto", json=False)) == 2
+    assert seen["env"] == "0"
+    assert "is `exaone-cluster serve` running?" in capsys.readouterr().err
