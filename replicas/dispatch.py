@@ -77,7 +77,8 @@ class PendingCombine:
         k = topk_ids.shape[1]
         parts = []
         for tokens, pending in self.parts:
-            local_slots, y = pending.result()  # slots of the sub-batch of `tokens`
+            local_slots, y = pending.result()  # slots of the sub-batch of `tokens` (CPU)
+            local_slots = local_slots.to(tokens.device)  # the activations' device (a GPU)
             slots = tokens.index_select(0, local_slots // k) * k + local_slots % k  # [S_g]
             parts.append((slots, None, y.to(self.call.x.device)))
         return ExpertRows.assemble(topk_ids.numel(), parts)

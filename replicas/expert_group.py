@@ -121,10 +121,10 @@ class ExpertGroup:
                 f"experts {sorted(set(ids[missing].tolist()))} of layer {layer}"
             )
         slots, y = experts.compute(x.to(self.device), topk_ids.to(self.device))
-        served = ids[local >= 0]
+        served = ids[local >= 0].cpu()
         with self._lock:
             self._num_calls += 1
-            self._tokens += torch.bincount(served.cpu(), minlength=self.cfg.num_experts)
+            self._tokens += torch.bincount(served, minlength=self.cfg.num_experts)
             slots, y = slots.cpu(), y.cpu()
             self.load.add(layer, served, busy_s=time.monotonic() - started)
         return slots, y
