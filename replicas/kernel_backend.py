@@ -88,4 +88,23 @@ def apply(module: nn.Module, name: str) -> None:
     for m in module.modules():
         if isinstance(m, RoutedExperts):
             m.kernels = name
-    module.kernels = name
+
+
+def moe_experts(name: str):
+    """The routed-experts function of kernels ``name`` (triton or vllm), imported on first use
+    (same contract: replicas.triton_moe.moe_experts)."""
+    if name == "vllm":
+        from replicas.vllm_kernels import moe_experts
+    else:
+        from replicas.triton_moe import moe_experts
+    return moe_experts
+
+
+def attention(name: str):
+    """The attention function of kernels ``name`` (triton or vllm), imported on first use
+    (same contract: replicas.triton_attention.attend)."""
+    if name == "vllm":
+        from replicas.vllm_kernels import attend
+    else:
+        from replicas.triton_attention import attend
+    return attend

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from replicas import cpu_kernels
+from replicas import cpu_kernels, kernel_backend
 from replicas.block_pool import BlockPool
 from replicas.model import Attend
 from replicas.model_config import SLIDING, ModelConfig
@@ -217,6 +217,7 @@ class StepAttention:
         self.decode_only = q_max == 1  # then [N] is [B, 1]: no query gather/scatter at all
         q_pos = computed[:, None] + j  # [B, Qmax]
         total = computed + num_new
+        slots = torch.tensor([c.slot for c in chunks], device=dev)  # [B] sliding-state rows
 
         # Global layers: the chunk is written at its positions before attending.
         width = max(max(len(c.block_ids) for c in chunks), 1)
@@ -229,24 +230,21 @@ class StepAttention:
         # p % R. After attending, a chunk stores its last R positions (distinct ring rows).
         if w is not None:
             ring = cache.ring
-            slots = torch.tensor([c.slot for c in chunks], device=dev)
             keep = self.q_valid & (q_pos >= total[:, None] - ring)
             self.ring_dst = (slots[:, None] * ring + q_pos % ring)[keep]
             self.ring_src = self.q_index[keep]
 
         self.kernels = cache.kernels
         if self.kernels == "torch":
-            self._torch_indices(chunks, computed, total, q_pos, tables, pool)
+            self._torch_indices(chunks, computed, total, q_pos, tables, slots, pool)
         else:
             from replicas.triton_attention import AttentionBatch
 
             group = cache.cfg.num_attention_heads // cache.cfg.num_key_value_heads
-            self.batch = AttentionBatch.build(
-                [c.num_new for c in chunks], [c.num_computed for c in chunks],
-                [c.block_ids for c in chunks], [c.slot for c in chunks], group, dev,
-            )  # fmt: skip
+            self.batch = AttentionBatch.build(chunks, starts, num_new, computed, tables, slots,
+                                              group)  # fmt: skip
 
-    def _torch_indices(self, chunks, computed, total, q_pos, tables, pool) -> None:
+    def _torch_indices(self, chunks, computed, total, q_pos, tables, slots, pool) -> None:
         """Padded key rows and masks for the SDPA path."""
         cache, dev = self.cache, pool.device
         bs, w = cache.block_size, cache.window
@@ -269,7 +267,6 @@ class StepAttention:
         # to the window) + the chunk itself.
         if w is not None:
             ring = cache.ring
-            slots = torch.tensor([c.slot for c in chunks], device=dev)
             # Rows >= max(computed) hold nothing yet for any sequence of the step: skip them.
             held = min(ring, max(c.num_computed for c in chunks))
             r = torch.arange(held, device=dev)[None, :]  # [1, R]
@@ -307,10 +304,7 @@ class StepAttention:
 
     def _kernel(self, q, k, v, k_cache, v_cache, window: int | None, ring: int | None):
         """The triton / vllm attention call (see replicas.triton_attention.attend)."""
-        if self.kernels == "vllm":
-            from replicas.vllm_kernels import attend
-        else:
-            from replicas.triton_attention import attend
+        attend = kernel_backend.attention(self.kernels)
         return attend(q, k, v, k_cache, v_cache, self.batch, window=window, ring=ring,
                       block_size=self.cache.block_size, scale=q.shape[-1] ** -0.5)  # fmt: skip
 

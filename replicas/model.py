@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replicas import cpu_kernels
+from replicas import cpu_kernels, kernel_backend
 from replicas.gemm_rows import pad_rows, padded_rows, pads_rows
 from replicas.model_config import DENSE, SLIDING, ModelConfig
 
@@ -320,17 +320,14 @@ class RoutedExperts(nn.Module):
             return slots, None, x.new_empty(0, x.shape[-1])
         sizes = counts[1:]  # [E_local] rows of each expert
         tokens = slots // k  # [S_held] token of each held slot
-        if self.kernels != "torch":  # one grouped-GEMM kernel pair for every expert
-            offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # [E_local + 1]
-            if self.kernels == "vllm":
-                from replicas.vllm_kernels import moe_experts
-            else:
-                from replicas.triton_moe import moe_experts
-            return slots, None, moe_experts(x, tokens, offsets, self.w13, self.w2)
-        kernel = self._cpu_kernel(x, slots.numel(), sizes)
+        # triton / vllm: one grouped-GEMM kernel pair for every expert; else maybe our CPU ones
+        kernel = self.kernels if self.kernels != "torch" else self._cpu_kernel(x, slots.numel(),
+                                                                                 sizes)  # fmt: skip
         if kernel is not None:
             offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # [E_local + 1]
-            if kernel == "amx":
+            if kernel in ("triton", "vllm"):
+                y = kernel_backend.moe_experts(kernel)(x, tokens, offsets, self.w13, self.w2)
+            elif kernel == "amx":
                 y = cpu_kernels.moe_experts_amx(x, tokens, offsets, self.w13, self.w2)
             else:
                 h = x.index_select(0, tokens)  # [S_held, H]
@@ -408,10 +405,10 @@ class RoutedExperts(nn.Module):
         (prefill: 71 vs 82 ms at 4096 rows); bf16 grouped is ~2x faster. Needs 16-byte rows."""
         if not hasattr(torch, "_grouped_mm") or x.dtype != self.w13.dtype:
             return False
-        if x.device.type == "cuda":  # CUDA's grouped_mm: bf16 on Hopper and later only
-            return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
         if any((n * x.element_size()) % 16 for n in (x.shape[-1], self.inter)):
             return False
+        if x.device.type == "cuda":  # CUDA's grouped_mm: bf16 on Hopper and later only
+            return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
         small = x.shape[-1] * self.inter <= 1 << 16  # dispatch-bound sizes
         few_rows = num_rows <= 16 * len(self.expert_ids)
         return x.dtype != torch.float32 or small or few_rows

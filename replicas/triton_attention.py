@@ -29,12 +29,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
 from replicas.triton_moe import INTERPRET
+
+if TYPE_CHECKING:
+    from replicas.kv_cache import SeqChunk
 
 NEG_INIT = -1.0e30  # running max before any key: finite, so fully masked tiles give exp(-inf) = 0
 
@@ -206,11 +210,11 @@ def _combine_splits_kernel(
 class AttentionBatch:
     """A step's sequences as the kernel reads them (built once per step, shared by all layers)."""
 
-    q_start: torch.Tensor  # [B] int32: first row of each chunk in the flat [N] tokens
-    num_new: torch.Tensor  # [B] int32
-    computed: torch.Tensor  # [B] int32: positions already cached
-    block_tables: torch.Tensor  # [B, blocks] int32 (global layers)
-    slots: torch.Tensor  # [B, 1] int32 (sliding layers' ring)
+    q_start: torch.Tensor  # [B]: first row of each chunk in the flat [N] tokens
+    num_new: torch.Tensor  # [B]
+    computed: torch.Tensor  # [B]: positions already cached
+    block_tables: torch.Tensor  # [B, blocks] (global layers)
+    slots: torch.Tensor  # [B] (sliding layers' ring)
     tile_seq: torch.Tensor  # [tiles] int32
     tile_q0: torch.Tensor  # [tiles] int32
     block_q: int
@@ -220,29 +224,29 @@ class AttentionBatch:
     max_k: int  # most positions (cached + new) of a sequence
 
     @classmethod
-    def build(cls, num_new: Sequence[int], computed: Sequence[int],
-              block_tables: Sequence[Sequence[int]], slots: Sequence[int], group: int,
-              device: torch.device) -> AttentionBatch:  # fmt: skip
+    def build(cls, chunks: Sequence[SeqChunk], q_start: torch.Tensor, num_new: torch.Tensor,
+              computed: torch.Tensor, block_tables: torch.Tensor, slots: torch.Tensor,
+              group: int) -> AttentionBatch:  # fmt: skip
+        """From a step's chunks (on the host) and the per-sequence tensors StepAttention made
+        of them (on the device)."""
         g_pad = triton.next_power_of_2(group)
-        rows = 16 if max(num_new) == 1 else 64  # query rows per program (tl.dot needs >= 16)
+        max_q = max(c.num_new for c in chunks)
+        rows = 16 if max_q == 1 else 64  # query rows per program (tl.dot needs >= 16)
         block_q = max(1, rows // g_pad)
         tile_seq, tile_q0, starts, offset = [], [], [], 0
-        for b, n in enumerate(num_new):
+        for b, c in enumerate(chunks):
             starts.append(offset)
-            offset += n
-            for q0 in range(0, n, block_q):
+            offset += c.num_new
+            for q0 in range(0, c.num_new, block_q):
                 tile_seq.append(b)
                 tile_q0.append(q0)
-        width = max(1, max(len(t) for t in block_tables))
-        tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
 
         def ints(values):
-            return torch.tensor(values, dtype=torch.int32, device=device)
+            return torch.tensor(values, dtype=torch.int32, device=q_start.device)
 
-        return cls(ints(starts), ints(list(num_new)), ints(list(computed)), ints(tables),
-                   ints([[s] for s in slots]), ints(tile_seq), ints(tile_q0), block_q,
-                   tuple(zip(num_new, computed, slots, strict=True)), tuple(starts),
-                   max(num_new), max(n + c for n, c in zip(num_new, computed, strict=True)),
+        return cls(q_start, num_new, computed, block_tables, slots, ints(tile_seq), ints(tile_q0),
+                   block_q, tuple((c.num_new, c.num_computed, c.slot) for c in chunks),
+                   tuple(starts), max_q, max(c.num_new + c.num_computed for c in chunks),
                    )  # fmt: skip
 
 

@@ -25,13 +25,13 @@ is what the tensor cores compute anyway (exact bf16 products, fp32 sums).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from replicas.kernel_backend import interpreting
+
+INTERPRET = interpreting()  # fixed when triton is imported, as triton's own choice is
 
 
 @triton.jit

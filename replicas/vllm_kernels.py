@@ -76,11 +76,12 @@ def attend(
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
-    cu_seqlens_q = torch.cat([batch.q_start, batch.q_start.new_tensor([num_tokens])])
+    cu_seqlens_q = torch.cat([batch.q_start, batch.q_start.new_tensor([num_tokens])]).int()
     if ring is None:  # global layer: the pool is the paged cache
         kc = k_cache.view(-1, block_size, kv_heads, head_dim)
         vc = v_cache.view(-1, block_size, kv_heads, head_dim)
-        table, seq_lens, max_len = batch.block_tables, batch.computed + batch.num_new, batch.max_k
+        table = batch.block_tables.int()  # vLLM reads int32 tables and lengths
+        seq_lens, max_len = batch.computed + batch.num_new, batch.max_k
         window_size = (-1, -1)
     else:  # sliding layer: each sequence's window and new keys, copied into scratch blocks
         index, tables, lens, max_len = _scratch_index(batch, window, ring, k_cache.shape[0])
