@@ -7,9 +7,10 @@
 With ``experts.num_groups`` = 0 (colocated) the attention replicas run every expert themselves;
 otherwise each group g is its own deployment ``ExpertGroup-g`` holding experts
 ``placement.groups[g]`` of every MoE layer, and the attention replicas dispatch to them through
-ServeHandleTransport. The Serve gRPC proxy calls the
-Router's method named after each RPC (Generate, Tokenize, Detokenize, GetModelInfo, and
-grpc.health.v1's Check/Watch).
+ServeHandleTransport. Each Router replica serves the public gRPC API itself (cluster.ingress,
+not Serve's generic proxy); a request reaches its attention replica through a Serve handle and
+its token deltas come back over that replica's step stream (cluster.step_stream), one message
+per engine step for all of a router's requests.
 """
 
 from __future__ import annotations
@@ -21,16 +22,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import ray
-from grpc_health.v1 import health_pb2
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.config import RequestRouterConfig
-from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -38,19 +35,11 @@ from cluster.config import ClusterConfig
 from cluster.request_router import PrefixAffinityRouter
 from protos.exaone.v1 import generation_pb2 as pb
 from replicas.model_config import ModelConfig
-from replicas.outputs import ReplicaUnavailableError
 from replicas.sampling_params import SamplingParams
-from router.errors import RequestError
 from router.requests import RequestLimits
 from router.service import GenerationService
 from router.tokenizer import Tokenizer
 
-GRPC_SERVICERS = [
-    "protos.exaone.v1.generation_pb2_grpc.add_GenerationServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-]
-HEALTH_SERVICES = ("", "exaone.v1.Generation")
-LOST_REPLICA = (ActorDiedError, ActorUnavailableError)
 log = logging.getLogger(__name__)
 _serve_log = logging.getLogger("ray.serve")  # shown in each replica's log and the dashboard
 
@@ -344,6 +333,7 @@ class AttentionShardDeployment:
             pinned_prefixes=pinned,
         )
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.publisher, self.publisher_lock = None, asyncio.Lock()
         kernels = self.shard.engine.engine.kernels
         _serve_log.info("attention kernels: %s (%s)", kernels.name, kernels.reason)
         self.balancer, self.reporter = balancer, None
@@ -382,6 +372,31 @@ class AttentionShardDeployment:
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
         async for out in self.shard.generate(request_id, prompt_ids, params):
             yield out
+
+    async def generate_direct(self, subscriber: str, request_id: str, prompt_ids: list[int],
+                              params: SamplingParams):  # fmt: skip
+        """A request whose deltas go to ``subscriber``'s step stream (cluster.step_stream).
+        Yields the stream's address once admitted, then ends when the request has ended;
+        cancelling the call aborts the request."""
+        publisher = await self._publisher()
+        ended = publisher.submit(subscriber, request_id, prompt_ids, params)
+        try:
+            yield publisher.address
+            await ended.wait()
+        finally:
+            if not ended.is_set():
+                publisher.abort(subscriber, request_id)
+
+    async def _publisher(self):
+        if self.publisher is None:
+            from cluster.step_stream import StepPublisher
+
+            async with self.publisher_lock:
+                if self.publisher is None:
+                    publisher = StepPublisher(self.shard, ray.util.get_node_ip_address())
+                    await publisher.start()
+                    self.publisher = publisher
+        return self.publisher
 
     def stats(self):
         return dataclasses.replace(self.shard.stats(), replica=self.replica)
@@ -433,119 +448,50 @@ def _model_config(config: ClusterConfig) -> ModelConfig:
     return ModelConfig.from_json_file(Path(config.model_path) / "config.json")
 
 
-class _ShardClient:
-    """EngineClient over a DeploymentHandle: one streaming call per request; closing it cancels
-    the call, which aborts the request in the engine. A replica lost before the request's
-    first output is retried on another (nothing was streamed yet); lost later, the request ends
-    with ReplicaUnavailableError (its KV cache is gone)."""
-
-    MAX_ATTEMPTS = 3
-
-    def __init__(self, handle: DeploymentHandle):
-        self.handle = handle.options(stream=True)
-
-    async def generate(
-        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
-    ) -> AsyncIterator[Any]:
-        for attempt in range(1, self.MAX_ATTEMPTS + 1):
-            stream = self.handle.generate.remote(request_id, list(prompt_ids), params)
-            started = finished = False
-            try:
-                async for out in stream:
-                    started, finished = True, out.finished
-                    yield out
-                return
-            except RayTaskError as e:  # re-raise what the replica raised (ValueError, ...)
-                cause = getattr(e, "cause", None)
-                raise (cause if isinstance(cause, Exception) else e) from None
-            except LOST_REPLICA as e:
-                if started or attempt == self.MAX_ATTEMPTS:
-                    raise ReplicaUnavailableError(
-                        f"the attention replica serving this request was lost "
-                        f"({type(e).__name__}); retry the request"
-                    ) from None
-                await asyncio.sleep(0.1 * attempt)
-            finally:
-                if not finished:
-                    stream.cancel()
-
-
 @serve.deployment(name="Router")
 class RouterDeployment:
-    def __init__(self, config: ClusterConfig, shard: DeploymentHandle):
+    """The request plane: each replica serves the public gRPC API itself (cluster.ingress) on
+    ``router.grpc_host:grpc_port``, tokenizes and renders chats, sends each request to an
+    attention replica through Serve (prefix-affinity choice) and reads the token deltas from
+    that replica's step stream (cluster.shard_client)."""
+
+    async def __init__(self, config: ClusterConfig, shard: DeploymentHandle):
+        from cluster.ingress import start_ingress
+        from cluster.metrics import RouterMetrics
+        from cluster.shard_client import DirectShardClient
+
         cfg = _model_config(config)
         tokenizer = Tokenizer(config.model_path)
         info = model_info(config, cfg, tokenizer)
+        r = config.router
         limits = RequestLimits(
             vocab_size=cfg.vocab_size,
             max_model_len=info.max_context_tokens,
             max_output_tokens=info.max_output_tokens,
-            max_request_bytes=config.router.max_request_bytes,
+            max_request_bytes=r.max_request_bytes,
         )
         self.shard = shard
-        self.service = GenerationService(tokenizer, _ShardClient(shard), limits, info)
-        from cluster.metrics import RouterMetrics
-
+        self.client = DirectShardClient(shard)
+        self.service = GenerationService(tokenizer, self.client, limits, info)
         self.metrics = RouterMetrics()
+        self.server = await start_ingress(r.grpc_host, r.grpc_port, self.service, self.healthy,
+                                          self.metrics, r.max_request_bytes)  # fmt: skip
+        _serve_log.info("Router serving gRPC at %s:%d", r.grpc_host, r.grpc_port)
 
-    # ---- exaone.v1.Generation ------------------------------------------------------------------
-    async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext):
-        try:
-            async for response in self.service.generate(request):
-                if response.HasField("final"):
-                    f = response.final
-                    reason = pb.FinishReason.Name(f.finish_reason).removeprefix("FINISH_REASON_")
-                    self.metrics.finished(reason.lower(), f.usage, f.timings)
-                yield response
-        except RequestError as e:
-            self.metrics.failed(e.code.name)
-            _set_status(grpc_context, e)
-            raise
-
-    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context: RayServegRPCContext):
-        return self._unary(self.service.tokenize, request, grpc_context)
-
-    async def Detokenize(self, request: pb.DetokenizeRequest, grpc_context: RayServegRPCContext):
-        return self._unary(self.service.detokenize, request, grpc_context)
-
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest) -> pb.ModelInfo:
-        return self.service.model_info()
-
-    @staticmethod
-    def _unary(method, request, grpc_context: RayServegRPCContext):
-        try:
-            return method(request)
-        except RequestError as e:
-            _set_status(grpc_context, e)
-            raise
-
-    # ---- grpc.health.v1.Health -----------------------------------------------------------------
-    async def _status(self, service: str) -> int:
-        if service not in HEALTH_SERVICES:
-            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+    async def healthy(self) -> bool:
+        """An attention replica answers (any failure to reach one means not serving)."""
         try:
             await asyncio.wait_for(self.shard.stats.remote(), timeout=5.0)
-        except Exception:  # noqa: BLE001 - any failure to reach the engine means not serving
-            return health_pb2.HealthCheckResponse.NOT_SERVING
-        return health_pb2.HealthCheckResponse.SERVING
+        except Exception:  # noqa: BLE001
+            return False
+        return True
 
-    async def Check(self, request: health_pb2.HealthCheckRequest) -> Any:
-        return health_pb2.HealthCheckResponse(status=await self._status(request.service))
-
-    async def Watch(self, request: health_pb2.HealthCheckRequest):
-        last = None
-        while True:  # ends when the client cancels
-            status = await self._status(request.service)
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
-            await asyncio.sleep(1.0)
-
-
-def _set_status(grpc_context: RayServegRPCContext, error: RequestError) -> None:
-    """The proxy returns this status (not INTERNAL) when the method then raises."""
-    grpc_context.set_code(error.code)
-    grpc_context.set_details(error.message)
+    async def __del__(self):
+        if getattr(self, "server", None) is not None:
+            await self.server.stop(1.0)
+            self.server = None
+        if getattr(self, "client", None) is not None:
+            await self.client.subscriber.close()
 
 
 def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:

@@ -54,10 +54,13 @@ def start_local(
     os.environ.update(LOCAL_ENV)
     import ray
     from ray import serve
-    from ray.serve.config import HTTPOptions, gRPCOptions
+    from ray.serve.config import HTTPOptions
     from ray.serve.schema import LoggingConfig
 
-    from cluster.app import GRPC_SERVICERS, build_app
+    from cluster.app import build_app
+
+    router = config.router.model_copy(update={"grpc_host": "127.0.0.1", "grpc_port": grpc_port})
+    config = config.model_copy(update={"router": router})
 
     ray.init(
         address="local",
@@ -74,7 +77,6 @@ def start_local(
         logging = LoggingConfig(enable_access_log=False, log_level="WARNING")
         serve.start(
             http_options=HTTPOptions(host="127.0.0.1", port=http_port),
-            grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS),
             logging_config=logging,
         )
         serve.run(build_app(config), name=APP_NAME, route_prefix="/", logging_config=logging)

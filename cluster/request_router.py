@@ -1,6 +1,7 @@
 """router.affinity as a Ray Serve request router for the AttentionShard deployment.
 
-Serve calls ``choose_replicas`` for each pending ``generate(request_id, prompt_ids, params)``;
+Serve calls ``choose_replicas`` for each pending ``generate(request_id, prompt_ids, params)`` or
+``generate_direct(subscriber, request_id, prompt_ids, params)`` (the prompt is the list argument);
 the ranks it returns are tried in order (a replica at max_ongoing_requests is skipped).
 Loads come from Serve's queue-length cache, probed when missing.
 """
@@ -27,9 +28,10 @@ class PrefixAffinityRouter(RequestRouter):
         if not candidate_replicas:
             return []
         key = None
-        args = pending_request.args if pending_request is not None else None
-        if args and len(args) >= 2 and isinstance(args[1], list | tuple):
-            key = prefix_key(args[1], self.block_size, self.num_blocks)
+        args = pending_request.args if pending_request is not None else ()
+        prompt_ids = next((a for a in args if isinstance(a, list | tuple)), None)
+        if prompt_ids is not None:
+            key = prefix_key(prompt_ids, self.block_size, self.num_blocks)
         loads = await self._loads(candidate_replicas)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         salt = os.urandom(8)  # spreads ties (idle replicas, requests without a prefix)

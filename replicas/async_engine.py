@@ -13,16 +13,28 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
 
 from replicas.engine import LLMEngine
-from replicas.outputs import RequestOutput, StepFailedError
+from replicas.outputs import RequestOutput, StepFailedError, merge_pending
 from replicas.sampling_params import SamplingParams
+
+
+class OutputSink(Protocol):
+    """Where a submitted request's outputs go instead of a per-request queue: ``put`` is called
+    for each of the step's outputs (or the request's error), then ``flush`` once per step for
+    every sink that got something, so a consumer of many requests handles a step at a time."""
+
+    def put(self, request_id: str, item: RequestOutput | BaseException) -> None: ...
+
+    def flush(self) -> None: ...
 
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self._queues: dict[str, asyncio.Queue] = {}
+        self._sinks: dict[str, OutputSink] = {}
         self._commands: list = []
         self._commands_lock = threading.Lock()
         self._wakeup: asyncio.Event | None = None
@@ -35,19 +47,14 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; the last one has ``finished=True``. Raises ValueError for
         bad input (before anything is queued)."""
-        if request_id in self._queues:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        self.engine.check_request(prompt_ids, params)
+        self._check_new(request_id, prompt_ids, params)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self._submit(lambda: self.engine.add_request(request_id, prompt_ids, params), request_id)
         finished = False
         try:
             while True:
-                item = await queue.get()
-                while not queue.empty() and not isinstance(item, BaseException):
-                    nxt = queue.get_nowait()  # a slow reader gets one merged delta, not many
-                    item = nxt if isinstance(nxt, BaseException) else item.merge(nxt)
+                item = merge_pending(await queue.get(), queue)  # a slow reader: one delta
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -59,13 +66,23 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    def submit(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+               sink: OutputSink) -> None:  # fmt: skip
+        """Queue a request whose outputs go to ``sink`` (its last item is a finished output or
+        an exception); ``abort`` ends it early. Raises ValueError for bad input, at once."""
+        self._check_new(request_id, prompt_ids, params)
+        self._sinks[request_id] = sink
+        self._submit(lambda: self.engine.add_request(request_id, prompt_ids, params), request_id)
+
     @property
     def num_requests(self) -> int:
         """Requests whose streams are open (queued, running, or finishing)."""
-        return len(self._queues)
+        return len(self._queues) + len(self._sinks)
 
     def abort(self, request_id: str) -> None:
-        """Abort before the next step (blocks return to the pool then)."""
+        """Abort before the next step (blocks return to the pool then). A submitted request's
+        sink gets nothing more."""
+        self._sinks.pop(request_id, None)
         self._submit(lambda: self.engine.abort(request_id), None)
 
     async def wait_idle(self) -> None:
@@ -81,6 +98,22 @@ class AsyncEngine:
             self._task = None
 
     # ---- internals -----------------------------------------------------------------------------
+    def _check_new(self, request_id: str, prompt_ids: Sequence[int],
+                   params: SamplingParams) -> None:  # fmt: skip
+        if request_id in self._queues or request_id in self._sinks:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.engine.check_request(prompt_ids, params)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException,
+                 flush: set) -> None:  # fmt: skip
+        if (queue := self._queues.get(request_id)) is not None:
+            queue.put_nowait(item)
+        elif (sink := self._sinks.get(request_id)) is not None:
+            sink.put(request_id, item)
+            flush.add(sink)
+            if isinstance(item, BaseException) or item.finished:
+                del self._sinks[request_id]
+
     def _pending(self) -> bool:
         with self._commands_lock:
             return bool(self._commands)
@@ -120,9 +153,10 @@ class AsyncEngine:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             outputs, errors = await asyncio.to_thread(self._apply_and_step)
+            flush: set = set()
             for request_id, error in errors:
-                if (queue := self._queues.get(request_id)) is not None:
-                    queue.put_nowait(error)
+                self._deliver(request_id, error, flush)
             for out in outputs:
-                if (queue := self._queues.get(out.request_id)) is not None:
-                    queue.put_nowait(out)
+                self._deliver(out.request_id, out, flush)
+            for sink in flush:
+                sink.flush()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from replicas.async_engine import AsyncEngine
+from replicas.async_engine import AsyncEngine, OutputSink
 from replicas.dispatch import ExpertDispatcher, ExpertTransport
 from replicas.engine import EngineConfig, LLMEngine
 from replicas.model import ExaoneMoeForCausalLM
@@ -87,11 +87,7 @@ class AttentionShard:
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request; closing the iterator early aborts it and frees its blocks.
         Raises ValueError for input the engine can never serve, QueueFullError at capacity."""
-        if self.engine.num_requests >= self.max_requests:
-            raise QueueFullError(
-                f"replica at capacity ({self.engine.num_requests} requests in flight, limit "
-                f"{self.max_requests}): retry with backoff"
-            )
+        self._admit()
         stream = self.engine.generate(request_id, prompt_ids, params)
         self.num_requests_total += 1
         try:
@@ -99,6 +95,24 @@ class AttentionShard:
                 yield out
         finally:
             await stream.aclose()
+
+    def submit(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+               sink: OutputSink) -> None:  # fmt: skip
+        """Like ``generate``, with the outputs going to ``sink`` (a step at a time);
+        ``abort(request_id)`` ends the request early."""
+        self._admit()
+        self.engine.submit(request_id, prompt_ids, params, sink)
+        self.num_requests_total += 1
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def _admit(self) -> None:
+        if self.engine.num_requests >= self.max_requests:
+            raise QueueFullError(
+                f"replica at capacity ({self.engine.num_requests} requests in flight, limit "
+                f"{self.max_requests}): retry with backoff"
+            )
 
     def stats(self) -> ShardStats:
         engine = self.engine.engine

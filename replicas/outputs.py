@@ -51,6 +51,15 @@ class RequestOutput:
         return self
 
 
+def merge_pending(item, queue) -> RequestOutput | BaseException:
+    """``item`` merged with whatever else ``queue`` (an asyncio.Queue of one request's outputs
+    and errors) already holds, up to an error: a reader that fell behind gets one delta."""
+    while not queue.empty() and not isinstance(item, BaseException):
+        nxt = queue.get_nowait()
+        item = nxt if isinstance(nxt, BaseException) else item.merge(nxt)
+    return item
+
+
 class QueueFullError(RuntimeError):
     """The replica holds as many requests as it admits; the caller should retry later."""
 

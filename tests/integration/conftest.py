@@ -13,6 +13,14 @@ import pytest
 from cluster.redis_server import free_port  # noqa: F401  (the tests import it from here)
 
 
+def on_free_port(config):
+    """``config`` with its Router's gRPC server on a free loopback port -> (config, address).
+    Each application serves its own port (its Router replicas run the gRPC server)."""
+    port = free_port()
+    router = config.router.model_copy(update={"grpc_host": "127.0.0.1", "grpc_port": port})
+    return config.model_copy(update={"router": router}), f"127.0.0.1:{port}"
+
+
 def descendants(pid: int) -> set[int]:
     """pid's descendant processes (Linux /proc)."""
     found, todo = set(), [pid]

@@ -28,13 +28,14 @@ from cluster.config import ClusterConfig
 from cluster.local import APP_NAME, start_local
 from cluster.status_cmd import collect, render
 from router.client import GenerationClient
-from tests.integration.conftest import colocated_reference, free_port
+from tests.integration.conftest import colocated_reference, free_port, on_free_port
 
 pytestmark = pytest.mark.integration
 
 HOT = (0, 1)
 NEW_TOKENS = 16
 BALANCED = "balanced"
+ADDRESSES: dict[str, str] = {}  # application -> its gRPC address (set by the cluster fixture)
 THRESHOLD = 1.3
 
 
@@ -78,8 +79,10 @@ def cluster(skewed_ckpt):
                         grpc_port=free_port(), http_port=free_port(), dashboard_port=None,
                         num_cpus=8, ready_timeout_s=300, metrics_port=free_port())  # fmt: skip
     try:
-        serve.run(build_app(_config(skewed_ckpt, 0.5, balancer=balancer)), name=BALANCED,
-                  route_prefix=f"/{BALANCED}")  # fmt: skip
+        balanced, ADDRESSES[BALANCED] = on_free_port(_config(skewed_ckpt, 0.5,
+                                                             balancer=balancer))  # fmt: skip
+        serve.run(build_app(balanced), name=BALANCED, route_prefix=f"/{BALANCED}")
+        ADDRESSES[APP_NAME] = local.grpc_address
         yield local
     finally:
         local.stop()
@@ -101,10 +104,9 @@ class _Traffic:
     """``streams`` threads, each sending the reference prompts in turn until stopped, pausing
     ``pause_s`` between requests; records every mismatch or error."""
 
-    def __init__(self, address: str, reference, streams: int, pause_s: float = 0.0,
-                 application: str | None = None):  # fmt: skip
+    def __init__(self, application: str, reference, streams: int, pause_s: float = 0.0):
         self.prompts, self.want = reference
-        self.application = application
+        address = ADDRESSES[application]
         self.done, self.failures = 0, []
         self._stop, self._lock = threading.Event(), threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(address, i, pause_s))
@@ -113,7 +115,7 @@ class _Traffic:
             t.start()
 
     def _run(self, address: str, offset: int, pause_s: float) -> None:
-        with GenerationClient(address, timeout_s=120, application=self.application) as client:
+        with GenerationClient(address, timeout_s=120) as client:
             i = offset
             while not self._stop.is_set():
                 k = i % len(self.prompts)
@@ -156,7 +158,7 @@ def test_the_hot_group_scales_up_under_load_and_back_down_after(cluster, referen
     """So does the attention deployment, on its own signal (running sequences)."""
     hot, cold = expert_group_name(0), expert_group_name(1)
     assert (_running(hot), _running(cold), _running("AttentionShard")) == (1, 1, 1)
-    heavy = _Traffic(cluster.grpc_address, reference, streams=16, application=APP_NAME)
+    heavy = _Traffic(APP_NAME, reference, streams=16)
     try:
         _wait(lambda: _running(hot) == 2, 120, "ExpertGroup-0 scaling up",
               lambda: f"{_scaling_state(hot)}, {heavy.done} done {heavy.failures[:2]}")  # fmt: skip
@@ -169,8 +171,7 @@ def test_the_hot_group_scales_up_under_load_and_back_down_after(cluster, referen
     finally:
         heavy.stop()
     assert not heavy.failures, heavy.failures[:5]
-    trickle = _Traffic(cluster.grpc_address, reference, streams=1, pause_s=0.5,
-                       application=APP_NAME)  # fmt: skip
+    trickle = _Traffic(APP_NAME, reference, streams=1, pause_s=0.5)
     try:
         _wait(lambda: _running(hot) == 1, 120, "ExpertGroup-0 scaling back down",
               lambda: _scaling_state(hot))  # fmt: skip
@@ -188,7 +189,7 @@ def test_the_balancer_copies_the_hot_experts_live_and_evens_the_groups_load(clus
     def status() -> dict:
         return balancer.status.remote().result(timeout_s=30)
 
-    traffic = _Traffic(cluster.grpc_address, reference, streams=8, application=BALANCED)
+    traffic = _Traffic(BALANCED, reference, streams=8)
     try:
         # The first history entry is the balancer's start; the next, the rebalance.
         _wait(lambda: len((s := status())["history"]) >= 2 and s["phase"] == "idle", 120,
@@ -228,7 +229,7 @@ def test_the_metrics_reach_rays_prometheus_endpoint(cluster, reference):
     """After the traffic above, Ray's metrics agent exports ours: latency histograms, tokens,
     queue and KV gauges, per-expert and per-group load, imbalance, replica start times."""
     assert cluster.metrics_url and cluster.metrics_url.startswith("http://127.0.0.1:")
-    traffic = _Traffic(cluster.grpc_address, reference, streams=2, application=BALANCED)
+    traffic = _Traffic(BALANCED, reference, streams=2)
     want = {
         "ray_exaone_time_to_first_token_seconds_count": lambda v: v > 0,
         "ray_exaone_time_per_output_token_seconds_count": lambda v: v > 0,

@@ -28,7 +28,7 @@ from replicas.model import ExaoneMoeForCausalLM
 from replicas.model_config import ModelConfig
 from replicas.sampling_params import SamplingParams
 from router.client import Completion, GenerationClient
-from tests.integration.conftest import colocated_reference, free_port
+from tests.integration.conftest import colocated_reference, free_port, on_free_port
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +38,7 @@ ENGINE = EngineOptions(
 )  # fmt: skip
 FOUR = "four-groups"
 NEW_TOKENS = 24
+ADDRESSES: dict[str, str] = {}  # application -> its gRPC address (set by the cluster fixture)
 
 
 def _config(ckpt, num_groups: int, attention_replicas: int, replicas_per_group: int,
@@ -63,8 +64,9 @@ def cluster(served_ckpt):
                             http_port=free_port(), dashboard_port=None, num_cpus=8,
                             ready_timeout_s=300)  # fmt: skip
         try:
-            serve.run(build_app(_config(served_ckpt, 4, 1, 1, url, "serve")), name=FOUR,
-                      route_prefix="/four")  # fmt: skip
+            four, ADDRESSES[FOUR] = on_free_port(_config(served_ckpt, 4, 1, 1, url, "serve"))
+            serve.run(build_app(four), name=FOUR, route_prefix="/four")
+            ADDRESSES[APP_NAME] = local.grpc_address
             yield local
         finally:
             local.stop()
@@ -81,21 +83,21 @@ class _Streams:
     """Every prompt streamed in its own thread at once; ``started`` is set once every stream
     has its first delta. ``results[i]``: token ids, or the grpc.RpcError the stream ended with."""
 
-    def __init__(self, address, application, prompts, max_tokens=NEW_TOKENS):
+    def __init__(self, application, prompts, max_tokens=NEW_TOKENS):
         self.results: dict[int, object] = {}
         self.started = threading.Event()
         self._count, self._lock = 0, threading.Lock()
         self._threads = [
-            threading.Thread(target=self._run, args=(address, application, i, p, max_tokens))
+            threading.Thread(target=self._run, args=(application, i, p, max_tokens))
             for i, p in enumerate(prompts)
         ]
         for t in self._threads:
             t.start()
 
-    def _run(self, address, application, i, prompt, max_tokens):
+    def _run(self, application, i, prompt, max_tokens):
         result = Completion()
         first = True
-        with GenerationClient(address, timeout_s=180, application=application) as c:
+        with GenerationClient(ADDRESSES[application], timeout_s=180) as c:
             try:
                 for response in c.stream(token_ids=prompt, temperature=0.0,
                                          max_tokens=max_tokens, ignore_eos=True):  # fmt: skip
@@ -121,8 +123,8 @@ class _Streams:
         return any(t.is_alive() for t in self._threads)
 
 
-def _generate_all(address, application, prompts):
-    results = _Streams(address, application, prompts).join()
+def _generate_all(application, prompts):
+    results = _Streams(application, prompts).join()
     errors = [r for r in results.values() if isinstance(r, grpc.RpcError)]
     assert not errors, [e.details() for e in errors]
     return results
@@ -172,7 +174,7 @@ def test_status_lists_deployments_with_replica_counts(cluster):
 @pytest.mark.parametrize("application", [APP_NAME, FOUR])
 def test_greedy_equals_colocated(cluster, reference, application):
     ps, want = reference
-    got = _generate_all(cluster.grpc_address, application, ps)
+    got = _generate_all(application, ps)
     assert [got[i] for i in range(len(ps))] == want
 
 
@@ -203,14 +205,14 @@ def test_requests_with_a_shared_prefix_go_to_one_replica(cluster, reference):
     assert len(before) == 2
     shared = list(range(100, 132))
     prompts = [shared + [200 + i, 300 + i] for i in range(6)]
-    with GenerationClient(cluster.grpc_address, timeout_s=120, application=APP_NAME) as c:
+    with GenerationClient(ADDRESSES[APP_NAME], timeout_s=120) as c:
         for p in prompts:  # one by one: equal loads, so affinity alone decides
             c.generate(token_ids=p, max_tokens=2, temperature=0.0)
     after = _stats_per_replica(APP_NAME, "AttentionShard")
     added = sorted(after[r].num_requests_total - before[r].num_requests_total for r in before)
     assert added == [0, 6]
     distinct = [[i] * 40 for i in range(400, 416)]
-    _generate_all(cluster.grpc_address, APP_NAME, distinct)
+    _generate_all(APP_NAME, distinct)
     final = _stats_per_replica(APP_NAME, "AttentionShard")
     assert all(final[r].num_requests_total > after[r].num_requests_total for r in before)
 
@@ -228,7 +230,7 @@ def test_a_replica_that_never_saw_a_prefix_gets_it_from_redis(cluster, served_ck
     (before,) = _stats_per_replica(FOUR, "AttentionShard", calls=2).values()
     usage = []
     for app, prompt, expect in ((APP_NAME, prompts[0], want[0]), (FOUR, prompts[1], want[1])):
-        with GenerationClient(cluster.grpc_address, timeout_s=120, application=app) as c:
+        with GenerationClient(ADDRESSES[app], timeout_s=120) as c:
             got = c.generate(token_ids=prompt, max_tokens=6, temperature=0.0, ignore_eos=True)
         assert got.token_ids == expect
         usage.append(got.usage.get("cached_prompt_tokens", 0))
@@ -242,7 +244,7 @@ def test_a_replica_that_never_saw_a_prefix_gets_it_from_redis(cluster, served_ck
 def test_losing_an_expert_replica_loses_no_request(cluster, reference, report):
     ps, want = reference
     victim = _replica_actors(APP_NAME, "ExpertGroup-1")[0]
-    streams = _Streams(cluster.grpc_address, APP_NAME, ps)
+    streams = _Streams(APP_NAME, ps)
     assert streams.started.wait(120)
     _kill(victim)
     assert streams.running  # killed mid-stream
@@ -259,7 +261,7 @@ def test_losing_an_expert_replica_loses_no_request(cluster, reference, report):
 def test_losing_an_attention_replica_ends_only_its_requests(cluster, reference):
     ps, want = reference
     victim = _replica_actors(APP_NAME, "AttentionShard")[0]
-    streams = _Streams(cluster.grpc_address, APP_NAME, ps)
+    streams = _Streams(APP_NAME, ps)
     assert streams.started.wait(120)
     _kill(victim)
     assert streams.running
@@ -275,6 +277,6 @@ def test_losing_an_attention_replica_ends_only_its_requests(cluster, reference):
         else:
             assert r == want[i]
     # New requests go to the surviving replica (or the replacement); none fails.
-    again = _generate_all(cluster.grpc_address, APP_NAME, ps[:8])
+    again = _generate_all(APP_NAME, ps[:8])
     assert [again[i] for i in range(8)] == want[:8]
     _wait_running(APP_NAME)

@@ -1,4 +1,5 @@
-"""The Generation API end to end: Ray Serve's gRPC proxy -> Router -> AttentionShard (engine)."""
+"""The Generation API end to end: the Router replica's gRPC server -> AttentionShard (engine),
+token deltas back over the step stream."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from replicas.model_config import ModelConfig
 from replicas.sampling_params import SamplingParams
 from router.client import GenerationClient, build_request
 from tests.bad_inputs import BAD_INPUTS
-from tests.integration.conftest import descendants, free_port, listening_addresses
+from tests.integration.conftest import descendants, free_port, listening_addresses, on_free_port
 
 pytestmark = pytest.mark.integration
 
@@ -236,10 +237,10 @@ def test_queue_full_is_resource_exhausted(cluster, served_ckpt):
 
     engine = EngineOptions(max_num_seqs=1, max_waiting_requests=0, block_size=8,
                            kv_cache_bytes=8 << 20, max_model_len=384)  # fmt: skip
-    config = ClusterConfig(model_path=str(served_ckpt), engine=engine)
+    config, address = on_free_port(ClusterConfig(model_path=str(served_ckpt), engine=engine))
     serve.run(build_app(config), name="one-slot", route_prefix="/one-slot")
     try:
-        with GenerationClient(cluster.grpc_address, 120, application="one-slot") as small:
+        with GenerationClient(address, 120) as small:
             busy = small.stream(token_ids=[5, 6, 7], temperature=0.0, max_tokens=300,
                                 ignore_eos=True)  # fmt: skip
             next(busy)  # admitted and running

@@ -1,0 +1,117 @@
+"""The client-facing gRPC server, run by each Router replica itself (grpc.aio in the replica).
+
+Serve's generic gRPC proxy would add a process hop and a Ray object per streamed message; here
+the router replica that tokenizes, detokenizes and parses also writes to the client's socket.
+Serve still deploys, health-checks and scales the Router replicas. Several replicas on one node
+share the port (SO_REUSEPORT; the kernel spreads connections among them).
+
+Services: exaone.v1.Generation, grpc.health.v1.Health and server reflection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.exaone.v1 import generation_pb2 as pb
+from protos.exaone.v1 import generation_pb2_grpc as pb_grpc
+from router.errors import RequestError
+from router.service import GenerationService
+
+HEALTH_SERVICES = ("", "exaone.v1.Generation")
+HealthFn = Callable[[], Awaitable[bool]]
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, service: GenerationService, metrics=None):
+        self.service, self.metrics = service, metrics
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            async for response in self.service.generate(request):
+                if self.metrics is not None and response.HasField("final"):
+                    f = response.final
+                    reason = pb.FinishReason.Name(f.finish_reason).removeprefix("FINISH_REASON_")
+                    self.metrics.finished(reason.lower(), f.usage, f.timings)
+                yield response
+        except RequestError as e:
+            if self.metrics is not None:
+                self.metrics.failed(e.code.name)
+            await context.abort(e.code, e.message)
+
+    async def Tokenize(self, request, context):
+        return await _unary(self.service.tokenize, request, context)
+
+    async def Detokenize(self, request, context):
+        return await _unary(self.service.detokenize, request, context)
+
+    async def GetModelInfo(self, request, context):
+        return self.service.model_info()
+
+
+async def _unary(method, request, context: grpc.aio.ServicerContext):
+    try:
+        return method(request)
+    except RequestError as e:
+        await context.abort(e.code, e.message)
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """SERVING while ``healthy()`` says the engine can serve; Watch re-checks every second."""
+
+    def __init__(self, healthy: HealthFn, interval_s: float = 1.0):
+        self.healthy, self.interval_s = healthy, interval_s
+
+    async def _status(self, service: str) -> int:
+        if service not in HEALTH_SERVICES:
+            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        if await self.healthy():
+            return health_pb2.HealthCheckResponse.SERVING
+        return health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def Check(self, request, context):
+        return health_pb2.HealthCheckResponse(status=await self._status(request.service))
+
+    async def Watch(self, request, context):
+        last = None
+        while True:  # ends when the client cancels
+            status = await self._status(request.service)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(self.interval_s)
+
+
+async def start_ingress(
+    host: str,
+    port: int,
+    service: GenerationService,
+    healthy: HealthFn,
+    metrics=None,
+    max_message_bytes: int = 4 << 20,
+) -> grpc.aio.Server:
+    """Serve the public API on host:port (shared with other replicas on this node)."""
+    # Room above max_request_bytes, so an oversized request gets our INVALID_ARGUMENT message
+    # (which names the limit) rather than gRPC's own RESOURCE_EXHAUSTED.
+    limit = 2 * max_message_bytes + (1 << 20)
+    server = grpc.aio.server(options=[
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+    ])  # fmt: skip
+    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(service, metrics), server)
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(healthy), server)
+    names = (
+        pb.DESCRIPTOR.services_by_name["Generation"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"cannot listen on {host}:{port} for gRPC")
+    await server.start()
+    return server

@@ -1,0 +1,190 @@
+"""Token outputs from an attention replica to the router replicas, one message per engine step.
+
+The request goes through Ray Serve (replica choice, admission, cancel, the request's lifetime:
+``AttentionShardDeployment.generate_direct``); its token deltas do not. Each router replica
+has a random subscriber id and holds one ``Subscribe`` stream (gRPC, internal proto
+``exaone.internal.v1``) to every attention replica it sends requests to. After each engine
+step the replica sends each subscriber one ``StepBatch`` with the deltas of all that
+subscriber's requests; a subscriber that falls behind gets the steps since its last read in
+one message. So the cost per message does not grow with the number of streams, and no Ray
+object crosses processes per token.
+
+This module is the replica's side (``StepPublisher``) and the codec both sides use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import grpc
+
+from protos.exaone.internal.v1 import step_stream_pb2 as spb
+from protos.exaone.internal.v1 import step_stream_pb2_grpc as spb_grpc
+from replicas.outputs import QueueFullError, ReplicaUnavailableError, RequestOutput, TokenLogprob
+from replicas.request import FinishReason
+from replicas.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+# error_kind on the wire <-> the exception the router's caller sees
+_ERRORS: dict[str, type[Exception]] = {
+    "invalid": ValueError,
+    "unavailable": ReplicaUnavailableError,
+    "capacity": QueueFullError,
+    "internal": RuntimeError,
+}
+
+
+# ---- codec -------------------------------------------------------------------------------------
+def _logprobs_pb(entries: Sequence[TokenLogprob]) -> list[spb.TokenLogprob]:
+    return [
+        spb.TokenLogprob(token_id=e.token_id, logprob=e.logprob,
+                         top_ids=[t for t, _ in e.top], top_logprobs=[v for _, v in e.top])
+        for e in entries
+    ]  # fmt: skip
+
+
+def _logprobs(entries) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(e.token_id, e.logprob, tuple(zip(e.top_ids, e.top_logprobs, strict=True)))
+        for e in entries
+    ]
+
+
+def encode(request_id: str, item: RequestOutput | BaseException) -> spb.Output:
+    if isinstance(item, BaseException):
+        kind = next((k for k, t in _ERRORS.items() if isinstance(item, t)), "internal")
+        return spb.Output(request_id=request_id, finished=True, error_kind=kind,
+                          error=str(item) or type(item).__name__)  # fmt: skip
+    return spb.Output(
+        request_id=request_id,
+        new_token_ids=item.new_token_ids,
+        finished=item.finished,
+        finish_reason=item.finish_reason.value if item.finish_reason is not None else "",
+        has_logprobs=item.logprobs is not None,
+        logprobs=_logprobs_pb(item.logprobs or ()),
+        prompt_logprobs=_logprobs_pb(item.prompt_logprobs or ()),
+        num_prompt_tokens=item.num_prompt_tokens,
+        num_output_tokens=item.num_output_tokens,
+        num_cached_tokens=item.num_cached_tokens,
+        num_accepted_draft_tokens=item.num_accepted_draft_tokens,
+        num_drafted_tokens=item.num_drafted_tokens,
+        has_queue_time=item.queue_time_s is not None,
+        queue_time_s=item.queue_time_s or 0.0,
+    )
+
+
+def decode(out: spb.Output) -> RequestOutput | Exception:
+    if out.error_kind:
+        return _ERRORS.get(out.error_kind, RuntimeError)(out.error)
+    return RequestOutput(
+        request_id=out.request_id,
+        new_token_ids=list(out.new_token_ids),
+        finished=out.finished,
+        finish_reason=FinishReason(out.finish_reason) if out.finish_reason else None,
+        logprobs=_logprobs(out.logprobs) if out.has_logprobs else None,
+        prompt_logprobs=_logprobs(out.prompt_logprobs) or None,
+        num_prompt_tokens=out.num_prompt_tokens,
+        num_output_tokens=out.num_output_tokens,
+        num_cached_tokens=out.num_cached_tokens,
+        num_accepted_draft_tokens=out.num_accepted_draft_tokens,
+        num_drafted_tokens=out.num_drafted_tokens,
+        queue_time_s=out.queue_time_s if out.has_queue_time else None,
+    )
+
+
+# ---- the replica's side ------------------------------------------------------------------------
+class _Subscriber:
+    """One router replica's pending deltas (an ``OutputSink`` of the replica's engine)."""
+
+    def __init__(self):
+        self.pending: list[spb.Output] = []
+        self.ready = asyncio.Event()
+        self.num_streams = 0
+        self.requests: dict[str, asyncio.Event] = {}  # request id -> set once it has ended
+
+    def put(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        self.pending.append(encode(request_id, item))
+        if isinstance(item, BaseException) or item.finished:
+            ended = self.requests.pop(request_id, None)
+            if ended is not None:
+                ended.set()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.ready.set()
+
+    def take(self) -> spb.StepBatch:
+        batch, self.pending = spb.StepBatch(outputs=self.pending), []
+        self.ready.clear()
+        return batch
+
+
+class StepPublisher(spb_grpc.StepStreamServicer):
+    """The attention replica's side: requests submitted for a subscriber send their deltas to
+    that subscriber's ``Subscribe`` stream. Must be used on the event loop the engine runs on.
+
+    ``shard`` is a ``replicas.attention_shard.AttentionShard`` (``submit``/``abort``)."""
+
+    def __init__(self, shard, host: str):
+        self.shard, self.host = shard, host
+        self.subscribers: dict[str, _Subscriber] = {}
+        self.server: grpc.aio.Server | None = None
+        self.address: str | None = None
+
+    async def start(self) -> str:
+        """Listen on ``host`` at a port the OS picks; -> the address routers connect to."""
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        spb_grpc.add_StepStreamServicer_to_server(self, self.server)
+        port = self.server.add_insecure_port(f"{self.host}:0")
+        await self.server.start()
+        self.address = f"{self.host}:{port}"
+        return self.address
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        if self.server is not None:
+            await self.server.stop(grace_s)
+
+    def submit(self, subscriber: str, request_id: str, prompt_ids: Sequence[int],
+               params: SamplingParams) -> asyncio.Event:  # fmt: skip
+        """Admit the request (raises ValueError / QueueFullError at once); -> an event set when
+        its last delta (finished, or its error) is queued for the subscriber."""
+        sub = self.subscribers.get(subscriber)
+        if sub is None:
+            sub = self.subscribers[subscriber] = _Subscriber()
+        ended = asyncio.Event()
+        sub.requests[request_id] = ended
+        try:
+            self.shard.submit(request_id, prompt_ids, params, sub)
+        except BaseException:
+            del sub.requests[request_id]
+            self._forget_if_idle(subscriber)
+            raise
+        return ended
+
+    def abort(self, subscriber: str, request_id: str) -> None:
+        """The request's caller went away: abort it; nothing more is sent for it."""
+        self.shard.abort(request_id)
+        sub = self.subscribers.get(subscriber)
+        if sub is not None and sub.requests.pop(request_id, None) is not None:
+            self._forget_if_idle(subscriber)
+
+    def _forget_if_idle(self, subscriber: str) -> None:
+        sub = self.subscribers.get(subscriber)
+        if sub is not None and not sub.requests and not sub.num_streams and not sub.pending:
+            del self.subscribers[subscriber]
+
+    async def Subscribe(self, request: spb.SubscribeRequest, context):
+        sub = self.subscribers.get(request.subscriber)
+        if sub is None:
+            sub = self.subscribers[request.subscriber] = _Subscriber()
+        sub.num_streams += 1
+        try:
+            while True:
+                await sub.ready.wait()
+                yield sub.take()
+        finally:
+            sub.num_streams -= 1
+            self._forget_if_idle(request.subscriber)
