@@ -183,6 +183,15 @@ class ExpertOptions(_Strict):
 
 class RouterOptions(_Strict):
     num_replicas: int = Field(1, ge=1)
+    grpc_host: str = Field(
+        "127.0.0.1",
+        description="Address each Router replica's gRPC server listens on (0.0.0.0 in a pod "
+        "that a Service must reach).",
+    )
+    grpc_port: int = Field(
+        9000, ge=1, le=65535, description="The client-facing gRPC port (Router replicas on one "
+        "node share it)."
+    )
     max_request_bytes: int = Field(4 << 20, ge=1024, description="Largest request accepted.")
     max_output_tokens: int | None = Field(
         None, ge=1, description="Largest max_tokens accepted; default: the context limit."
