@@ -89,8 +89,9 @@ def deploy_groups(path: Path, dtype: str, num_groups: int, threads: int, transpo
 
 def hop_overhead(transport, group: ExpertGroup, hidden: int, layer: int, repeats: int = 50):
     """Median ms of a one-token layer call through the transport, minus the group's own
-    compute for the same input in this process."""
-    x = torch.randn(1, hidden)
+    compute for the same input in this process. The token is in the groups' dtype, as the
+    attention side's activations are (fp32 here once made bf16 groups fail in the GEMM)."""
+    x = torch.randn(1, hidden, dtype=group.dtype)
     ids = torch.tensor([list(group.expert_ids[:1]) * 1])  # one slot, held by group 0
     times, local = [], []
     for _ in range(repeats):

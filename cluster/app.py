@@ -471,7 +471,7 @@ class RouterDeployment:
             max_request_bytes=r.max_request_bytes,
         )
         self.shard = shard
-        self.client = DirectShardClient(shard)
+        self.client = DirectShardClient(shard, retry_budget_s=r.retry_budget_s)
         self.service = GenerationService(tokenizer, self.client, limits, info)
         self.metrics = RouterMetrics()
         self.server = await start_ingress(r.grpc_host, r.grpc_port, self.service, self.healthy,

@@ -70,6 +70,7 @@ def _run_one(client, args, show_reasoning: bool = False, **input_kwargs):
 
     result = Completion()
     in_reasoning = False
+    last = ""  # the last piece printed, to end the answer's line
     for response in client.stream(**input_kwargs, **_kwargs(args)):
         result.add(response)
         if args.json or not response.HasField("delta"):
@@ -89,13 +90,24 @@ def _run_one(client, args, show_reasoning: bool = False, **input_kwargs):
                 piece += f"\n[tool call] {call.name}({call.arguments_json})"
             for err in d.tool_call_errors:
                 piece += f"\n[malformed tool call] {err.reason}: {err.raw}"
-        print(piece, end="", flush=True)
+        if piece:
+            print(piece, end="", flush=True)
+            last = piece
     if args.json:
         print(result.to_json())
     else:
-        print(f"\n[{result.finish_reason}: {result.usage.get('completion_tokens', 0)} tokens, "
+        _end_line(last)
+        print(f"[{result.finish_reason}: {result.usage.get('completion_tokens', 0)} tokens, "
               f"{result.timings.get('total_ms', 0):.0f} ms]", file=sys.stderr)  # fmt: skip
     return result
+
+
+def _end_line(last_piece: str) -> None:
+    """End the streamed answer with exactly one newline (none added when it ended with one): the
+    shell's prompt, or the next turn's answer, then starts on a line of its own even when
+    stderr, where the usage line goes, is redirected."""
+    if not last_piece.endswith("\n"):
+        print(flush=True)
 
 
 def _fail(e: grpc.RpcError) -> int:

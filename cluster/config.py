@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from replicas.model_config import AUTO_DTYPE, resolve_dtype
 from replicas.placement import ExpertPlacement
 
 
@@ -193,6 +194,10 @@ class RouterOptions(_Strict):
         "node share it)."
     )
     max_request_bytes: int = Field(4 << 20, ge=1024, description="Largest request accepted.")
+    retry_budget_s: float = Field(
+        30.0, ge=0, description="How long a request whose attention replica was lost before its "
+        "first token is retried (on another replica, or the one Serve starts in its place)."
+    )
     max_output_tokens: int | None = Field(
         None, ge=1, description="Largest max_tokens accepted; default: the context limit."
     )
@@ -232,7 +237,12 @@ class PrefixCacheOptions(_Strict):
 class ClusterConfig(_Strict):
     model_path: str = Field(description="Local checkpoint directory (Hugging Face layout).")
     model_id: str | None = Field(None, description="Name reported by GetModelInfo.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights' and activations' dtype on the replicas. auto: the checkpoint's own "
+        "(config.json's dtype or torch_dtype; float32 without one), as vLLM does; resolved "
+        "when the config is validated, so the running config always names a concrete dtype.",
+    )
     kernels: Literal["auto", "torch", "triton", "vllm"] = Field(
         "auto",
         description="Kernels for the routed experts and attention: torch (reference; our C "
@@ -247,6 +257,20 @@ class ClusterConfig(_Strict):
     metrics_interval_s: float = Field(
         2.0, gt=0, description="How often replicas update their gauges (cluster/metrics.py)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto_dtype(cls, data: Any) -> Any:
+        """``dtype: auto`` (the default) becomes the checkpoint's dtype here, once, so every
+        consumer of ``config.dtype`` (attention replicas, expert groups, GetModelInfo, the
+        prefix-cache fingerprint) reads the same concrete name. A model_path without a
+        config.json is left alone: ``_model_dir_exists`` reports it."""
+        if not isinstance(data, dict) or data.get("dtype", AUTO_DTYPE) != AUTO_DTYPE:
+            return data
+        path = data.get("model_path")
+        if not isinstance(path, str) or not (Path(path) / "config.json").is_file():
+            return data
+        return {**data, "dtype": resolve_dtype(AUTO_DTYPE, path)}
 
     @model_validator(mode="after")
     def _model_dir_exists(self) -> ClusterConfig:
@@ -283,11 +307,18 @@ class ClusterConfig(_Strict):
     def name(self) -> str:
         return self.model_id or Path(self.model_path).resolve().name
 
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides) -> ClusterConfig:
-        """YAML or JSON file; ``overrides`` (e.g. model_path from the command line) win."""
+    @staticmethod
+    def read_file(path: str | Path) -> dict[str, Any]:
+        """The fields a YAML or JSON file sets, not validated yet (so a caller can see which
+        it leaves out: ``serve`` fills in the bundled model when model_path is one)."""
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of ClusterConfig fields")
+        return data
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> ClusterConfig:
+        """YAML or JSON file; ``overrides`` (e.g. model_path from the command line) win."""
+        data = cls.read_file(path)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(data)

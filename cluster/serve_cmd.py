@@ -58,21 +58,22 @@ def with_overrides(config, args: argparse.Namespace):
     return type(config).model_validate(data)
 
 
+def load_config(args: argparse.Namespace):
+    """The ClusterConfig of ``--config`` (every default without one), ``--model`` over its
+    model_path. When neither names a model, the bundled one: a config file that only tunes the
+    cluster serves what plain ``serve`` serves instead of failing on a missing model_path."""
+    from cluster.config import ClusterConfig
+
+    fields = ClusterConfig.read_file(args.config) if args.config else {}
+    model = args.model or fields.get("model_path") or str(default_model())
+    return ClusterConfig.model_validate({**fields, "model_path": model})
+
+
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from cluster.config import ClusterConfig
-
     try:
-        model = args.model
-        if model is None and args.config is None:
-            model = str(default_model())
-        config = (
-            ClusterConfig.from_file(args.config, model_path=model)
-            if args.config
-            else ClusterConfig(model_path=model)
-        )
-        config = with_overrides(config, args)
+        config = with_overrides(load_config(args), args)
     except (ValidationError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

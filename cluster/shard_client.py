@@ -9,8 +9,9 @@ as ongoing (load-aware choice, autoscaling, graceful drain) and closing it cance
 request. The deltas arrive over the replica's ``Subscribe`` stream, which this router opens
 once per replica and shares among all its requests.
 
-A replica lost before the request's first delta is retried on another (nothing was streamed
-yet); lost later, the request ends with ReplicaUnavailableError (its KV cache is gone).
+A replica lost before the request's first delta is retried (nothing was streamed yet), on
+another replica or on the one Serve starts in its place, for up to ``retry_budget_s``; lost
+later, the request ends with ReplicaUnavailableError (its KV cache is gone).
 """
 
 from __future__ import annotations
@@ -100,16 +101,19 @@ class DirectShardClient:
     """EngineClient (router.service) over the AttentionShard deployment's handle and step
     streams."""
 
-    MAX_ATTEMPTS = 3
-
-    def __init__(self, handle, subscriber: StepSubscriber | None = None):
+    def __init__(self, handle, subscriber: StepSubscriber | None = None,
+                 retry_budget_s: float = 30.0):  # fmt: skip
         self.handle = handle.options(stream=True)
         self.subscriber = subscriber or StepSubscriber()
+        self.retry_budget_s = retry_budget_s
+        self.num_retries = 0
 
     async def generate(
         self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
     ) -> AsyncIterator[Any]:
-        for attempt in range(1, self.MAX_ATTEMPTS + 1):
+        loop = asyncio.get_running_loop()
+        deadline, backoff_s = loop.time() + self.retry_budget_s, 0.1
+        while True:
             started = False
             try:
                 async for out in self._attempt(request_id, prompt_ids, params):
@@ -117,12 +121,14 @@ class DirectShardClient:
                     yield out
                 return
             except _Lost as e:
-                if started or attempt == self.MAX_ATTEMPTS:
+                if started or loop.time() + backoff_s > deadline:
                     raise ReplicaUnavailableError(
                         f"the attention replica serving this request was lost ({e}); retry the "
                         "request"
                     ) from None
-                await asyncio.sleep(0.1 * attempt)
+                self.num_retries += 1
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(2 * backoff_s, 1.0)
 
     async def _attempt(self, request_id: str, prompt_ids: Sequence[int],
                        params: SamplingParams) -> AsyncIterator[Any]:  # fmt: skip

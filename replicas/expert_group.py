@@ -109,7 +109,11 @@ class ExpertGroup:
         self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H], topk_ids [N, K] global ids, NO_EXPERT (num_experts) for slots other
-        groups compute -> (slots [S_held], y [S_held, H]). Every other id must be held here."""
+        groups compute -> (slots [S_held], y [S_held, H]). Every other id must be held here.
+
+        ``x`` is cast to the weights' dtype and ``y`` comes back in ``x``'s: a caller whose
+        activations are in another dtype (an attention side configured apart from the groups, a
+        probe built with ``torch.randn``) gets its answer instead of a dtype error from the GEMM."""
         started = time.monotonic()
         experts = self.stack.experts(layer)
         ids = topk_ids.flatten().to(self.device)  # [S]
@@ -120,12 +124,12 @@ class ExpertGroup:
                 f"expert group {self.group} (map version {self.map_version}) does not hold "
                 f"experts {sorted(set(ids[missing].tolist()))} of layer {layer}"
             )
-        slots, y = experts.compute(x.to(self.device), topk_ids.to(self.device))
+        slots, y = experts.compute(x.to(self.device, self.dtype), topk_ids.to(self.device))
         served = ids[local >= 0].cpu()
         with self._lock:
             self._num_calls += 1
             self._tokens += torch.bincount(served, minlength=self.cfg.num_experts)
-            slots, y = slots.cpu(), y.cpu()
+            slots, y = slots.cpu(), y.to("cpu", x.dtype)
             self.load.add(layer, served, busy_s=time.monotonic() - started)
         return slots, y
 

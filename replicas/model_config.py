@@ -40,6 +40,13 @@ REQUIRED_FIELDS = (
 # K-EXAONE 2.0 fields that change the math; v1 checkpoints never carry them.
 UNSUPPORTED_FIELDS = ("sliding_windows", "mtp_layer_types", "mtp_sliding_windows", "swiglu_limits")
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+"""The weight dtypes we run, by the names configs and command lines use (torch's attribute
+names: replicas.weights.DTYPES maps them to torch dtypes). Kept here, free of torch, because
+ClusterConfig resolves ``dtype: auto`` in processes that never import torch (the router)."""
+AUTO_DTYPE = "auto"
+_DTYPE_SPELLINGS = {"float": "float32", "half": "float16"}  # older config.json spellings
+
 
 class ConfigError(ValueError):
     """A config.json we cannot serve. The message names the field."""
@@ -357,3 +364,23 @@ def _leading_dense(mlp_layer_types: tuple[str, ...]) -> int:
             break
         n += 1
     return n
+
+
+def checkpoint_dtype(raw: dict[str, Any]) -> str:
+    """The dtype a Hugging Face config.json says its weights are in: ``dtype`` (transformers 5)
+    or else ``torch_dtype`` (before), as vLLM reads them for ``--dtype auto``. float32 when
+    neither is there or the value is not one of DTYPE_NAMES: the safe choice, since bf16, fp16
+    and fp8 weights all convert to it exactly."""
+    name = str(raw.get("dtype") or raw.get("torch_dtype") or "").removeprefix("torch.")
+    name = _DTYPE_SPELLINGS.get(name, name)
+    return name if name in DTYPE_NAMES else "float32"
+
+
+def resolve_dtype(dtype: str, model_path: str | Path) -> str:
+    """``dtype`` itself, or for ``auto`` the checkpoint's own (``checkpoint_dtype`` of
+    ``model_path``/config.json). Called once, where the configuration is validated, so every
+    consumer (attention replicas, expert groups, GetModelInfo, the prefix-cache fingerprint)
+    sees the same concrete name."""
+    if dtype != AUTO_DTYPE:
+        return dtype
+    return checkpoint_dtype(json.loads((Path(model_path) / "config.json").read_text()))

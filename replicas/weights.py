@@ -26,12 +26,12 @@ from torch import nn
 from tqdm import tqdm
 
 from replicas.model import ExaoneMoeForCausalLM, Piece, Router, checkpoint_sources
-from replicas.model_config import ModelConfig
+from replicas.model_config import DTYPE_NAMES, ModelConfig
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 """Weight dtypes by the names configs and command lines use."""
 PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar by default above 1 GiB to read
 

@@ -27,7 +27,7 @@ from replicas.engine import EngineConfig, LLMEngine
 from replicas.model import ExaoneMoeForCausalLM
 from replicas.model_config import ModelConfig
 from replicas.sampling_params import SamplingParams
-from router.client import Completion, GenerationClient
+from router.client import Completion, GenerationClient, build_request
 from tests.integration.conftest import colocated_reference, free_port, on_free_port
 
 pytestmark = pytest.mark.integration
@@ -256,6 +256,34 @@ def test_losing_an_expert_replica_loses_no_request(cluster, reference, report):
     retries = sum(s.num_expert_retries for s in shards.values())
     report(f"expert layer calls retried after the kill: {retries}")
     _wait_running(APP_NAME)  # Serve replaces the replica
+
+
+def test_32_concurrent_streams_equal_colocated(cluster, served_ckpt):
+    ps, want = colocated_reference(served_ckpt, seed=8, num_prompts=32, max_len=60,
+                                   new_tokens=NEW_TOKENS)  # fmt: skip
+    got = _generate_all(APP_NAME, ps)
+    assert [got[i] for i in range(32)] == want
+
+
+def test_cancel_frees_kv_blocks_on_every_replica(cluster):
+    with GenerationClient(ADDRESSES[APP_NAME], timeout_s=120) as c:
+        calls = [c.stub.Generate(build_request(token_ids=[9, 10, 11 + i], temperature=0.0,
+                                               max_tokens=300, ignore_eos=True))
+                 for i in range(4)]  # fmt: skip
+        streams = [iter(call) for call in calls]
+        for stream in streams:
+            next(stream), next(stream)
+        busy = _stats_per_replica(APP_NAME, "AttentionShard")
+        assert sum(s.num_requests for s in busy.values()) == 4
+        for call in calls:
+            call.cancel()
+    deadline = time.monotonic() + 30
+    while True:
+        stats = _stats_per_replica(APP_NAME, "AttentionShard")
+        if all(s.num_blocks_in_use == 0 and s.num_requests == 0 for s in stats.values()):
+            break
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.2)
 
 
 def test_losing_an_attention_replica_ends_only_its_requests(cluster, reference):

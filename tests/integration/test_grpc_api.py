@@ -228,6 +228,63 @@ def test_every_listener_is_on_loopback(cluster):
     assert not wide, f"listening beyond loopback: {wide}"
 
 
+@pytest.mark.parametrize("num_groups", [0, 1], ids=["colocated", "disaggregated"])
+def test_a_request_waiting_on_a_lost_replica_is_retried(cluster, served_ckpt, reference,
+                                                         num_groups):  # fmt: skip
+    """An application whose attention replica runs one sequence: a second request waits there
+    (admitted, no token yet) when the replica is killed. The running stream ends UNAVAILABLE;
+    the waiting one is retried on the replica Serve starts in its place and returns the
+    engine's output."""
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+
+    ps, want = reference
+    name = f"retry-{num_groups}"
+    engine = EngineOptions(max_num_seqs=1, max_waiting_requests=4, block_size=8,
+                           kv_cache_bytes=8 << 20, max_model_len=384)  # fmt: skip
+    config, address = on_free_port(ClusterConfig(
+        model_path=str(served_ckpt), engine=engine, router={"retry_budget_s": 180},
+        attention={"num_cpus": 0.25, "num_threads": 1},
+        experts={"num_groups": num_groups, "num_cpus": 0.25, "num_threads": 1}))  # fmt: skip
+    serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+    shard = serve.get_deployment_handle("AttentionShard", name)
+    try:
+        with GenerationClient(address, 240) as c:
+            running = c.stream(token_ids=[5, 6, 7], temperature=0.0, max_tokens=300,
+                               ignore_eos=True)  # fmt: skip
+            next(running)
+            waiting: dict[str, object] = {}
+
+            def wait():
+                try:
+                    waiting["ids"] = c.generate(token_ids=ps[0], temperature=0.0, max_tokens=24,
+                                                ignore_eos=True).token_ids  # fmt: skip
+                except grpc.RpcError as e:
+                    waiting["ids"] = e
+
+            thread = threading.Thread(target=wait)
+            thread.start()
+            deadline = time.monotonic() + 60
+            while shard.stats.remote().result().num_waiting != 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            prefix = f"SERVE_REPLICA::{name}#AttentionShard#"
+            (victim,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                         if a["name"].startswith(prefix)]  # fmt: skip
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            with pytest.raises(grpc.RpcError) as lost:
+                for _ in running:
+                    pass
+            assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "attention replica" in lost.value.details()
+            thread.join(240)
+            assert waiting["ids"] == want[0]
+    finally:
+        serve.delete(name)
+
+
 def test_queue_full_is_resource_exhausted(cluster, served_ckpt):
     """A second app whose replica admits one request: the next gets RESOURCE_EXHAUSTED. Runs
     last in this module: while two apps exist, calls must name their application."""

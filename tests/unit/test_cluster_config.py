@@ -1,14 +1,17 @@
-"""ClusterConfig: placement fields, their errors, and the serve command's overrides."""
+"""ClusterConfig: placement fields, their errors, dtype auto, and the serve command's config
+file and overrides."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 from pydantic import ValidationError
 
 from cluster.config import ClusterConfig
-from cluster.serve_cmd import add_arguments, with_overrides
+from cluster.serve_cmd import BUNDLED_MODEL, add_arguments, load_config, with_overrides
+from replicas.model_config import checkpoint_dtype
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +133,79 @@ def test_autoscaling_gives_serve_our_policies_with_their_targets(make_ckpt):
     with pytest.raises(ValidationError, match="min_replicas=3 > max_replicas=2"):
         ClusterConfig(model_path=str(make_ckpt("tiny")),
                       experts={"autoscaling": {"min_replicas": 3, "max_replicas": 2}})  # fmt: skip
+
+
+# ---- dtype ---------------------------------------------------------------------------------------
+def _ckpt_config(tmp_path, **changes) -> str:
+    """A model directory with the bundled model's config.json, ``changes`` applied (None
+    deletes a key). ClusterConfig reads nothing else of the checkpoint."""
+    raw = json.loads((BUNDLED_MODEL / "config.json").read_text())
+    raw.update(changes)
+    raw = {k: v for k, v in raw.items() if v is not None}
+    tmp_path.mkdir()
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    return str(tmp_path)
+
+
+def test_auto_dtype_is_the_checkpoints_own():
+    """The default (auto) serves the bundled bf16 model in bf16, not fp32, and config.dtype
+    is concrete after validation: GetModelInfo and the replicas read it as it is."""
+    assert ClusterConfig.model_fields["dtype"].default == "auto"
+    assert ClusterConfig(model_path=str(BUNDLED_MODEL)).dtype == "bfloat16"
+    assert ClusterConfig(model_path=str(BUNDLED_MODEL), dtype="auto").dtype == "bfloat16"
+    from_dump = ClusterConfig.model_validate(ClusterConfig(model_path=str(BUNDLED_MODEL))
+                                             .model_dump())  # fmt: skip
+    assert from_dump.dtype == "bfloat16"
+
+
+def test_auto_dtype_reads_torch_dtype_and_falls_back_to_float32(tmp_path):
+    old_style = _ckpt_config(tmp_path / "a", dtype=None, torch_dtype="float16")
+    assert ClusterConfig(model_path=old_style).dtype == "float16"
+    none = _ckpt_config(tmp_path / "b", dtype=None)
+    assert ClusterConfig(model_path=none).dtype == "float32"
+
+
+@pytest.mark.parametrize(
+    "raw,dtype",
+    [
+        ({"dtype": "bfloat16"}, "bfloat16"),
+        ({"torch_dtype": "float16"}, "float16"),
+        ({"dtype": "float32", "torch_dtype": "bfloat16"}, "float32"),  # transformers 5's key wins
+        ({"torch_dtype": "torch.bfloat16"}, "bfloat16"),
+        ({"torch_dtype": "half"}, "float16"),
+        ({"dtype": "float8_e4m3fn"}, "float32"),
+        ({}, "float32"),
+    ],
+)
+def test_checkpoint_dtype(raw, dtype):
+    assert checkpoint_dtype(raw) == dtype
+
+
+def test_explicit_dtype_is_kept_and_a_bad_one_names_the_field(ckpt):
+    for dtype in ("float32", "bfloat16", "float16"):
+        assert ClusterConfig(model_path=str(BUNDLED_MODEL), dtype=dtype).dtype == dtype
+    assert ClusterConfig(model_path=ckpt).dtype == "float32"  # an fp32 checkpoint
+    with pytest.raises(ValidationError, match="dtype"):
+        ClusterConfig(model_path=str(BUNDLED_MODEL), dtype="int8")
+    with pytest.raises(ValidationError, match="no config.json there"):
+        ClusterConfig(model_path="/nonexistent")  # auto left for this check to report
+
+
+# ---- serve --config ------------------------------------------------------------------------------
+def _serve_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_a_config_file_without_model_path_serves_the_bundled_model(ckpt, tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text("engine:\n  max_num_seqs: 8\n")
+    config = load_config(_serve_args("--config", str(path)))
+    assert config.model_path == str(BUNDLED_MODEL) and config.engine.max_num_seqs == 8
+    assert config.dtype == "bfloat16"
+    assert load_config(_serve_args("--config", str(path), "--model", ckpt)).model_path == ckpt
+    named = tmp_path / "named.yaml"
+    named.write_text(f"model_path: {ckpt}\n")
+    assert load_config(_serve_args("--config", str(named))).model_path == ckpt
+    assert load_config(_serve_args()).model_path == str(BUNDLED_MODEL)

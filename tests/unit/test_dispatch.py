@@ -225,6 +225,21 @@ def test_expert_group_counts_tokens_per_expert(ckpt, colocated):
     assert stats.tokens_per_s > 0 and stats.ready_s > 0
 
 
+def test_expert_group_computes_in_its_dtype_and_answers_in_the_callers(make_ckpt, colocated):
+    """A bf16 group fed fp32 activations (bench/disagg.py's probe sent them) computes in bf16
+    and answers in fp32, instead of failing in the GEMM ("expected m1 and m2 to have the same
+    dtype"). A bf16 caller gets the very same rows, in bf16."""
+    cfg = colocated.cfg
+    group = ExpertGroup(make_ckpt(dtype="bfloat16"), 0, [0, 1, 2], dtype="bfloat16")
+    none = cfg.num_experts
+    ids = torch.tensor([[0, none], [1, 0], [2, 1]])
+    x = torch.randn(3, cfg.hidden_size)
+    slots, y = group.forward(cfg.moe_layers[0], x, ids)
+    same_slots, want = group.forward(cfg.moe_layers[0], x.bfloat16(), ids)
+    assert y.dtype == torch.float32 and want.dtype == torch.bfloat16
+    assert torch.equal(slots, same_slots) and torch.equal(y, want.float())
+
+
 def test_expert_group_refuses_slots_of_experts_it_does_not_hold(ckpt, colocated):
     cfg = colocated.cfg
     group = ExpertGroup(ckpt, 1, [3, 4])

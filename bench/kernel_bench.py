@@ -1,8 +1,8 @@
 """Kernel benchmark: routed experts (grouped GEMM) and attention, per kernel choice
 (torch reference, our Triton kernels, vLLM's), as TFLOP/s and GB/s next to the device's peak.
 
-    .venv/bin/python bench/kernels.py                     # K-EXAONE sizes, every kernel set here
-    .venv/bin/python bench/kernels.py --shape small --kernels torch,triton --dtype float32
+    .venv/bin/python bench/kernel_bench.py                 # K-EXAONE sizes, every kernel set here
+    .venv/bin/python bench/kernel_bench.py --shape small --kernels torch,triton --dtype float32
 
 Meant for a GPU. On CPU only ``torch`` is timed (it includes our C kernels in bf16): Triton's
 interpreter is for correctness, not speed, and vLLM's kernels need CUDA.
