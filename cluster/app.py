@@ -519,7 +519,7 @@ def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:
     ).bind(config, balancer, *groups)
     return RouterDeployment.options(
         num_replicas=r.num_replicas,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=_actor_options(0, 0, r.resources),
         max_ongoing_requests=r.max_ongoing_requests,
     ).bind(config, shard)
 

@@ -194,6 +194,11 @@ class RouterOptions(_Strict):
         "node share it)."
     )
     max_request_bytes: int = Field(4 << 20, ge=1024, description="Largest request accepted.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each Router replica needs: where the client-facing "
+        "port must be (the Helm chart puts the Routers on the head pod this way).",
+    )
     retry_budget_s: float = Field(
         30.0, ge=0, description="How long a request whose attention replica was lost before its "
         "first token is retried (on another replica, or the one Serve starts in its place)."

@@ -23,6 +23,8 @@ CHART = ROOT / "helm" / "exaone-cluster"
 KUBERAY = ROOT.parent / "shared" / "schemas" / "kuberay" / "rayservice-ray.io-v1.json"
 VALUES_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
 KUBE_VERSION = "1.30.0"
+DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
+INGRESS = "exaone_ingress"  # the head's custom resource, which the Router replicas ask for
 
 
 def _render(values: dict) -> list[dict]:
@@ -69,18 +71,39 @@ def test_renders_and_every_object_validates(values_file):
             serve = yaml.safe_load(doc["spec"]["serveConfigV2"])
             [app] = serve["applications"]
             assert app["import_path"] == "cluster.app:build_app"
-            assert serve["grpc_options"]["grpc_servicer_functions"]
+            # No Serve gRPC proxy: the Router replicas serve gRPC themselves, on the head pod.
+            assert "grpc_options" not in serve
             config = _parse_cluster_config(app["args"])
+            values = _values(values_file)
+            grpc_port = values.get("grpc", {}).get("port", DEFAULTS["grpc"]["port"])
+            assert config.router.grpc_host == "0.0.0.0"
+            assert config.router.grpc_port == grpc_port
+            assert config.router.resources == {INGRESS: 1}
+            head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]
+            assert _ray_resources(head)[INGRESS] >= 1
+            [container] = head["template"]["spec"]["containers"]
+            assert {"name": "grpc", "containerPort": grpc_port} in container["ports"]
             groups = {
                 g["groupName"]: g for g in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
             }
             assert set(groups) == {"attention", "experts"}
             assert "attention_shard" in groups["attention"]["rayStartParams"]["resources"]
+            assert all(INGRESS not in _ray_resources(g) for g in groups.values())
             assert config.attention.resources.keys() <= {"attention_shard"}
         elif doc["kind"] == "ServiceMonitor":  # the Prometheus Operator's CRD: no schema here
             assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["spec"]["endpoints"]
         else:
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def _ray_resources(group: dict) -> dict[str, float]:
+    """A group's custom resources as Ray reads them: the rayStartParams value is a JSON string
+    in quotes (KubeRay passes it to `ray start --resources` through the shell)."""
+    quoted = group["rayStartParams"].get("resources")
+    if quoted is None:
+        return {}
+    assert quoted.startswith('"') and quoted.endswith('"'), quoted
+    return json.loads(json.loads(quoted))
 
 
 def _parse_cluster_config(args: dict) -> ClusterConfig:
@@ -150,8 +173,46 @@ def test_the_options_render_what_they_promise():
     assert init["volumeMounts"][0].get("readOnly") is None and init["command"][0] == "/s5cmd"
     assert head["containers"][0]["volumeMounts"][0]["readOnly"] is True
     assert head["volumes"][0]["persistentVolumeClaim"]["claimName"] == "demo-exaone-cluster-model"
-    # Defaults: none of the optional objects, and a gRPC proxy on the head.
+    # Defaults: none of the optional objects.
     kinds = {d["kind"] for d in _render({})}
     assert not kinds & {"NetworkPolicy", "ServiceMonitor", "PersistentVolumeClaim"}
     with pytest.raises(helm.HelmError, match="redisAddress is required"):
         _render({"gcsFaultTolerance": {"enabled": True}})
+
+
+def test_router_fields_from_values_are_kept_and_the_chart_fills_in_the_rest():
+    def router(values: dict) -> dict:
+        [rs] = [d for d in _render(values) if d["kind"] == "RayService"]
+        return yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]["router"]
+
+    assert router({}) == {"grpc_host": "0.0.0.0", "grpc_port": 9000, "resources": {INGRESS: 1}}
+    assert router({"grpc": {"port": 9100}, "config": {"router": {"num_replicas": 3}}}) == {
+        "grpc_host": "0.0.0.0", "grpc_port": 9100, "resources": {INGRESS: 1}, "num_replicas": 3,
+    }  # fmt: skip
+    custom = router({"config": {"router": {"grpc_host": "::", "resources": {INGRESS: 0.5}}}})
+    assert custom["grpc_host"] == "::" and custom["resources"] == {INGRESS: 0.5}
+    assert router({"config": {"router": {"grpc_port": 9000}}})["grpc_port"] == 9000
+    with pytest.raises(helm.HelmError, match="must equal grpc.port"):
+        router({"config": {"router": {"grpc_port": 9001}}})
+
+
+def test_the_grpc_service_reaches_the_routers_on_the_head():
+    docs = _render({"networkPolicy": {"enabled": True}})
+    [rs] = [d for d in docs if d["kind"] == "RayService"]
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    [svc] = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-grpc")]
+    selects = svc["spec"]["selector"].items()
+    assert selects <= head["metadata"]["labels"].items()
+    assert svc["spec"]["selector"]["exaone.ai/role"] == "head"
+    assert svc["spec"]["ports"][0]["targetPort"] == "grpc"
+    workers = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    for worker in workers:  # the Service selects no worker pod
+        assert not selects <= worker["template"]["metadata"]["labels"].items()
+    # Pod-to-pod on any port among the release's pods (step streams on OS-chosen ports).
+    [internal] = [d for d in docs if d["kind"] == "NetworkPolicy"
+                  and d["metadata"]["name"].endswith("-internal")]  # fmt: skip
+    [rule] = internal["spec"]["ingress"]
+    assert "ports" not in rule
+    selector = rule["from"][0]["podSelector"]["matchLabels"]
+    for pod in [head, *(w["template"] for w in workers)]:
+        assert selector.items() <= pod["metadata"]["labels"].items()

@@ -30,10 +30,39 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{/* ClusterConfig for build_app: the values' config with model_path and the Redis URL. */}}
+{{/* The Ray custom resource that only the head pod offers: Router replicas ask for it, so they
+(and their client-facing gRPC server) run on the head, where the gRPC Service points. */}}
+{{- define "exaone.ingressResource" -}}
+exaone_ingress
+{{- end -}}
+
+{{/* exaone_ingress units on the head pod; each Router replica takes 1 by default, so up to this
+many Router replicas fit there (they share the gRPC port with SO_REUSEPORT). */}}
+{{- define "exaone.ingressSlots" -}}
+1000
+{{- end -}}
+
+{{/* ClusterConfig for build_app: the values' config with model_path, the Redis URL and the
+Router's gRPC server (listening on every address of the head pod, on grpc.port, placed on the
+head by its custom resource). Router fields set in config.router win over these defaults,
+except grpc_port, which must equal grpc.port (the container port, Service and NetworkPolicy). */}}
 {{- define "exaone.clusterConfig" -}}
 {{- $config := deepCopy .Values.config -}}
 {{- $_ := set $config "model_path" .Values.model.mountPath -}}
+{{- $router := default (dict) $config.router -}}
+{{- if and (hasKey $router "grpc_port") (ne (int $router.grpc_port) (int .Values.grpc.port)) -}}
+{{- fail (printf "config.router.grpc_port (%v) must equal grpc.port (%v), or be left unset: the head container's port, the gRPC Service and the NetworkPolicy use grpc.port" $router.grpc_port .Values.grpc.port) -}}
+{{- end -}}
+{{- $routerDefaults := dict
+    "grpc_host" "0.0.0.0"
+    "grpc_port" (int .Values.grpc.port)
+    "resources" (dict (include "exaone.ingressResource" .) 1) -}}
+{{- range $key, $value := $routerDefaults -}}
+{{- if not (hasKey $router $key) -}}
+{{- $_ := set $router $key $value -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $config "router" $router -}}
 {{- $url := include "exaone.redisUrl" . -}}
 {{- if $url -}}
 {{- $prefix := default (dict) $config.prefix_cache -}}
