@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
@@ -35,6 +36,9 @@ class AsyncEngine:
         self.engine = engine
         self._queues: dict[str, asyncio.Queue] = {}
         self._sinks: dict[str, OutputSink] = {}
+        self.num_steps = 0
+        self.step_time_s = 0.0
+        """Engine steps run and the time they took (seconds), since start."""
         self._commands: list = []
         self._commands_lock = threading.Lock()
         self._wakeup: asyncio.Event | None = None
@@ -142,10 +146,14 @@ class AsyncEngine:
                     errors.append((request_id, e))
         if not self.engine.has_unfinished_requests():
             return [], errors
+        started = time.perf_counter()
         try:
             return self.engine.step(), errors
         except StepFailedError as e:  # those requests end with the error; the others go on
             return [], errors + [(request_id, e.cause) for request_id in e.request_ids]
+        finally:
+            self.num_steps += 1
+            self.step_time_s += time.perf_counter() - started
 
     async def _run(self) -> None:
         while True:

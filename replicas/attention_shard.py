@@ -43,6 +43,10 @@ class ShardStats:
     """Which replica answered (set by the Serve deployment)."""
     prefix_cache: PrefixCacheStats | None = None
     """Hits, misses, bytes and errors of the prefix cache (None when it is off)."""
+    num_steps: int = 0
+    """Engine steps run since start."""
+    step_time_s: float = 0.0
+    """Time those steps took, in seconds (step_time_s / num_steps: the mean step)."""
 
 
 class AttentionShard:
@@ -125,6 +129,8 @@ class AttentionShard:
             resident_bytes=self.resident_bytes,
             num_expert_retries=getattr(self.experts, "num_retries", 0),
             num_requests_total=self.num_requests_total,
+            num_steps=self.engine.num_steps,
+            step_time_s=self.engine.step_time_s,
             prefix_cache=engine.prefix.stats() if engine.prefix is not None else None,
         )
 

@@ -111,6 +111,8 @@ def _declare_bf16(lib: ctypes.CDLL) -> str | None:
     lib.decode_attention_bf16.argtypes = [P, P, P, P, I32, P, P, P, I32, I32, I32, I32,
                                           ctypes.c_float, P, P, I32]  # fmt: skip
     lib.decode_attention_bf16.restype = None
+    lib.linear_bf16.argtypes = [P, I32, I32, I32, P, P, I32]
+    lib.linear_bf16.restype = None
     return None
 
 
@@ -127,7 +129,7 @@ def _declare_amx(lib: ctypes.CDLL) -> str | None:
     return None
 
 
-_BF16 = _Library("exaone_avx512", ["moe_bf16.c", "decode_attention.c"], BASE_FLAGS,
+_BF16 = _Library("exaone_avx512", ["moe_bf16.c", "decode_attention.c", "linear_bf16.c"], BASE_FLAGS,
                  _avx512_bf16, _declare_bf16)  # fmt: skip
 _AMX = _Library("exaone_amx", ["moe_amx.c"], [*BASE_FLAGS, "-mamx-tile", "-mamx-bf16"],
                 _avx512_bf16, _declare_amx)  # fmt: skip
@@ -222,6 +224,20 @@ def moe_experts_amx(
         hidden, inter, w13.data_ptr(), w2.data_ptr(), xpack.data_ptr(), actpack.data_ptr(),
         out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
+    return out
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T in bf16 with fp32 sums -> [M, N] bf16 (no bias), for few rows
+    (csrc/linear_bf16.c: reads the weight once per 4 rows)."""
+    lib = _BF16.require()
+    _require_bf16(x=x, weight=weight)
+    (m, k), (n, k_w) = x.shape, weight.shape
+    if k != k_w:
+        raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)}: inner sizes differ")
+    out = x.new_empty(m, n)
+    lib.linear_bf16(x.data_ptr(), m, k, n, weight.data_ptr(), out.data_ptr(),
+                    torch.get_num_threads())  # fmt: skip
     return out
 
 

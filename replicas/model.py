@@ -92,13 +92,19 @@ def attention_mask(num_tokens: int, window: int | None, device: torch.device) ->
 
 
 AMX_LINEAR_MAX_ROWS = 512  # rows up to which bf16 Linear runs our AMX kernel, not oneDNN
+# Without AMX, rows up to which bf16 Linear runs our AVX512-BF16 kernel (csrc/linear_bf16.c).
+# Measured on 2 cores, one thread, [M, 256] x [256, 768]: 1 row 15 vs 36 us for oneDNN, 4 rows
+# 37 vs 57, 8 rows even, 16 rows 80 vs 62; [1, 1024] x [1024, 3072]: 133 vs 293 us.
+AVX512_LINEAR_MAX_ROWS = 4
 
 
 class Linear(nn.Linear):
-    """nn.Linear, same weights and state-dict names, with two CPU half-precision speed-ups:
+    """nn.Linear, same weights and state-dict names, with three CPU half-precision speed-ups:
     - bf16 with up to AMX_LINEAR_MAX_ROWS rows runs ``cpu_kernels.linear_amx`` where the CPU
       has AMX. Measured on 2 cores (small preset's 5 projections of one layer, 33 MB): 1 row
       2.6 vs 4.8 ms for oneDNN, 64 rows 5.2 vs 9.8, 512 rows 28 vs 36, 2048 rows 179 vs 138.
+    - else bf16 with up to AVX512_LINEAR_MAX_ROWS rows runs ``cpu_kernels.linear_bf16`` where
+      the CPU has AVX512-BF16 (oneDNN's fixed cost per call dominates decode of small models).
     - otherwise row counts are padded (replicas.gemm_rows), so oneDNN compiles far fewer
       kernels in serving."""
 
@@ -109,9 +115,19 @@ class Linear(nn.Linear):
         rows = flat.shape[0]
         if self._use_amx(flat):
             out = cpu_kernels.linear_amx(flat.contiguous(), self.weight)
+        elif self._use_avx512(flat):
+            out = cpu_kernels.linear_bf16(flat.contiguous(), self.weight)
         else:
             out = F.linear(pad_rows(flat, padded_rows(rows)), self.weight, self.bias)[:rows]
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _use_avx512(self, flat: torch.Tensor) -> bool:
+        w = self.weight
+        if w.dtype != torch.bfloat16 or flat.dtype != w.dtype or self.bias is not None:
+            return False
+        if not 0 < flat.shape[0] <= AVX512_LINEAR_MAX_ROWS:
+            return False
+        return w.is_contiguous() and cpu_kernels.available()
 
     def _use_amx(self, flat: torch.Tensor) -> bool:
         w = self.weight

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from replicas import cpu_kernels
 from replicas.model import (
     AMX_LINEAR_MAX_ROWS,
+    AVX512_LINEAR_MAX_ROWS,
     KERNEL_MAX_ROWS_PER_EXPERT,
     ExaoneMoeForCausalLM,
     Linear,
@@ -226,6 +227,48 @@ def test_linear_runs_amx_for_bf16_up_to_its_row_limit(monkeypatch):
             assert got.shape == want.shape
             assert (got.float() - want.float()).abs().max() <= 0.01 * want.float().abs().max()
     assert calls == ([1, 5, AMX_LINEAR_MAX_ROWS] if CAN_AMX else [])
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("k,n", [(96, 48), (72, 45), (256, 1), (32, 7)])
+def test_avx512_linear_equals_exact_products(rows, k, n):
+    """Small integers: every product and partial sum is exact in fp32, so the kernel's result
+    must equal the exact one bit for bit, whatever its order of sums (k=72: a tail past the
+    32-wide steps; n=45, 7, 1: features left over past the 4- and 8-wide tiles)."""
+    g = torch.Generator().manual_seed(rows * 1000 + k + n)
+    x = torch.randint(-8, 9, (rows, k), generator=g).bfloat16()
+    w = torch.randint(-8, 9, (n, k), generator=g).bfloat16()
+    got = cpu_kernels.linear_bf16(x, w)
+    want = (x.double() @ w.double().T).bfloat16()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    noisy = torch.randn(rows, k, generator=g).bfloat16()
+    scale = F.linear(noisy, w).float().abs().max()
+    diff = (cpu_kernels.linear_bf16(noisy, w).float() - F.linear(noisy, w).float()).abs().max()
+    assert diff <= 0.01 * scale  # vs oneDNN: the fp32 order of sums only
+    with pytest.raises(ValueError, match="inner sizes"):
+        cpu_kernels.linear_bf16(x, w[:, :-1].contiguous())
+    with pytest.raises(ValueError, match="bf16"):
+        cpu_kernels.linear_bf16(x.float(), w)
+
+
+def test_linear_runs_the_avx512_kernel_for_few_bf16_rows(monkeypatch):
+    """Without AMX, bf16 Linear calls the AVX512-BF16 kernel for 1..AVX512_LINEAR_MAX_ROWS
+    rows, oneDNN beyond; never for fp32 or with a bias."""
+    calls = []
+    kernel = cpu_kernels.linear_bf16
+    monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
+    monkeypatch.setattr(
+        cpu_kernels, "linear_bf16", lambda x, w: calls.append(x.shape[0]) or kernel(x, w)
+    )
+    for bias, dtype in ((False, torch.float32), (True, torch.bfloat16), (False, torch.bfloat16)):
+        layer = Linear(64, 32, bias=bias).to(dtype)
+        for rows in (1, AVX512_LINEAR_MAX_ROWS, AVX512_LINEAR_MAX_ROWS + 1):
+            x = torch.randn(rows, 64).to(dtype)
+            want = F.linear(x, layer.weight, layer.bias)
+            got = layer(x)
+            assert (got.float() - want.float()).abs().max() <= 0.01 * want.float().abs().max()
+    assert calls == ([1, AVX512_LINEAR_MAX_ROWS] if CAN_BUILD else [])
 
 
 @needs_kernel
