@@ -326,7 +326,7 @@ class AttentionShardDeployment:
             ),
             dtype=config.dtype,
             max_waiting_requests=e.max_waiting_requests,
-            num_threads=a.num_threads or os.cpu_count(),
+            num_threads=a.engine_threads(),
             experts=transport,
             device=_device(a.num_gpus),
             redis=redis,

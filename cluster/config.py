@@ -4,6 +4,7 @@ to ``cluster.app:build_app``. Unknown or invalid fields fail at start with the f
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,8 +106,18 @@ class AttentionOptions(_Strict):
         default_factory=dict, description="Custom Ray resources each replica needs."
     )
     num_threads: int | None = Field(
-        None, ge=1, description="torch threads per replica; default: every core of the node."
+        None,
+        ge=1,
+        description="torch threads per replica; default: every core of the node but one, "
+        "which the request plane (gRPC, tokenizing, detokenizing) keeps for itself.",
     )
+
+    def engine_threads(self) -> int:
+        """The torch threads an attention replica uses (``num_threads`` or the default).
+        Measured on 2 cores, bundled model served at one stream: 65 tok/s with 2 engine
+        threads against 120 with 1 (the engine and the server then stop taking turns)."""
+        return self.num_threads or max(1, (os.cpu_count() or 1) - 1)
+
     num_microbatches: int = Field(
         2,
         ge=1,

@@ -1,0 +1,567 @@
+"""The served path side by side: our server (Ray Serve gRPC) against vLLM's OpenAI server on the
+same checkpoint, prompts and dtype, plus our engine in-process (AsyncEngine over LLMEngine, no
+Ray, no gRPC) on the same requests as the ceiling. Asserts nothing (benchmarks print, tests
+assert).
+
+    .venv/bin/python bench/served.py                                   # bundled + small, bf16
+    .venv/bin/python bench/served.py --checkpoints bundled --concurrency 1,8 --systems engine,vllm
+    .venv/bin/python bench/served.py --checkpoints small --requests-per-stream 2 --json out.json
+    .venv/bin/python bench/served.py --checkpoints /path/to/checkpoint --dtype float32
+
+Workload (the same for every system, one system running at a time): each request is a prompt of
+--prompt-tokens random token ids (seeded; drawn above the tokenizer's added/special tokens),
+--new-tokens new tokens, greedy, ignore_eos, streamed. At each in-flight level C (--concurrency)
+C closed-loop streams send max(C * --requests-per-stream, --min-requests) requests; every system
+first gets a short warm-up (C requests of --warmup-tokens at each level, other prompts).
+
+Systems (--systems):
+  ours    our server, started in this process with cluster.local.start_local; driven over
+          grpc.aio with exaone.v1 Generation.Generate (server-streaming, token_ids input)
+  vllm    vLLM's OpenAI server (python -m vllm.entrypoints.openai.api_server in its own venv,
+          ../shared/peers/setup_vllm_venv.sh; --vllm-python) as a subprocess; driven over HTTP
+          with /v1/completions, stream: true, prompt = token ids; skipped with a message when
+          its venv is missing
+  engine  replicas.async_engine.AsyncEngine over replicas.engine.LLMEngine in this process
+
+Ours and the in-process engine are built from one ClusterConfig (engine options, torch threads,
+KV capacity sized to admit max(64, C) sequences of prompt + new tokens); vLLM gets the same
+max_num_seqs and max_num_batched_tokens, VLLM_CPU_KVCACHE_SPACE=2 (GiB) and its own default
+thread binding (it reserves one core for its scheduler: one compute thread on a 2-core machine;
+--vllm-threads-bind to change it). Prefix caching is off in all three unless --prefix-cache (the
+random prompts share no prefix anyway). vLLM's start (50-350 s: compilation) is not measured.
+
+Columns of the table printed per checkpoint:
+  system      which server (or the in-process engine)
+  in flight   requests in flight at once (C)
+  out tok/s   output tokens of all requests / wall time of the level
+  TTFT p50/99 time to first token (ms): request sent -> first message carrying token ids
+  TPOT p50/99 time per output token (ms) of a request: (last token - first token) / (tokens - 1)
+then ratio rows: ours / vLLM and ours / in-process output tok/s at each level, and ours minus
+in-process TPOT p50 at in-flight 1 (what the served path adds per token). --json FILE writes every
+number (and the settings) as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.forward import checkpoint  # noqa: E402
+from cluster.config import (  # noqa: E402
+    AttentionOptions,
+    ClusterConfig,
+    EngineOptions,
+    PrefixCacheOptions,
+)
+
+BUNDLED = ROOT / "cluster" / "bundled_model"
+DEFAULT_VLLM_PYTHON = Path.home() / ".cache" / "exaone-peers" / "vllm-venv" / "bin" / "python"
+SYSTEMS = ("ours", "vllm", "engine")
+LABELS = {"ours": "ours (Serve gRPC)", "vllm": "vLLM (OpenAI HTTP)", "engine": "in-process engine"}
+RUN_ORDER = ("engine", "ours", "vllm")  # one at a time; the ceiling first
+
+
+# ---- measurement --------------------------------------------------------------------------------
+@dataclass
+class Stream:
+    """Token arrival times of one request."""
+
+    start: float = field(default_factory=time.perf_counter)
+    first: float | None = None
+    last: float | None = None
+    tokens: int = 0
+    messages: int = 0
+    """Messages that carried tokens (tokens / messages > 1: the stream coalesced tokens)."""
+
+    def got(self, n: int) -> None:
+        if n <= 0:
+            return
+        now = time.perf_counter()
+        self.first = self.first or now
+        self.last = now
+        self.tokens += n
+        self.messages += 1
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first - self.start
+
+    @property
+    def tpot_s(self) -> float | None:
+        return (self.last - self.first) / (self.tokens - 1) if self.tokens > 1 else None
+
+
+Send = Callable[[list[int], int], Awaitable[Stream]]
+"""One request (prompt ids, new tokens) -> its Stream, once it has finished."""
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    values = sorted(values)
+    pos = (len(values) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+def summarize(streams: list[Stream], wall_s: float) -> dict:
+    ttft = [s.ttft_s for s in streams if s.first is not None]
+    tpot = [s.tpot_s for s in streams if s.tpot_s is not None]
+    tokens = sum(s.tokens for s in streams)
+    messages = sum(s.messages for s in streams)
+    row = {"requests": len(streams), "out_tokens": tokens, "wall_s": round(wall_s, 3),
+           "out_tok_s": round(tokens / wall_s, 2),
+           "tokens_per_message": round(tokens / max(messages, 1), 2)}  # fmt: skip
+    for name, values in (("ttft", ttft), ("tpot", tpot)):
+        for q in (50, 99):
+            row[f"{name}_p{q}_ms"] = round(1e3 * percentile(values, q), 3) if values else None
+    return row
+
+
+async def drive(send: Send, prompts: list[list[int]], concurrency: int, new_tokens: int) -> dict:
+    """``concurrency`` closed-loop streams send ``prompts`` (each as soon as one finishes)."""
+    todo = iter(prompts)
+    streams: list[Stream] = []
+
+    async def worker():
+        for prompt in todo:  # a shared iterator: each prompt goes to one worker
+            streams.append(await send(prompt, new_tokens))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return summarize(streams, time.perf_counter() - start)
+
+
+@dataclass
+class Workload:
+    levels: list[int]
+    prompts: dict[int, list[list[int]]]  # per level: the timed requests
+    warmup: dict[int, list[list[int]]]  # per level: the warm-up requests
+    new_tokens: int
+    warmup_tokens: int
+
+
+async def run_levels(send: Send, work: Workload, label: str) -> dict[int, dict]:
+    for c in work.levels:
+        await drive(send, work.warmup[c], c, work.warmup_tokens)
+    rows = {}
+    for c in work.levels:
+        rows[c] = await drive(send, work.prompts[c], c, work.new_tokens)
+        r = rows[c]
+        print(f"  {label} in flight {c}: {r['out_tok_s']:.1f} tok/s, TTFT p50 "
+              f"{r['ttft_p50_ms']:.1f} ms, TPOT p50 {r['tpot_p50_ms']:.2f} ms "
+              f"({r['requests']} requests, {r['wall_s']:.1f} s, "
+              f"{r['tokens_per_message']:.2f} tokens/message)", flush=True)  # fmt: skip
+    return rows
+
+
+# ---- workload and settings ----------------------------------------------------------------------
+def token_range(path: Path) -> tuple[int, int]:
+    """[lo, hi) of prompt ids: above every added (special/control) token of the tokenizer and
+    below both the model's and the tokenizer's vocabulary size."""
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    lo, hi = 0, vocab
+    tok = path / "tokenizer.json"
+    if tok.exists():
+        data = json.loads(tok.read_text())
+        added = [t["id"] for t in data.get("added_tokens", [])]
+        lo = max(added, default=-1) + 1
+        size = len(data.get("model", {}).get("vocab", {})) or vocab
+        hi = min(vocab, max(size, lo + 1, *(a + 1 for a in added)))
+    if hi - lo < 2:
+        lo, hi = 0, vocab
+    return lo, hi
+
+
+def make_workload(path: Path, args) -> Workload:
+    lo, hi = token_range(path)
+
+    def prompts(rng: random.Random, n: int) -> list[list[int]]:
+        return [[rng.randrange(lo, hi) for _ in range(args.prompt_tokens)] for _ in range(n)]
+
+    timed, warm = random.Random(args.seed), random.Random(args.seed + 1)
+    levels = args.levels
+    n = {c: max(c * args.requests_per_stream, args.min_requests) for c in levels}
+    return Workload(levels, {c: prompts(timed, n[c]) for c in levels},
+                    {c: prompts(warm, c) for c in levels}, args.new_tokens,
+                    args.warmup_tokens)  # fmt: skip
+
+
+def cluster_config(path: Path, args) -> ClusterConfig:
+    """One ClusterConfig for our server and, through engine_config(), the in-process engine."""
+    import torch
+
+    from replicas.kv_cache import kv_footprint
+    from replicas.model_config import ModelConfig
+    from replicas.weights import DTYPES
+
+    seqs = max(64, *args.levels)
+    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    per_token = kv_footprint(cfg, torch.finfo(DTYPES[args.dtype]).bits // 8).global_bytes_per_token
+    block = 16
+    blocks = seqs * math.ceil((args.prompt_tokens + args.new_tokens) / block)
+    kv_bytes = args.kv_cache_mib << 20 or max(64 << 20, 2 * blocks * block * per_token)
+    engine = EngineOptions(max_num_seqs=seqs, max_num_batched_tokens=args.max_batched_tokens,
+                           block_size=block, kv_cache_bytes=kv_bytes,
+                           max_waiting_requests=max(256, 2 * seqs))  # fmt: skip
+    return ClusterConfig(
+        model_path=str(path), dtype=args.dtype, engine=engine,
+        attention=AttentionOptions(num_threads=args.threads or None),
+        prefix_cache=PrefixCacheOptions(enabled=args.prefix_cache),
+    )  # fmt: skip
+
+
+def engine_config(config: ClusterConfig):
+    """The EngineConfig our attention replica builds from ``config`` (colocated experts)."""
+    from replicas.engine import EngineConfig
+    from replicas.fingerprint import model_fingerprint
+    from replicas.prefix_manager import PrefixCacheConfig
+
+    e, pc = config.engine, config.prefix_cache
+    prefix = None
+    if pc.enabled:
+        fingerprint = model_fingerprint(config.model_path, config.dtype, pc.revision)
+        prefix = PrefixCacheConfig(fingerprint, pc.snapshot_interval_tokens,
+                                   pc.local_snapshot_bytes)  # fmt: skip
+    return EngineConfig(max_num_batched_tokens=e.max_num_batched_tokens,
+                        max_num_seqs=e.max_num_seqs, block_size=e.block_size,
+                        kv_cache_bytes=e.kv_cache_bytes, max_model_len=e.max_model_len,
+                        num_microbatches=config.attention.num_microbatches, prefix_cache=prefix,
+                        kernels=config.kernels)  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- systems ------------------------------------------------------------------------------------
+def run_engine(config: ClusterConfig, work: Workload) -> dict:
+    import torch
+
+    from replicas.async_engine import AsyncEngine
+    from replicas.engine import LLMEngine
+    from replicas.model import ExaoneMoeForCausalLM
+    from replicas.sampling_params import SamplingParams
+    from replicas.weights import DTYPES
+
+    torch.set_num_threads(config.attention.engine_threads())
+    start = time.perf_counter()
+    model = ExaoneMoeForCausalLM.from_pretrained(config.model_path, dtype=DTYPES[config.dtype],
+                                                 include_mtp=False, progress=False)  # fmt: skip
+    engine = LLMEngine(model, engine_config(config))
+    blocks, seqs = engine.cache.blocks.num_total, config.engine.max_num_seqs
+    need = math.ceil((len(work.prompts[work.levels[0]][0]) + work.new_tokens)
+                     / config.engine.block_size)  # fmt: skip
+    tokens = need * config.engine.block_size
+    print(f"  in-process engine: {blocks} KV blocks = {blocks // need} sequences of {tokens} "
+          f"tokens (max_num_seqs {seqs})", flush=True)  # fmt: skip
+    info = {"start_s": round(time.perf_counter() - start, 1), "kv_blocks": blocks}
+    ids = iter(range(1 << 62))
+
+    async def main(engine: LLMEngine) -> dict[int, dict]:
+        front = AsyncEngine(engine)
+
+        async def send(prompt: list[int], new_tokens: int) -> Stream:
+            params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+            s = Stream()
+            async for out in front.generate(f"bench-{next(ids)}", prompt, params):
+                s.got(len(out.new_token_ids))
+            return s
+
+        try:
+            return await run_levels(send, work, "engine")
+        finally:
+            await front.close()
+
+    try:
+        return {**info, "levels": asyncio.run(main(engine))}
+    finally:
+        del engine, model
+        gc.collect()
+
+
+def run_ours(config: ClusterConfig, work: Workload) -> dict:
+    import grpc
+
+    from cluster.local import start_local
+    from protos.exaone.v1 import generation_pb2 as pb
+    from protos.exaone.v1 import generation_pb2_grpc as pb_grpc
+
+    start = time.perf_counter()
+    cluster = start_local(config, grpc_port=free_port(), http_port=free_port(),
+                          dashboard_port=None)  # fmt: skip
+    info = {"start_s": round(time.perf_counter() - start, 1), "address": cluster.grpc_address}
+    print(f"  ours: serving at {cluster.grpc_address} after {info['start_s']} s", flush=True)
+
+    async def main():
+        async with grpc.aio.insecure_channel(cluster.grpc_address) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+
+            async def send(prompt: list[int], new_tokens: int) -> Stream:
+                request = pb.GenerateRequest(
+                    token_ids=pb.TokenIds(ids=prompt),
+                    sampling=pb.SamplingParameters(temperature=0.0),
+                    stopping=pb.StoppingParameters(max_tokens=new_tokens, ignore_eos=True),
+                )
+                s = Stream()
+                async for r in stub.Generate(request, timeout=600):
+                    if r.HasField("delta"):
+                        s.got(len(r.delta.token_ids))
+                return s
+
+            return await run_levels(send, work, "ours")
+
+    try:
+        return {**info, "levels": asyncio.run(main())}
+    finally:
+        cluster.stop()
+
+
+def get_json(url: str, timeout: float = 5) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback only
+        return json.loads(r.read() or b"{}")
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM the server (it stops its engine process), SIGKILL its process group if it lingers."""
+    if proc.poll() is None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout_s)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session (start_new_session): leftovers only
+    proc.wait()
+
+
+def run_vllm(config: ClusterConfig, work: Workload, args) -> dict:
+    import aiohttp
+
+    python = args.vllm_python
+    e = config.engine
+    port = free_port()
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", config.model_path,
+           "--served-model-name", "bench", "--dtype", config.dtype, "--host", "127.0.0.1",
+           "--port", str(port), "--max-num-seqs", str(e.max_num_seqs),
+           "--max-num-batched-tokens", str(e.max_num_batched_tokens),
+           "--max-model-len", str(args.vllm_max_model_len), "--seed", str(args.seed)]  # fmt: skip
+    if not config.prefix_cache.enabled:
+        cmd.append("--no-enable-prefix-caching")
+    cmd += args.vllm_arg
+    env = dict(os.environ, VLLM_HOST_IP="127.0.0.1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # fmt: skip
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    if args.vllm_threads_bind:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = args.vllm_threads_bind
+    log_path = Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
+    print(f"  vllm: starting on 127.0.0.1:{port} (log {log_path})", flush=True)
+    start = time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
+                raise RuntimeError(f"vLLM server exited ({proc.returncode}):\n" + "\n".join(tail))
+            with contextlib.suppress(OSError, ValueError):
+                get_json(f"{base}/health")
+                break
+            if time.perf_counter() - start > args.vllm_start_timeout:
+                raise TimeoutError(f"vLLM server not healthy after {args.vllm_start_timeout} s")
+            time.sleep(1)
+        info = {"start_s": round(time.perf_counter() - start, 1), "command": cmd,
+                "log": str(log_path)}  # fmt: skip
+        with contextlib.suppress(OSError, ValueError):
+            info["version"] = get_json(f"{base}/version").get("version")
+        print(f"  vllm {info.get('version', '?')}: healthy after {info['start_s']} s", flush=True)
+
+        async def main():
+            timeout = aiohttp.ClientTimeout(total=600)
+            connector = aiohttp.TCPConnector(limit=0)
+            async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+
+                async def send(prompt: list[int], new_tokens: int) -> Stream:
+                    body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens,
+                            "temperature": 0, "ignore_eos": True, "stream": True,
+                            "stream_options": {"include_usage": True,
+                                               "continuous_usage_stats": True}}  # fmt: skip
+                    s, seen = Stream(), 0
+                    async with session.post(f"{base}/v1/completions", json=body) as resp:
+                        if resp.status != 200:
+                            raise RuntimeError(f"vLLM {resp.status}: {await resp.text()}")
+                        async for raw in resp.content:  # server-sent events, one per line
+                            line = raw.strip()
+                            if not line.startswith(b"data:"):
+                                continue
+                            data = line[5:].strip()
+                            if data == b"[DONE]":
+                                break
+                            chunk = json.loads(data)
+                            usage = chunk.get("usage") or {}
+                            if "completion_tokens" in usage:  # cumulative
+                                s.got(usage["completion_tokens"] - seen)
+                                seen = usage["completion_tokens"]
+                            elif chunk.get("choices"):
+                                s.got(1)
+                                seen += 1
+                    return s
+
+                return await run_levels(send, work, "vllm")
+
+        return {**info, "levels": asyncio.run(main())}
+    finally:
+        stop_process(proc)
+
+
+# ---- report -------------------------------------------------------------------------------------
+def fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def table(results: dict[str, dict], levels: list[int]) -> tuple[str, dict]:
+    """The markdown table of one checkpoint and its ratio rows (also returned as numbers)."""
+    lines = ["| system | in flight | out tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) "
+             "| TPOT p99 (ms) |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    rows = {s: r.get("levels", {}) for s, r in results.items()}
+    for c in levels:
+        for system in SYSTEMS:
+            r = rows.get(system, {}).get(c)
+            if r:
+                cells = [LABELS[system], c, fmt(r["out_tok_s"], ".1f"),
+                         fmt(r["ttft_p50_ms"], ".1f"), fmt(r["ttft_p99_ms"], ".1f"),
+                         fmt(r["tpot_p50_ms"], ".2f"), fmt(r["tpot_p99_ms"], ".2f")]  # fmt: skip
+                lines.append("| " + " | ".join(map(str, cells)) + " |")
+    ratios: dict = {}
+    ours = rows.get("ours", {})
+    for other, key in (("vllm", "ours/vllm_tok_s"), ("engine", "ours/engine_tok_s")):
+        for c in levels:
+            a, b = ours.get(c), rows.get(other, {}).get(c)
+            if a and b and b["out_tok_s"]:
+                ratio = a["out_tok_s"] / b["out_tok_s"]
+                ratios.setdefault(str(c), {})[key] = round(ratio, 3)
+                lines.append(f"| ours / {LABELS[other]} | {c} | {ratio:.2f}x | | | | |")
+    a, b = ours.get(1), rows.get("engine", {}).get(1)
+    if a and b and a["tpot_p50_ms"] is not None and b["tpot_p50_ms"] is not None:
+        diff = a["tpot_p50_ms"] - b["tpot_p50_ms"]
+        ratios.setdefault("1", {})["tpot_p50_ms_ours_minus_engine"] = round(diff, 3)
+        lines.append(f"| ours - in-process | 1 | | | | {diff:+.2f} | |")
+    notes = [f"- {LABELS[s]}: {r['error']}" for s, r in results.items() if r.get("error")]
+    return "\n".join(lines + ([""] + notes if notes else [])), ratios
+
+
+# ---- main ---------------------------------------------------------------------------------------
+def resolve_checkpoint(name: str, dtype: str) -> Path:
+    if name == "bundled":
+        return BUNDLED
+    if Path(name).is_dir():
+        return Path(name).resolve()
+    return checkpoint(name, dtype)  # a preset (tiny, small): built once into the cache
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--checkpoints", default="bundled,small",
+                    help="'bundled', a preset (tiny, small) or a checkpoint directory")  # fmt: skip
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    ap.add_argument("--systems", default="ours,vllm,engine")
+    ap.add_argument("--concurrency", default="1,8,32,64", help="in-flight levels")
+    ap.add_argument("--requests-per-stream", type=int, default=4,
+                    help="rounds: a level C sends C * this many requests ...")  # fmt: skip
+    ap.add_argument("--min-requests", type=int, default=16, help="... and at least this many")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--warmup-tokens", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads of ours and in-process (0: the attention "
+                    "replicas' default, every core but one)")  # fmt: skip
+    ap.add_argument("--max-batched-tokens", type=int, default=512,
+                    help="tokens per engine step at most (all three systems)")  # fmt: skip
+    ap.add_argument("--kv-cache-mib", type=int, default=0,
+                    help="our KV cache (0: twice what max(64, C) sequences need)")  # fmt: skip
+    ap.add_argument("--prefix-cache", action="store_true", help="prefix caching on (all three)")
+    ap.add_argument("--vllm-python", type=Path,
+                    default=Path(os.environ.get("VLLM_PYTHON", DEFAULT_VLLM_PYTHON)))  # fmt: skip
+    ap.add_argument("--vllm-max-model-len", type=int, default=2048)
+    ap.add_argument("--vllm-start-timeout", type=float, default=600)
+    ap.add_argument("--vllm-threads-bind", default="",
+                    help="VLLM_CPU_OMP_THREADS_BIND (default: vLLM's own, 'auto')")  # fmt: skip
+    ap.add_argument("--vllm-arg", action="append", default=[],
+                    help="more vLLM server args (--vllm-arg=--enforce-eager)")  # fmt: skip
+    ap.add_argument("--json", type=Path, help="write every number here")
+    args = ap.parse_args()
+    args.levels = [int(c) for c in args.concurrency.split(",") if c]
+    systems = [s for s in args.systems.split(",") if s]
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        ap.error(f"--systems: unknown {', '.join(sorted(unknown))} (choose from {SYSTEMS})")
+    if "vllm" in systems and not args.vllm_python.exists():
+        print(f"vLLM skipped: no venv at {args.vllm_python} (set it up with "
+              "../shared/peers/setup_vllm_venv.sh, or pass --vllm-python)", flush=True)  # fmt: skip
+        systems.remove("vllm")
+
+    report = {"settings": {k: (str(v) if isinstance(v, Path) else v)
+                           for k, v in vars(args).items()}, "checkpoints": {}}  # fmt: skip
+    tables = []
+    for name in [n for n in args.checkpoints.split(",") if n]:
+        path = resolve_checkpoint(name, args.dtype)
+        config = cluster_config(path, args)
+        work = make_workload(path, args)
+        e = config.engine
+        title = f"{name} ({path}), {args.dtype}"
+        header = (f"{args.prompt_tokens}-token random prompts, {args.new_tokens} new tokens, "
+                  f"greedy, ignore_eos, streamed; max_num_seqs {e.max_num_seqs}, "
+                  f"max_num_batched_tokens {e.max_num_batched_tokens}, "
+                  f"KV {e.kv_cache_bytes >> 20} MiB, "
+                  f"{config.attention.engine_threads()} torch threads, prefix cache "
+                  f"{'on' if args.prefix_cache else 'off'}")  # fmt: skip
+        print(f"\n== {title}\n{header}", flush=True)
+        results: dict[str, dict] = {}
+        for system in [s for s in RUN_ORDER if s in systems]:
+            print(f"- {LABELS[system]}", flush=True)
+            try:
+                if system == "engine":
+                    results[system] = run_engine(config, work)
+                elif system == "ours":
+                    results[system] = run_ours(config, work)
+                else:
+                    results[system] = run_vllm(config, work, args)
+            except Exception as err:  # noqa: BLE001 - report it, go on with the next system
+                text = f"{type(err).__name__}: {err}"
+                print(f"  {system} failed: {text}", flush=True)
+                results[system] = {"error": text}
+        text, ratios = table(results, args.levels)
+        tables.append(f"### {title}\n\n{header}\n\n{text}")
+        report["checkpoints"][name] = {"path": str(path), "settings": header,
+                                       "systems": results, "ratios": ratios}  # fmt: skip
+        print("\n" + tables[-1], flush=True)
+        if args.json:  # after every checkpoint, so a later failure keeps these
+            args.json.write_text(json.dumps(report, indent=1, default=str))
+
+    if len(tables) > 1:
+        print("\n\n" + "\n\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()
