@@ -49,6 +49,9 @@ class StepSubscriber:
         self.queues: dict[str, asyncio.Queue] = {}
         self.address_of: dict[str, str] = {}
         self.readers: dict[str, asyncio.Task] = {}
+        self.num_messages = 0
+        self.num_outputs = 0
+        """Step-stream messages and the request deltas in them, received since start."""
 
     def register(self, request_id: str) -> asyncio.Queue:
         if request_id in self.queues:
@@ -75,6 +78,8 @@ class StepSubscriber:
                     spb.SubscribeRequest(subscriber=self.id)
                 )
                 async for batch in stream:
+                    self.num_messages += 1
+                    self.num_outputs += len(batch.outputs)
                     for out in batch.outputs:
                         if (queue := self.queues.get(out.request_id)) is not None:
                             queue.put_nowait(decode(out))

@@ -1,10 +1,12 @@
 """asyncio front of LLMEngine: one async stream of RequestOutput deltas per request.
 
-The engine steps in a worker thread (torch releases the GIL), so the event loop stays free for
-I/O. Adds and aborts are queued and applied between steps, so the engine is only ever touched by
-one thread. Input is validated on the caller's side first, so errors reach the caller directly.
-Closing a stream early (client cancel, deadline, stop string) aborts the request, which frees its
-KV blocks before the next step.
+The engine steps in a thread of its own (torch releases the GIL), which goes from one step
+straight to the next while the event loop delivers the last step's outputs, so the loop stays
+free for I/O and no step waits for it. Adds and aborts are queued and applied between steps, so
+the engine is only ever touched by that thread. Input is validated on the caller's side first,
+so errors reach the caller directly. Closing a stream early (client cancel, deadline, stop
+string) aborts the request, which frees its KV blocks before the next step. Whatever a step
+raises ends the requests it concerns, never the loop.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 from replicas.engine import LLMEngine
-from replicas.outputs import RequestOutput, StepFailedError, merge_pending
+from replicas.outputs import (
+    ReplicaUnavailableError,
+    RequestOutput,
+    StepFailedError,
+    merge_pending,
+)
 from replicas.sampling_params import SamplingParams
 
 
@@ -41,8 +48,9 @@ class AsyncEngine:
         """Engine steps run and the time they took (seconds), since start."""
         self._commands: list = []
         self._commands_lock = threading.Lock()
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._wakeup = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- public --------------------------------------------------------------------------------
@@ -95,11 +103,12 @@ class AsyncEngine:
             await asyncio.sleep(0.005)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        thread = self._thread
+        if thread is not None:
+            self._stopping = True
+            self._wakeup.set()
+            await asyncio.to_thread(thread.join)
+            self._thread = None
 
     # ---- internals -----------------------------------------------------------------------------
     def _check_new(self, request_id: str, prompt_ids: Sequence[int],
@@ -125,14 +134,15 @@ class AsyncEngine:
     def _submit(self, command, request_id: str | None) -> None:
         with self._commands_lock:
             self._commands.append((command, request_id))
-        self._ensure_loop()
+        self._ensure_thread()
         self._wakeup.set()
 
-    def _ensure_loop(self) -> None:
-        if self._task is None or self._task.done():
-            self._loop = asyncio.get_running_loop()
-            self._wakeup = asyncio.Event()
-            self._task = self._loop.create_task(self._run())
+    def _ensure_thread(self) -> None:
+        self._loop = asyncio.get_running_loop()  # outputs go to the loop of the latest caller
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+            self._thread.start()
 
     def _apply_and_step(self) -> tuple[list[RequestOutput], list[tuple[str, BaseException]]]:
         with self._commands_lock:
@@ -155,16 +165,42 @@ class AsyncEngine:
             self.num_steps += 1
             self.step_time_s += time.perf_counter() - started
 
-    async def _run(self) -> None:
-        while True:
+    def _run(self) -> None:
+        """The engine thread: apply commands, step, hand the outputs to the event loop."""
+        while not self._stopping:
+            self._wakeup.clear()
             if not self._pending() and not self.engine.has_unfinished_requests():
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            outputs, errors = await asyncio.to_thread(self._apply_and_step)
-            flush: set = set()
-            for request_id, error in errors:
-                self._deliver(request_id, error, flush)
-            for out in outputs:
-                self._deliver(out.request_id, out, flush)
-            for sink in flush:
-                sink.flush()
+                self._wakeup.wait()
+                continue
+            try:
+                outputs, errors = self._apply_and_step()
+            except Exception as e:  # noqa: BLE001 - scheduling, prefix cache, drafting, ...
+                outputs, errors = [], self._fail_all(e)
+            if outputs or errors:
+                try:
+                    self._loop.call_soon_threadsafe(self._deliver_all, outputs, errors)
+                except RuntimeError:  # the event loop is closed: nobody is listening
+                    return
+
+    def _fail_all(self, error: Exception) -> list[tuple[str, BaseException]]:
+        """A failure outside a model step (the engine's state is unknown): abort every request
+        it holds, each ending with a retryable error that names the cause."""
+        scheduler = self.engine.scheduler
+        ids = [r.request_id for r in [*scheduler.running, *scheduler.waiting]]
+        for request_id in ids:
+            with contextlib.suppress(Exception):
+                self.engine.abort(request_id)
+        failure = ReplicaUnavailableError(
+            f"the engine failed ({type(error).__name__}: {error}); retry the request"
+        )
+        return [(request_id, failure) for request_id in ids]
+
+    def _deliver_all(self, outputs: list[RequestOutput],
+                     errors: list[tuple[str, BaseException]]) -> None:  # fmt: skip
+        flush: set = set()
+        for request_id, error in errors:
+            self._deliver(request_id, error, flush)
+        for out in outputs:
+            self._deliver(out.request_id, out, flush)
+        for sink in flush:
+            sink.flush()

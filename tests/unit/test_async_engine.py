@@ -146,3 +146,44 @@ def test_bad_input_raises_before_queueing(setup):
         await engine.close()
 
     asyncio.run(main())
+
+
+def test_a_failure_outside_the_model_ends_its_requests_and_the_loop_goes_on(setup, monkeypatch):
+    """The scheduler raises once: both running requests end with a retryable error naming the
+    cause (none hangs), their blocks are freed, and the next request is served."""
+    model, tok = setup
+    prompt = tok.encode("<|user|>\nHello<|endofturn|>\n")
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    from replicas.outputs import ReplicaUnavailableError
+
+    async def main():
+        engine = _engine(model)
+        schedule, calls = engine.engine.scheduler.schedule, []
+
+        def flaky():
+            calls.append(1)
+            if len(calls) == 4:
+                raise KeyError("injected")
+            return schedule()
+
+        monkeypatch.setattr(engine.engine.scheduler, "schedule", flaky)
+
+        async def run(rid):
+            try:
+                return [t for out in [o async for o in engine.generate(rid, prompt, params)]
+                        for t in out.new_token_ids]  # fmt: skip
+            except ReplicaUnavailableError as e:
+                return e
+
+        failed = await asyncio.wait_for(asyncio.gather(run("a"), run("b")), 60)
+        await engine.wait_idle()
+        blocks = engine.engine.num_blocks_in_use
+        after = await asyncio.wait_for(run("c"), 60)
+        await engine.close()
+        return failed, blocks, after
+
+    failed, blocks, after = asyncio.run(main())
+    assert all(isinstance(e, ReplicaUnavailableError) for e in failed), failed
+    assert all("KeyError" in str(e) and "retry" in str(e) for e in failed)
+    assert blocks == 0
+    assert isinstance(after, list) and len(after) == 40
