@@ -1,7 +1,7 @@
-"""The served path side by side: our server (Ray Serve gRPC) against vLLM's OpenAI server on the
-same checkpoint, prompts and dtype, plus our engine in-process (AsyncEngine over LLMEngine, no
-Ray, no gRPC) on the same requests as the ceiling. Asserts nothing (benchmarks print, tests
-assert).
+"""The served path side by side: our server (gRPC, as `exaone-cluster serve` runs it) against
+vLLM's OpenAI server on the same checkpoint, prompts and dtype, plus our engine in-process
+(AsyncEngine over LLMEngine, no Ray, no gRPC) on the same requests as the ceiling. Asserts
+nothing (benchmarks print, tests assert).
 
     .venv/bin/python bench/served.py                                   # bundled + small, bf16
     .venv/bin/python bench/served.py --checkpoints bundled --concurrency 1,8 --systems engine,vllm
@@ -76,7 +76,7 @@ from cluster.config import (  # noqa: E402
 BUNDLED = ROOT / "cluster" / "bundled_model"
 DEFAULT_VLLM_PYTHON = Path.home() / ".cache" / "exaone-peers" / "vllm-venv" / "bin" / "python"
 SYSTEMS = ("ours", "vllm", "engine")
-LABELS = {"ours": "ours (Serve gRPC)", "vllm": "vLLM (OpenAI HTTP)", "engine": "in-process engine"}
+LABELS = {"ours": "ours (gRPC)", "vllm": "vLLM (OpenAI HTTP)", "engine": "in-process engine"}
 RUN_ORDER = ("engine", "ours", "vllm")  # one at a time; the ceiling first
 
 

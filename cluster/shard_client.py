@@ -29,7 +29,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from cluster.step_stream import decode
 from protos.exaone.internal.v1 import step_stream_pb2 as spb
 from protos.exaone.internal.v1 import step_stream_pb2_grpc as spb_grpc
-from replicas.outputs import ReplicaUnavailableError, merge_pending
+from replicas.outputs import ReplicaUnavailableError, read_outputs
 from replicas.sampling_params import SamplingParams
 
 LOST_REPLICA = (ActorDiedError, ActorUnavailableError)
@@ -151,14 +151,9 @@ class DirectShardClient:
                 raise _Lost(type(e).__name__) from None
             sub.bind(request_id, address)
             watcher = asyncio.get_running_loop().create_task(_watch(call, queue))
-            while True:
-                item = merge_pending(await queue.get(), queue)
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in read_outputs(queue):
                 finished = item.finished
                 yield item
-                if finished:
-                    return
         finally:
             sub.unregister(request_id)
             if watcher is not None:

@@ -23,7 +23,7 @@ from replicas.outputs import (
     ReplicaUnavailableError,
     RequestOutput,
     StepFailedError,
-    merge_pending,
+    read_outputs,
 )
 from replicas.sampling_params import SamplingParams
 
@@ -65,14 +65,9 @@ class AsyncEngine:
         self._submit(lambda: self.engine.add_request(request_id, prompt_ids, params), request_id)
         finished = False
         try:
-            while True:
-                item = merge_pending(await queue.get(), queue)  # a slow reader: one delta
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in read_outputs(queue):  # a slow reader gets one merged delta
                 finished = item.finished
                 yield item
-                if finished:
-                    return
         finally:
             self._queues.pop(request_id, None)
             if not finished:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from replicas.request import FinishReason
@@ -58,6 +59,18 @@ def merge_pending(item, queue) -> RequestOutput | BaseException:
         nxt = queue.get_nowait()
         item = nxt if isinstance(nxt, BaseException) else item.merge(nxt)
     return item
+
+
+async def read_outputs(queue) -> AsyncIterator[RequestOutput]:
+    """One request's outputs from ``queue`` (an asyncio.Queue of its outputs and errors), each
+    merged with those already waiting, up to the finished one; an error is raised."""
+    while True:
+        item = merge_pending(await queue.get(), queue)
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if item.finished:
+            return
 
 
 class QueueFullError(RuntimeError):

@@ -11,23 +11,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "simd.h"
+
 #define FEATURES 32      /* output features per work item */
 #define FORK_MACS 262144 /* below this many multiply-adds one thread does it all */
-
-static inline uint16_t to_bf16(float f) { /* round to nearest even, quiet NaN */
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
-
-static inline float from_bf16(uint16_t v) {
-  uint32_t u = (uint32_t)v << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
 
 /* out[r, f .. f+NF] for rows r < NR, NR * NF <= 16 accumulators: NF weight rows are loaded once
  * per 32 inputs and used for every row, and the NR * NF independent sums hide the latency of the
@@ -50,8 +37,8 @@ static inline __attribute__((always_inline)) void tile(const uint16_t* x, int k,
     for (int j = 0; j < NF; j++) {
       float s = _mm512_reduce_add_ps(c[r * NF + j]);
       for (int q = i; q < k; q++) /* tail when k is not a multiple of 32 */
-        s += from_bf16(x[(int64_t)r * k + q]) * from_bf16(w[(int64_t)(f + j) * k + q]);
-      out[(int64_t)r * n + f + j] = to_bf16(s);
+        s += bf16_to_f32(x[(int64_t)r * k + q]) * bf16_to_f32(w[(int64_t)(f + j) * k + q]);
+      out[(int64_t)r * n + f + j] = f32_to_bf16(s);
     }
 }
 
