@@ -20,7 +20,7 @@ from cluster.serve_cmd import BUNDLED_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "exaone-cluster"
-KUBERAY = ROOT.parent / "shared" / "schemas" / "kuberay" / "rayservice-ray.io-v1.json"
+KUBERAY = ROOT / "tests" / "fixtures" / "kuberay" / "rayservice-ray.io-v1.json"  # vendored
 VALUES_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
 KUBE_VERSION = "1.30.0"
 DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
