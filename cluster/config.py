@@ -323,6 +323,11 @@ class ClusterConfig(_Strict):
     def name(self) -> str:
         return self.model_id or Path(self.model_path).resolve().name
 
+    def serving_at(self, host: str, port: int) -> ClusterConfig:
+        """This config with its Router replicas' gRPC server on host:port."""
+        router = self.router.model_copy(update={"grpc_host": host, "grpc_port": port})
+        return self.model_copy(update={"router": router})
+
     @staticmethod
     def read_file(path: str | Path) -> dict[str, Any]:
         """The fields a YAML or JSON file sets, not validated yet (so a caller can see which

@@ -59,8 +59,7 @@ def start_local(
 
     from cluster.app import build_app
 
-    router = config.router.model_copy(update={"grpc_host": "127.0.0.1", "grpc_port": grpc_port})
-    config = config.model_copy(update={"router": router})
+    config = config.serving_at("127.0.0.1", grpc_port)
 
     ray.init(
         address="local",

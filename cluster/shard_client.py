@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -33,7 +32,6 @@ from replicas.outputs import ReplicaUnavailableError, read_outputs
 from replicas.sampling_params import SamplingParams
 
 LOST_REPLICA = (ActorDiedError, ActorUnavailableError)
-log = logging.getLogger(__name__)
 
 
 class _Lost(Exception):
@@ -111,7 +109,6 @@ class DirectShardClient:
         self.handle = handle.options(stream=True)
         self.subscriber = subscriber or StepSubscriber()
         self.retry_budget_s = retry_budget_s
-        self.num_retries = 0
 
     async def generate(
         self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
@@ -131,7 +128,6 @@ class DirectShardClient:
                         f"the attention replica serving this request was lost ({e}); retry the "
                         "request"
                     ) from None
-                self.num_retries += 1
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(2 * backoff_s, 1.0)
 
@@ -144,9 +140,8 @@ class DirectShardClient:
         try:
             try:
                 address = await call.__anext__()
-            except RayTaskError as e:  # what the replica raised (ValueError, QueueFullError)
-                cause = getattr(e, "cause", None)
-                raise (cause if isinstance(cause, Exception) else e) from None
+            except RayTaskError as e:
+                raise _raised(e) from None
             except LOST_REPLICA as e:
                 raise _Lost(type(e).__name__) from None
             sub.bind(request_id, address)
@@ -162,6 +157,12 @@ class DirectShardClient:
                 call.cancel()  # aborts the request in the replica
 
 
+def _raised(e: RayTaskError) -> Exception:
+    """What the replica raised (ValueError, QueueFullError, ...), else the Ray error itself."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, Exception) else e
+
+
 async def _watch(call, queue: asyncio.Queue) -> None:
     """Reads the rest of the handle call: it ends quietly once the request ended in the
     replica; a lost replica ends the request (the step stream may not notice soon)."""
@@ -171,8 +172,7 @@ async def _watch(call, queue: asyncio.Queue) -> None:
     except LOST_REPLICA as e:
         queue.put_nowait(_Lost(type(e).__name__))
     except RayTaskError as e:
-        cause = getattr(e, "cause", None)
-        queue.put_nowait(cause if isinstance(cause, Exception) else e)
+        queue.put_nowait(_raised(e))
     except asyncio.CancelledError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever ended the call ends the request

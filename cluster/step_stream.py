@@ -15,7 +15,6 @@ This module is the replica's side (``StepPublisher``) and the codec both sides u
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Sequence
 
 import grpc
@@ -25,8 +24,6 @@ from protos.exaone.internal.v1 import step_stream_pb2_grpc as spb_grpc
 from replicas.outputs import QueueFullError, ReplicaUnavailableError, RequestOutput, TokenLogprob
 from replicas.request import FinishReason
 from replicas.sampling_params import SamplingParams
-
-log = logging.getLogger(__name__)
 
 # error_kind on the wire <-> the exception the router's caller sees
 _ERRORS: dict[str, type[Exception]] = {

@@ -17,8 +17,7 @@ def on_free_port(config):
     """``config`` with its Router's gRPC server on a free loopback port -> (config, address).
     Each application serves its own port (its Router replicas run the gRPC server)."""
     port = free_port()
-    router = config.router.model_copy(update={"grpc_host": "127.0.0.1", "grpc_port": port})
-    return config.model_copy(update={"router": router}), f"127.0.0.1:{port}"
+    return config.serving_at("127.0.0.1", port), f"127.0.0.1:{port}"
 
 
 def descendants(pid: int) -> set[int]:
