@@ -63,6 +63,9 @@ def start_local(
 
     ray.init(
         address="local",
+        # One machine: the node's address is loopback, so what binds to it (the attention
+        # replicas' step-stream servers, Ray's own) is not reachable from other machines.
+        _node_ip_address="127.0.0.1",
         num_cpus=num_cpus,
         include_dashboard=dashboard_port is not None,
         dashboard_host="127.0.0.1",

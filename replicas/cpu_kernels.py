@@ -113,6 +113,11 @@ def _declare_bf16(lib: ctypes.CDLL) -> str | None:
     lib.decode_attention_bf16.restype = None
     lib.linear_bf16.argtypes = [P, I32, I32, I32, P, P, I32]
     lib.linear_bf16.restype = None
+    lib.rms_norm_bf16.argtypes = [P, I32, I32, ctypes.c_int64, P, ctypes.c_float, P]
+    lib.rms_norm_bf16.restype = None
+    lib.qk_norm_rope_bf16.argtypes = [P, I32, ctypes.c_int64, I32, I32, I32, P, P, ctypes.c_float,
+                                      P, P, P, P]  # fmt: skip
+    lib.qk_norm_rope_bf16.restype = None
     return None
 
 
@@ -129,8 +134,8 @@ def _declare_amx(lib: ctypes.CDLL) -> str | None:
     return None
 
 
-_BF16 = _Library("exaone_avx512", ["moe_bf16.c", "decode_attention.c", "linear_bf16.c"], BASE_FLAGS,
-                 _avx512_bf16, _declare_bf16)  # fmt: skip
+_BF16_SOURCES = ["moe_bf16.c", "decode_attention.c", "linear_bf16.c", "decode_ops.c"]
+_BF16 = _Library("exaone_avx512", _BF16_SOURCES, BASE_FLAGS, _avx512_bf16, _declare_bf16)
 _AMX = _Library("exaone_amx", ["moe_amx.c"], [*BASE_FLAGS, "-mamx-tile", "-mamx-bf16"],
                 _avx512_bf16, _declare_amx)  # fmt: skip
 
@@ -157,7 +162,7 @@ def amx_unavailable_reason() -> str | None:
 
 def _require_bf16(**tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
-        if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
+        if not (t.dtype is torch.bfloat16 and t.is_cpu and t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous bf16 CPU tensor")
 
 
@@ -235,10 +240,65 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     (m, k), (n, k_w) = x.shape, weight.shape
     if k != k_w:
         raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)}: inner sizes differ")
-    out = x.new_empty(m, n)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
     lib.linear_bf16(x.data_ptr(), m, k, n, weight.data_ptr(), out.data_ptr(),
                     torch.get_num_threads())  # fmt: skip
     return out
+
+
+def _rows_view(x: torch.Tensor, name: str) -> int:
+    """x [R, D] bf16 on CPU whose rows may be strided, elements contiguous -> its row stride.
+    (Decode calls these wrappers hundreds of times a step: the checks stay cheap.)"""
+    if not (x.dtype is torch.bfloat16 and x.is_cpu and x.dim() == 2 and x.stride(1) == 1):
+        raise ValueError(f"{name} must be a [rows, dim] bf16 CPU tensor with contiguous rows")
+    return x.stride(0)
+
+
+def _bf16_vector(w: torch.Tensor, size: int, name: str) -> None:
+    if not (w.dtype is torch.bfloat16 and w.is_cpu and w.dim() == 1 and w.shape[0] == size
+            and w.stride(0) == 1):  # fmt: skip
+        raise ValueError(f"{name} must be a contiguous bf16 CPU vector of {size}")
+
+
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [R, D] (rows may be strided) -> [R, D] bf16: weight * bf16(x * rsqrt(mean(x^2) + eps)),
+    the mean in fp32 (csrc/decode_ops.c; RMSNorm's rounding, sum order aside)."""
+    lib = _BF16.require()
+    stride = _rows_view(x, "x")
+    rows, dim = x.shape
+    _bf16_vector(weight, dim, "weight")
+    out = torch.empty(rows, dim, dtype=torch.bfloat16)  # (ints: faster than a Size)
+    lib.rms_norm_bf16(x.data_ptr(), rows, dim, stride, weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def qk_norm_rope_bf16(
+    qkv: torch.Tensor, q_heads: int, kv_heads: int, q_weight: torch.Tensor,
+    k_weight: torch.Tensor, eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """qkv [T, >= (Hq + Hkv) * D] (q heads then k heads; rows may be strided) -> q [T, Hq, D],
+    k [T, Hkv, D] bf16: per-head RMSNorm (q_weight / k_weight [D]), then NeoX RoPE with
+    cos/sin [T, D] when given (csrc/decode_ops.c)."""
+    lib = _BF16.require()
+    stride = _rows_view(qkv, "qkv")
+    tokens, dim = qkv.shape[0], q_weight.shape[0]
+    _bf16_vector(q_weight, dim, "q_weight")
+    _bf16_vector(k_weight, dim, "k_weight")
+    if qkv.shape[1] < (q_heads + kv_heads) * dim or dim % 2:
+        raise ValueError(f"qkv {tuple(qkv.shape)} does not hold {q_heads} + {kv_heads} heads of "
+                         f"{dim} (an even head size)")  # fmt: skip
+    if cos is not None:
+        for t in (cos, sin):
+            if _rows_view(t, "cos/sin") != dim or t.shape != (tokens, dim):
+                raise ValueError(f"cos/sin must be contiguous [{tokens}, {dim}]")
+    q = torch.empty(tokens, q_heads, dim, dtype=torch.bfloat16)
+    k = torch.empty(tokens, kv_heads, dim, dtype=torch.bfloat16)
+    lib.qk_norm_rope_bf16(
+        qkv.data_ptr(), tokens, stride, q_heads, kv_heads, dim, q_weight.data_ptr(),
+        k_weight.data_ptr(), eps, None if cos is None else cos.data_ptr(),
+        None if sin is None else sin.data_ptr(), q.data_ptr(), k.data_ptr(),
+    )  # fmt: skip
+    return q, k
 
 
 def linear_amx(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,20 @@ class AttentionBackend(Protocol):
 # ------------------------------------------------------------------------------------------------
 # Building blocks
 # ------------------------------------------------------------------------------------------------
+FUSED_DECODE_MAX_ROWS = 64
+"""bf16 RMSNorm, QK-norm and RoPE on CPU run our fused kernels (csrc/decode_ops.c) up to this
+many rows, the decode steps whose time goes to PyTorch's dispatch of many tiny operations.
+Measured on 2 cores, one thread, bundled model: an RMSNorm of one row took ~35 us in PyTorch (7
+operations), ~4 us fused. Longer prefills keep PyTorch's operations (and transformers'
+numerics bit for bit)."""
+
+
+def fused_decode_op(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return False
+    return x.numel() <= FUSED_DECODE_MAX_ROWS * x.shape[-1] and cpu_kernels.available()
+
+
 class RMSNorm(nn.Module):
     """Variance in fp32, cast back to the input dtype, then times the weight (as transformers)."""
 
@@ -56,6 +70,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
+        if fused_decode_op(x, self.weight):
+            flat = x.reshape(-1, x.shape[-1])  # [R, dim]
+            return cpu_kernels.rms_norm_bf16(flat, self.weight, self.eps).view(x.shape)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -93,9 +110,10 @@ def attention_mask(num_tokens: int, window: int | None, device: torch.device) ->
 
 AMX_LINEAR_MAX_ROWS = 512  # rows up to which bf16 Linear runs our AMX kernel, not oneDNN
 # Without AMX, rows up to which bf16 Linear runs our AVX512-BF16 kernel (csrc/linear_bf16.c).
-# Measured on 2 cores, one thread, [M, 256] x [256, 768]: 1 row 15 vs 36 us for oneDNN, 4 rows
-# 37 vs 57, 8 rows even, 16 rows 80 vs 62; [1, 1024] x [1024, 3072]: 133 vs 293 us.
-AVX512_LINEAR_MAX_ROWS = 4
+# Measured on 2 cores (AMD Zen 4), one thread, weights not in cache, us for ours vs oneDNN:
+# [M, 1024] x [1024, 2048]: 1 row 257 vs 530, 4 rows 326 vs 666, 8 rows 660 vs 802, 16 rows
+# 1064 vs 1004; [M, 256] x [256, 768]: 1 row 24 vs 115, 8 rows 105 vs 120, 16 rows 133 vs 111.
+AVX512_LINEAR_MAX_ROWS = 8
 
 
 class Linear(nn.Linear):
@@ -109,7 +127,7 @@ class Linear(nn.Linear):
       kernels in serving."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        if not pads_rows(self.weight):
+        if self._kernel_rows() is None:
             return super().forward(x)
         flat = x.reshape(-1, x.shape[-1])  # [M, in]
         rows = flat.shape[0]
@@ -121,21 +139,32 @@ class Linear(nn.Linear):
             out = F.linear(pad_rows(flat, padded_rows(rows)), self.weight, self.bias)[:rows]
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    def _use_avx512(self, flat: torch.Tensor) -> bool:
+    def _kernel_rows(self) -> tuple[int, int] | None:
+        """None for a plain nn.Linear (not half precision on CPU), else the row counts up to
+        which linear_amx and linear_bf16 can run on this weight (0: not at all). Worked out
+        once per weight tensor: decode calls it hundreds of times a step."""
         w = self.weight
-        if w.dtype != torch.bfloat16 or flat.dtype != w.dtype or self.bias is not None:
-            return False
-        if not 0 < flat.shape[0] <= AVX512_LINEAR_MAX_ROWS:
-            return False
-        return w.is_contiguous() and cpu_kernels.available()
+        key = (w.data_ptr(), w.dtype, w.device, self.bias is None)
+        if self.__dict__.get("_plan_key") != key:
+            self.__dict__["_plan_key"], self.__dict__["_plan"] = key, self._plan_rows()
+        return self.__dict__["_plan"]
+
+    def _plan_rows(self) -> tuple[int, int] | None:
+        w = self.weight
+        if not pads_rows(w):
+            return None
+        bf16 = w.dtype == torch.bfloat16 and self.bias is None and w.is_contiguous()
+        amx = bf16 and w.shape[1] % 32 == 0 and w.shape[0] % 16 == 0 and cpu_kernels.amx_available()
+        avx512 = bf16 and cpu_kernels.available()
+        return (AMX_LINEAR_MAX_ROWS if amx else 0, AVX512_LINEAR_MAX_ROWS if avx512 else 0)
+
+    def _use_avx512(self, flat: torch.Tensor) -> bool:
+        plan = self._kernel_rows()
+        return plan is not None and flat.dtype is self.weight.dtype and 0 < flat.shape[0] <= plan[1]
 
     def _use_amx(self, flat: torch.Tensor) -> bool:
-        w = self.weight
-        if w.dtype != torch.bfloat16 or flat.dtype != w.dtype or self.bias is not None:
-            return False
-        if not 0 < flat.shape[0] <= AMX_LINEAR_MAX_ROWS or w.shape[1] % 32 or w.shape[0] % 16:
-            return False
-        return w.is_contiguous() and cpu_kernels.amx_available()
+        plan = self._kernel_rows()
+        return plan is not None and flat.dtype is self.weight.dtype and 0 < flat.shape[0] <= plan[0]
 
 
 class SwiGLU(nn.Module):
@@ -178,7 +207,16 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, H] -> q [B, T, Hq, D], k and v [B, T, Hkv, D]; k is what a KV cache stores."""
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)  # [B, T, q_size + 2 kv_size]
+        if x.shape[0] == 1 and fused_decode_op(qkv, self.q_norm.weight):
+            tables = (cos, sin) if self.use_rope else (None, None)
+            q, k = cpu_kernels.qk_norm_rope_bf16(
+                qkv[0], self.num_heads, self.num_kv_heads, self.q_norm.weight,
+                self.k_norm.weight, self.q_norm.eps, *tables,
+            )  # fmt: skip  # [N, Hq, D], [N, Hkv, D]
+            v = qkv[..., self.q_size + self.kv_size :].unflatten(-1, (self.num_kv_heads, -1))
+            return q[None], k[None], v
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim)))  # [B, T, Hq, D]
         k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim)))  # [B, T, Hkv, D]
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))  # [B, T, Hkv, D]
@@ -237,8 +275,18 @@ class Router(nn.Module):
         # Kept in fp32 whatever the model dtype (transformers: _keep_in_fp32_modules_strict).
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts))
 
+    def _weight32(self) -> torch.Tensor:
+        """The weight in fp32 (the same values): kept between steps, redone when it changes."""
+        w = self.weight
+        if w.dtype == torch.float32:
+            return w
+        key = (w.data_ptr(), w._version, w.device)
+        if self.__dict__.get("_w32_key") != key:
+            self.__dict__["_w32_key"], self.__dict__["_w32"] = key, w.detach().float()
+        return self.__dict__["_w32"]
+
     def forward(self, x: torch.Tensor) -> Routing:  # x [N, H]
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E] fp32
+        scores = F.linear(x.float(), self._weight32()).sigmoid()  # [N, E] fp32
         choice = scores + self.e_score_correction_bias.float()  # [N, E]
         if self.n_group > 1:
             grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)  # [N, G, E/G]
