@@ -28,7 +28,10 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-BASE_FLAGS = ["-O3", "-mavx512f", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+# -ffp-contract=off: no fused multiply-adds where the C says multiply, round, add (the kernels
+# reproduce PyTorch's roundings; moe_layer_decode_bf16's combine is bit for bit weighted_sum's).
+BASE_FLAGS = ["-O3", "-mavx512f", "-mavx512bf16", "-ffp-contract=off", "-fopenmp", "-shared",
+              "-fPIC"]  # fmt: skip
 P, I32 = ctypes.c_void_p, ctypes.c_int
 
 
@@ -113,6 +116,9 @@ def _declare_bf16(lib: ctypes.CDLL) -> str | None:
     lib.decode_attention_bf16.restype = None
     lib.linear_bf16.argtypes = [P, I32, I32, I32, P, P, I32]
     lib.linear_bf16.restype = None
+    lib.moe_layer_decode_bf16.argtypes = [P, I32, I32, I32, I32, P, P, P, I32, I32, I32, P, P, P,
+                                           P, P, P, P, P, I32]  # fmt: skip
+    lib.moe_layer_decode_bf16.restype = I32
     lib.rms_norm_bf16.argtypes = [P, I32, I32, ctypes.c_int64, P, ctypes.c_float, P]
     lib.rms_norm_bf16.restype = None
     lib.qk_norm_rope_bf16.argtypes = [P, I32, ctypes.c_int64, I32, I32, I32, P, P, ctypes.c_float,
@@ -196,6 +202,44 @@ def moe_experts_bf16(
         w2.data_ptr(), act.data_ptr(), out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def moe_layer_decode_bf16(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+    local_index: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, max_rows_per_expert: int,
+) -> torch.Tensor | None:  # fmt: skip
+    """A routed-expert layer for a decode step's few tokens: x [N, H] bf16, topk_ids [N, K]
+    int64 global ids, topk_weights [N, K] fp32, local_index [>= num_experts] int64 (slot of each
+    global id in w13 / w2, -1 if not held) -> [N, H] bf16, the weighted sum of the K expert
+    outputs, bit for bit what moe_experts_bf16 + model.weighted_sum give. None (nothing done)
+    when a chosen expert is not held or the slots average more than ``max_rows_per_expert``
+    rows per used expert."""
+    lib = _BF16.require()
+    _require_bf16(x=x, w13=w13, w2=w2)
+    (n, hidden), (num_local, two_inter, _), k = x.shape, w13.shape, topk_ids.shape[1]
+    inter = two_inter // 2
+    if (topk_ids.dtype is not torch.int64 or topk_weights.dtype is not torch.float32
+            or topk_ids.shape != (n, k) or topk_weights.shape != (n, k)
+            or not (topk_ids.is_contiguous() and topk_weights.is_contiguous())
+            or local_index.dtype is not torch.int64 or not local_index.is_contiguous()
+            or w13.shape[2] != hidden or w2.shape != (num_local, hidden, inter)):  # fmt: skip
+        raise ValueError("moe_layer_decode_bf16: shapes or dtypes do not fit")
+    slots = n * k
+    order = torch.empty(slots, dtype=torch.int64)
+    offsets = torch.empty(num_local + 1, dtype=torch.int64)
+    h = torch.empty(slots, hidden, dtype=torch.bfloat16)
+    act = torch.empty(slots, inter, dtype=torch.bfloat16)
+    y = torch.empty(slots, hidden, dtype=torch.bfloat16)
+    out = torch.empty(n, hidden, dtype=torch.bfloat16)
+    code = lib.moe_layer_decode_bf16(
+        x.data_ptr(), n, hidden, inter, k, topk_ids.data_ptr(), topk_weights.data_ptr(),
+        local_index.data_ptr(), local_index.numel(), num_local, max_rows_per_expert,
+        w13.data_ptr(), w2.data_ptr(), order.data_ptr(), offsets.data_ptr(), h.data_ptr(),
+        act.data_ptr(), y.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if code == 2:
+        raise ValueError(f"expert ids must be in [0, {local_index.numel()})")
+    return None if code else out
 
 
 AMX_BLOCK = 16  # rows per block in moe_amx.c

@@ -144,7 +144,7 @@ class Linear(nn.Linear):
         which linear_amx and linear_bf16 can run on this weight (0: not at all). Worked out
         once per weight tensor: decode calls it hundreds of times a step."""
         w = self.weight
-        key = (w.data_ptr(), w.dtype, w.device, self.bias is None)
+        key = (w.data_ptr(), w.dtype)  # a new device or dtype is new storage
         if self.__dict__.get("_plan_key") != key:
             self.__dict__["_plan_key"], self.__dict__["_plan"] = key, self._plan_rows()
         return self.__dict__["_plan"]
@@ -435,6 +435,25 @@ class RoutedExperts(nn.Module):
             routing.topk_ids.numel(), [self.compute_rows(x, routing.topk_ids)]
         )
 
+    def decode_layer(self, x: torch.Tensor, routing: Routing) -> torch.Tensor | None:
+        """x [N, H] -> the routed MoE output [N, H] in one fused call for a decode step's few
+        bf16 tokens on CPU when this module holds every chosen expert and the AVX512 kernel is
+        the one ``_cpu_kernel`` would pick (cpu_kernels.moe_layer_decode_bf16: the same result
+        as ``weighted_sum(self(x, routing), ...)``, bit for bit, without a dozen PyTorch
+        operations of grouping and combining); else None."""
+        w13, w2 = self.w13, self.w2
+        if (self.kernels != "torch" or x.shape[0] > FUSED_DECODE_MAX_ROWS
+                or x.dtype is not torch.bfloat16 or w13.dtype is not torch.bfloat16
+                or not x.is_cpu or not (x.is_contiguous() and w13.is_contiguous()
+                                        and w2.is_contiguous())
+                or not cpu_kernels.available()):  # fmt: skip
+            return None
+        amx = self._amx_shapes() and cpu_kernels.amx_available()
+        limit = AVX512_BEST_ROWS_PER_EXPERT if amx else KERNEL_MAX_ROWS_PER_EXPERT
+        return cpu_kernels.moe_layer_decode_bf16(
+            x, routing.topk_ids, routing.topk_weights, self.local_index, w13, w2, limit
+        )
+
     def _cpu_kernel(self, x: torch.Tensor, num_rows: int, sizes: torch.Tensor) -> str | None:
         """Which of our bf16 CPU kernels (replicas.cpu_kernels) computes these rows, if any.
 
@@ -548,7 +567,9 @@ class SparseMoE(nn.Module):
         if self.experts is None or len(self.experts.expert_ids) != self.gate.num_experts:
             raise RuntimeError("this module holds a subset of experts: dispatch to expert groups")
         routing = self.gate(flat)
-        routed = weighted_sum(self.experts(flat, routing), routing.topk_weights)  # [N, H]
+        routed = self.experts.decode_layer(flat, routing)  # [N, H], or None
+        if routed is None:
+            routed = weighted_sum(self.experts(flat, routing), routing.topk_weights)  # [N, H]
         return routed.view_as(x) + self.shared_experts(x)
 
 

@@ -16,6 +16,7 @@ from replicas.model import (
     RMSNorm,
     apply_rope,
     rope_cos_sin,
+    weighted_sum,
 )
 
 CAN_BUILD = torch.cpu._is_avx512_bf16_supported() and shutil.which("cc") is not None
@@ -130,3 +131,35 @@ def test_dense_kernel_rows_do_not_depend_on_their_neighbours():
     together = cpu_kernels.linear_bf16(x, w)
     alone = torch.cat([cpu_kernels.linear_bf16(x[i : i + 1], w) for i in range(7)])
     assert torch.equal(together, alone)
+
+
+@needs_kernel
+def test_fused_moe_layer_equals_the_unfused_path_bit_for_bit(make_ckpt):
+    """moe_layer_decode_bf16 (grouping, experts, combine in one call) gives exactly what the
+    general path (compute_rows + weighted_sum) gives, so colocated decode and an attention
+    replica combining expert groups' rows stay equal; it declines experts held elsewhere and
+    rows per expert past its limit, and rejects ids out of range."""
+    ckpt = make_ckpt(dtype="bfloat16")
+    model = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, include_mtp=False)
+    moe = model.model.layers[str(model.cfg.moe_layers[0])].mlp
+    experts = moe.experts
+    g = torch.Generator().manual_seed(5)
+    for tokens in (1, 3, 16):
+        x = torch.randn(tokens, model.cfg.hidden_size, generator=g).bfloat16()
+        routing = moe.gate(x)
+        fused = experts.decode_layer(x, routing)
+        assert fused is not None
+        assert torch.equal(fused, weighted_sum(experts(x, routing), routing.topk_weights))
+        assert torch.equal(moe(x), fused + moe.shared_experts(x))
+    x = torch.randn(4, model.cfg.hidden_size, generator=g).bfloat16()
+    routing = moe.gate(x)
+    args = (x, routing.topk_ids, routing.topk_weights)
+    held = experts.local_index.clone()
+    held[routing.topk_ids[0, 0]] = -1  # one chosen expert lives elsewhere
+    assert cpu_kernels.moe_layer_decode_bf16(*args, held, experts.w13, experts.w2, 12) is None
+    same = torch.zeros_like(routing.topk_ids)  # every slot on expert 0: 8 rows for 1 expert
+    assert cpu_kernels.moe_layer_decode_bf16(x, same, routing.topk_weights, experts.local_index,
+                                             experts.w13, experts.w2, 2) is None  # fmt: skip
+    with pytest.raises(ValueError, match="expert ids"):
+        cpu_kernels.moe_layer_decode_bf16(x, same - 1, routing.topk_weights, experts.local_index,
+                                          experts.w13, experts.w2, 12)  # fmt: skip
