@@ -153,6 +153,13 @@ class ExpertGroupDeployment:
             ray.get(self.worker.stats.remote()) if self.worker is not None else self.group.stats()
         )
 
+    async def check_health(self) -> None:
+        """Serve's health check: the worker holding this replica's experts answers (a dead one
+        raises at once, a hung one past Serve's health-check timeout), so Serve replaces a
+        replica whose worker is gone; the replacement starts a worker with its experts."""
+        if self.worker is not None:
+            await self.worker.ready.remote()
+
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What this group's autoscaling policy reads (cluster.autoscaling.ExpertGroupPolicy)."""
         stats = await self.worker.stats.remote() if self.worker is not None else self.group.stats()
@@ -191,6 +198,9 @@ class ExpertWorker:
 
     def ready(self) -> bool:
         return True
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def forward(self, layer: int, x, topk_ids):
         return _forward_packed(self.group, layer, x, topk_ids)
@@ -299,11 +309,13 @@ class AttentionShardDeployment:
         transport, x = None, config.experts
         if placement is not None and x.transport == "serve":
             transport = ServeHandleTransport(placement, expert_groups,
-                                             call_timeout_s=x.call_timeout_s)  # fmt: skip
+                                             call_timeout_s=x.call_timeout_s,
+                                             attempt_timeout_s=x.attempt_timeout_s)  # fmt: skip
         elif placement is not None:
             app = serve.get_replica_context().app_name
             prefixes = [worker_prefix(app, g) for g in range(placement.num_groups)]
-            transport = ActorTransport(placement, prefixes, call_timeout_s=x.call_timeout_s)
+            transport = ActorTransport(placement, prefixes, call_timeout_s=x.call_timeout_s,
+                                       attempt_timeout_s=x.attempt_timeout_s)  # fmt: skip
             transport.wait_ready()
         prefix, redis, pinned = _prefix_cache(config)
         self.shard = AttentionShard(
@@ -333,6 +345,7 @@ class AttentionShardDeployment:
             pinned_prefixes=pinned,
         )
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.stall_timeout_s = a.stall_timeout_s
         self.publisher, self.publisher_lock = None, asyncio.Lock()
         kernels = self.shard.engine.engine.kernels
         _serve_log.info("attention kernels: %s (%s)", kernels.name, kernels.reason)
@@ -400,6 +413,17 @@ class AttentionShardDeployment:
 
     def stats(self):
         return dataclasses.replace(self.shard.stats(), replica=self.replica)
+
+    def check_health(self) -> None:
+        """Serve's health check: the engine thread is alive and no step has hung past
+        ``attention.stall_timeout_s``; else Serve replaces this replica."""
+        problem = self.shard.health(self.stall_timeout_s)
+        if problem is not None:
+            raise RuntimeError(problem)
+
+    def healthy(self) -> bool:
+        """What the Router's gRPC health service asks (SERVING or NOT_SERVING)."""
+        return self.shard.health(self.stall_timeout_s) is None
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What the attention autoscaling policy reads (cluster.autoscaling.AttentionPolicy)."""
@@ -479,12 +503,12 @@ class RouterDeployment:
         _serve_log.info("Router serving gRPC at %s:%d", r.grpc_host, r.grpc_port)
 
     async def healthy(self) -> bool:
-        """An attention replica answers (any failure to reach one means not serving)."""
+        """An attention replica answers and its engine can serve (its thread alive, no step
+        hung); any failure to reach one means not serving."""
         try:
-            await asyncio.wait_for(self.shard.stats.remote(), timeout=5.0)
+            return bool(await asyncio.wait_for(self.shard.healthy.remote(), timeout=5.0))
         except Exception:  # noqa: BLE001
             return False
-        return True
 
     async def __del__(self):
         if getattr(self, "server", None) is not None:

@@ -131,6 +131,12 @@ class AttentionOptions(_Strict):
         ge=0,
         description="Requests more than the least loaded replica before affinity is ignored.",
     )
+    stall_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="An engine step running longer than this is hung: the replica reports "
+        "unhealthy (health NOT_SERVING) and Serve replaces it.",
+    )
 
 
 class BalancerOptions(_Strict):
@@ -181,9 +187,17 @@ class ExpertOptions(_Strict):
         None, ge=1, description="torch threads per expert replica; default: every core."
     )
     call_timeout_s: float = Field(
-        60.0,
+        30.0,
         gt=0,
-        description="How long one layer call may retry (replica lost, group restarting).",
+        description="How long one layer call may retry (replica lost or hung, group "
+        "restarting) before its requests end UNAVAILABLE.",
+    )
+    attempt_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="How long one attempt of a layer call waits for an expert replica before "
+        "it is sent to another replica of the group (a hung replica's worker then leaves the "
+        "rotation until it answers again).",
     )
     transport: Literal["actor", "serve"] = Field(
         "actor",

@@ -51,6 +51,8 @@ class AsyncEngine:
         self._wakeup = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._step_started: float | None = None  # monotonic start of the step running now
+        self._failure: BaseException | None = None  # what ended the engine thread, if anything
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- public --------------------------------------------------------------------------------
@@ -92,6 +94,16 @@ class AsyncEngine:
         self._sinks.pop(request_id, None)
         self._submit(lambda: self.engine.abort(request_id), None)
 
+    def health(self, stall_timeout_s: float) -> str | None:
+        """None while the engine can serve; else why not: its thread died, or one step has run
+        for more than ``stall_timeout_s`` (hung)."""
+        if self._failure is not None:
+            return f"the engine thread died ({type(self._failure).__name__}: {self._failure})"
+        started = self._step_started
+        if started is not None and (running := time.monotonic() - started) > stall_timeout_s:
+            return f"one engine step has run for {running:.0f} s (limit {stall_timeout_s:.0f} s)"
+        return None
+
     async def wait_idle(self) -> None:
         """Until queued commands are applied and no request is running."""
         while self._pending() or self.engine.has_unfinished_requests():
@@ -108,6 +120,8 @@ class AsyncEngine:
     # ---- internals -----------------------------------------------------------------------------
     def _check_new(self, request_id: str, prompt_ids: Sequence[int],
                    params: SamplingParams) -> None:  # fmt: skip
+        if self._failure is not None:  # a replica Serve replaces once check_health fails
+            raise ReplicaUnavailableError(f"{self.health(float('inf'))}; retry the request")
         if request_id in self._queues or request_id in self._sinks:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.engine.check_request(prompt_ids, params)
@@ -152,16 +166,29 @@ class AsyncEngine:
         if not self.engine.has_unfinished_requests():
             return [], errors
         started = time.perf_counter()
+        self._step_started = time.monotonic()
         try:
             return self.engine.step(), errors
         except StepFailedError as e:  # those requests end with the error; the others go on
             return [], errors + [(request_id, e.cause) for request_id in e.request_ids]
         finally:
+            self._step_started = None
             self.num_steps += 1
             self.step_time_s += time.perf_counter() - started
 
     def _run(self) -> None:
-        """The engine thread: apply commands, step, hand the outputs to the event loop."""
+        """The engine thread: apply commands, step, hand the outputs to the event loop. What
+        escapes the loop (not an Exception: MemoryError is one, SystemExit another) is kept
+        for ``health`` and ends every request it holds."""
+        try:
+            self._loop_until_stopped()
+        except BaseException as e:
+            self._failure = e
+            with contextlib.suppress(BaseException):
+                self._loop.call_soon_threadsafe(self._deliver_all, [], self._fail_all(e))
+            raise
+
+    def _loop_until_stopped(self) -> None:
         while not self._stopping:
             self._wakeup.clear()
             if not self._pending() and not self.engine.has_unfinished_requests():
@@ -177,7 +204,7 @@ class AsyncEngine:
                 except RuntimeError:  # the event loop is closed: nobody is listening
                     return
 
-    def _fail_all(self, error: Exception) -> list[tuple[str, BaseException]]:
+    def _fail_all(self, error: BaseException) -> list[tuple[str, BaseException]]:
         """A failure outside a model step (the engine's state is unknown): abort every request
         it holds, each ending with a retryable error that names the cause."""
         scheduler = self.engine.scheduler

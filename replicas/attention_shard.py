@@ -118,6 +118,10 @@ class AttentionShard:
                 f"{self.max_requests}): retry with backoff"
             )
 
+    def health(self, stall_timeout_s: float) -> str | None:
+        """None while this replica's engine can serve, else why not (AsyncEngine.health)."""
+        return self.engine.health(stall_timeout_s)
+
     def stats(self) -> ShardStats:
         engine = self.engine.engine
         return ShardStats(

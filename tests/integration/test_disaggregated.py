@@ -10,6 +10,9 @@ attention replica ends only its own requests, with UNAVAILABLE.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import threading
 import time
 
@@ -21,6 +24,7 @@ from ray import serve
 
 from cluster.app import build_app, expert_group_name
 from cluster.config import ClusterConfig, EngineOptions
+from cluster.expert_transport import WORKER_NAMESPACE, worker_prefix
 from cluster.local import APP_NAME, start_local
 from cluster.redis_server import RedisServer
 from replicas.engine import EngineConfig, LLMEngine
@@ -50,7 +54,7 @@ def _config(ckpt, num_groups: int, attention_replicas: int, replicas_per_group: 
         attention={"num_replicas": attention_replicas, "num_cpus": 0.5, "num_threads": 1},
         experts={"num_groups": num_groups, "replicas_per_group": replicas_per_group,
                  "num_cpus": 0.25, "num_threads": 1, "call_timeout_s": 60,
-                 "transport": transport},
+                 "attempt_timeout_s": 2, "transport": transport},
     )  # fmt: skip
 
 
@@ -256,6 +260,45 @@ def test_losing_an_expert_replica_loses_no_request(cluster, reference, report):
     retries = sum(s.num_expert_retries for s in shards.values())
     report(f"expert layer calls retried after the kill: {retries}")
     _wait_running(APP_NAME)  # Serve replaces the replica
+
+
+def _expert_retries() -> dict[str, int]:
+    """{attention replica: layer calls it sent again}"""
+    stats = _stats_per_replica(APP_NAME, "AttentionShard")
+    return {replica: s.num_expert_retries for replica, s in stats.items()}
+
+
+def test_a_hung_expert_worker_is_failed_over(cluster, reference, report):
+    """SIGSTOP of one expert worker (a hang, its process alive): the layer calls waiting on it
+    time out after ``attempt_timeout_s`` (2 s here) and go to the group's other worker, which
+    takes the hung one's share; every stream returns the colocated output. After SIGCONT the
+    worker answers again and the cluster serves on."""
+    ps, want = reference
+    prefix = worker_prefix(APP_NAME, 0)
+    named = ray.util.list_named_actors(all_namespaces=True)
+    ours = [a for a in named if a["namespace"] == WORKER_NAMESPACE]
+    workers = sorted(a["name"] for a in ours if a["name"].startswith(prefix))
+    assert len(workers) == 2, workers
+    pid = ray.get(ray.get_actor(workers[0], namespace=WORKER_NAMESPACE).pid.remote())
+    before = _expert_retries()
+    streams = _Streams(APP_NAME, ps)
+    assert streams.started.wait(120)
+    hung_at = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert streams.running  # hung mid-stream
+        results = streams.join()
+        took = time.monotonic() - hung_at
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # gone if Serve replaced its replica
+            os.kill(pid, signal.SIGCONT)
+    assert [results.get(i) for i in range(len(ps))] == want
+    after = _expert_retries()
+    resent = sum(after[r] - before[r] for r in before if r in after)
+    assert resent > 0  # calls did time out on the hung worker and were sent again
+    report(f"SIGSTOP of an expert worker under {len(ps)} streams: all outputs equal colocated, "
+           f"done {took:.1f} s after the hang, {resent} layer calls re-sent")  # fmt: skip
+    assert _generate_all(APP_NAME, ps[:4]) == {i: want[i] for i in range(4)}
 
 
 def test_32_concurrent_streams_equal_colocated(cluster, served_ckpt):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -221,11 +222,18 @@ def test_every_listener_is_on_loopback(cluster):
     found = listening_addresses(descendants(os.getpid()))
     assert found, "no listening sockets found for the Ray processes"
     wide = [
-        (pid, ip, port)
+        (pid, _command(pid), ip, port)
         for pid, ip, port in found
         if ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
     ]
     assert not wide, f"listening beyond loopback: {wide}"
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:100]
+    except OSError:
+        return "?"
 
 
 @pytest.mark.parametrize("num_groups", [0, 1], ids=["colocated", "disaggregated"])

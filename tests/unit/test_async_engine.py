@@ -187,3 +187,62 @@ def test_a_failure_outside_the_model_ends_its_requests_and_the_loop_goes_on(setu
     assert all("KeyError" in str(e) and "retry" in str(e) for e in failed)
     assert blocks == 0
     assert isinstance(after, list) and len(after) == 40
+
+
+class _Fatal(BaseException):
+    """Not an Exception: what the engine thread's loop does not catch (MemoryError-like)."""
+
+
+def test_health_reports_a_dead_engine_thread_and_a_hung_step(setup, monkeypatch):
+    """``health`` is None while the engine can serve. A step running past the stall limit is
+    reported while it runs; a BaseException that kills the engine thread ends its requests with
+    a retryable error, is reported from then on, and new requests are refused (retryable)."""
+    import threading
+    import time
+
+    from replicas.outputs import ReplicaUnavailableError
+
+    model, tok = setup
+    prompt = tok.encode("<|user|>\nHello<|endofturn|>\n")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the thread's death is meant
+
+    async def main():
+        engine = _engine(model)
+        step, mode, seen = engine.engine.step, {"now": "slow"}, []
+
+        def step_hook():
+            if mode["now"] == "slow":
+                time.sleep(0.6)
+            elif mode["now"] == "fatal":
+                raise _Fatal("injected")
+            return step()
+
+        monkeypatch.setattr(engine.engine, "step", step_hook)
+
+        async def watch():
+            while True:
+                seen.append(engine.health(stall_timeout_s=0.3))
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.ensure_future(watch())
+        outs = [o async for o in engine.generate("slow", prompt, params)]
+        watcher.cancel()
+        healthy_after = engine.health(stall_timeout_s=0.3)
+        mode["now"] = "fatal"
+        try:
+            _ = [o async for o in engine.generate("dies", prompt, params)]
+            died = None
+        except ReplicaUnavailableError as e:
+            died = e
+        problem = engine.health(stall_timeout_s=0.3)
+        with pytest.raises(ReplicaUnavailableError, match="died"):
+            _ = [o async for o in engine.generate("refused", prompt, params)]
+        return outs, seen, healthy_after, died, problem
+
+    outs, seen, healthy_after, died, problem = asyncio.run(asyncio.wait_for(main(), 60))
+    assert sum(len(o.new_token_ids) for o in outs) == 6
+    assert any(s is not None and "has run for" in s for s in seen), seen
+    assert healthy_after is None
+    assert isinstance(died, ReplicaUnavailableError) and "_Fatal" in str(died)
+    assert problem is not None and "engine thread died" in problem and "injected" in problem
