@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
@@ -70,7 +71,11 @@ class GenerationService:
         params = sampling_params_of(request, len(prompt.token_ids), self.limits)
         if prompt.prefix_boundaries:
             params = dataclasses.replace(params, prefix_boundaries=prompt.prefix_boundaries)
-        outputs = _Tracked(self.engine.generate(request_id, prompt.token_ids, params))
+        # The engine's id for this stream alone: a caller's request_id is only echoed back, so
+        # two streams with the same one (at once, or one just closed whose abort is still on its
+        # way) never share an engine request or each other's tokens.
+        stream_id = f"{request_id}#{uuid.uuid4().hex[:16]}"
+        outputs = _Tracked(self.engine.generate(stream_id, prompt.token_ids, params))
         deltas = stream_text(
             outputs,
             self.tokenizer,

@@ -202,3 +202,28 @@ def test_queue_full_is_resource_exhausted_and_frees_on_cancel(env):
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "at capacity" in error.message
     assert stats.num_blocks_in_use == 0 and stats.num_requests == 0
     assert again[-1].final.usage.completion_tokens == 2
+
+
+def test_streams_with_one_request_id_each_get_their_own_tokens(env):
+    """A caller's request_id is echoed, not used as the engine's id: two streams sent at once
+    with the same one both run, each gets its own prompt's output (never the other's tokens),
+    and each response carries the caller's id."""
+    path, tok, info, limits = env
+    shard = AttentionShard(path, ENGINE)
+    prompts = [[7, 300, 42, 9], [12, 500, 77, 3, 8]]
+    want = LLMEngine(shard.engine.engine.model, ENGINE).generate(
+        prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))  # fmt: skip
+    requests = [build_request(token_ids=p, temperature=0.0, max_tokens=12, ignore_eos=True)
+                for p in prompts]  # fmt: skip
+    for r in requests:
+        r.request_id = "same-id"
+    service = _service(env, shard)
+
+    async def both():
+        return await asyncio.gather(*(_collect(service, r) for r in requests))
+
+    results = asyncio.run(both())
+    for responses, expected in zip(results, want, strict=True):
+        assert [t for r in responses[:-1] for t in r.delta.token_ids] == expected
+        assert {r.request_id for r in responses} == {"same-id"}
+    assert shard.stats().num_blocks_in_use == 0
