@@ -499,7 +499,8 @@ class RouterDeployment:
         self.service = GenerationService(tokenizer, self.client, limits, info)
         self.metrics = RouterMetrics()
         self.server = await start_ingress(r.grpc_host, r.grpc_port, self.service, self.healthy,
-                                          self.metrics, r.max_request_bytes)  # fmt: skip
+                                          self.metrics, r.max_request_bytes,
+                                          r.max_ongoing_requests, r.request_timeout_s)  # fmt: skip
         _serve_log.info("Router serving gRPC at %s:%d", r.grpc_host, r.grpc_port)
 
     async def healthy(self) -> bool:
@@ -540,6 +541,8 @@ def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:
         ray_actor_options=_actor_options(a.num_cpus, a.num_gpus, a.resources),
         # Admission is the shard's own (RESOURCE_EXHAUSTED with a message); let Serve pass all.
         max_ongoing_requests=e.max_num_seqs + e.max_waiting_requests + 16,
+        # A stream is one ongoing request until it ends: a stopping replica waits this long.
+        graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
     ).bind(config, balancer, *groups)
     return RouterDeployment.options(
         num_replicas=r.num_replicas,

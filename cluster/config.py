@@ -131,6 +131,12 @@ class AttentionOptions(_Strict):
         ge=0,
         description="Requests more than the least loaded replica before affinity is ignored.",
     )
+    graceful_shutdown_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long a replica being stopped (scale-down, upgrade, shutdown) waits for "
+        "its running streams to finish before they are cut (they end UNAVAILABLE).",
+    )
     stall_timeout_s: float = Field(
         120.0,
         gt=0,
@@ -231,7 +237,18 @@ class RouterOptions(_Strict):
     max_output_tokens: int | None = Field(
         None, ge=1, description="Largest max_tokens accepted; default: the context limit."
     )
-    max_ongoing_requests: int = Field(1024, ge=1, description="Streams one router replica holds.")
+    max_ongoing_requests: int = Field(
+        1024,
+        ge=1,
+        description="Streams one router replica holds at once; more are refused with "
+        "RESOURCE_EXHAUSTED before any work.",
+    )
+    request_timeout_s: float | None = Field(
+        1800.0,
+        gt=0,
+        description="How long one Generate stream may run before it ends DEADLINE_EXCEEDED "
+        "and its request is aborted (null: no limit).",
+    )
 
 
 class PrefixCacheOptions(_Strict):

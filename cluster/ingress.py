@@ -27,21 +27,46 @@ HealthFn = Callable[[], Awaitable[bool]]
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, service: GenerationService, metrics=None):
+    """``max_streams``: Generate streams this replica holds at once (more are refused with
+    RESOURCE_EXHAUSTED, before any work); ``timeout_s``: how long one stream may run (then
+    DEADLINE_EXCEEDED, and its request is aborted); None: no limit."""
+
+    def __init__(self, service: GenerationService, metrics=None, max_streams: int | None = None,
+                 timeout_s: float | None = None):  # fmt: skip
         self.service, self.metrics = service, metrics
+        self.max_streams, self.timeout_s = max_streams, timeout_s
+        self.num_streams = 0
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        if self.max_streams is not None and self.num_streams >= self.max_streams:
+            await self._fail(context, RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this router replica holds {self.num_streams} streams, its limit (router."
+                "max_ongoing_requests); retry later, or run more Router replicas"))  # fmt: skip
+        self.num_streams += 1
         try:
-            async for response in self.service.generate(request):
-                if self.metrics is not None and response.HasField("final"):
-                    f = response.final
-                    reason = pb.FinishReason.Name(f.finish_reason).removeprefix("FINISH_REASON_")
-                    self.metrics.finished(reason.lower(), f.usage, f.timings)
-                yield response
+            async with asyncio.timeout(self.timeout_s):
+                async for response in self.service.generate(request):
+                    if self.metrics is not None and response.HasField("final"):
+                        f = response.final
+                        name = pb.FinishReason.Name(f.finish_reason)
+                        self.metrics.finished(name.removeprefix("FINISH_REASON_").lower(),
+                                              f.usage, f.timings)  # fmt: skip
+                    yield response
         except RequestError as e:
-            if self.metrics is not None:
-                self.metrics.failed(e.code.name)
-            await context.abort(e.code, e.message)
+            await self._fail(context, e)
+        except TimeoutError:
+            await self._fail(context, RequestError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the stream ran past the server's limit of {self.timeout_s:g} s "
+                "(router.request_timeout_s); ask for fewer tokens or raise the limit"))  # fmt: skip
+        finally:
+            self.num_streams -= 1
+
+    async def _fail(self, context: grpc.aio.ServicerContext, error: RequestError):
+        if self.metrics is not None:
+            self.metrics.failed(error.code.name)
+        await context.abort(error.code, error.message)
 
     async def Tokenize(self, request, context):
         return await _unary(self.service.tokenize, request, context)
@@ -93,6 +118,8 @@ async def start_ingress(
     healthy: HealthFn,
     metrics=None,
     max_message_bytes: int = 4 << 20,
+    max_streams: int | None = None,
+    timeout_s: float | None = None,
 ) -> grpc.aio.Server:
     """Serve the public API on host:port (shared with other replicas on this node)."""
     # Room above max_request_bytes, so an oversized request gets our INVALID_ARGUMENT message
@@ -103,7 +130,8 @@ async def start_ingress(
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
     ])  # fmt: skip
-    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(service, metrics), server)
+    servicer = GenerationServicer(service, metrics, max_streams, timeout_s)
+    pb_grpc.add_GenerationServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(healthy), server)
     names = (
         pb.DESCRIPTOR.services_by_name["Generation"].full_name,
