@@ -189,13 +189,16 @@ def _forward_packed(group, layer, x, topk_ids):
     return pack(slots), pack(y)
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"probe": 1})
 class ExpertWorker:
-    """The process that holds an expert group replica's weights ("actor" transport)."""
+    """The process that holds an expert group replica's weights ("actor" transport). Its
+    layer calls run one at a time; ``ready`` runs beside them (its own concurrency group), so
+    a worker busy with long calls still answers health checks and probes, a hung one not."""
 
     def __init__(self, *args):
         self.group = _load_group(*args)
 
+    @ray.method(concurrency_group="probe")
     def ready(self) -> bool:
         return True
 
@@ -503,13 +506,17 @@ class RouterDeployment:
                                           r.max_ongoing_requests, r.request_timeout_s)  # fmt: skip
         _serve_log.info("Router serving gRPC at %s:%d", r.grpc_host, r.grpc_port)
 
-    async def healthy(self) -> bool:
+    async def healthy(self, tries: int = 3) -> bool:
         """An attention replica answers and its engine can serve (its thread alive, no step
-        hung); any failure to reach one means not serving."""
-        try:
-            return bool(await asyncio.wait_for(self.shard.healthy.remote(), timeout=5.0))
-        except Exception:  # noqa: BLE001
-            return False
+        hung). Serve picks the replica each call answers from, so one unhealthy replica among
+        healthy ones (Serve replaces it) is asked again rather than reported."""
+        for _ in range(tries):
+            try:
+                if await asyncio.wait_for(self.shard.healthy.remote(), timeout=2.0):
+                    return True
+            except Exception:  # noqa: BLE001 - unreachable counts as not serving
+                pass
+        return False
 
     async def __del__(self):
         if getattr(self, "server", None) is not None:

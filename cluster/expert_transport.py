@@ -63,39 +63,34 @@ def unpack(packed) -> torch.Tensor:
     return t.view(getattr(torch, dtype)) if dtype else t
 
 
-class _RetryingCall:
-    """One layer call. While the replica serving it is lost, hung past ``attempt_timeout_s``,
-    or none is up, it is sent again after a short backoff, until ``call_timeout_s``; then
+class _ServeCall:
+    """One layer call through a group's Serve handle. While the replica serving it is lost,
+    unanswered for ``attempt_timeout_s`` (counted from when it was sent), or none is up, it is
+    cancelled and sent again (Serve picks a replica; a hung one holds its calls, so it is the
+    last choice) after a short backoff, until ``call_timeout_s``; then
     ReplicaUnavailableError."""
 
-    retriable: tuple[type[BaseException], ...] = RETRIABLE
-
-    def __init__(self, transport, group: int, args: tuple):
+    def __init__(self, transport: ServeHandleTransport, group: int, args: tuple):
         self.transport, self.group, self.args = transport, group, args
         self.deadline = time.monotonic() + transport.call_timeout_s
-        self.pending = self._send()
+        self._send()
 
-    def _send(self):
-        raise NotImplementedError
-
-    def _wait(self, timeout_s: float):
-        raise NotImplementedError
-
-    def _failed(self, error: BaseException) -> None:
-        """The attempt in flight failed with ``error``; called before it is sent again."""
+    def _send(self) -> None:
+        self.sent_at = time.monotonic()
+        self.pending = self.transport.handles[self.group].remote(*self.args)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         attempt = 0
         while True:
-            now = time.monotonic()
-            wait_s = min(self.deadline, now + self.transport.attempt_timeout_s) - now
+            until = min(self.deadline, self.sent_at + self.transport.attempt_timeout_s)
             try:
-                slots, y = self._wait(max(wait_s, 0.001))
+                slots, y = self.pending.result(timeout_s=max(until - time.monotonic(), 0.001))
                 return unpack(slots), unpack(y)
-            except self.retriable as e:
+            except RETRIABLE as e:
                 attempt += 1
                 self.transport.num_retries += 1
-                self._failed(e)
+                with contextlib.suppress(Exception):  # not left running on a hung replica
+                    self.pending.cancel()
                 if time.monotonic() >= self.deadline:
                     raise ReplicaUnavailableError(
                         f"expert group {self.group}: no replica answered layer {self.args[0]} "
@@ -104,15 +99,7 @@ class _RetryingCall:
                 log.warning("expert group %d, layer %d: %s; retrying (attempt %d)",
                             self.group, self.args[0], type(e).__name__, attempt)  # fmt: skip
                 time.sleep(min(0.05 * attempt, 1.0))
-                self.pending = self._send()
-
-
-class _ServeCall(_RetryingCall):
-    def _send(self):
-        return self.transport.handles[self.group].remote(*self.args)
-
-    def _wait(self, timeout_s: float):
-        return self.pending.result(timeout_s=timeout_s)
+                self._send()
 
 
 class ServeHandleTransport:
@@ -148,23 +135,73 @@ def worker_prefix(app: str, group: int) -> str:
     return f"expert-worker:{app}:{group}:"
 
 
-class _ActorCall(_RetryingCall):
+class _ActorCall:
+    """One layer call to a group's workers, hedged: an attempt unanswered after
+    ``attempt_timeout_s`` is not abandoned (a slow worker may still answer) but joined by a
+    new attempt on another worker, and its worker is suspended (ActorTransport.suspend); the
+    first answer wins and the others are cancelled. An attempt that fails (its worker died) is
+    sent again. No answer within ``call_timeout_s``: ReplicaUnavailableError."""
+
     retriable = (*RETRIABLE, ray_exceptions.GetTimeoutError)
 
-    def _send(self):
-        return self.transport._send(self.group, self.args)  # (worker name, ref) or None
+    def __init__(self, transport: ActorTransport, group: int, args: tuple):
+        self.transport, self.group, self.args = transport, group, args
+        self.deadline = time.monotonic() + transport.call_timeout_s
+        self.attempts: list[tuple[str, object, float]] = []  # (worker, ref, sent at)
+        self._attempt()
 
-    def _wait(self, timeout_s: float):
+    def _attempt(self) -> None:
+        sent = self.transport._send(self.group, self.args)
+        if sent is not None:
+            self.attempts.append((*sent, time.monotonic()))
+
+    def _unavailable(self, why: str) -> ReplicaUnavailableError:
+        return ReplicaUnavailableError(
+            f"expert group {self.group}: no replica answered layer {self.args[0]} within "
+            f"{self.transport.call_timeout_s:.0f} s ({why})"
+        )
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         import ray
 
-        if self.pending is None:
-            raise TimeoutError("no worker of the group is up")
-        return ray.get(self.pending[1], timeout=timeout_s)
-
-    def _failed(self, error: BaseException) -> None:
-        if self.pending is not None and isinstance(error, TimeoutError):
-            self.transport.suspend(*self.pending)  # hung (or far too slow): out of rotation
-        self.transport.refresh()
+        failures = 0
+        while True:
+            now = time.monotonic()
+            if not self.attempts:  # no worker up, or every attempt failed
+                if now >= self.deadline:
+                    raise self._unavailable("no worker of the group is up")
+                time.sleep(min(0.05 * (failures + 1), 1.0))
+                self.transport.refresh()
+                self._attempt()
+                continue
+            hedge_at = self.attempts[-1][2] + self.transport.attempt_timeout_s
+            refs = [ref for _, ref, _ in self.attempts]
+            ready, _ = ray.wait(refs, num_returns=1, timeout=max(hedge_at - now, 0.001))
+            if ready:
+                i = refs.index(ready[0])
+                worker, ref, _ = self.attempts.pop(i)
+                try:
+                    slots, y = ray.get(ref)
+                except self.retriable as e:  # its worker died or went away: send again
+                    failures += 1
+                    self.transport.num_retries += 1
+                    log.warning("expert group %d, layer %d: %s from %s; sending again",
+                                self.group, self.args[0], type(e).__name__, worker)  # fmt: skip
+                    self.transport.refresh()
+                    if time.monotonic() < self.deadline:
+                        self._attempt()
+                    continue
+                for _, other, _ in self.attempts:  # the hedges lost the race
+                    with contextlib.suppress(Exception):
+                        ray.cancel(other)
+                return unpack(slots), unpack(y)
+            if time.monotonic() >= self.deadline:
+                raise self._unavailable(f"{len(self.attempts)} attempts unanswered")
+            worker, ref, _ = self.attempts[-1]
+            self.transport.suspend(worker)  # unanswered for attempt_timeout_s: out of rotation
+            self.transport.num_retries += 1
+            self.transport.refresh()
+            self._attempt()
 
 
 class ActorTransport:
@@ -242,13 +279,10 @@ class ActorTransport:
             self._workers.append(healthy or mine)  # none healthy: try the suspended ones
         self._refreshed = time.monotonic()
 
-    def suspend(self, name: str, ref) -> None:
-        """Worker ``name`` let an attempt (``ref``) time out: out of rotation until it answers a
-        probe. The attempt is cancelled if it has not started."""
-        import ray
-
-        with contextlib.suppress(Exception):
-            ray.cancel(ref)
+    def suspend(self, name: str) -> None:
+        """Worker ``name`` left an attempt unanswered for ``attempt_timeout_s``: out of
+        rotation until it answers a ``ready()`` probe (served beside its layer calls, so a
+        worker that is busy but alive answers at once, a hung or stopped one does not)."""
         actor = self._ready.get(name)
         if actor is None or name in self._suspended:
             return

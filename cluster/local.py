@@ -10,6 +10,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from cluster.capacity import shortfall
 from cluster.config import ClusterConfig
 from cluster.loopback import HOOK
 
@@ -21,7 +22,15 @@ LOCAL_ENV = {
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
     "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray starts its workers at niceness 15 (they yield to anything else on the machine): the
+    # engine replicas then lose their core to the clients and Ray's own processes. Measured on
+    # 2 cores, bundled model, one stream: TPOT 7.8 ms served at 15 against 4.6 in-process.
+    "RAY_worker_niceness": "0",
 }
+
+
+class PlacementError(RuntimeError):
+    """The configuration asks for more than this Ray cluster has (cluster.capacity)."""
 
 
 @dataclass
@@ -76,6 +85,8 @@ def start_local(
         log_to_driver=False,
     )
     try:
+        if (problem := shortfall(config, ray.cluster_resources())) is not None:
+            raise PlacementError(problem)
         logging = LoggingConfig(enable_access_log=False, log_level="WARNING")
         serve.start(
             http_options=HTTPOptions(host="127.0.0.1", port=http_port),

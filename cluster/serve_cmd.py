@@ -112,7 +112,7 @@ def start_redis(config):
 
 
 def _serve(args: argparse.Namespace, config) -> int:
-    from cluster.local import start_local
+    from cluster.local import PlacementError, start_local
 
     def interrupt(*_):
         raise KeyboardInterrupt
@@ -132,6 +132,9 @@ def _serve(args: argparse.Namespace, config) -> int:
     except KeyboardInterrupt:
         print("interrupted while starting", file=sys.stderr)
         return 130
+    except PlacementError as e:
+        print(f"cannot serve: {e}", file=sys.stderr)
+        return 2
     # Installed after ray.init, which sets its own SIGTERM handler that would end the process
     # before Serve and Ray are shut down.
     stop = threading.Event()

@@ -148,6 +148,8 @@ class AsyncEngine:
 
     def _ensure_thread(self) -> None:
         self._loop = asyncio.get_running_loop()  # outputs go to the loop of the latest caller
+        if self._failure is not None:  # never restarted on an engine in an unknown state
+            return
         if self._thread is None or not self._thread.is_alive():
             self._stopping = False
             self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -185,8 +187,17 @@ class AsyncEngine:
         except BaseException as e:
             self._failure = e
             with contextlib.suppress(BaseException):
-                self._loop.call_soon_threadsafe(self._deliver_all, [], self._fail_all(e))
+                self._loop.call_soon_threadsafe(self._fail_open, e)
             raise
+
+    def _fail_open(self, error: BaseException) -> None:
+        """On the event loop, after the engine thread died: every open request (running,
+        waiting, or still queued as a command) ends with a retryable error."""
+        failure = ReplicaUnavailableError(
+            f"the engine failed ({type(error).__name__}: {error}); retry the request"
+        )
+        ids = [*self._queues, *self._sinks]
+        self._deliver_all([], [(request_id, failure) for request_id in ids])
 
     def _loop_until_stopped(self) -> None:
         while not self._stopping:

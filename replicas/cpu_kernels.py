@@ -222,6 +222,7 @@ def moe_layer_decode_bf16(
             or topk_ids.shape != (n, k) or topk_weights.shape != (n, k)
             or not (topk_ids.is_contiguous() and topk_weights.is_contiguous())
             or local_index.dtype is not torch.int64 or not local_index.is_contiguous()
+            or not (topk_ids.is_cpu and topk_weights.is_cpu and local_index.is_cpu)
             or w13.shape[2] != hidden or w2.shape != (num_local, hidden, inter)):  # fmt: skip
         raise ValueError("moe_layer_decode_bf16: shapes or dtypes do not fit")
     slots = n * k
@@ -238,7 +239,8 @@ def moe_layer_decode_bf16(
         act.data_ptr(), y.data_ptr(), out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if code == 2:
-        raise ValueError(f"expert ids must be in [0, {local_index.numel()})")
+        raise ValueError(f"expert ids must be in [0, {local_index.numel()}) and map to held "
+                         f"experts (< {num_local}), with k >= 1")  # fmt: skip
     return None if code else out
 
 

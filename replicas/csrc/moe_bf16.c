@@ -79,7 +79,8 @@ void moe_experts_bf16(const uint16_t* x, const int64_t* offsets, int num_experts
  * outputs as model.weighted_sum does (fp32 products, summed in slot order, rounded once), so the
  * result is bit for bit the unfused path's. Returns 0; 1 without doing anything when a slot's
  * expert is not held here or the slots average more than max_rows_per_expert rows per used
- * expert (the caller then takes the general path); 2 when an id is outside [0, num_ids).
+ * expert (the caller then takes the general path); 2 when an id is outside [0, num_ids), maps
+ * past the held experts, or k < 1.
  *
  * topk_ids [N, K] global expert ids, topk_w [N, K] fp32, local_index [num_ids] (local slot
  * of each global id, -1 if not held), w13 / w2 as above for the num_local held experts;
@@ -93,9 +94,11 @@ int moe_layer_decode_bf16(const uint16_t* x, int n, int hidden, int inter, int k
                           int64_t* offsets, uint16_t* h, uint16_t* act, uint16_t* y,
                           uint16_t* out, int num_threads) {
   const int slots = n * k;
+  if (k < 1) return 2;
   memset(offsets, 0, sizeof(int64_t) * (num_local + 1));
   for (int s = 0; s < slots; s++)
-    if (topk_ids[s] < 0 || topk_ids[s] >= num_ids) return 2;
+    if (topk_ids[s] < 0 || topk_ids[s] >= num_ids || local_index[topk_ids[s]] >= num_local)
+      return 2;
   for (int s = 0; s < slots; s++) {
     const int64_t e = local_index[topk_ids[s]];
     if (e < 0) return 1;

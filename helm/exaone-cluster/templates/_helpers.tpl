@@ -121,6 +121,9 @@ initContainers:
 image: "{{ .root.Values.image.repository }}:{{ .root.Values.image.tag }}"
 imagePullPolicy: {{ .root.Values.image.pullPolicy }}
 env:
+  # Ray starts workers at niceness 15; the engine and expert replicas are the pod's work.
+  - name: RAY_worker_niceness
+    value: "0"
   - name: EXAONE_REDIS_PASSWORD
     valueFrom:
       secretKeyRef:
