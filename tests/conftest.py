@@ -15,6 +15,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from cluster.checkpoint import write_checkpoint
+from cluster.local import LOCAL_ENV
+
+# What `serve` sets before Ray starts, set before any test module imports ray: Ray reads some
+# of it once, at import (a local node's address is loopback, so clusters the fault tier builds
+# with Ray's multi-node harness are reached on 127.0.0.1).
+os.environ.update(LOCAL_ENV)
 
 
 @pytest.fixture(scope="session")
