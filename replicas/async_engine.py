@@ -193,9 +193,7 @@ class AsyncEngine:
     def _fail_open(self, error: BaseException) -> None:
         """On the event loop, after the engine thread died: every open request (running,
         waiting, or still queued as a command) ends with a retryable error."""
-        failure = ReplicaUnavailableError(
-            f"the engine failed ({type(error).__name__}: {error}); retry the request"
-        )
+        failure = _engine_failed(error)
         ids = [*self._queues, *self._sinks]
         self._deliver_all([], [(request_id, failure) for request_id in ids])
 
@@ -223,9 +221,7 @@ class AsyncEngine:
         for request_id in ids:
             with contextlib.suppress(Exception):
                 self.engine.abort(request_id)
-        failure = ReplicaUnavailableError(
-            f"the engine failed ({type(error).__name__}: {error}); retry the request"
-        )
+        failure = _engine_failed(error)
         return [(request_id, failure) for request_id in ids]
 
     def _deliver_all(self, outputs: list[RequestOutput],
@@ -237,3 +233,10 @@ class AsyncEngine:
             self._deliver(out.request_id, out, flush)
         for sink in flush:
             sink.flush()
+
+
+def _engine_failed(error: BaseException) -> ReplicaUnavailableError:
+    """What a request gets when the engine failed outside a model step (retryable)."""
+    return ReplicaUnavailableError(
+        f"the engine failed ({type(error).__name__}: {error}); retry the request"
+    )

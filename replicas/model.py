@@ -442,11 +442,9 @@ class RoutedExperts(nn.Module):
         as ``weighted_sum(self(x, routing), ...)``, bit for bit, without a dozen PyTorch
         operations of grouping and combining); else None."""
         w13, w2 = self.w13, self.w2
-        if (self.kernels != "torch" or x.shape[0] > FUSED_DECODE_MAX_ROWS
-                or x.dtype is not torch.bfloat16 or w13.dtype is not torch.bfloat16
-                or not x.is_cpu or not (x.is_contiguous() and w13.is_contiguous()
-                                        and w2.is_contiguous())
-                or not cpu_kernels.available()):  # fmt: skip
+        if self.kernels != "torch" or not fused_decode_op(x, w13):
+            return None
+        if not (x.is_contiguous() and w13.is_contiguous() and w2.is_contiguous()):
             return None
         amx = self._amx_shapes() and cpu_kernels.amx_available()
         limit = AVX512_BEST_ROWS_PER_EXPERT if amx else KERNEL_MAX_ROWS_PER_EXPERT

@@ -44,6 +44,12 @@ def make_ckpt(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def served_ckpt(make_ckpt):
+    """The fp32 tiny checkpoint the integration and fault tiers serve."""
+    return make_ckpt(dtype="float32")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

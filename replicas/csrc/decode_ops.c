@@ -36,8 +36,7 @@ static float sum_squares(const uint16_t* x, int n) {
 static void norm_row(const uint16_t* x, int n, const uint16_t* w, float eps, uint16_t* out) {
   const float r = 1.0f / sqrtf(sum_squares(x, n) / (float)n + eps);
   for (int i = 0; i < n; i++) {
-    const float y = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[i]) * r));
-    out[i] = f32_to_bf16(bf16_to_f32(w[i]) * y);
+    out[i] = f32_to_bf16(bf16_to_f32(w[i]) * round_bf16(bf16_to_f32(x[i]) * r));
   }
 }
 
@@ -52,10 +51,9 @@ static void rope_head(uint16_t* x, int d, const uint16_t* cos, const uint16_t* s
   const int half = d / 2;
   for (int i = 0; i < half; i++) {
     const float a = bf16_to_f32(x[i]), b = bf16_to_f32(x[i + half]);
-    const float lo = bf16_to_f32(f32_to_bf16(a * bf16_to_f32(cos[i]))) +
-                     bf16_to_f32(f32_to_bf16(-b * bf16_to_f32(sin[i])));
-    const float hi = bf16_to_f32(f32_to_bf16(b * bf16_to_f32(cos[i + half]))) +
-                     bf16_to_f32(f32_to_bf16(a * bf16_to_f32(sin[i + half])));
+    const float lo = round_bf16(a * bf16_to_f32(cos[i])) + round_bf16(-b * bf16_to_f32(sin[i]));
+    const float hi =
+        round_bf16(b * bf16_to_f32(cos[i + half])) + round_bf16(a * bf16_to_f32(sin[i + half]));
     x[i] = f32_to_bf16(lo);
     x[i + half] = f32_to_bf16(hi);
   }

@@ -22,8 +22,6 @@
 
 #define BLOCK 16 /* output features per work item */
 
-static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
-
 void moe_experts_bf16(const uint16_t* x, const int64_t* offsets, int num_experts, int hidden,
                       int inter, const uint16_t* w13, const uint16_t* w2, uint16_t* act,
                       uint16_t* out, int num_threads) {

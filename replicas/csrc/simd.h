@@ -37,6 +37,8 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, quiet Na
   return (uint16_t)(u >> 16);
 }
 
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
 static inline __m512 bf16x16_to_f32(const uint16_t* p) { /* 16 bf16 -> 16 fp32 */
   const __m256i h = _mm256_loadu_si256((const __m256i*)p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));

@@ -8,8 +8,6 @@ import os
 import socket
 from pathlib import Path
 
-import pytest
-
 from cluster.redis_server import free_port  # noqa: F401  (the tests import it from here)
 
 
@@ -88,8 +86,3 @@ def colocated_reference(
                for n in torch.randint(3, max_len, (num_prompts,), generator=g)]  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     return prompts, engine.generate(prompts, params)
-
-
-@pytest.fixture(scope="session")
-def served_ckpt(make_ckpt):
-    return make_ckpt(dtype="float32")
