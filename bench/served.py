@@ -264,7 +264,7 @@ def run_engine(config: ClusterConfig, work: Workload) -> dict:
     from replicas.sampling_params import SamplingParams
     from replicas.weights import DTYPES
 
-    torch.set_num_threads(config.attention.engine_threads())
+    torch.set_num_threads(config.engine_threads())
     start = time.perf_counter()
     model = ExaoneMoeForCausalLM.from_pretrained(config.model_path, dtype=DTYPES[config.dtype],
                                                  include_mtp=False, progress=False)  # fmt: skip
@@ -495,7 +495,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads of ours and in-process (0: the attention "
-                    "replicas' default, every core but one)")  # fmt: skip
+                    "replicas' default: cluster.config.default_engine_threads)")  # fmt: skip
     ap.add_argument("--max-batched-tokens", type=int, default=512,
                     help="tokens per engine step at most (all three systems)")  # fmt: skip
     ap.add_argument("--kv-cache-mib", type=int, default=0,
@@ -534,7 +534,7 @@ def main() -> None:
                   f"greedy, ignore_eos, streamed; max_num_seqs {e.max_num_seqs}, "
                   f"max_num_batched_tokens {e.max_num_batched_tokens}, "
                   f"KV {e.kv_cache_bytes >> 20} MiB, "
-                  f"{config.attention.engine_threads()} torch threads, prefix cache "
+                  f"{config.engine_threads()} torch threads, prefix cache "
                   f"{'on' if args.prefix_cache else 'off'}")  # fmt: skip
         print(f"\n== {title}\n{header}", flush=True)
         results: dict[str, dict] = {}

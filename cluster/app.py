@@ -341,7 +341,7 @@ class AttentionShardDeployment:
             ),
             dtype=config.dtype,
             max_waiting_requests=e.max_waiting_requests,
-            num_threads=a.engine_threads(),
+            num_threads=config.engine_threads(),
             experts=transport,
             device=_device(a.num_gpus),
             redis=redis,

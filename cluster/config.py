@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from replicas.model_config import AUTO_DTYPE, resolve_dtype
+from replicas.model_config import AUTO_DTYPE, ModelConfig, resolve_dtype
 from replicas.placement import ExpertPlacement
 
 
@@ -95,6 +95,22 @@ class AttentionAutoscaling(_Autoscaling):
                                     target_kv_usage=self.target_kv_usage)  # fmt: skip
 
 
+REQUEST_PLANE_ACTIVE_PARAMS = 16_000_000
+"""Below this many active parameters per token a decode step costs the engine about as much
+per token as the request plane's work for that token (about 0.2 ms of a core: streaming,
+detokenizing, protobuf), so the request plane keeps a core of its own; above it the engine's
+share dwarfs that and every core steps the model. Measured on 2 cores (bench/served.py):
+bundled model (3.6M) served 558 tok/s at 8 in flight with 1 engine thread, 451 with 2;
+small preset (197M) 84 tok/s at 32 in flight with 1, 126 with 2."""
+
+
+def default_engine_threads(cpus: int, active_params_per_token: int | None) -> int:
+    """Torch threads for an attention replica on a node with ``cpus`` cores: every core but
+    one for light models (or when the model is not known), every core for heavy ones."""
+    heavy = (active_params_per_token or 0) >= REQUEST_PLANE_ACTIVE_PARAMS
+    return max(1, cpus if heavy else cpus - 1)
+
+
 class AttentionOptions(_Strict):
     num_replicas: int = Field(1, ge=1, description="Replicas (the initial count when autoscaled).")
     autoscaling: AttentionAutoscaling = AttentionAutoscaling()
@@ -108,15 +124,17 @@ class AttentionOptions(_Strict):
     num_threads: int | None = Field(
         None,
         ge=1,
-        description="torch threads per replica; default: every core of the node but one, "
-        "which the request plane (gRPC, tokenizing, detokenizing) keeps for itself.",
+        description="torch threads per replica; default: every core of the node, but one "
+        "that the request plane (gRPC, tokenizing, detokenizing) keeps for itself when the "
+        "model is light (fewer than 16M active parameters per token).",
     )
 
-    def engine_threads(self) -> int:
-        """The torch threads an attention replica uses (``num_threads`` or the default).
-        Measured on 2 cores, bundled model served at one stream: 65 tok/s with 2 engine
-        threads against 120 with 1 (the engine and the server then stop taking turns)."""
-        return self.num_threads or max(1, (os.cpu_count() or 1) - 1)
+    def engine_threads(self, active_params_per_token: int | None = None) -> int:
+        """The torch threads an attention replica uses: ``num_threads``, else
+        ``default_engine_threads`` for this node's cores and the model served."""
+        return self.num_threads or default_engine_threads(
+            os.cpu_count() or 1, active_params_per_token
+        )
 
     num_microbatches: int = Field(
         2,
@@ -349,6 +367,11 @@ class ClusterConfig(_Strict):
         if not e.num_groups:
             return None
         return ExpertPlacement.of(num_experts, e.num_groups, e.expert_map)
+
+    def engine_threads(self) -> int:
+        """Torch threads of an attention replica on this node, for this checkpoint's model."""
+        model = ModelConfig.from_json_file(Path(self.model_path) / "config.json")
+        return self.attention.engine_threads(model.active_params_per_token)
 
     @property
     def name(self) -> str:

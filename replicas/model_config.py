@@ -113,6 +113,19 @@ class ModelConfig:
     def full_layers(self) -> tuple[int, ...]:
         return tuple(i for i, t in enumerate(self.layer_types) if t == FULL)
 
+    @property
+    def active_params_per_token(self) -> int:
+        """Weights one token multiplies through in a decode step (attention projections, the
+        dense or shared-plus-top-k expert MLPs, the router, the LM head); embeddings, norms and
+        the MTP block are left out. What a step costs per token, compute and bytes alike."""
+        h = self.hidden_size
+        attention = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+        dense = 3 * h * self.intermediate_size
+        experts = self.num_experts_per_tok + self.num_shared_experts
+        sparse = 3 * h * self.moe_intermediate_size * experts + h * self.num_experts
+        mlp = sum(sparse if t == SPARSE else dense for t in self.mlp_layer_types)
+        return self.num_hidden_layers * attention + mlp + h * self.vocab_size
+
     def uses_rope(self, layer_type: str) -> bool:
         """RoPE on sliding layers only, global layers are NoPE (HF: window None or sliding)."""
         return self.sliding_window is None or layer_type == SLIDING

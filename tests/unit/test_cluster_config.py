@@ -9,9 +9,11 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from cluster.config import ClusterConfig
+from cluster.config import REQUEST_PLANE_ACTIVE_PARAMS, ClusterConfig, default_engine_threads
+from cluster.presets import PRESETS
 from cluster.serve_cmd import BUNDLED_MODEL, add_arguments, load_config, with_overrides
-from replicas.model_config import checkpoint_dtype
+from replicas.model import count_parameters
+from replicas.model_config import ModelConfig, checkpoint_dtype
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +211,32 @@ def test_a_config_file_without_model_path_serves_the_bundled_model(ckpt, tmp_pat
     named.write_text(f"model_path: {ckpt}\n")
     assert load_config(_serve_args("--config", str(named))).model_path == ckpt
     assert load_config(_serve_args()).model_path == str(BUNDLED_MODEL)
+
+
+@pytest.mark.parametrize(
+    "cpus, active, threads",
+    [(2, 3_551_232, 1), (2, 197_328_896, 2), (16, 15_999_999, 15), (16, 16_000_000, 16),
+     (1, 3_551_232, 1), (2, None, 1)],
+)  # fmt: skip
+def test_default_engine_threads_keep_a_core_for_the_request_plane_of_light_models(
+    cpus, active, threads
+):
+    assert default_engine_threads(cpus, active) == threads
+
+
+def test_engine_threads_follow_the_checkpoint_unless_set(ckpt, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    light = ClusterConfig(model_path=ckpt)  # tiny: far below REQUEST_PLANE_ACTIVE_PARAMS
+    assert light.engine_threads() == 7
+    assert ClusterConfig(model_path=ckpt, attention={"num_threads": 3}).engine_threads() == 3
+    heavy = ModelConfig.from_hf(PRESETS["small"]).active_params_per_token
+    assert heavy >= REQUEST_PLANE_ACTIVE_PARAMS
+    assert light.attention.engine_threads(heavy) == 8
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "k-exaone"])
+def test_active_params_per_token_is_the_models_active_weights_without_embeddings(preset):
+    cfg = ModelConfig.from_hf(PRESETS[preset])
+    embeddings = cfg.vocab_size * cfg.hidden_size
+    counted = count_parameters(cfg)["active"] - embeddings  # its norms and biases stay in
+    assert counted * 0.99 <= cfg.active_params_per_token <= counted
