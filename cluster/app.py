@@ -424,6 +424,13 @@ class AttentionShardDeployment:
         if problem is not None:
             raise RuntimeError(problem)
 
+    def inject_fault(self, fault: str, after_steps: int = 0) -> None:
+        """Fault tests only: the engine's step ``after_steps + 1`` from now fails with ``fault``
+        (replicas.fault_injection; refused unless the process has EXAONE_FAULT_INJECTION=1)."""
+        from replicas.fault_injection import arm
+
+        arm(self.shard.engine.engine, fault, after_steps)
+
     def healthy(self) -> bool:
         """What the Router's gRPC health service asks (SERVING or NOT_SERVING)."""
         return self.shard.health(self.stall_timeout_s) is None

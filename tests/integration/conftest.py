@@ -74,6 +74,17 @@ def colocated_reference(
     computed in this process: what every disaggregated run must reproduce."""
     import torch
 
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 1000, (int(n),), generator=g).tolist()
+               for n in torch.randint(3, max_len, (num_prompts,), generator=g)]  # fmt: skip
+    return prompts, colocated_outputs(ckpt, prompts, new_tokens, max_model_len)
+
+
+def colocated_outputs(ckpt, prompts, new_tokens: int, max_model_len: int = 384) -> list[list[int]]:
+    """The colocated engine's greedy outputs (``new_tokens`` each, no EOS stop) for ``prompts``,
+    computed in this process."""
+    import torch
+
     from replicas.engine import EngineConfig, LLMEngine
     from replicas.model import ExaoneMoeForCausalLM
     from replicas.sampling_params import SamplingParams
@@ -81,8 +92,5 @@ def colocated_reference(
     model = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     engine = LLMEngine(model, EngineConfig(max_num_seqs=32, block_size=8,
                                            max_model_len=max_model_len))  # fmt: skip
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, 1000, (int(n),), generator=g).tolist()
-               for n in torch.randint(3, max_len, (num_prompts,), generator=g)]  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    return prompts, engine.generate(prompts, params)
+    return engine.generate(prompts, params)

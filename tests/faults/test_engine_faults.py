@@ -1,0 +1,128 @@
+"""Faults inside the attention replica, on the fault tier's cluster (tests/faults/conftest.py),
+each under 16 concurrent greedy streams: an exception in the engine loop outside a model step,
+one in MTP drafting, the engine thread dying (health must read NOT_SERVING within 10 s and
+SERVING again once Serve has replaced the replica), and Redis killed and restarted mid-traffic
+(served as misses, hits resume). Every stream returns the colocated output or ends UNAVAILABLE
+(retryable) within a bounded time, none hangs, and the cluster serves new requests afterwards."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ray import serve
+
+from tests.faults.conftest import (
+    APP,
+    full_or_unavailable,
+    serves_again,
+    stream_all,
+    under_streams,
+)
+from tests.integration.conftest import colocated_outputs
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+AFTER_STEPS = 6  # by then every stream is admitted and most have tokens
+
+
+def _shard():
+    return serve.get_deployment_handle("AttentionShard", APP)
+
+
+def _health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+
+
+@pytest.mark.parametrize("fault", ["step", "draft"])
+def test_an_exception_in_the_engine_loop_ends_only_the_running_requests(nodes, reference, report,
+                                                                        fault):  # fmt: skip
+    """``step``: the scheduler raises; ``draft``: MTP drafting raises after a verified step.
+    The engine ends the requests it holds with UNAVAILABLE naming the cause (those not started
+    yet are retried by the Router), and serves on: no replica is replaced."""
+    ps, want = reference
+    _shard().inject_fault.remote(fault, AFTER_STEPS).result()
+    results, took = under_streams(nodes.address, ps, lambda: None, wait_started=False)
+    lost = full_or_unavailable(results, want)
+    assert lost, "the fault fired while streams ran"
+    assert all("injected fault" in results[i].details() for i in lost)
+    report(f"{fault} exception under {len(ps)} streams: {len(ps) - len(lost)} full outputs, "
+           f"{len(lost)} UNAVAILABLE, all ended {took:.1f} s after the streams began")  # fmt: skip
+    assert _health(nodes.address) == health_pb2.HealthCheckResponse.SERVING
+    serves_again(nodes.address, ps[:4], want[:4], timeout_s=30)
+
+
+def _redis_stats():
+    return _shard().stats.remote().result().prefix_cache
+
+
+def test_redis_killed_and_restarted_mid_traffic(nodes, served_ckpt, report):
+    """Prompts sharing a 48-token prefix (a snapshot every 16 tokens): Redis is killed while
+    16 of them stream, 16 more come while it is down; all are served (misses where Redis did
+    not answer), every output colocated. Once it is back, writes resume and the next prompt
+    with that prefix is served from Redis (this cluster keeps no local snapshots)."""
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(3, 1000, (48,), generator=g).tolist()
+    ps = [shared + torch.randint(3, 1000, (5,), generator=g).tolist() for _ in range(34)]
+    want = colocated_outputs(served_ckpt, ps, new_tokens=24)
+    assert stream_all(nodes.address, ps[:1]) == {0: want[0]}  # writes the prefix to Redis
+    time.sleep(0.5)  # the write is asynchronous
+    before = _redis_stats()
+
+    def kill():
+        nodes.redis.proc.kill()
+        nodes.redis.proc.wait()
+
+    try:
+        results, took = under_streams(nodes.address, ps[1:17], kill, wait_started=False)
+        assert [results[i] for i in range(16)] == want[1:17]
+        results = stream_all(nodes.address, ps[17:33])  # while it is down
+        assert [results[i] for i in range(16)] == want[17:33]  # misses, never errors
+        during = _redis_stats()
+    finally:
+        nodes.redis.proc = None
+        nodes.redis.start()  # same port, empty
+    assert during.num_redis_errors > before.num_redis_errors  # it was down while they ran
+    deadline = time.monotonic() + 30
+    while True:  # the tier tries again after its quiet period; a request writes the prefix
+        assert stream_all(nodes.address, [ps[33]]) == {0: want[33]}
+        time.sleep(0.5)
+        hits = _redis_stats().num_redis_hits
+        assert stream_all(nodes.address, [ps[0]]) == {0: want[0]}
+        if _redis_stats().num_redis_hits > hits:
+            break
+        assert time.monotonic() < deadline, _redis_stats()
+    report(f"Redis killed under 16 streams, 16 more while down: 32 full outputs, "
+           f"{during.num_redis_errors - before.num_redis_errors} Redis errors counted; "
+           f"hits resumed after the restart")  # fmt: skip
+
+
+def test_health_tells_when_the_engine_thread_dies_and_when_the_replica_is_back(nodes,
+                                                                               reference,
+                                                                               report):  # fmt: skip
+    """The only attention replica's engine thread dies mid-traffic: its streams end
+    UNAVAILABLE, gRPC health reads NOT_SERVING within 10 s, Serve's health check replaces the
+    replica, and health reads SERVING again with new requests served."""
+    ps, want = reference
+    _shard().inject_fault.remote("engine_thread", AFTER_STEPS).result()
+    results, _ = under_streams(nodes.address, ps, lambda: None, wait_started=False)
+    died_by = time.monotonic()  # the thread died before the last stream ended
+    lost = full_or_unavailable(results, want)
+    assert lost
+    while _health(nodes.address) != health_pb2.HealthCheckResponse.NOT_SERVING:
+        assert time.monotonic() - died_by < 10, "health still SERVING 10 s after the death"
+        time.sleep(0.2)
+    not_serving_after = time.monotonic() - died_by
+    while _health(nodes.address) != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() - died_by < 180, "the replica was not replaced"
+        time.sleep(1)
+    back_after = time.monotonic() - died_by
+    serves_again(nodes.address, ps[:4], want[:4])
+    report(f"engine thread died under {len(ps)} streams: {len(lost)} UNAVAILABLE, health "
+           f"NOT_SERVING {not_serving_after:.1f} s after, SERVING again {back_after:.1f} s "
+           f"after (replica replaced)")  # fmt: skip

@@ -1,0 +1,62 @@
+"""Expert workers lost on the fault tier's cluster (tests/faults/conftest.py: 2 groups of 2
+replicas), each under 16 concurrent greedy streams: a worker process SIGKILLed, and every
+replica of one group killed at once (a group with no replica left until Serve starts new
+ones). Every stream returns the colocated output or ends UNAVAILABLE (retryable) within a
+bounded time, none hangs, and the cluster serves new requests afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import ray
+from ray.util.state import list_actors
+
+from cluster.expert_transport import WORKER_NAMESPACE, worker_prefix
+from tests.faults.conftest import APP, full_or_unavailable, serves_again, under_streams
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+
+def _workers(group: int) -> list[str]:
+    named = ray.util.list_named_actors(all_namespaces=True)
+    prefix = worker_prefix(APP, group)
+    ours = [a["name"] for a in named if a["namespace"] == WORKER_NAMESPACE]
+    return sorted(name for name in ours if name.startswith(prefix))
+
+
+def test_sigkill_of_an_expert_worker_process(nodes, reference, report):
+    ps, want = reference
+    (name, *_) = _workers(1)
+    pid = ray.get(ray.get_actor(name, namespace=WORKER_NAMESPACE).pid.remote())
+    results, took = under_streams(nodes.address, ps, lambda: os.kill(pid, signal.SIGKILL))
+    lost = full_or_unavailable(results, want)
+    report(f"expert worker SIGKILLed under {len(ps)} streams: {len(ps) - len(lost)} full "
+           f"outputs, {len(lost)} UNAVAILABLE, all ended {took:.1f} s after the kill")  # fmt: skip
+    serves_again(nodes.address, ps[:4], want[:4])
+    deadline = time.monotonic() + 120  # the dead worker's replica was replaced: 2 again
+    while len(_workers(1)) != 2 or name in _workers(1):
+        assert time.monotonic() < deadline, _workers(1)
+        time.sleep(1)
+
+
+def test_every_replica_of_a_group_killed(nodes, reference, report):
+    """Both replicas of group 0 (and so both its workers) are killed at once: its layer calls
+    wait for the replicas Serve starts in their place, within the call budget."""
+    ps, want = reference
+    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                if a.class_name == "ServeReplica:exaone:ExpertGroup-0"]  # fmt: skip
+    assert len(replicas) == 2, replicas
+
+    def kill_all():
+        for a in replicas:
+            ray.kill(ray.get_actor(a.name, namespace="serve"), no_restart=True)
+
+    results, took = under_streams(nodes.address, ps, kill_all)
+    lost = full_or_unavailable(results, want)
+    report(f"every replica of a group killed under {len(ps)} streams: "
+           f"{len(ps) - len(lost)} full outputs, {len(lost)} UNAVAILABLE, "
+           f"all ended {took:.1f} s after the kill")  # fmt: skip
+    serves_again(nodes.address, ps[:4], want[:4])
