@@ -533,14 +533,21 @@ class RouterDeployment:
             await self.client.subscriber.close()
 
 
+DRAIN_POLL_S = 0.25
+"""How often a stopping replica checks whether its ongoing requests have ended (Serve's
+graceful_shutdown_wait_loop_s, 2 s by default, which it sleeps before even the first check:
+an idle cluster took 2 s longer to stop)."""
+
+
 def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:
     config = args if isinstance(args, ClusterConfig) else ClusterConfig.model_validate(args)
     e, a, r = config.engine, config.attention, config.router
     balancer = None
     if config.experts.num_groups and config.experts.balancer.enabled:
         balancer = ExpertBalancerDeployment.options(
-            num_replicas=1, ray_actor_options={"num_cpus": 0}
-        ).bind(config)
+            num_replicas=1, ray_actor_options={"num_cpus": 0},
+            graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
+        ).bind(config)  # fmt: skip
     groups = expert_groups(config, balancer)
     shard = AttentionShardDeployment.options(
         **_replicas(a.num_replicas, a.autoscaling),
@@ -557,11 +564,13 @@ def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:
         max_ongoing_requests=e.max_num_seqs + e.max_waiting_requests + 16,
         # A stream is one ongoing request until it ends: a stopping replica waits this long.
         graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
     ).bind(config, balancer, *groups)
     return RouterDeployment.options(
         num_replicas=r.num_replicas,
         ray_actor_options=_actor_options(0, 0, r.resources),
         max_ongoing_requests=r.max_ongoing_requests,
+        graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
     ).bind(config, shard)
 
 
@@ -578,6 +587,7 @@ def expert_groups(config: ClusterConfig, balancer=None) -> list[serve.Applicatio
             else {"num_cpus": 0},
             # Each attention replica keeps num_microbatches calls in flight per group.
             max_ongoing_requests=max(16, 4 * a.num_replicas * a.num_microbatches),
+            graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
         ).bind(config, g, balancer)
         for g in range(x.num_groups)
     ]
