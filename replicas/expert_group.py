@@ -114,7 +114,7 @@ class ExpertGroup:
         ``x`` is cast to the weights' dtype and ``y`` comes back in ``x``'s: a caller whose
         activations are in another dtype (an attention side configured apart from the groups, a
         probe built with ``torch.randn``) gets its answer instead of a dtype error from the GEMM."""
-        started = time.monotonic()
+        started = self._busy_clock()
         experts = self.stack.experts(layer)
         ids = topk_ids.flatten().to(self.device)  # [S]
         local = experts.local_index[ids]
@@ -130,8 +130,15 @@ class ExpertGroup:
             self._num_calls += 1
             self._tokens += torch.bincount(served, minlength=self.cfg.num_experts)
             slots, y = slots.cpu(), y.to("cpu", x.dtype)
-            self.load.add(layer, served, busy_s=time.monotonic() - started)
+            self.load.add(layer, served, busy_s=self._busy_clock() - started)
         return slots, y
+
+    def _busy_clock(self) -> float:
+        """What ``busy`` is measured with: on CPU this thread's CPU time, so time it is off the
+        CPU (preempted by other work on the machine, a VM's stolen time) does not read as load
+        on this group and ask the autoscaler for replicas; on a GPU wall time, as the thread
+        waits for the device."""
+        return time.thread_time() if self.device.type == "cpu" else time.monotonic()
 
     def prepare(self, holdings: Mapping[int, Sequence[int]], version: int) -> float:
         """Load the experts of ``holdings`` ({layer: ids}) not held yet, keeping the current ones

@@ -225,6 +225,41 @@ def test_expert_group_counts_tokens_per_expert(ckpt, colocated):
     assert stats.tokens_per_s > 0 and stats.ready_s > 0
 
 
+def test_expert_group_busy_counts_its_cpu_time_not_time_it_waits(ckpt, colocated, monkeypatch):
+    """On CPU, busy is this thread's CPU time over the window: a call whose thread is off the
+    CPU (here: asleep, as when other work or a VM's stolen time preempts it) does not count as
+    load, while one that computes does."""
+    import time
+
+    cfg = colocated.cfg
+    group = ExpertGroup(ckpt, 0, [0, 1, 2])
+    experts = group.stack.experts(cfg.moe_layers[0])
+    compute = experts.compute
+
+    def preempted(*args):
+        time.sleep(0.4)
+        return compute(*args)
+
+    monkeypatch.setattr(experts, "compute", preempted)
+    ids = torch.tensor([[0, 1]])
+    started = time.monotonic()
+    group.forward(cfg.moe_layers[0], torch.randn(1, cfg.hidden_size), ids)
+    busy, window = group.stats().busy, group.load.seconds()
+    assert busy < 0.1 * (0.4 / window)  # the sleep is not there
+
+    def spinning(*args):
+        end = time.thread_time() + 0.4
+        while time.thread_time() < end:
+            pass
+        return compute(*args)
+
+    monkeypatch.setattr(experts, "compute", spinning)
+    group.forward(cfg.moe_layers[0], torch.randn(1, cfg.hidden_size), ids)
+    busy, window = group.stats().busy, group.load.seconds()
+    assert busy >= 0.4 / window - 1e-3
+    assert time.monotonic() - started >= 0.8
+
+
 def test_expert_group_computes_in_its_dtype_and_answers_in_the_callers(make_ckpt, colocated):
     """A bf16 group fed fp32 activations (bench/disagg.py's probe sent them) computes in bf16
     and answers in fp32, instead of failing in the GEMM ("expected m1 and m2 to have the same
