@@ -74,7 +74,8 @@ class ExpertAutoscaling(_Autoscaling):
         2000.0, gt=0, description="Slots per second per MoE layer one expert replica should serve."
     )
     target_busy: float = Field(
-        0.7, gt=0, le=1, description="Fraction of time an expert replica should spend computing."
+        0.7, gt=0, le=1, description="Fraction of time an expert replica should spend computing "
+        "(on CPU: its computing thread's CPU time over wall time)."
     )
 
     def serve_config(self, initial_replicas: int) -> dict:
