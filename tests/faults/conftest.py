@@ -96,7 +96,8 @@ def reference(served_ckpt):
 
 
 def stream_all(address: str, prompts, started: threading.Event | None = None,
-               timeout_s: float = 240) -> dict[int, object]:  # fmt: skip
+               timeout_s: float = 240,
+               new_tokens: int = NEW_TOKENS) -> dict[int, object]:  # fmt: skip
     """Every prompt streamed at once, greedy -> {i: token ids, or the grpc.RpcError it ended
     with}. ``started`` is set once every stream has its first token (or one has failed). No
     stream may hang: each must end within ``timeout_s``."""
@@ -108,7 +109,7 @@ def stream_all(address: str, prompts, started: threading.Event | None = None,
         with GenerationClient(address, timeout_s=180) as c:
             try:
                 for response in c.stream(token_ids=prompt, temperature=0.0,
-                                         max_tokens=NEW_TOKENS, ignore_eos=True):  # fmt: skip
+                                         max_tokens=new_tokens, ignore_eos=True):  # fmt: skip
                     out.add(response)
                     if out.token_ids and started is not None:
                         with lock:
@@ -153,18 +154,22 @@ def serves_again(address: str, prompts, want, timeout_s: float = 180) -> None:
         time.sleep(2)
 
 
-def under_streams(address: str, prompts, action, wait_started: bool = True):
+def under_streams(address: str, prompts, action, wait_started: bool = True,
+                  timeout_s: float = 240, new_tokens: int = NEW_TOKENS):  # fmt: skip
     """Stream every prompt and run ``action()`` once each has its first token (at once when
     not ``wait_started``: a fault armed ahead) -> (results as stream_all's, seconds from the
     action to the last stream's end)."""
     results: dict[int, object] = {}
     started = threading.Event()
-    runner = threading.Thread(target=lambda: results.update(stream_all(address, prompts,
-                                                                       started)))  # fmt: skip
+
+    def run():
+        results.update(stream_all(address, prompts, started, timeout_s, new_tokens))
+
+    runner = threading.Thread(target=run)
     runner.start()
     assert not wait_started or started.wait(120)
     at = time.monotonic()
     action()
-    runner.join(300)
+    runner.join(timeout_s + 60)
     assert not runner.is_alive(), "a stream hung"
     return results, time.monotonic() - at
