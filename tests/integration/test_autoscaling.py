@@ -37,6 +37,13 @@ NEW_TOKENS = 16
 BALANCED = "balanced"
 ADDRESSES: dict[str, str] = {}  # application -> its gRPC address (set by the cluster fixture)
 THRESHOLD = 1.3
+TARGET_TOKENS_PER_S = 60.0  # per expert replica (slots/s per MoE layer)
+TRICKLE_PAUSE_S = 2.0
+"""One stream pausing this long between requests: 17-30 slots/s for the hot group (summed
+over its replicas, one run), under half of one replica's target and of the 48 (80%) at which
+the policy scales down to one replica (cluster.autoscaling.DOWNSCALE_HEADROOM). With 0.5 s it
+was 40-57 slots/s, near the target itself, and whether the group scaled down depended on how
+fast the machine was."""
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +72,7 @@ def cluster(skewed_ckpt):
     # and a shorter delay stopped the hot group's new replica while it was still starting.
     scaling = {"enabled": True, "min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 1.0,
                "downscale_delay_s": 10.0, "metrics_interval_s": 0.5, "look_back_period_s": 2.0,
-               "target_tokens_per_s": 60.0, "target_busy": 0.9}  # fmt: skip
+               "target_tokens_per_s": TARGET_TOKENS_PER_S, "target_busy": 0.9}  # fmt: skip
     balancer = {"enabled": True, "threshold": THRESHOLD, "min_gain": 0.05, "redundant_slots": 1,
                 "min_interval_s": 5.0, "report_interval_s": 0.5, "stale_s": 5.0,
                 "min_tokens": 64}  # fmt: skip
@@ -171,7 +178,7 @@ def test_the_hot_group_scales_up_under_load_and_back_down_after(cluster, referen
     finally:
         heavy.stop()
     assert not heavy.failures, heavy.failures[:5]
-    trickle = _Traffic(APP_NAME, reference, streams=1, pause_s=0.5)
+    trickle = _Traffic(APP_NAME, reference, streams=1, pause_s=TRICKLE_PAUSE_S)
     try:
         _wait(lambda: _running(hot) == 1, 120, "ExpertGroup-0 scaling back down",
               lambda: _scaling_state(hot))  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from cluster.autoscaling import (
+    DOWNSCALE_HEADROOM,
     AttentionPolicy,
     ExpertGroupPolicy,
     attention_replicas,
@@ -27,6 +28,24 @@ def test_attention_wants_replicas_for_sequences_queue_and_kv():
     assert attention_replicas([40.0], [0.0], [0.1], 32, 4, 0.8) == 2
     assert attention_replicas([8.0, 8.0], [10.0, 3.0], [0.2, 0.2], 32, 4, 0.8) == 4
     assert attention_replicas([8.0], [0.0], [0.95], 32, 4, 0.8) == 2
+
+
+def test_scale_down_keeps_headroom_so_a_load_near_the_target_does_not_flap():
+    """Up as soon as the load exceeds what the current replicas carry; down only to a count
+    with DOWNSCALE_HEADROOM (20%) of every replica's target to spare."""
+    assert DOWNSCALE_HEADROOM == 0.2
+    # A trickle of 50-65 slots/s against 60 per replica (the autoscaling test's, before):
+    for load in (50.0, 55.0, 59.0, 65.0):
+        assert expert_group_replicas([load / 2] * 2, [0.01] * 2, 60, 0.9, current=2) == 2
+    assert expert_group_replicas([65.0], [0.01], 60, 0.9, current=1) == 2  # up at once
+    assert expert_group_replicas([24.0, 24.0], [0.01] * 2, 60, 0.9, current=2) == 1  # <= 48
+    assert expert_group_replicas([10.0] * 4, [0.01] * 4, 60, 0.9, current=4) == 1
+    assert expert_group_replicas([50.0] * 4, [0.01] * 4, 60, 0.9, current=4) == 4  # 200 > 192
+    assert expert_group_replicas([45.0] * 4, [0.01] * 4, 60, 0.9, current=4) == 4  # 180 > 144
+    assert expert_group_replicas([35.0] * 4, [0.01] * 4, 60, 0.9, current=4) == 3  # 140 <= 144
+    assert expert_group_replicas([0.0] * 3, [0.0] * 3, 60, 0.9, current=3) == 1  # idle: one
+    assert attention_replicas([30.0, 0.0], [0.0] * 2, [0.1] * 2, 32, 4, 0.8, current=2) == 2
+    assert attention_replicas([25.0, 0.0], [0.0] * 2, [0.1] * 2, 32, 4, 0.8, current=2) == 1
 
 
 def _ctx(metrics, running=("a", "b"), target=2):
