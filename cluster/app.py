@@ -32,6 +32,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.config import ClusterConfig
+from cluster.cpus import node_cpus
 from cluster.request_router import PrefixAffinityRouter
 from protos.exaone.v1 import generation_pb2 as pb
 from replicas.model_config import ModelConfig
@@ -100,7 +101,7 @@ class ExpertGroupDeployment:
                 lambda: balancer.initial_holdings.remote(group).result(timeout_s=60)
             )
         args = (config.model_path, group, holdings, config.dtype, _device(e.num_gpus),
-                e.num_threads or os.cpu_count(), e.load_window_s, version,
+                e.num_threads or node_cpus(), e.load_window_s, version,
                 config.kernels)  # fmt: skip
         ctx = serve.get_replica_context()
         self.replica, self.group_id = ctx.replica_id.unique_id, group

@@ -4,13 +4,13 @@ to ``cluster.app:build_app``. Unknown or invalid fields fail at start with the f
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cluster.cpus import node_cpus
 from replicas.model_config import AUTO_DTYPE, ModelConfig, resolve_dtype
 from replicas.placement import ExpertPlacement
 
@@ -125,17 +125,16 @@ class AttentionOptions(_Strict):
     num_threads: int | None = Field(
         None,
         ge=1,
-        description="torch threads per replica; default: every core of the node, but one "
-        "that the request plane (gRPC, tokenizing, detokenizing) keeps for itself when the "
-        "model is light (fewer than 16M active parameters per token).",
+        description="torch threads per replica; default: every core the replica may use (its "
+        "CPUs, capped by a cgroup CPU quota such as a pod's limit), but one that the request "
+        "plane (gRPC, tokenizing, detokenizing) keeps for itself when the model is light "
+        "(fewer than 16M active parameters per token).",
     )
 
     def engine_threads(self, active_params_per_token: int | None = None) -> int:
         """The torch threads an attention replica uses: ``num_threads``, else
         ``default_engine_threads`` for this node's cores and the model served."""
-        return self.num_threads or default_engine_threads(
-            os.cpu_count() or 1, active_params_per_token
-        )
+        return self.num_threads or default_engine_threads(node_cpus(), active_params_per_token)
 
     num_microbatches: int = Field(
         2,

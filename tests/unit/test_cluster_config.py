@@ -225,7 +225,7 @@ def test_default_engine_threads_keep_a_core_for_the_request_plane_of_light_model
 
 
 def test_engine_threads_follow_the_checkpoint_unless_set(ckpt, monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("cluster.config.node_cpus", lambda: 8)
     light = ClusterConfig(model_path=ckpt)  # tiny: far below REQUEST_PLANE_ACTIVE_PARAMS
     assert light.engine_threads() == 7
     assert ClusterConfig(model_path=ckpt, attention={"num_threads": 3}).engine_threads() == 3
