@@ -93,7 +93,7 @@ class ExpertGroupDeployment:
 
     def __init__(self, config: ClusterConfig, group: int,
                  balancer: DeploymentHandle | None = None):  # fmt: skip
-        placement = config.placement(_model_config(config).num_experts)
+        placement = config.placement(config.read_model_config().num_experts)
         e = config.experts
         version, holdings = 0, placement.groups[group]
         if balancer is not None:  # a replica started after a rebalance loads the current map
@@ -225,7 +225,7 @@ class ExpertBalancerDeployment:
         from cluster.rebalancer import Rebalancer
         from replicas.placement import ExpertMap
 
-        cfg = _model_config(config)
+        cfg = config.read_model_config()
         placement = config.placement(cfg.num_experts)
         self.rebalancer = Rebalancer.starting(ExpertMap.of(placement), cfg.moe_layers,
                                               config.experts.balancer.rebalance_config(),
@@ -309,7 +309,7 @@ class AttentionShardDeployment:
         from replicas.engine import EngineConfig
 
         e, a = config.engine, config.attention
-        placement = config.placement(_model_config(config).num_experts)
+        placement = config.placement(config.read_model_config().num_experts)
         transport, x = None, config.experts
         if placement is not None and x.transport == "serve":
             transport = ServeHandleTransport(placement, expert_groups,
@@ -479,10 +479,6 @@ def _prefix_cache(config: ClusterConfig):
     return prefix, redis, pinned
 
 
-def _model_config(config: ClusterConfig) -> ModelConfig:
-    return ModelConfig.from_json_file(Path(config.model_path) / "config.json")
-
-
 @serve.deployment(name="Router")
 class RouterDeployment:
     """The request plane: each replica serves the public gRPC API itself (cluster.ingress) on
@@ -495,7 +491,7 @@ class RouterDeployment:
         from cluster.metrics import RouterMetrics
         from cluster.shard_client import DirectShardClient
 
-        cfg = _model_config(config)
+        cfg = config.read_model_config()
         tokenizer = Tokenizer(config.model_path)
         info = model_info(config, cfg, tokenizer)
         r = config.router

@@ -368,10 +368,13 @@ class ClusterConfig(_Strict):
             return None
         return ExpertPlacement.of(num_experts, e.num_groups, e.expert_map)
 
+    def read_model_config(self) -> ModelConfig:
+        """The checkpoint's model configuration (its config.json)."""
+        return ModelConfig.from_json_file(Path(self.model_path) / "config.json")
+
     def engine_threads(self) -> int:
         """Torch threads of an attention replica on this node, for this checkpoint's model."""
-        model = ModelConfig.from_json_file(Path(self.model_path) / "config.json")
-        return self.attention.engine_threads(model.active_params_per_token)
+        return self.attention.engine_threads(self.read_model_config().active_params_per_token)
 
     @property
     def name(self) -> str:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import time
 
-import grpc
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 
+from router.client import GenerationClient
 from tests.faults.conftest import (
     APP,
     full_or_unavailable,
@@ -33,10 +32,9 @@ def _shard():
     return serve.get_deployment_handle("AttentionShard", APP)
 
 
-def _health(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+def _health(address: str) -> str:
+    with GenerationClient(address, timeout_s=10) as client:
+        return client.health()
 
 
 @pytest.mark.parametrize("fault", ["step", "draft"])
@@ -53,7 +51,7 @@ def test_an_exception_in_the_engine_loop_ends_only_the_running_requests(nodes, r
     assert all("injected fault" in results[i].details() for i in lost)
     report(f"{fault} exception under {len(ps)} streams: {len(ps) - len(lost)} full outputs, "
            f"{len(lost)} UNAVAILABLE, all ended {took:.1f} s after the streams began")  # fmt: skip
-    assert _health(nodes.address) == health_pb2.HealthCheckResponse.SERVING
+    assert _health(nodes.address) == "SERVING"
     serves_again(nodes.address, ps[:4], want[:4], timeout_s=30)
 
 
@@ -114,11 +112,11 @@ def test_health_tells_when_the_engine_thread_dies_and_when_the_replica_is_back(n
     died_by = time.monotonic()  # the thread died before the last stream ended
     lost = full_or_unavailable(results, want)
     assert lost
-    while _health(nodes.address) != health_pb2.HealthCheckResponse.NOT_SERVING:
+    while _health(nodes.address) != "NOT_SERVING":
         assert time.monotonic() - died_by < 10, "health still SERVING 10 s after the death"
         time.sleep(0.2)
     not_serving_after = time.monotonic() - died_by
-    while _health(nodes.address) != health_pb2.HealthCheckResponse.SERVING:
+    while _health(nodes.address) != "SERVING":
         assert time.monotonic() - died_by < 180, "the replica was not replaced"
         time.sleep(1)
     back_after = time.monotonic() - died_by
