@@ -110,7 +110,10 @@ def main() -> None:
             after, stats2 = cpu_seconds(procs), shard.stats.remote().result()
             steps = getattr(stats2, "num_steps", 0) - getattr(stats, "num_steps", 0)
             step = getattr(stats2, "step_time_s", 0) - getattr(stats, "step_time_s", 0)
-            engine = f"engine step {1e3 * step / steps:.2f} ms, " if steps else ""
+            cpu = (getattr(stats2, "step_thread_cpu_s", 0)
+                   - getattr(stats, "step_thread_cpu_s", 0))  # fmt: skip
+            engine = (f"engine step {1e3 * step / steps:.2f} ms (its thread's CPU "
+                      f"{1e3 * cpu / steps:.2f} ms), " if steps else "")  # fmt: skip
             print(f"\n{streams} streams: {tok_s:.0f} tok/s, TPOT p50 {tpot:.2f} ms, {engine}"
                   f"{config.dtype}, {config.attention.num_threads} torch threads")  # fmt: skip
             for name in sorted(after, key=lambda n: before[n] - after[n]):

@@ -45,7 +45,9 @@ class AsyncEngine:
         self._sinks: dict[str, OutputSink] = {}
         self.num_steps = 0
         self.step_time_s = 0.0
-        """Engine steps run and the time they took (seconds), since start."""
+        self.step_thread_cpu_s = 0.0
+        """Engine steps run, the time they took and the engine thread's CPU time in them
+        (seconds), since start."""
         self._commands: list = []
         self._commands_lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -167,7 +169,7 @@ class AsyncEngine:
                     errors.append((request_id, e))
         if not self.engine.has_unfinished_requests():
             return [], errors
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         self._step_started = time.monotonic()
         try:
             return self.engine.step(), errors
@@ -177,6 +179,7 @@ class AsyncEngine:
             self._step_started = None
             self.num_steps += 1
             self.step_time_s += time.perf_counter() - started
+            self.step_thread_cpu_s += time.thread_time() - cpu
 
     def _run(self) -> None:
         """The engine thread: apply commands, step, hand the outputs to the event loop. What

@@ -47,6 +47,9 @@ class ShardStats:
     """Engine steps run since start."""
     step_time_s: float = 0.0
     """Time those steps took, in seconds (step_time_s / num_steps: the mean step)."""
+    step_thread_cpu_s: float = 0.0
+    """CPU time of the engine thread itself in those steps: with one torch thread, what
+    step_time_s less this leaves is time the step waited for a core or the GIL."""
 
 
 class AttentionShard:
@@ -135,6 +138,7 @@ class AttentionShard:
             num_requests_total=self.num_requests_total,
             num_steps=self.engine.num_steps,
             step_time_s=self.engine.step_time_s,
+            step_thread_cpu_s=self.engine.step_thread_cpu_s,
             prefix_cache=engine.prefix.stats() if engine.prefix is not None else None,
         )
 

@@ -126,7 +126,17 @@ class HybridKVCache:
                 self.global_k[i] = torch.zeros(pool, dtype=dtype, device=device)
                 self.global_v[i] = torch.zeros(pool, dtype=dtype, device=device)
 
-    def step(self, chunks: Sequence[SeqChunk]) -> StepAttention:
+    def step(self, chunks: Sequence[SeqChunk]) -> StepAttention | SplitStepAttention:
+        """The attention backend of one step over ``chunks`` (in the step's token order).
+
+        With torch kernels a step mixing decode rows (1 new token) with longer chunks (prefill
+        pieces, drafts being verified) attends in two parts, so decode rows are not padded to
+        the longest chunk's query length (about 30x the attention work of a decode row for a
+        32-token prompt beside 60 decodes) and keep the decode kernel."""
+        if self.kernels == "torch":
+            decode = [i for i, c in enumerate(chunks) if c.num_new == 1]
+            if 0 < len(decode) < len(chunks):
+                return SplitStepAttention(self, chunks, decode)
         return StepAttention(self, chunks)
 
     # ---- prefix cache: copy state out of and back into the cache -------------------------------
@@ -349,6 +359,39 @@ class StepAttention:
             return out
 
         return attend_sliding
+
+
+class SplitStepAttention:
+    """One step attended in two parts: its decode chunks and the rest (see HybridKVCache.step).
+
+    The parts hold disjoint sequences, so each writes and reads only its own cache rows and
+    they are independent; this only routes each part's rows of q/k/v [N, ..] to it and puts
+    the outputs back in step order."""
+
+    def __init__(self, cache: HybridKVCache, chunks: Sequence[SeqChunk], decode: Sequence[int]):
+        is_decode = set(decode)
+        rest = [i for i in range(len(chunks)) if i not in is_decode]
+        self.parts = [StepAttention(cache, [chunks[i] for i in idx]) for idx in (decode, rest)]
+        starts = [0]
+        for c in chunks:
+            starts.append(starts[-1] + c.num_new)
+        dev = next(iter({**cache.global_k, **cache.sliding_k}.values())).device
+        self.rows = [
+            torch.tensor([r for i in idx for r in range(starts[i], starts[i + 1])], device=dev)
+            for idx in (decode, rest)
+        ]  # [N_part] rows of the step's N, per part
+
+    def attend_fn(self, layer: int) -> Attend:
+        fns = [part.attend_fn(layer) for part in self.parts]
+
+        def attend(q, k, v):  # q [N, Hq, D], k v [N, Hkv, D] -> [N, Hq, D]
+            out = q.new_empty(q.shape)
+            for fn, rows in zip(fns, self.rows, strict=True):
+                pick = [t.index_select(0, rows) for t in (q, k, v)]
+                out.index_copy_(0, rows, fn(*pick))
+            return out
+
+        return attend
 
 
 def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
