@@ -448,7 +448,7 @@ def _prefix_cache(config: ClusterConfig):
     from replicas.fingerprint import model_fingerprint
     from replicas.prefix_manager import PrefixCacheConfig
     from replicas.redis_tier import RedisTier
-    from router.requests import system_prefix_text
+    from router.requests import system_prefix_ids
     from router.tokenizer import Tokenizer
 
     pc = config.prefix_cache
@@ -471,11 +471,11 @@ def _prefix_cache(config: ClusterConfig):
         for text in pc.pinned_system_prompts:
             # As the router renders a chat that starts with this system message.
             chat = [{"role": "system", "content": text}, {"role": "user", "content": ""}]
-            rendered = system_prefix_text(tokenizer, chat)
-            if rendered is None:
+            ids = system_prefix_ids(tokenizer, chat)
+            if ids is None:
                 raise ValueError("prefix_cache.pinned_system_prompts: the chat template cannot "
                                  "render a system message alone")  # fmt: skip
-            pinned.append(tokenizer.encode(rendered))
+            pinned.append(ids)
     return prefix, redis, pinned
 
 

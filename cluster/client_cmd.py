@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
     else:
         p.add_argument("prompt", nargs="?", help="prompt text")
         p.add_argument("--token-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+        p.add_argument("--parse-special-tokens", action="store_true",
+                       help="special-token strings in the prompt (<|endofturn|>) are those "
+                            "tokens (default: plain text)")  # fmt: skip
     if chat:  # a reply with its reasoning block needs more than the API's default of 16
         p.add_argument("--max-tokens", type=int, default=CHAT_MAX_TOKENS,
                        help=f"tokens to generate at most (default {CHAT_MAX_TOKENS})")  # fmt: skip
@@ -126,7 +129,8 @@ def run_generate(args: argparse.Namespace) -> int:
             if args.token_ids is not None:
                 _run_one(client, args, token_ids=_ids(args.token_ids, "--token-ids"))
             else:
-                _run_one(client, args, prompt=args.prompt)
+                _run_one(client, args, prompt=args.prompt,
+                         parse_special_tokens=args.parse_special_tokens)  # fmt: skip
         except grpc.RpcError as e:
             return _fail(e)
     return 0

@@ -71,15 +71,19 @@ def build_request(
     prompt_logprobs: int | None = None,
     request_id: str = "",
     include_special_tokens: bool = False,
+    parse_special_tokens: bool = False,
     **sampling: Any,
 ) -> pb.GenerateRequest:
-    """Keyword arguments -> GenerateRequest. Exactly one of prompt, token_ids, messages."""
+    """Keyword arguments -> GenerateRequest. Exactly one of prompt, token_ids, messages.
+    ``parse_special_tokens``: special-token strings in ``prompt`` are those tokens (default:
+    plain text)."""
     unknown = set(sampling) - set(SAMPLING_FIELDS)
     if unknown:
         raise TypeError(f"unknown argument(s): {', '.join(sorted(unknown))}")
     if sum(x is not None for x in (prompt, token_ids, messages)) != 1:
         raise ValueError("give exactly one of prompt, token_ids or messages")
-    req = pb.GenerateRequest(request_id=request_id, include_special_tokens=include_special_tokens)
+    req = pb.GenerateRequest(request_id=request_id, include_special_tokens=include_special_tokens,
+                             parse_special_tokens=parse_special_tokens)  # fmt: skip
     if prompt is not None:
         req.text = prompt
     elif token_ids is not None:
@@ -182,8 +186,9 @@ class GenerationClient:
         return result
 
     def tokenize(self, text: str | None = None, *, messages=None, tools=(),
-                 enable_thinking: bool | None = None) -> pb.TokenizeResponse:  # fmt: skip
-        req = pb.TokenizeRequest()
+                 enable_thinking: bool | None = None,
+                 parse_special_tokens: bool = False) -> pb.TokenizeResponse:  # fmt: skip
+        req = pb.TokenizeRequest(parse_special_tokens=parse_special_tokens)
         if messages is not None:
             req.chat.CopyFrom(chat(messages, tools, enable_thinking))
         else:

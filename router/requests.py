@@ -133,43 +133,44 @@ def _json_object(text: str, field: str) -> dict[str, Any]:
     return value
 
 
-def render_chat(tokenizer: Tokenizer, chat: pb.Chat, limits: RequestLimits,
-                where: str = "chat") -> str:  # fmt: skip
-    return _render(tokenizer, chat, limits, where)[0]
+def encode_chat(tokenizer: Tokenizer, chat: pb.Chat, limits: RequestLimits,
+                where: str = "chat") -> tuple[str, list[int]]:  # fmt: skip
+    """-> (the rendered prompt, its ids: only the template's markers are special tokens)."""
+    return _encode_chat(tokenizer, chat, limits, where)[:2]
 
 
-def _render(tokenizer: Tokenizer, chat: pb.Chat, limits: RequestLimits, where: str):
-    """-> (prompt text, the rendered leading system messages or None)."""
+def _encode_chat(tokenizer: Tokenizer, chat: pb.Chat, limits: RequestLimits, where: str):
+    """-> (prompt text, its ids, the ids of the leading system messages alone or None)."""
     messages, tools = chat_to_dicts(chat, limits, where)
     thinking = chat.enable_thinking if chat.HasField("enable_thinking") else True
     try:
-        text = tokenizer.render_chat(messages, tools or None, enable_thinking=thinking)
+        text, ids = tokenizer.encode_chat(messages, tools or None, enable_thinking=thinking)
     except ChatError as e:
         raise invalid(f"{where}: {e}") from e
-    return text, system_prefix_text(tokenizer, messages, tools or None, thinking)
+    return text, ids, system_prefix_ids(tokenizer, messages, tools or None, thinking)
 
 
-def system_prefix_text(tokenizer: Tokenizer, messages, tools=None, thinking: bool = True):
-    """The chat template's rendering of the leading system messages alone (with the tools,
-    which the template declares there), or None when there are none or nothing follows."""
+def system_prefix_ids(tokenizer: Tokenizer, messages, tools=None, thinking: bool = True):
+    """The ids of the chat template's rendering of the leading system messages alone (with
+    the tools, which the template declares there), or None when there are none or nothing
+    follows."""
     n = 0
     while n < len(messages) and messages[n].get("role") == "system":
         n += 1
     if n == 0 or n == len(messages):
         return None
     try:
-        return tokenizer.render_chat(messages[:n], tools, add_generation_prompt=False,
-                                     enable_thinking=thinking)  # fmt: skip
+        return tokenizer.encode_chat(messages[:n], tools, add_generation_prompt=False,
+                                     enable_thinking=thinking)[1]  # fmt: skip
     except ChatError:
         return None
 
 
-def prefix_boundary(tokenizer: Tokenizer, ids: list[int], text: str, prefix: str | None):
-    """Token count of ``prefix`` if the prompt's tokens start with its tokens, else None."""
-    if not prefix or not text.startswith(prefix):
+def prefix_boundary(ids: list[int], head: list[int] | None) -> int | None:
+    """len(head) when the prompt's ids start with ``head`` (and go on past it), else None."""
+    if not head or not 0 < len(head) < len(ids):
         return None
-    head = tokenizer.encode(prefix)
-    return len(head) if 0 < len(head) < len(ids) and ids[: len(head)] == head else None
+    return len(head) if ids[: len(head)] == head else None
 
 
 def check_token_ids(ids, limits: RequestLimits, field: str) -> list[int]:
@@ -186,19 +187,19 @@ def prompt_of(request: pb.GenerateRequest, tokenizer: Tokenizer, limits: Request
     if kind == "text":
         if not request.text:
             raise invalid("text is empty: send a non-empty prompt")
-        prompt = Prompt(tokenizer.encode(request.text), request.text)
+        encode = tokenizer.encode if request.parse_special_tokens else tokenizer.encode_text
+        prompt = Prompt(encode(request.text), request.text)
     elif kind == "token_ids":
         ids = check_token_ids(request.token_ids.ids, limits, "token_ids.ids")
         if not ids:
             raise invalid("token_ids.ids is empty: send at least one token id")
         prompt = Prompt(ids, None)
     else:
-        text, system = _render(tokenizer, request.chat, limits, "chat")
+        text, ids, system = _encode_chat(tokenizer, request.chat, limits, "chat")
         thinking = (
             request.chat.enable_thinking if request.chat.HasField("enable_thinking") else True
         )
-        ids = tokenizer.encode(text)
-        boundary = prefix_boundary(tokenizer, ids, text, system)
+        boundary = prefix_boundary(ids, system)
         prompt = Prompt(ids, text, chat=True, thinking=thinking,
                         tools=len(request.chat.tools) > 0,
                         prefix_boundaries=(boundary,) if boundary else ())  # fmt: skip

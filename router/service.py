@@ -24,8 +24,8 @@ from router.requests import (
     RequestLimits,
     check_size,
     check_token_ids,
+    encode_chat,
     prompt_of,
-    render_chat,
     request_id_of,
     sampling_params_of,
 )
@@ -154,9 +154,13 @@ class GenerationService:
         kind = request.WhichOneof("input")
         if kind is None:
             raise invalid("input is missing: set text or chat")
-        text = request.text if kind == "text" else render_chat(
-            self.tokenizer, request.chat, self.limits)  # fmt: skip
-        return pb.TokenizeResponse(token_ids=self.tokenizer.encode(text), text=text)
+        if kind == "chat":
+            text, ids = encode_chat(self.tokenizer, request.chat, self.limits)
+        elif request.parse_special_tokens:
+            text, ids = request.text, self.tokenizer.encode(request.text)
+        else:
+            text, ids = request.text, self.tokenizer.encode_text(request.text)
+        return pb.TokenizeResponse(token_ids=ids, text=text)
 
     def detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
         check_size(request, self.limits)

@@ -9,6 +9,7 @@ with the checkpoint's own Jinja template in a sandbox configured like transforme
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ class Tokenizer:
         if not file.exists():
             raise FileNotFoundError(f"{file} not found: the checkpoint needs a tokenizer.json")
         self._tok = HFTokenizer.from_file(str(file))
+        self._text_tok = HFTokenizer.from_file(str(file))  # special-token strings are text
+        self._text_tok.encode_special_tokens = True
         config_file = path / "tokenizer_config.json"
         self.config: dict[str, Any] = (
             json.loads(config_file.read_text()) if config_file.exists() else {}
@@ -65,7 +68,12 @@ class Tokenizer:
         )
         self.chat_template = template
         self._template = compile_template(template) if template else None
-        self.special_ids = {t.id for t in self._added_tokens() if t.special}
+        specials = [t for t in self._added_tokens() if t.special]
+        self.special_ids = {t.id for t in specials}
+        self._special_id = {t.content: t.id for t in specials}
+        self._special_re = re.compile("|".join(
+            re.escape(t) for t in sorted(self._special_id, key=len, reverse=True)
+        )) if specials else None  # fmt: skip
         self.eos_token = self.config.get("eos_token")
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
 
@@ -82,8 +90,60 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Text -> ids, special-token strings included; no BOS (EXAONE prompts have none)."""
+        """Trusted text (a template's output, our own strings) -> ids; special-token strings
+        in it (``<|endofturn|>``) are those tokens. No BOS (EXAONE prompts have none). Text
+        from a caller goes through ``encode_text`` or ``encode_chat``."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Caller text -> ids with every special-token string in it tokenized as plain text
+        (caller text is data, never control); the other added tokens (``<think>``) stay."""
+        return self._text_tok.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool = True,
+    ) -> tuple[str, list[int]]:
+        """A chat -> (the rendered prompt, its ids), where only the template's own markers are
+        special tokens: a special-token string inside any caller string (message content, tool
+        results, tool-call arguments, tool declarations) is tokenized as plain text, so no
+        caller can forge a system, user, assistant or tool turn.
+
+        How: every such string inside caller strings has its first character swapped for a
+        private-use character found in no caller string before rendering, so the markers the
+        rendered text still holds are the template's; the swapped characters are put back and
+        the text between the template's markers is tokenized as plain text. Without markers
+        in caller strings the ids equal ``encode(render_chat(...))``."""
+        strings: list[str] = []
+        _strings((messages, tools), strings)
+        swap = self._swaps(strings)
+        if swap:
+            messages, tools = _map_strings((messages, tools), lambda s: self._neutralize(s, swap))
+        marked = self.render_chat(messages, tools, add_generation_prompt, enable_thinking)
+        text = marked.translate({ord(c): first for first, c in swap.items()})
+        ids, start = [], 0
+        for m in self._special_re.finditer(marked) if self._special_re else ():
+            ids += self.encode_text(text[start : m.start()])
+            ids.append(self._special_id[m.group()])
+            start = m.end()
+        ids += self.encode_text(text[start:])
+        return text, ids
+
+    def _swaps(self, strings: list[str]) -> dict[str, str]:
+        """First character of each special-token string found in ``strings`` -> a private-use
+        character none of them contains (empty when they hold no special-token string)."""
+        if self._special_re is None or not any(self._special_re.search(s) for s in strings):
+            return {}
+        firsts = sorted({t[0] for t in self._special_id})
+        joined = "\x00".join(strings)
+        free = (chr(c) for c in range(0xF0000, 0xFFFFE) if chr(c) not in joined)
+        return {first: next(free) for first in firsts}
+
+    def _neutralize(self, s: str, swap: dict[str, str]) -> str:
+        return self._special_re.sub(lambda m: swap[m.group()[0]] + m.group()[1:], s)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -112,6 +172,31 @@ class Tokenizer:
             )
         except jinja2.TemplateError as e:
             raise ChatError(f"chat template failed: {e}") from e
+
+
+def _strings(value: Any, out: list[str]) -> None:
+    """Every string (dict keys included) in nested lists, tuples and dicts, into ``out``."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+
+
+def _map_strings(value: Any, fn) -> Any:
+    """A copy of nested lists, tuples and dicts with ``fn`` applied to every string."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {_map_strings(k, fn): _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_strings(v, fn) for v in value)
+    return value
 
 
 def validate_messages(
