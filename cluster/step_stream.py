@@ -21,13 +21,19 @@ import grpc
 
 from protos.exaone.internal.v1 import step_stream_pb2 as spb
 from protos.exaone.internal.v1 import step_stream_pb2_grpc as spb_grpc
-from replicas.outputs import QueueFullError, ReplicaUnavailableError, RequestOutput, TokenLogprob
+from replicas.outputs import (
+    QueueFullError,
+    ReplicaUnavailableError,
+    RequestOutput,
+    RequestRejectedError,
+    TokenLogprob,
+)
 from replicas.request import FinishReason
 from replicas.sampling_params import SamplingParams
 
 # error_kind on the wire <-> the exception the router's caller sees
 _ERRORS: dict[str, type[Exception]] = {
-    "invalid": ValueError,
+    "invalid": RequestRejectedError,
     "unavailable": ReplicaUnavailableError,
     "capacity": QueueFullError,
     "internal": RuntimeError,

@@ -22,6 +22,7 @@ from replicas.engine import LLMEngine
 from replicas.outputs import (
     ReplicaUnavailableError,
     RequestOutput,
+    RequestRejectedError,
     StepFailedError,
     read_outputs,
 )
@@ -125,7 +126,7 @@ class AsyncEngine:
         if self._failure is not None:  # a replica Serve replaces once check_health fails
             raise ReplicaUnavailableError(f"{self.health(float('inf'))}; retry the request")
         if request_id in self._queues or request_id in self._sinks:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise RequestRejectedError(f"request id {request_id!r} is already in use")
         self.engine.check_request(prompt_ids, params)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException,

@@ -21,7 +21,7 @@ from replicas.dispatch import ExpertDispatcher, run_microbatches, split_balanced
 from replicas.draft_policy import AcceptanceTracker, DraftPolicy, DraftPolicyConfig
 from replicas.kv_cache import HybridKVCache, SeqChunk, kv_footprint
 from replicas.model import ExaoneMoeForCausalLM
-from replicas.outputs import RequestOutput, StepFailedError, TokenLogprob
+from replicas.outputs import RequestOutput, RequestRejectedError, StepFailedError, TokenLogprob
 from replicas.prefix_cache import PrefixBlockPool
 from replicas.prefix_manager import PrefixCacheConfig, PrefixCacheManager
 from replicas.redis_tier import RedisTier
@@ -137,20 +137,26 @@ class LLMEngine:
 
     # ---- API -----------------------------------------------------------------------------------
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        """Raise ValueError (naming the field) if the request can never be served."""
+        """Raise RequestRejectedError (a ValueError naming the field) if the request can never
+        be served."""
         vocab = self.model.cfg.vocab_size
         if not prompt_ids:
-            raise ValueError("prompt is empty: give at least one token")
+            raise RequestRejectedError("prompt is empty: give at least one token")
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+            raise RequestRejectedError(
+                f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})"
+            )
         room = self.max_model_len - len(prompt_ids)
         if room < 1:
-            raise ValueError(
+            raise RequestRejectedError(
                 f"prompt has {len(prompt_ids)} tokens; the context limit is {self.max_model_len}"
             )
-        params.validate(vocab, max_new_tokens=room)
-        self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
+        try:
+            params.validate(vocab, max_new_tokens=room)
+            self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
+        except ValueError as e:
+            raise RequestRejectedError(str(e)) from e
 
     def add_request(
         self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,

@@ -73,6 +73,12 @@ async def read_outputs(queue) -> AsyncIterator[RequestOutput]:
             return
 
 
+class RequestRejectedError(ValueError):
+    """The engine refuses a request it can never serve; the message names the field. Callers
+    answer it as the caller's mistake (INVALID_ARGUMENT); any other exception out of the engine
+    is the server's (INTERNAL)."""
+
+
 class QueueFullError(RuntimeError):
     """The replica holds as many requests as it admits; the caller should retry later."""
 

@@ -8,17 +8,23 @@ samples independent of whatever else is in the batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
 MAX_LOGPROBS = 20
+SAMPLING_EPS = 1e-5
+"""Temperatures below this are greedy (as vLLM): dividing logits by ~1e-38 overflows to inf
+and the softmax to NaN."""
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0
-    """0 = greedy; otherwise logits are divided by it before sampling."""
+    """0 (or below SAMPLING_EPS) = greedy; otherwise logits are divided by it before
+    sampling."""
     top_p: float = 1.0
     """Keep the smallest set of tokens whose probability mass reaches top_p, in (0, 1]."""
     top_k: int = -1
@@ -51,7 +57,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
     @property
     def has_penalties(self) -> bool:
@@ -67,8 +73,8 @@ class SamplingParams:
         def bad(name: str, rule: str) -> ValueError:
             return ValueError(f"{name}={getattr(self, name)!r}: {rule}")
 
-        if not self.temperature >= 0.0:
-            raise bad("temperature", "must be >= 0 (0 means greedy)")
+        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
+            raise bad("temperature", "must be finite and >= 0 (0 means greedy)")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "must be in (0, 1]")
         if self.top_k < -1:
@@ -85,12 +91,15 @@ class SamplingParams:
         if max_new_tokens is not None and self.max_tokens > max_new_tokens:
             raise bad("max_tokens", f"must be <= {max_new_tokens} (context left after the prompt)")
         if len(self.stop) > MAX_STOP_STRINGS:
-            raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings")
+            raise ValueError(f"stop has {len(self.stop)} entries: at most {MAX_STOP_STRINGS}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids has {len(self.stop_token_ids)} entries: at most "
+                             f"{MAX_STOP_TOKEN_IDS}")  # fmt: skip
         for s in self.stop:
             if not s or len(s) > MAX_STOP_STRING_CHARS:
-                raise ValueError(
-                    f"stop string {s!r}: must be 1..{MAX_STOP_STRING_CHARS} characters"
-                )
+                shown = f"{s[:32]!r}{'...' if len(s) > 32 else ''}"
+                raise ValueError(f"stop string {shown} ({len(s)} characters): must be "
+                                 f"1..{MAX_STOP_STRING_CHARS}")  # fmt: skip
         for t in self.stop_token_ids:
             if not 0 <= t < vocab_size:
                 raise ValueError(f"stop_token_ids entry {t}: must be in [0, {vocab_size})")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protos.exaone.v1 import generation_pb2 as pb
-from replicas.sampling_params import SamplingParams
+from replicas.sampling_params import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SamplingParams
 from router.errors import invalid
 from router.tokenizer import ChatError, Tokenizer
 
@@ -36,6 +36,7 @@ FIELD_PATHS = {
     "prompt_logprobs": "logprobs.prompt_top_logprobs",
 }
 DEFAULT_MAX_TOKENS = 16
+MAX_JSON_DEPTH = 64  # nesting of tool parameters and tool-call arguments
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class RequestLimits:
     max_request_bytes: int = 4 << 20
     max_messages: int = 1024
     max_tools: int = 128
+    max_tool_calls: int = 128
+    """Tool calls in one message."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,34 @@ def check_size(request, limits: RequestLimits) -> None:
             f"request is {size} bytes; the limit is {limits.max_request_bytes} bytes "
             "(router.max_request_bytes): send a shorter prompt"
         )
+
+
+def check_counts(request: pb.GenerateRequest | pb.TokenizeRequest, limits: RequestLimits) -> None:
+    """Every repeated field within its documented count, checked before any work is done on
+    the request (tokenizing, rendering, even reading the entries)."""
+
+    def most(field: str, n: int, limit: int) -> None:
+        if n > limit:
+            raise invalid(f"{field} has {n} entries; at most {limit}")
+
+    if request.WhichOneof("input") == "chat":
+        chat = request.chat
+        most("chat.messages", len(chat.messages), limits.max_messages)
+        most("chat.tools", len(chat.tools), limits.max_tools)
+        for i, m in enumerate(chat.messages):
+            most(f"chat.messages[{i}].tool_calls", len(m.tool_calls), limits.max_tool_calls)
+    if isinstance(request, pb.GenerateRequest):
+        if request.WhichOneof("input") == "token_ids":
+            n = len(request.token_ids.ids)
+            if n >= limits.max_model_len:
+                raise invalid(_too_long(n, limits))
+        most("stopping.stop", len(request.stopping.stop), MAX_STOP_STRINGS)
+        most("stopping.stop_token_ids", len(request.stopping.stop_token_ids), MAX_STOP_TOKEN_IDS)
+
+
+def _too_long(n: int, limits: RequestLimits) -> str:
+    return (f"prompt has {n} tokens; the context limit is {limits.max_model_len} (prompt + at "
+            "least 1 output token): shorten the prompt")  # fmt: skip
 
 
 def chat_to_dicts(chat: pb.Chat, limits: RequestLimits, where: str = "chat"):
@@ -124,13 +155,29 @@ def chat_to_dicts(chat: pb.Chat, limits: RequestLimits, where: str = "chat"):
 
 
 def _json_object(text: str, field: str) -> dict[str, Any]:
+    too_deep = invalid(f"{field} nests more than {MAX_JSON_DEPTH} levels of objects and arrays")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise invalid(f"{field} is not valid JSON ({e.msg} at char {e.pos})") from e
+    except RecursionError:
+        raise too_deep from None
     if not isinstance(value, dict):
         raise invalid(f"{field} must be a JSON object, got {type(value).__name__}")
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise too_deep
     return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value (1 for an object of scalars), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 def encode_chat(tokenizer: Tokenizer, chat: pb.Chat, limits: RequestLimits,
@@ -207,10 +254,7 @@ def prompt_of(request: pb.GenerateRequest, tokenizer: Tokenizer, limits: Request
         raise invalid(f"{kind} gives no tokens: send a non-empty prompt")
     n = len(prompt.token_ids)
     if n >= limits.max_model_len:
-        raise invalid(
-            f"prompt has {n} tokens; the context limit is {limits.max_model_len} (prompt + at "
-            "least 1 output token): shorten the prompt"
-        )
+        raise invalid(_too_long(n, limits))
     return prompt
 
 

@@ -17,11 +17,12 @@ from typing import Any, Protocol
 import grpc
 
 from protos.exaone.v1 import generation_pb2 as pb
-from replicas.outputs import QueueFullError, ReplicaUnavailableError
+from replicas.outputs import QueueFullError, ReplicaUnavailableError, RequestRejectedError
 from replicas.sampling_params import SamplingParams
 from router.errors import RequestError, invalid
 from router.requests import (
     RequestLimits,
+    check_counts,
     check_size,
     check_token_ids,
     encode_chat,
@@ -66,6 +67,7 @@ class GenerationService:
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         arrival = time.monotonic()
         check_size(request, self.limits)
+        check_counts(request, self.limits)
         request_id = request_id_of(request)
         prompt = prompt_of(request, self.tokenizer, self.limits)
         params = sampling_params_of(request, len(prompt.token_ids), self.limits)
@@ -151,6 +153,7 @@ class GenerationService:
     # ---- unary methods -------------------------------------------------------------------------
     def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         check_size(request, self.limits)
+        check_counts(request, self.limits)
         kind = request.WhichOneof("input")
         if kind is None:
             raise invalid("input is missing: set text or chat")
@@ -211,5 +214,10 @@ async def _translate_errors(deltas: AsyncIterator[TextDelta]) -> AsyncIterator[T
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
     except ReplicaUnavailableError as e:
         raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from e
-    except ValueError as e:
+    except RequestRejectedError as e:
         raise invalid(str(e)) from e
+    except RequestError:
+        raise
+    except Exception as e:  # the server's fault, not the caller's: never INVALID_ARGUMENT
+        raise RequestError(grpc.StatusCode.INTERNAL,
+                           f"internal error ({type(e).__name__}: {e})") from e

@@ -44,6 +44,19 @@ def test_greedy_is_argmax_even_with_other_knobs():
     assert torch.equal(out.token_ids, logits.argmax(-1))
 
 
+def test_temperatures_below_eps_are_greedy_not_nan():
+    """A temperature of 1e-38 used to divide logits to inf and sample token 0 from NaNs; below
+    SAMPLING_EPS (1e-5, as vLLM) a row is greedy, with or without logprobs and seeds."""
+    logits = torch.randn(6, 50) * 30
+    params = [SamplingParams(temperature=t, seed=s, logprobs=lp) for t, s, lp in
+              [(1e-38, None, None), (1e-30, 7, None), (9e-6, None, 2), (1e-45, 3, 1),
+               (1e-38, None, None), (1e-10, None, None)]]  # fmt: skip
+    out = sample(logits, _batch(params, seeds=[p.seed for p in params]))
+    assert torch.equal(out.token_ids, logits.argmax(-1))
+    assert torch.isfinite(out.logprobs).all()
+    assert not SamplingParams(temperature=2e-5).is_greedy
+
+
 @pytest.mark.parametrize(
     "params, kept",
     [

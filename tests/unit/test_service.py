@@ -16,7 +16,7 @@ from protos.exaone.v1 import generation_pb2 as pb
 from replicas.attention_shard import AttentionShard
 from replicas.engine import EngineConfig, LLMEngine
 from replicas.model_config import ModelConfig
-from replicas.outputs import RequestOutput
+from replicas.outputs import RequestOutput, RequestRejectedError
 from replicas.request import FinishReason
 from replicas.sampling_params import SamplingParams
 from router.client import build_request
@@ -65,6 +65,27 @@ def test_bad_input_table(env, row):
             getattr(service, row.method.lower())(request)
     assert e.value.code.name == row.code
     assert row.message in e.value.message, e.value.message
+
+
+@pytest.mark.parametrize("error, code", [
+    (ValueError("an engine bug"), "INTERNAL"), (KeyError("k"), "INTERNAL"),
+    (RequestRejectedError("prompt is empty"), "INVALID_ARGUMENT"),
+])  # fmt: skip
+def test_only_the_engines_rejections_are_invalid_argument(env, error, code):
+    """An exception out of the engine is the server's fault (INTERNAL, with its type in the
+    message), unless the engine rejected the request itself (RequestRejectedError)."""
+
+    class Failing:
+        async def generate(self, *args):
+            raise error
+            yield
+
+    request = build_request(token_ids=[5, 6, 7], max_tokens=4)
+    with pytest.raises(RequestError) as e:
+        asyncio.run(_collect(_service(env, Failing()), request))
+    assert e.value.code.name == code
+    named = str(error) if code == "INVALID_ARGUMENT" else type(error).__name__
+    assert named in e.value.message, e.value.message
 
 
 def test_greedy_stream_matches_engine_and_reports_usage(env):

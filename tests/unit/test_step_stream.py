@@ -13,7 +13,13 @@ from cluster.step_stream import StepPublisher, decode, encode
 from replicas.attention_shard import AttentionShard
 from replicas.engine import EngineConfig, LLMEngine
 from replicas.model import ExaoneMoeForCausalLM
-from replicas.outputs import QueueFullError, ReplicaUnavailableError, RequestOutput, TokenLogprob
+from replicas.outputs import (
+    QueueFullError,
+    ReplicaUnavailableError,
+    RequestOutput,
+    RequestRejectedError,
+    TokenLogprob,
+)
 from replicas.request import FinishReason
 from replicas.sampling_params import SamplingParams
 
@@ -38,10 +44,13 @@ def test_codec_round_trips_outputs_and_errors():
     assert decode(encode("a", out)) == out
     bare = RequestOutput("b", [1])
     assert decode(encode("b", bare)) == bare  # None stays None (no logprobs, no queue time)
-    for error in (ValueError("bad"), QueueFullError("full"), ReplicaUnavailableError("gone")):
+    for error in (RequestRejectedError("bad"), QueueFullError("full"),
+                  ReplicaUnavailableError("gone")):  # fmt: skip
         back = decode(encode("c", error))
         assert type(back) is type(error) and str(back) == str(error)
-    assert type(decode(encode("d", KeyError("x")))) is RuntimeError
+    # Anything else is the server's fault: a ValueError from deep in the engine included.
+    for error in (KeyError("x"), ValueError("internal")):
+        assert type(decode(encode("d", error))) is RuntimeError
 
 
 async def _collect(queue: asyncio.Queue) -> list[int]:
