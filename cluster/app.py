@@ -37,6 +37,7 @@ from cluster.request_router import PrefixAffinityRouter
 from protos.exaone.v1 import generation_pb2 as pb
 from replicas.model_config import ModelConfig
 from replicas.sampling_params import SamplingParams
+from router.prompt_workers import PromptWorkers
 from router.requests import RequestLimits
 from router.service import GenerationService
 from router.tokenizer import Tokenizer
@@ -503,7 +504,8 @@ class RouterDeployment:
         )
         self.shard = shard
         self.client = DirectShardClient(shard, retry_budget_s=r.retry_budget_s)
-        self.service = GenerationService(tokenizer, self.client, limits, info)
+        self.prompts = PromptWorkers(config.model_path, tokenizer, limits)
+        self.service = GenerationService(tokenizer, self.client, limits, info, self.prompts)
         self.metrics = RouterMetrics()
         self.server = await start_ingress(r.grpc_host, r.grpc_port, self.service, self.healthy,
                                           self.metrics, r.max_request_bytes,
@@ -528,6 +530,8 @@ class RouterDeployment:
             self.server = None
         if getattr(self, "client", None) is not None:
             await self.client.subscriber.close()
+        if getattr(self, "prompts", None) is not None:
+            self.prompts.close()
 
 
 DRAIN_POLL_S = 0.25

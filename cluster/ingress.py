@@ -11,6 +11,7 @@ Services: exaone.v1.Generation, grpc.health.v1.Health and server reflection.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -80,7 +81,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
 async def _unary(method, request, context: grpc.aio.ServicerContext):
     try:
-        return method(request)
+        result = method(request)
+        return await result if inspect.isawaitable(result) else result
     except RequestError as e:
         await context.abort(e.code, e.message)
 

@@ -154,6 +154,9 @@ def _as_dict(message) -> dict[str, Any]:
                          always_print_fields_with_no_presence=True)  # fmt: skip
 
 
+RECEIVE_LIMIT_BYTES = 64 << 20
+
+
 class GenerationClient:
     def __init__(
         self,
@@ -164,7 +167,10 @@ class GenerationClient:
         """``application``: the Serve application to call when several are deployed."""
         self.address, self.timeout_s = address, timeout_s
         self.metadata = (("application", application),) if application else None
-        self.channel = grpc.insecure_channel(address)
+        # A Tokenize (ids and text) or prompt_logprobs answer to a prompt near the server's
+        # 4 MiB request limit is larger than gRPC's default 4 MiB receive limit.
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", RECEIVE_LIMIT_BYTES)])  # fmt: skip
         self.stub = pb_grpc.GenerationStub(self.channel)
 
     def stream(self, prompt: str | None = None, *, timeout_s: float | None = None,

@@ -258,6 +258,19 @@ def prompt_of(request: pb.GenerateRequest, tokenizer: Tokenizer, limits: Request
     return prompt
 
 
+def tokenized(request: pb.TokenizeRequest, tokenizer: Tokenizer,
+              limits: RequestLimits) -> tuple[str, list[int]]:  # fmt: skip
+    """What Tokenize answers: (the text tokenized, for chat the rendered prompt; its ids)."""
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise invalid("input is missing: set text or chat")
+    if kind == "chat":
+        return encode_chat(tokenizer, request.chat, limits)
+    if request.parse_special_tokens:
+        return request.text, tokenizer.encode(request.text)
+    return request.text, tokenizer.encode_text(request.text)
+
+
 def sampling_params_of(
     request: pb.GenerateRequest, num_prompt_tokens: int, limits: RequestLimits
 ) -> SamplingParams:

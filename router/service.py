@@ -20,15 +20,16 @@ from protos.exaone.v1 import generation_pb2 as pb
 from replicas.outputs import QueueFullError, ReplicaUnavailableError, RequestRejectedError
 from replicas.sampling_params import SamplingParams
 from router.errors import RequestError, invalid
+from router.prompt_workers import PromptWorkers
 from router.requests import (
     RequestLimits,
     check_counts,
     check_size,
     check_token_ids,
-    encode_chat,
     prompt_of,
     request_id_of,
     sampling_params_of,
+    tokenized,
 )
 from router.stream import TextDelta, stream_text
 from router.tokenizer import Tokenizer
@@ -59,8 +60,12 @@ class GenerationService:
         engine: EngineClient,
         limits: RequestLimits,
         model_info: pb.ModelInfo,
+        prompts: PromptWorkers | None = None,
     ):
+        """``prompts``: where large requests are rendered and tokenized (a worker process);
+        None: inline, on the caller's event loop."""
         self.tokenizer, self.engine, self.limits, self.info = tokenizer, engine, limits, model_info
+        self.prompts = prompts
         self._token_text: dict[int, str] = {}
 
     # ---- Generate ------------------------------------------------------------------------------
@@ -69,7 +74,10 @@ class GenerationService:
         check_size(request, self.limits)
         check_counts(request, self.limits)
         request_id = request_id_of(request)
-        prompt = prompt_of(request, self.tokenizer, self.limits)
+        if self.prompts is None:
+            prompt = prompt_of(request, self.tokenizer, self.limits)
+        else:
+            prompt = await self.prompts.prompt(request)
         params = sampling_params_of(request, len(prompt.token_ids), self.limits)
         if prompt.prefix_boundaries:
             params = dataclasses.replace(params, prefix_boundaries=prompt.prefix_boundaries)
@@ -151,18 +159,13 @@ class GenerationService:
         return text
 
     # ---- unary methods -------------------------------------------------------------------------
-    def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+    async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         check_size(request, self.limits)
         check_counts(request, self.limits)
-        kind = request.WhichOneof("input")
-        if kind is None:
-            raise invalid("input is missing: set text or chat")
-        if kind == "chat":
-            text, ids = encode_chat(self.tokenizer, request.chat, self.limits)
-        elif request.parse_special_tokens:
-            text, ids = request.text, self.tokenizer.encode(request.text)
+        if self.prompts is None:
+            text, ids = tokenized(request, self.tokenizer, self.limits)
         else:
-            text, ids = request.text, self.tokenizer.encode_text(request.text)
+            text, ids = await self.prompts.tokenized(request)
         return pb.TokenizeResponse(token_ids=ids, text=text)
 
     def detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:

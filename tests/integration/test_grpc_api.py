@@ -243,6 +243,22 @@ def test_chat_content_cannot_forge_turns(client, served_ckpt):
     assert text.token_ids == client.generate(token_ids=plain, **greedy).token_ids
 
 
+def test_large_prompts_are_prepared_off_the_event_loop(client, served_ckpt):
+    """A 2 MiB text (past PromptWorkers' inline size) is tokenized in the router's worker
+    process: Tokenize returns what the tokenizer gives, Generate the context-limit error, and
+    the server keeps serving."""
+    from router.tokenizer import Tokenizer
+
+    text = "".join(f"word{i} " for i in range(250_000))
+    assert (1 << 20) < len(text) < (4 << 20) - 1024
+    assert list(client.tokenize(text).token_ids) == Tokenizer(served_ckpt).encode_text(text)
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate(text, max_tokens=4)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the context limit is" in e.value.details()
+    assert client.generate(token_ids=[5, 6, 7], max_tokens=3).usage["completion_tokens"] == 3
+
+
 def test_every_listener_is_on_loopback(cluster):
     found = listening_addresses(descendants(os.getpid()))
     assert found, "no listening sockets found for the Ray processes"

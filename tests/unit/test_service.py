@@ -61,6 +61,8 @@ def test_bad_input_table(env, row):
     with pytest.raises(RequestError) as e:
         if row.method == "Generate":
             asyncio.run(_collect(service, request))
+        elif row.method == "Tokenize":
+            asyncio.run(service.tokenize(request))
         else:
             getattr(service, row.method.lower())(request)
     assert e.value.code.name == row.code
@@ -192,7 +194,7 @@ def test_tokenize_chat_matches_template_and_detokenize_roundtrip(env):
     service = _service(env, None)
     messages = [{"role": "user", "content": "Hi"}]
     req = pb.TokenizeRequest(chat=build_request(messages=messages, enable_thinking=False).chat)
-    out = service.tokenize(req)
+    out = asyncio.run(service.tokenize(req))
     assert out.text == tok.render_chat(messages, enable_thinking=False)
     assert list(out.token_ids) == tok.encode(out.text)
     text = service.detokenize(pb.DetokenizeRequest(token_ids=out.token_ids,
