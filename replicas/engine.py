@@ -71,6 +71,11 @@ class EngineConfig:
             )
 
 
+PROMPT_LOGPROB_ROWS = 64
+"""Prompt positions whose fp32 log-softmax [rows, vocab] is built at once (K-EXAONE: 39 MB),
+not a whole prefill chunk's (512 rows: 315 MB)."""
+
+
 def _pairs(ids: torch.Tensor, values: torch.Tensor) -> tuple[tuple[int, float], ...]:
     return tuple(zip(ids.tolist(), values.tolist(), strict=True))
 
@@ -153,7 +158,7 @@ class LLMEngine:
                 f"prompt has {len(prompt_ids)} tokens; the context limit is {self.max_model_len}"
             )
         try:
-            params.validate(vocab, max_new_tokens=room)
+            params.validate(vocab, max_new_tokens=room, num_prompt_tokens=len(prompt_ids))
             self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
         except ValueError as e:
             raise RequestRejectedError(str(e)) from e
@@ -438,16 +443,18 @@ class LLMEngine:
         end = min(chunk.start + chunk.num_new, r.num_prompt_tokens - 1)
         if end <= first:
             return
-        rows = hidden[first - chunk.start : end - chunk.start]
-        logprobs = self.model.lm_head(rows).float().log_softmax(-1)  # [n, V]
-        targets = r.prompt_ids[first + 1 : end + 1]
-        index = torch.tensor(targets, device=logprobs.device)[:, None]
-        chosen = logprobs.gather(1, index)[:, 0]
         k = r.params.prompt_logprobs
-        top = logprobs.topk(k, dim=-1) if k else None
-        for j, token in enumerate(targets):
-            pairs = () if top is None else _pairs(top.indices[j], top.values[j])
-            entries.append(TokenLogprob(token, float(chosen[j]), pairs))
+        for lo in range(first, end, PROMPT_LOGPROB_ROWS):  # an fp32 [rows, V] at a time
+            hi = min(end, lo + PROMPT_LOGPROB_ROWS)
+            rows = hidden[lo - chunk.start : hi - chunk.start]
+            logprobs = self.model.lm_head(rows).float().log_softmax(-1)  # [n, V]
+            targets = r.prompt_ids[lo + 1 : hi + 1]
+            index = torch.tensor(targets, device=logprobs.device)[:, None]
+            chosen = logprobs.gather(1, index)[:, 0].tolist()
+            top = logprobs.topk(k, dim=-1) if k else None
+            for j, token in enumerate(targets):
+                pairs = () if top is None else _pairs(top.indices[j], top.values[j])
+                entries.append(TokenLogprob(token, chosen[j], pairs))
 
     # ---- convenience ---------------------------------------------------------------------------
     def generate(

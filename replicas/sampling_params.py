@@ -15,6 +15,9 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGPROBS = 20
+MAX_PROMPT_LOGPROB_ENTRIES = 65536
+"""prompt_logprobs answers (prompt length - 1) x (N + 1) entries in one final message: about
+20 bytes each, so this keeps it near 1.3 MB, under clients' default 4 MiB receive limit."""
 SAMPLING_EPS = 1e-5
 """Temperatures below this are greedy (as vLLM): dividing logits by ~1e-38 overflows to inf
 and the softmax to NaN."""
@@ -67,7 +70,8 @@ class SamplingParams:
             or self.repetition_penalty != 1.0
         )
 
-    def validate(self, vocab_size: int, max_new_tokens: int | None = None) -> None:
+    def validate(self, vocab_size: int, max_new_tokens: int | None = None,
+                 num_prompt_tokens: int | None = None) -> None:  # fmt: skip
         """Raise ValueError naming the first bad field and its allowed range."""
 
         def bad(name: str, rule: str) -> ValueError:
@@ -107,3 +111,11 @@ class SamplingParams:
             n = getattr(self, name)
             if n is not None and not 0 <= n <= MAX_LOGPROBS:
                 raise bad(name, f"must be in [0, {MAX_LOGPROBS}]")
+        n = self.prompt_logprobs
+        if n is not None and num_prompt_tokens is not None:
+            entries = (num_prompt_tokens - 1) * (n + 1)
+            if entries > MAX_PROMPT_LOGPROB_ENTRIES:
+                raise bad("prompt_logprobs", (
+                    f"{num_prompt_tokens - 1} prompt positions x {n + 1} entries = {entries}, "
+                    f"over the budget of {MAX_PROMPT_LOGPROB_ENTRIES}: ask for fewer top "
+                    "log-probabilities or send a shorter prompt"))  # fmt: skip

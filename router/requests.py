@@ -298,7 +298,8 @@ def sampling_params_of(
             "(the server's max_output_tokens)"
         )
     try:
-        params.validate(limits.vocab_size, max_new_tokens=limits.max_model_len - num_prompt_tokens)
+        params.validate(limits.vocab_size, max_new_tokens=limits.max_model_len - num_prompt_tokens,
+                        num_prompt_tokens=num_prompt_tokens)  # fmt: skip
     except ValueError as e:
         raise invalid(_with_path(str(e))) from e
     return params

@@ -190,7 +190,9 @@ def test_stop_token_and_length_finish_reasons(tiny):
     assert finals["l"] == (FinishReason.LENGTH, 2)
 
 
-def test_logprobs_and_prompt_logprobs_match_full_forward(tiny):
+@pytest.mark.parametrize("rows", [64, 3])  # 3: each 8-token chunk's log-softmax in 3 pieces
+def test_logprobs_and_prompt_logprobs_match_full_forward(tiny, rows, monkeypatch):
+    monkeypatch.setattr("replicas.engine.PROMPT_LOGPROB_ROWS", rows)
     _, model = tiny
     prompt = _prompts(1, (30, 31), model.cfg.vocab_size, seed=3)[0]
     engine = LLMEngine(model, EngineConfig(block_size=4, max_num_batched_tokens=8))

@@ -170,6 +170,28 @@ def test_validation_names_the_field(params, field):
         params.validate(vocab_size=1024)
 
 
+def test_prompt_logprobs_within_the_entry_budget():
+    """(prompt positions) x (top-n + 1) entries at most MAX_PROMPT_LOGPROB_ENTRIES: the one
+    final message stays under clients' 4 MiB; the router refuses more, naming the field."""
+    from protos.exaone.v1 import generation_pb2 as pb
+    from replicas.sampling_params import MAX_PROMPT_LOGPROB_ENTRIES
+    from router.errors import RequestError
+    from router.requests import RequestLimits, sampling_params_of
+
+    fits = MAX_PROMPT_LOGPROB_ENTRIES // 21 + 1  # prompt tokens whose 20 top-n just fit
+    SamplingParams(prompt_logprobs=20).validate(100, num_prompt_tokens=fits)
+    with pytest.raises(ValueError, match="prompt_logprobs=20: .* over the budget of 65536"):
+        SamplingParams(prompt_logprobs=20).validate(100, num_prompt_tokens=fits + 1)
+    budget = MAX_PROMPT_LOGPROB_ENTRIES
+    SamplingParams(prompt_logprobs=0).validate(100, num_prompt_tokens=budget + 1)
+    limits = RequestLimits(vocab_size=100, max_model_len=1 << 20, max_output_tokens=16)
+    request = pb.GenerateRequest(text="x", logprobs=pb.LogprobOptions(prompt_top_logprobs=20))
+    with pytest.raises(RequestError) as e:
+        sampling_params_of(request, fits + 1, limits)
+    assert e.value.code.name == "INVALID_ARGUMENT"
+    assert e.value.message.startswith("logprobs.prompt_top_logprobs=20: ")
+
+
 def test_max_tokens_against_context():
     SamplingParams(max_tokens=10).validate(1024, max_new_tokens=10)
     with pytest.raises(ValueError, match=r"max_tokens=11: must be <= 10"):
