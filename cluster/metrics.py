@@ -78,6 +78,10 @@ class ShardMetrics:
         self.kv_usage = Gauge("exaone_kv_cache_usage", "Global-layer KV blocks in use (0-1).", keys)
         self.prefix = Counter("exaone_prefix_cache_lookups", "Prefix-cache lookups by result: "
                               "local_hit, redis_hit, miss.", ("replica", "result"))  # fmt: skip
+        self.redis_issues = Counter("exaone_prefix_cache_redis_issues", "Prefix-cache Redis "
+                                    "trouble by kind: error (failed calls), rejected (values "
+                                    "failing their checks or MAC), dropped (writes not queued: "
+                                    "the write queue was full).", ("replica", "kind"))  # fmt: skip
         self.acceptance = Gauge("exaone_mtp_acceptance_rate", "Accepted / drafted MTP tokens "
                                 "at each draft position, since start.",
                                 ("replica", "position"))  # fmt: skip
@@ -94,6 +98,9 @@ class ShardMetrics:
             for result, total in (("local_hit", p.num_local_hits), ("redis_hit", p.num_redis_hits),
                                   ("miss", p.num_misses)):  # fmt: skip
                 self._totals.add(self.prefix, total, {**self.tags, "result": result})
+            for kind, total in (("error", p.num_redis_errors), ("rejected", p.num_corrupt_values),
+                                ("dropped", p.num_redis_writes_dropped)):  # fmt: skip
+                self._totals.add(self.redis_issues, total, {**self.tags, "kind": kind})
         if acceptance is not None:
             for i, (a, d) in enumerate(zip(acceptance.accepted, acceptance.drafted, strict=True)):
                 if d:

@@ -18,6 +18,7 @@ Life of a request (the engine calls these; the scheduler calls ``is_ready``/``ma
 from __future__ import annotations
 
 import contextlib
+import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -46,10 +47,15 @@ class PrefixCacheConfig:
     boundaries), so prompts that share a long prefix without hints still hit."""
     local_snapshot_bytes: int = 256 << 20
     """Bound on the window snapshots kept in this replica (LRU)."""
+    redis_queue_bytes: int = 256 << 20
+    """Bound on the host copies waiting for the Redis write thread; a write that would pass it
+    is dropped (counted in stats: the entry is simply not shared)."""
 
     def __post_init__(self):
-        if self.snapshot_interval_tokens < 0 or self.local_snapshot_bytes < 0:
-            raise ValueError("snapshot_interval_tokens and local_snapshot_bytes must be >= 0")
+        if min(self.snapshot_interval_tokens, self.local_snapshot_bytes,
+               self.redis_queue_bytes) < 0:  # fmt: skip
+            raise ValueError("snapshot_interval_tokens, local_snapshot_bytes and "
+                             "redis_queue_bytes must be >= 0")  # fmt: skip
 
 
 @dataclass
@@ -86,7 +92,8 @@ class PrefixState:
     match: PrefixMatch | None = None
     pinned: bool = False
     redis_blocks: set[int] = field(default_factory=set)
-    """Block indexes Redis already holds (from the lookup): not sent again."""
+    """Block indexes Redis already holds (from the lookup; none for a pinned request, whose
+    writes also clear TTLs) or this request has queued for it: never sent again."""
     settled: bool = False
     """The first match attempt counted a miss / sent Redis what it lacked."""
 
@@ -116,6 +123,10 @@ class PrefixCacheStats:
     redis_bytes_written: int
     num_redis_errors: int
     num_corrupt_values: int
+    num_redis_writes_dropped: int = 0
+    """Redis writes not queued because the write queue held redis_queue_bytes already."""
+    redis_queue_bytes: int = 0
+    """Host bytes queued for the Redis write thread now."""
 
 
 class PrefixCacheManager:
@@ -131,6 +142,9 @@ class PrefixCacheManager:
         self.pinned: list[list[int]] = []  # token ids of pinned prefixes
         self.num_lookups = self.num_local_hits = self.num_redis_hits = 0
         self.num_misses = self.num_cached_tokens = 0
+        self.num_writes_dropped = 0
+        self._queued_bytes = 0  # host copies waiting for the write thread
+        self._queue_lock = threading.Lock()
         cfg = cache.cfg
         kv = (cfg.num_key_value_heads, cfg.head_dim)
         gl, sl = cache.global_layers, cache.sliding_layers
@@ -139,6 +153,7 @@ class PrefixCacheManager:
             fmt.SLIDING: (sl, (2, len(sl), -1, *kv)),
             fmt.PARTIAL: (gl, (2, len(gl), -1, *kv)),
         }
+        self._block_nbytes = 2 * len(gl) * self.bs * kv[0] * kv[1] * torch.finfo(dtype).bits // 8
 
     # ---- admission -----------------------------------------------------------------------------
     def on_add(self, request: Request, hints: tuple[int, ...] = (), pinned: bool = False) -> None:
@@ -218,7 +233,7 @@ class PrefixCacheManager:
         if not state.settled:  # once per request, however often admission is tried
             state.settled = True
             if lookup is not None:
-                state.redis_blocks = lookup.blocks_present
+                state.redis_blocks = set() if state.pinned else set(lookup.blocks_present)
                 self._publish_missing(request, lookup, found)
             if found is None:
                 self.num_misses += 1
@@ -279,7 +294,7 @@ class PrefixCacheManager:
         )
         self.snapshots.put(state.keys[p], snap, snap.nbytes)
         if self.redis is not None:
-            blocks = [i for i in range(nfull) if state.pinned or i not in state.redis_blocks]
+            blocks = [i for i in range(nfull) if i not in state.redis_blocks]
             self._publish(request, p, snap, blocks=blocks, pinned=state.pinned)
 
     def _empty_partial(self) -> torch.Tensor:
@@ -300,22 +315,29 @@ class PrefixCacheManager:
             keys += [self.redis.block_key(n) for n in state.names[: p // self.bs]]
             self.redis.writes.submit(self._quietly, self.redis.persist, keys)
         if source == "local" and (state.pinned or p not in lookup.windows_present):
-            missing = [i for i in range(p // self.bs) if i not in lookup.blocks_present]
-            if state.pinned:
-                missing = list(range(p // self.bs))
+            missing = [i for i in range(p // self.bs) if i not in state.redis_blocks]
             ids = [self.pool.lookup(state.names[i]) for i in missing]
             self._publish(request, p, snap, blocks=missing, pinned=state.pinned, block_ids=ids)
 
     def _publish(self, request: Request, p: int, snap: Snapshot, blocks, pinned: bool,
                  block_ids=None) -> None:  # fmt: skip
-        """Copy what Redis needs now (the blocks may be reused later); encode and send it on the
-        write thread."""
+        """Copy what Redis needs now to the host (the blocks may be reused later); encode and
+        send it on the write thread. Each block goes once per request; nothing is queued past
+        ``redis_queue_bytes`` (the write is dropped and counted)."""
         state = request.prefix
         ids = block_ids or [request.block_ids[i] for i in blocks]
+        size = snap.nbytes + len(blocks) * self._block_nbytes
+        with self._queue_lock:
+            if self._queued_bytes + size > self.config.redis_queue_bytes:
+                self.num_writes_dropped += 1
+                return
+            self._queued_bytes += size
+        state.redis_blocks.update(blocks)
         data = [
-            (state.names[i], self.cache.read_rows(b, self.bs))
+            (state.names[i], self.cache.read_rows(b, self.bs).cpu())
             for i, b in zip(blocks, ids, strict=True)
         ]
+        snap = Snapshot(snap.num_tokens, snap.sliding.cpu(), snap.partial.cpu())
         window_name = state.keys[p]
         gl, sl = self.cache.global_layers, self.cache.sliding_layers
         redis = self.redis
@@ -331,8 +353,12 @@ class PrefixCacheManager:
                 fmt.Section(fmt.PARTIAL, gl, snap.partial),
             ])  # fmt: skip
             # Blocks first: a reader that sees the window finds its blocks.
-            redis.put_many(items, pinned=pinned)
-            redis.put_many([(redis.window_key(window_name), window)], pinned=pinned)
+            try:
+                redis.put_many(items, pinned=pinned)
+                redis.put_many([(redis.window_key(window_name), window)], pinned=pinned)
+            finally:
+                with self._queue_lock:
+                    self._queued_bytes -= size
 
         redis.writes.submit(self._quietly, send)
 
@@ -429,6 +455,8 @@ class PrefixCacheManager:
             redis_bytes_written=r.bytes_written if r else 0,
             num_redis_errors=r.num_errors if r else 0,
             num_corrupt_values=r.num_corrupt if r else 0,
+            num_redis_writes_dropped=self.num_writes_dropped,
+            redis_queue_bytes=self._queued_bytes,
         )
 
     def wait_writes(self, timeout_s: float = 10.0) -> None:

@@ -4,6 +4,7 @@ loopback port. Engines run in-process; each fresh engine stands for a fresh atte
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 
@@ -239,3 +240,42 @@ def test_pinned_prompts_survive_ttl_expiry(tiny, replicas, rds):
     assert tokens == want[0] and cached == 40
     tokens, cached, _, _ = _run(replicas.new(ttl_s=1), other_prompts[1], _params(40))
     assert tokens == want[1] and cached == 0  # expired
+
+
+def test_each_block_is_written_once_per_request(make_ckpt, server, rds, report):
+    """A 4,096-token prompt with a snapshot every 512 tokens: 8 boundaries, each sending only
+    the blocks the earlier ones did not (it used to send all 32 blocks of 512 tokens again at
+    every boundary: 4.5x the blocks). Bytes written <= 1.1x the bytes Redis ends up holding."""
+    path = make_ckpt("tiny", max_position_embeddings=8192)
+    model = ExaoneMoeForCausalLM.from_pretrained(path, dtype=torch.float32, include_mtp=False)
+    r = Replicas((path, model), server.url)
+    try:
+        engine = r.new(interval=512, max_model_len=8192)
+        prompt = [random.Random(4).randrange(1, 1000) for _ in range(4096)]
+        _run(engine, prompt, SamplingParams(temperature=0.0, max_tokens=1))
+        stats = engine.prefix.stats()
+        stored = sum(rds.strlen(k) for k in rds.keys("*"))
+        assert len(rds.keys("*:w:*")) == 8  # a window at 512, 1024, ..., 4096
+    finally:
+        r.close()
+    report(f"4,096-token prompt, boundary every 512: {stats.redis_bytes_written} bytes written, "
+           f"{stored} stored ({stats.redis_bytes_written / stored:.3f}x)")  # fmt: skip
+    assert stored <= stats.redis_bytes_written <= 1.1 * stored
+
+
+def test_a_full_write_queue_drops_writes_and_counts_them(tiny, replicas, rds):
+    """redis_queue_bytes bounds the host copies waiting for Redis: past it a write is dropped
+    (counted), nothing half-written, and outputs do not change."""
+    _, prompts = _chat(45, 2, seed=31)
+    params = _params(45)
+    want = _reference(tiny, prompts, params)
+    engine = replicas.new()
+    engine.prefix.config = dataclasses.replace(engine.prefix.config, redis_queue_bytes=1024)
+    assert _run(engine, prompts[0], params)[0] == want[0]
+    stats = engine.prefix.stats()
+    assert stats.num_redis_writes_dropped >= 1 and stats.redis_queue_bytes == 0
+    assert rds.keys("*") == [] and stats.redis_bytes_written == 0
+    roomy = replicas.new()  # the default bound: written, and the next replica hits
+    assert _run(roomy, prompts[0], params)[0] == want[0]
+    assert roomy.prefix.stats().num_redis_writes_dropped == 0 and rds.keys("*")
+    assert _run(replicas.new(), prompts[1], params)[:2] == (want[1], 45)
