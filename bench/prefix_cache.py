@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import secrets
 import statistics
 import sys
 import time
@@ -37,6 +38,8 @@ from replicas.prefix_manager import PrefixCacheConfig  # noqa: E402
 from replicas.redis_tier import RedisTier  # noqa: E402
 from replicas.sampling_params import SamplingParams  # noqa: E402
 
+MAC_KEY = secrets.token_hex(32)  # this run's engines share it, as one cluster's replicas do
+
 
 def make_engine(model, path, dtype: str, redis_url: str | None, max_len: int,
                 cache: bool = True) -> LLMEngine:  # fmt: skip
@@ -45,7 +48,7 @@ def make_engine(model, path, dtype: str, redis_url: str | None, max_len: int,
         max_num_batched_tokens=2048, max_num_seqs=64, kv_cache_bytes=4 << 30,
         max_model_len=max_len, prefix_cache=PrefixCacheConfig(fp) if cache else None,
     )  # fmt: skip
-    tier = RedisTier(redis_url, f"exaone:{fp}") if cache and redis_url else None
+    tier = RedisTier(redis_url, f"exaone:{fp}", mac_key=MAC_KEY) if cache and redis_url else None
     return LLMEngine(model, config, redis=tier)
 
 

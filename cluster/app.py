@@ -448,7 +448,7 @@ def _prefix_cache(config: ClusterConfig):
     """-> (PrefixCacheConfig | None, RedisTier | None, pinned prefixes as token ids)."""
     from replicas.fingerprint import model_fingerprint
     from replicas.prefix_manager import PrefixCacheConfig
-    from replicas.redis_tier import RedisTier
+    from replicas.redis_tier import MAC_KEY_ENV, REDIS_PASSWORD_ENV, RedisTier
     from router.requests import system_prefix_ids
     from router.tokenizer import Tokenizer
 
@@ -461,9 +461,15 @@ def _prefix_cache(config: ClusterConfig):
     prefix = PrefixCacheConfig(fp, pc.snapshot_interval_tokens, pc.local_snapshot_bytes)
     redis = None
     if pc.redis_url:
+        mac_key = os.environ.get(MAC_KEY_ENV)
+        if not mac_key:
+            raise ValueError(f"prefix_cache.redis_url is set but {MAC_KEY_ENV} is not: values in "
+                             "Redis are authenticated with a secret every attention replica "
+                             "shares; set it in their environment (the Helm chart does, from a "
+                             "Secret; exaone-cluster serve generates one)")  # fmt: skip
         redis = RedisTier(
-            pc.redis_url, f"exaone:{fp}", ttl_s=pc.ttl_s,
-            password=pc.redis_password or os.environ.get("EXAONE_REDIS_PASSWORD"),
+            pc.redis_url, f"exaone:{fp}", mac_key=mac_key, ttl_s=pc.ttl_s,
+            password=pc.redis_password or os.environ.get(REDIS_PASSWORD_ENV),
             ssl_ca_certs=pc.redis_tls_ca_file, timeout_s=pc.redis_timeout_s,
         )  # fmt: skip
     pinned = []

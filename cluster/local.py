@@ -7,6 +7,7 @@ nodes must advertise their pod IPs (the Helm chart starts Ray itself).
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -60,7 +61,12 @@ def start_local(
     metrics_port: int | None = None,
 ) -> LocalCluster:
     """Start Ray + Serve + the app; return once the model answers a health check."""
+    from replicas.redis_tier import MAC_KEY_ENV
+
     os.environ.update(LOCAL_ENV)
+    # The prefix cache's Redis values are sealed with a secret the replicas share: this
+    # machine's replicas inherit one made now (an existing one, e.g. from a Secret, wins).
+    os.environ.setdefault(MAC_KEY_ENV, secrets.token_hex(32))
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions

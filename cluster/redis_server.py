@@ -69,12 +69,27 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _read_until(s: socket.socket, marker: bytes, limit: int = 256) -> bytes:
+    data = b""
+    while marker not in data and len(data) < limit:
+        chunk = s.recv(64)
+        if not chunk:
+            break
+        data += chunk
+        if data.startswith(b"-"):  # an error reply
+            break
+    return data
+
+
 class RedisServer:
     """``with RedisServer() as r: r.url``; ``stop()`` / ``start()`` again on the same port."""
 
     def __init__(
-        self, port: int | None = None, maxmemory: str = "256mb", binary: str | None = None
-    ):
+        self, port: int | None = None, maxmemory: str = "256mb", binary: str | None = None,
+        password: str | None = None,
+    ):  # fmt: skip
+        """``password``: clients must AUTH with it; it reaches redis-server on its standard
+        input (a config read from "-"), never on its command line."""
         self.binary = binary or find_redis_server()
         if self.binary is None:
             raise FileNotFoundError(
@@ -83,6 +98,11 @@ class RedisServer:
             )
         self.port = port or free_port()
         self.maxmemory = maxmemory
+        if password is not None and (not password or any(c in password for c in '"\\')
+                                     or not password.isprintable() or " " in password):
+            raise ValueError("password: use printable characters without spaces, quotes or "
+                             "backslashes (e.g. secrets.token_urlsafe())")  # fmt: skip
+        self.password = password
         self.proc: subprocess.Popen | None = None
         self._dir = tempfile.mkdtemp(prefix="exaone-redis-")
 
@@ -92,12 +112,18 @@ class RedisServer:
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         args = [
-            self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+            self.binary, "-", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
             "--appendonly", "no", "--dir", self._dir, "--maxmemory", self.maxmemory,
             "--maxmemory-policy", "volatile-lru", "--protected-mode", "yes",
         ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE,
                                      preexec_fn=_die_with_parent)  # fmt: skip
+        config = f'requirepass "{self.password}"\n' if self.password else ""
+        self.proc.stdin.write(config.encode())
+        self.proc.stdin.close()  # redis-server reads "-" to its end, then starts
+        pw = self.password
+        hello = (f"*2\r\n$4\r\nAUTH\r\n${len(pw)}\r\n{pw}\r\n" if pw else "") + "PING\r\n"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -105,8 +131,8 @@ class RedisServer:
                 raise RuntimeError(f"redis-server exited ({self.proc.returncode}): {err[-500:]}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    s.sendall(hello.encode())
+                    if b"+PONG" in _read_until(s, b"PONG"):
                         return self
             except OSError:
                 time.sleep(0.02)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import signal
 import sys
 import threading
@@ -98,15 +100,20 @@ def start_redis(config):
         print(f"prefix cache: local + Redis at {where}", flush=True)
         return None, config
     from cluster.redis_server import RedisServer, find_redis_server
+    from replicas.redis_tier import REDIS_PASSWORD_ENV
 
     if find_redis_server() is None:
         print("prefix cache: local only, per replica (no redis-server found; set "
               "prefix_cache.redis_url to share it across replicas)", flush=True)  # fmt: skip
         return None, config
-    server = RedisServer(maxmemory=pc.local_redis_maxmemory).start()
+    # A password of its own, for this run: the replicas read it from their environment
+    # (inherited from this process), so it is on no command line and in no Serve config.
+    password = secrets.token_urlsafe(24)
+    server = RedisServer(maxmemory=pc.local_redis_maxmemory, password=password).start()
+    os.environ[REDIS_PASSWORD_ENV] = password
     print(f"prefix cache: local + redis-server at 127.0.0.1:{server.port} (pid "
           f"{server.proc.pid}, no persistence, maxmemory {pc.local_redis_maxmemory}, "
-          "volatile-lru)", flush=True)  # fmt: skip
+          "volatile-lru, password required)", flush=True)  # fmt: skip
     prefix = pc.model_copy(update={"redis_url": server.url})
     return server, config.model_copy(update={"prefix_cache": prefix})
 

@@ -407,7 +407,8 @@ class PrefixCacheManager:
             return None  # evicted between EXISTS and GET: a miss
         snap, fetched, corrupt = None, {}, False
         try:
-            num, win = fmt.decode(values[0], fmt.KIND_WINDOW, self.dtype, self._expect_window)
+            payload = redis.open(keys[0], values[0])
+            num, win = fmt.decode(payload, fmt.KIND_WINDOW, self.dtype, self._expect_window)
             n_rows = len(self.cache.ring_rows(p))
             if (
                 num != p
@@ -422,7 +423,8 @@ class PrefixCacheManager:
             corrupt = True
         for i, key, value in zip(need, keys[1:], values[1:], strict=True):
             try:
-                _, sec = fmt.decode(value, fmt.KIND_BLOCK, self.dtype, self._expect_block)
+                payload = redis.open(key, value)
+                _, sec = fmt.decode(payload, fmt.KIND_BLOCK, self.dtype, self._expect_block)
                 fetched[i] = sec[fmt.GLOBAL]
             except fmt.CorruptValueError:
                 redis.discard_corrupt(key)

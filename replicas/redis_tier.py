@@ -11,12 +11,19 @@ evicts only keys that have a TTL, so pinned prompts stay until deleted.
 Any Redis trouble counts as an error and the lookup is a miss (or the write is dropped); after
 a connection error the tier stays quiet for ``retry_interval_s`` and then tries again, so a
 dead server costs one timeout, not one per request.
+
+Every value is sealed with a keyed MAC (BLAKE2b-256 over the Redis key and the value, keyed by
+a secret every replica shares: ``EXAONE_PREFIX_CACHE_KEY``). Whoever can write to Redis without
+the secret cannot plant K/V state that changes other callers' outputs: a value whose MAC does
+not verify is counted, deleted and recomputed like a corrupt one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import logging
 import threading
 import time
@@ -27,7 +34,13 @@ from dataclasses import dataclass
 import redis
 from redis import exceptions as redis_errors
 
+from replicas.kv_format import CorruptValueError
+
 log = logging.getLogger(__name__)
+
+MAC_KEY_ENV = "EXAONE_PREFIX_CACHE_KEY"
+REDIS_PASSWORD_ENV = "EXAONE_REDIS_PASSWORD"  # when prefix_cache.redis_password is not set
+MAC_BYTES = 32
 
 # Extend the TTL of keys that have one (pinned keys have none and keep none).
 _REFRESH = """
@@ -47,7 +60,7 @@ class RedisTierStats:
     num_errors: int = 0
     """Failed Redis calls (connection, timeout, out of memory) and corrupt values."""
     num_corrupt: int = 0
-    """Values that failed their checksum or shape checks (ignored, deleted, recomputed)."""
+    """Values that failed their MAC, checksum or shape checks (ignored, deleted, recomputed)."""
     available: bool = True
 
 
@@ -60,12 +73,20 @@ class RedisTier:
         self,
         url: str,
         namespace: str,
+        mac_key: str | bytes,
         ttl_s: int = 3600,
         password: str | None = None,
         ssl_ca_certs: str | None = None,
         timeout_s: float = 1.0,
         retry_interval_s: float = 1.0,
     ):
+        """``mac_key``: the secret every replica sharing this Redis seals its values with (any
+        non-empty string; replicas with another key read each other's values as corrupt)."""
+        if not mac_key:
+            raise ValueError(f"the Redis tier needs a MAC key: set {MAC_KEY_ENV} to a secret "
+                             "shared by every attention replica")  # fmt: skip
+        secret = mac_key.encode() if isinstance(mac_key, str) else bytes(mac_key)
+        self._mac_key = hashlib.sha256(b"exaone-prefix-cache-mac\0" + secret).digest()
         kwargs = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
         if password is not None:
             kwargs["password"] = password
@@ -86,6 +107,26 @@ class RedisTier:
 
     def window_key(self, name: bytes) -> str:
         return f"{self.namespace}:w:{name.hex()}"
+
+    # ---- sealing -------------------------------------------------------------------------------
+    def _mac(self, key: str, payload: bytes) -> bytes:
+        h = hashlib.blake2b(key=self._mac_key, digest_size=MAC_BYTES)
+        name = key.encode()
+        h.update(len(name).to_bytes(4, "little") + name)  # a value is bound to its key
+        h.update(payload)
+        return h.digest()
+
+    def seal(self, key: str, payload: bytes) -> bytes:
+        """What is stored at ``key``: the MAC, then the payload."""
+        return self._mac(key, payload) + payload
+
+    def open(self, key: str, value: bytes) -> bytes:
+        """The payload of a value read at ``key``; CorruptValueError if its MAC does not verify
+        (written without the secret, moved from another key, or damaged)."""
+        mac, payload = value[:MAC_BYTES], value[MAC_BYTES:]
+        if len(mac) != MAC_BYTES or not hmac.compare_digest(mac, self._mac(key, payload)):
+            raise CorruptValueError(f"value at {key} fails its MAC")
+        return payload
 
     # ---- calls (run them on self.reads / self.writes) ------------------------------------------
     def _call(self, fn):
@@ -135,9 +176,10 @@ class RedisTier:
             self._call(lambda: self._refresh(keys=list(keys), args=[self.ttl_s]))
 
     def put_many(self, items: Sequence[tuple[str, bytes]], pinned: bool = False) -> None:
-        """One SET per key (each value lands whole or not at all)."""
+        """One SET per key (each value lands whole or not at all), sealed."""
         if not items:
             return
+        items = [(key, self.seal(key, payload)) for key, payload in items]
 
         def run():
             pipe = self.client.pipeline(transaction=False)

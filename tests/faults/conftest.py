@@ -25,6 +25,7 @@ from cluster.local import wait_serving
 from cluster.loopback import HOOK
 from cluster.redis_server import RedisServer
 from replicas.fault_injection import ENV as FAULT_INJECTION
+from replicas.redis_tier import MAC_KEY_ENV
 from router.client import Completion, GenerationClient
 from tests.integration.conftest import colocated_reference, free_port
 
@@ -44,6 +45,7 @@ class Nodes:
 def nodes(served_ckpt):
     before = os.environ.get(FAULT_INJECTION)
     os.environ[FAULT_INJECTION] = "1"  # inherited by every node the harness starts
+    os.environ.setdefault(MAC_KEY_ENV, "fault-tier-secret")  # shared by every replica
     redis = RedisServer().start()
     cluster = Cluster(initialize_head=True, head_node_args={
         **LOOPBACK, "num_cpus": 1, "resources": {"exaone_ingress": 4}})  # fmt: skip

