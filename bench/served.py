@@ -240,7 +240,7 @@ def engine_config(config: ClusterConfig):
     if pc.enabled:
         fingerprint = model_fingerprint(config.model_path, config.dtype, pc.revision)
         prefix = PrefixCacheConfig(fingerprint, pc.snapshot_interval_tokens,
-                                   pc.local_snapshot_bytes)  # fmt: skip
+                                   pc.local_snapshot_bytes, pc.redis_queue_bytes)  # fmt: skip
     return EngineConfig(max_num_batched_tokens=e.max_num_batched_tokens,
                         max_num_seqs=e.max_num_seqs, block_size=e.block_size,
                         kv_cache_bytes=e.kv_cache_bytes, max_model_len=e.max_model_len,

@@ -458,7 +458,8 @@ def _prefix_cache(config: ClusterConfig):
     fp = model_fingerprint(config.model_path, config.dtype, pc.revision)
     if config.engine.num_speculative_tokens:
         fp += "-mtp"  # its snapshots also hold the MTP layer's rows: a layout of their own
-    prefix = PrefixCacheConfig(fp, pc.snapshot_interval_tokens, pc.local_snapshot_bytes)
+    prefix = PrefixCacheConfig(fp, pc.snapshot_interval_tokens, pc.local_snapshot_bytes,
+                               pc.redis_queue_bytes)  # fmt: skip
     redis = None
     if pc.redis_url:
         mac_key = os.environ.get(MAC_KEY_ENV)
@@ -515,7 +516,9 @@ class RouterDeployment:
         self.metrics = RouterMetrics()
         self.server = await start_ingress(r.grpc_host, r.grpc_port, self.service, self.healthy,
                                           self.metrics, r.max_request_bytes,
-                                          r.max_ongoing_requests, r.request_timeout_s)  # fmt: skip
+                                          r.max_ongoing_requests, r.request_timeout_s,
+                                          tls=(r.tls_cert_file, r.tls_key_file)
+                                          if r.tls_cert_file else None)  # fmt: skip
         _serve_log.info("Router serving gRPC at %s:%d", r.grpc_host, r.grpc_port)
 
     async def healthy(self, tries: int = 3) -> bool:

@@ -14,6 +14,8 @@ CHAT_MAX_TOKENS = 1024
 
 def add_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
     p.add_argument("--address", default="127.0.0.1:9000", help="gRPC address HOST:PORT")
+    p.add_argument("--tls-ca", metavar="FILE",
+                   help="connect over TLS, trusting this PEM CA bundle")  # fmt: skip
     if chat:
         p.add_argument("message", nargs="?", help="user message (default: read turns from stdin)")
         p.add_argument("--system", help="system message")
@@ -124,7 +126,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.token_ids is None):
         print("error: give a prompt or --token-ids (not both)", file=sys.stderr)
         return 2
-    with GenerationClient(args.address) as client:
+    with GenerationClient(args.address, tls_ca_file=args.tls_ca) as client:
         try:
             if args.token_ids is not None:
                 _run_one(client, args, token_ids=_ids(args.token_ids, "--token-ids"))
@@ -143,7 +145,7 @@ def run_chat(args: argparse.Namespace) -> int:
     history = [{"role": "system", "content": args.system}] if args.system else []
     thinking = False if args.no_thinking else None
     turns = [args.message] if args.message is not None else None
-    with GenerationClient(args.address) as client:
+    with GenerationClient(args.address, tls_ca_file=args.tls_ca) as client:
         while True:
             if turns is not None:
                 if not turns:

@@ -267,6 +267,16 @@ class RouterOptions(_Strict):
         description="How long one Generate stream may run before it ends DEADLINE_EXCEEDED "
         "and its request is aborted (null: no limit).",
     )
+    tls_cert_file: str | None = Field(
+        None, description="PEM certificate chain: the gRPC port serves TLS (with tls_key_file)."
+    )
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self):
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("router.tls_cert_file and router.tls_key_file go together")
+        return self
 
 
 class PrefixCacheOptions(_Strict):
@@ -291,6 +301,10 @@ class PrefixCacheOptions(_Strict):
     )
     local_snapshot_bytes: int = Field(
         256 << 20, ge=0, description="Window snapshots kept per replica (LRU)."
+    )
+    redis_queue_bytes: int = Field(
+        256 << 20, ge=0, description="Host copies waiting for the Redis write thread; past it a "
+        "write is dropped (counted).",
     )
     local_redis_maxmemory: str = Field(
         "1gb", description="maxmemory of the redis-server `serve` starts (volatile-lru)."

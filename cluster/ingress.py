@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -122,8 +123,10 @@ async def start_ingress(
     max_message_bytes: int = 4 << 20,
     max_streams: int | None = None,
     timeout_s: float | None = None,
+    tls: tuple[str, str] | None = None,
 ) -> grpc.aio.Server:
-    """Serve the public API on host:port (shared with other replicas on this node)."""
+    """Serve the public API on host:port (shared with other replicas on this node); with
+    ``tls`` (certificate chain file, private key file: PEM) over TLS only."""
     # Room above max_request_bytes, so an oversized request gets our INVALID_ARGUMENT message
     # (which names the limit) rather than gRPC's own RESOURCE_EXHAUSTED.
     limit = 2 * max_message_bytes + (1 << 20)
@@ -141,7 +144,13 @@ async def start_ingress(
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(names, server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
+    if tls is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        cert, key = (Path(f).read_bytes() for f in tls)
+        credentials = grpc.ssl_server_credentials([(key, cert)])
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
+    if bound == 0:
         raise OSError(f"cannot listen on {host}:{port} for gRPC")
     await server.start()
     return server

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -163,14 +164,22 @@ class GenerationClient:
         address: str = "127.0.0.1:9000",
         timeout_s: float | None = None,
         application: str | None = None,
+        tls_ca_file: str | None = None,
     ):
-        """``application``: the Serve application to call when several are deployed."""
+        """``application``: the Serve application to call when several are deployed;
+        ``tls_ca_file``: connect over TLS, trusting this PEM CA bundle (a server with
+        router.tls_cert_file)."""
         self.address, self.timeout_s = address, timeout_s
         self.metadata = (("application", application),) if application else None
         # A Tokenize (ids and text) or prompt_logprobs answer to a prompt near the server's
         # 4 MiB request limit is larger than gRPC's default 4 MiB receive limit.
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", RECEIVE_LIMIT_BYTES)])  # fmt: skip
+        options = [("grpc.max_receive_message_length", RECEIVE_LIMIT_BYTES)]
+        if tls_ca_file is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            ca = Path(tls_ca_file).read_bytes()
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+            self.channel = grpc.secure_channel(address, credentials, options=options)
         self.stub = pb_grpc.GenerationStub(self.channel)
 
     def stream(self, prompt: str | None = None, *, timeout_s: float | None = None,

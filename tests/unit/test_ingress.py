@@ -89,3 +89,38 @@ def test_stream_limit_and_timeout(case):
         assert "router.request_timeout_s" in cut[2]
         assert 0 < len(cut[0]) < 100
         assert service.closed == 1  # the request's stream was closed (the engine aborts it)
+
+
+def test_tls_port_serves_only_tls(tmp_path):
+    """router.tls_cert_file / tls_key_file: the port speaks TLS; a client trusting the CA
+    (router.client's tls_ca_file) streams, a plaintext client does not get through."""
+    import subprocess
+
+    from router.client import GenerationClient
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)  # fmt: skip
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+
+    async def main():
+        service = SlowService(count=3, interval_s=0.01)
+        server = await start_ingress("127.0.0.1", port, service, _healthy,
+                                     tls=(str(cert), str(key)))  # fmt: skip
+        try:
+            plain = await _stream(address)
+
+            def secure():
+                with GenerationClient(address, timeout_s=30, tls_ca_file=str(cert)) as c:
+                    return [r.delta.token_ids[0] for r in c.stream(token_ids=[1])]
+
+            return plain, await asyncio.to_thread(secure)
+        finally:
+            await server.stop(None)
+
+    plain, secure = asyncio.run(asyncio.wait_for(main(), 60))
+    assert plain[1] == grpc.StatusCode.UNAVAILABLE and not plain[0]
+    assert secure == [0, 1, 2]
