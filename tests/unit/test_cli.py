@@ -23,7 +23,7 @@ class _FakeClient:
     def __init__(self, answers: list[str]):
         self.answers = answers
 
-    def __call__(self, address: str) -> _FakeClient:
+    def __call__(self, address: str, tls_ca_file: str | None = None) -> _FakeClient:
         return self
 
     def __enter__(self) -> _FakeClient:
