@@ -16,9 +16,96 @@ app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
-{{/* The Redis password Secret's name and key. */}}
+{{/* The Redis password Secret's name (its key: redis.password.key). */}}
 {{- define "exaone.redisSecret" -}}
 {{- default (printf "%s-redis" (include "exaone.fullname" .)) .Values.redis.password.existingSecret -}}
+{{- end -}}
+
+{{/* Whether the chart creates the Redis password Secret: for the bundled Redis (with
+redis.password.value, or a generated password), or for an external Redis with a value. */}}
+{{- define "exaone.redisSecretCreated" -}}
+{{- if and (not .Values.redis.password.existingSecret) (or .Values.redis.enabled .Values.redis.password.value) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Whether the Ray pods get a Redis password (EXAONE_REDIS_PASSWORD) from a Secret. */}}
+{{- define "exaone.redisPasswordSet" -}}
+{{- if or .Values.redis.password.existingSecret (include "exaone.redisSecretCreated" .) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The prefix cache MAC key Secret's name (its key: prefixCache.macKey.key). */}}
+{{- define "exaone.macKeySecret" -}}
+{{- default (printf "%s-prefix-cache" (include "exaone.fullname" .)) .Values.prefixCache.macKey.existingSecret -}}
+{{- end -}}
+
+{{/* The Ray auth token Secret's name. KubeRay reads the token from its key "auth_token" (for
+its own dashboard requests) and sets RAY_AUTH_TOKEN from it in every Ray container. */}}
+{{- define "exaone.rayAuthSecret" -}}
+{{- default (printf "%s-ray-auth" (include "exaone.fullname" .)) .Values.rayAuth.existingSecret -}}
+{{- end -}}
+
+{{/* A value for a chart-made Secret's data, base64: `value` if given, else the one the Secret
+already holds in the cluster (`lookup`: kept across upgrades), else `length` random
+alphanumerics. (`helm template` and --dry-run cannot look up: they show a new random value.) */}}
+{{- define "exaone.secretData" -}}
+{{- if .value -}}
+{{- .value | b64enc -}}
+{{- else -}}
+{{- $existing := lookup "v1" "Secret" .root.Release.Namespace .name -}}
+{{- $data := dig "data" (dict) (default (dict) $existing) -}}
+{{- $old := index $data .key -}}
+{{- if $old -}}
+{{- $old -}}
+{{- else -}}
+{{- randAlphaNum (int .length) | b64enc -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where the gRPC TLS Secret (grpc.tls.secretName) is mounted in the head's Ray container. */}}
+{{- define "exaone.grpcTlsDir" -}}
+/etc/exaone/grpc-tls
+{{- end -}}
+
+{{/* Pod security context: the values' podSecurityContext, with the RuntimeDefault seccomp
+profile unless it names one. */}}
+{{- define "exaone.podSecurityContext" -}}
+{{- $context := deepCopy (default (dict) .) -}}
+{{- if not $context.seccompProfile -}}
+{{- $_ := set $context "seccompProfile" (dict "type" "RuntimeDefault") -}}
+{{- end -}}
+{{- toYaml $context -}}
+{{- end -}}
+
+{{/* Security context of every container the chart renders: read-only root filesystem (writes
+go to emptyDir volumes), no privilege escalation, no capabilities. */}}
+{{- define "exaone.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+{{- end -}}
+
+{{/* Environment that keeps every cache of a Ray container under /tmp (an emptyDir; the root
+filesystem is read-only): our C kernels' build cache (replicas/cpu_kernels.py), Triton's
+kernel cache, the CUDA driver's JIT cache, and everything that follows XDG (Hugging Face,
+vLLM, torch). */}}
+{{- define "exaone.cacheEnv" -}}
+- name: XDG_CACHE_HOME
+  value: /tmp/.cache
+- name: XDG_CONFIG_HOME
+  value: /tmp/.config
+- name: EXAONE_KERNEL_CACHE
+  value: /tmp/.cache/exaone-cluster/kernels
+- name: TRITON_HOME
+  value: /tmp
+- name: TRITON_CACHE_DIR
+  value: /tmp/.triton/cache
+- name: CUDA_CACHE_PATH
+  value: /tmp/.nv/ComputeCache
 {{- end -}}
 
 {{/* The prefix cache's Redis URL (no password: pods read it from the Secret). */}}
