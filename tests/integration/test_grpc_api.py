@@ -259,6 +259,26 @@ def test_large_prompts_are_prepared_off_the_event_loop(client, served_ckpt):
     assert client.generate(token_ids=[5, 6, 7], max_tokens=3).usage["completion_tokens"] == 3
 
 
+def test_a_64_mib_request_is_refused_before_it_is_parsed(cluster, client):
+    """The Router's gRPC server takes at most 2 x router.max_request_bytes + 1 MiB: a 64 MiB
+    request ends RESOURCE_EXHAUSTED in gRPC itself (not read into a message, never reaching
+    the service), and the server keeps serving."""
+    from protos.exaone.v1 import generation_pb2 as pb
+
+    channel = grpc.insecure_channel(cluster.grpc_address,
+                                    options=[("grpc.max_send_message_length", -1)])  # fmt: skip
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in pb_grpc.GenerationStub(channel).Generate(
+                    pb.GenerateRequest(text="x" * (64 << 20)), timeout=120):  # fmt: skip
+                pass
+    finally:
+        channel.close()
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in e.value.details()
+    assert client.generate(token_ids=[5, 6, 7], max_tokens=3).usage["completion_tokens"] == 3
+
+
 def test_every_listener_is_on_loopback(cluster):
     found = listening_addresses(descendants(os.getpid()))
     assert found, "no listening sockets found for the Ray processes"
