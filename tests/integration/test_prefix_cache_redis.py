@@ -178,12 +178,17 @@ def test_corrupt_values_are_detected_ignored_and_recomputed(tiny, replicas, rds,
         bad = value[: len(value) - 7] if damage == "truncate" else (
             value[:60] + bytes([value[60] ^ 1]) + value[61:])  # fmt: skip
         rds.set(key, bad)
+    _rejected_then_rewritten(replicas, prompts, params, want)
+
+
+def _rejected_then_rewritten(replicas, prompts, params, want) -> None:
+    """A fresh replica rejects every bad value (a miss, counted), computes prompts[1] itself;
+    its writes replace them, so the next replica hits on prompts[2]."""
     fresh = replicas.new()
     tokens, cached, _, _ = _run(fresh, prompts[1], params)
     assert tokens == want[1] and cached == 0
     stats = fresh.prefix.stats()
     assert stats.num_corrupt_values >= 1 and stats.num_redis_hits == 0
-    # The bad key was dropped and written again by the recompute: the next replica hits.
     tokens, cached, _, _ = _run(replicas.new(), prompts[2], params)
     assert tokens == want[2] and cached == 45
 
@@ -305,13 +310,7 @@ def test_values_written_without_the_key_are_rejected_and_recomputed(tiny, replic
         forged = bytes(body) + fmt._checksum(bytes(body))
         rds.set(key, forged if seal == "none" else attacker.seal(key.decode(), forged))
     attacker.close()
-    fresh = replicas.new()
-    tokens, cached, _, _ = _run(fresh, prompts[1], params)
-    assert tokens == want[1] and cached == 0
-    stats = fresh.prefix.stats()
-    assert stats.num_corrupt_values >= 1 and stats.num_redis_hits == 0
-    tokens, cached, _, _ = _run(replicas.new(), prompts[2], params)
-    assert tokens == want[2] and cached == 45
+    _rejected_then_rewritten(replicas, prompts, params, want)
 
 
 def test_serve_starts_its_redis_server_with_a_generated_password(tiny, monkeypatch):
