@@ -34,6 +34,14 @@ RESOURCES = _obj({
 SERVICE = _obj({"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "port": PORT})
 PLACEMENT = {"nodeSelector": {"type": "object", "additionalProperties": STRING},
              "tolerations": {"type": "array", "items": {"type": "object"}}}  # fmt: skip
+LABELS = {"type": "object", "additionalProperties": STRING}
+# A NetworkPolicy peer (the rendered policy is checked by the API server; this catches typos).
+PEER = {**_obj({"podSelector": {"type": "object"}, "namespaceSelector": {"type": "object"},
+                "ipBlock": _obj({"cidr": STRING, "except": {"type": "array", "items": STRING}},
+                                ("cidr",))}),
+        "minProperties": 1}  # fmt: skip
+# Pods by namespace and labels (empty: any).
+PODS = _obj({"namespace": STRING, "podLabels": LABELS})
 
 
 def _workers() -> dict[str, Any]:
@@ -65,6 +73,8 @@ def values_schema() -> dict[str, Any]:
                       ("repository", "tag")),
         "imagePullSecrets": {"type": "array", "items": _obj({"name": STRING}, ("name",))},
         "rayVersion": STRING,
+        "rayAuth": _obj({"enabled": BOOL, "existingSecret": STRING}),
+        "prefixCache": _obj({"macKey": _obj({"existingSecret": STRING, "key": STRING})}),
         "model": _obj({
             "mountPath": STRING,
             "pvc": _obj({"existingClaim": STRING, "create": BOOL, "size": STRING,
@@ -76,7 +86,8 @@ def values_schema() -> dict[str, Any]:
                            "env": {"type": "array", "items": {"type": "object"}}}),
         }, ("mountPath",)),
         "config": config,
-        "grpc": _obj({"port": PORT, "service": SERVICE}),
+        "grpc": _obj({"port": PORT, "service": SERVICE,
+                      "tls": _obj({"secretName": STRING})}),
         "dashboard": _obj({"service": SERVICE}),
         "head": _obj({"resources": RESOURCES, **PLACEMENT}),
         "attentionWorkers": _workers(),
@@ -92,10 +103,10 @@ def values_schema() -> dict[str, Any]:
         }),
         "gcsFaultTolerance": _obj({"enabled": BOOL, "redisAddress": STRING,
                                    "passwordSecret": _obj({"name": STRING, "key": STRING})}),
-        "serviceMonitor": _obj({"enabled": BOOL, "interval": STRING,
-                                "labels": {"type": "object", "additionalProperties": STRING}}),
+        "serviceMonitor": _obj({"enabled": BOOL, "interval": STRING, "labels": LABELS}),
         "podDisruptionBudget": _obj({"enabled": BOOL, "maxUnavailable": COUNT}),
-        "networkPolicy": _obj({"enabled": BOOL}),
+        "networkPolicy": _obj({"enabled": BOOL, "grpcFrom": {"type": "array", "items": PEER},
+                               "kuberayOperator": PODS, "prometheus": PODS}),
         "podSecurityContext": {"type": "object"},
     })  # fmt: skip
     schema["$schema"] = "http://json-schema.org/draft-07/schema#"

@@ -89,15 +89,21 @@ capabilities:
   drop: [ALL]
 {{- end -}}
 
+{{/* XDG cache and config directories under /tmp (an emptyDir: the root filesystem is
+read-only). */}}
+{{- define "exaone.xdgEnv" -}}
+- name: XDG_CACHE_HOME
+  value: /tmp/.cache
+- name: XDG_CONFIG_HOME
+  value: /tmp/.config
+{{- end -}}
+
 {{/* Environment that keeps every cache of a Ray container under /tmp (an emptyDir; the root
 filesystem is read-only): our C kernels' build cache (replicas/cpu_kernels.py), Triton's
 kernel cache, the CUDA driver's JIT cache, and everything that follows XDG (Hugging Face,
 vLLM, torch). */}}
 {{- define "exaone.cacheEnv" -}}
-- name: XDG_CACHE_HOME
-  value: /tmp/.cache
-- name: XDG_CONFIG_HOME
-  value: /tmp/.config
+{{ include "exaone.xdgEnv" . }}
 - name: EXAONE_KERNEL_CACHE
   value: /tmp/.cache/exaone-cluster/kernels
 - name: TRITON_HOME
@@ -131,8 +137,10 @@ many Router replicas fit there (they share the gRPC port with SO_REUSEPORT). */}
 
 {{/* ClusterConfig for build_app: the values' config with model_path, the Redis URL and the
 Router's gRPC server (listening on every address of the head pod, on grpc.port, placed on the
-head by its custom resource). Router fields set in config.router win over these defaults,
-except grpc_port, which must equal grpc.port (the container port, Service and NetworkPolicy). */}}
+head by its custom resource; with grpc.tls.secretName, serving TLS with the mounted tls.crt and
+tls.key). Router fields set in config.router win over these defaults, except grpc_port, which
+must equal grpc.port (the container port, Service and NetworkPolicy), and tls_cert_file /
+tls_key_file, which go with grpc.tls.secretName. */}}
 {{- define "exaone.clusterConfig" -}}
 {{- $config := deepCopy .Values.config -}}
 {{- $_ := set $config "model_path" .Values.model.mountPath -}}
@@ -149,6 +157,14 @@ except grpc_port, which must equal grpc.port (the container port, Service and Ne
 {{- $_ := set $router $key $value -}}
 {{- end -}}
 {{- end -}}
+{{- with .Values.grpc.tls.secretName -}}
+{{- if or $router.tls_cert_file $router.tls_key_file -}}
+{{- fail "grpc.tls.secretName sets config.router.tls_cert_file and tls_key_file (to the mounted Secret's tls.crt and tls.key): leave them unset" -}}
+{{- end -}}
+{{- $dir := include "exaone.grpcTlsDir" $ -}}
+{{- $_ := set $router "tls_cert_file" (printf "%s/tls.crt" $dir) -}}
+{{- $_ := set $router "tls_key_file" (printf "%s/tls.key" $dir) -}}
+{{- end -}}
 {{- $_ := set $config "router" $router -}}
 {{- $url := include "exaone.redisUrl" . -}}
 {{- if $url -}}
@@ -159,27 +175,43 @@ except grpc_port, which must equal grpc.port (the container port, Service and Ne
 {{- toYaml $config -}}
 {{- end -}}
 
-{{/* Volumes and mounts shared by every Ray pod: the model, read-only. */}}
-{{- define "exaone.modelVolume" -}}
+{{/* Volumes of every Ray pod: the model (mounted read-only), /tmp (Ray's session files and
+logs, caches: the root filesystem is read-only), the fetch hook's /tmp, and on the head
+(.head) the gRPC TLS Secret. */}}
+{{- define "exaone.rayVolumes" -}}
+{{- $root := .root -}}
 - name: model
-{{- if .Values.model.pvc.existingClaim }}
+{{- if $root.Values.model.pvc.existingClaim }}
   persistentVolumeClaim:
-    claimName: {{ .Values.model.pvc.existingClaim }}
+    claimName: {{ $root.Values.model.pvc.existingClaim }}
     readOnly: true
-{{- else if .Values.model.pvc.create }}
+{{- else if $root.Values.model.pvc.create }}
   persistentVolumeClaim:
-    claimName: {{ include "exaone.fullname" . }}-model
+    claimName: {{ include "exaone.fullname" $root }}-model
     readOnly: true
-{{- else if .Values.model.hostPath }}
+{{- else if $root.Values.model.hostPath }}
   hostPath:
-    path: {{ .Values.model.hostPath }}
+    path: {{ $root.Values.model.hostPath }}
     type: Directory
 {{- else }}
   emptyDir: {}
 {{- end }}
+- name: tmp
+  emptyDir: {}
+{{- if $root.Values.model.fetch.enabled }}
+- name: fetch-tmp
+  emptyDir: {}
+{{- end }}
+{{- if and .head $root.Values.grpc.tls.secretName }}
+- name: grpc-tls
+  secret:
+    secretName: {{ $root.Values.grpc.tls.secretName }}
+    defaultMode: 288  # 0440: the owner and the pod's fsGroup read it
+{{- end }}
 {{- end -}}
 
-{{/* The weights fetch hook: an init container writing into the model volume. */}}
+{{/* The weights fetch hook: an init container writing into the model volume (its own /tmp,
+and HOME there unless its env sets one: the root filesystem is read-only). */}}
 {{- define "exaone.fetchInit" -}}
 {{- if .Values.model.fetch.enabled }}
 initContainers:
@@ -190,20 +222,30 @@ initContainers:
     env:
       - name: MODEL_DIR
         value: {{ .Values.model.mountPath }}
+      {{- $names := list }}
+      {{- range .Values.model.fetch.env }}
+      {{- $names = append $names .name }}
+      {{- end }}
+      {{- if not (has "HOME" $names) }}
+      - name: HOME
+        value: /tmp
+      {{- end }}
       {{- with .Values.model.fetch.env }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
     volumeMounts:
       - name: model
         mountPath: {{ .Values.model.mountPath }}
+      - name: fetch-tmp
+        mountPath: /tmp
     securityContext:
-      allowPrivilegeEscalation: false
-      capabilities:
-        drop: [ALL]
+      {{- include "exaone.containerSecurityContext" . | nindent 6 }}
 {{- end }}
 {{- end -}}
 
-{{/* A Ray container: image, env (Redis password), model mount, security. */}}
+{{/* A Ray container: image, env (the prefix cache's secrets, caches under /tmp), mounts (model
+read-only, /tmp, on the head the gRPC TLS Secret), security. No RAY_AUTH_MODE /
+RAY_AUTH_TOKEN: KubeRay sets them from rayClusterConfig.authOptions. */}}
 {{- define "exaone.rayContainer" -}}
 image: "{{ .root.Values.image.repository }}:{{ .root.Values.image.tag }}"
 imagePullPolicy: {{ .root.Values.image.pullPolicy }}
@@ -211,20 +253,33 @@ env:
   # Ray starts workers at niceness 15; the engine and expert replicas are the pod's work.
   - name: RAY_worker_niceness
     value: "0"
+  {{- if include "exaone.redisPasswordSet" .root }}
   - name: EXAONE_REDIS_PASSWORD
     valueFrom:
       secretKeyRef:
         name: {{ include "exaone.redisSecret" .root }}
         key: {{ .root.Values.redis.password.key }}
-        optional: true
+  {{- end }}
+  # The key that seals the prefix cache's values in Redis (every replica shares it).
+  - name: EXAONE_PREFIX_CACHE_KEY
+    valueFrom:
+      secretKeyRef:
+        name: {{ include "exaone.macKeySecret" .root }}
+        key: {{ .root.Values.prefixCache.macKey.key }}
+  {{- include "exaone.cacheEnv" .root | nindent 2 }}
 volumeMounts:
   - name: model
     mountPath: {{ .root.Values.model.mountPath }}
     readOnly: true
+  - name: tmp
+    mountPath: /tmp
+  {{- if and .head .root.Values.grpc.tls.secretName }}
+  - name: grpc-tls
+    mountPath: {{ include "exaone.grpcTlsDir" .root }}
+    readOnly: true
+  {{- end }}
 securityContext:
-  allowPrivilegeEscalation: false
-  capabilities:
-    drop: [ALL]
+  {{- include "exaone.containerSecurityContext" .root | nindent 2 }}
 resources:
   {{- $resources := deepCopy .group.resources }}
   {{- if .gpus }}
@@ -232,4 +287,20 @@ resources:
   {{- $_ := set $resources.requests "nvidia.com/gpu" (int .gpus) }}
   {{- end }}
   {{- toYaml $resources | nindent 2 }}
+{{- end -}}
+
+{{/* A NetworkPolicy peer: the pods labelled `podLabels` (all if empty) in the namespace
+`namespace` (any if empty). */}}
+{{- define "exaone.peer" -}}
+namespaceSelector:
+  {{- if .namespace }}
+  matchLabels:
+    kubernetes.io/metadata.name: {{ .namespace }}
+  {{- else }} {}
+  {{- end }}
+{{- with .podLabels }}
+podSelector:
+  matchLabels:
+    {{- toYaml . | nindent 4 }}
+{{- end }}
 {{- end -}}
