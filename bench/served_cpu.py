@@ -3,7 +3,8 @@
 Starts our server (as ``exaone-cluster serve`` runs it) on a checkpoint, drives N greedy
 streams (32 prompt tokens, 64 new tokens, ignore_eos) over gRPC from this process, and prints
 for each in-flight level: output tok/s, TPOT p50, the engine's mean step (AttentionShard
-stats), and the share of a core each process used during the level (Serve replicas, Serve's
+stats), the latency of each hop from the engine's step to the router's gRPC server (router.hops,
+p50 and p99), and the share of a core each process used during the level (Serve replicas, Serve's
 controller and proxy, Ray's raylet and GCS, and this client). On a 2-core machine the
 engine needs one core; whatever the request plane takes beyond the other one slows the engine.
 
@@ -99,15 +100,18 @@ def main() -> None:
     cluster = start_local(config, grpc_port=free_port(), http_port=free_port(),
                           dashboard_port=None)  # fmt: skip
     shard = serve.get_deployment_handle("AttentionShard", APP_NAME)
+    router = serve.get_deployment_handle("Router", APP_NAME)
     try:
         procs = processes()
         for streams in map(int, args.streams.split(",")):
             requests = max(12, args.requests if streams > 1 else 12)
             asyncio.run(level(cluster.grpc_address, streams, streams, 8))  # warm-up
             before, stats = cpu_seconds(procs), shard.stats.remote().result()
+            router.hop_stats.remote(clear=True).result()
             tok_s, tpot, wall = asyncio.run(level(cluster.grpc_address, streams, requests,
                                                   args.new_tokens))  # fmt: skip
             after, stats2 = cpu_seconds(procs), shard.stats.remote().result()
+            hops = router.hop_stats.remote(clear=True).result()
             steps = getattr(stats2, "num_steps", 0) - getattr(stats, "num_steps", 0)
             step = getattr(stats2, "step_time_s", 0) - getattr(stats, "step_time_s", 0)
             cpu = (getattr(stats2, "step_thread_cpu_s", 0)
@@ -116,6 +120,9 @@ def main() -> None:
                       f"{1e3 * cpu / steps:.2f} ms), " if steps else "")  # fmt: skip
             print(f"\n{streams} streams: {tok_s:.0f} tok/s, TPOT p50 {tpot:.2f} ms, {engine}"
                   f"{config.dtype}, {config.attention.num_threads} torch threads")  # fmt: skip
+            for hop, s in hops.items():  # router.hops: per step-stream batch / per delta
+                print(f"  hop {hop:<18} p50 {s['p50_ms']:6.2f} ms  p99 {s['p99_ms']:6.2f} ms  "
+                      f"({s['n']} samples)")  # fmt: skip
             for name in sorted(after, key=lambda n: before[n] - after[n]):
                 share = (after[name] - before[name]) / wall
                 if share >= 0.005:

@@ -37,6 +37,7 @@ from cluster.request_router import PrefixAffinityRouter
 from protos.exaone.v1 import generation_pb2 as pb
 from replicas.model_config import ModelConfig
 from replicas.sampling_params import SamplingParams
+from router.hops import HopStats
 from router.prompt_workers import PromptWorkers
 from router.requests import RequestLimits
 from router.service import GenerationService
@@ -497,7 +498,7 @@ class RouterDeployment:
     async def __init__(self, config: ClusterConfig, shard: DeploymentHandle):
         from cluster.ingress import start_ingress
         from cluster.metrics import RouterMetrics
-        from cluster.shard_client import DirectShardClient
+        from cluster.shard_client import DirectShardClient, StepSubscriber
 
         cfg = config.read_model_config()
         tokenizer = Tokenizer(config.model_path)
@@ -510,16 +511,27 @@ class RouterDeployment:
             max_request_bytes=r.max_request_bytes,
         )
         self.shard = shard
-        self.client = DirectShardClient(shard, retry_budget_s=r.retry_budget_s)
-        self.prompts = PromptWorkers(config.model_path, tokenizer, limits)
-        self.service = GenerationService(tokenizer, self.client, limits, info, self.prompts)
         self.metrics = RouterMetrics()
+        self.hops = HopStats(self.metrics.hop_observed)
+        self.client = DirectShardClient(shard, StepSubscriber(self.hops),
+                                        retry_budget_s=r.retry_budget_s)  # fmt: skip
+        self.prompts = PromptWorkers(config.model_path, tokenizer, limits)
+        self.service = GenerationService(tokenizer, self.client, limits, info, self.prompts,
+                                         self.hops)  # fmt: skip
         self.server = await start_ingress(r.grpc_host, r.grpc_port, self.service, self.healthy,
                                           self.metrics, r.max_request_bytes,
                                           r.max_ongoing_requests, r.request_timeout_s,
                                           tls=(r.tls_cert_file, r.tls_key_file)
                                           if r.tls_cert_file else None)  # fmt: skip
         _serve_log.info("Router serving gRPC at %s:%d", r.grpc_host, r.grpc_port)
+
+    def hop_stats(self, clear: bool = False) -> dict[str, dict[str, float]]:
+        """Recent per-hop latencies of this router's token deltas (router.hops); ``clear``
+        starts a new window."""
+        out = self.hops.summary()
+        if clear:
+            self.hops.clear()
+        return out
 
     async def healthy(self, tries: int = 3) -> bool:
         """An attention replica answers and its engine can serve (its thread alive, no step

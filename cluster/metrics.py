@@ -19,6 +19,7 @@ from ray.util.metrics import Counter, Gauge, Histogram
 
 LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 PER_TOKEN_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
+HOP_S = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25]
 
 
 class _Totals:
@@ -49,6 +50,12 @@ class RouterMetrics:
                              boundaries=LATENCY_S)  # fmt: skip
         self.tokens = Counter("exaone_tokens", "Tokens by kind: prompt, cached_prompt, output, "
                               "drafted, accepted_draft.", tag_keys=("kind",))  # fmt: skip
+        self.hop = Histogram("exaone_stream_hop_seconds", "A token delta's time per hop of the "
+                             "served path: engine_to_publish, publish_to_router, router "
+                             "(router.hops).", boundaries=HOP_S, tag_keys=("hop",))  # fmt: skip
+
+    def hop_observed(self, hop: str, seconds: float) -> None:
+        self.hop.observe(max(seconds, 0.0), tags={"hop": hop})
 
     def finished(self, finish_reason: str, usage, timings) -> None:
         """One request's final message (exaone.v1 Usage and Timings)."""

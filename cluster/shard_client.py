@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ from protos.exaone.internal.v1 import step_stream_pb2 as spb
 from protos.exaone.internal.v1 import step_stream_pb2_grpc as spb_grpc
 from replicas.outputs import ReplicaUnavailableError, read_outputs
 from replicas.sampling_params import SamplingParams
+from router.hops import HopStats
 
 LOST_REPLICA = (ActorDiedError, ActorUnavailableError)
 
@@ -42,8 +44,9 @@ class StepSubscriber:
     """This router replica's subscriber id, its step streams (one per replica address) and the
     queue of each request it waits on."""
 
-    def __init__(self):
+    def __init__(self, hops: HopStats | None = None):
         self.id = secrets.token_hex(16)
+        self.hops = hops if hops is not None else HopStats()
         self.queues: dict[str, asyncio.Queue] = {}
         self.address_of: dict[str, str] = {}
         self.readers: dict[str, asyncio.Task] = {}
@@ -76,11 +79,16 @@ class StepSubscriber:
                     spb.SubscribeRequest(subscriber=self.id)
                 )
                 async for batch in stream:
+                    received = time.time()
+                    self.hops.batch(batch.step_end_s, batch.sent_s, received)
                     self.num_messages += 1
                     self.num_outputs += len(batch.outputs)
                     for out in batch.outputs:
                         if (queue := self.queues.get(out.request_id)) is not None:
-                            queue.put_nowait(decode(out))
+                            item = decode(out)
+                            if not isinstance(item, Exception):
+                                item.received_s = received
+                            queue.put_nowait(item)
         except grpc.aio.AioRpcError as e:
             error = _Lost(f"step stream from {address}: {e.code().name} {e.details()}")
         except asyncio.CancelledError:

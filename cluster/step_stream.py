@@ -15,6 +15,7 @@ This module is the replica's side (``StepPublisher``) and the codec both sides u
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -104,6 +105,7 @@ class _Subscriber:
 
     def __init__(self):
         self.pending: list[spb.Output] = []
+        self.step_end_s = 0.0  # when the oldest step with pending outputs ended (wall clock)
         self.ready = asyncio.Event()
         self.num_streams = 0
         self.requests: dict[str, asyncio.Event] = {}  # request id -> set once it has ended
@@ -115,12 +117,15 @@ class _Subscriber:
             if ended is not None:
                 ended.set()
 
-    def flush(self) -> None:
+    def flush(self, step_end_s: float) -> None:
         if self.pending:
+            self.step_end_s = self.step_end_s or step_end_s
             self.ready.set()
 
     def take(self) -> spb.StepBatch:
-        batch, self.pending = spb.StepBatch(outputs=self.pending), []
+        batch = spb.StepBatch(outputs=self.pending, step_end_s=self.step_end_s,
+                              sent_s=time.time())  # fmt: skip
+        self.pending, self.step_end_s = [], 0.0
         self.ready.clear()
         return batch
 

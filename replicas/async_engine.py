@@ -32,11 +32,12 @@ from replicas.sampling_params import SamplingParams
 class OutputSink(Protocol):
     """Where a submitted request's outputs go instead of a per-request queue: ``put`` is called
     for each of the step's outputs (or the request's error), then ``flush`` once per step for
-    every sink that got something, so a consumer of many requests handles a step at a time."""
+    every sink that got something, so a consumer of many requests handles a step at a time,
+    with the wall-clock time (``time.time()``) the step ended."""
 
     def put(self, request_id: str, item: RequestOutput | BaseException) -> None: ...
 
-    def flush(self) -> None: ...
+    def flush(self, step_end_s: float) -> None: ...
 
 
 class AsyncEngine:
@@ -199,7 +200,7 @@ class AsyncEngine:
         waiting, or still queued as a command) ends with a retryable error."""
         failure = _engine_failed(error)
         ids = [*self._queues, *self._sinks]
-        self._deliver_all([], [(request_id, failure) for request_id in ids])
+        self._deliver_all([], [(request_id, failure) for request_id in ids], time.time())
 
     def _loop_until_stopped(self) -> None:
         while not self._stopping:
@@ -213,7 +214,8 @@ class AsyncEngine:
                 outputs, errors = [], self._fail_all(e)
             if outputs or errors:
                 try:
-                    self._loop.call_soon_threadsafe(self._deliver_all, outputs, errors)
+                    self._loop.call_soon_threadsafe(self._deliver_all, outputs, errors,
+                                                    time.time())  # fmt: skip
                 except RuntimeError:  # the event loop is closed: nobody is listening
                     return
 
@@ -228,15 +230,15 @@ class AsyncEngine:
         failure = _engine_failed(error)
         return [(request_id, failure) for request_id in ids]
 
-    def _deliver_all(self, outputs: list[RequestOutput],
-                     errors: list[tuple[str, BaseException]]) -> None:  # fmt: skip
+    def _deliver_all(self, outputs: list[RequestOutput], errors: list[tuple[str, BaseException]],
+                     step_end_s: float) -> None:  # fmt: skip
         flush: set = set()
         for request_id, error in errors:
             self._deliver(request_id, error, flush)
         for out in outputs:
             self._deliver(out.request_id, out, flush)
         for sink in flush:
-            sink.flush()
+            sink.flush(step_end_s)
 
 
 def _engine_failed(error: BaseException) -> ReplicaUnavailableError:

@@ -34,6 +34,8 @@ class RequestOutput:
     """MTP drafts verified for this request (so far), accepted or not."""
     queue_time_s: float | None = None
     """Arrival at the engine -> first scheduled step."""
+    received_s: float | None = None
+    """Router side only (not on the wire): when the router received it (router.hops)."""
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         """This delta followed by ``later`` (same request) as one delta."""
@@ -49,6 +51,8 @@ class RequestOutput:
         self.num_drafted_tokens = later.num_drafted_tokens
         if self.queue_time_s is None:
             self.queue_time_s = later.queue_time_s
+        if self.received_s is None:
+            self.received_s = later.received_s
         return self
 
 

@@ -20,6 +20,7 @@ from protos.exaone.v1 import generation_pb2 as pb
 from replicas.outputs import QueueFullError, ReplicaUnavailableError, RequestRejectedError
 from replicas.sampling_params import SamplingParams
 from router.errors import RequestError, invalid
+from router.hops import HopStats
 from router.prompt_workers import PromptWorkers
 from router.requests import (
     RequestLimits,
@@ -61,11 +62,13 @@ class GenerationService:
         limits: RequestLimits,
         model_info: pb.ModelInfo,
         prompts: PromptWorkers | None = None,
+        hops: HopStats | None = None,
     ):
         """``prompts``: where large requests are rendered and tokenized (a worker process);
-        None: inline, on the caller's event loop."""
+        None: inline, on the caller's event loop. ``hops``: gets the router hop of every
+        delta (router.hops)."""
         self.tokenizer, self.engine, self.limits, self.info = tokenizer, engine, limits, model_info
-        self.prompts = prompts
+        self.prompts, self.hops = prompts, hops
         self._token_text: dict[int, str] = {}
 
     # ---- Generate ------------------------------------------------------------------------------
@@ -101,7 +104,10 @@ class GenerationService:
                 if d.token_ids and first_token_at is None:
                     first_token_at = time.monotonic()
                 if d.token_ids or d.text or d.tool_calls or d.tool_call_errors:
-                    yield pb.GenerateResponse(request_id=request_id, delta=self._delta(d))
+                    response = pb.GenerateResponse(request_id=request_id, delta=self._delta(d))
+                    if self.hops is not None and d.received_s is not None:
+                        self.hops.observe("router", time.time() - d.received_s)
+                    yield response
                 if d.finished:
                     now = time.monotonic()
                     final = pb.Final(

@@ -31,6 +31,8 @@ class TextDelta:
     prompt_logprobs: list[Any] | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    received_s: float | None = None
+    """When the router received the output this delta comes from (router.hops)."""
 
 
 async def stream_text(
@@ -67,6 +69,7 @@ async def stream_text(
                 prompt_logprobs=out.prompt_logprobs,
                 num_prompt_tokens=out.num_prompt_tokens,
                 num_output_tokens=num_output,
+                received_s=getattr(out, "received_s", None),
             )
             if parser is not None:
                 parsed = parser.feed(text, final=finished)
