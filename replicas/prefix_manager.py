@@ -343,20 +343,20 @@ class PrefixCacheManager:
         redis = self.redis
 
         def send():
-            items = [
-                (redis.block_key(name),
-                 fmt.encode(fmt.KIND_BLOCK, self.bs, [fmt.Section(fmt.GLOBAL, gl, t)]))
-                for name, t in data
-            ]  # fmt: skip
-            window = fmt.encode(fmt.KIND_WINDOW, p, [
-                fmt.Section(fmt.SLIDING, sl, snap.sliding),
-                fmt.Section(fmt.PARTIAL, gl, snap.partial),
-            ])  # fmt: skip
-            # Blocks first: a reader that sees the window finds its blocks.
             try:
+                items = [
+                    (redis.block_key(name),
+                     fmt.encode(fmt.KIND_BLOCK, self.bs, [fmt.Section(fmt.GLOBAL, gl, t)]))
+                    for name, t in data
+                ]  # fmt: skip
+                window = fmt.encode(fmt.KIND_WINDOW, p, [
+                    fmt.Section(fmt.SLIDING, sl, snap.sliding),
+                    fmt.Section(fmt.PARTIAL, gl, snap.partial),
+                ])  # fmt: skip
+                # Blocks first: a reader that sees the window finds its blocks.
                 redis.put_many(items, pinned=pinned)
                 redis.put_many([(redis.window_key(window_name), window)], pinned=pinned)
-            finally:
+            finally:  # sent, failed or not even encoded: no longer queued
                 with self._queue_lock:
                     self._queued_bytes -= size
 
