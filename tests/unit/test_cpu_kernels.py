@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from replicas import cpu_kernels
+from replicas import model as model_module
 from replicas.model import (
     AMX_LINEAR_MAX_ROWS,
     AVX512_LINEAR_MAX_ROWS,
+    KERNEL_MAX_ROWS_PER_CACHED_EXPERT,
     KERNEL_MAX_ROWS_PER_EXPERT,
     ExaoneMoeForCausalLM,
     Linear,
@@ -149,9 +151,9 @@ def test_expert_kernels_check_their_inputs():
 
 @needs_kernel
 def test_routed_experts_pick_the_kernel_by_rows_per_expert(make_ckpt, monkeypatch):
-    """1 row per expert: the AVX512 kernel; 8 and 24: AMX where the CPU has it, else the AVX512
-    kernel up to KERNEL_MAX_ROWS_PER_EXPERT and PyTorch beyond. Every result matches the
-    PyTorch path."""
+    """1 row per expert: the AVX512 kernel; 8 and 48: AMX where the CPU has it, else the AVX512
+    kernel up to kernel_max_rows() (24 for these small, cache-resident experts, 12 for larger
+    ones) and PyTorch beyond. Every result matches the PyTorch path."""
     ckpt = make_ckpt(dtype="bfloat16")
     model = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, include_mtp=False)
     experts = model.model.layers[str(model.cfg.moe_layers[0])].mlp.experts
@@ -187,11 +189,15 @@ def test_routed_experts_pick_the_kernel_by_rows_per_expert(make_ckpt, monkeypatc
         calls.clear()
         return used
 
-    assert KERNEL_MAX_ROWS_PER_EXPERT < 24
+    assert experts.kernel_max_rows() == KERNEL_MAX_ROWS_PER_CACHED_EXPERT == 24
     if CAN_AMX:
-        assert [run(n) for n in (1, 8, 24)] == [["moe_experts_bf16"]] + [["moe_experts_amx"]] * 2
+        assert [run(n) for n in (1, 8, 48)] == [["moe_experts_bf16"]] + [["moe_experts_amx"]] * 2
     monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
-    assert [run(n) for n in (1, 8, 24)] == [["moe_experts_bf16"]] * 2 + [[]]
+    assert [run(n) for n in (1, 8, 24, 48)] == [["moe_experts_bf16"]] * 3 + [[]]
+    # Experts past CACHE_RESIDENT_EXPERT_BYTES keep the lower limit: 24 rows go to PyTorch.
+    monkeypatch.setattr(model_module, "CACHE_RESIDENT_EXPERT_BYTES", 1024)
+    assert experts.kernel_max_rows() == KERNEL_MAX_ROWS_PER_EXPERT < 24
+    assert [run(n) for n in (8, 24)] == [["moe_experts_bf16"], []]
 
 
 @needs_amx
