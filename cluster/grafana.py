@@ -63,6 +63,13 @@ PANELS: list[tuple[str, list[tuple[str, str]], str, str]] = [
      [('sum(rate(ray_exaone_prefix_cache_lookups_total{result!="miss"}[1m])) / '
        "sum(rate(ray_exaone_prefix_cache_lookups_total[1m]))", "hits / lookups")],
      "percentunit", "timeseries"),
+    ("Served-path hops (p50, p99): step end -> sent -> router -> gRPC",
+     [(f"histogram_quantile({q}, sum by (le, hop) "
+       f"(rate(ray_exaone_stream_hop_seconds_bucket[1m])))", f"{{{{hop}}}} p{q * 100:g}")
+      for q in (0.5, 0.99)], "s", "timeseries"),
+    ("Prefix-cache Redis issues (errors, rejected values, dropped writes)",
+     [("sum by (kind) (rate(ray_exaone_prefix_cache_redis_issues_total[1m]))", "{{kind}}")],
+     "short", "timeseries"),
     ("Expert group load (slots/s per MoE layer)",
      [("sum by (group) (ray_exaone_expert_group_tokens_per_s)", "group {{group}}")],
      "short", "timeseries"),
