@@ -87,24 +87,28 @@ def check_size(request, limits: RequestLimits) -> None:
 def check_counts(request: pb.GenerateRequest | pb.TokenizeRequest, limits: RequestLimits) -> None:
     """Every repeated field within its documented count, checked before any work is done on
     the request (tokenizing, rendering, even reading the entries)."""
-
-    def most(field: str, n: int, limit: int) -> None:
-        if n > limit:
-            raise invalid(f"{field} has {n} entries; at most {limit}")
-
     if request.WhichOneof("input") == "chat":
-        chat = request.chat
-        most("chat.messages", len(chat.messages), limits.max_messages)
-        most("chat.tools", len(chat.tools), limits.max_tools)
-        for i, m in enumerate(chat.messages):
-            most(f"chat.messages[{i}].tool_calls", len(m.tool_calls), limits.max_tool_calls)
+        _check_chat_counts(request.chat, limits, "chat")
     if isinstance(request, pb.GenerateRequest):
         if request.WhichOneof("input") == "token_ids":
             n = len(request.token_ids.ids)
             if n >= limits.max_model_len:
                 raise invalid(_too_long(n, limits))
-        most("stopping.stop", len(request.stopping.stop), MAX_STOP_STRINGS)
-        most("stopping.stop_token_ids", len(request.stopping.stop_token_ids), MAX_STOP_TOKEN_IDS)
+        _at_most("stopping.stop", len(request.stopping.stop), MAX_STOP_STRINGS)
+        _at_most("stopping.stop_token_ids", len(request.stopping.stop_token_ids),
+                 MAX_STOP_TOKEN_IDS)  # fmt: skip
+
+
+def _at_most(field: str, n: int, limit: int) -> None:
+    if n > limit:
+        raise invalid(f"{field} has {n} entries; at most {limit}")
+
+
+def _check_chat_counts(chat: pb.Chat, limits: RequestLimits, where: str) -> None:
+    _at_most(f"{where}.messages", len(chat.messages), limits.max_messages)
+    _at_most(f"{where}.tools", len(chat.tools), limits.max_tools)
+    for i, m in enumerate(chat.messages):
+        _at_most(f"{where}.messages[{i}].tool_calls", len(m.tool_calls), limits.max_tool_calls)
 
 
 def _too_long(n: int, limits: RequestLimits) -> str:
@@ -116,12 +120,7 @@ def chat_to_dicts(chat: pb.Chat, limits: RequestLimits, where: str = "chat"):
     """Proto chat -> (messages, tools) in the shape the chat template takes."""
     if not chat.messages:
         raise invalid(f"{where}.messages is empty: send at least one message")
-    if len(chat.messages) > limits.max_messages:
-        raise invalid(
-            f"{where}.messages has {len(chat.messages)} entries; at most {limits.max_messages}"
-        )
-    if len(chat.tools) > limits.max_tools:
-        raise invalid(f"{where}.tools has {len(chat.tools)} entries; at most {limits.max_tools}")
+    _check_chat_counts(chat, limits, where)
     messages: list[dict[str, Any]] = []
     for i, m in enumerate(chat.messages):
         d: dict[str, Any] = {"role": m.role, "content": m.content}
@@ -234,8 +233,7 @@ def prompt_of(request: pb.GenerateRequest, tokenizer: Tokenizer, limits: Request
     if kind == "text":
         if not request.text:
             raise invalid("text is empty: send a non-empty prompt")
-        encode = tokenizer.encode if request.parse_special_tokens else tokenizer.encode_text
-        prompt = Prompt(encode(request.text), request.text)
+        prompt = Prompt(_text_ids(tokenizer, request), request.text)
     elif kind == "token_ids":
         ids = check_token_ids(request.token_ids.ids, limits, "token_ids.ids")
         if not ids:
@@ -266,9 +264,15 @@ def tokenized(request: pb.TokenizeRequest, tokenizer: Tokenizer,
         raise invalid("input is missing: set text or chat")
     if kind == "chat":
         return encode_chat(tokenizer, request.chat, limits)
+    return request.text, _text_ids(tokenizer, request)
+
+
+def _text_ids(tokenizer: Tokenizer, request: pb.GenerateRequest | pb.TokenizeRequest) -> list[int]:
+    """A text input's ids: special-token strings are plain text unless the request sets
+    parse_special_tokens."""
     if request.parse_special_tokens:
-        return request.text, tokenizer.encode(request.text)
-    return request.text, tokenizer.encode_text(request.text)
+        return tokenizer.encode(request.text)
+    return tokenizer.encode_text(request.text)
 
 
 def sampling_params_of(
