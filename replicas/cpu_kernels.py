@@ -280,7 +280,8 @@ def moe_experts_amx(
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T in bf16 with fp32 sums -> [M, N] bf16 (no bias), for few rows
-    (csrc/linear_bf16.c: reads the weight once per 4 rows)."""
+    (csrc/linear_bf16.c: 4 x 4 tiles, or a large weight streamed row by row for up to 4
+    rows)."""
     lib = _BF16.require()
     _require_bf16(x=x, weight=weight)
     (m, k), (n, k_w) = x.shape, weight.shape

@@ -110,10 +110,11 @@ def attention_mask(num_tokens: int, window: int | None, device: torch.device) ->
 
 AMX_LINEAR_MAX_ROWS = 512  # rows up to which bf16 Linear runs our AMX kernel, not oneDNN
 # Without AMX, rows up to which bf16 Linear runs our AVX512-BF16 kernel (csrc/linear_bf16.c).
-# Measured on 2 cores (AMD Zen 4), one thread, weights not in cache, us for ours vs oneDNN:
-# [M, 1024] x [1024, 2048]: 1 row 257 vs 530, 4 rows 326 vs 666, 8 rows 660 vs 802, 16 rows
-# 1064 vs 1004; [M, 256] x [256, 768]: 1 row 24 vs 115, 8 rows 105 vs 120, 16 rows 133 vs 111.
-AVX512_LINEAR_MAX_ROWS = 8
+# Measured on 2 cores (AMD Zen 4), us per call summed over the bundled model's 7 projection
+# shapes, ours vs oneDNN: one thread, 1 row 58 vs 220, 8 rows 212 vs 285, 16 rows 360 vs 391,
+# 32 rows 754 vs 652; two threads, 16 rows 224 vs 470. The small preset's 5 shapes (cold
+# weights), one thread: 1 row 1428 vs 3794 us, 16 rows 5466 vs 6554, 32 rows 8434 vs 7670.
+AVX512_LINEAR_MAX_ROWS = 16
 
 
 class Linear(nn.Linear):

@@ -236,12 +236,13 @@ def test_linear_runs_amx_for_bf16_up_to_its_row_limit(monkeypatch):
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
-@pytest.mark.parametrize("k,n", [(96, 48), (72, 45), (256, 1), (32, 7)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 16, 17])
+@pytest.mark.parametrize("k,n", [(96, 48), (72, 45), (256, 1), (32, 7), (1040, 520)])
 def test_avx512_linear_equals_exact_products(rows, k, n):
     """Small integers: every product and partial sum is exact in fp32, so the kernel's result
     must equal the exact one bit for bit, whatever its order of sums (k=72: a tail past the
-    32-wide steps; n=45, 7, 1: features left over past the 4- and 8-wide tiles)."""
+    32-wide steps; n=45, 7, 1: features left over past the 4-wide tiles and 32-wide work items;
+    1040 x 520: a weight over 1 MiB, streamed row by row for up to 4 rows)."""
     g = torch.Generator().manual_seed(rows * 1000 + k + n)
     x = torch.randint(-8, 9, (rows, k), generator=g).bfloat16()
     w = torch.randint(-8, 9, (n, k), generator=g).bfloat16()

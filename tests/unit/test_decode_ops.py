@@ -134,6 +134,21 @@ def test_dense_kernel_rows_do_not_depend_on_their_neighbours():
 
 
 @needs_kernel
+def test_dense_kernel_rows_of_a_large_weight_do_not_depend_on_their_neighbours():
+    """A weight past the cache-sized bound (1 MiB) is streamed row by row for up to 4 rows and
+    tiled for more: within each, a row's output does not depend on the rows beside it."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(13, 1000, generator=g).bfloat16()
+    w = torch.randn(600, 1000, generator=g).bfloat16()  # 1.2 MB
+    streamed = cpu_kernels.linear_bf16(x[:4], w)
+    assert torch.equal(streamed, torch.cat([cpu_kernels.linear_bf16(x[i : i + 1], w)
+                                            for i in range(4)]))  # fmt: skip
+    tiled = cpu_kernels.linear_bf16(x, w)
+    assert torch.equal(tiled[:5], cpu_kernels.linear_bf16(x[:5], w))
+    assert torch.equal(tiled[8:], cpu_kernels.linear_bf16(x[8:], w))
+
+
+@needs_kernel
 def test_fused_moe_layer_equals_the_unfused_path_bit_for_bit(make_ckpt):
     """moe_layer_decode_bf16 (grouping, experts, combine in one call) gives exactly what the
     general path (compute_rows + weighted_sum) gives, so colocated decode and an attention
