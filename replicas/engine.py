@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from replicas import kernel_backend
+from replicas import decode_path, kernel_backend
 from replicas.dispatch import ExpertDispatcher, run_microbatches, split_balanced
 from replicas.draft_policy import AcceptanceTracker, DraftPolicy, DraftPolicyConfig
 from replicas.kv_cache import HybridKVCache, SeqChunk, kv_footprint
@@ -29,6 +30,10 @@ from replicas.request import Request
 from replicas.sampler import SamplingBatch, make_generator, sample
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
+
+# Colocated bf16 decode steps on CPU run replicas.decode_path (the same bits as the module path,
+# less time around the kernels); EXAONE_DECODE_PATH=0 keeps the module path, for comparisons.
+DECODE_PATH = os.environ.get("EXAONE_DECODE_PATH", "1") != "0"
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +275,10 @@ class LLMEngine:
 
     def _execute(self, plan: SchedulerOutput) -> torch.Tensor:
         if self.experts is None:
-            return self.model.step_hidden(*self._inputs(plan.chunks))
+            ids, positions, backend = self._inputs(plan.chunks)
+            if DECODE_PATH and decode_path.applies(self.model, ids.shape[0], backend):
+                return decode_path.decode_hidden(self.model, ids, positions, backend)
+            return self.model.step_hidden(ids, positions, backend)
         self.experts.begin_step()  # a new expert map takes effect between steps
         try:
             runs = split_balanced([c.num_new for c in plan.chunks], self.config.num_microbatches)
