@@ -39,6 +39,11 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, quiet Na
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
+static inline __m512 round_bf16x16(__m512 v) { /* each value rounded to bf16 (nearest even) */
+  const __m256i b = (__m256i)_mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
 static inline __m512 bf16x16_to_f32(const uint16_t* p) { /* 16 bf16 -> 16 fp32 */
   const __m256i h = _mm256_loadu_si256((const __m256i*)p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -85,6 +90,64 @@ static inline void dot_weight_rows(const uint16_t* x, int64_t lda, int nr, const
     case 3: dot_weight_row(x, lda, 3, w, n, sums); break;
     default: dot_weight_row(x, lda, 4, w, n, sums); break;
   }
+}
+
+/* 16 fp32 vectors -> one vector whose lane j is the sum of v[j]'s 16 lanes. The additions form
+ * the same tree for every j. */
+static inline __m512 reduce16(const __m512 v[16]) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; i++)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; i++) {
+    const __m512d p = _mm512_castps_pd(a[2 * i]), q = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
+  }
+  for (int i = 0; i < 2; i++)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
+                       _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+/* sums[4 * r + f] = x[r] . w[f] for r < NR rows of x (ldx apart) and the 4 weight rows w[f],
+ * over k values; a chunk past the last whole 32 values is read masked (zeros). Each of the 16
+ * dot products is summed in one order whatever NR is (lanes in k order, then reduce16), so a
+ * row's result does not depend on the rows beside it. */
+static inline __attribute__((always_inline)) void tile(const uint16_t* x, int64_t ldx,
+                                                       const int NR, const uint16_t* const w[4],
+                                                       int k, float* sums) {
+  __m512 c[16];
+  for (int j = 0; j < 16; j++) c[j] = _mm512_setzero_ps();
+  for (int i = 0; i < k; i += 32) {
+    const __mmask32 m = k - i >= 32 ? ~(__mmask32)0 : (__mmask32)((1u << (k - i)) - 1);
+    __m512bh wv[4];
+    for (int f = 0; f < 4; f++) wv[f] = (__m512bh)_mm512_maskz_loadu_epi16(m, w[f] + i);
+    for (int r = 0; r < NR; r++) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + r * ldx + i);
+      for (int f = 0; f < 4; f++) c[4 * r + f] = _mm512_dpbf16_ps(c[4 * r + f], xv, wv[f]);
+    }
+  }
+  _mm512_storeu_ps(sums, reduce16(c));
+}
+
+/* tile for 1 <= nr <= 4 rows, each row count its own unrolled copy */
+static inline void tile_rows(const uint16_t* x, int64_t ldx, int nr, const uint16_t* const w[4],
+                             int k, float* sums) {
+  switch (nr) {
+    case 1: tile(x, ldx, 1, w, k, sums); break;
+    case 2: tile(x, ldx, 2, w, k, sums); break;
+    case 3: tile(x, ldx, 3, w, k, sums); break;
+    default: tile(x, ldx, 4, w, k, sums); break;
+  }
+}
+
+/* rows[q] = w + (f + q) * ldw for the up to 4 features f.. < f_end, the last repeated past it */
+static inline void feature_rows(const uint16_t* w, int64_t ldw, int f, int f_end,
+                                const uint16_t* rows[4]) {
+  const int nf = f_end - f < 4 ? f_end - f : 4;
+  for (int q = 0; q < 4; q++) rows[q] = w + (int64_t)(f + (q < nf ? q : nf - 1)) * ldw;
 }
 
 #endif

@@ -242,7 +242,7 @@ def test_avx512_linear_equals_exact_products(rows, k, n):
     """Small integers: every product and partial sum is exact in fp32, so the kernel's result
     must equal the exact one bit for bit, whatever its order of sums (k=72: a tail past the
     32-wide steps; n=45, 7, 1: features left over past the 4-wide tiles and 32-wide work items;
-    1040 x 520: a weight over 1 MiB, streamed row by row for up to 4 rows)."""
+    rows up to 4 stream each weight row alone, more read tiles)."""
     g = torch.Generator().manual_seed(rows * 1000 + k + n)
     x = torch.randint(-8, 9, (rows, k), generator=g).bfloat16()
     w = torch.randint(-8, 9, (n, k), generator=g).bfloat16()

@@ -134,9 +134,9 @@ def test_dense_kernel_rows_do_not_depend_on_their_neighbours():
 
 
 @needs_kernel
-def test_dense_kernel_rows_of_a_large_weight_do_not_depend_on_their_neighbours():
-    """A weight past the cache-sized bound (1 MiB) is streamed row by row for up to 4 rows and
-    tiled for more: within each, a row's output does not depend on the rows beside it."""
+def test_dense_kernel_rows_do_not_depend_on_their_neighbours_in_either_loop():
+    """Weight rows are streamed one by one for up to 4 rows and read in tiles for more: within
+    each, a row's output does not depend on the rows beside it."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(13, 1000, generator=g).bfloat16()
     w = torch.randn(600, 1000, generator=g).bfloat16()  # 1.2 MB
