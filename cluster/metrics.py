@@ -52,7 +52,8 @@ class RouterMetrics:
                               "drafted, accepted_draft.", tag_keys=("kind",))  # fmt: skip
         self.hop = Histogram("exaone_stream_hop_seconds", "A token delta's time per hop of the "
                              "served path: engine_to_publish, publish_to_router, router "
-                             "(router.hops).", boundaries=HOP_S, tag_keys=("hop",))  # fmt: skip
+                             "(router.hops; one sample in 8 of each hop).", boundaries=HOP_S,
+                             tag_keys=("hop",))  # fmt: skip
 
     def hop_observed(self, hop: str, seconds: float) -> None:
         self.hop.observe(max(seconds, 0.0), tags={"hop": hop})

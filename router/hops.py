@@ -12,7 +12,10 @@ and when it handed each response to its own gRPC server. So per delta:
 
 What follows (gRPC to the client) only the client can time. Clocks are wall clocks: across
 machines, these are as good as the clocks' sync. Recent samples are kept for percentiles
-(``summary``); ``observer`` (e.g. a Prometheus histogram) sees every sample.
+(``summary``); ``observer`` (e.g. a Prometheus histogram) sees one sample in ``observe_every``
+of each hop: a Ray histogram's observe cost about 40 us, and one per delta took 17% of the
+router replica's CPU at 64 streams (py-spy, bundled model), where the sampled percentiles say
+the same.
 """
 
 from __future__ import annotations
@@ -22,16 +25,22 @@ from collections.abc import Callable
 
 HOPS = ("engine_to_publish", "publish_to_router", "router")
 KEEP = 4096  # recent samples per hop
+OBSERVE_EVERY = 8  # samples per hop of which the observer sees one
 
 
 class HopStats:
-    def __init__(self, observer: Callable[[str, float], None] | None = None, keep: int = KEEP):
-        self.observer = observer
+    def __init__(self, observer: Callable[[str, float], None] | None = None, keep: int = KEEP,
+                 observe_every: int = OBSERVE_EVERY):  # fmt: skip
+        if observe_every < 1:
+            raise ValueError("observe_every must be >= 1")
+        self.observer, self.observe_every = observer, observe_every
         self.samples: dict[str, deque[float]] = {h: deque(maxlen=keep) for h in HOPS}
+        self._seen = dict.fromkeys(HOPS, 0)
 
     def observe(self, hop: str, seconds: float) -> None:
         self.samples[hop].append(seconds)
-        if self.observer is not None:
+        seen = self._seen[hop] = self._seen[hop] + 1
+        if self.observer is not None and seen % self.observe_every == 1 % self.observe_every:
             self.observer(hop, seconds)
 
     def batch(self, step_end_s: float, sent_s: float, received_s: float) -> None:
