@@ -31,8 +31,8 @@ from bench.forward import DTYPES, checkpoint  # noqa: E402
 from bench.throughput import prompts_for, run_engine  # noqa: E402
 from replicas.dispatch import ExpertDispatcher  # noqa: E402
 from replicas.expert_group import ExpertGroup  # noqa: E402
-from replicas.model import ExaoneMoeForCausalLM  # noqa: E402
 from replicas.model_config import ModelConfig  # noqa: E402
+from replicas.weights import load_causal_lm  # noqa: E402
 
 
 class TimedTransport:
@@ -131,10 +131,10 @@ def main() -> None:
 
     path = checkpoint(args.preset, args.dtype)
     dtype = DTYPES[args.dtype]
-    colocated = ExaoneMoeForCausalLM.from_pretrained(path, dtype=dtype, include_mtp=False,
-                                                     progress=False)  # fmt: skip
-    attention = ExaoneMoeForCausalLM.from_pretrained(path, dtype=dtype, include_mtp=False,
-                                                     expert_ids=(), progress=False)  # fmt: skip
+    colocated = load_causal_lm(path, dtype=dtype, include_mtp=False,
+                               progress=False)  # fmt: skip
+    attention = load_causal_lm(path, dtype=dtype, include_mtp=False,
+                               expert_ids=(), progress=False)  # fmt: skip
     cfg = colocated.cfg
     ray.init(address="local", include_dashboard=False, logging_level="WARNING",
              log_to_driver=False, runtime_env={"worker_process_setup_hook": HOOK})  # fmt: skip

@@ -21,8 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.checkpoint import write_checkpoint  # noqa: E402
-from replicas.model import ExaoneMoeForCausalLM, count_parameters  # noqa: E402
-from replicas.weights import DTYPES  # noqa: E402
+from replicas.model import count_parameters  # noqa: E402
+from replicas.weights import (
+    DTYPES,  # noqa: E402
+    load_causal_lm,
+)
 
 
 def cache_dir() -> Path:
@@ -63,7 +66,7 @@ def main() -> None:
 
     path = checkpoint(args.preset, args.dtype)
     dtype = DTYPES[args.dtype]
-    ours = ExaoneMoeForCausalLM.from_pretrained(path, dtype=dtype, include_mtp=False)
+    ours = load_causal_lm(path, dtype=dtype, include_mtp=False)
     ref = HFModel.from_pretrained(path, dtype=dtype, experts_implementation=args.hf_experts)
     counts = count_parameters(ours.cfg)
     ids = torch.randint(0, ours.cfg.vocab_size, (args.batch, args.tokens),

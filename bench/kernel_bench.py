@@ -27,8 +27,9 @@ import time
 import torch
 
 from cluster.presets import PRESETS
+from replicas.attention_batch import SeqChunk
 from replicas.kernel_backend import unavailable
-from replicas.kv_cache import HybridKVCache, SeqChunk
+from replicas.kv_cache import HybridKVCache
 from replicas.model import RoutedExperts
 from replicas.model_config import ModelConfig
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.forward import DTYPES, checkpoint  # noqa: E402
 from bench.throughput import DEFAULT_VLLM_PYTHON, prompts_for, run_engine_stats  # noqa: E402
-from replicas.model import ExaoneMoeForCausalLM  # noqa: E402
+from replicas.weights import load_causal_lm  # noqa: E402
 
 
 def run_vllm_mtp(python: Path, path: Path, dtype: str, prompts: dict[int, list[list[int]]],
@@ -82,7 +82,7 @@ def main() -> None:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     ks = [int(k) for k in args.k.split(",")]
     path = args.model or checkpoint(args.preset, args.dtype)
-    model = ExaoneMoeForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype])
+    model = load_causal_lm(path, dtype=DTYPES[args.dtype])
     if model.mtp is None:
         raise SystemExit(f"{path}: this checkpoint has no MTP block")
     vocab = model.cfg.vocab_size

@@ -33,10 +33,10 @@ from bench.forward import DTYPES, checkpoint  # noqa: E402
 from cluster.redis_server import RedisServer  # noqa: E402
 from replicas.engine import EngineConfig, LLMEngine  # noqa: E402
 from replicas.fingerprint import model_fingerprint  # noqa: E402
-from replicas.model import ExaoneMoeForCausalLM  # noqa: E402
 from replicas.prefix_manager import PrefixCacheConfig  # noqa: E402
 from replicas.redis_tier import RedisTier  # noqa: E402
 from replicas.sampling_params import SamplingParams  # noqa: E402
+from replicas.weights import load_causal_lm  # noqa: E402
 
 MAC_KEY = secrets.token_hex(32)  # this run's engines share it, as one cluster's replicas do
 
@@ -72,8 +72,8 @@ def part_ttft(args, server: RedisServer) -> None:
     import redis
 
     path = checkpoint(args.preset, args.dtype)
-    model = ExaoneMoeForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype],
-                                                 include_mtp=False, progress=False)  # fmt: skip
+    model = load_causal_lm(path, dtype=DTYPES[args.dtype],
+                           include_mtp=False, progress=False)  # fmt: skip
     vocab = model.cfg.vocab_size
     client = redis.Redis.from_url(server.url)
     rng = random.Random(0)
@@ -108,8 +108,8 @@ def part_workload(args, server: RedisServer) -> None:
     import redis
 
     path = checkpoint(args.workload_preset, args.dtype)
-    model = ExaoneMoeForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype],
-                                                 include_mtp=False, progress=False)  # fmt: skip
+    model = load_causal_lm(path, dtype=DTYPES[args.dtype],
+                           include_mtp=False, progress=False)  # fmt: skip
     vocab = model.cfg.vocab_size
     rng = random.Random(1)
     systems = [[rng.randrange(100, vocab) for _ in range(args.workload_system_tokens)]

@@ -72,6 +72,7 @@ from cluster.config import (  # noqa: E402
     EngineOptions,
     PrefixCacheOptions,
 )
+from replicas.weights import load_causal_lm  # noqa: E402
 
 BUNDLED = ROOT / "cluster" / "bundled_model"
 DEFAULT_VLLM_PYTHON = Path.home() / ".cache" / "exaone-peers" / "vllm-venv" / "bin" / "python"
@@ -260,14 +261,13 @@ def run_engine(config: ClusterConfig, work: Workload) -> dict:
 
     from replicas.async_engine import AsyncEngine
     from replicas.engine import LLMEngine
-    from replicas.model import ExaoneMoeForCausalLM
     from replicas.sampling_params import SamplingParams
     from replicas.weights import DTYPES
 
     torch.set_num_threads(config.engine_threads())
     start = time.perf_counter()
-    model = ExaoneMoeForCausalLM.from_pretrained(config.model_path, dtype=DTYPES[config.dtype],
-                                                 include_mtp=False, progress=False)  # fmt: skip
+    model = load_causal_lm(config.model_path, dtype=DTYPES[config.dtype],
+                           include_mtp=False, progress=False)  # fmt: skip
     engine = LLMEngine(model, engine_config(config))
     blocks, seqs = engine.cache.blocks.num_total, config.engine.max_num_seqs
     need = math.ceil((len(work.prompts[work.levels[0]][0]) + work.new_tokens)

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.forward import DTYPES, checkpoint  # noqa: E402
 from replicas.engine import EngineConfig, LLMEngine  # noqa: E402
-from replicas.model import ExaoneMoeForCausalLM  # noqa: E402
 from replicas.sampling_params import SamplingParams  # noqa: E402
+from replicas.weights import load_causal_lm  # noqa: E402
 
 PEER_SCRIPT = ROOT.parent / "shared" / "peers" / "bench_vllm.py"
 DEFAULT_VLLM_PYTHON = Path.home() / ".cache" / "exaone-peers" / "vllm-venv" / "bin" / "python"
@@ -123,7 +123,7 @@ def main() -> None:
     for preset in args.presets.split(","):
         path = checkpoint(preset, args.dtype)
         dtype = DTYPES[args.dtype]
-        ours = ExaoneMoeForCausalLM.from_pretrained(path, dtype=dtype, include_mtp=False)
+        ours = load_causal_lm(path, dtype=dtype, include_mtp=False)
         hf = None if args.no_hf else HFModel.from_pretrained(path, dtype=dtype)
         vocab = ours.cfg.vocab_size
         warm = prompts_for(2, args.prompt_tokens, vocab, seed=99)

@@ -47,7 +47,8 @@ def _align_block_size(topk_ids, num_experts, block_size, sorted_ids, expert_ids,
 def main() -> int:
     from cluster.presets import PRESETS
     from replicas import vllm_kernels  # noqa: F401  (imports cleanly without vllm loaded)
-    from replicas.kv_cache import HybridKVCache, SeqChunk
+    from replicas.attention_batch import SeqChunk
+    from replicas.kv_cache import HybridKVCache
     from replicas.model import RoutedExperts
     from replicas.model_config import ModelConfig
 

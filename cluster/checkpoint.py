@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from cluster.presets import PRESETS, WEIGHTLESS_PRESETS
 from cluster.tokenizer_build import write_tokenizer
-from replicas.model import ExaoneMoeForCausalLM, Router, checkpoint_sources
+from replicas.model import ExaoneMoeForCausalLM, MoEGate, checkpoint_sources
 from replicas.model_config import ModelConfig
 from replicas.weights import DTYPES, INDEX_FILE, materialize
 
@@ -72,7 +72,7 @@ def checkpoint_tensors(model: ExaoneMoeForCausalLM, dtype: torch.dtype) -> dict[
     out = {}
     for name, tensor in model.state_dict().items():
         owner = model.get_submodule(name.rpartition(".")[0])
-        keep_fp32 = isinstance(owner, Router) and name.endswith("e_score_correction_bias")
+        keep_fp32 = isinstance(owner, MoEGate) and name.endswith("e_score_correction_bias")
         for piece in checkpoint_sources(model.cfg, name, tensor.shape, owner, fused_experts=False):
             out[piece.key] = (
                 tensor[piece.dst].to(torch.float32 if keep_fp32 else dtype).contiguous()

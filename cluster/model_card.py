@@ -21,8 +21,9 @@ import torch
 
 from cluster.chat_corpus import TASKS, chats
 from replicas.engine import EngineConfig, LLMEngine
-from replicas.model import ExaoneMoeForCausalLM, count_parameters
+from replicas.model import count_parameters
 from replicas.sampling_params import SamplingParams
+from replicas.weights import load_causal_lm
 from router.parsing import ToolCall, parse_output
 from router.tokenizer import Tokenizer
 
@@ -68,7 +69,7 @@ def evaluate(path: str | Path, num_chats: int = 64, k: int = 3, max_tokens: int 
     """Greedy answers with k MTP drafts -> accuracy per family, acceptance, sample transcripts."""
     path = Path(path)
     tok = Tokenizer(path)
-    model = ExaoneMoeForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = load_causal_lm(path, dtype=torch.float32)
     items = turns(num_chats)
     prompts = [tok.encode(tok.render_chat(t["messages"], tools=t["tools"])) for t in items]
     engine = LLMEngine(model, EngineConfig(max_num_seqs=len(prompts), block_size=16,

@@ -17,12 +17,11 @@ import torch
 from replicas.async_engine import AsyncEngine, OutputSink
 from replicas.dispatch import ExpertDispatcher, ExpertTransport
 from replicas.engine import EngineConfig, LLMEngine
-from replicas.model import ExaoneMoeForCausalLM
 from replicas.outputs import QueueFullError, RequestOutput
 from replicas.prefix_manager import PrefixCacheStats
 from replicas.redis_tier import RedisTier
 from replicas.sampling_params import SamplingParams
-from replicas.weights import DTYPES, resident_bytes
+from replicas.weights import DTYPES, load_causal_lm, resident_bytes
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ class AttentionShard:
             raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
         if num_threads:
             torch.set_num_threads(num_threads)
-        model = ExaoneMoeForCausalLM.from_pretrained(
+        model = load_causal_lm(
             model_path,
             dtype=DTYPES[dtype],
             device=device,

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 import torch
 
 from replicas import decode_path, kernel_backend
+from replicas.attention_batch import SeqChunk
 from replicas.dispatch import ExpertDispatcher, run_microbatches, split_balanced
 from replicas.draft_policy import AcceptanceTracker, DraftPolicy, DraftPolicyConfig
-from replicas.kv_cache import HybridKVCache, SeqChunk, kv_footprint
-from replicas.model import ExaoneMoeForCausalLM
+from replicas.kv_cache import HybridKVCache, kv_footprint
+from replicas.model import ExaoneMoeForCausalLM, use_expert_kernels
 from replicas.outputs import RequestOutput, RequestRejectedError, StepFailedError, TokenLogprob
 from replicas.prefix_cache import PrefixBlockPool
 from replicas.prefix_manager import PrefixCacheConfig, PrefixCacheManager
@@ -123,7 +124,7 @@ class LLMEngine:
             raise ValueError("speculative decoding needs the model's MTP block (include_mtp)")
         self.kernels = kernel_backend.choose(config.kernels, self.device)
         logger.info("engine kernels: %s (%s)", self.kernels.name, self.kernels.reason)
-        kernel_backend.apply(model, self.kernels.name)
+        use_expert_kernels(model, self.kernels.name)
         self.cache = HybridKVCache(
             cfg, num_blocks, config.block_size, config.max_num_seqs, dtype, self.device, pool,
             include_mtp=bool(self.spec_tokens), spec_tokens=self.spec_tokens,

@@ -22,8 +22,8 @@ import torch
 
 from replicas import kernel_backend
 from replicas.expert_load import LoadWindow
-from replicas.model import ExpertStack, RoutedExperts
-from replicas.weights import DTYPES, resident_bytes
+from replicas.model import RoutedExperts, use_expert_kernels
+from replicas.weights import DTYPES, load_expert_stack, resident_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +81,14 @@ class ExpertGroup:
             torch.set_num_threads(num_threads)
         self.group, self.model_path, self.dtype = group, model_path, DTYPES[dtype]
         self.device = torch.device(device)
-        self.stack = ExpertStack.from_pretrained(
+        self.stack = load_expert_stack(
             model_path, expert_ids, dtype=self.dtype, device=device, progress=False
         )
         self.cfg = self.stack.cfg
         self.kernels = kernel_backend.choose(kernels, self.device)
         logger.info("expert group %d kernels: %s (%s)", group, self.kernels.name,
                     self.kernels.reason)  # fmt: skip
-        kernel_backend.apply(self.stack, self.kernels.name)
+        use_expert_kernels(self.stack, self.kernels.name)
         self._lock = threading.Lock()
         self._num_calls = 0
         self._tokens = torch.zeros(self.cfg.num_experts, dtype=torch.long)  # by global id
@@ -149,9 +149,9 @@ class ExpertGroup:
                    holdings.items()}  # fmt: skip
         missing = {layer: ids for layer, ids in missing.items() if ids}
         if missing:
-            fresh = ExpertStack.from_pretrained(self.model_path, missing, dtype=self.dtype,
-                                                device=self.device, layers=list(missing),
-                                                progress=False)  # fmt: skip
+            fresh = load_expert_stack(self.model_path, missing, dtype=self.dtype,
+                                      device=self.device, layers=list(missing),
+                                      progress=False)  # fmt: skip
             for layer, ids in missing.items():
                 mine = self.stack.experts(layer)
                 merged = RoutedExperts.gather(self.cfg, mine.expert_ids + tuple(ids),

@@ -10,18 +10,19 @@
   CPU torch (its C kernels are faster there than Triton's interpreter by far).
 
 ``choose`` is pure apart from what it reads of the environment (installed packages, env vars),
-so it is unit-tested; ``apply`` sets the choice on a model's modules.
+so it is unit-tested; the model applies the choice to its modules
+(``replicas.model.use_expert_kernels``): this module imports no model code.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
+
+from replicas.kernel_env import interpreting
 
 Kernels = Literal["auto", "torch", "triton", "vllm"]
 KERNELS: tuple[str, ...] = ("auto", "torch", "triton", "vllm")
@@ -37,10 +38,6 @@ class KernelChoice:
 
 def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def unavailable(name: str, device: torch.device) -> str | None:
@@ -79,15 +76,6 @@ def choose(requested: str, device: str | torch.device) -> KernelChoice:
         if reason is None:
             return KernelChoice(name, f"auto: CUDA device and {name} is installed")
     return KernelChoice("torch", "auto: CUDA device, neither vllm nor triton is installed")
-
-
-def apply(module: nn.Module, name: str) -> None:
-    """Make every routed-expert block in ``module`` compute with kernels ``name``."""
-    from replicas.model import RoutedExperts
-
-    for m in module.modules():
-        if isinstance(m, RoutedExperts):
-            m.kernels = name
 
 
 def moe_experts(name: str):

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from replicas import cpu_kernels, kernel_backend
+from replicas.attention_batch import AttentionBatch, SeqChunk
 from replicas.block_pool import BlockPool
 from replicas.model import Attend
 from replicas.model_config import SLIDING, ModelConfig
@@ -69,16 +70,6 @@ def kv_footprint(cfg: ModelConfig, dtype_bytes: int = 2, include_mtp: bool = Fal
         sliding_bytes_per_sequence=num_sliding * kept * per_token_layer,
         sliding_bytes_per_inflight_token=num_sliding * per_token_layer,
     )
-
-
-@dataclass(frozen=True)
-class SeqChunk:
-    """What one sequence computes in a step."""
-
-    num_computed: int  # positions already in the cache
-    num_new: int  # new tokens this step (positions num_computed ..)
-    block_ids: Sequence[int]  # global block table, covering num_computed + num_new
-    slot: int  # sliding-state row
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,8 +239,6 @@ class StepAttention:
         if self.kernels == "torch":
             self._torch_indices(chunks, computed, total, q_pos, tables, slots, pool)
         else:
-            from replicas.triton_attention import AttentionBatch
-
             group = cache.cfg.num_attention_heads // cache.cfg.num_key_value_heads
             self.batch = AttentionBatch.build(chunks, starts, num_new, computed, tables, slots,
                                               group)  # fmt: skip

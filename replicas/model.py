@@ -26,7 +26,6 @@ fused into one (q/k/v -> ``qkv_proj``, gate/up -> ``gate_up_proj``, per-expert t
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import torch
@@ -264,7 +263,7 @@ class ExpertCall(NamedTuple):
     routing: Routing
 
 
-class Router(nn.Module):
+class MoEGate(nn.Module):
     """fp32 sigmoid router with DeepSeek-V3 "noaux_tc" selection (bias for choice only)."""
 
     def __init__(self, cfg: ModelConfig):
@@ -321,7 +320,7 @@ class RoutedExperts(nn.Module):
     so expert groups that each hold a slice fill disjoint rows of the same slot buffer.
     """
 
-    kernels = "torch"  # or "triton" / "vllm": replicas.kernel_backend.apply sets it
+    kernels = "torch"  # or "triton" / "vllm": use_expert_kernels sets it
 
     def __init__(self, cfg: ModelConfig, expert_ids: Sequence[int]):
         super().__init__()
@@ -511,6 +510,13 @@ class RoutedExperts(nn.Module):
         return x.dtype != torch.float32 or small or few_rows
 
 
+def use_expert_kernels(module: nn.Module, name: str) -> None:
+    """Make every routed-expert block in ``module`` compute with kernels ``name`` (torch,
+    triton or vllm: replicas.kernel_backend.choose)."""
+    for m in module.modules():
+        if isinstance(m, RoutedExperts):
+            m.kernels = name
+
 class ExpertRows(NamedTuple):
     """The routed experts' answer for one MoE layer: slot s's unweighted output (activation
     dtype) is ``y[row_of_slot[s]]``. Rows come grouped by expert, possibly with padding rows,
@@ -566,11 +572,11 @@ def weighted_sum(rows: ExpertRows, topk_weights: torch.Tensor) -> torch.Tensor:
 
 
 class SparseMoE(nn.Module):
-    """Router + routed experts (possibly a subset, possibly none) + always-on shared expert(s)."""
+    """Gate + routed experts (possibly a subset, possibly none) + always-on shared expert(s)."""
 
     def __init__(self, cfg: ModelConfig, expert_ids: Sequence[int]):
         super().__init__()
-        self.gate = Router(cfg)
+        self.gate = MoEGate(cfg)
         self.experts = RoutedExperts(cfg, expert_ids) if len(expert_ids) else None
         self.shared_experts = SwiGLU(
             cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts
@@ -673,7 +679,7 @@ class ExaoneMoeModel(nn.Module):
 class ExaoneMoeForCausalLM(nn.Module):
     """EXAONE-MoE with the transformers-style API:
 
-    >>> model = ExaoneMoeForCausalLM.from_pretrained(path, dtype=torch.float32)
+    >>> model = replicas.weights.load_causal_lm(path, dtype=torch.float32)
     >>> logits = model(input_ids)  # [B, T] LongTensor -> [B, T, V]
 
     ``layers`` / ``expert_ids`` build a partial model (a layer range, a subset of routed experts);
@@ -806,16 +812,6 @@ class ExaoneMoeForCausalLM(nn.Module):
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
         return self.mtp(embeds, hidden, cos, sin, backend.attend_fn(layer))
 
-    # ---- loading ---------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **options) -> ExaoneMoeForCausalLM:
-        """Load from a local Hugging Face-layout directory. Options (see
-        ``replicas.weights.load_model``): dtype, device, layers, expert_ids, include_mtp,
-        progress."""
-        from replicas.weights import load_model
-
-        return load_model(cls, path, **options)
-
 
 class ExpertStack(nn.Module):
     """Only the routed experts ``expert_ids`` of every MoE layer (or, given a mapping, those of
@@ -855,17 +851,6 @@ class ExpertStack(nn.Module):
 
     def experts(self, layer: int) -> RoutedExperts:
         return self.model.layers[str(layer)].mlp.experts
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str | Path, expert_ids: Iterable[int], dtype: torch.dtype = torch.bfloat16,
-        device: str | torch.device = "cpu", layers: Iterable[int] | None = None,
-        progress: bool | None = None,
-    ) -> ExpertStack:  # fmt: skip
-        from replicas.weights import load_model
-
-        return load_model(cls, path, dtype=dtype, device=device, layers=layers,
-                          expert_ids=expert_ids, include_mtp=False, progress=progress)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,18 +27,13 @@ has no bf16 matmul); see replicas.triton_moe.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
+from replicas.attention_batch import AttentionBatch
 from replicas.triton_moe import INTERPRET
-
-if TYPE_CHECKING:
-    from replicas.kv_cache import SeqChunk
 
 NEG_INIT = -1.0e30  # running max before any key: finite, so fully masked tiles give exp(-inf) = 0
 
@@ -204,50 +199,6 @@ def _combine_splits_kernel(
         out.to(out_ptr.dtype.element_ty),
         mask=row_ok[:, None] & (d < head_dim)[None, :],
     )
-
-
-@dataclass(frozen=True)
-class AttentionBatch:
-    """A step's sequences as the kernel reads them (built once per step, shared by all layers)."""
-
-    q_start: torch.Tensor  # [B]: first row of each chunk in the flat [N] tokens
-    num_new: torch.Tensor  # [B]
-    computed: torch.Tensor  # [B]: positions already cached
-    block_tables: torch.Tensor  # [B, blocks] (global layers)
-    slots: torch.Tensor  # [B] (sliding layers' ring)
-    tile_seq: torch.Tensor  # [tiles] int32
-    tile_q0: torch.Tensor  # [tiles] int32
-    block_q: int
-    seqs: tuple[tuple[int, int, int], ...]  # (num_new, computed, slot) of each, on the host
-    q_starts: tuple[int, ...]  # q_start on the host
-    max_q: int  # most new tokens of a sequence
-    max_k: int  # most positions (cached + new) of a sequence
-
-    @classmethod
-    def build(cls, chunks: Sequence[SeqChunk], q_start: torch.Tensor, num_new: torch.Tensor,
-              computed: torch.Tensor, block_tables: torch.Tensor, slots: torch.Tensor,
-              group: int) -> AttentionBatch:  # fmt: skip
-        """From a step's chunks (on the host) and the per-sequence tensors StepAttention made
-        of them (on the device)."""
-        g_pad = triton.next_power_of_2(group)
-        max_q = max(c.num_new for c in chunks)
-        rows = 16 if max_q == 1 else 64  # query rows per program (tl.dot needs >= 16)
-        block_q = max(1, rows // g_pad)
-        tile_seq, tile_q0, starts, offset = [], [], [], 0
-        for b, c in enumerate(chunks):
-            starts.append(offset)
-            offset += c.num_new
-            for q0 in range(0, c.num_new, block_q):
-                tile_seq.append(b)
-                tile_q0.append(q0)
-
-        def ints(values):
-            return torch.tensor(values, dtype=torch.int32, device=q_start.device)
-
-        return cls(q_start, num_new, computed, block_tables, slots, ints(tile_seq), ints(tile_q0),
-                   block_q, tuple((c.num_new, c.num_computed, c.slot) for c in chunks),
-                   tuple(starts), max_q, max(c.num_new + c.num_computed for c in chunks),
-                   )  # fmt: skip
 
 
 BLOCK_N = 32  # keys per tile

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from replicas.triton_attention import AttentionBatch
+from replicas.attention_batch import AttentionBatch
 
 SCRATCH_BLOCK = 16  # rows per scratch block for sliding layers
 

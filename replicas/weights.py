@@ -25,7 +25,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from replicas.model import ExaoneMoeForCausalLM, Piece, Router, checkpoint_sources
+from replicas.model import ExaoneMoeForCausalLM, ExpertStack, MoEGate, Piece, checkpoint_sources
 from replicas.model_config import DTYPE_NAMES, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: str | torch.device
     correction bias stays fp32), ready to be filled by ``copy_pieces``."""
     model.to(dtype)
     for m in model.modules():
-        if isinstance(m, Router):
+        if isinstance(m, MoEGate):
             m.e_score_correction_bias = m.e_score_correction_bias.float()
     model.to_empty(device=device)
     for m in model.modules():
@@ -264,6 +264,24 @@ def load_model(
     model.eval()
     model.checkpoint_path = index.path
     return model
+
+
+def load_causal_lm(path: str | Path, **options) -> ExaoneMoeForCausalLM:
+    """The whole model (or a layer range / expert subset) from a local Hugging Face-layout
+    directory. Options as ``load_model``: dtype, device, layers, expert_ids, include_mtp,
+    progress."""
+    return load_model(ExaoneMoeForCausalLM, path, **options)
+
+
+def load_expert_stack(
+    path: str | Path, expert_ids: Iterable[int], dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu", layers: Iterable[int] | None = None,
+    progress: bool | None = None,
+) -> ExpertStack:  # fmt: skip
+    """Only the routed experts ``expert_ids`` of every MoE layer (or of ``layers``): what an
+    expert group holds, reading only those experts' bytes."""
+    return load_model(ExpertStack, path, dtype=dtype, device=device, layers=layers,
+                      expert_ids=expert_ids, include_mtp=False, progress=progress)  # fmt: skip
 
 
 def _build(cls, cfg, layers, expert_ids, include_mtp):

@@ -9,11 +9,13 @@ import importlib.util
 import pytest
 import torch
 
+from replicas.attention_batch import SeqChunk
 from replicas.engine import EngineConfig, LLMEngine
-from replicas.kv_cache import HybridKVCache, SeqChunk
-from replicas.model import ExaoneMoeForCausalLM, RoutedExperts
+from replicas.kv_cache import HybridKVCache
+from replicas.model import RoutedExperts
 from replicas.model_config import ModelConfig
 from replicas.sampling_params import SamplingParams
+from replicas.weights import load_causal_lm
 
 pytestmark = pytest.mark.gpu
 
@@ -90,7 +92,7 @@ def test_small_preset_greedy_outputs_identical_across_kernels(small):
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(2, 8192, (n,), generator=g).tolist() for n in (5, 150, 700, 40)]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    model = ExaoneMoeForCausalLM.from_pretrained(small, dtype=torch.float32, device="cuda")
+    model = load_causal_lm(small, dtype=torch.float32, device="cuda")
     outputs = {}
     for kernels in ["torch", *KERNELS]:
         for spec in (0, 2):

@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 from cluster.redis_server import free_port  # noqa: F401  (the tests import it from here)
+from replicas.weights import load_causal_lm
 
 
 def on_free_port(config):
@@ -86,10 +87,9 @@ def colocated_outputs(ckpt, prompts, new_tokens: int, max_model_len: int = 384) 
     import torch
 
     from replicas.engine import EngineConfig, LLMEngine
-    from replicas.model import ExaoneMoeForCausalLM
     from replicas.sampling_params import SamplingParams
 
-    model = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    model = load_causal_lm(ckpt, dtype=torch.float32)
     engine = LLMEngine(model, EngineConfig(max_num_seqs=32, block_size=8,
                                            max_model_len=max_model_len))  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)

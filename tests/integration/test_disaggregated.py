@@ -28,9 +28,9 @@ from cluster.expert_transport import WORKER_NAMESPACE, worker_prefix
 from cluster.local import APP_NAME, start_local
 from cluster.redis_server import RedisServer
 from replicas.engine import EngineConfig, LLMEngine
-from replicas.model import ExaoneMoeForCausalLM
 from replicas.model_config import ModelConfig
 from replicas.sampling_params import SamplingParams
+from replicas.weights import load_causal_lm
 from router.client import Completion, GenerationClient, build_request
 from tests.integration.conftest import colocated_reference, free_port, on_free_port
 
@@ -196,8 +196,8 @@ def test_each_replica_holds_only_its_experts(cluster, served_ckpt):
             seen.update(stats.expert_ids)
         assert seen == set(range(cfg.num_experts))
         shard = serve.get_deployment_handle("AttentionShard", app).stats.remote().result()
-        full = ExaoneMoeForCausalLM.from_pretrained(served_ckpt, dtype=torch.float32,
-                                                    include_mtp=True)  # fmt: skip
+        full = load_causal_lm(served_ckpt, dtype=torch.float32,
+                              include_mtp=True)  # fmt: skip
         full_bytes = sum(t.numel() * t.element_size() for t in full.state_dict().values())
         assert shard.resident_bytes == full_bytes - cfg.num_experts * per_expert
 
@@ -226,7 +226,7 @@ def test_a_replica_that_never_saw_a_prefix_gets_it_from_redis(cluster, served_ck
     resumed by the "four-groups" application's own attention replica through Redis."""
     shared = list(range(500, 540))
     prompts = [shared + [7, 8, 9], shared + [10, 11]]
-    model = ExaoneMoeForCausalLM.from_pretrained(served_ckpt, dtype=torch.float32)
+    model = load_causal_lm(served_ckpt, dtype=torch.float32)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     want = LLMEngine(model, EngineConfig(block_size=8, kv_cache_bytes=32 << 20)).generate(
         prompts, params

@@ -21,9 +21,9 @@ from cluster.config import ClusterConfig, EngineOptions
 from cluster.local import APP_NAME, start_local
 from protos.exaone.v1 import generation_pb2_grpc as pb_grpc
 from replicas.engine import EngineConfig, LLMEngine
-from replicas.model import ExaoneMoeForCausalLM
 from replicas.model_config import ModelConfig
 from replicas.sampling_params import SamplingParams
+from replicas.weights import load_causal_lm
 from router.client import GenerationClient, build_request
 from tests.bad_inputs import BAD_INPUTS
 from tests.integration.conftest import descendants, free_port, listening_addresses, on_free_port
@@ -75,7 +75,7 @@ def prompts(n):
 @pytest.fixture(scope="module")
 def reference(served_ckpt):
     """Greedy outputs of the same prompts from the engine in this process."""
-    model = ExaoneMoeForCausalLM.from_pretrained(served_ckpt, dtype=torch.float32)
+    model = load_causal_lm(served_ckpt, dtype=torch.float32)
     engine = LLMEngine(model, EngineConfig(max_num_seqs=32, block_size=8, max_model_len=384))
     ps = prompts(32)
     outs = engine.generate(ps, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))

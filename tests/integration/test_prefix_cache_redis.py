@@ -18,10 +18,10 @@ from cluster.redis_server import RedisServer, find_redis_server
 from replicas import kv_format as fmt
 from replicas.engine import EngineConfig, LLMEngine
 from replicas.fingerprint import model_fingerprint
-from replicas.model import ExaoneMoeForCausalLM
 from replicas.prefix_manager import PrefixCacheConfig, stored_bytes_per_token
 from replicas.redis_tier import MAC_BYTES, RedisTier
 from replicas.sampling_params import SamplingParams
+from replicas.weights import load_causal_lm
 
 MAC_KEY = "test-secret"  # what every replica of one cluster shares
 KV = 32 << 20  # KV pool bytes per engine (the 1 GiB default, times many engines, adds up)
@@ -46,7 +46,7 @@ def rds(server):
 @pytest.fixture(scope="module")
 def tiny(make_ckpt):
     path = make_ckpt("tiny")
-    model = ExaoneMoeForCausalLM.from_pretrained(path, dtype=torch.float32, include_mtp=False)
+    model = load_causal_lm(path, dtype=torch.float32, include_mtp=False)
     return path, model
 
 
@@ -256,7 +256,7 @@ def test_each_block_is_written_once_per_request(make_ckpt, server, rds, report):
     the blocks the earlier ones did not (it used to send all 32 blocks of 512 tokens again at
     every boundary: 4.5x the blocks). Bytes written <= 1.1x the bytes Redis ends up holding."""
     path = make_ckpt("tiny", max_position_embeddings=8192)
-    model = ExaoneMoeForCausalLM.from_pretrained(path, dtype=torch.float32, include_mtp=False)
+    model = load_causal_lm(path, dtype=torch.float32, include_mtp=False)
     r = Replicas((path, model), server.url)
     try:
         engine = r.new(interval=512, max_model_len=8192)

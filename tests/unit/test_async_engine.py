@@ -9,8 +9,8 @@ import torch
 
 from replicas.async_engine import AsyncEngine
 from replicas.engine import EngineConfig, LLMEngine
-from replicas.model import ExaoneMoeForCausalLM
 from replicas.sampling_params import SamplingParams
+from replicas.weights import load_causal_lm
 from router.stream import stream_text
 from router.tokenizer import Tokenizer
 
@@ -18,7 +18,7 @@ from router.tokenizer import Tokenizer
 @pytest.fixture(scope="module")
 def setup(make_ckpt):
     path = make_ckpt(dtype="float32")
-    model = ExaoneMoeForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = load_causal_lm(path, dtype=torch.float32)
     return model, Tokenizer(path)
 
 

@@ -12,8 +12,8 @@ from cluster import model_card
 from cluster.serve_cmd import BUNDLED_MODEL, default_model
 from cluster.train_bundled import BUNDLED
 from replicas.engine import EngineConfig, LLMEngine
-from replicas.model import ExaoneMoeForCausalLM
 from replicas.sampling_params import SamplingParams
+from replicas.weights import load_causal_lm
 from router.tokenizer import Tokenizer
 
 
@@ -50,7 +50,7 @@ def test_the_cards_evaluation_reproduces():
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_drafting_keeps_greedy_outputs_identical_when_drafts_are_accepted(k):
-    model = ExaoneMoeForCausalLM.from_pretrained(BUNDLED_MODEL, dtype=torch.float32)
+    model = load_causal_lm(BUNDLED_MODEL, dtype=torch.float32)
     tok = Tokenizer(BUNDLED_MODEL)
     prompts = [tok.encode(tok.render_chat(t["messages"], tools=t["tools"]))
                for t in model_card.turns(16, seed=777)]  # fmt: skip

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from replicas.gemm_rows import pad_rows, padded_rows, pads_rows
-from replicas.model import ExaoneMoeForCausalLM, ExpertRows, Linear, RoutedExperts, weighted_sum
+from replicas.model import ExpertRows, Linear, RoutedExperts, weighted_sum
+from replicas.weights import load_causal_lm
 
 
 def test_padded_rows_few_sizes_little_waste():
@@ -80,7 +81,7 @@ def _slot_reference(experts: RoutedExperts, x: torch.Tensor, topk_ids: torch.Ten
 @pytest.mark.parametrize("grouped", [True, False])
 def test_bf16_experts_pad_each_expert_and_return_slot_rows(make_ckpt, monkeypatch, grouped):
     ckpt = make_ckpt(dtype="bfloat16")  # tiny: hidden 64, 8 experts, top-2
-    model = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, include_mtp=False)
+    model = load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False)
     layer = model.model.layers[str(model.cfg.moe_layers[0])].mlp
     experts = layer.experts
     monkeypatch.setattr(RoutedExperts, "_use_grouped_mm", lambda self, x, n: grouped)

@@ -17,10 +17,10 @@ from replicas.model import (
     AVX512_LINEAR_MAX_ROWS,
     KERNEL_MAX_ROWS_PER_CACHED_EXPERT,
     KERNEL_MAX_ROWS_PER_EXPERT,
-    ExaoneMoeForCausalLM,
     Linear,
     RoutedExperts,
 )
+from replicas.weights import load_causal_lm
 
 CAN_BUILD = torch.cpu._is_avx512_bf16_supported() and shutil.which("cc") is not None
 
@@ -155,7 +155,7 @@ def test_routed_experts_pick_the_kernel_by_rows_per_expert(make_ckpt, monkeypatc
     kernel up to kernel_max_rows() (24 for these small, cache-resident experts, 12 for larger
     ones) and PyTorch beyond. Every result matches the PyTorch path."""
     ckpt = make_ckpt(dtype="bfloat16")
-    model = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, include_mtp=False)
+    model = load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False)
     experts = model.model.layers[str(model.cfg.moe_layers[0])].mlp.experts
     assert isinstance(experts, RoutedExperts)
     e, k = model.cfg.num_experts, model.cfg.num_experts_per_tok

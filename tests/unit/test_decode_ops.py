@@ -12,12 +12,12 @@ import torch
 from replicas import cpu_kernels
 from replicas.model import (
     FUSED_DECODE_MAX_ROWS,
-    ExaoneMoeForCausalLM,
     RMSNorm,
     apply_rope,
     rope_cos_sin,
     weighted_sum,
 )
+from replicas.weights import load_causal_lm
 
 CAN_BUILD = torch.cpu._is_avx512_bf16_supported() and shutil.which("cc") is not None
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="covered by the availability test")
@@ -110,7 +110,7 @@ def test_model_fuses_decode_rows_only(make_ckpt, monkeypatch):
     assert calls == []  # fp32: PyTorch
 
     ckpt = make_ckpt(dtype="bfloat16")
-    model = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, include_mtp=False)
+    model = load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False)
     ids = torch.randint(0, model.cfg.vocab_size, (1, 6))
     with torch.no_grad():
         fused = model(ids)
@@ -155,7 +155,7 @@ def test_fused_moe_layer_equals_the_unfused_path_bit_for_bit(make_ckpt):
     replica combining expert groups' rows stay equal; it declines experts held elsewhere and
     rows per expert past its limit, and rejects ids out of range."""
     ckpt = make_ckpt(dtype="bfloat16")
-    model = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, include_mtp=False)
+    model = load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False)
     moe = model.model.layers[str(model.cfg.moe_layers[0])].mlp
     experts = moe.experts
     g = torch.Generator().manual_seed(5)

@@ -11,8 +11,8 @@ import torch
 from replicas import decode_path
 from replicas import engine as engine_module
 from replicas.engine import EngineConfig, LLMEngine
-from replicas.model import ExaoneMoeForCausalLM
 from replicas.sampling_params import SamplingParams
+from replicas.weights import load_causal_lm
 
 CAN_BUILD = torch.cpu._is_avx512_bf16_supported() and shutil.which("cc") is not None
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs AVX512-BF16 and a C compiler")
@@ -45,8 +45,8 @@ def _step_hiddens(model, prompts, use_decode_path: bool, monkeypatch) -> tuple[l
 @needs_kernel
 @pytest.mark.parametrize("batch", [1, 6, 20])  # 20: past the rows the dense kernel takes
 def test_decode_path_equals_the_module_path_bit_for_bit(make_ckpt, monkeypatch, batch):
-    model = ExaoneMoeForCausalLM.from_pretrained(make_ckpt(dtype="bfloat16"),
-                                                 dtype=torch.bfloat16)  # fmt: skip
+    model = load_causal_lm(make_ckpt(dtype="bfloat16"),
+                           dtype=torch.bfloat16)  # fmt: skip
     g = torch.Generator().manual_seed(batch)
     prompts = [torch.randint(5, 1000, (int(n),), generator=g).tolist()
                for n in torch.randint(3, 30, (batch,), generator=g)]  # fmt: skip
@@ -62,7 +62,7 @@ def test_decode_path_equals_the_module_path_bit_for_bit(make_ckpt, monkeypatch, 
 def test_decode_path_declines_fp32_models(make_ckpt):
     """An fp32 model (and any step that is not a decode-only bf16 CPU step) keeps the module
     path."""
-    model = ExaoneMoeForCausalLM.from_pretrained(make_ckpt(dtype="float32"), dtype=torch.float32)
+    model = load_causal_lm(make_ckpt(dtype="float32"), dtype=torch.float32)
     engine = LLMEngine(model, EngineConfig(max_num_batched_tokens=256, max_num_seqs=4,
                                            block_size=16, kv_cache_bytes=4 << 20))  # fmt: skip
     engine.add_request("a", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=3))

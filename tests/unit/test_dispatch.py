@@ -17,10 +17,10 @@ from replicas.dispatch import (
 )
 from replicas.engine import EngineConfig, LLMEngine
 from replicas.expert_group import ExpertGroup, ExpertNotHeldError
-from replicas.model import ExaoneMoeForCausalLM
 from replicas.outputs import StepFailedError
 from replicas.placement import ExpertMap, ExpertPlacement
 from replicas.sampling_params import SamplingParams
+from replicas.weights import load_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +30,12 @@ def ckpt(make_ckpt):
 
 @pytest.fixture(scope="module")
 def colocated(ckpt):
-    return ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32, include_mtp=False)
+    return load_causal_lm(ckpt, dtype=torch.float32, include_mtp=False)
 
 
 @pytest.fixture(scope="module")
 def attention_only(ckpt):
-    return ExaoneMoeForCausalLM.from_pretrained(
+    return load_causal_lm(
         ckpt, dtype=torch.float32, include_mtp=False, expert_ids=()
     )
 

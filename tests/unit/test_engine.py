@@ -8,12 +8,14 @@ from transformers import ExaoneMoeForCausalLM as HFModel
 
 from cluster.presets import PRESETS
 from replicas import cpu_kernels
+from replicas.attention_batch import SeqChunk
 from replicas.engine import EngineConfig, LLMEngine
-from replicas.kv_cache import HybridKVCache, SeqChunk, kv_footprint
+from replicas.kv_cache import HybridKVCache, kv_footprint
 from replicas.model import ExaoneMoeForCausalLM
 from replicas.model_config import ModelConfig
 from replicas.request import FinishReason
 from replicas.sampling_params import SamplingParams
+from replicas.weights import load_causal_lm
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -21,7 +23,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 @pytest.fixture(scope="module")
 def tiny(make_ckpt):
     path = make_ckpt(dtype="float32")
-    return path, ExaoneMoeForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return path, load_causal_lm(path, dtype=torch.float32)
 
 
 def _prompts(n: int, lengths: tuple[int, int], vocab: int, seed: int = 0) -> list[list[int]]:
@@ -100,8 +102,8 @@ def test_cached_bf16_decode_is_as_close_to_fp32_as_a_bf16_forward(make_ckpt, mon
     the fp32 forward of the same weights; they must be no further from it than bf16's own
     full-sequence forward is (observed: 0.045 both, with or without the kernels)."""
     path = make_ckpt(dtype="bfloat16")
-    model = ExaoneMoeForCausalLM.from_pretrained(path, dtype=torch.bfloat16, include_mtp=False)
-    fp32 = ExaoneMoeForCausalLM.from_pretrained(path, dtype=torch.float32, include_mtp=False)
+    model = load_causal_lm(path, dtype=torch.bfloat16, include_mtp=False)
+    fp32 = load_causal_lm(path, dtype=torch.float32, include_mtp=False)
     calls = []
     kernel = cpu_kernels.decode_attention_bf16
     monkeypatch.setattr(

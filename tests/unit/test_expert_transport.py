@@ -13,10 +13,10 @@ from cluster.expert_transport import ServeHandleTransport, pack, unpack
 from replicas.async_engine import AsyncEngine
 from replicas.dispatch import ExpertDispatcher
 from replicas.engine import EngineConfig, LLMEngine
-from replicas.model import ExaoneMoeForCausalLM
 from replicas.outputs import ReplicaUnavailableError
 from replicas.placement import ExpertPlacement
 from replicas.sampling_params import SamplingParams
+from replicas.weights import load_causal_lm
 
 ANSWER = (torch.tensor([0]), torch.ones(1, 4))
 PACKED = (pack(ANSWER[0]), pack(ANSWER[1]))
@@ -70,7 +70,7 @@ def test_computation_errors_are_not_retried():
 
 
 def test_failed_step_ends_its_requests_and_frees_blocks(make_ckpt):
-    model = ExaoneMoeForCausalLM.from_pretrained(
+    model = load_causal_lm(
         make_ckpt(dtype="float32"), dtype=torch.float32, include_mtp=False, expert_ids=()
     )
     handle = _Handle([ReplicaUnavailableError("expert group 0: gone")] * 1000)

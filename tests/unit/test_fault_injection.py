@@ -8,8 +8,8 @@ import torch
 
 from replicas.engine import EngineConfig, LLMEngine
 from replicas.fault_injection import ENV, EngineThreadKilled, InjectedFault, arm
-from replicas.model import ExaoneMoeForCausalLM
 from replicas.sampling_params import SamplingParams
+from replicas.weights import load_causal_lm
 
 PROMPT = [5, 9, 13, 21, 34]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -17,8 +17,8 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def model(make_ckpt):
-    return ExaoneMoeForCausalLM.from_pretrained(make_ckpt(dtype="float32"), dtype=torch.float32,
-                                                include_mtp=True)  # fmt: skip
+    return load_causal_lm(make_ckpt(dtype="float32"), dtype=torch.float32,
+                          include_mtp=True)  # fmt: skip
 
 
 def _engine(model):

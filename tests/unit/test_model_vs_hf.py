@@ -10,6 +10,7 @@ from transformers import ExaoneMoeForCausalLM as HFModel
 
 from replicas.model import ExaoneMoeForCausalLM
 from replicas.model_config import ModelConfig
+from replicas.weights import load_causal_lm
 
 # Between them these cover every feature the issue lists; each names what it adds.
 FP32_CASES = {
@@ -47,7 +48,7 @@ def _ids(ckpt, batch, tokens, seed=0):
 def test_fp32_logits_equal_transformers(make_ckpt, case, report):
     spec = FP32_CASES[case]
     ckpt = make_ckpt(dtype="float32", **spec["config"])
-    ours = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    ours = load_causal_lm(ckpt, dtype=torch.float32)
     ref = HFModel.from_pretrained(ckpt, dtype=torch.float32, experts_implementation="eager")
     ids = _ids(ckpt, spec["batch"], spec["tokens"])
     assert ids.shape[1] >= 3 * ours.cfg.sliding_window
@@ -93,7 +94,7 @@ def test_comparison_detects_wrong_math(make_ckpt, change):
     spec = FP32_CASES["head_dim_window"]
     ckpt = make_ckpt(dtype="float32", **spec["config"])
     ref = HFModel.from_pretrained(ckpt, dtype=torch.float32, experts_implementation="eager")
-    good = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    good = load_causal_lm(ckpt, dtype=torch.float32)
     wrong = ExaoneMoeForCausalLM(change(good.cfg))
     wrong.load_state_dict(good.state_dict())
     ids = _ids(ckpt, spec["batch"], spec["tokens"])
@@ -108,7 +109,7 @@ def test_bf16_top1_agreement(make_ckpt, report):
     on CPU, torch 2.13); against the 'eager' experts path (bf16 index_add) ~0.05-0.3 and 98-99%
     top-1, which is why the path must be pinned."""
     ckpt = make_ckpt(dtype="bfloat16", sliding_window=16, initializer_range=0.05)
-    ours = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+    ours = load_causal_lm(ckpt, dtype=torch.bfloat16)
     ref = HFModel.from_pretrained(ckpt, dtype=torch.bfloat16, experts_implementation="grouped_mm")
     ids = _ids(ckpt, 4, 128)
     with torch.no_grad():
@@ -130,7 +131,7 @@ def test_bf16_top1_agreement(make_ckpt, report):
 
 def test_mtp_block_runs_and_is_loaded(make_ckpt):
     ckpt = make_ckpt(dtype="float32")
-    model = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    model = load_causal_lm(ckpt, dtype=torch.float32)
     assert model.mtp is not None
     ids = _ids(ckpt, 2, 12)
     draft = model.mtp_logits(ids)
@@ -148,8 +149,8 @@ def test_expert_loop_and_grouped_mm_agree_bitwise(make_ckpt, dtype, monkeypatch)
 
     ckpt = make_ckpt(dtype="float32")
     ids = _ids(ckpt, 2, 24)
-    full = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=dtype)
-    subset = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=dtype, expert_ids=[1, 2, 5])
+    full = load_causal_lm(ckpt, dtype=dtype)
+    subset = load_causal_lm(ckpt, dtype=dtype, expert_ids=[1, 2, 5])
     layer = full.cfg.moe_layers[0]
     x = torch.randn(48, full.cfg.hidden_size, dtype=dtype)
     routing = full.model.layers[str(layer)].mlp.gate(x)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replicas.kv_cache import HybridKVCache, SeqChunk
-from replicas.model import ExaoneMoeForCausalLM
+from replicas.attention_batch import SeqChunk
+from replicas.kv_cache import HybridKVCache
+from replicas.weights import load_causal_lm
 
 
 @pytest.fixture(scope="module")
 def tiny(make_ckpt):
     path = make_ckpt(dtype="float32")  # window 8, MTP layer sliding like layer 0
-    model = ExaoneMoeForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = load_causal_lm(path, dtype=torch.float32)
     assert model.mtp is not None
     return model
 

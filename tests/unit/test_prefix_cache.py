@@ -11,7 +11,6 @@ import torch
 from cluster.presets import PRESETS
 from replicas import kv_format as fmt
 from replicas.engine import EngineConfig, LLMEngine
-from replicas.model import ExaoneMoeForCausalLM
 from replicas.model_config import ModelConfig
 from replicas.prefix_cache import (
     PrefixBlockPool,
@@ -22,6 +21,7 @@ from replicas.prefix_cache import (
 )
 from replicas.prefix_manager import PrefixCacheConfig, stored_bytes_per_token
 from replicas.sampling_params import SamplingParams
+from replicas.weights import load_causal_lm
 
 KV = 32 << 20  # KV pool bytes per engine (the 1 GiB default, times many engines, adds up)
 
@@ -134,7 +134,7 @@ def test_stored_bytes_per_token_k_exaone_against_all_layers(report):
 @pytest.fixture(scope="module")
 def tiny_model(make_ckpt):
     path = make_ckpt("tiny")
-    return ExaoneMoeForCausalLM.from_pretrained(path, dtype=torch.float32, include_mtp=False)
+    return load_causal_lm(path, dtype=torch.float32, include_mtp=False)
 
 
 def _prompts(prefix_len: int, n: int, seed: int = 0):

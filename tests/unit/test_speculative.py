@@ -10,18 +10,18 @@ from replicas.dispatch import ExpertDispatcher, InProcessTransport
 from replicas.draft_policy import DraftPolicyConfig
 from replicas.engine import EngineConfig, LLMEngine
 from replicas.expert_group import ExpertGroup
-from replicas.model import ExaoneMoeForCausalLM
 from replicas.placement import ExpertPlacement
 from replicas.prefix_manager import PrefixCacheConfig
 from replicas.sampler import SamplingBatch, sample
 from replicas.sampling_params import SamplingParams
+from replicas.weights import load_causal_lm
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def tiny(make_ckpt):
-    return ExaoneMoeForCausalLM.from_pretrained(make_ckpt(dtype="float32"), dtype=torch.float32)
+    return load_causal_lm(make_ckpt(dtype="float32"), dtype=torch.float32)
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -234,7 +234,7 @@ def test_greedy_with_mtp_equals_without_disaggregated_and_with_prefix_hits(make_
     shared = torch.randint(2, 1000, (32,), generator=torch.Generator().manual_seed(6)).tolist()
     prompts = [shared + p for p in _prompts(16, seed=6)]
     want = _engine(tiny, 0).generate(prompts, GREEDY)
-    attention = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32, expert_ids=())
+    attention = load_causal_lm(ckpt, dtype=torch.float32, expert_ids=())
     placement = ExpertPlacement.contiguous(tiny.cfg.num_experts, 2)
     groups = [ExpertGroup(ckpt, g, ids) for g, ids in enumerate(placement.groups)]
     dispatcher = ExpertDispatcher(InProcessTransport(placement, groups))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replicas.kv_cache import HybridKVCache, SeqChunk, SplitStepAttention, StepAttention
-from replicas.model import ExaoneMoeForCausalLM
+from replicas.attention_batch import SeqChunk
+from replicas.kv_cache import HybridKVCache, SplitStepAttention, StepAttention
+from replicas.weights import load_causal_lm
 
 SEQ_LENS = (30, 26, 34, 32)  # window 8: every sequence crosses several window boundaries
 
@@ -14,8 +15,8 @@ SEQ_LENS = (30, 26, 34, 32)  # window 8: every sequence crosses several window b
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def model(make_ckpt, request):
     dtype = getattr(torch, request.param)
-    return ExaoneMoeForCausalLM.from_pretrained(make_ckpt(dtype=request.param), dtype=dtype,
-                                                include_mtp=False)  # fmt: skip
+    return load_causal_lm(make_ckpt(dtype=request.param), dtype=dtype,
+                          include_mtp=False)  # fmt: skip
 
 
 def _steps(model, split: bool) -> list[torch.Tensor]:

@@ -12,7 +12,6 @@ from cluster.shard_client import StepSubscriber, _Lost
 from cluster.step_stream import StepPublisher, decode, encode
 from replicas.attention_shard import AttentionShard
 from replicas.engine import EngineConfig, LLMEngine
-from replicas.model import ExaoneMoeForCausalLM
 from replicas.outputs import (
     QueueFullError,
     ReplicaUnavailableError,
@@ -22,6 +21,7 @@ from replicas.outputs import (
 )
 from replicas.request import FinishReason
 from replicas.sampling_params import SamplingParams
+from replicas.weights import load_causal_lm
 
 ENGINE = EngineConfig(block_size=4, max_num_batched_tokens=64, max_num_seqs=8)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -65,7 +65,7 @@ async def _collect(queue: asyncio.Queue) -> list[int]:
 
 
 def test_every_requests_deltas_arrive_in_one_message_per_step(ckpt):
-    model = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    model = load_causal_lm(ckpt, dtype=torch.float32)
     want = LLMEngine(model, ENGINE).generate(list(PROMPTS.values()), GREEDY)
 
     async def main():

@@ -9,9 +9,9 @@ import torch
 from cluster import model_card
 from cluster.train_bundled import BUNDLED, TrainConfig, learning_rate, train
 from replicas.engine import EngineConfig, LLMEngine
-from replicas.model import ExaoneMoeForCausalLM
 from replicas.model_config import ModelConfig
 from replicas.sampling_params import SamplingParams
+from replicas.weights import load_causal_lm
 from router.tokenizer import Tokenizer
 
 SMALL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
@@ -32,7 +32,7 @@ def test_training_lowers_both_losses_and_writes_a_servable_checkpoint_with_a_car
     last_mtp = sum(c["mtp_loss"] for c in curve[-5:]) / 5
     assert last < 0.8 * first and last_mtp < 0.8 * first_mtp, (first, last, first_mtp, last_mtp)
     assert json.loads((tmp_path / "training.json").read_text())["steps"] == 40
-    model = ExaoneMoeForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    model = load_causal_lm(tmp_path, dtype=torch.float32)
     assert model.mtp is not None and model.cfg.hidden_size == 64
     tok = Tokenizer(tmp_path)
     prompt = tok.encode(tok.render_chat([{"role": "user", "content": "What is 2 + 3?"}]))

@@ -18,13 +18,15 @@ import pytest
 import torch
 
 from replicas import kernel_backend
+from replicas.attention_batch import SeqChunk
 from replicas.engine import EngineConfig, LLMEngine
 from replicas.expert_group import ExpertGroup
 from replicas.kernel_backend import KernelChoice, choose
-from replicas.kv_cache import HybridKVCache, SeqChunk
-from replicas.model import ExaoneMoeForCausalLM, RoutedExperts
+from replicas.kv_cache import HybridKVCache
+from replicas.model import RoutedExperts
 from replicas.model_config import ModelConfig
 from replicas.sampling_params import SamplingParams
+from replicas.weights import load_causal_lm
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -175,8 +177,8 @@ def tiny_mtp(make_ckpt):
 
 
 def _greedy(path, kernels: str, prompts, spec: int):
-    model = ExaoneMoeForCausalLM.from_pretrained(path, dtype=torch.float32, device=DEVICE,
-                                                 include_mtp=spec > 0)  # fmt: skip
+    model = load_causal_lm(path, dtype=torch.float32, device=DEVICE,
+                           include_mtp=spec > 0)  # fmt: skip
     config = EngineConfig(max_num_batched_tokens=24, block_size=4, num_speculative_tokens=spec,
                           kernels=kernels)  # fmt: skip
     engine = LLMEngine(model, config)

@@ -13,9 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from replicas.model import ExaoneMoeForCausalLM, ExpertStack
 from replicas.model_config import ConfigError
-from replicas.weights import INDEX_FILE, CheckpointError, resident_bytes
+from replicas.weights import (
+    INDEX_FILE,
+    CheckpointError,
+    load_causal_lm,
+    load_expert_stack,
+    resident_bytes,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,11 +65,11 @@ def test_fused_layout_loads_identically(make_ckpt, tmp_path):
     ckpt = make_ckpt(dtype="float32")
     fused = _copy(ckpt, tmp_path / "fused")
     _rewrite(fused, lambda t: _fuse_experts(t, 8))
-    a = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    b = ExaoneMoeForCausalLM.from_pretrained(fused, dtype=torch.float32)
+    a = load_causal_lm(ckpt, dtype=torch.float32)
+    b = load_causal_lm(fused, dtype=torch.float32)
     _assert_same_state(a, b)
     # A fused subset reads only the requested rows of the stacked tensors.
-    sub = ExaoneMoeForCausalLM.from_pretrained(fused, dtype=torch.float32, expert_ids=[2, 6])
+    sub = load_causal_lm(fused, dtype=torch.float32, expert_ids=[2, 6])
     layer = sub.cfg.moe_layers[0]
     full_experts = a.model.layers[str(layer)].mlp.experts
     sub_experts = sub.model.layers[str(layer)].mlp.experts
@@ -77,17 +82,17 @@ def test_sharded_checkpoint_with_index(make_ckpt):
     files = sorted(p.name for p in sharded.glob("*.safetensors"))
     assert len(files) > 2 and (sharded / INDEX_FILE).exists()
     _assert_same_state(
-        ExaoneMoeForCausalLM.from_pretrained(single, dtype=torch.float32),
-        ExaoneMoeForCausalLM.from_pretrained(sharded, dtype=torch.float32),
+        load_causal_lm(single, dtype=torch.float32),
+        load_causal_lm(sharded, dtype=torch.float32),
     )
 
 
 def test_expert_subset_equals_full_load(make_ckpt):
     ckpt = make_ckpt(dtype="bfloat16")
-    full = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+    full = load_causal_lm(ckpt, dtype=torch.bfloat16)
     subset = [1, 4, 7]
-    part = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, expert_ids=subset)
-    stack = ExpertStack.from_pretrained(ckpt, dtype=torch.bfloat16, expert_ids=subset)
+    part = load_causal_lm(ckpt, dtype=torch.bfloat16, expert_ids=subset)
+    stack = load_expert_stack(ckpt, dtype=torch.bfloat16, expert_ids=subset)
     for layer in full.cfg.moe_layers:
         f = full.model.layers[str(layer)].mlp.experts
         for sub in (part.model.layers[str(layer)].mlp.experts, stack.experts(layer)):
@@ -98,20 +103,20 @@ def test_expert_subset_equals_full_load(make_ckpt):
     for k, v in part.state_dict().items():
         if ".experts." not in k:
             assert torch.equal(v, fs[k]), k
-    # Router bias stays fp32 in a bf16 model.
+    # The MoE gate's bias stays fp32 in a bf16 model.
     assert full.model.layers["1"].mlp.gate.e_score_correction_bias.dtype == torch.float32
 
 
 def test_partial_expert_model_refuses_full_forward(make_ckpt):
-    part = ExaoneMoeForCausalLM.from_pretrained(make_ckpt(), dtype=torch.float32, expert_ids=[0])
+    part = load_causal_lm(make_ckpt(), dtype=torch.float32, expert_ids=[0])
     with pytest.raises(RuntimeError, match="partial model"):
         part(torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_layer_range_load(make_ckpt):
     ckpt = make_ckpt(dtype="float32")
-    full = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    part = ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32, layers=range(1, 3))
+    full = load_causal_lm(ckpt, dtype=torch.float32)
+    part = load_causal_lm(ckpt, dtype=torch.float32, layers=range(1, 3))
     assert sorted(part.model.layers.keys()) == ["1", "2"]
     fs = full.state_dict()
     for k, v in part.state_dict().items():
@@ -131,10 +136,10 @@ _RSS_SCRIPT = textwrap.dedent(
                 return int(line.split()[1]) * 1024
     ckpt, n = sys.argv[1], int(sys.argv[2])
     # Warm-up load (lazy imports, allocator arenas, thread pools) so only the weights are measured.
-    warm = ExpertStack.from_pretrained(ckpt, dtype=torch.float32, expert_ids=[0])
+    warm = load_expert_stack(ckpt, dtype=torch.float32, expert_ids=[0])
     del warm
     before = rss_anon()
-    stack = ExpertStack.from_pretrained(ckpt, dtype=torch.float32, expert_ids=range(n))
+    stack = load_expert_stack(ckpt, dtype=torch.float32, expert_ids=range(n))
     print(json.dumps({"rss": rss_anon() - before, "held": resident_bytes(stack),
                       "read": stack.bytes_read}))
     """
@@ -178,7 +183,7 @@ def test_missing_tensors_are_all_named(make_ckpt, tmp_path):
 
     _rewrite(ckpt, drop)
     with pytest.raises(CheckpointError) as err:
-        ExaoneMoeForCausalLM.from_pretrained(ckpt)
+        load_causal_lm(ckpt)
     for k in gone:
         assert k in str(err.value)
     assert "3 missing" in str(err.value)
@@ -191,7 +196,7 @@ def test_wrong_shape_is_named_with_both_shapes(make_ckpt, tmp_path):
     with pytest.raises(
         CheckpointError, match=r"q_proj\.weight: checkpoint \[7, 64\], model expects \[128, 64\]"
     ):
-        ExaoneMoeForCausalLM.from_pretrained(ckpt)
+        load_causal_lm(ckpt)
 
 
 def test_unexpected_tensor_is_named(make_ckpt, tmp_path):
@@ -199,7 +204,7 @@ def test_unexpected_tensor_is_named(make_ckpt, tmp_path):
     key = "model.layers.0.self_attn.rotary.inv_freq"
     _rewrite(ckpt, lambda t: t.__setitem__(key, torch.zeros(3)))
     with pytest.raises(CheckpointError, match="1 unexpected tensor.*\n.*rotary.inv_freq"):
-        ExaoneMoeForCausalLM.from_pretrained(ckpt)
+        load_causal_lm(ckpt)
 
 
 def _edit_config(ckpt: Path, edit) -> None:
@@ -212,7 +217,7 @@ def test_unknown_architecture(make_ckpt, tmp_path):
     ckpt = _copy(make_ckpt(), tmp_path / "c")
     _edit_config(ckpt, lambda c: c.update(architectures=["LlamaForCausalLM"]))
     with pytest.raises(ConfigError, match="unknown architecture 'LlamaForCausalLM'"):
-        ExaoneMoeForCausalLM.from_pretrained(ckpt)
+        load_causal_lm(ckpt)
 
 
 @pytest.mark.parametrize("field", ["num_experts", "hidden_size", "moe_intermediate_size"])
@@ -220,14 +225,14 @@ def test_missing_config_field(make_ckpt, tmp_path, field):
     ckpt = _copy(make_ckpt(), tmp_path / "c")
     _edit_config(ckpt, lambda c: c.pop(field))
     with pytest.raises(ConfigError, match=f"missing required field.*'{field}'"):
-        ExaoneMoeForCausalLM.from_pretrained(ckpt)
+        load_causal_lm(ckpt)
 
 
 def test_truncated_safetensors_file(make_ckpt, tmp_path):
     ckpt = _copy(make_ckpt(), tmp_path / "c")
     (ckpt / "model.safetensors").write_bytes(b"\x05")
     with pytest.raises(CheckpointError, match="model.safetensors is not a safetensors file"):
-        ExaoneMoeForCausalLM.from_pretrained(ckpt)
+        load_causal_lm(ckpt)
 
 
 def test_index_naming_a_missing_file(make_ckpt, tmp_path):
@@ -235,21 +240,21 @@ def test_index_naming_a_missing_file(make_ckpt, tmp_path):
     victim = sorted(ckpt.glob("model-*.safetensors"))[1]
     victim.unlink()
     with pytest.raises(CheckpointError, match=victim.name):
-        ExaoneMoeForCausalLM.from_pretrained(ckpt)
+        load_causal_lm(ckpt)
 
 
 def test_mtp_optional_when_absent(make_ckpt, tmp_path):
     """transformers' save_pretrained drops mtp.*: such a checkpoint loads without MTP."""
     ckpt = _copy(make_ckpt(), tmp_path / "c")
     _rewrite(ckpt, lambda t: [t.pop(k) for k in [k for k in t if k.startswith("mtp.")]])
-    model = ExaoneMoeForCausalLM.from_pretrained(ckpt)
+    model = load_causal_lm(ckpt)
     assert model.mtp is None
     with pytest.raises(CheckpointError, match="mtp.fc.weight"):
-        ExaoneMoeForCausalLM.from_pretrained(ckpt, include_mtp=True)
+        load_causal_lm(ckpt, include_mtp=True)
 
 
 def test_resident_bytes_counts_dtype(make_ckpt):
     ckpt = make_ckpt()
-    a = resident_bytes(ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.float32))
-    b = resident_bytes(ExaoneMoeForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16))
+    a = resident_bytes(load_causal_lm(ckpt, dtype=torch.float32))
+    b = resident_bytes(load_causal_lm(ckpt, dtype=torch.bfloat16))
     assert 1.9 < a / b < 2.0  # router biases stay fp32
