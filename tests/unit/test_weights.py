@@ -127,8 +127,7 @@ def test_layer_range_load(make_ckpt):
 _RSS_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
-    from replicas.model import ExpertStack
-    from replicas.weights import resident_bytes
+    from replicas.weights import load_expert_stack, resident_bytes
 
     def rss_anon():
         for line in open("/proc/self/status"):
