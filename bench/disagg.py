@@ -29,10 +29,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.forward import DTYPES, checkpoint  # noqa: E402
 from bench.throughput import prompts_for, run_engine  # noqa: E402
-from replicas.dispatch import ExpertDispatcher  # noqa: E402
-from replicas.expert_group import ExpertGroup  # noqa: E402
-from replicas.model_config import ModelConfig  # noqa: E402
-from replicas.weights import load_causal_lm  # noqa: E402
+from replicas.experts.dispatch import ExpertDispatcher  # noqa: E402
+from replicas.experts.expert_group import ExpertGroup  # noqa: E402
+from replicas.model.config import ModelConfig  # noqa: E402
+from replicas.model.loader import load_causal_lm  # noqa: E402
 
 
 class TimedTransport:

@@ -27,11 +27,11 @@ import time
 import torch
 
 from cluster.presets import PRESETS
-from replicas.attention_batch import SeqChunk
-from replicas.kernel_backend import unavailable
-from replicas.kv_cache import HybridKVCache
-from replicas.model import RoutedExperts
-from replicas.model_config import ModelConfig
+from replicas.engine.kv_cache import HybridKVCache
+from replicas.kernels.attention_batch import SeqChunk
+from replicas.kernels.backend import unavailable
+from replicas.model.config import ModelConfig
+from replicas.model.exaone_moe import RoutedExperts
 
 # Dense peaks (TFLOP/s for bf16 tensor cores and plain fp32) and memory bandwidth (GB/s).
 PEAKS = {

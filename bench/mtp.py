@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.forward import DTYPES, checkpoint  # noqa: E402
 from bench.throughput import DEFAULT_VLLM_PYTHON, prompts_for, run_engine_stats  # noqa: E402
-from replicas.weights import load_causal_lm  # noqa: E402
+from replicas.model.loader import load_causal_lm  # noqa: E402
 
 
 def run_vllm_mtp(python: Path, path: Path, dtype: str, prompts: dict[int, list[list[int]]],

@@ -31,12 +31,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.forward import DTYPES, checkpoint  # noqa: E402
 from cluster.redis_server import RedisServer  # noqa: E402
-from replicas.engine import EngineConfig, LLMEngine  # noqa: E402
-from replicas.fingerprint import model_fingerprint  # noqa: E402
-from replicas.prefix_manager import PrefixCacheConfig  # noqa: E402
-from replicas.redis_tier import RedisTier  # noqa: E402
+from replicas.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from replicas.model.loader import load_causal_lm  # noqa: E402
+from replicas.prefix_cache.fingerprint import model_fingerprint  # noqa: E402
+from replicas.prefix_cache.manager import PrefixCacheConfig  # noqa: E402
+from replicas.prefix_cache.redis_tier import RedisTier  # noqa: E402
 from replicas.sampling_params import SamplingParams  # noqa: E402
-from replicas.weights import load_causal_lm  # noqa: E402
 
 MAC_KEY = secrets.token_hex(32)  # this run's engines share it, as one cluster's replicas do
 

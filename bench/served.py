@@ -21,7 +21,8 @@ Systems (--systems):
           ../shared/peers/setup_vllm_venv.sh; --vllm-python) as a subprocess; driven over HTTP
           with /v1/completions, stream: true, prompt = token ids; skipped with a message when
           its venv is missing
-  engine  replicas.async_engine.AsyncEngine over replicas.engine.LLMEngine in this process
+  engine  replicas.engine.async_engine.AsyncEngine over replicas.engine.engine.LLMEngine in
+          this process
 
 Ours and the in-process engine are built from one ClusterConfig (engine options, torch threads,
 KV capacity sized to admit max(64, C) sequences of prompt + new tokens); vLLM gets the same
@@ -72,7 +73,7 @@ from cluster.config import (  # noqa: E402
     EngineOptions,
     PrefixCacheOptions,
 )
-from replicas.weights import load_causal_lm  # noqa: E402
+from replicas.model.loader import load_causal_lm  # noqa: E402
 
 BUNDLED = ROOT / "cluster" / "bundled_model"
 DEFAULT_VLLM_PYTHON = Path.home() / ".cache" / "exaone-peers" / "vllm-venv" / "bin" / "python"
@@ -210,9 +211,9 @@ def cluster_config(path: Path, args) -> ClusterConfig:
     """One ClusterConfig for our server and, through engine_config(), the in-process engine."""
     import torch
 
-    from replicas.kv_cache import kv_footprint
-    from replicas.model_config import ModelConfig
-    from replicas.weights import DTYPES
+    from replicas.engine.kv_cache import kv_footprint
+    from replicas.model.config import ModelConfig
+    from replicas.model.loader import DTYPES
 
     seqs = max(64, *args.levels)
     cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
@@ -232,9 +233,9 @@ def cluster_config(path: Path, args) -> ClusterConfig:
 
 def engine_config(config: ClusterConfig):
     """The EngineConfig our attention replica builds from ``config`` (colocated experts)."""
-    from replicas.engine import EngineConfig
-    from replicas.fingerprint import model_fingerprint
-    from replicas.prefix_manager import PrefixCacheConfig
+    from replicas.engine.engine import EngineConfig
+    from replicas.prefix_cache.fingerprint import model_fingerprint
+    from replicas.prefix_cache.manager import PrefixCacheConfig
 
     e, pc = config.engine, config.prefix_cache
     prefix = None
@@ -259,10 +260,10 @@ def free_port() -> int:
 def run_engine(config: ClusterConfig, work: Workload) -> dict:
     import torch
 
-    from replicas.async_engine import AsyncEngine
-    from replicas.engine import LLMEngine
+    from replicas.engine.async_engine import AsyncEngine
+    from replicas.engine.engine import LLMEngine
+    from replicas.model.loader import DTYPES
     from replicas.sampling_params import SamplingParams
-    from replicas.weights import DTYPES
 
     torch.set_num_threads(config.engine_threads())
     start = time.perf_counter()

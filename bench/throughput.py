@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.forward import DTYPES, checkpoint  # noqa: E402
-from replicas.engine import EngineConfig, LLMEngine  # noqa: E402
+from replicas.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from replicas.model.loader import load_causal_lm  # noqa: E402
 from replicas.sampling_params import SamplingParams  # noqa: E402
-from replicas.weights import load_causal_lm  # noqa: E402
 
 PEER_SCRIPT = ROOT.parent / "shared" / "peers" / "bench_vllm.py"
 DEFAULT_VLLM_PYTHON = Path.home() / ".cache" / "exaone-peers" / "vllm-venv" / "bin" / "python"

@@ -1,4 +1,4 @@
-"""replicas.vllm_kernels (``kernels: vllm``) against the torch reference, run in vLLM's venv:
+"""replicas.kernels.vllm (``kernels: vllm``) against the torch reference, run in vLLM's venv:
 
     PYTHONPATH=. ~/.cache/exaone-peers/vllm-venv/bin/python bench/vllm_kernel_parity.py
 
@@ -46,11 +46,11 @@ def _align_block_size(topk_ids, num_experts, block_size, sorted_ids, expert_ids,
 
 def main() -> int:
     from cluster.presets import PRESETS
-    from replicas import vllm_kernels  # noqa: F401  (imports cleanly without vllm loaded)
-    from replicas.attention_batch import SeqChunk
-    from replicas.kv_cache import HybridKVCache
-    from replicas.model import RoutedExperts
-    from replicas.model_config import ModelConfig
+    from replicas.engine.kv_cache import HybridKVCache
+    from replicas.kernels import vllm as vllm_kernels  # noqa: F401  (imports cleanly without vllm loaded)
+    from replicas.kernels.attention_batch import SeqChunk
+    from replicas.model.config import ModelConfig
+    from replicas.model.exaone_moe import RoutedExperts
 
     if not GPU:
         import vllm._custom_ops as ops

@@ -35,7 +35,7 @@ from cluster.config import ClusterConfig
 from cluster.cpus import node_cpus
 from cluster.request_router import PrefixAffinityRouter
 from protos.exaone.v1 import generation_pb2 as pb
-from replicas.model_config import ModelConfig
+from replicas.model.config import ModelConfig
 from replicas.sampling_params import SamplingParams
 from router.hops import HopStats
 from router.prompt_workers import PromptWorkers
@@ -178,7 +178,7 @@ def worker_options(config: ClusterConfig) -> dict:
 
 def _load_group(path, group, expert_ids, dtype, device, num_threads, window_s, version,
                 kernels):  # fmt: skip
-    from replicas.expert_group import ExpertGroup  # torch: only in expert processes
+    from replicas.experts.expert_group import ExpertGroup  # torch: only in expert processes
 
     return ExpertGroup(path, group, expert_ids, dtype=dtype, device=device,
                        num_threads=num_threads, window_s=window_s,
@@ -225,7 +225,7 @@ class ExpertBalancerDeployment:
 
     def __init__(self, config: ClusterConfig):
         from cluster.rebalancer import Rebalancer
-        from replicas.placement import ExpertMap
+        from replicas.experts.placement import ExpertMap
 
         cfg = config.read_model_config()
         placement = config.placement(cfg.num_experts)
@@ -307,8 +307,8 @@ class AttentionShardDeployment:
                  *expert_groups: DeploymentHandle):  # fmt: skip
         from cluster.expert_transport import ActorTransport, ServeHandleTransport, worker_prefix
         from replicas.attention_shard import AttentionShard  # torch: only in this replica
-        from replicas.draft_policy import DraftPolicyConfig
-        from replicas.engine import EngineConfig
+        from replicas.engine.draft_policy import DraftPolicyConfig
+        from replicas.engine.engine import EngineConfig
 
         e, a = config.engine, config.attention
         placement = config.placement(config.read_model_config().num_experts)
@@ -429,8 +429,9 @@ class AttentionShardDeployment:
 
     def inject_fault(self, fault: str, after_steps: int = 0) -> None:
         """Fault tests only: the engine's step ``after_steps + 1`` from now fails with ``fault``
-        (replicas.fault_injection; refused unless the process has EXAONE_FAULT_INJECTION=1)."""
-        from replicas.fault_injection import arm
+        (replicas.engine.fault_injection; refused unless the process has
+        EXAONE_FAULT_INJECTION=1)."""
+        from replicas.engine.fault_injection import arm
 
         arm(self.shard.engine.engine, fault, after_steps)
 
@@ -447,9 +448,9 @@ class AttentionShardDeployment:
 
 def _prefix_cache(config: ClusterConfig):
     """-> (PrefixCacheConfig | None, RedisTier | None, pinned prefixes as token ids)."""
-    from replicas.fingerprint import model_fingerprint
-    from replicas.prefix_manager import PrefixCacheConfig
-    from replicas.redis_tier import MAC_KEY_ENV, REDIS_PASSWORD_ENV, RedisTier
+    from replicas.prefix_cache.fingerprint import model_fingerprint
+    from replicas.prefix_cache.manager import PrefixCacheConfig
+    from replicas.prefix_cache.redis_tier import MAC_KEY_ENV, REDIS_PASSWORD_ENV, RedisTier
     from router.requests import system_prefix_ids
     from router.tokenizer import Tokenizer
 

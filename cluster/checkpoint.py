@@ -4,7 +4,7 @@ The output loads in transformers (``ExaoneMoeForCausalLM``), in vLLM and in our 
 safetensors (sharded with an index above ``max_shard_bytes``), generation_config.json,
 tokenizer.json and tokenizer_config.json with the chat template. Tensors use the published names
 (per-expert weights, ``mlp.e_score_correction_bias`` in fp32, ``mtp.*``), produced by the same
-name mapping the loader uses (``replicas.model.checkpoint_sources``).
+name mapping the loader uses (``replicas.model.exaone_moe.checkpoint_sources``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 
 from cluster.presets import PRESETS, WEIGHTLESS_PRESETS
 from cluster.tokenizer_build import write_tokenizer
-from replicas.model import ExaoneMoeForCausalLM, MoEGate, checkpoint_sources
-from replicas.model_config import ModelConfig
-from replicas.weights import DTYPES, INDEX_FILE, materialize
+from replicas.model.config import ModelConfig
+from replicas.model.exaone_moe import ExaoneMoeForCausalLM, MoEGate, checkpoint_sources
+from replicas.model.loader import DTYPES, INDEX_FILE, materialize
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 def _make_checkpoint(args: argparse.Namespace) -> int:
     from cluster.checkpoint import parse_overrides, write_checkpoint
-    from replicas.model import count_parameters
-    from replicas.model_config import ModelConfig
+    from replicas.model.config import ModelConfig
+    from replicas.model.exaone_moe import count_parameters
 
     try:
         overrides = parse_overrides(args.set or [])

@@ -11,8 +11,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.cpus import node_cpus
-from replicas.model_config import AUTO_DTYPE, ModelConfig, resolve_dtype
-from replicas.placement import ExpertPlacement
+from replicas.experts.placement import ExpertPlacement
+from replicas.model.config import AUTO_DTYPE, ModelConfig, resolve_dtype
 
 
 class _Strict(BaseModel):

@@ -23,9 +23,9 @@ from ray import exceptions as ray_exceptions
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from replicas.expert_group import ExpertNotHeldError
+from replicas.experts.expert_group import ExpertNotHeldError
+from replicas.experts.placement import ExpertPlacement
 from replicas.outputs import ReplicaUnavailableError
-from replicas.placement import ExpertPlacement
 
 log = logging.getLogger(__name__)
 

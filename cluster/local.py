@@ -61,7 +61,7 @@ def start_local(
     metrics_port: int | None = None,
 ) -> LocalCluster:
     """Start Ray + Serve + the app; return once the model answers a health check."""
-    from replicas.redis_tier import MAC_KEY_ENV
+    from replicas.prefix_cache.redis_tier import MAC_KEY_ENV
 
     os.environ.update(LOCAL_ENV)
     # The prefix cache's Redis values are sealed with a secret the replicas share: this

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from cluster.chat_corpus import TASKS, chats
-from replicas.engine import EngineConfig, LLMEngine
-from replicas.model import count_parameters
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.model.exaone_moe import count_parameters
+from replicas.model.loader import load_causal_lm
 from replicas.sampling_params import SamplingParams
-from replicas.weights import load_causal_lm
 from router.parsing import ToolCall, parse_output
 from router.tokenizer import Tokenizer
 
@@ -144,7 +144,7 @@ def _mean(curve: list[dict], key: str) -> float:
 
 
 def _architecture(config: dict) -> str:
-    from replicas.model_config import ModelConfig
+    from replicas.model.config import ModelConfig
 
     counts = count_parameters(ModelConfig.from_hf(config))
     c = config

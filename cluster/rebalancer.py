@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cluster.balancer import balance, busiest_over_mean, imbalance
-from replicas.placement import ExpertMap, Holdings
+from replicas.experts.placement import ExpertMap, Holdings
 
 
 @dataclass(frozen=True)

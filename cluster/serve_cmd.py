@@ -100,7 +100,7 @@ def start_redis(config):
         print(f"prefix cache: local + Redis at {where}", flush=True)
         return None, config
     from cluster.redis_server import RedisServer, find_redis_server
-    from replicas.redis_tier import REDIS_PASSWORD_ENV
+    from replicas.prefix_cache.redis_tier import REDIS_PASSWORD_ENV
 
     if find_redis_server() is None:
         print("prefix cache: local only, per replica (no redis-server found; set "

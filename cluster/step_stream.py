@@ -22,6 +22,7 @@ import grpc
 
 from protos.exaone.internal.v1 import step_stream_pb2 as spb
 from protos.exaone.internal.v1 import step_stream_pb2_grpc as spb_grpc
+from replicas.engine.request import FinishReason
 from replicas.outputs import (
     QueueFullError,
     ReplicaUnavailableError,
@@ -29,7 +30,6 @@ from replicas.outputs import (
     RequestRejectedError,
     TokenLogprob,
 )
-from replicas.request import FinishReason
 from replicas.sampling_params import SamplingParams
 
 # error_kind on the wire <-> the exception the router's caller sees

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from cluster.chat_corpus import chats, render
 from cluster.checkpoint import checkpoint_tensors, random_model, save_sharded, write_checkpoint
-from replicas.model import ExaoneMoeForCausalLM
-from replicas.model_config import ModelConfig
+from replicas.model.config import ModelConfig
+from replicas.model.exaone_moe import ExaoneMoeForCausalLM
 from router.tokenizer import Tokenizer
 
 # hidden 256, 8 layers LLLG, 16 experts top-2 (+ MTP): under 12.5M parameters, so the bf16

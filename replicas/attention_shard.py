@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from replicas.async_engine import AsyncEngine, OutputSink
-from replicas.dispatch import ExpertDispatcher, ExpertTransport
-from replicas.engine import EngineConfig, LLMEngine
+from replicas.engine.async_engine import AsyncEngine, OutputSink
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.experts.dispatch import ExpertDispatcher, ExpertTransport
+from replicas.model.loader import DTYPES, load_causal_lm, resident_bytes
 from replicas.outputs import QueueFullError, RequestOutput
-from replicas.prefix_manager import PrefixCacheStats
-from replicas.redis_tier import RedisTier
+from replicas.prefix_cache.manager import PrefixCacheStats
+from replicas.prefix_cache.redis_tier import RedisTier
 from replicas.sampling_params import SamplingParams
-from replicas.weights import DTYPES, load_causal_lm, resident_bytes
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from replicas.request import FinishReason
+from replicas.engine.request import FinishReason
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ head (the Router, by the ``exaone_ingress`` resource), one attention node (``att
 and two expert nodes (``expert_group``), 2 expert groups of 2 replicas, MTP drafting (k = 2), and
 the prefix cache's Redis tier on a real redis-server (no local snapshots: every prefix hit comes
 from Redis). Its processes run with EXAONE_FAULT_INJECTION=1, so tests can arm one-shot faults
-in the engine (replicas.fault_injection)."""
+in the engine (replicas.engine.fault_injection)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from cluster.config import ClusterConfig, EngineOptions
 from cluster.local import wait_serving
 from cluster.loopback import HOOK
 from cluster.redis_server import RedisServer
-from replicas.fault_injection import ENV as FAULT_INJECTION
-from replicas.redis_tier import MAC_KEY_ENV
+from replicas.engine.fault_injection import ENV as FAULT_INJECTION
+from replicas.prefix_cache.redis_tier import MAC_KEY_ENV
 from router.client import Completion, GenerationClient
 from tests.integration.conftest import colocated_reference, free_port
 

@@ -9,13 +9,13 @@ import importlib.util
 import pytest
 import torch
 
-from replicas.attention_batch import SeqChunk
-from replicas.engine import EngineConfig, LLMEngine
-from replicas.kv_cache import HybridKVCache
-from replicas.model import RoutedExperts
-from replicas.model_config import ModelConfig
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.engine.kv_cache import HybridKVCache
+from replicas.kernels.attention_batch import SeqChunk
+from replicas.model.config import ModelConfig
+from replicas.model.exaone_moe import RoutedExperts
+from replicas.model.loader import load_causal_lm
 from replicas.sampling_params import SamplingParams
-from replicas.weights import load_causal_lm
 
 pytestmark = pytest.mark.gpu
 

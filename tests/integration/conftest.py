@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 
 from cluster.redis_server import free_port  # noqa: F401  (the tests import it from here)
-from replicas.weights import load_causal_lm
+from replicas.model.loader import load_causal_lm
 
 
 def on_free_port(config):
@@ -86,7 +86,7 @@ def colocated_outputs(ckpt, prompts, new_tokens: int, max_model_len: int = 384) 
     computed in this process."""
     import torch
 
-    from replicas.engine import EngineConfig, LLMEngine
+    from replicas.engine.engine import EngineConfig, LLMEngine
     from replicas.sampling_params import SamplingParams
 
     model = load_causal_lm(ckpt, dtype=torch.float32)

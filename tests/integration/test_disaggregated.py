@@ -27,10 +27,10 @@ from cluster.config import ClusterConfig, EngineOptions
 from cluster.expert_transport import WORKER_NAMESPACE, worker_prefix
 from cluster.local import APP_NAME, start_local
 from cluster.redis_server import RedisServer
-from replicas.engine import EngineConfig, LLMEngine
-from replicas.model_config import ModelConfig
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.model.config import ModelConfig
+from replicas.model.loader import load_causal_lm
 from replicas.sampling_params import SamplingParams
-from replicas.weights import load_causal_lm
 from router.client import Completion, GenerationClient, build_request
 from tests.integration.conftest import colocated_reference, free_port, on_free_port
 

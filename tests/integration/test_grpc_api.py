@@ -20,10 +20,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from cluster.config import ClusterConfig, EngineOptions
 from cluster.local import APP_NAME, start_local
 from protos.exaone.v1 import generation_pb2_grpc as pb_grpc
-from replicas.engine import EngineConfig, LLMEngine
-from replicas.model_config import ModelConfig
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.model.config import ModelConfig
+from replicas.model.loader import load_causal_lm
 from replicas.sampling_params import SamplingParams
-from replicas.weights import load_causal_lm
 from router.client import GenerationClient, build_request
 from tests.bad_inputs import BAD_INPUTS
 from tests.integration.conftest import descendants, free_port, listening_addresses, on_free_port

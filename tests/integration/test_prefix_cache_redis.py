@@ -15,13 +15,13 @@ import redis
 import torch
 
 from cluster.redis_server import RedisServer, find_redis_server
-from replicas import kv_format as fmt
-from replicas.engine import EngineConfig, LLMEngine
-from replicas.fingerprint import model_fingerprint
-from replicas.prefix_manager import PrefixCacheConfig, stored_bytes_per_token
-from replicas.redis_tier import MAC_BYTES, RedisTier
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.model.loader import load_causal_lm
+from replicas.prefix_cache import kv_format as fmt
+from replicas.prefix_cache.fingerprint import model_fingerprint
+from replicas.prefix_cache.manager import PrefixCacheConfig, stored_bytes_per_token
+from replicas.prefix_cache.redis_tier import MAC_BYTES, RedisTier
 from replicas.sampling_params import SamplingParams
-from replicas.weights import load_causal_lm
 
 MAC_KEY = "test-secret"  # what every replica of one cluster shares
 KV = 32 << 20  # KV pool bytes per engine (the 1 GiB default, times many engines, adds up)
@@ -318,7 +318,7 @@ def test_serve_starts_its_redis_server_with_a_generated_password(tiny, monkeypat
     password is on no command line and reaches the replicas through their environment."""
     from cluster.config import ClusterConfig
     from cluster.serve_cmd import start_redis
-    from replicas.redis_tier import REDIS_PASSWORD_ENV
+    from replicas.prefix_cache.redis_tier import REDIS_PASSWORD_ENV
 
     monkeypatch.delenv(REDIS_PASSWORD_ENV, raising=False)
     server, config = start_redis(ClusterConfig(model_path=str(tiny[0])))

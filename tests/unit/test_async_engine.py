@@ -7,10 +7,10 @@ import asyncio
 import pytest
 import torch
 
-from replicas.async_engine import AsyncEngine
-from replicas.engine import EngineConfig, LLMEngine
+from replicas.engine.async_engine import AsyncEngine
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.model.loader import load_causal_lm
 from replicas.sampling_params import SamplingParams
-from replicas.weights import load_causal_lm
 from router.stream import stream_text
 from router.tokenizer import Tokenizer
 

@@ -11,9 +11,9 @@ import torch
 from cluster import model_card
 from cluster.serve_cmd import BUNDLED_MODEL, default_model
 from cluster.train_bundled import BUNDLED
-from replicas.engine import EngineConfig, LLMEngine
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.model.loader import load_causal_lm
 from replicas.sampling_params import SamplingParams
-from replicas.weights import load_causal_lm
 from router.tokenizer import Tokenizer
 
 

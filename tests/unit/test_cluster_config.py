@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from cluster.config import REQUEST_PLANE_ACTIVE_PARAMS, ClusterConfig, default_engine_threads
 from cluster.presets import PRESETS
 from cluster.serve_cmd import BUNDLED_MODEL, add_arguments, load_config, with_overrides
-from replicas.model import count_parameters
-from replicas.model_config import ModelConfig, checkpoint_dtype
+from replicas.model.config import ModelConfig, checkpoint_dtype
+from replicas.model.exaone_moe import count_parameters
 
 
 @pytest.fixture(scope="module")

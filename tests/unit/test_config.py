@@ -6,8 +6,8 @@ import pytest
 from transformers import ExaoneMoeConfig
 
 from cluster.presets import PRESETS
-from replicas.model import count_parameters
-from replicas.model_config import FULL, SLIDING, ConfigError, ModelConfig
+from replicas.model.config import FULL, SLIDING, ConfigError, ModelConfig
+from replicas.model.exaone_moe import count_parameters
 
 # K-EXAONE-236B-A23B per model-spec.md section 1 (BAEK's tensor inventory: 237,099,669,632).
 K_EXAONE_PARAMS = 237_099_669_632

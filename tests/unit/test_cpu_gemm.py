@@ -1,4 +1,4 @@
-"""Half-precision CPU GEMM shapes (replicas.gemm_rows) and the MoE combine (ExpertRows,
+"""Half-precision CPU GEMM shapes (replicas.kernels.gemm_rows) and the MoE combine (ExpertRows,
 weighted_sum): padded row counts, and results equal to the plain formulas."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from replicas.gemm_rows import pad_rows, padded_rows, pads_rows
-from replicas.model import ExpertRows, Linear, RoutedExperts, weighted_sum
-from replicas.weights import load_causal_lm
+from replicas.kernels.gemm_rows import pad_rows, padded_rows, pads_rows
+from replicas.model.exaone_moe import ExpertRows, Linear, RoutedExperts, weighted_sum
+from replicas.model.loader import load_causal_lm
 
 
 def test_padded_rows_few_sizes_little_waste():

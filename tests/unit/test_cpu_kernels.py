@@ -1,5 +1,5 @@
-"""Our C MoE kernels for bf16 on CPU (replicas/csrc/moe_amx.c and moe_bf16.c via
-replicas.cpu_kernels)."""
+"""Our C MoE kernels for bf16 on CPU (replicas/kernels/csrc/moe_amx.c and moe_bf16.c via
+replicas.kernels.cpu)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from replicas import cpu_kernels
-from replicas import model as model_module
-from replicas.model import (
+from replicas.kernels import cpu as cpu_kernels
+from replicas.model import exaone_moe as model_module
+from replicas.model.exaone_moe import (
     AMX_LINEAR_MAX_ROWS,
     AVX512_LINEAR_MAX_ROWS,
     KERNEL_MAX_ROWS_PER_CACHED_EXPERT,
@@ -20,7 +20,7 @@ from replicas.model import (
     Linear,
     RoutedExperts,
 )
-from replicas.weights import load_causal_lm
+from replicas.model.loader import load_causal_lm
 
 CAN_BUILD = torch.cpu._is_avx512_bf16_supported() and shutil.which("cc") is not None
 

@@ -1,6 +1,6 @@
-"""The fused decode operations (replicas/csrc/decode_ops.c via replicas.cpu_kernels) against
+"""The fused decode operations (replicas/kernels/csrc/decode_ops.c via replicas.kernels.cpu) against
 PyTorch's, and the model taking them for few rows only; the dense kernel's rows independent of
-the rows beside them (replicas/csrc/linear_bf16.c)."""
+the rows beside them (replicas/kernels/csrc/linear_bf16.c)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import shutil
 import pytest
 import torch
 
-from replicas import cpu_kernels
-from replicas.model import (
+from replicas.kernels import cpu as cpu_kernels
+from replicas.model.exaone_moe import (
     FUSED_DECODE_MAX_ROWS,
     RMSNorm,
     apply_rope,
     rope_cos_sin,
     weighted_sum,
 )
-from replicas.weights import load_causal_lm
+from replicas.model.loader import load_causal_lm
 
 CAN_BUILD = torch.cpu._is_avx512_bf16_supported() and shutil.which("cc") is not None
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="covered by the availability test")
@@ -115,7 +115,7 @@ def test_model_fuses_decode_rows_only(make_ckpt, monkeypatch):
     with torch.no_grad():
         fused = model(ids)
         with monkeypatch.context() as m:
-            m.setattr("replicas.model.FUSED_DECODE_MAX_ROWS", 0)
+            m.setattr("replicas.model.exaone_moe.FUSED_DECODE_MAX_ROWS", 0)
             plain = model(ids)
     assert calls  # the model's norms took the fused kernel
     assert (fused.float() - plain.float()).abs().max() <= 0.05 * plain.float().abs().max()

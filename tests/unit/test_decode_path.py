@@ -1,4 +1,4 @@
-"""replicas.decode_path: a colocated bf16 decode step without module calls gives the module
+"""replicas.engine.decode_path: a colocated bf16 decode step without module calls gives the module
 path's hidden states bit for bit, and is taken only where it applies."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
-from replicas import decode_path
-from replicas import engine as engine_module
-from replicas.engine import EngineConfig, LLMEngine
+from replicas.engine import decode_path
+from replicas.engine import engine as engine_module
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.model.loader import load_causal_lm
 from replicas.sampling_params import SamplingParams
-from replicas.weights import load_causal_lm
 
 CAN_BUILD = torch.cpu._is_avx512_bf16_supported() and shutil.which("cc") is not None
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs AVX512-BF16 and a C compiler")

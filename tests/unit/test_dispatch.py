@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from cluster.balancer import balance
-from replicas.dispatch import (
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.experts.dispatch import (
     ExpertDispatcher,
     InProcessTransport,
     split_balanced,
 )
-from replicas.engine import EngineConfig, LLMEngine
-from replicas.expert_group import ExpertGroup, ExpertNotHeldError
+from replicas.experts.expert_group import ExpertGroup, ExpertNotHeldError
+from replicas.experts.placement import ExpertMap, ExpertPlacement
+from replicas.model.loader import load_causal_lm
 from replicas.outputs import StepFailedError
-from replicas.placement import ExpertMap, ExpertPlacement
 from replicas.sampling_params import SamplingParams
-from replicas.weights import load_causal_lm
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from replicas.draft_policy import (
+from replicas.engine.draft_policy import (
     AcceptanceTracker,
     DraftPolicy,
     DraftPolicyConfig,

@@ -7,15 +7,15 @@ import torch
 from transformers import ExaoneMoeForCausalLM as HFModel
 
 from cluster.presets import PRESETS
-from replicas import cpu_kernels
-from replicas.attention_batch import SeqChunk
-from replicas.engine import EngineConfig, LLMEngine
-from replicas.kv_cache import HybridKVCache, kv_footprint
-from replicas.model import ExaoneMoeForCausalLM
-from replicas.model_config import ModelConfig
-from replicas.request import FinishReason
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.engine.kv_cache import HybridKVCache, kv_footprint
+from replicas.engine.request import FinishReason
+from replicas.kernels import cpu as cpu_kernels
+from replicas.kernels.attention_batch import SeqChunk
+from replicas.model.config import ModelConfig
+from replicas.model.exaone_moe import ExaoneMoeForCausalLM
+from replicas.model.loader import load_causal_lm
 from replicas.sampling_params import SamplingParams
-from replicas.weights import load_causal_lm
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -194,7 +194,7 @@ def test_stop_token_and_length_finish_reasons(tiny):
 
 @pytest.mark.parametrize("rows", [64, 3])  # 3: each 8-token chunk's log-softmax in 3 pieces
 def test_logprobs_and_prompt_logprobs_match_full_forward(tiny, rows, monkeypatch):
-    monkeypatch.setattr("replicas.engine.PROMPT_LOGPROB_ROWS", rows)
+    monkeypatch.setattr("replicas.engine.engine.PROMPT_LOGPROB_ROWS", rows)
     _, model = tiny
     prompt = _prompts(1, (30, 31), model.cfg.vocab_size, seed=3)[0]
     engine = LLMEngine(model, EngineConfig(block_size=4, max_num_batched_tokens=8))

@@ -1,11 +1,11 @@
-"""Expert load over a sliding window (replicas/expert_load.py), on a fake clock."""
+"""Expert load over a sliding window (replicas/experts/expert_load.py), on a fake clock."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from replicas.expert_load import LoadWindow
+from replicas.experts.expert_load import LoadWindow
 
 
 class Clock:

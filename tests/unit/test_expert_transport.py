@@ -10,13 +10,13 @@ import torch
 from ray.exceptions import ActorDiedError
 
 from cluster.expert_transport import ServeHandleTransport, pack, unpack
-from replicas.async_engine import AsyncEngine
-from replicas.dispatch import ExpertDispatcher
-from replicas.engine import EngineConfig, LLMEngine
+from replicas.engine.async_engine import AsyncEngine
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.experts.dispatch import ExpertDispatcher
+from replicas.experts.placement import ExpertPlacement
+from replicas.model.loader import load_causal_lm
 from replicas.outputs import ReplicaUnavailableError
-from replicas.placement import ExpertPlacement
 from replicas.sampling_params import SamplingParams
-from replicas.weights import load_causal_lm
 
 ANSWER = (torch.tensor([0]), torch.ones(1, 4))
 PACKED = (pack(ANSWER[0]), pack(ANSWER[1]))

@@ -1,15 +1,15 @@
-"""replicas.fault_injection: refused unless the process enables it; an armed fault fires once,
-at the engine's next step, and the engine then serves as before."""
+"""replicas.engine.fault_injection: refused unless the process enables it; an armed fault fires
+once, at the engine's next step, and the engine then serves as before."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from replicas.engine import EngineConfig, LLMEngine
-from replicas.fault_injection import ENV, EngineThreadKilled, InjectedFault, arm
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.engine.fault_injection import ENV, EngineThreadKilled, InjectedFault, arm
+from replicas.model.loader import load_causal_lm
 from replicas.sampling_params import SamplingParams
-from replicas.weights import load_causal_lm
 
 PROMPT = [5, 9, 13, 21, 34]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

@@ -295,7 +295,7 @@ def test_every_container_is_locked_down(values_file):
                 [tmp] = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
                 assert tmp["name"] in empty_dirs and not tmp.get("readOnly"), container["name"]
         for container in spec["containers"] if role != "redis" else []:
-            env = _env(container)  # every cache under /tmp (replicas/cpu_kernels.py, Triton, ...)
+            env = _env(container)  # every cache under /tmp (replicas/kernels/cpu.py, Triton, ...)
             for name in ("EXAONE_KERNEL_CACHE", "TRITON_HOME", "TRITON_CACHE_DIR",
                          "XDG_CACHE_HOME", "CUDA_CACHE_PATH"):  # fmt: skip
                 assert env[name]["value"].startswith("/tmp"), name

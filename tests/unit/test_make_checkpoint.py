@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 
 from cluster.cli import main
 from cluster.tokenizer_build import CONTROL_TOKENS, TEXT_TAGS
-from replicas.model_config import ModelConfig
+from replicas.model.config import ModelConfig
 
 
 def _digest(path):

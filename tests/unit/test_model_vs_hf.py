@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import ExaoneMoeForCausalLM as HFModel
 
-from replicas.model import ExaoneMoeForCausalLM
-from replicas.model_config import ModelConfig
-from replicas.weights import load_causal_lm
+from replicas.model.config import ModelConfig
+from replicas.model.exaone_moe import ExaoneMoeForCausalLM
+from replicas.model.loader import load_causal_lm
 
 # Between them these cover every feature the issue lists; each names what it adds.
 FP32_CASES = {
@@ -145,7 +145,7 @@ def test_mtp_block_runs_and_is_loaded(make_ckpt):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_expert_loop_and_grouped_mm_agree_bitwise(make_ckpt, dtype, monkeypatch):
-    from replicas.model import RoutedExperts, weighted_sum
+    from replicas.model.exaone_moe import RoutedExperts, weighted_sum
 
     ckpt = make_ckpt(dtype="float32")
     ids = _ids(ckpt, 2, 24)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replicas.attention_batch import SeqChunk
-from replicas.kv_cache import HybridKVCache
-from replicas.weights import load_causal_lm
+from replicas.engine.kv_cache import HybridKVCache
+from replicas.kernels.attention_batch import SeqChunk
+from replicas.model.loader import load_causal_lm
 
 
 @pytest.fixture(scope="module")

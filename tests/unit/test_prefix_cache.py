@@ -9,19 +9,19 @@ import pytest
 import torch
 
 from cluster.presets import PRESETS
-from replicas import kv_format as fmt
-from replicas.engine import EngineConfig, LLMEngine
-from replicas.model_config import ModelConfig
-from replicas.prefix_cache import (
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.model.config import ModelConfig
+from replicas.model.loader import load_causal_lm
+from replicas.prefix_cache import kv_format as fmt
+from replicas.prefix_cache.blocks import (
     PrefixBlockPool,
     SnapshotCache,
     block_hashes,
     boundary_key,
     chain_root,
 )
-from replicas.prefix_manager import PrefixCacheConfig, stored_bytes_per_token
+from replicas.prefix_cache.manager import PrefixCacheConfig, stored_bytes_per_token
 from replicas.sampling_params import SamplingParams
-from replicas.weights import load_causal_lm
 
 KV = 32 << 20  # KV pool bytes per engine (the 1 GiB default, times many engines, adds up)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cluster.rebalancer import RebalanceConfig, Rebalancer
-from replicas.placement import ExpertMap, ExpertPlacement
+from replicas.experts.placement import ExpertMap, ExpertPlacement
 
 LAYERS = (1, 2)
 CONFIG = RebalanceConfig(threshold=1.2, min_gain=0.05, redundant_slots=1, min_interval_s=30,

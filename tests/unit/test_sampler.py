@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from replicas.sampler import (
+from replicas.engine.sampler import (
     SamplingBatch,
     apply_penalties,
     filter_logits,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from replicas.block_pool import BlockPool
-from replicas.request import FinishReason, Request, RequestStatus
+from replicas.engine.block_pool import BlockPool
+from replicas.engine.request import FinishReason, Request, RequestStatus
+from replicas.engine.scheduler import Scheduler, SchedulerConfig
 from replicas.sampling_params import SamplingParams
-from replicas.scheduler import Scheduler, SchedulerConfig
 
 EOS = (53,)
 

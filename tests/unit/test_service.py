@@ -14,10 +14,10 @@ from cluster.app import model_info
 from cluster.config import ClusterConfig, EngineOptions
 from protos.exaone.v1 import generation_pb2 as pb
 from replicas.attention_shard import AttentionShard
-from replicas.engine import EngineConfig, LLMEngine
-from replicas.model_config import ModelConfig
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.engine.request import FinishReason
+from replicas.model.config import ModelConfig
 from replicas.outputs import RequestOutput, RequestRejectedError
-from replicas.request import FinishReason
 from replicas.sampling_params import SamplingParams
 from router.client import build_request
 from router.errors import RequestError

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replicas import sampler
-from replicas.dispatch import ExpertDispatcher, InProcessTransport
-from replicas.draft_policy import DraftPolicyConfig
-from replicas.engine import EngineConfig, LLMEngine
-from replicas.expert_group import ExpertGroup
-from replicas.placement import ExpertPlacement
-from replicas.prefix_manager import PrefixCacheConfig
-from replicas.sampler import SamplingBatch, sample
+from replicas.engine import sampler
+from replicas.engine.draft_policy import DraftPolicyConfig
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.engine.sampler import SamplingBatch, sample
+from replicas.experts.dispatch import ExpertDispatcher, InProcessTransport
+from replicas.experts.expert_group import ExpertGroup
+from replicas.experts.placement import ExpertPlacement
+from replicas.model.loader import load_causal_lm
+from replicas.prefix_cache.manager import PrefixCacheConfig
 from replicas.sampling_params import SamplingParams
-from replicas.weights import load_causal_lm
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
 

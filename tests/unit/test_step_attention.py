@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replicas.attention_batch import SeqChunk
-from replicas.kv_cache import HybridKVCache, SplitStepAttention, StepAttention
-from replicas.weights import load_causal_lm
+from replicas.engine.kv_cache import HybridKVCache, SplitStepAttention, StepAttention
+from replicas.kernels.attention_batch import SeqChunk
+from replicas.model.loader import load_causal_lm
 
 SEQ_LENS = (30, 26, 34, 32)  # window 8: every sequence crosses several window boundaries
 

@@ -11,7 +11,9 @@ import torch
 from cluster.shard_client import StepSubscriber, _Lost
 from cluster.step_stream import StepPublisher, decode, encode
 from replicas.attention_shard import AttentionShard
-from replicas.engine import EngineConfig, LLMEngine
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.engine.request import FinishReason
+from replicas.model.loader import load_causal_lm
 from replicas.outputs import (
     QueueFullError,
     ReplicaUnavailableError,
@@ -19,9 +21,7 @@ from replicas.outputs import (
     RequestRejectedError,
     TokenLogprob,
 )
-from replicas.request import FinishReason
 from replicas.sampling_params import SamplingParams
-from replicas.weights import load_causal_lm
 
 ENGINE = EngineConfig(block_size=4, max_num_batched_tokens=64, max_num_seqs=8)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

@@ -8,10 +8,10 @@ import torch
 
 from cluster import model_card
 from cluster.train_bundled import BUNDLED, TrainConfig, learning_rate, train
-from replicas.engine import EngineConfig, LLMEngine
-from replicas.model_config import ModelConfig
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.model.config import ModelConfig
+from replicas.model.loader import load_causal_lm
 from replicas.sampling_params import SamplingParams
-from replicas.weights import load_causal_lm
 from router.tokenizer import Tokenizer
 
 SMALL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
@@ -65,7 +65,7 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth_with_progress():
 
 def test_the_bundled_model_fits_25_mb_in_bf16():
     from cluster.checkpoint import preset_config
-    from replicas.model import count_parameters
+    from replicas.model.exaone_moe import count_parameters
 
     cfg = ModelConfig.from_hf(preset_config("tiny", BUNDLED))
     counts = count_parameters(cfg)

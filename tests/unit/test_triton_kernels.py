@@ -1,5 +1,5 @@
-"""Our Triton kernels (replicas.triton_moe, replicas.triton_attention) against the torch reference,
-and the kernel switch (replicas.kernel_backend).
+"""Our Triton kernels (replicas.kernels.triton_moe, replicas.kernels.triton_attention) against the
+torch reference, and the kernel switch (replicas.kernels.backend).
 
 Without a GPU the kernels run on CPU through Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before triton is imported); with one, the same comparisons run on it for real.
@@ -17,16 +17,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replicas import kernel_backend
-from replicas.attention_batch import SeqChunk
-from replicas.engine import EngineConfig, LLMEngine
-from replicas.expert_group import ExpertGroup
-from replicas.kernel_backend import KernelChoice, choose
-from replicas.kv_cache import HybridKVCache
-from replicas.model import RoutedExperts
-from replicas.model_config import ModelConfig
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.engine.kv_cache import HybridKVCache
+from replicas.experts.expert_group import ExpertGroup
+from replicas.kernels import backend as kernel_backend
+from replicas.kernels.attention_batch import SeqChunk
+from replicas.kernels.backend import KernelChoice, choose
+from replicas.model.config import ModelConfig
+from replicas.model.exaone_moe import RoutedExperts
+from replicas.model.loader import load_causal_lm
 from replicas.sampling_params import SamplingParams
-from replicas.weights import load_causal_lm
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -141,7 +141,7 @@ def test_attention_kernel_matches_sdpa(dtype, heads, splits, monkeypatch):
     same cache contents afterwards (the kernel path writes the pools and rings the same).
     ``splits``: the cached keys split three ways (flash-decoding, what decode of few sequences
     does on a GPU), on every step, then merged."""
-    from replicas import triton_attention
+    from replicas.kernels import triton_attention
 
     monkeypatch.setattr(triton_attention, "num_splits", lambda *a: splits)
     if splits > 1:  # tiles of 16 keys, so the short contexts here do split across programs

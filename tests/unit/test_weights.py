@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from replicas.model_config import ConfigError
-from replicas.weights import (
+from replicas.model.config import ConfigError
+from replicas.model.loader import (
     INDEX_FILE,
     CheckpointError,
     load_causal_lm,
@@ -127,7 +127,7 @@ def test_layer_range_load(make_ckpt):
 _RSS_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
-    from replicas.weights import load_expert_stack, resident_bytes
+    from replicas.model.loader import load_expert_stack, resident_bytes
 
     def rss_anon():
         for line in open("/proc/self/status"):

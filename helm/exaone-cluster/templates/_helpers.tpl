@@ -99,7 +99,7 @@ read-only). */}}
 {{- end -}}
 
 {{/* Environment that keeps every cache of a Ray container under /tmp (an emptyDir; the root
-filesystem is read-only): our C kernels' build cache (replicas/cpu_kernels.py), Triton's
+filesystem is read-only): our C kernels' build cache (replicas/kernels/cpu.py), Triton's
 kernel cache, the CUDA driver's JIT cache, and everything that follows XDG (Hugging Face,
 vLLM, torch). */}}
 {{- define "exaone.cacheEnv" -}}

@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replicas import cpu_kernels, kernel_backend
-from replicas.gemm_rows import pad_rows, padded_rows, pads_rows
-from replicas.model_config import DENSE, SLIDING, ModelConfig
+from replicas.kernels import backend as kernel_backend
+from replicas.kernels import cpu as cpu_kernels
+from replicas.kernels.gemm_rows import pad_rows, padded_rows, pads_rows
+from replicas.model.config import DENSE, SLIDING, ModelConfig
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -123,7 +124,7 @@ class Linear(nn.Linear):
       2.6 vs 4.8 ms for oneDNN, 64 rows 5.2 vs 9.8, 512 rows 28 vs 36, 2048 rows 179 vs 138.
     - else bf16 with up to AVX512_LINEAR_MAX_ROWS rows runs ``cpu_kernels.linear_bf16`` where
       the CPU has AVX512-BF16 (oneDNN's fixed cost per call dominates decode of small models).
-    - otherwise row counts are padded (replicas.gemm_rows), so oneDNN compiles far fewer
+    - otherwise row counts are padded (replicas.kernels.gemm_rows), so oneDNN compiles far fewer
       kernels in serving."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
@@ -381,7 +382,8 @@ class RoutedExperts(nn.Module):
         slot ``slots[i]``'s output being ``y[rows[i]]`` (``y[i]`` when rows is None).
 
         In half precision on CPU each expert's rows are padded with zero rows up to
-        ``padded_rows(count)`` (replicas.gemm_rows), so the GEMMs see few distinct shapes."""
+        ``padded_rows(count)`` (replicas.kernels.gemm_rows), so the GEMMs see few distinct
+        shapes."""
         n, k = topk_ids.shape
         local = self.local_index[topk_ids.flatten()]  # [S], -1 where not held
         order = torch.argsort(local, stable=True)  # slots grouped by local expert
@@ -460,7 +462,7 @@ class RoutedExperts(nn.Module):
         )
 
     def _cpu_kernel(self, x: torch.Tensor, num_rows: int, sizes: torch.Tensor) -> str | None:
-        """Which of our bf16 CPU kernels (replicas.cpu_kernels) computes these rows, if any.
+        """Which of our bf16 CPU kernels (replicas.kernels.cpu) computes these rows, if any.
 
         Measured on 2 cores (small preset, 15 layers of cold weights, ms per layer):
         - AMX: 8 rows per expert 8.1-8.4 vs 13.5-14.3 for the AVX512 kernel and 19-23 for
@@ -512,7 +514,7 @@ class RoutedExperts(nn.Module):
 
 def use_expert_kernels(module: nn.Module, name: str) -> None:
     """Make every routed-expert block in ``module`` compute with kernels ``name`` (torch,
-    triton or vllm: replicas.kernel_backend.choose)."""
+    triton or vllm: replicas.kernels.backend.choose)."""
     for m in module.modules():
         if isinstance(m, RoutedExperts):
             m.kernels = name
@@ -679,7 +681,7 @@ class ExaoneMoeModel(nn.Module):
 class ExaoneMoeForCausalLM(nn.Module):
     """EXAONE-MoE with the transformers-style API:
 
-    >>> model = replicas.weights.load_causal_lm(path, dtype=torch.float32)
+    >>> model = replicas.model.loader.load_causal_lm(path, dtype=torch.float32)
     >>> logits = model(input_ids)  # [B, T] LongTensor -> [B, T, V]
 
     ``layers`` / ``expert_ids`` build a partial model (a layer range, a subset of routed experts);
@@ -740,7 +742,8 @@ class ExaoneMoeForCausalLM(nn.Module):
     ) -> Generator[ExpertCall, torch.Tensor, torch.Tensor]:
         """One engine step as a generator. input_ids, positions [N] (the new tokens of every
         scheduled sequence, concatenated); ``backend.attend_fn(layer)`` returns each layer's
-        attention callable (see replicas.kv_cache). Returns [N, H] final-normed hidden states.
+        attention callable (see replicas.engine.kv_cache). Returns [N, H] final-normed hidden
+        states.
 
         When the routed experts live elsewhere (``experts_remote``) it yields an ExpertCall at
         every MoE layer and expects the experts' ExpertRows back (``send``); the shared

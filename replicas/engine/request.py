@@ -43,7 +43,8 @@ class Request:
     first_scheduled_time: float | None = None
     """time.monotonic() of the first step that computed any of its tokens."""
     prefix: Any = None
-    """Prefix-cache state (replicas.prefix_manager.PrefixState), None when nothing to reuse."""
+    """Prefix-cache state (replicas.prefix_cache.manager.PrefixState), None when nothing to
+    reuse."""
     num_cached_tokens: int = 0
     """Prompt tokens restored from the prefix cache instead of computed."""
     draft_ids: list[int] = field(default_factory=list)

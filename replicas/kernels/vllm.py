@@ -1,13 +1,13 @@
 """vLLM's kernels behind our kernel interfaces (``kernels: vllm``; needs the ``gpu`` extra).
 
 - Routed experts: vLLM's ``fused_experts`` (its fused-MoE Triton kernel). Our experts answer per
-  slot, unweighted (replicas.model.ExpertRows), while fused_experts sums each token's top-k
-  outputs. So every held slot goes in as its own row, routed top-1 to its local expert with
+  slot, unweighted (replicas.model.exaone_moe.ExpertRows), while fused_experts sums each token's
+  top-k outputs. So every held slot goes in as its own row, routed top-1 to its local expert with
   weight 1.0: the output is then exactly that slot's expert output.
 - Attention: vLLM's ``unified_attention`` (its paged Triton attention, prefill and decode). A
   global layer's pool is already paged ([blocks * block_size, Hkv, D] viewed as [blocks,
   block_size, Hkv, D]) and holds the step's keys before attending. A sliding layer keeps a ring
-  per sequence and attends before writing it (replicas.kv_cache), which vLLM's paged layout
+  per sequence and attends before writing it (replicas.engine.kv_cache), which vLLM's paged layout
   cannot express; for it each step copies every sequence's window (at most W - 1 cached keys)
   and its new keys into scratch blocks, once per layer. That copy is the price of the option:
   ``kernels: triton`` reads the ring in place.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from replicas.attention_batch import AttentionBatch
+from replicas.kernels.attention_batch import AttentionBatch
 
 SCRATCH_BLOCK = 16  # rows per scratch block for sliding layers
 
@@ -28,7 +28,8 @@ def moe_experts(
     x: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor,
     w2: torch.Tensor,
 ) -> torch.Tensor:  # fmt: skip
-    """Same contract as replicas.triton_moe.moe_experts, computed by vLLM's fused_experts."""
+    """Same contract as replicas.kernels.triton_moe.moe_experts, computed by vLLM's
+    fused_experts."""
     from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
 
     num_rows, num_experts = tokens.numel(), w13.shape[0]
@@ -67,8 +68,8 @@ def attend(
     v_cache: torch.Tensor, batch: AttentionBatch, *, window: int | None, ring: int | None,
     block_size: int, scale: float,
 ) -> torch.Tensor:  # fmt: skip
-    """Same contract as replicas.triton_attention.attend, computed by vLLM's unified_attention.
-    For global layers ``k_cache`` must already hold the step's keys."""
+    """Same contract as replicas.kernels.triton_attention.attend, computed by vLLM's
+    unified_attention. For global layers ``k_cache`` must already hold the step's keys."""
     from vllm.v1.attention.ops.triton_unified_attention import unified_attention
 
     num_tokens, _, head_dim = q.shape

@@ -17,23 +17,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from replicas import decode_path, kernel_backend
-from replicas.attention_batch import SeqChunk
-from replicas.dispatch import ExpertDispatcher, run_microbatches, split_balanced
-from replicas.draft_policy import AcceptanceTracker, DraftPolicy, DraftPolicyConfig
-from replicas.kv_cache import HybridKVCache, kv_footprint
-from replicas.model import ExaoneMoeForCausalLM, use_expert_kernels
+from replicas.engine import decode_path
+from replicas.engine.draft_policy import AcceptanceTracker, DraftPolicy, DraftPolicyConfig
+from replicas.engine.kv_cache import HybridKVCache, kv_footprint
+from replicas.engine.request import Request
+from replicas.engine.sampler import SamplingBatch, make_generator, sample
+from replicas.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
+from replicas.experts.dispatch import ExpertDispatcher, run_microbatches, split_balanced
+from replicas.kernels import backend as kernel_backend
+from replicas.kernels.attention_batch import SeqChunk
+from replicas.model.exaone_moe import ExaoneMoeForCausalLM, use_expert_kernels
 from replicas.outputs import RequestOutput, RequestRejectedError, StepFailedError, TokenLogprob
-from replicas.prefix_cache import PrefixBlockPool
-from replicas.prefix_manager import PrefixCacheConfig, PrefixCacheManager
-from replicas.redis_tier import RedisTier
-from replicas.request import Request
-from replicas.sampler import SamplingBatch, make_generator, sample
+from replicas.prefix_cache.blocks import PrefixBlockPool
+from replicas.prefix_cache.manager import PrefixCacheConfig, PrefixCacheManager
+from replicas.prefix_cache.redis_tier import RedisTier
 from replicas.sampling_params import SamplingParams
-from replicas.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 
-# Colocated bf16 decode steps on CPU run replicas.decode_path (the same bits as the module path,
-# less time around the kernels); EXAONE_DECODE_PATH=0 keeps the module path, for comparisons.
+# Colocated bf16 decode steps on CPU run replicas.engine.decode_path (the same bits as the module
+# path, less time around the kernels); EXAONE_DECODE_PATH=0 keeps the module path, for comparisons.
 DECODE_PATH = os.environ.get("EXAONE_DECODE_PATH", "1") != "0"
 
 logger = logging.getLogger(__name__)
@@ -59,12 +60,12 @@ class EngineConfig:
     """MTP self-speculative decoding: draft tokens per sequence and step (0: off). Needs the
     model's MTP block; every step verifies the drafts of all running requests in one batch."""
     draft_policy: DraftPolicyConfig | None = None
-    """Adaptive draft length (replicas.draft_policy): each step drafts the k <= its
+    """Adaptive draft length (replicas.engine.draft_policy): each step drafts the k <= its
     max_draft_tokens with the best expected tokens/s for the batch, pausing when drafting does
     not pay (large batches, low acceptance). None: always num_speculative_tokens."""
     kernels: str = "torch"
     """Kernels for the routed experts and attention: auto, torch, triton or vllm
-    (replicas.kernel_backend; the choice is logged when the engine starts)."""
+    (replicas.kernels.backend; the choice is logged when the engine starts)."""
 
     def __post_init__(self):
         if self.num_speculative_tokens < 0:
@@ -309,7 +310,7 @@ class LLMEngine:
         """Sample every completing chunk's next token. A chunk with drafts d_1..d_k gets k + 1
         rows, the positions of its last known token and of each draft; row i is sampled as if
         d_1..d_i had been generated (penalties see them) and verifies d_{i+1}: greedy rows keep
-        it when it is their argmax, sampled rows by rejection sampling (replicas.sampler), so
+        it when it is their argmax, sampled rows by rejection sampling (replicas.engine.sampler), so
         every token follows the main model's distribution. Drafts count while each row kept
         its draft; the row after the last kept one adds its own token."""
         rows, owners, outputs = [], [], {}  # owners: (request, row i of its chunk)

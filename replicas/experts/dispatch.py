@@ -1,6 +1,6 @@
 """Dispatch/combine between an attention replica and the expert groups (design.md decision 3).
 
-``ExpertPlacement`` (replicas.placement) says which routed experts each group owns, and
+``ExpertPlacement`` (replicas.experts.placement) says which routed experts each group owns, and
 ``ExpertMap`` which it holds per layer after rebalancing (copies of hot experts included).
 ``ExpertTransport`` is the small
 interface a transport implements: send one group the hidden states of the tokens that chose its
@@ -24,8 +24,8 @@ from typing import Protocol
 
 import torch
 
-from replicas.model import ExpertCall, ExpertRows
-from replicas.placement import ExpertMap, ExpertPlacement
+from replicas.experts.placement import ExpertMap, ExpertPlacement
+from replicas.model.exaone_moe import ExpertCall, ExpertRows
 
 
 class ExpertResult(Protocol):
@@ -87,7 +87,7 @@ class PendingCombine:
 class ExpertDispatcher:
     """Splits each ExpertCall by group and combines the groups' answers.
 
-    The map (``replicas.placement.ExpertMap``) says which groups hold each expert in each
+    The map (``replicas.experts.placement.ExpertMap``) says which groups hold each expert in each
     layer. A slot goes to the group holding its expert; an expert held by several groups
     (copies of a hot expert) has its slots dealt over them in turn, in slot order. Each group
     gets the tokens with a slot for it, and their top-k ids with every slot that is not its

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from replicas import kernel_backend
-from replicas.expert_load import LoadWindow
-from replicas.model import RoutedExperts, use_expert_kernels
-from replicas.weights import DTYPES, load_expert_stack, resident_bytes
+from replicas.experts.expert_load import LoadWindow
+from replicas.kernels import backend as kernel_backend
+from replicas.model.exaone_moe import RoutedExperts, use_expert_kernels
+from replicas.model.loader import DTYPES, load_expert_stack, resident_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class ExpertGroupStats:
     map_version: int = 0
     """The expert map version of the holdings (ExpertMap.version)."""
     kernels: str = "torch"
-    """What computes the experts (replicas.kernel_backend)."""
+    """What computes the experts (replicas.kernels.backend)."""
 
 
 class ExpertGroup:
@@ -73,7 +73,7 @@ class ExpertGroup:
         map_version: int = 0,
         kernels: str = "torch",
     ):
-        """``kernels``: auto, torch, triton or vllm (replicas.kernel_backend), logged."""
+        """``kernels``: auto, torch, triton or vllm (replicas.kernels.backend), logged."""
         started = time.monotonic()
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")

@@ -1,17 +1,17 @@
 """Which kernels run the routed experts and attention: the config field ``kernels``.
 
 - ``torch``: the reference. PyTorch ops (SDPA, grouped_mm), plus our C kernels for bf16 on CPU
-  (replicas.cpu_kernels). Runs anywhere.
-- ``triton``: our Triton kernels (replicas.triton_moe, replicas.triton_attention). Needs a CUDA
-  device, or ``TRITON_INTERPRET=1`` on CPU (slow: for tests only).
-- ``vllm``: vLLM's fused MoE and its unified Triton attention (replicas.vllm_kernels). Needs the
+  (replicas.kernels.cpu). Runs anywhere.
+- ``triton``: our Triton kernels (replicas.kernels.triton_moe, replicas.kernels.triton_attention).
+  Needs a CUDA device, or ``TRITON_INTERPRET=1`` on CPU (slow: for tests only).
+- ``vllm``: vLLM's fused MoE and its unified Triton attention (replicas.kernels.vllm). Needs the
   ``gpu`` extra (vllm) and a CUDA device.
 - ``auto``: on a CUDA device vllm when it is installed, else triton when it is, else torch; on
   CPU torch (its C kernels are faster there than Triton's interpreter by far).
 
 ``choose`` is pure apart from what it reads of the environment (installed packages, env vars),
 so it is unit-tested; the model applies the choice to its modules
-(``replicas.model.use_expert_kernels``): this module imports no model code.
+(``replicas.model.exaone_moe.use_expert_kernels``): this module imports no model code.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from replicas.kernel_env import interpreting
+from replicas.kernels.env import interpreting
 
 Kernels = Literal["auto", "torch", "triton", "vllm"]
 KERNELS: tuple[str, ...] = ("auto", "torch", "triton", "vllm")
@@ -80,19 +80,19 @@ def choose(requested: str, device: str | torch.device) -> KernelChoice:
 
 def moe_experts(name: str):
     """The routed-experts function of kernels ``name`` (triton or vllm), imported on first use
-    (same contract: replicas.triton_moe.moe_experts)."""
+    (same contract: replicas.kernels.triton_moe.moe_experts)."""
     if name == "vllm":
-        from replicas.vllm_kernels import moe_experts
+        from replicas.kernels.vllm import moe_experts
     else:
-        from replicas.triton_moe import moe_experts
+        from replicas.kernels.triton_moe import moe_experts
     return moe_experts
 
 
 def attention(name: str):
     """The attention function of kernels ``name`` (triton or vllm), imported on first use
-    (same contract: replicas.triton_attention.attend)."""
+    (same contract: replicas.kernels.triton_attention.attend)."""
     if name == "vllm":
-        from replicas.vllm_kernels import attend
+        from replicas.kernels.vllm import attend
     else:
-        from replicas.triton_attention import attend
+        from replicas.kernels.triton_attention import attend
     return attend

@@ -42,7 +42,7 @@ UNSUPPORTED_FIELDS = ("sliding_windows", "mtp_layer_types", "mtp_sliding_windows
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 """The weight dtypes we run, by the names configs and command lines use (torch's attribute
-names: replicas.weights.DTYPES maps them to torch dtypes). Kept here, free of torch, because
+names: replicas.model.loader.DTYPES maps them to torch dtypes). Kept here, free of torch, because
 ClusterConfig resolves ``dtype: auto`` in processes that never import torch (the router)."""
 AUTO_DTYPE = "auto"
 _DTYPE_SPELLINGS = {"float": "float32", "half": "float16"}  # older config.json spellings

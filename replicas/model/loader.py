@@ -25,8 +25,14 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from replicas.model import ExaoneMoeForCausalLM, ExpertStack, MoEGate, Piece, checkpoint_sources
-from replicas.model_config import DTYPE_NAMES, ModelConfig
+from replicas.model.config import DTYPE_NAMES, ModelConfig
+from replicas.model.exaone_moe import (
+    ExaoneMoeForCausalLM,
+    ExpertStack,
+    MoEGate,
+    Piece,
+    checkpoint_sources,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Our C kernels for CPU serving (replicas/csrc), built on first use and called through ctypes.
+"""Our C kernels for CPU serving (csrc/ beside this file), built on first use and called through
+ctypes.
 
 - ``moe_experts_amx``: the routed experts of one MoE layer in bf16 on AMX (Sapphire Rapids and
   later), for any number of rows. See csrc/moe_amx.c.

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from replicas import cpu_kernels
-from replicas.kv_cache import StepAttention
-from replicas.model import (
+from replicas.engine.kv_cache import StepAttention
+from replicas.kernels import cpu as cpu_kernels
+from replicas.model.exaone_moe import (
     AVX512_LINEAR_MAX_ROWS,
     FUSED_DECODE_MAX_ROWS,
     ExaoneMoeForCausalLM,

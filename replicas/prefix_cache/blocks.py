@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from replicas.block_pool import BlockPool
+from replicas.engine.block_pool import BlockPool
 
 HASH_BYTES = 16
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import redis
 from redis import exceptions as redis_errors
 
-from replicas.kv_format import CorruptValueError
+from replicas.prefix_cache.kv_format import CorruptValueError
 
 log = logging.getLogger(__name__)
 

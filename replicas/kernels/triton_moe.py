@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from replicas.kernel_env import interpreting
+from replicas.kernels.env import interpreting
 
 INTERPRET = interpreting()  # fixed when triton is imported, as triton's own choice is
 

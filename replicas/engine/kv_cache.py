@@ -30,11 +30,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from replicas import cpu_kernels, kernel_backend
-from replicas.attention_batch import AttentionBatch, SeqChunk
-from replicas.block_pool import BlockPool
-from replicas.model import Attend
-from replicas.model_config import SLIDING, ModelConfig
+from replicas.engine.block_pool import BlockPool
+from replicas.kernels import backend as kernel_backend
+from replicas.kernels import cpu as cpu_kernels
+from replicas.kernels.attention_batch import AttentionBatch, SeqChunk
+from replicas.model.config import SLIDING, ModelConfig
+from replicas.model.exaone_moe import Attend
 
 
 # ------------------------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ class HybridKVCache:
         ``kernels``: "torch" (SDPA, our C decode kernel on CPU), "triton" or "vllm"."""
         if spec_tokens < 0:
             raise ValueError("spec_tokens must be >= 0")
-        self.kernels = kernels  # attention kernels of each step (replicas.kernel_backend)
+        self.kernels = kernels  # attention kernels of each step (replicas.kernels.backend)
         self.cfg, self.block_size = cfg, block_size
         self.window = cfg.sliding_window
         self.ring = self.window - 1 + spec_tokens if self.window else 0  # rows per slot
@@ -200,7 +201,7 @@ class StepAttention:
 
     torch kernels: queries are padded to [B, Qmax], keys to [B, Kmax] per layer kind, one SDPA
     call per layer (or our C kernel for bf16 decode on CPU). triton / vllm kernels read the
-    cache in place (replicas.triton_attention, replicas.vllm_kernels).
+    cache in place (replicas.kernels.triton_attention, replicas.kernels.vllm).
     """
 
     def __init__(self, cache: HybridKVCache, chunks: Sequence[SeqChunk]):
@@ -248,7 +249,7 @@ class StepAttention:
         cache, dev = self.cache, pool.device
         bs, w = cache.block_size, cache.window
         self.out_index = self.q_valid.flatten().nonzero()[:, 0]  # [N] rows of the flat [B*Qmax]
-        # Decode in bf16 on CPU: our kernel reads keys in place (replicas/csrc/decode_attention.c)
+        # Decode in bf16 on CPU: our kernel reads keys in place (kernels/csrc/decode_attention.c)
         self.use_kernel = (
             self.decode_only and pool.dtype == torch.bfloat16 and pool.device.type == "cpu"
             and pool.shape[-1] % 32 == 0 and cpu_kernels.available()
@@ -302,7 +303,7 @@ class StepAttention:
         return out.flatten(0, 1).index_select(0, self.out_index)  # [N, Hq, D]
 
     def _kernel(self, q, k, v, k_cache, v_cache, window: int | None, ring: int | None):
-        """The triton / vllm attention call (see replicas.triton_attention.attend)."""
+        """The triton / vllm attention call (see replicas.kernels.triton_attention.attend)."""
         attend = kernel_backend.attention(self.kernels)
         return attend(q, k, v, k_cache, v_cache, self.batch, window=window, ring=ring,
                       block_size=self.cache.block_size, scale=q.shape[-1] ** -0.5)  # fmt: skip

@@ -24,24 +24,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from replicas import kv_format as fmt
-from replicas.kv_cache import HybridKVCache
-from replicas.prefix_cache import (
+from replicas.engine.kv_cache import HybridKVCache
+from replicas.engine.request import Request
+from replicas.prefix_cache import kv_format as fmt
+from replicas.prefix_cache.blocks import (
     PrefixBlockPool,
     SnapshotCache,
     block_hashes,
     boundary_key,
     chain_root,
 )
-from replicas.redis_tier import RedisTier, RedisUnavailable
-from replicas.request import Request
+from replicas.prefix_cache.redis_tier import RedisTier, RedisUnavailable
 
 
 @dataclass(frozen=True)
 class PrefixCacheConfig:
     fingerprint: str
     """Names the model state (weights revision, dtype, tokenizer and template): keys of
-    different models never meet. See replicas.fingerprint.model_fingerprint."""
+    different models never meet. See replicas.prefix_cache.fingerprint.model_fingerprint."""
     snapshot_interval_tokens: int = 512
     """Also keep a window snapshot every this many prompt tokens (0: only at hinted
     boundaries), so prompts that share a long prefix without hints still hit."""
@@ -476,7 +476,7 @@ def stored_bytes_per_token(cfg, num_tokens: int, block_size: int, dtype_bytes: i
     """Redis bytes per cached token of a ``num_tokens`` prefix in this layout (global-layer
     blocks + one window snapshot per boundary; value headers left out), and in a layout that
     stores every layer's K/V for every token. Uses the same footprint code as the cache."""
-    from replicas.kv_cache import kv_footprint
+    from replicas.engine.kv_cache import kv_footprint
 
     fp = kv_footprint(cfg, dtype_bytes)
     full = num_tokens // block_size * block_size

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from replicas.engine import LLMEngine
+from replicas.engine.engine import LLMEngine
 from replicas.outputs import (
     ReplicaUnavailableError,
     RequestOutput,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from replicas.engine import LLMEngine
+from replicas.engine.engine import LLMEngine
 
 ENV = "EXAONE_FAULT_INJECTION"
 

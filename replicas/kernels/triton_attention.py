@@ -2,7 +2,7 @@
 decode and draft verification in one kernel, for global layers (paged blocks) and sliding-window
 layers (a ring per sequence), with GQA.
 
-Keys of a query come from two places (replicas.kv_cache explains the layout):
+Keys of a query come from two places (replicas.engine.kv_cache explains the layout):
 - the cache: positions ``[lo, computed)`` of the sequence. Paged (global layers): position p is
   pool row ``block_table[b, p // block_size] * block_size + p % block_size``. Ring (sliding
   layers): row ``slot[b] * R + p % R``. ``lo`` is 0 for global layers and the window's first
@@ -21,7 +21,7 @@ context. ``num_splits`` then splits the cached keys of each (flash-decoding): ev
 its partial max, sum and unnormalised output, and a second kernel merges them.
 
 Under Triton's interpreter (CPU, ``TRITON_INTERPRET=1``) dot inputs are upcast to fp32 (numpy
-has no bf16 matmul); see replicas.triton_moe.
+has no bf16 matmul); see replicas.kernels.triton_moe.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from replicas.attention_batch import AttentionBatch
-from replicas.triton_moe import INTERPRET
+from replicas.kernels.attention_batch import AttentionBatch
+from replicas.kernels.triton_moe import INTERPRET
 
 NEG_INIT = -1.0e30  # running max before any key: finite, so fully masked tiles give exp(-inf) = 0
 

@@ -17,8 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from replicas.block_pool import BlockPool
-from replicas.request import FinishReason, Request, RequestStatus
+from replicas.engine.block_pool import BlockPool
+from replicas.engine.request import FinishReason, Request, RequestStatus
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class SchedulerOutput:
 
 
 class PrefixMatcher(Protocol):
-    """The prefix cache as the scheduler sees it (replicas.prefix_manager)."""
+    """The prefix cache as the scheduler sees it (replicas.prefix_cache.manager)."""
 
     def is_ready(self, request: Request) -> bool: ...
 
