@@ -11,6 +11,6 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 # Build our C kernels now (cached under ~/.cache/exaone-cluster/kernels); without a compiler or
 # AVX512-BF16 the engine uses PyTorch instead, and this says why.
-.venv/bin/python -c "from replicas import cpu_kernels as k
+.venv/bin/python -c "from replicas.kernels import cpu as k
 print('CPU kernels: AVX512-BF16', 'ready' if k.available() else k.unavailable_reason())
 print('CPU kernels: AMX', 'ready' if k.amx_available() else k.amx_unavailable_reason())"
