@@ -71,7 +71,11 @@ def deploy_groups(path: Path, dtype: str, num_groups: int, threads: int, transpo
     )  # fmt: skip
     # Only the expert groups are deployed (the engine runs here, as in an attention replica),
     # each as its own application.
-    from cluster.expert_transport import ActorTransport, ServeHandleTransport, worker_prefix
+    from cluster.deployments.expert_transport import (
+        ActorTransport,
+        ServeHandleTransport,
+        worker_prefix,
+    )
 
     handles, prefixes = [], []
     for g, group in enumerate(expert_groups(config)):
@@ -120,14 +124,14 @@ def main() -> None:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     group_counts = [int(g) for g in args.groups.split(",")]
 
-    from cluster.local import LOCAL_ENV
+    from cluster.commands.local import LOCAL_ENV
 
     os.environ.update(LOCAL_ENV)
     import ray
     from ray import serve
     from ray.serve.schema import LoggingConfig
 
-    from cluster.loopback import HOOK
+    from cluster.commands.loopback import HOOK
 
     path = checkpoint(args.preset, args.dtype)
     dtype = DTYPES[args.dtype]

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.checkpoint import write_checkpoint  # noqa: E402
+from cluster.bundled.checkpoint import write_checkpoint  # noqa: E402
 from replicas.model.exaone_moe import count_parameters  # noqa: E402
 from replicas.model.loader import (
     DTYPES,  # noqa: E402

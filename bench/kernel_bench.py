@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from cluster.presets import PRESETS
+from cluster.bundled.presets import PRESETS
 from replicas.engine.kv_cache import HybridKVCache
 from replicas.kernels.attention_batch import SeqChunk
 from replicas.kernels.backend import unavailable

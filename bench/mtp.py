@@ -53,7 +53,7 @@ def run_vllm_mtp(python: Path, path: Path, dtype: str, prompts: dict[int, list[l
 
 def chat_prompts(path: Path, n: int) -> list[list[int]]:
     """n held-out chats (a seed training never uses), rendered up to the assistant's turn."""
-    from cluster.chat_corpus import chats
+    from cluster.bundled.chat_corpus import chats
     from router.tokenizer import Tokenizer
 
     tok = Tokenizer(path)
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--chat-prompts", action="store_true",
-                    help="prompts: held-out synthetic chats (cluster.chat_corpus)")  # fmt: skip
+                    help="prompts: held-out chats (cluster.bundled.chat_corpus)")  # fmt: skip
     ap.add_argument(
         "--vllm", action="store_true", help="also run vLLM's MTP (slow: a launch per k)"
     )

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.forward import DTYPES, checkpoint  # noqa: E402
-from cluster.redis_server import RedisServer  # noqa: E402
+from cluster.commands.redis_server import RedisServer  # noqa: E402
 from replicas.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from replicas.model.loader import load_causal_lm  # noqa: E402
 from replicas.prefix_cache.fingerprint import model_fingerprint  # noqa: E402

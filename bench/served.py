@@ -15,7 +15,7 @@ C closed-loop streams send max(C * --requests-per-stream, --min-requests) reques
 first gets a short warm-up (C requests of --warmup-tokens at each level, other prompts).
 
 Systems (--systems):
-  ours    our server, started in this process with cluster.local.start_local; driven over
+  ours    our server, started in this process with cluster.commands.local.start_local; driven over
           grpc.aio with exaone.v1 Generation.Generate (server-streaming, token_ids input)
   vllm    vLLM's OpenAI server (python -m vllm.entrypoints.openai.api_server in its own venv,
           ../shared/peers/setup_vllm_venv.sh; --vllm-python) as a subprocess; driven over HTTP
@@ -304,7 +304,7 @@ def run_engine(config: ClusterConfig, work: Workload) -> dict:
 def run_ours(config: ClusterConfig, work: Workload) -> dict:
     import grpc
 
-    from cluster.local import start_local
+    from cluster.commands.local import start_local
     from protos.exaone.v1 import generation_pb2 as pb
     from protos.exaone.v1 import generation_pb2_grpc as pb_grpc
 

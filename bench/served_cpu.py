@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 import psutil  # noqa: E402
 
+from cluster.commands.local import APP_NAME, start_local  # noqa: E402
+from cluster.commands.redis_server import free_port  # noqa: E402
 from cluster.config import ClusterConfig  # noqa: E402
-from cluster.local import APP_NAME, start_local  # noqa: E402
-from cluster.redis_server import free_port  # noqa: E402
 from protos.exaone.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 from router.client import build_request  # noqa: E402
 

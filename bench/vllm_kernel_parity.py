@@ -45,7 +45,7 @@ def _align_block_size(topk_ids, num_experts, block_size, sorted_ids, expert_ids,
 
 
 def main() -> int:
-    from cluster.presets import PRESETS
+    from cluster.bundled.presets import PRESETS
     from replicas.engine.kv_cache import HybridKVCache
     from replicas.kernels import vllm as vllm_kernels  # noqa: F401  (imports cleanly without vllm loaded)
     from replicas.kernels.attention_batch import SeqChunk

@@ -7,10 +7,10 @@
 With ``experts.num_groups`` = 0 (colocated) the attention replicas run every expert themselves;
 otherwise each group g is its own deployment ``ExpertGroup-g`` holding experts
 ``placement.groups[g]`` of every MoE layer, and the attention replicas dispatch to them through
-ServeHandleTransport. Each Router replica serves the public gRPC API itself (cluster.ingress,
-not Serve's generic proxy); a request reaches its attention replica through a Serve handle and
-its token deltas come back over that replica's step stream (cluster.step_stream), one message
-per engine step for all of a router's requests.
+ServeHandleTransport. Each Router replica serves the public gRPC API itself
+(cluster.deployments.ingress, not Serve's generic proxy); a request reaches its attention replica
+through a Serve handle and its token deltas come back over that replica's step stream
+(cluster.deployments.step_stream), one message per engine step for all of a router's requests.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.config import ClusterConfig
 from cluster.cpus import node_cpus
-from cluster.request_router import PrefixAffinityRouter
+from cluster.deployments.request_router import PrefixAffinityRouter
 from protos.exaone.v1 import generation_pb2 as pb
 from replicas.model.config import ModelConfig
 from replicas.sampling_params import SamplingParams
@@ -108,7 +108,7 @@ class ExpertGroupDeployment:
         ctx = serve.get_replica_context()
         self.replica, self.group_id = ctx.replica_id.unique_id, group
         if e.transport == "actor":
-            from cluster.expert_transport import WORKER_NAMESPACE, worker_name
+            from cluster.deployments.expert_transport import WORKER_NAMESPACE, worker_name
 
             name = worker_name(ctx.app_name, group, ctx.replica_id.unique_id)
             strategy = NodeAffinitySchedulingStrategy(
@@ -127,7 +127,7 @@ class ExpertGroupDeployment:
         _serve_log.info("expert group %d kernels: %s", group, self.stats().kernels)
         if balancer is not None:
             self.reporter = Every(e.balancer.report_interval_s, self._report).start()
-        from cluster.metrics import ExpertMetrics
+        from cluster.ops.metrics import ExpertMetrics
 
         self.metrics = ExpertMetrics(group, self.replica)
         self.metrics_loop = Every(config.metrics_interval_s,
@@ -146,7 +146,7 @@ class ExpertGroupDeployment:
             self.group.follow(*args)
 
     def forward(self, layer: int, x, topk_ids):
-        """Packed tensors in and out (cluster.expert_transport.pack)."""
+        """Packed tensors in and out (cluster.deployments.expert_transport.pack)."""
         if self.worker is not None:
             return ray.get(self.worker.forward.remote(layer, x, topk_ids))
         return _forward_packed(self.group, layer, x, topk_ids)
@@ -164,7 +164,8 @@ class ExpertGroupDeployment:
             await self.worker.ready.remote()
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """What this group's autoscaling policy reads (cluster.autoscaling.ExpertGroupPolicy)."""
+        """What this group's autoscaling policy reads
+        (cluster.ops.autoscaling.ExpertGroupPolicy)."""
         stats = await self.worker.stats.remote() if self.worker is not None else self.group.stats()
         return {"tokens_per_s": stats.tokens_per_s, "busy": stats.busy}
 
@@ -186,7 +187,7 @@ def _load_group(path, group, expert_ids, dtype, device, num_threads, window_s, v
 
 
 def _forward_packed(group, layer, x, topk_ids):
-    from cluster.expert_transport import pack, unpack
+    from cluster.deployments.expert_transport import pack, unpack
 
     slots, y = group.forward(layer, unpack(x), unpack(topk_ids))
     return pack(slots), pack(y)
@@ -221,10 +222,10 @@ class ExpertWorker:
 @serve.deployment(name="ExpertBalancer")
 class ExpertBalancerDeployment:
     """The live expert balancer: replicas report their load and map version here and get back
-    what to hold or dispatch with (cluster.rebalancer.Rebalancer has the phases)."""
+    what to hold or dispatch with (cluster.ops.rebalancer.Rebalancer has the phases)."""
 
     def __init__(self, config: ClusterConfig):
-        from cluster.rebalancer import Rebalancer
+        from cluster.ops.rebalancer import Rebalancer
         from replicas.experts.placement import ExpertMap
 
         cfg = config.read_model_config()
@@ -233,7 +234,7 @@ class ExpertBalancerDeployment:
                                               config.experts.balancer.rebalance_config(),
                                               epoch=int(time.time()))  # fmt: skip
         self.lock = threading.Lock()
-        from cluster.metrics import BalancerMetrics
+        from cluster.ops.metrics import BalancerMetrics
 
         self.metrics = BalancerMetrics()
         self.metrics_loop = Every(config.metrics_interval_s, self._update_metrics).start()
@@ -305,7 +306,11 @@ class Every:
 class AttentionShardDeployment:
     def __init__(self, config: ClusterConfig, balancer: DeploymentHandle | None,
                  *expert_groups: DeploymentHandle):  # fmt: skip
-        from cluster.expert_transport import ActorTransport, ServeHandleTransport, worker_prefix
+        from cluster.deployments.expert_transport import (
+            ActorTransport,
+            ServeHandleTransport,
+            worker_prefix,
+        )
         from replicas.attention_shard import AttentionShard  # torch: only in this replica
         from replicas.engine.draft_policy import DraftPolicyConfig
         from replicas.engine.engine import EngineConfig
@@ -358,13 +363,13 @@ class AttentionShardDeployment:
         self.balancer, self.reporter = balancer, None
         if balancer is not None and self.shard.dispatcher is not None:
             self.reporter = Every(x.balancer.report_interval_s, self._report).start()
-        from cluster.metrics import ShardMetrics
+        from cluster.ops.metrics import ShardMetrics
 
         self.metrics, self._slots_seen = ShardMetrics(self.replica), {}
         self.metrics_loop = Every(config.metrics_interval_s, self._update_metrics).start()
 
     def _update_metrics(self) -> None:
-        from cluster.balancer import busiest_over_mean
+        from cluster.ops.balancer import busiest_over_mean
 
         engine = self.shard.engine.engine
         imbalance, dispatcher = None, self.shard.dispatcher
@@ -394,9 +399,9 @@ class AttentionShardDeployment:
 
     async def generate_direct(self, subscriber: str, request_id: str, prompt_ids: list[int],
                               params: SamplingParams):  # fmt: skip
-        """A request whose deltas go to ``subscriber``'s step stream (cluster.step_stream).
-        Yields the stream's address once admitted, then ends when the request has ended;
-        cancelling the call aborts the request."""
+        """A request whose deltas go to ``subscriber``'s step stream
+        (cluster.deployments.step_stream). Yields the stream's address once admitted, then ends
+        when the request has ended; cancelling the call aborts the request."""
         publisher = await self._publisher()
         ended = publisher.submit(subscriber, request_id, prompt_ids, params)
         try:
@@ -408,7 +413,7 @@ class AttentionShardDeployment:
 
     async def _publisher(self):
         if self.publisher is None:
-            from cluster.step_stream import StepPublisher
+            from cluster.deployments.step_stream import StepPublisher
 
             async with self.publisher_lock:
                 if self.publisher is None:
@@ -440,7 +445,7 @@ class AttentionShardDeployment:
         return self.shard.health(self.stall_timeout_s) is None
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """What the attention autoscaling policy reads (cluster.autoscaling.AttentionPolicy)."""
+        """What the attention autoscaling policy reads (cluster.ops.autoscaling.AttentionPolicy)."""
         s = self.shard.stats()
         return {"running_seqs": float(s.num_running), "waiting": float(s.num_waiting),
                 "kv_usage": s.num_blocks_in_use / max(s.num_blocks_total, 1)}  # fmt: skip
@@ -491,15 +496,16 @@ def _prefix_cache(config: ClusterConfig):
 
 @serve.deployment(name="Router")
 class RouterDeployment:
-    """The request plane: each replica serves the public gRPC API itself (cluster.ingress) on
-    ``router.grpc_host:grpc_port``, tokenizes and renders chats, sends each request to an
-    attention replica through Serve (prefix-affinity choice) and reads the token deltas from
-    that replica's step stream (cluster.shard_client)."""
+    """The request plane: each replica serves the public gRPC API itself
+    (cluster.deployments.ingress) on ``router.grpc_host:grpc_port``, tokenizes and renders
+    chats, sends each request to an attention replica through Serve (prefix-affinity choice)
+    and reads the token deltas from that replica's step stream
+    (cluster.deployments.shard_client)."""
 
     async def __init__(self, config: ClusterConfig, shard: DeploymentHandle):
-        from cluster.ingress import start_ingress
-        from cluster.metrics import RouterMetrics
-        from cluster.shard_client import DirectShardClient, StepSubscriber
+        from cluster.deployments.ingress import start_ingress
+        from cluster.deployments.shard_client import DirectShardClient, StepSubscriber
+        from cluster.ops.metrics import RouterMetrics
 
         cfg = config.read_model_config()
         tokenizer = Tokenizer(config.model_path)

@@ -58,14 +58,15 @@ class _Autoscaling(_Strict):
         return self
 
     def serve_config(self, initial_replicas: int, policy: str, **kwargs) -> dict:
-        """Serve's ``autoscaling_config`` with our custom policy (cluster.autoscaling)."""
+        """Serve's ``autoscaling_config`` with our custom policy (cluster.ops.autoscaling)."""
         return {
             "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
             "initial_replicas": min(max(initial_replicas, self.min_replicas), self.max_replicas),
             "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
             "metrics_interval_s": self.metrics_interval_s,
             "look_back_period_s": self.look_back_period_s,
-            "policy": {"policy_function": f"cluster.autoscaling:{policy}", "policy_kwargs": kwargs},
+            "policy": {"policy_function": f"cluster.ops.autoscaling:{policy}",
+                       "policy_kwargs": kwargs},
         }  # fmt: skip
 
 
@@ -180,7 +181,7 @@ class BalancerOptions(_Strict):
     min_tokens: int = Field(256, ge=0, description="Reported slots needed to trust the load.")
 
     def rebalance_config(self):
-        from cluster.rebalancer import RebalanceConfig
+        from cluster.ops.rebalancer import RebalanceConfig
 
         return RebalanceConfig(threshold=self.threshold, min_gain=self.min_gain,
                                redundant_slots=self.redundant_slots,
@@ -334,7 +335,7 @@ class ClusterConfig(_Strict):
     router: RouterOptions = RouterOptions()
     prefix_cache: PrefixCacheOptions = PrefixCacheOptions()
     metrics_interval_s: float = Field(
-        2.0, gt=0, description="How often replicas update their gauges (cluster/metrics.py)."
+        2.0, gt=0, description="How often replicas update their gauges (cluster/ops/metrics.py)."
     )
 
     @model_validator(mode="before")

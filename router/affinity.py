@@ -3,8 +3,8 @@
 Requests whose prompts share their leading ``num_blocks`` KV blocks hash to the same replica
 (rendezvous hashing, so adding or losing a replica moves only that replica's share), where that
 replica's local prefix cache can hit. Affinity gives way when the preferred replica holds more
-than ``max_imbalance`` requests above the least loaded one. ``cluster.request_router`` applies
-it as a Ray Serve request router.
+than ``max_imbalance`` requests above the least loaded one.
+``cluster.deployments.request_router`` applies it as a Ray Serve request router.
 """
 
 from __future__ import annotations

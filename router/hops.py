@@ -1,8 +1,8 @@
 """Where a token's time goes between the engine and the client, hop by hop. Pure Python.
 
 Each step-stream batch carries when its oldest engine step ended and when the attention
-replica handed it to gRPC (cluster.step_stream); the router adds when it received the batch
-and when it handed each response to its own gRPC server. So per delta:
+replica handed it to gRPC (cluster.deployments.step_stream); the router adds when it received
+the batch and when it handed each response to its own gRPC server. So per delta:
 
     engine_to_publish   the step's end -> the batch sent (the replica's event loop took it up,
                         encoded every output of the step)

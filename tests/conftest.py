@@ -14,8 +14,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from cluster.checkpoint import write_checkpoint
-from cluster.local import LOCAL_ENV
+from cluster.bundled.checkpoint import write_checkpoint
+from cluster.commands.local import LOCAL_ENV
 
 # What `serve` sets before Ray starts, set before any test module imports ray: Ray reads some
 # of it once, at import (a local node's address is loopback, so clusters the fault tier builds

@@ -12,7 +12,7 @@ micro-batches of one step so that one micro-batch's attention runs while another
 (ping-pong).
 
 Transports: ``InProcessTransport`` (expert groups in this process: tests, benchmarks) and
-``cluster.expert_transport.ServeHandleTransport`` (Ray Serve deployment handles).
+``cluster.deployments.expert_transport.ServeHandleTransport`` (Ray Serve deployment handles).
 """
 
 from __future__ import annotations

@@ -172,7 +172,7 @@ class ExpertGroup:
                     self.stack.replace_experts(layer, kept)
 
     def follow(self, holdings: Mapping[int, Sequence[int]], version: int, commit: bool) -> None:
-        """Do what the balancer says (cluster.rebalancer.ExpertInstruction): load what
+        """Do what the balancer says (cluster.ops.rebalancer.ExpertInstruction): load what
         ``holdings`` adds, and with ``commit`` drop the rest."""
         held = self.stack.holdings()
         lacking = any(not set(ids) <= set(held.get(layer, ())) for layer, ids in holdings.items())

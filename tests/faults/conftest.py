@@ -20,10 +20,10 @@ from ray.cluster_utils import Cluster
 from ray.serve.config import HTTPOptions
 
 from cluster.app import build_app
+from cluster.commands.local import wait_serving
+from cluster.commands.loopback import HOOK
+from cluster.commands.redis_server import RedisServer
 from cluster.config import ClusterConfig, EngineOptions
-from cluster.local import wait_serving
-from cluster.loopback import HOOK
-from cluster.redis_server import RedisServer
 from replicas.engine.fault_injection import ENV as FAULT_INJECTION
 from replicas.prefix_cache.redis_tier import MAC_KEY_ENV
 from router.client import Completion, GenerationClient

@@ -14,7 +14,7 @@ import pytest
 import ray
 from ray.util.state import list_actors
 
-from cluster.expert_transport import WORKER_NAMESPACE, worker_prefix
+from cluster.deployments.expert_transport import WORKER_NAMESPACE, worker_prefix
 from tests.faults.conftest import APP, full_or_unavailable, serves_again, under_streams
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]

@@ -28,7 +28,7 @@ def small(make_ckpt):
 
 
 def _cfg() -> ModelConfig:
-    from cluster.presets import PRESETS
+    from cluster.bundled.presets import PRESETS
 
     return ModelConfig.from_hf(dict(PRESETS["small"]))
 

@@ -8,7 +8,7 @@ import os
 import socket
 from pathlib import Path
 
-from cluster.redis_server import free_port  # noqa: F401  (the tests import it from here)
+from cluster.commands.redis_server import free_port  # noqa: F401  (the tests import it from here)
 from replicas.model.loader import load_causal_lm
 
 

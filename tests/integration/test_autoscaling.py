@@ -24,9 +24,9 @@ import pytest
 from ray import serve
 
 from cluster.app import build_app, expert_group_name
+from cluster.commands.local import APP_NAME, start_local
+from cluster.commands.status import collect, render
 from cluster.config import ClusterConfig
-from cluster.local import APP_NAME, start_local
-from cluster.status_cmd import collect, render
 from router.client import GenerationClient
 from tests.integration.conftest import colocated_reference, free_port, on_free_port
 
@@ -41,7 +41,7 @@ TARGET_TOKENS_PER_S = 60.0  # per expert replica (slots/s per MoE layer)
 TRICKLE_PAUSE_S = 2.0
 """One stream pausing this long between requests: 17-30 slots/s for the hot group (summed
 over its replicas, one run), under half of one replica's target and of the 48 (80%) at which
-the policy scales down to one replica (cluster.autoscaling.DOWNSCALE_HEADROOM). With 0.5 s it
+the policy scales down to one replica (cluster.ops.autoscaling.DOWNSCALE_HEADROOM). With 0.5 s it
 was 40-57 slots/s, near the target itself, and whether the group scaled down depended on how
 fast the machine was."""
 

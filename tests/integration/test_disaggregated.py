@@ -23,10 +23,10 @@ import torch
 from ray import serve
 
 from cluster.app import build_app, expert_group_name
+from cluster.commands.local import APP_NAME, start_local
+from cluster.commands.redis_server import RedisServer
 from cluster.config import ClusterConfig, EngineOptions
-from cluster.expert_transport import WORKER_NAMESPACE, worker_prefix
-from cluster.local import APP_NAME, start_local
-from cluster.redis_server import RedisServer
+from cluster.deployments.expert_transport import WORKER_NAMESPACE, worker_prefix
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.model.config import ModelConfig
 from replicas.model.loader import load_causal_lm

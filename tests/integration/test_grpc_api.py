@@ -17,8 +17,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from cluster.commands.local import APP_NAME, start_local
 from cluster.config import ClusterConfig, EngineOptions
-from cluster.local import APP_NAME, start_local
 from protos.exaone.v1 import generation_pb2_grpc as pb_grpc
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.model.config import ModelConfig
@@ -195,9 +195,9 @@ def test_bad_inputs_get_their_status_and_server_keeps_serving(client):
 
 
 def test_generate_cli_json_parses(cluster):
-    cmd = [sys.executable, "-m", "cluster.cli", "generate", "--address", cluster.grpc_address,
-           "--token-ids", "5,6,7", "--max-tokens", "6", "--temperature", "0", "--ignore-eos",
-           "--logprobs", "2", "--json"]  # fmt: skip
+    cmd = [sys.executable, "-m", "cluster.commands.cli", "generate", "--address",
+           cluster.grpc_address, "--token-ids", "5,6,7", "--max-tokens", "6", "--temperature",
+           "0", "--ignore-eos", "--logprobs", "2", "--json"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)

@@ -14,7 +14,7 @@ import pytest
 import redis
 import torch
 
-from cluster.redis_server import RedisServer, find_redis_server
+from cluster.commands.redis_server import RedisServer, find_redis_server
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.model.loader import load_causal_lm
 from replicas.prefix_cache import kv_format as fmt
@@ -316,8 +316,8 @@ def test_values_written_without_the_key_are_rejected_and_recomputed(tiny, replic
 def test_serve_starts_its_redis_server_with_a_generated_password(tiny, monkeypatch):
     """What `exaone-cluster serve` starts: clients without the password are refused; the
     password is on no command line and reaches the replicas through their environment."""
+    from cluster.commands.serve import start_redis
     from cluster.config import ClusterConfig
-    from cluster.serve_cmd import start_redis
     from replicas.prefix_cache.redis_tier import REDIS_PASSWORD_ENV
 
     monkeypatch.delenv(REDIS_PASSWORD_ENV, raising=False)

@@ -59,8 +59,9 @@ def test_serve_bundled_model_answers_and_stops_on_sigterm(tmp_path, extra, mode)
     (fractional CPUs)."""
     port = free_port()
     env = dict(os.environ, EXAONE_CLUSTER_CACHE=str(tmp_path), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--grpc-port", str(port), "--http-port",
-           str(free_port()), "--no-dashboard", "--num-cpus", "2", *extra]  # fmt: skip
+    cmd = [sys.executable, "-m", "cluster.commands.cli", "serve", "--grpc-port", str(port),
+           "--http-port", str(free_port()), "--no-dashboard", "--num-cpus", "2",
+           *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)  # fmt: skip
     seen: list[str] = []

@@ -1,11 +1,11 @@
-"""Autoscaling policies (cluster/autoscaling.py): the arithmetic, and the Serve adapters on a
+"""Autoscaling policies (cluster/ops/autoscaling.py): the arithmetic, and the Serve adapters on a
 stand-in for Serve's AutoscalingContext."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from cluster.autoscaling import (
+from cluster.ops.autoscaling import (
     DOWNSCALE_HEADROOM,
     AttentionPolicy,
     ExpertGroupPolicy,

@@ -1,4 +1,4 @@
-"""The expert balancer's policy (cluster/balancer.py): known answers and invariants."""
+"""The expert balancer's policy (cluster/ops/balancer.py): known answers and invariants."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cluster.balancer import balance, group_loads, imbalance, pack, replicate
+from cluster.ops.balancer import balance, group_loads, imbalance, pack, replicate
 
 
 def test_spare_slots_go_to_the_most_loaded_expert_per_copy():

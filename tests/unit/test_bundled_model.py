@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from cluster import model_card
-from cluster.serve_cmd import BUNDLED_MODEL, default_model
-from cluster.train_bundled import BUNDLED
+from cluster.bundled import model_card
+from cluster.bundled.train import BUNDLED
+from cluster.commands.serve import BUNDLED_MODEL, default_model
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.model.loader import load_causal_lm
 from replicas.sampling_params import SamplingParams

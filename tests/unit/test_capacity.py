@@ -1,10 +1,10 @@
-"""cluster.capacity: what the deployments ask Ray for, and the message when it does not fit."""
+"""cluster.ops.capacity: what the deployments ask Ray for, and the message when it does not fit."""
 
 from __future__ import annotations
 
-from cluster.capacity import demands, shortfall
+from cluster.commands.serve import BUNDLED_MODEL
 from cluster.config import ClusterConfig
-from cluster.serve_cmd import BUNDLED_MODEL
+from cluster.ops.capacity import demands, shortfall
 
 
 def _config(**fields) -> ClusterConfig:

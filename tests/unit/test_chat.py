@@ -216,7 +216,7 @@ def _specials(tok: Tokenizer, ids: list[int]) -> list[int]:
 def test_chat_without_markers_in_caller_text_tokenizes_as_before(ckpt):
     """encode_chat equals encode(render_chat) whenever no caller string holds a special-token
     string: the spec examples and 200 corpus chats (tools, tool calls, reasoning)."""
-    from cluster.chat_corpus import chats
+    from cluster.bundled.chat_corpus import chats
 
     tok = Tokenizer(ckpt)
     cases = [(m, t) for m, t, _, _ in CASES.values()] + list(chats(200, seed=3))

@@ -1,11 +1,11 @@
-"""The synthetic chat corpus the bundled model trains on (cluster/chat_corpus.py)."""
+"""The synthetic chat corpus the bundled model trains on (cluster/bundled/chat_corpus.py)."""
 
 from __future__ import annotations
 
 import json
 
-from cluster.chat_corpus import TASKS, chats, render
-from cluster.tokenizer_build import EOS_ID, special_tokens, write_tokenizer
+from cluster.bundled.chat_corpus import TASKS, chats, render
+from cluster.bundled.tokenizer_build import EOS_ID, special_tokens, write_tokenizer
 from router.parsing import parse_output
 from router.tokenizer import Tokenizer
 

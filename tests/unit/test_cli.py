@@ -1,12 +1,12 @@
-"""The command line (cluster/cli.py): its defaults, and what chat prints."""
+"""The command line (cluster/commands/cli.py): its defaults, and what chat prints."""
 
 from __future__ import annotations
 
 import io
 import sys
 
-from cluster.cli import build_parser
-from cluster.client_cmd import CHAT_MAX_TOKENS
+from cluster.commands.cli import build_parser
+from cluster.commands.client import CHAT_MAX_TOKENS
 
 
 def test_chat_leaves_room_for_the_reasoning_block_and_the_answer():

@@ -9,9 +9,9 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from cluster.bundled.presets import PRESETS
+from cluster.commands.serve import BUNDLED_MODEL, add_arguments, load_config, with_overrides
 from cluster.config import REQUEST_PLANE_ACTIVE_PARAMS, ClusterConfig, default_engine_threads
-from cluster.presets import PRESETS
-from cluster.serve_cmd import BUNDLED_MODEL, add_arguments, load_config, with_overrides
 from replicas.model.config import ModelConfig, checkpoint_dtype
 from replicas.model.exaone_moe import count_parameters
 
@@ -125,12 +125,12 @@ def test_autoscaling_gives_serve_our_policies_with_their_targets(make_ckpt):
         assert isinstance(scaling, AutoscalingConfig)
         assert (scaling.min_replicas, scaling.max_replicas, scaling.initial_replicas) == (1, 4, 1)
         assert (scaling.upscale_delay_s, scaling.downscale_delay_s) == (2, 20)
-        assert scaling.policy.policy_function == "cluster.autoscaling:ExpertGroupPolicy"
+        assert scaling.policy.policy_function == "cluster.ops.autoscaling:ExpertGroupPolicy"
         assert scaling.policy.policy_kwargs == {"target_tokens_per_s": 500, "target_busy": 0.7}
     shard = build_app(config)._bound_deployment.init_args[1]._bound_deployment
     scaling = shard._deployment_config.autoscaling_config
     assert (scaling.initial_replicas, scaling.max_replicas) == (2, 3)
-    assert scaling.policy.policy_function == "cluster.autoscaling:AttentionPolicy"
+    assert scaling.policy.policy_function == "cluster.ops.autoscaling:AttentionPolicy"
     assert scaling.policy.policy_kwargs["target_running_seqs"] == 8
     with pytest.raises(ValidationError, match="min_replicas=3 > max_replicas=2"):
         ClusterConfig(model_path=str(make_ckpt("tiny")),

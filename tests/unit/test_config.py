@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import ExaoneMoeConfig
 
-from cluster.presets import PRESETS
+from cluster.bundled.presets import PRESETS
 from replicas.model.config import FULL, SLIDING, ConfigError, ModelConfig
 from replicas.model.exaone_moe import count_parameters
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.balancer import balance
+from cluster.ops.balancer import balance
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.experts.dispatch import (
     ExpertDispatcher,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import ExaoneMoeForCausalLM as HFModel
 
-from cluster.presets import PRESETS
+from cluster.bundled.presets import PRESETS
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.engine.kv_cache import HybridKVCache, kv_footprint
 from replicas.engine.request import FinishReason

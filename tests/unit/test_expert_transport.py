@@ -9,7 +9,7 @@ import pytest
 import torch
 from ray.exceptions import ActorDiedError
 
-from cluster.expert_transport import ServeHandleTransport, pack, unpack
+from cluster.deployments.expert_transport import ServeHandleTransport, pack, unpack
 from replicas.engine.async_engine import AsyncEngine
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.experts.dispatch import ExpertDispatcher

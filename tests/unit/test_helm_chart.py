@@ -15,9 +15,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from cluster.commands.serve import BUNDLED_MODEL
 from cluster.config import ClusterConfig
 from cluster.helm_schema import values_schema
-from cluster.serve_cmd import BUNDLED_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "exaone-cluster"

@@ -1,5 +1,5 @@
-"""The Router's gRPC ingress (cluster.ingress) over a real loopback channel, with a scripted
-GenerationService: the stream limit answers RESOURCE_EXHAUSTED before any work, the stream
+"""The Router's gRPC ingress (cluster.deployments.ingress) over a real loopback channel, with a
+scripted GenerationService: the stream limit answers RESOURCE_EXHAUSTED before any work, the stream
 timeout answers DEADLINE_EXCEEDED and closes the request's stream (which aborts it)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import asyncio
 import grpc
 import pytest
 
-from cluster.ingress import start_ingress
-from cluster.redis_server import free_port
+from cluster.commands.redis_server import free_port
+from cluster.deployments.ingress import start_ingress
 from protos.exaone.v1 import generation_pb2 as pb
 from protos.exaone.v1 import generation_pb2_grpc as pb_grpc
 

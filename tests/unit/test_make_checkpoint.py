@@ -8,8 +8,8 @@ import json
 import pytest
 from tokenizers import Tokenizer
 
-from cluster.cli import main
-from cluster.tokenizer_build import CONTROL_TOKENS, TEXT_TAGS
+from cluster.bundled.tokenizer_build import CONTROL_TOKENS, TEXT_TAGS
+from cluster.commands.cli import main
 from replicas.model.config import ModelConfig
 
 

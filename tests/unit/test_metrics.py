@@ -1,12 +1,12 @@
-"""The pure parts of cluster/metrics.py and the imbalance figure it exports (the recorders
+"""The pure parts of cluster/ops/metrics.py and the imbalance figure it exports (the recorders
 themselves run in the integration tier, which reads them back from Ray's Prometheus endpoint)."""
 
 from __future__ import annotations
 
 import pytest
 
-from cluster.balancer import busiest_over_mean as group_imbalance
-from cluster.metrics import _Totals
+from cluster.ops.balancer import busiest_over_mean as group_imbalance
+from cluster.ops.metrics import _Totals
 
 
 def test_group_imbalance_is_busiest_over_mean_summed_over_layers():

@@ -1,11 +1,11 @@
-"""The model card's evaluation rules and loss chart (cluster/model_card.py)."""
+"""The model card's evaluation rules and loss chart (cluster/bundled/model_card.py)."""
 
 from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
 
-from cluster.model_card import EVAL_SEED, is_correct, loss_svg, turns
+from cluster.bundled.model_card import EVAL_SEED, is_correct, loss_svg, turns
 
 CAPITAL = {"role": "assistant", "content": "The capital of Peru is Lima."}
 CALL = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import socket
 
-from cluster import redis_server
-from cluster.redis_server import free_port
+from cluster.commands import redis_server
+from cluster.commands.redis_server import free_port
 
 
 def test_free_ports_are_bindable_and_below_the_ephemeral_range():

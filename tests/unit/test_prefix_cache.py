@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from cluster.presets import PRESETS
+from cluster.bundled.presets import PRESETS
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.model.config import ModelConfig
 from replicas.model.loader import load_causal_lm

@@ -1,8 +1,8 @@
-"""Live rebalancing phases (cluster/rebalancer.py), driven by fake replica reports."""
+"""Live rebalancing phases (cluster/ops/rebalancer.py), driven by fake replica reports."""
 
 from __future__ import annotations
 
-from cluster.rebalancer import RebalanceConfig, Rebalancer
+from cluster.ops.rebalancer import RebalanceConfig, Rebalancer
 from replicas.experts.placement import ExpertMap, ExpertPlacement
 
 LAYERS = (1, 2)

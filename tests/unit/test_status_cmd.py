@@ -1,11 +1,11 @@
-"""``exaone-cluster status``'s rendering (cluster/status_cmd.py); the integration tier runs it
+"""``exaone-cluster status``'s rendering (cluster/commands/status.py); the integration tier runs it
 against a live cluster."""
 
 from __future__ import annotations
 
 import os
 
-from cluster.status_cmd import _ranges, render
+from cluster.commands.status import _ranges, render
 
 
 def test_expert_ids_print_as_ranges():
@@ -43,7 +43,7 @@ def test_status_connects_to_loopback_as_serve_does(monkeypatch, capsys):
 
     import ray
 
-    from cluster import status_cmd
+    from cluster.commands import status as status_cmd
 
     monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
     seen = {}

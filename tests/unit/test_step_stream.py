@@ -1,5 +1,6 @@
-"""The step stream (cluster.step_stream / cluster.shard_client) without Ray: a real engine in an
-AttentionShard, the replica's gRPC StepPublisher on loopback, and a router's StepSubscriber."""
+"""The step stream (cluster.deployments.step_stream / cluster.deployments.shard_client) without
+Ray: a real engine in an AttentionShard, the replica's gRPC StepPublisher on loopback, and a
+router's StepSubscriber."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import asyncio
 import pytest
 import torch
 
-from cluster.shard_client import StepSubscriber, _Lost
-from cluster.step_stream import StepPublisher, decode, encode
+from cluster.deployments.shard_client import StepSubscriber, _Lost
+from cluster.deployments.step_stream import StepPublisher, decode, encode
 from replicas.attention_shard import AttentionShard
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.engine.request import FinishReason

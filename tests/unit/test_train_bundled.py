@@ -1,4 +1,4 @@
-"""The bundled model's trainer (cluster/train_bundled.py), on a tiny budget."""
+"""The bundled model's trainer (cluster/bundled/train.py), on a tiny budget."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from cluster import model_card
-from cluster.train_bundled import BUNDLED, TrainConfig, learning_rate, train
+from cluster.bundled import model_card
+from cluster.bundled.train import BUNDLED, TrainConfig, learning_rate, train
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.model.config import ModelConfig
 from replicas.model.loader import load_causal_lm
@@ -64,7 +64,7 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth_with_progress():
 
 
 def test_the_bundled_model_fits_25_mb_in_bf16():
-    from cluster.checkpoint import preset_config
+    from cluster.bundled.checkpoint import preset_config
     from replicas.model.exaone_moe import count_parameters
 
     cfg = ModelConfig.from_hf(preset_config("tiny", BUNDLED))

@@ -42,7 +42,7 @@ def _experts(cfg: ModelConfig, ids, dtype, seed=0) -> RoutedExperts:
 
 
 def _cfg(**overrides) -> ModelConfig:
-    from cluster.presets import PRESETS
+    from cluster.bundled.presets import PRESETS
 
     raw = {**PRESETS["tiny"], **overrides}
     return ModelConfig.from_hf(raw)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 
 def _make_checkpoint(args: argparse.Namespace) -> int:
-    from cluster.checkpoint import parse_overrides, write_checkpoint
+    from cluster.bundled.checkpoint import parse_overrides, write_checkpoint
     from replicas.model.config import ModelConfig
     from replicas.model.exaone_moe import count_parameters
 
@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mk.set_defaults(func=_make_checkpoint)
 
-    from cluster import client_cmd, serve_cmd, status_cmd
+    from cluster.commands import client as client_cmd
+    from cluster.commands import serve as serve_cmd
+    from cluster.commands import status as status_cmd
 
     sv = sub.add_parser("serve", help="start a local Ray cluster serving a model over gRPC")
     serve_cmd.add_arguments(sv)

@@ -8,7 +8,7 @@ Only for local clusters: on Kubernetes pods must listen on their pod IP.
 
 from __future__ import annotations
 
-HOOK = "cluster.loopback.bind_loopback"
+HOOK = "cluster.commands.loopback.bind_loopback"
 
 
 def _loopback(address: str) -> str:

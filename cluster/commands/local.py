@@ -11,9 +11,9 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from cluster.capacity import shortfall
+from cluster.commands.loopback import HOOK
 from cluster.config import ClusterConfig
-from cluster.loopback import HOOK
+from cluster.ops.capacity import shortfall
 
 APP_NAME = "exaone"
 # Before Ray starts: node IP 127.0.0.1 (platform.md section 2), and patience for a proxy that
@@ -31,7 +31,7 @@ LOCAL_ENV = {
 
 
 class PlacementError(RuntimeError):
-    """The configuration asks for more than this Ray cluster has (cluster.capacity)."""
+    """The configuration asks for more than this Ray cluster has (cluster.ops.capacity)."""
 
 
 @dataclass

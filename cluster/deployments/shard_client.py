@@ -1,6 +1,6 @@
-"""The router replica's side of the step stream (cluster.step_stream): an EngineClient whose
-requests go through Ray Serve and whose token deltas come over one gRPC stream per attention
-replica.
+"""The router replica's side of the step stream (cluster.deployments.step_stream): an
+EngineClient whose requests go through Ray Serve and whose token deltas come over one gRPC
+stream per attention replica.
 
 Per request: a streaming handle call ``generate_direct(subscriber, request_id, ...)`` chooses the
 replica (Serve's request router, with prefix affinity), admits the request there and answers
@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
-from cluster.step_stream import decode
+from cluster.deployments.step_stream import decode
 from protos.exaone.internal.v1 import step_stream_pb2 as spb
 from protos.exaone.internal.v1 import step_stream_pb2_grpc as spb_grpc
 from replicas.outputs import ReplicaUnavailableError, read_outputs

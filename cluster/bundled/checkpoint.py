@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from cluster.presets import PRESETS, WEIGHTLESS_PRESETS
-from cluster.tokenizer_build import write_tokenizer
+from cluster.bundled.presets import PRESETS, WEIGHTLESS_PRESETS
+from cluster.bundled.tokenizer_build import write_tokenizer
 from replicas.model.config import ModelConfig
 from replicas.model.exaone_moe import ExaoneMoeForCausalLM, MoEGate, checkpoint_sources
 from replicas.model.loader import DTYPES, INDEX_FILE, materialize

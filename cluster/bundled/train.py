@@ -3,7 +3,7 @@
 Seeded and time-boxed on CPU; the result is an ordinary checkpoint directory in the Hugging
 Face layout (bf16 safetensors, config, tokenizer trained on the same chats, chat template):
 
-    .venv/bin/python -m cluster.train_bundled OUT_DIR --minutes 30
+    .venv/bin/python -m cluster.bundled.train OUT_DIR --minutes 30
 
 Loss: next-token cross-entropy of the main model plus ``mtp_weight`` times the MTP block's
 cross-entropy on the token after next, from (h_t, embedding of x_{t+1}) as it drafts at
@@ -25,8 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cluster.chat_corpus import chats, render
-from cluster.checkpoint import checkpoint_tensors, random_model, save_sharded, write_checkpoint
+from cluster.bundled.chat_corpus import chats, render
+from cluster.bundled.checkpoint import (
+    checkpoint_tensors,
+    random_model,
+    save_sharded,
+    write_checkpoint,
+)
 from replicas.model.config import ModelConfig
 from replicas.model.exaone_moe import ExaoneMoeForCausalLM
 from router.tokenizer import Tokenizer

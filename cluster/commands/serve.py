@@ -10,8 +10,8 @@ import sys
 import threading
 from pathlib import Path
 
-BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled_model"
-"""The trained bundled model (cluster/bundled_model/README.md, made by cluster.train_bundled)."""
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "bundled_model"
+"""The trained bundled model (cluster/bundled_model/README.md, made by cluster.bundled.train)."""
 
 
 def default_model() -> Path:
@@ -19,7 +19,7 @@ def default_model() -> Path:
     if not (BUNDLED_MODEL / "config.json").is_file():
         raise OSError(
             f"the bundled model is missing from {BUNDLED_MODEL}: restore it from git, train one "
-            "there (python -m cluster.train_bundled DIR), or pass --model DIR"
+            "there (python -m cluster.bundled.train DIR), or pass --model DIR"
         )
     return BUNDLED_MODEL
 
@@ -99,7 +99,7 @@ def start_redis(config):
         where = pc.redis_url.rsplit("@", 1)[-1]  # no password in the log
         print(f"prefix cache: local + Redis at {where}", flush=True)
         return None, config
-    from cluster.redis_server import RedisServer, find_redis_server
+    from cluster.commands.redis_server import RedisServer, find_redis_server
     from replicas.prefix_cache.redis_tier import REDIS_PASSWORD_ENV
 
     if find_redis_server() is None:
@@ -119,7 +119,7 @@ def start_redis(config):
 
 
 def _serve(args: argparse.Namespace, config) -> int:
-    from cluster.local import PlacementError, start_local
+    from cluster.commands.local import PlacementError, start_local
 
     def interrupt(*_):
         raise KeyboardInterrupt

@@ -1,8 +1,8 @@
 """The Grafana dashboard for Ray's Grafana integration (issue 8): latency, throughput, queues,
 KV use, MTP acceptance, prefix-cache hits, expert-group load and imbalance, and a heatmap of the
-load per expert. Every query reads a metric cluster/metrics.py defines (Ray prefixes ``ray_``).
+load per expert. Every query reads a metric cluster/ops/metrics.py defines (Ray prefixes ``ray_``).
 
-    .venv/bin/python -m cluster.grafana cluster/grafana/exaone.json
+    .venv/bin/python -m cluster.ops.grafana cluster/grafana/exaone.json
 
 writes the committed JSON (tests check the two agree). Import it in Grafana, or put it in the
 folder Ray's Grafana provisions dashboards from (``/tmp/ray/session_latest/metrics/grafana/
@@ -122,7 +122,7 @@ def dashboard() -> dict[str, Any]:
 
 def main() -> None:
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m cluster.grafana OUT.json")
+        raise SystemExit("usage: python -m cluster.ops.grafana OUT.json")
     Path(sys.argv[1]).write_text(json.dumps(dashboard(), indent=1) + "\n")
 
 

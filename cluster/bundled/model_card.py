@@ -1,7 +1,7 @@
 """The bundled model's card (issue 7, item 5): evaluate a trained checkpoint on held-out chats
 and write ``README.md``, ``eval.json`` and ``loss.svg`` next to its weights.
 
-    .venv/bin/python -m cluster.model_card MODEL_DIR [--chats 64]
+    .venv/bin/python -m cluster.bundled.model_card MODEL_DIR [--chats 64]
 
 The evaluation asks every assistant turn of ``--chats`` held-out synthetic chats (a seed the
 trainer never uses) with greedy decoding and MTP drafting (k = 3), parses the answer as the
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from cluster.chat_corpus import TASKS, chats
+from cluster.bundled.chat_corpus import TASKS, chats
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.model.exaone_moe import count_parameters
 from replicas.model.loader import load_causal_lm
@@ -186,7 +186,7 @@ def card(config: dict, training: dict, evaluation: dict) -> str:
     minutes, where = tc["minutes"], training.get("machine", "(not recorded)")
     return f"""# exaone-cluster bundled model
 
-A small EXAONE-MoE (`exaone_moe`) with a trained MTP head, made by `cluster/train_bundled.py`
+A small EXAONE-MoE (`exaone_moe`) with a trained MTP head, made by `cluster/bundled/train.py`
 so that `exaone-cluster serve` answers a newcomer's first Generate call with readable text and
 MTP speculative decoding has drafts worth accepting. It knows the eight kinds of synthetic chat
 it was trained on and nothing else: it is a working fixture for the serving stack, not a
@@ -198,11 +198,11 @@ language model for real use.
 
 ## Data
 
-{tc["num_chats"]} synthetic chats from `cluster/chat_corpus.py` (seed {tc["seed"]}), rendered with
-the EXAONE chat template exactly as the router renders prompts: system prompts, user turns,
-assistant turns with a `<think>` reasoning block, tool declarations, `get_weather` tool calls and
-their results. The families, in turn: addition, multiplication, capitals, unit conversions,
-spelling backwards, counting letters, sorting numbers, weather tool calls.
+{tc["num_chats"]} synthetic chats from `cluster/bundled/chat_corpus.py` (seed {tc["seed"]}),
+rendered with the EXAONE chat template exactly as the router renders prompts: system prompts,
+user turns, assistant turns with a `<think>` reasoning block, tool declarations, `get_weather`
+tool calls and their results. The families, in turn: addition, multiplication, capitals, unit
+conversions, spelling backwards, counting letters, sorting numbers, weather tool calls.
 
 Why synthetic: the model must train offline, on any machine, in 30 minutes on 2 CPU cores. A
 public corpus is neither on every machine nor learnable in that budget; templated tasks with
@@ -211,7 +211,7 @@ what an MTP head can learn to draft.
 
 ## Training
 
-`python -m cluster.train_bundled OUT --minutes {minutes:g}` (seed {tc["seed"]}): AdamW,
+`python -m cluster.bundled.train OUT --minutes {minutes:g}` (seed {tc["seed"]}): AdamW,
 learning rate {tc["lr"]} with {tc["warmup_steps"]} warm-up steps, then cosine decay to a tenth
 over the time budget; batch {tc["batch"]} x {tc["seq_len"]} tokens of packed chats. Loss:
 next-token cross-entropy plus {tc["mtp_weight"]} x the MTP block's cross-entropy on the token
@@ -227,9 +227,9 @@ in all (corpus, tokenizer and saving included) on {where}. Mean of the last 20 s
 
 ## Evaluation
 
-`python -m cluster.model_card DIR`: every assistant turn of {ev["chats"]} held-out chats (seed
-{ev["seed"]}, {ev["turns"]} turns), greedy, with k = {ev["k"]} MTP drafts per step. An answer is
-right when its content and tool calls equal the reference exactly and it has a reasoning
+`python -m cluster.bundled.model_card DIR`: every assistant turn of {ev["chats"]} held-out chats
+(seed {ev["seed"]}, {ev["turns"]} turns), greedy, with k = {ev["k"]} MTP drafts per step. An
+answer is right when its content and tool calls equal the reference exactly and it has a reasoning
 block: **{ev["correct"]}/{ev["turns"]}**.
 
 | family | right |

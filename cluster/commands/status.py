@@ -38,7 +38,7 @@ def _expert_stats(app: str, deployment: str, group: int) -> list[dict[str, Any]]
     import ray
     from ray import serve
 
-    from cluster.expert_transport import WORKER_NAMESPACE, worker_prefix
+    from cluster.deployments.expert_transport import WORKER_NAMESPACE, worker_prefix
 
     prefix = worker_prefix(app, group)
     named = ray.util.list_named_actors(all_namespaces=True)
@@ -118,7 +118,7 @@ def render(found: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.local import LOCAL_ENV
+    from cluster.commands.local import LOCAL_ENV
 
     # As `exaone-cluster serve` does: Ray then keeps 127.0.0.1 as is, where Linux Ray would
     # swap it for the host's IP, which a cluster bound to loopback does not listen on.

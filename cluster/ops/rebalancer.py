@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from cluster.balancer import balance, busiest_over_mean, imbalance
+from cluster.ops.balancer import balance, busiest_over_mean, imbalance
 from replicas.experts.placement import ExpertMap, Holdings
 
 

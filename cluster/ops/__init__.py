@@ -1,0 +1,2 @@
+"""Operations: autoscaling and expert-balancing policies, live rebalancing, capacity, metrics and
+the Grafana dashboard."""
