@@ -15,7 +15,7 @@ COMMITTED = Path(cluster.__file__).parent / "grafana" / "exaone.json"
 
 def _defined() -> set[str]:
     """Prometheus names of our metrics: ray_ + name (+ _total for counters, + _bucket etc.)."""
-    source = (Path(cluster.__file__).parent / "metrics.py").read_text()
+    source = (Path(cluster.__file__).parent / "ops" / "metrics.py").read_text()
     names = set()
     for kind, name in re.findall(r'\b(Counter|Gauge|Histogram)\(\s*"(exaone_\w+)"', source):
         base = f"ray_{name}"
