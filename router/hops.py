@@ -40,7 +40,7 @@ class HopStats:
     def observe(self, hop: str, seconds: float) -> None:
         self.samples[hop].append(seconds)
         seen = self._seen[hop] = self._seen[hop] + 1
-        if self.observer is not None and seen % self.observe_every == 1 % self.observe_every:
+        if self.observer is not None and (seen - 1) % self.observe_every == 0:
             self.observer(hop, seconds)
 
     def batch(self, step_end_s: float, sent_s: float, received_s: float) -> None:

@@ -585,14 +585,17 @@ class SparseMoE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H]
-        flat = x.flatten(0, -2)  # [N, H]
+        return self.routed(x.flatten(0, -2)).view_as(x) + self.shared_experts(x)
+
+    def routed(self, flat: torch.Tensor) -> torch.Tensor:
+        """flat [N, H] -> the routed experts' weighted output [N, H] (every expert held here)."""
         if self.experts is None or len(self.experts.expert_ids) != self.gate.num_experts:
             raise RuntimeError("this module holds a subset of experts: dispatch to expert groups")
-        routing = self.gate(flat)
-        routed = self.experts.decode_layer(flat, routing)  # [N, H], or None
-        if routed is None:
-            routed = weighted_sum(self.experts(flat, routing), routing.topk_weights)  # [N, H]
-        return routed.view_as(x) + self.shared_experts(x)
+        routing = self.gate.forward(flat)
+        out = self.experts.decode_layer(flat, routing)  # [N, H], or None
+        if out is None:
+            out = weighted_sum(self.experts(flat, routing), routing.topk_weights)
+        return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,34 +28,6 @@
 #define FORK_MACS 262144          /* below this many multiply-adds one thread does it all */
 #define STREAM_MAX_ROWS 4 /* rows up to which each weight row is streamed alone */
 
-static void tiled_features(const uint16_t* x, int m, int k, int n, const uint16_t* w,
-                           uint16_t* out, int f0, int f1) {
-  for (int r = 0; r < m; r += 4) {
-    const int nr = m - r < 4 ? m - r : 4;
-    for (int f = f0; f < f1; f += 4) {
-      const int nf = f1 - f < 4 ? f1 - f : 4;
-      const uint16_t* rows[4];
-      float sums[16];
-      feature_rows(w, k, f, f1, rows);
-      tile_rows(x + (int64_t)r * k, k, nr, rows, k, sums);
-      for (int q = 0; q < nr; q++)
-        for (int g = 0; g < nf; g++) out[(int64_t)(r + q) * n + f + g] = f32_to_bf16(sums[4 * q + g]);
-    }
-  }
-}
-
-static void streamed_features(const uint16_t* x, int m, int k, int n, const uint16_t* w,
-                              uint16_t* out, int f0, int f1) {
-  for (int r = 0; r < m; r += 4) {
-    const int nr = m - r < 4 ? m - r : 4;
-    float sums[4];
-    for (int f = f0; f < f1; f++) {
-      dot_weight_rows(x + (int64_t)r * k, k, nr, w + (int64_t)f * k, k, sums);
-      for (int q = 0; q < nr; q++) out[(int64_t)(r + q) * n + f] = f32_to_bf16(sums[q]);
-    }
-  }
-}
-
 void linear_bf16(const uint16_t* x, int m, int k, int n, const uint16_t* w, uint16_t* out,
                  int num_threads) {
   const int items = (n + FEATURES - 1) / FEATURES;
@@ -64,9 +36,13 @@ void linear_bf16(const uint16_t* x, int m, int k, int n, const uint16_t* w, uint
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int item = 0; item < items; item++) {
     const int f0 = item * FEATURES, f1 = f0 + FEATURES < n ? f0 + FEATURES : n;
-    if (stream)
-      streamed_features(x, m, k, n, w, out, f0, f1);
-    else
-      tiled_features(x, m, k, n, w, out, f0, f1);
+    for (int r = 0; r < m; r += 4) {
+      const int nr = m - r < 4 ? m - r : 4;
+      const uint16_t* xr = x + (int64_t)r * k;
+      if (stream)
+        project_streamed(xr, k, nr, w, k, f0, f1, out + (int64_t)r * n, n);
+      else
+        project_tiled(xr, k, nr, w, k, f0, f1, out + (int64_t)r * n, n);
+    }
   }
 }

@@ -67,29 +67,6 @@ static void up_tiled(const uint16_t* x, int nr, int hidden, int inter, const uin
   }
 }
 
-/* out rows [nr, H], features first..last = bf16(act W_down^T), each way */
-static void down_streamed(const uint16_t* act, int nr, int hidden, int inter,
-                          const uint16_t* down_w, int first, int last, uint16_t* out) {
-  float y[4];
-  for (int f = first; f < last; f++) {
-    dot_weight_rows(act, inter, nr, down_w + (int64_t)f * inter, inter, y);
-    for (int q = 0; q < nr; q++) out[(int64_t)q * hidden + f] = f32_to_bf16(y[q]);
-  }
-}
-
-static void down_tiled(const uint16_t* act, int nr, int hidden, int inter,
-                       const uint16_t* down_w, int first, int last, uint16_t* out) {
-  for (int f = first; f < last; f += 4) {
-    const int nf = last - f < 4 ? last - f : 4;
-    const uint16_t* rows[4];
-    float y[16];
-    feature_rows(down_w, inter, f, last, rows);
-    tile_rows(act, inter, nr, rows, inter, y);
-    for (int q = 0; q < nr; q++)
-      for (int c = 0; c < nf; c++) out[(int64_t)q * hidden + f + c] = f32_to_bf16(y[4 * q + c]);
-  }
-}
-
 /* Whole groups of 4 rows of an expert up to this size take tiles of 4 rows x 4 features (the
  * sums across lanes shared by 16 outputs); other groups, and larger experts, read each weight
  * row alone, front to back. Measured on 2 cores (Zen 4), one thread, one layer's experts, tiles
@@ -130,10 +107,12 @@ void moe_experts_bf16(const uint16_t* x, const int64_t* offsets, int num_experts
     const uint16_t* down_w = w2 + (int64_t)e * hidden * inter;
     for (int64_t r = r0; r < r1; r += 4) {
       const int nr = r1 - r < 4 ? (int)(r1 - r) : 4;
-      if (tiles && nr == 4)
-        down_tiled(act + r * inter, nr, hidden, inter, down_w, first, last, out + r * hidden);
+      if (tiles && nr == 4) /* out = bf16(act W_down^T) */
+        project_tiled(act + r * inter, inter, nr, down_w, inter, first, last, out + r * hidden,
+                      hidden);
       else
-        down_streamed(act + r * inter, nr, hidden, inter, down_w, first, last, out + r * hidden);
+        project_streamed(act + r * inter, inter, nr, down_w, inter, first, last,
+                         out + r * hidden, hidden);
     }
   }
 }

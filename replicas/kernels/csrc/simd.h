@@ -150,4 +150,29 @@ static inline void feature_rows(const uint16_t* w, int64_t ldw, int f, int f_end
   for (int q = 0; q < 4; q++) rows[q] = w + (int64_t)(f + (q < nf ? q : nf - 1)) * ldw;
 }
 
+/* out[q * ldo + f] = bf16(x[q] . w[f]) for q < nr <= 4 rows of x (ldx apart) and output
+ * features f0 <= f < f1 of w [., k], in tiles of 4 rows x 4 features (tile) */
+static inline void project_tiled(const uint16_t* x, int64_t ldx, int nr, const uint16_t* w, int k,
+                                 int f0, int f1, uint16_t* out, int64_t ldo) {
+  for (int f = f0; f < f1; f += 4) {
+    const int nf = f1 - f < 4 ? f1 - f : 4;
+    const uint16_t* rows[4];
+    float sums[16];
+    feature_rows(w, k, f, f1, rows);
+    tile_rows(x, ldx, nr, rows, k, sums);
+    for (int q = 0; q < nr; q++)
+      for (int g = 0; g < nf; g++) out[q * ldo + f + g] = f32_to_bf16(sums[4 * q + g]);
+  }
+}
+
+/* the same, each weight row read alone, front to back (dot_weight_rows) */
+static inline void project_streamed(const uint16_t* x, int64_t ldx, int nr, const uint16_t* w,
+                                    int k, int f0, int f1, uint16_t* out, int64_t ldo) {
+  float sums[4];
+  for (int f = f0; f < f1; f++) {
+    dot_weight_rows(x, ldx, nr, w + (int64_t)f * k, k, sums);
+    for (int q = 0; q < nr; q++) out[q * ldo + f] = f32_to_bf16(sums[q]);
+  }
+}
+
 #endif
