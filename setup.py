@@ -19,8 +19,15 @@ def generate_stubs() -> None:
     include = Path(protoc.__file__).resolve().parent / "_proto"  # google/protobuf/*.proto
     for proto in sorted((ROOT / "protos").rglob("*.proto")):
         rel = proto.relative_to(ROOT).as_posix()
-        args = ["grpc_tools.protoc", f"-I{ROOT}", f"-I{include}", f"--python_out={ROOT}",
-                f"--pyi_out={ROOT}", f"--grpc_python_out={ROOT}", rel]  # fmt: skip
+        args = [
+            "grpc_tools.protoc",
+            f"-I{ROOT}",
+            f"-I{include}",
+            f"--python_out={ROOT}",
+            f"--pyi_out={ROOT}",
+            f"--grpc_python_out={ROOT}",
+            rel,
+        ]
         if protoc.main(args) != 0:
             raise SystemExit(f"protoc failed on {rel}")
 

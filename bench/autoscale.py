@@ -66,8 +66,12 @@ class Load:
             while not stop.is_set():
                 prompt = [rng.randrange(3, self.vocab) for _ in range(rng.randint(8, 64))]
                 try:
-                    r = client.generate(token_ids=prompt, max_tokens=self.new_tokens,
-                                        temperature=0.0, ignore_eos=True)  # fmt: skip
+                    r = client.generate(
+                        token_ids=prompt,
+                        max_tokens=self.new_tokens,
+                        temperature=0.0,
+                        ignore_eos=True,
+                    )
                 except Exception:  # noqa: BLE001 - counted, the bench goes on
                     with self._lock:
                         self.errors += 1
@@ -82,10 +86,14 @@ class Load:
 def expert_state(num_groups: int) -> tuple[list[int], float]:
     """-> (running replicas per group, imbalance of the slots served over the windows)."""
     status = serve.status().applications[APP_NAME].deployments
-    replicas = [status[expert_group_name(g)].replica_states.get("RUNNING", 0)
-                for g in range(num_groups)]  # fmt: skip
-    named = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["namespace"] == WORKER_NAMESPACE]  # fmt: skip
+    replicas = [
+        status[expert_group_name(g)].replica_states.get("RUNNING", 0) for g in range(num_groups)
+    ]
+    named = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == WORKER_NAMESPACE
+    ]
     per_layer: dict[int, list[float]] = {}
     for g in range(num_groups):
         for name in (n for n in named if n.startswith(worker_prefix(APP_NAME, g))):
@@ -99,20 +107,38 @@ def expert_state(num_groups: int) -> tuple[list[int], float]:
 
 
 def run(ckpt: Path, args, balancer: bool) -> list[dict]:
-    scaling = {"enabled": True, "min_replicas": 1, "max_replicas": args.max_replicas,
-               "upscale_delay_s": 3.0, "downscale_delay_s": 10.0, "metrics_interval_s": 1.0,
-               "look_back_period_s": 4.0,
-               "target_tokens_per_s": args.target_tokens_per_s}  # fmt: skip
+    scaling = {
+        "enabled": True,
+        "min_replicas": 1,
+        "max_replicas": args.max_replicas,
+        "upscale_delay_s": 3.0,
+        "downscale_delay_s": 10.0,
+        "metrics_interval_s": 1.0,
+        "look_back_period_s": 4.0,
+        "target_tokens_per_s": args.target_tokens_per_s,
+    }
     config = ClusterConfig(
-        model_path=str(ckpt), dtype=args.dtype, prefix_cache={"enabled": False},
+        model_path=str(ckpt),
+        dtype=args.dtype,
+        prefix_cache={"enabled": False},
         engine={"max_num_seqs": 64, "max_num_batched_tokens": 256, "kv_cache_bytes": 256 << 20},
         attention={"num_cpus": 0.5},
-        experts={"num_groups": args.groups, "num_cpus": 0.25, "load_window_s": 5.0,
-                 "autoscaling": scaling,
-                 "balancer": {"enabled": balancer, "min_interval_s": 20.0, "min_tokens": 256}},
-    )  # fmt: skip
-    local = start_local(config, grpc_port=free_port(), http_port=free_port(),
-                        dashboard_port=None, num_cpus=16, ready_timeout_s=600)  # fmt: skip
+        experts={
+            "num_groups": args.groups,
+            "num_cpus": 0.25,
+            "load_window_s": 5.0,
+            "autoscaling": scaling,
+            "balancer": {"enabled": balancer, "min_interval_s": 20.0, "min_tokens": 256},
+        },
+    )
+    local = start_local(
+        config,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        dashboard_port=None,
+        num_cpus=16,
+        ready_timeout_s=600,
+    )
     rows = []
     try:
         vocab = 1000
@@ -130,18 +156,24 @@ def run(ckpt: Path, args, balancer: bool) -> list[dict]:
             done = [s for s in load.samples if s[0] >= start]
             tpot = sorted(s[1] for s in done)
             row = {
-                "t_s": round(time.monotonic() - start, 0), "streams": streams,
-                "replicas": replicas, "imbalance_median": statistics.median(imbalances),
+                "t_s": round(time.monotonic() - start, 0),
+                "streams": streams,
+                "replicas": replicas,
+                "imbalance_median": statistics.median(imbalances),
                 "imbalance_last": imbalances[-1],
                 "p99_tpot_ms": 1e3 * tpot[int(0.99 * (len(tpot) - 1))] if tpot else None,
-                "tok_s": sum(s[2] for s in done) / stage_s, "errors": load.errors,
-            }  # fmt: skip
+                "tok_s": sum(s[2] for s in done) / stage_s,
+                "errors": load.errors,
+            }
             rows.append(row)
             p99 = "-" if row["p99_tpot_ms"] is None else f"{row['p99_tpot_ms']:.1f}"
-            print(f"balancer {'on ' if balancer else 'off'} streams {streams:>3}: replicas "
-                  f"{row['replicas']}, imbalance {row['imbalance_median']:.2f} (last "
-                  f"{row['imbalance_last']:.2f}), p99 TPOT {p99} ms, {row['tok_s']:.1f} tok/s, "
-                  f"errors {row['errors']}", flush=True)  # fmt: skip
+            print(
+                f"balancer {'on ' if balancer else 'off'} streams {streams:>3}: replicas "
+                f"{row['replicas']}, imbalance {row['imbalance_median']:.2f} (last "
+                f"{row['imbalance_last']:.2f}), p99 TPOT {p99} ms, {row['tok_s']:.1f} tok/s, "
+                f"errors {row['errors']}",
+                flush=True,
+            )
         load.set_streams(0)
     finally:
         local.stop()
@@ -162,20 +194,25 @@ def main() -> None:
     ap.add_argument("--balancer", default="off,on", help="runs: off, on or both")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = write_checkpoint(Path(tmp) / "skewed", preset=args.preset, dtype=args.dtype,
-                                hot_experts=(0, 1))  # fmt: skip
+        ckpt = write_checkpoint(
+            Path(tmp) / "skewed", preset=args.preset, dtype=args.dtype, hot_experts=(0, 1)
+        )
         results = {mode: run(ckpt, args, mode == "on") for mode in args.balancer.split(",")}
     print(
         f"\n{args.preset}, {args.groups} groups, hot experts 0 and 1 (group 0), ramp "
         f"{args.ramp} streams x {args.stage_s:g} s, then {args.cooldown_s:g} s idle"
     )
-    print(f"{'balancer':>8}{'streams':>8}  {'replicas':<12}{'imbalance':>10}{'p99 TPOT ms':>13}"
-          f"{'tok/s':>8}")  # fmt: skip
+    print(
+        f"{'balancer':>8}{'streams':>8}  {'replicas':<12}{'imbalance':>10}{'p99 TPOT ms':>13}"
+        f"{'tok/s':>8}"
+    )
     for mode, rows in results.items():
         for r in rows:
             p99 = f"{r['p99_tpot_ms']:.1f}" if r["p99_tpot_ms"] is not None else "-"
-            print(f"{mode:>8}{r['streams']:>8}  {str(r['replicas']):<12}"
-                  f"{r['imbalance_median']:>10.2f}{p99:>13}{r['tok_s']:>8.1f}")  # fmt: skip
+            print(
+                f"{mode:>8}{r['streams']:>8}  {str(r['replicas']):<12}"
+                f"{r['imbalance_median']:>10.2f}{p99:>13}{r['tok_s']:>8.1f}"
+            )
 
 
 if __name__ == "__main__":

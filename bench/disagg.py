@@ -65,10 +65,15 @@ def deploy_groups(path: Path, dtype: str, num_groups: int, threads: int, transpo
     from cluster.config import ClusterConfig
 
     config = ClusterConfig(
-        model_path=str(path), dtype=dtype,
-        experts={"num_groups": num_groups, "num_cpus": 0.1, "num_threads": threads,
-                 "transport": transport},
-    )  # fmt: skip
+        model_path=str(path),
+        dtype=dtype,
+        experts={
+            "num_groups": num_groups,
+            "num_cpus": 0.1,
+            "num_threads": threads,
+            "transport": transport,
+        },
+    )
     # Only the expert groups are deployed (the engine runs here, as in an attention replica),
     # each as its own application.
     from cluster.deployments.expert_transport import (
@@ -135,13 +140,16 @@ def main() -> None:
 
     path = checkpoint(args.preset, args.dtype)
     dtype = DTYPES[args.dtype]
-    colocated = load_causal_lm(path, dtype=dtype, include_mtp=False,
-                               progress=False)  # fmt: skip
-    attention = load_causal_lm(path, dtype=dtype, include_mtp=False,
-                               expert_ids=(), progress=False)  # fmt: skip
+    colocated = load_causal_lm(path, dtype=dtype, include_mtp=False, progress=False)
+    attention = load_causal_lm(path, dtype=dtype, include_mtp=False, expert_ids=(), progress=False)
     cfg = colocated.cfg
-    ray.init(address="local", include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False, runtime_env={"worker_process_setup_hook": HOOK})  # fmt: skip
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        logging_level="WARNING",
+        log_to_driver=False,
+        runtime_env={"worker_process_setup_hook": HOOK},
+    )
     logging = LoggingConfig(enable_access_log=False, log_level="WARNING")
     serve.start(logging_config=logging)
     try:
@@ -153,13 +161,17 @@ def main() -> None:
         first = transports[group_counts[0], kinds[0]]
         probe = ExpertGroup(path, 0, first.placement.groups[0], dtype=args.dtype)
         for t in kinds:
-            hop_ms, local_ms = hop_overhead(transports[group_counts[0], t], probe,
-                                            cfg.hidden_size, layer)  # fmt: skip
+            hop_ms, local_ms = hop_overhead(
+                transports[group_counts[0], t], probe, cfg.hidden_size, layer
+            )
             over = hop_ms - local_ms
-            print(f"{t} transport, one-token layer call: {hop_ms:.2f} ms round trip, "
-                  f"{local_ms:.2f} ms of it expert compute -> {over:.2f} ms dispatch overhead "
-                  f"per hop ({len(cfg.moe_layers)} MoE layers: {over * len(cfg.moe_layers):.0f} "
-                  "ms per step if nothing overlaps)", flush=True)  # fmt: skip
+            print(
+                f"{t} transport, one-token layer call: {hop_ms:.2f} ms round trip, "
+                f"{local_ms:.2f} ms of it expert compute -> {over:.2f} ms dispatch overhead "
+                f"per hop ({len(cfg.moe_layers)} MoE layers: {over * len(cfg.moe_layers):.0f} "
+                "ms per step if nothing overlaps)",
+                flush=True,
+            )
         del probe
 
         configs = [("colocated", None, 1)]
@@ -171,9 +183,11 @@ def main() -> None:
                 ]
         warm = prompts_for(2, args.prompt_tokens, cfg.vocab_size, seed=99)
         for _, g, mb in configs:
-            run_engine(*((colocated, warm, 2) if g is None else (attention, warm, 2)),
-                       experts=None if g is None else ExpertDispatcher(transports[g]),
-                       microbatches=mb)  # fmt: skip
+            run_engine(
+                *((colocated, warm, 2) if g is None else (attention, warm, 2)),
+                experts=None if g is None else ExpertDispatcher(transports[g]),
+                microbatches=mb,
+            )
         rows = []
         for b in batches:
             prompts = prompts_for(b, args.prompt_tokens, cfg.vocab_size, seed=b)
@@ -186,24 +200,29 @@ def main() -> None:
                         waits[name].append(0.0)
                     else:
                         timed = TimedTransport(transports[g])
-                        tps, wall = run_engine(attention, prompts, args.new_tokens,
-                                               ExpertDispatcher(timed), mb)  # fmt: skip
+                        tps, wall = run_engine(
+                            attention, prompts, args.new_tokens, ExpertDispatcher(timed), mb
+                        )
                         waits[name].append(timed.wait_s / wall)
                     runs[name].append(tps)
             base = statistics.median(runs["colocated"])
             for name, _, _ in configs:
                 tps = statistics.median(runs[name])
                 rows.append((b, name, tps, base / tps, statistics.median(waits[name])))
-                print(f"batch {b:>3} {name:<20} {tps:8.1f} tok/s  colocated/this "
-                      f"{base / tps:5.2f}x  waiting on experts {100 * rows[-1][4]:4.0f}% of wall",
-                      flush=True)  # fmt: skip
+                print(
+                    f"batch {b:>3} {name:<20} {tps:8.1f} tok/s  colocated/this "
+                    f"{base / tps:5.2f}x  waiting on experts {100 * rows[-1][4]:4.0f}% of wall",
+                    flush=True,
+                )
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    print(f"\n{args.preset}, {args.dtype}, {args.prompt_tokens}-token prompts, {args.new_tokens} "
-          f"new tokens, greedy; engine threads {torch.get_num_threads()}, expert threads "
-          f"{args.expert_threads}; medians of {args.repeats}")  # fmt: skip
+    print(
+        f"\n{args.preset}, {args.dtype}, {args.prompt_tokens}-token prompts, {args.new_tokens} "
+        f"new tokens, greedy; engine threads {torch.get_num_threads()}, expert threads "
+        f"{args.expert_threads}; medians of {args.repeats}"
+    )
     print(f"{'batch':>5}  {'configuration':<22}{'tok/s':>9}{'slowdown':>10}{'wait':>7}")
     for b, name, tps, slow, wait in rows:
         print(f"{b:>5}  {name:<22}{tps:>9.1f}{slow:>9.2f}x{100 * wait:>6.0f}%")

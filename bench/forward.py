@@ -69,8 +69,12 @@ def main() -> None:
     ours = load_causal_lm(path, dtype=dtype, include_mtp=False)
     ref = HFModel.from_pretrained(path, dtype=dtype, experts_implementation=args.hf_experts)
     counts = count_parameters(ours.cfg)
-    ids = torch.randint(0, ours.cfg.vocab_size, (args.batch, args.tokens),
-                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    ids = torch.randint(
+        0,
+        ours.cfg.vocab_size,
+        (args.batch, args.tokens),
+        generator=torch.Generator().manual_seed(0),
+    )
     runners = {"ours": ours, f"transformers ({args.hf_experts})": lambda x: ref(x).logits}
     for fn in runners.values():  # warm-up
         timed(fn, ids)
@@ -88,8 +92,10 @@ def main() -> None:
     medians = {}
     for name, ts in times.items():
         medians[name] = statistics.median(ts)
-        print(f"  {name:<28} median {medians[name] * 1e3:8.1f} ms  {n / medians[name]:9.1f} tok/s"
-              f"  (min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f} ms)")  # fmt: skip
+        print(
+            f"  {name:<28} median {medians[name] * 1e3:8.1f} ms  {n / medians[name]:9.1f} tok/s"
+            f"  (min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f} ms)"
+        )
     ref_name = next(k for k in medians if k != "ours")
     print(f"  ratio ours / transformers (tok/s): {medians[ref_name] / medians['ours']:.2f}x")
 

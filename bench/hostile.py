@@ -42,8 +42,11 @@ LIMIT = 4 << 20
 
 def router_process() -> psutil.Process:
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    pids = [int(line.split(None, 1)[0]) for line in ps.splitlines()[1:]
-            if "ServeReplica:exaone:Router" in line]  # fmt: skip
+    pids = [
+        int(line.split(None, 1)[0])
+        for line in ps.splitlines()[1:]
+        if "ServeReplica:exaone:Router" in line
+    ]
     return psutil.Process(pids[0])
 
 
@@ -54,8 +57,12 @@ def streams(address: str, tokens: int) -> list[float]:
     def one(i: int) -> None:
         with GenerationClient(address, timeout_s=300) as c:
             times = []
-            for r in c.stream(token_ids=[100 + i + j for j in range(32)], max_tokens=tokens,
-                              ignore_eos=True, temperature=0.0):  # fmt: skip
+            for r in c.stream(
+                token_ids=[100 + i + j for j in range(32)],
+                max_tokens=tokens,
+                ignore_eos=True,
+                temperature=0.0,
+            ):
                 if r.HasField("delta") and r.delta.token_ids:
                     times.append(time.perf_counter())
             tpots.append((times[-1] - times[0]) / (len(times) - 1))
@@ -70,8 +77,7 @@ def streams(address: str, tokens: int) -> list[float]:
 
 def hostile(address: str, results: dict[str, str]) -> list[threading.Thread]:
     def call(name: str, request: pb.GenerateRequest) -> None:
-        channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", -1)])  # fmt: skip
+        channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1)])
         try:
             for _ in pb_stub(channel).Generate(request, timeout=300):
                 pass
@@ -83,8 +89,14 @@ def hostile(address: str, results: dict[str, str]) -> list[threading.Thread]:
 
     near = "".join(f"w{i} " for i in range(LIMIT))[: LIMIT - 1024]  # just under the limit
     jobs = [(f"4 MiB prompt #{i + 1}", pb.GenerateRequest(text=near)) for i in range(5)]
-    jobs.append(("a million stop token ids", pb.GenerateRequest(
-        text="hello", stopping=pb.StoppingParameters(stop_token_ids=[3] * 10**6))))
+    jobs.append(
+        (
+            "a million stop token ids",
+            pb.GenerateRequest(
+                text="hello", stopping=pb.StoppingParameters(stop_token_ids=[3] * 10**6)
+            ),
+        )
+    )
     jobs.append(("64 MiB request", pb.GenerateRequest(text="x" * (64 << 20))))
     threads = [threading.Thread(target=call, args=job) for job in jobs]
     for t in threads:
@@ -111,8 +123,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="baseline / attacked rounds")
     args = ap.parse_args()
     config = ClusterConfig(model_path=args.model, prefix_cache={"enabled": False})
-    cluster = start_local(config, grpc_port=free_port(), http_port=free_port(),
-                          dashboard_port=None)  # fmt: skip
+    cluster = start_local(config, grpc_port=free_port(), http_port=free_port(), dashboard_port=None)
     try:
         address = cluster.grpc_address
         streams(address, 8)  # warm-up
@@ -133,8 +144,10 @@ def main() -> None:
         print(f"{STREAMS} streams of {args.tokens} tokens alone:            {summary(base)}")
         print(f"{STREAMS} streams beside the hostile requests: {summary(attacked)}")
         print(f"p99 TPOT ratio (attacked / alone): {p99(a) / p99(b):.2f}x")
-        print("Router replica RSS (MiB) after each round, alone / attacked: "
-              + ", ".join(f"{r / 2**20:.0f}" for r in rss))  # fmt: skip
+        print(
+            "Router replica RSS (MiB) after each round, alone / attacked: "
+            + ", ".join(f"{r / 2**20:.0f}" for r in rss)
+        )
     finally:
         cluster.stop()
 

@@ -75,12 +75,21 @@ def timed(fn, iters: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def row(kind: str, case: str, kernels: str, seconds: float, flops: float, nbytes: float,
-        top: tuple[float, float] | None) -> str:  # fmt: skip
+def row(
+    kind: str,
+    case: str,
+    kernels: str,
+    seconds: float,
+    flops: float,
+    nbytes: float,
+    top: tuple[float, float] | None,
+) -> str:
     tflops, gbs = flops / seconds / 1e12, nbytes / seconds / 1e9
     share = f"{tflops / top[0]:6.1%} {gbs / top[1]:6.1%}" if top else "     -      -"
-    return (f"| {kind:12} | {case:24} | {kernels:6} | {seconds * 1e3:9.3f} | {tflops:8.2f} | "
-            f"{gbs:8.1f} | {share} |")  # fmt: skip
+    return (
+        f"| {kind:12} | {case:24} | {kernels:6} | {seconds * 1e3:9.3f} | {tflops:8.2f} | "
+        f"{gbs:8.1f} | {share} |"
+    )
 
 
 def bench_experts(cfg: ModelConfig, args, device, dtype, kernel_sets, top) -> list[str]:
@@ -108,26 +117,38 @@ def bench_experts(cfg: ModelConfig, args, device, dtype, kernel_sets, top) -> li
 
 
 def bench_attention(cfg: ModelConfig, args, device, dtype, kernel_sets, top) -> list[str]:
-    heads, kv_heads, d, w = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                             cfg.sliding_window)  # fmt: skip
+    heads, kv_heads, d, w = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.sliding_window,
+    )
     bs = 16
     per_seq = -(-(args.context + args.prefill + 8) // bs)
     num_seqs = max(args.batch, 1)
     caches = {}
     for kernels in kernel_sets:
-        cache = HybridKVCache(cfg, num_blocks=num_seqs * per_seq, block_size=bs,
-                              max_seqs=num_seqs, dtype=dtype, device=device, spec_tokens=0,
-                              kernels=kernels)  # fmt: skip
+        cache = HybridKVCache(
+            cfg,
+            num_blocks=num_seqs * per_seq,
+            block_size=bs,
+            max_seqs=num_seqs,
+            dtype=dtype,
+            device=device,
+            spec_tokens=0,
+            kernels=kernels,
+        )
         for pools in (cache.global_k, cache.global_v, cache.sliding_k, cache.sliding_v):
             for t in pools.values():
                 t.normal_()
         caches[kernels] = cache
     tables = [list(range(b * per_seq, (b + 1) * per_seq)) for b in range(num_seqs)]
     cases = {
-        f"decode {args.batch}x{args.context}": [SeqChunk(args.context, 1, tables[b], b)
-                                               for b in range(args.batch)],
+        f"decode {args.batch}x{args.context}": [
+            SeqChunk(args.context, 1, tables[b], b) for b in range(args.batch)
+        ],
         f"prefill {args.prefill}": [SeqChunk(0, args.prefill, tables[0], 0)],
-    }  # fmt: skip
+    }
     layers = {"global": cfg.full_layers[0], "sliding": cfg.sliding_layers[0]}
     out, g = [], torch.Generator().manual_seed(1)
     size = torch.finfo(dtype).bits // 8
@@ -179,10 +200,14 @@ def main() -> None:
             print(f"skipping {name}: {reason}")
     top = peak(device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device {name}, {args.dtype}, {args.shape} sizes; peak "
-          f"{f'{top[0]:.0f} TFLOP/s, {top[1]:.0f} GB/s' if top else 'unknown'}")  # fmt: skip
-    print("| op           | case                     | kernels|   ms      | TFLOP/s  |   GB/s   "
-          "| %peak F  %peak B |")  # fmt: skip
+    print(
+        f"device {name}, {args.dtype}, {args.shape} sizes; peak "
+        f"{f'{top[0]:.0f} TFLOP/s, {top[1]:.0f} GB/s' if top else 'unknown'}"
+    )
+    print(
+        "| op           | case                     | kernels|   ms      | TFLOP/s  |   GB/s   "
+        "| %peak F  %peak B |"
+    )
     print("|---|---|---|---:|---:|---:|---:|")
     with torch.inference_mode():
         for line in bench_experts(cfg, args, device, dtype, kernel_sets, top):

@@ -33,8 +33,14 @@ from bench.throughput import DEFAULT_VLLM_PYTHON, prompts_for, run_engine_stats 
 from replicas.model.loader import load_causal_lm  # noqa: E402
 
 
-def run_vllm_mtp(python: Path, path: Path, dtype: str, prompts: dict[int, list[list[int]]],
-                 k: int, new_tokens: int) -> dict | str:  # fmt: skip
+def run_vllm_mtp(
+    python: Path,
+    path: Path,
+    dtype: str,
+    prompts: dict[int, list[list[int]]],
+    k: int,
+    new_tokens: int,
+) -> dict | str:
     """vLLM on the same prompts for one k (bench/vllm_mtp.py in its venv) -> its figures per
     batch size and drafting counters, or why not."""
     if not python.exists():
@@ -42,9 +48,22 @@ def run_vllm_mtp(python: Path, path: Path, dtype: str, prompts: dict[int, list[l
     with tempfile.TemporaryDirectory() as tmp:
         out, given = Path(tmp) / "vllm.json", Path(tmp) / "prompts.json"
         given.write_text(json.dumps({str(b): p for b, p in prompts.items()}))
-        cmd = [str(python), str(ROOT / "bench" / "vllm_mtp.py"), "--model", str(path),
-               "--dtype", dtype, "--prompts", str(given), "--new-tokens", str(new_tokens),
-               "--mtp", str(k), "--json", str(out)]  # fmt: skip
+        cmd = [
+            str(python),
+            str(ROOT / "bench" / "vllm_mtp.py"),
+            "--model",
+            str(path),
+            "--dtype",
+            dtype,
+            "--prompts",
+            str(given),
+            "--new-tokens",
+            str(new_tokens),
+            "--mtp",
+            str(k),
+            "--json",
+            str(out),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0 or not out.exists():
             return "failed: " + (proc.stderr or proc.stdout).strip().splitlines()[-1][:200]
@@ -70,8 +89,11 @@ def main() -> None:
     ap.add_argument("--k", default="0,1,2,3", help="draft tokens per step (0: off)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--chat-prompts", action="store_true",
-                    help="prompts: held-out chats (cluster.bundled.chat_corpus)")  # fmt: skip
+    ap.add_argument(
+        "--chat-prompts",
+        action="store_true",
+        help="prompts: held-out chats (cluster.bundled.chat_corpus)",
+    )
     ap.add_argument(
         "--vllm", action="store_true", help="also run vLLM's MTP (slow: a launch per k)"
     )
@@ -90,26 +112,31 @@ def main() -> None:
 
     rows, given = [], {}
     for b in batches:
-        prompts = (chat_prompts(path, b) if args.chat_prompts
-                   else prompts_for(b, args.prompt_tokens, vocab, seed=b))  # fmt: skip
+        prompts = (
+            chat_prompts(path, b)
+            if args.chat_prompts
+            else prompts_for(b, args.prompt_tokens, vocab, seed=b)
+        )
         given[b] = prompts
         for k in ks:
-            tps, _, engine = run_engine_stats(model, prompts, args.new_tokens,
-                                              num_speculative_tokens=k)  # fmt: skip
+            tps, _, engine = run_engine_stats(
+                model, prompts, args.new_tokens, num_speculative_tokens=k
+            )
             drafted, accepted = engine.acceptance.drafted, engine.acceptance.accepted
             rates = [a / d if d else 0.0 for a, d in zip(accepted, drafted, strict=True)][:k]
             mean_accepted = sum(accepted) / max(drafted[0], 1) if k else 0.0
             rows.append((b, k, tps, rates, mean_accepted))
-            print(f"batch {b} k {k}: {tps:.1f} tok/s, acceptance per position "
-                  f"{[round(r, 3) for r in rates]}, accepted per step {mean_accepted:.2f}",
-                  flush=True)  # fmt: skip
+            print(
+                f"batch {b} k {k}: {tps:.1f} tok/s, acceptance per position "
+                f"{[round(r, 3) for r in rates]}, accepted per step {mean_accepted:.2f}",
+                flush=True,
+            )
     del model
 
     vllm = {}
     if args.vllm:
         for k in ks:
-            vllm[k] = run_vllm_mtp(args.vllm_python, path, args.dtype, given, k,
-                                   args.new_tokens)  # fmt: skip
+            vllm[k] = run_vllm_mtp(args.vllm_python, path, args.dtype, given, k, args.new_tokens)
             if isinstance(vllm[k], str):
                 print(f"vLLM k {k}: {vllm[k]}")
 
@@ -117,8 +144,10 @@ def main() -> None:
         f"\n{path.name}: output tokens/s, greedy, {args.prompt_tokens}-token prompts, "
         f"{args.new_tokens} new tokens, {args.dtype}, torch threads {torch.get_num_threads()}"
     )
-    print(f"{'batch':>5}{'k':>3}{'ours':>9}{'vs k=0':>8}{'accepted/step':>15}  per position"
-          f"{'':>6}{'vLLM':>9}{'vs k=0':>8}  vLLM per position")  # fmt: skip
+    print(
+        f"{'batch':>5}{'k':>3}{'ours':>9}{'vs k=0':>8}{'accepted/step':>15}  per position"
+        f"{'':>6}{'vLLM':>9}{'vs k=0':>8}  vLLM per position"
+    )
     base = {b: tps for b, k, tps, _, _ in rows if k == 0}
     for b, k, tps, rates, mean in rows:
         theirs, v0 = vllm_run(vllm.get(k), b), vllm_run(vllm.get(0), b)

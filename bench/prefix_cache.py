@@ -41,21 +41,26 @@ from replicas.sampling_params import SamplingParams  # noqa: E402
 MAC_KEY = secrets.token_hex(32)  # this run's engines share it, as one cluster's replicas do
 
 
-def make_engine(model, path, dtype: str, redis_url: str | None, max_len: int,
-                cache: bool = True) -> LLMEngine:  # fmt: skip
+def make_engine(
+    model, path, dtype: str, redis_url: str | None, max_len: int, cache: bool = True
+) -> LLMEngine:
     fp = model_fingerprint(path, dtype)
     config = EngineConfig(
-        max_num_batched_tokens=2048, max_num_seqs=64, kv_cache_bytes=4 << 30,
-        max_model_len=max_len, prefix_cache=PrefixCacheConfig(fp) if cache else None,
-    )  # fmt: skip
+        max_num_batched_tokens=2048,
+        max_num_seqs=64,
+        kv_cache_bytes=4 << 30,
+        max_model_len=max_len,
+        prefix_cache=PrefixCacheConfig(fp) if cache else None,
+    )
     tier = RedisTier(redis_url, f"exaone:{fp}", mac_key=MAC_KEY) if cache and redis_url else None
     return LLMEngine(model, config, redis=tier)
 
 
 def ttft(engine: LLMEngine, prompt: list[int], boundary: int) -> tuple[float, int]:
     """Seconds to the first token of one request, and its cached prompt tokens."""
-    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
-                            prefix_boundaries=(boundary,))  # fmt: skip
+    params = SamplingParams(
+        temperature=0.0, max_tokens=1, ignore_eos=True, prefix_boundaries=(boundary,)
+    )
     start = time.perf_counter()
     engine.add_request(f"r{time.perf_counter_ns()}", prompt, params)
     cached = 0
@@ -72,14 +77,15 @@ def part_ttft(args, server: RedisServer) -> None:
     import redis
 
     path = checkpoint(args.preset, args.dtype)
-    model = load_causal_lm(path, dtype=DTYPES[args.dtype],
-                           include_mtp=False, progress=False)  # fmt: skip
+    model = load_causal_lm(path, dtype=DTYPES[args.dtype], include_mtp=False, progress=False)
     vocab = model.cfg.vocab_size
     client = redis.Redis.from_url(server.url)
     rng = random.Random(0)
     print(f"\n{args.preset}, {args.dtype}: time to first token, medians of {args.repeats}")
-    print(f"{'system':>7} {'miss':>9} {'local hit':>10} {'Redis hit':>10} {'local x':>8} "
-          f"{'Redis x':>8} {'cached':>7} {'Redis MiB':>10}")  # fmt: skip
+    print(
+        f"{'system':>7} {'miss':>9} {'local hit':>10} {'Redis hit':>10} {'local x':>8} "
+        f"{'Redis x':>8} {'cached':>7} {'Redis MiB':>10}"
+    )
     for n in [int(x) for x in args.system_tokens.split(",")]:
         runs = {"miss": [], "local": [], "redis": []}
         cached, stored = 0, 0
@@ -98,24 +104,29 @@ def part_ttft(args, server: RedisServer) -> None:
             first.prefix.close()
             fresh.prefix.close()
         m = {k: statistics.median(v) for k, v in runs.items()}
-        print(f"{n:>7} {m['miss'] * 1e3:>7.0f}ms {m['local'] * 1e3:>8.0f}ms "
-              f"{m['redis'] * 1e3:>8.0f}ms {m['miss'] / m['local']:>7.1f}x "
-              f"{m['miss'] / m['redis']:>7.1f}x {cached:>7} {stored / 2**20:>10.1f}",
-              flush=True)  # fmt: skip
+        print(
+            f"{n:>7} {m['miss'] * 1e3:>7.0f}ms {m['local'] * 1e3:>8.0f}ms "
+            f"{m['redis'] * 1e3:>8.0f}ms {m['miss'] / m['local']:>7.1f}x "
+            f"{m['miss'] / m['redis']:>7.1f}x {cached:>7} {stored / 2**20:>10.1f}",
+            flush=True,
+        )
 
 
 def part_workload(args, server: RedisServer) -> None:
     import redis
 
     path = checkpoint(args.workload_preset, args.dtype)
-    model = load_causal_lm(path, dtype=DTYPES[args.dtype],
-                           include_mtp=False, progress=False)  # fmt: skip
+    model = load_causal_lm(path, dtype=DTYPES[args.dtype], include_mtp=False, progress=False)
     vocab = model.cfg.vocab_size
     rng = random.Random(1)
-    systems = [[rng.randrange(100, vocab) for _ in range(args.workload_system_tokens)]
-               for _ in range(8)]  # fmt: skip
-    requests = [(s, [rng.randrange(100, vocab) for _ in range(rng.randrange(16, 64))])
-                for s in range(8) for _ in range(64)]  # fmt: skip
+    systems = [
+        [rng.randrange(100, vocab) for _ in range(args.workload_system_tokens)] for _ in range(8)
+    ]
+    requests = [
+        (s, [rng.randrange(100, vocab) for _ in range(rng.randrange(16, 64))])
+        for s in range(8)
+        for _ in range(64)
+    ]
     rng.shuffle(requests)
     assign = [rng.randrange(2) for _ in requests]
     max_len = args.workload_system_tokens + 64 + 16
@@ -126,8 +137,10 @@ def part_workload(args, server: RedisServer) -> None:
     results = {}
     for mode in ("off", "on"):
         redis.Redis.from_url(server.url).flushall()
-        engines = [make_engine(model, path, args.dtype, server.url, max_len, cache=mode == "on")
-                   for _ in range(2)]  # fmt: skip
+        engines = [
+            make_engine(model, path, args.dtype, server.url, max_len, cache=mode == "on")
+            for _ in range(2)
+        ]
         outputs, cached, prompt_tokens = 0, 0, 0
         start = time.perf_counter()
         # Waves of 32 requests per engine: arrivals over time, not all at once.
@@ -136,8 +149,12 @@ def part_workload(args, server: RedisServer) -> None:
                 s, user = requests[i]
                 prompt = systems[s] + user
                 prompt_tokens += len(prompt)
-                params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
-                                        prefix_boundaries=(len(systems[s]),))  # fmt: skip
+                params = SamplingParams(
+                    temperature=0.0,
+                    max_tokens=16,
+                    ignore_eos=True,
+                    prefix_boundaries=(len(systems[s]),),
+                )
                 engines[assign[i]].add_request(f"w{i}", prompt, params)
             while any(e.has_unfinished_requests() for e in engines):
                 for e in engines:
@@ -152,10 +169,12 @@ def part_workload(args, server: RedisServer) -> None:
             stats = [e.prefix.stats() for e in engines]
             local = sum(s.num_local_hits for s in stats)
             remote = sum(s.num_redis_hits for s in stats)
-            line += (f", {100 * cached / prompt_tokens:.0f}% of prompt tokens cached, hits "
-                     f"{local} local + {remote} Redis of {len(requests)} requests, Redis read "
-                     f"{sum(s.redis_bytes_read for s in stats) / 2**20:.1f} MiB, written "
-                     f"{sum(s.redis_bytes_written for s in stats) / 2**20:.1f} MiB")  # fmt: skip
+            line += (
+                f", {100 * cached / prompt_tokens:.0f}% of prompt tokens cached, hits "
+                f"{local} local + {remote} Redis of {len(requests)} requests, Redis read "
+                f"{sum(s.redis_bytes_read for s in stats) / 2**20:.1f} MiB, written "
+                f"{sum(s.redis_bytes_written for s in stats) / 2**20:.1f} MiB"
+            )
             for e in engines:
                 e.prefix.close()
         print(line, flush=True)

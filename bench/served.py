@@ -129,9 +129,13 @@ def summarize(streams: list[Stream], wall_s: float) -> dict:
     tpot = [s.tpot_s for s in streams if s.tpot_s is not None]
     tokens = sum(s.tokens for s in streams)
     messages = sum(s.messages for s in streams)
-    row = {"requests": len(streams), "out_tokens": tokens, "wall_s": round(wall_s, 3),
-           "out_tok_s": round(tokens / wall_s, 2),
-           "tokens_per_message": round(tokens / max(messages, 1), 2)}  # fmt: skip
+    row = {
+        "requests": len(streams),
+        "out_tokens": tokens,
+        "wall_s": round(wall_s, 3),
+        "out_tok_s": round(tokens / wall_s, 2),
+        "tokens_per_message": round(tokens / max(messages, 1), 2),
+    }
     for name, values in (("ttft", ttft), ("tpot", tpot)):
         for q in (50, 99):
             row[f"{name}_p{q}_ms"] = round(1e3 * percentile(values, q), 3) if values else None
@@ -168,10 +172,13 @@ async def run_levels(send: Send, work: Workload, label: str) -> dict[int, dict]:
     for c in work.levels:
         rows[c] = await drive(send, work.prompts[c], c, work.new_tokens)
         r = rows[c]
-        print(f"  {label} in flight {c}: {r['out_tok_s']:.1f} tok/s, TTFT p50 "
-              f"{r['ttft_p50_ms']:.1f} ms, TPOT p50 {r['tpot_p50_ms']:.2f} ms "
-              f"({r['requests']} requests, {r['wall_s']:.1f} s, "
-              f"{r['tokens_per_message']:.2f} tokens/message)", flush=True)  # fmt: skip
+        print(
+            f"  {label} in flight {c}: {r['out_tok_s']:.1f} tok/s, TTFT p50 "
+            f"{r['ttft_p50_ms']:.1f} ms, TPOT p50 {r['tpot_p50_ms']:.2f} ms "
+            f"({r['requests']} requests, {r['wall_s']:.1f} s, "
+            f"{r['tokens_per_message']:.2f} tokens/message)",
+            flush=True,
+        )
     return rows
 
 
@@ -202,9 +209,13 @@ def make_workload(path: Path, args) -> Workload:
     timed, warm = random.Random(args.seed), random.Random(args.seed + 1)
     levels = args.levels
     n = {c: max(c * args.requests_per_stream, args.min_requests) for c in levels}
-    return Workload(levels, {c: prompts(timed, n[c]) for c in levels},
-                    {c: prompts(warm, c) for c in levels}, args.new_tokens,
-                    args.warmup_tokens)  # fmt: skip
+    return Workload(
+        levels,
+        {c: prompts(timed, n[c]) for c in levels},
+        {c: prompts(warm, c) for c in levels},
+        args.new_tokens,
+        args.warmup_tokens,
+    )
 
 
 def cluster_config(path: Path, args) -> ClusterConfig:
@@ -221,14 +232,20 @@ def cluster_config(path: Path, args) -> ClusterConfig:
     block = 16
     blocks = seqs * math.ceil((args.prompt_tokens + args.new_tokens) / block)
     kv_bytes = args.kv_cache_mib << 20 or max(64 << 20, 2 * blocks * block * per_token)
-    engine = EngineOptions(max_num_seqs=seqs, max_num_batched_tokens=args.max_batched_tokens,
-                           block_size=block, kv_cache_bytes=kv_bytes,
-                           max_waiting_requests=max(256, 2 * seqs))  # fmt: skip
+    engine = EngineOptions(
+        max_num_seqs=seqs,
+        max_num_batched_tokens=args.max_batched_tokens,
+        block_size=block,
+        kv_cache_bytes=kv_bytes,
+        max_waiting_requests=max(256, 2 * seqs),
+    )
     return ClusterConfig(
-        model_path=str(path), dtype=args.dtype, engine=engine,
+        model_path=str(path),
+        dtype=args.dtype,
+        engine=engine,
         attention=AttentionOptions(num_threads=args.threads or None),
         prefix_cache=PrefixCacheOptions(enabled=args.prefix_cache),
-    )  # fmt: skip
+    )
 
 
 def engine_config(config: ClusterConfig):
@@ -241,13 +258,19 @@ def engine_config(config: ClusterConfig):
     prefix = None
     if pc.enabled:
         fingerprint = model_fingerprint(config.model_path, config.dtype, pc.revision)
-        prefix = PrefixCacheConfig(fingerprint, pc.snapshot_interval_tokens,
-                                   pc.local_snapshot_bytes, pc.redis_queue_bytes)  # fmt: skip
-    return EngineConfig(max_num_batched_tokens=e.max_num_batched_tokens,
-                        max_num_seqs=e.max_num_seqs, block_size=e.block_size,
-                        kv_cache_bytes=e.kv_cache_bytes, max_model_len=e.max_model_len,
-                        num_microbatches=config.attention.num_microbatches, prefix_cache=prefix,
-                        kernels=config.kernels)  # fmt: skip
+        prefix = PrefixCacheConfig(
+            fingerprint, pc.snapshot_interval_tokens, pc.local_snapshot_bytes, pc.redis_queue_bytes
+        )
+    return EngineConfig(
+        max_num_batched_tokens=e.max_num_batched_tokens,
+        max_num_seqs=e.max_num_seqs,
+        block_size=e.block_size,
+        kv_cache_bytes=e.kv_cache_bytes,
+        max_model_len=e.max_model_len,
+        num_microbatches=config.attention.num_microbatches,
+        prefix_cache=prefix,
+        kernels=config.kernels,
+    )
 
 
 def free_port() -> int:
@@ -267,15 +290,20 @@ def run_engine(config: ClusterConfig, work: Workload) -> dict:
 
     torch.set_num_threads(config.engine_threads())
     start = time.perf_counter()
-    model = load_causal_lm(config.model_path, dtype=DTYPES[config.dtype],
-                           include_mtp=False, progress=False)  # fmt: skip
+    model = load_causal_lm(
+        config.model_path, dtype=DTYPES[config.dtype], include_mtp=False, progress=False
+    )
     engine = LLMEngine(model, engine_config(config))
     blocks, seqs = engine.cache.blocks.num_total, config.engine.max_num_seqs
-    need = math.ceil((len(work.prompts[work.levels[0]][0]) + work.new_tokens)
-                     / config.engine.block_size)  # fmt: skip
+    need = math.ceil(
+        (len(work.prompts[work.levels[0]][0]) + work.new_tokens) / config.engine.block_size
+    )
     tokens = need * config.engine.block_size
-    print(f"  in-process engine: {blocks} KV blocks = {blocks // need} sequences of {tokens} "
-          f"tokens (max_num_seqs {seqs})", flush=True)  # fmt: skip
+    print(
+        f"  in-process engine: {blocks} KV blocks = {blocks // need} sequences of {tokens} "
+        f"tokens (max_num_seqs {seqs})",
+        flush=True,
+    )
     info = {"start_s": round(time.perf_counter() - start, 1), "kv_blocks": blocks}
     ids = iter(range(1 << 62))
 
@@ -309,8 +337,7 @@ def run_ours(config: ClusterConfig, work: Workload) -> dict:
     from protos.exaone.v1 import generation_pb2_grpc as pb_grpc
 
     start = time.perf_counter()
-    cluster = start_local(config, grpc_port=free_port(), http_port=free_port(),
-                          dashboard_port=None)  # fmt: skip
+    cluster = start_local(config, grpc_port=free_port(), http_port=free_port(), dashboard_port=None)
     info = {"start_s": round(time.perf_counter() - start, 1), "address": cluster.grpc_address}
     print(f"  ours: serving at {cluster.grpc_address} after {info['start_s']} s", flush=True)
 
@@ -360,16 +387,40 @@ def run_vllm(config: ClusterConfig, work: Workload, args) -> dict:
     python = args.vllm_python
     e = config.engine
     port = free_port()
-    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", config.model_path,
-           "--served-model-name", "bench", "--dtype", config.dtype, "--host", "127.0.0.1",
-           "--port", str(port), "--max-num-seqs", str(e.max_num_seqs),
-           "--max-num-batched-tokens", str(e.max_num_batched_tokens),
-           "--max-model-len", str(args.vllm_max_model_len), "--seed", str(args.seed)]  # fmt: skip
+    cmd = [
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        config.model_path,
+        "--served-model-name",
+        "bench",
+        "--dtype",
+        config.dtype,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-num-seqs",
+        str(e.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(e.max_num_batched_tokens),
+        "--max-model-len",
+        str(args.vllm_max_model_len),
+        "--seed",
+        str(args.seed),
+    ]
     if not config.prefix_cache.enabled:
         cmd.append("--no-enable-prefix-caching")
     cmd += args.vllm_arg
-    env = dict(os.environ, VLLM_HOST_IP="127.0.0.1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # fmt: skip
+    env = dict(
+        os.environ,
+        VLLM_HOST_IP="127.0.0.1",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     if args.vllm_threads_bind:
         env["VLLM_CPU_OMP_THREADS_BIND"] = args.vllm_threads_bind
@@ -377,8 +428,9 @@ def run_vllm(config: ClusterConfig, work: Workload, args) -> dict:
     print(f"  vllm: starting on 127.0.0.1:{port} (log {log_path})", flush=True)
     start = time.perf_counter()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         while True:
@@ -391,8 +443,11 @@ def run_vllm(config: ClusterConfig, work: Workload, args) -> dict:
             if time.perf_counter() - start > args.vllm_start_timeout:
                 raise TimeoutError(f"vLLM server not healthy after {args.vllm_start_timeout} s")
             time.sleep(1)
-        info = {"start_s": round(time.perf_counter() - start, 1), "command": cmd,
-                "log": str(log_path)}  # fmt: skip
+        info = {
+            "start_s": round(time.perf_counter() - start, 1),
+            "command": cmd,
+            "log": str(log_path),
+        }
         with contextlib.suppress(OSError, ValueError):
             info["version"] = get_json(f"{base}/version").get("version")
         print(f"  vllm {info.get('version', '?')}: healthy after {info['start_s']} s", flush=True)
@@ -403,10 +458,15 @@ def run_vllm(config: ClusterConfig, work: Workload, args) -> dict:
             async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
 
                 async def send(prompt: list[int], new_tokens: int) -> Stream:
-                    body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens,
-                            "temperature": 0, "ignore_eos": True, "stream": True,
-                            "stream_options": {"include_usage": True,
-                                               "continuous_usage_stats": True}}  # fmt: skip
+                    body = {
+                        "model": "bench",
+                        "prompt": prompt,
+                        "max_tokens": new_tokens,
+                        "temperature": 0,
+                        "ignore_eos": True,
+                        "stream": True,
+                        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+                    }
                     s, seen = Stream(), 0
                     async with session.post(f"{base}/v1/completions", json=body) as resp:
                         if resp.status != 200:
@@ -442,16 +502,25 @@ def fmt(value, spec: str) -> str:
 
 def table(results: dict[str, dict], levels: list[int]) -> tuple[str, dict]:
     """The markdown table of one checkpoint and its ratio rows (also returned as numbers)."""
-    lines = ["| system | in flight | out tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) "
-             "| TPOT p99 (ms) |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| system | in flight | out tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) "
+        "| TPOT p99 (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     rows = {s: r.get("levels", {}) for s, r in results.items()}
     for c in levels:
         for system in SYSTEMS:
             r = rows.get(system, {}).get(c)
             if r:
-                cells = [LABELS[system], c, fmt(r["out_tok_s"], ".1f"),
-                         fmt(r["ttft_p50_ms"], ".1f"), fmt(r["ttft_p99_ms"], ".1f"),
-                         fmt(r["tpot_p50_ms"], ".2f"), fmt(r["tpot_p99_ms"], ".2f")]  # fmt: skip
+                cells = [
+                    LABELS[system],
+                    c,
+                    fmt(r["out_tok_s"], ".1f"),
+                    fmt(r["ttft_p50_ms"], ".1f"),
+                    fmt(r["ttft_p99_ms"], ".1f"),
+                    fmt(r["tpot_p50_ms"], ".2f"),
+                    fmt(r["tpot_p99_ms"], ".2f"),
+                ]
                 lines.append("| " + " | ".join(map(str, cells)) + " |")
     ratios: dict = {}
     ours = rows.get("ours", {})
@@ -482,34 +551,61 @@ def resolve_checkpoint(name: str, dtype: str) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--checkpoints", default="bundled,small",
-                    help="'bundled', a preset (tiny, small) or a checkpoint directory")  # fmt: skip
+    ap.add_argument(
+        "--checkpoints",
+        default="bundled,small",
+        help="'bundled', a preset (tiny, small) or a checkpoint directory",
+    )
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     ap.add_argument("--systems", default="ours,vllm,engine")
     ap.add_argument("--concurrency", default="1,8,32,64", help="in-flight levels")
-    ap.add_argument("--requests-per-stream", type=int, default=4,
-                    help="rounds: a level C sends C * this many requests ...")  # fmt: skip
+    ap.add_argument(
+        "--requests-per-stream",
+        type=int,
+        default=4,
+        help="rounds: a level C sends C * this many requests ...",
+    )
     ap.add_argument("--min-requests", type=int, default=16, help="... and at least this many")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--warmup-tokens", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads of ours and in-process (0: the attention "
-                    "replicas' default: cluster.config.default_engine_threads)")  # fmt: skip
-    ap.add_argument("--max-batched-tokens", type=int, default=512,
-                    help="tokens per engine step at most (all three systems)")  # fmt: skip
-    ap.add_argument("--kv-cache-mib", type=int, default=0,
-                    help="our KV cache (0: twice what max(64, C) sequences need)")  # fmt: skip
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads of ours and in-process (0: the attention "
+        "replicas' default: cluster.config.default_engine_threads)",
+    )
+    ap.add_argument(
+        "--max-batched-tokens",
+        type=int,
+        default=512,
+        help="tokens per engine step at most (all three systems)",
+    )
+    ap.add_argument(
+        "--kv-cache-mib",
+        type=int,
+        default=0,
+        help="our KV cache (0: twice what max(64, C) sequences need)",
+    )
     ap.add_argument("--prefix-cache", action="store_true", help="prefix caching on (all three)")
-    ap.add_argument("--vllm-python", type=Path,
-                    default=Path(os.environ.get("VLLM_PYTHON", DEFAULT_VLLM_PYTHON)))  # fmt: skip
+    ap.add_argument(
+        "--vllm-python", type=Path, default=Path(os.environ.get("VLLM_PYTHON", DEFAULT_VLLM_PYTHON))
+    )
     ap.add_argument("--vllm-max-model-len", type=int, default=2048)
     ap.add_argument("--vllm-start-timeout", type=float, default=600)
-    ap.add_argument("--vllm-threads-bind", default="",
-                    help="VLLM_CPU_OMP_THREADS_BIND (default: vLLM's own, 'auto')")  # fmt: skip
-    ap.add_argument("--vllm-arg", action="append", default=[],
-                    help="more vLLM server args (--vllm-arg=--enforce-eager)")  # fmt: skip
+    ap.add_argument(
+        "--vllm-threads-bind",
+        default="",
+        help="VLLM_CPU_OMP_THREADS_BIND (default: vLLM's own, 'auto')",
+    )
+    ap.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        help="more vLLM server args (--vllm-arg=--enforce-eager)",
+    )
     ap.add_argument("--json", type=Path, help="write every number here")
     args = ap.parse_args()
     args.levels = [int(c) for c in args.concurrency.split(",") if c]
@@ -518,12 +614,17 @@ def main() -> None:
     if unknown:
         ap.error(f"--systems: unknown {', '.join(sorted(unknown))} (choose from {SYSTEMS})")
     if "vllm" in systems and not args.vllm_python.exists():
-        print(f"vLLM skipped: no venv at {args.vllm_python} (set it up with "
-              "../shared/peers/setup_vllm_venv.sh, or pass --vllm-python)", flush=True)  # fmt: skip
+        print(
+            f"vLLM skipped: no venv at {args.vllm_python} (set it up with "
+            "../shared/peers/setup_vllm_venv.sh, or pass --vllm-python)",
+            flush=True,
+        )
         systems.remove("vllm")
 
-    report = {"settings": {k: (str(v) if isinstance(v, Path) else v)
-                           for k, v in vars(args).items()}, "checkpoints": {}}  # fmt: skip
+    report = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "checkpoints": {},
+    }
     tables = []
     for name in [n for n in args.checkpoints.split(",") if n]:
         path = resolve_checkpoint(name, args.dtype)
@@ -531,12 +632,14 @@ def main() -> None:
         work = make_workload(path, args)
         e = config.engine
         title = f"{name} ({path}), {args.dtype}"
-        header = (f"{args.prompt_tokens}-token random prompts, {args.new_tokens} new tokens, "
-                  f"greedy, ignore_eos, streamed; max_num_seqs {e.max_num_seqs}, "
-                  f"max_num_batched_tokens {e.max_num_batched_tokens}, "
-                  f"KV {e.kv_cache_bytes >> 20} MiB, "
-                  f"{config.engine_threads()} torch threads, prefix cache "
-                  f"{'on' if args.prefix_cache else 'off'}")  # fmt: skip
+        header = (
+            f"{args.prompt_tokens}-token random prompts, {args.new_tokens} new tokens, "
+            f"greedy, ignore_eos, streamed; max_num_seqs {e.max_num_seqs}, "
+            f"max_num_batched_tokens {e.max_num_batched_tokens}, "
+            f"KV {e.kv_cache_bytes >> 20} MiB, "
+            f"{config.engine_threads()} torch threads, prefix cache "
+            f"{'on' if args.prefix_cache else 'off'}"
+        )
         print(f"\n== {title}\n{header}", flush=True)
         results: dict[str, dict] = {}
         for system in [s for s in RUN_ORDER if s in systems]:
@@ -554,8 +657,12 @@ def main() -> None:
                 results[system] = {"error": text}
         text, ratios = table(results, args.levels)
         tables.append(f"### {title}\n\n{header}\n\n{text}")
-        report["checkpoints"][name] = {"path": str(path), "settings": header,
-                                       "systems": results, "ratios": ratios}  # fmt: skip
+        report["checkpoints"][name] = {
+            "path": str(path),
+            "settings": header,
+            "systems": results,
+            "ratios": ratios,
+        }
         print("\n" + tables[-1], flush=True)
         if args.json:  # after every checkpoint, so a later failure keeps these
             args.json.write_text(json.dumps(report, indent=1, default=str))

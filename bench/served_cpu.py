@@ -68,8 +68,9 @@ async def level(address: str, streams: int, requests: int, new_tokens: int) -> t
 
         async def worker(i: int) -> None:
             for _ in range(max(1, requests // streams)):
-                request = build_request(token_ids=prompts[i], max_tokens=new_tokens,
-                                        ignore_eos=True, temperature=0.0)  # fmt: skip
+                request = build_request(
+                    token_ids=prompts[i], max_tokens=new_tokens, ignore_eos=True, temperature=0.0
+                )
                 times = []
                 async for r in stub.Generate(request):
                     if r.HasField("delta") and r.delta.token_ids:
@@ -95,10 +96,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="the engine's torch threads")
     args = ap.parse_args()
     # Explicit threads and dtype, so older trees (other defaults) run the same engine.
-    config = ClusterConfig(model_path=args.model, dtype="bfloat16", prefix_cache={"enabled": False},
-                           attention={"num_threads": args.threads})  # fmt: skip
-    cluster = start_local(config, grpc_port=free_port(), http_port=free_port(),
-                          dashboard_port=None)  # fmt: skip
+    config = ClusterConfig(
+        model_path=args.model,
+        dtype="bfloat16",
+        prefix_cache={"enabled": False},
+        attention={"num_threads": args.threads},
+    )
+    cluster = start_local(config, grpc_port=free_port(), http_port=free_port(), dashboard_port=None)
     shard = serve.get_deployment_handle("AttentionShard", APP_NAME)
     router = serve.get_deployment_handle("Router", APP_NAME)
     try:
@@ -108,21 +112,29 @@ def main() -> None:
             asyncio.run(level(cluster.grpc_address, streams, streams, 8))  # warm-up
             before, stats = cpu_seconds(procs), shard.stats.remote().result()
             router.hop_stats.remote(clear=True).result()
-            tok_s, tpot, wall = asyncio.run(level(cluster.grpc_address, streams, requests,
-                                                  args.new_tokens))  # fmt: skip
+            tok_s, tpot, wall = asyncio.run(
+                level(cluster.grpc_address, streams, requests, args.new_tokens)
+            )
             after, stats2 = cpu_seconds(procs), shard.stats.remote().result()
             hops = router.hop_stats.remote(clear=True).result()
             steps = getattr(stats2, "num_steps", 0) - getattr(stats, "num_steps", 0)
             step = getattr(stats2, "step_time_s", 0) - getattr(stats, "step_time_s", 0)
-            cpu = (getattr(stats2, "step_thread_cpu_s", 0)
-                   - getattr(stats, "step_thread_cpu_s", 0))  # fmt: skip
-            engine = (f"engine step {1e3 * step / steps:.2f} ms (its thread's CPU "
-                      f"{1e3 * cpu / steps:.2f} ms), " if steps else "")  # fmt: skip
-            print(f"\n{streams} streams: {tok_s:.0f} tok/s, TPOT p50 {tpot:.2f} ms, {engine}"
-                  f"{config.dtype}, {config.attention.num_threads} torch threads")  # fmt: skip
+            cpu = getattr(stats2, "step_thread_cpu_s", 0) - getattr(stats, "step_thread_cpu_s", 0)
+            engine = (
+                f"engine step {1e3 * step / steps:.2f} ms (its thread's CPU "
+                f"{1e3 * cpu / steps:.2f} ms), "
+                if steps
+                else ""
+            )
+            print(
+                f"\n{streams} streams: {tok_s:.0f} tok/s, TPOT p50 {tpot:.2f} ms, {engine}"
+                f"{config.dtype}, {config.attention.num_threads} torch threads"
+            )
             for hop, s in hops.items():  # router.hops: per step-stream batch / per delta
-                print(f"  hop {hop:<18} p50 {s['p50_ms']:6.2f} ms  p99 {s['p99_ms']:6.2f} ms  "
-                      f"({s['n']} samples)")  # fmt: skip
+                print(
+                    f"  hop {hop:<18} p50 {s['p50_ms']:6.2f} ms  p99 {s['p99_ms']:6.2f} ms  "
+                    f"({s['n']} samples)"
+                )
             for name in sorted(after, key=lambda n: before[n] - after[n]):
                 share = (after[name] - before[name]) / wall
                 if share >= 0.005:

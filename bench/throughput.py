@@ -58,11 +58,16 @@ def run_engine_stats(model, prompts, new_tokens, experts=None, microbatches=1, *
     """``run_engine`` that also returns the engine (its acceptance counts, say)."""
     engine = LLMEngine(
         model,
-        EngineConfig(max_num_batched_tokens=2048, max_num_seqs=max(64, len(prompts)),
-                     block_size=16, kv_cache_bytes=2 << 30, num_microbatches=microbatches,
-                     **config),
+        EngineConfig(
+            max_num_batched_tokens=2048,
+            max_num_seqs=max(64, len(prompts)),
+            block_size=16,
+            kv_cache_bytes=2 << 30,
+            num_microbatches=microbatches,
+            **config,
+        ),
         experts=experts,
-    )  # fmt: skip
+    )
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
     outs = engine.generate(prompts, params)
@@ -76,23 +81,43 @@ def run_hf(model, prompts, new_tokens: int) -> float:
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
-        )  # fmt: skip
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     elapsed = time.perf_counter() - start
     return (out.shape[1] - ids.shape[1]) * ids.shape[0] / elapsed
 
 
-def run_vllm(python: Path, path: Path, dtype: str, batches: list[int], prompt_len: int,
-             new_tokens: int) -> dict[int, float] | str:  # fmt: skip
+def run_vllm(
+    python: Path, path: Path, dtype: str, batches: list[int], prompt_len: int, new_tokens: int
+) -> dict[int, float] | str:
     if not python.exists() or not PEER_SCRIPT.exists():
         return "not installed (../shared/peers/setup_vllm_venv.sh)"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "vllm.json"
-        cmd = [str(python), str(PEER_SCRIPT), "--model", str(path), "--dtype", dtype,
-               "--batch-sizes", ",".join(map(str, batches)), "--new-tokens", str(new_tokens),
-               "--prompt-tokens", str(prompt_len), "--repeats", "2",
-               "--json", str(out)]  # fmt: skip
+        cmd = [
+            str(python),
+            str(PEER_SCRIPT),
+            "--model",
+            str(path),
+            "--dtype",
+            dtype,
+            "--batch-sizes",
+            ",".join(map(str, batches)),
+            "--new-tokens",
+            str(new_tokens),
+            "--prompt-tokens",
+            str(prompt_len),
+            "--repeats",
+            "2",
+            "--json",
+            str(out),
+        ]
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
         if proc.returncode != 0 or not out.exists():
@@ -105,8 +130,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--presets", default="tiny,small")
     ap.add_argument("--batch-sizes", default="1,16,64")
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
-                    help="the checkpoints' own dtype by default, as vLLM serves them")  # fmt: skip
+    ap.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=sorted(DTYPES),
+        help="the checkpoints' own dtype by default, as vLLM serves them",
+    )
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
@@ -143,23 +172,30 @@ def main() -> None:
             hf_text = "" if hf_tps is None else f", transformers {hf_tps:.1f} tok/s"
             print(f"{preset} batch {b}: ours {ours_tps:.1f} tok/s{hf_text}", flush=True)
         del ours, hf
-        vllm = run_vllm(args.vllm_python, path, args.dtype, batches, args.prompt_tokens,
-                        args.new_tokens)  # fmt: skip
+        vllm = run_vllm(
+            args.vllm_python, path, args.dtype, batches, args.prompt_tokens, args.new_tokens
+        )
         for row in rows:
             if row[0] == preset:
                 row.append(vllm.get(row[1]) if isinstance(vllm, dict) else None)
         if isinstance(vllm, str):
             print(f"{preset}: vLLM {vllm}")
 
-    print(f"\noutput tokens/s, greedy, {args.prompt_tokens}-token prompts, {args.new_tokens} new "
-          f"tokens, {args.dtype}, torch threads {torch.get_num_threads()}")  # fmt: skip
-    print(f"{'preset':<7}{'batch':>6}{'ours':>10}{'transformers':>14}{'vLLM':>10}"
-          f"{'ours/HF':>10}{'ours/vLLM':>11}")  # fmt: skip
+    print(
+        f"\noutput tokens/s, greedy, {args.prompt_tokens}-token prompts, {args.new_tokens} new "
+        f"tokens, {args.dtype}, torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"{'preset':<7}{'batch':>6}{'ours':>10}{'transformers':>14}{'vLLM':>10}"
+        f"{'ours/HF':>10}{'ours/vLLM':>11}"
+    )
     for preset, b, o, h, v in rows:
         fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
         ratio = lambda a, c: "-" if c is None else f"{a / c:.2f}x"  # noqa: E731
-        print(f"{preset:<7}{b:>6}{fmt(o):>10}{fmt(h):>14}{fmt(v):>10}{ratio(o, h):>10}"
-              f"{ratio(o, v):>11}")  # fmt: skip
+        print(
+            f"{preset:<7}{b:>6}{fmt(o):>10}{fmt(h):>14}{fmt(v):>10}{ratio(o, h):>10}"
+            f"{ratio(o, v):>11}"
+        )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,16 @@ if not GPU:
 DEVICE = torch.device("cuda" if GPU else "cpu")
 
 
-def _align_block_size(topk_ids, num_experts, block_size, sorted_ids, expert_ids, post_pad,
-                      expert_map=None, scatter_idx=None):  # fmt: skip
+def _align_block_size(
+    topk_ids,
+    num_experts,
+    block_size,
+    sorted_ids,
+    expert_ids,
+    post_pad,
+    expert_map=None,
+    scatter_idx=None,
+):
     """torch version of vLLM's CUDA moe_align_block_size (interpreter runs only)."""
     flat = topk_ids.flatten().long()
     sorted_ids.fill_(flat.numel())
@@ -63,8 +71,9 @@ def main() -> int:
     # under it, vLLM's do not), so without a GPU only fp32 is compared.
     cases = ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)) if GPU else ((torch.float32, 1e-4),)
     for dtype, tol in cases:
-        cfg = ModelConfig.from_hf({**PRESETS["tiny"], "hidden_size": 96,
-                                   "moe_intermediate_size": 48})  # fmt: skip
+        cfg = ModelConfig.from_hf(
+            {**PRESETS["tiny"], "hidden_size": 96, "moe_intermediate_size": 48}
+        )
         m = RoutedExperts(cfg, [0, 2, 3, 5, 6])
         m.w13.data = (torch.randn(m.w13.shape, generator=g) / 10).to(DEVICE, dtype)
         m.w2.data = (torch.randn(m.w2.shape, generator=g) / 7).to(DEVICE, dtype)
@@ -80,13 +89,22 @@ def main() -> int:
         failures += diff > tol * outs["torch"].abs().max().item()
         print(f"experts {str(dtype):15} max |diff| {diff:.3g}")
 
-        cfg = ModelConfig.from_hf({**PRESETS["tiny"], "num_attention_heads": 6,
-                                   "num_key_value_heads": 2})  # fmt: skip
+        cfg = ModelConfig.from_hf(
+            {**PRESETS["tiny"], "num_attention_heads": 6, "num_key_value_heads": 2}
+        )
         caches = {}
         for kernels in ("torch", "vllm"):
             torch.manual_seed(3)
-            cache = HybridKVCache(cfg, num_blocks=24, block_size=16, max_seqs=4, dtype=dtype,
-                                  device=DEVICE, spec_tokens=3, kernels=kernels)  # fmt: skip
+            cache = HybridKVCache(
+                cfg,
+                num_blocks=24,
+                block_size=16,
+                max_seqs=4,
+                dtype=dtype,
+                device=DEVICE,
+                spec_tokens=3,
+                kernels=kernels,
+            )
             for pools in (cache.global_k, cache.global_v, cache.sliding_k, cache.sliding_v):
                 for t in pools.values():
                     t.copy_(torch.randn(t.shape))
@@ -103,8 +121,9 @@ def main() -> int:
             q = torch.randn(n, 6, cfg.head_dim, generator=g).to(DEVICE, dtype)
             k, v = (torch.randn(n, 2, cfg.head_dim, generator=g).to(DEVICE, dtype) for _ in "kv")
             for layer in (0, cfg.num_hidden_layers - 1):  # sliding, global
-                outs = {name: c.step(chunks).attend_fn(layer)(q, k, v) for name, c in
-                        caches.items()}  # fmt: skip
+                outs = {
+                    name: c.step(chunks).attend_fn(layer)(q, k, v) for name, c in caches.items()
+                }
                 worst = max(
                     worst, (outs["vllm"].float() - outs["torch"].float()).abs().max().item()
                 )

@@ -46,26 +46,41 @@ def main() -> None:
     ap.add_argument("--mtp", type=int, default=0, help="num_speculative_tokens (0: off)")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
-    for key, value in (("VLLM_HOST_IP", "127.0.0.1"), ("VLLM_NO_USAGE_STATS", "1"),
-                       ("DO_NOT_TRACK", "1"), ("HF_HUB_OFFLINE", "1"),
-                       ("TRANSFORMERS_OFFLINE", "1"), ("VLLM_CPU_KVCACHE_SPACE", "2")):  # fmt: skip
+    for key, value in (
+        ("VLLM_HOST_IP", "127.0.0.1"),
+        ("VLLM_NO_USAGE_STATS", "1"),
+        ("DO_NOT_TRACK", "1"),
+        ("HF_HUB_OFFLINE", "1"),
+        ("TRANSFORMERS_OFFLINE", "1"),
+        ("VLLM_CPU_KVCACHE_SPACE", "2"),
+    ):
         os.environ.setdefault(key, value)
     import vllm
     from vllm import LLM, SamplingParams
 
     prompts = {int(b): p for b, p in json.loads(Path(args.prompts).read_text()).items()}
-    kwargs = {"model": args.model, "dtype": args.dtype, "max_model_len": 2048, "seed": 0,
-              "disable_log_stats": False, "enable_prefix_caching": False}  # fmt: skip
+    kwargs = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "max_model_len": 2048,
+        "seed": 0,
+        "disable_log_stats": False,
+        "enable_prefix_caching": False,
+    }
     if args.mtp:
         kwargs["speculative_config"] = {"method": "mtp", "num_speculative_tokens": args.mtp}
     start = time.perf_counter()
     llm = LLM(**kwargs)
-    result = {"vllm_version": vllm.__version__, "load_s": round(time.perf_counter() - start, 1),
-              "runs": {}}  # fmt: skip
+    result = {
+        "vllm_version": vllm.__version__,
+        "load_s": round(time.perf_counter() - start, 1),
+        "runs": {},
+    }
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     warm = [{"prompt_token_ids": ids} for ids in next(iter(prompts.values()))[:2]]
-    llm.generate(warm, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
-                 use_tqdm=False)  # fmt: skip
+    llm.generate(
+        warm, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )
     for batch, ids in sorted(prompts.items()):
         before = counters(llm) if args.mtp else {}
         start = time.perf_counter()

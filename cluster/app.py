@@ -93,8 +93,7 @@ class ExpertGroupDeployment:
     (and takes down with it); attention replicas call the worker directly. The replica's own
     ``forward`` also works (through the worker), so Serve handles reach the group either way."""
 
-    def __init__(self, config: ClusterConfig, group: int,
-                 balancer: DeploymentHandle | None = None):  # fmt: skip
+    def __init__(self, config: ClusterConfig, group: int, balancer: DeploymentHandle | None = None):
         placement = config.placement(config.read_model_config().num_experts)
         e = config.experts
         version, holdings = 0, placement.groups[group]
@@ -102,9 +101,17 @@ class ExpertGroupDeployment:
             version, holdings = _off_loop(
                 lambda: balancer.initial_holdings.remote(group).result(timeout_s=60)
             )
-        args = (config.model_path, group, holdings, config.dtype, _device(e.num_gpus),
-                e.num_threads or node_cpus(), e.load_window_s, version,
-                config.kernels)  # fmt: skip
+        args = (
+            config.model_path,
+            group,
+            holdings,
+            config.dtype,
+            _device(e.num_gpus),
+            e.num_threads or node_cpus(),
+            e.load_window_s,
+            version,
+            config.kernels,
+        )
         ctx = serve.get_replica_context()
         self.replica, self.group_id = ctx.replica_id.unique_id, group
         if e.transport == "actor":
@@ -115,9 +122,11 @@ class ExpertGroupDeployment:
                 ray.get_runtime_context().get_node_id(), soft=True
             )
             self.worker = ExpertWorker.options(
-                name=name, namespace=WORKER_NAMESPACE, scheduling_strategy=strategy,
+                name=name,
+                namespace=WORKER_NAMESPACE,
+                scheduling_strategy=strategy,
                 **worker_options(config),
-            ).remote(*args)  # fmt: skip
+            ).remote(*args)
             ray.get(self.worker.ready.remote())
             self.group = None
         else:
@@ -130,15 +139,17 @@ class ExpertGroupDeployment:
         from cluster.ops.metrics import ExpertMetrics
 
         self.metrics = ExpertMetrics(group, self.replica)
-        self.metrics_loop = Every(config.metrics_interval_s,
-                                  lambda: self.metrics.update(self.stats())).start()  # fmt: skip
+        self.metrics_loop = Every(
+            config.metrics_interval_s, lambda: self.metrics.update(self.stats())
+        ).start()
 
     def _report(self) -> None:
         """Tell the balancer this replica's load; do what it answers (load or drop experts)."""
         stats = self.stats()
         counts = dict(zip(stats.layers, stats.window_counts, strict=True))
-        todo = self.balancer.expert_report.remote(self.replica, self.group_id, stats.map_version,
-                                                  counts).result(timeout_s=30)  # fmt: skip
+        todo = self.balancer.expert_report.remote(
+            self.replica, self.group_id, stats.map_version, counts
+        ).result(timeout_s=30)
         args = (todo.holdings, todo.version, todo.commit)
         if self.worker is not None:
             ray.get(self.worker.follow.remote(*args))
@@ -177,13 +188,20 @@ def worker_options(config: ClusterConfig) -> dict:
     return _actor_options(e.num_cpus, e.num_gpus, e.resources)
 
 
-def _load_group(path, group, expert_ids, dtype, device, num_threads, window_s, version,
-                kernels):  # fmt: skip
+def _load_group(path, group, expert_ids, dtype, device, num_threads, window_s, version, kernels):
     from replicas.experts.expert_group import ExpertGroup  # torch: only in expert processes
 
-    return ExpertGroup(path, group, expert_ids, dtype=dtype, device=device,
-                       num_threads=num_threads, window_s=window_s,
-                       map_version=version, kernels=kernels)  # fmt: skip
+    return ExpertGroup(
+        path,
+        group,
+        expert_ids,
+        dtype=dtype,
+        device=device,
+        num_threads=num_threads,
+        window_s=window_s,
+        map_version=version,
+        kernels=kernels,
+    )
 
 
 def _forward_packed(group, layer, x, topk_ids):
@@ -230,9 +248,12 @@ class ExpertBalancerDeployment:
 
         cfg = config.read_model_config()
         placement = config.placement(cfg.num_experts)
-        self.rebalancer = Rebalancer.starting(ExpertMap.of(placement), cfg.moe_layers,
-                                              config.experts.balancer.rebalance_config(),
-                                              epoch=int(time.time()))  # fmt: skip
+        self.rebalancer = Rebalancer.starting(
+            ExpertMap.of(placement),
+            cfg.moe_layers,
+            config.experts.balancer.rebalance_config(),
+            epoch=int(time.time()),
+        )
         self.lock = threading.Lock()
         from cluster.ops.metrics import BalancerMetrics
 
@@ -261,11 +282,15 @@ class ExpertBalancerDeployment:
     def status(self) -> dict[str, Any]:
         with self.lock:
             r, now = self.rebalancer, time.time()
-            return {"phase": r.phase, "version": r.published.version,
-                    "imbalance": r.imbalance(now),
-                    "measured_imbalance": r.measured_imbalance(now), "history": list(r.history),
-                    "holdings": {layer: r.published.holdings(layer) for layer in r.moe_layers},
-                    "load": r.load(now)}  # fmt: skip
+            return {
+                "phase": r.phase,
+                "version": r.published.version,
+                "imbalance": r.imbalance(now),
+                "measured_imbalance": r.measured_imbalance(now),
+                "history": list(r.history),
+                "holdings": {layer: r.published.holdings(layer) for layer in r.moe_layers},
+                "load": r.load(now),
+            }
 
 
 def _off_loop(fn):
@@ -295,8 +320,9 @@ class Every:
             try:
                 self.fn()
             except Exception:  # noqa: BLE001 - keep reporting; the next tick may work
-                log.warning("periodic %s failed", getattr(self.fn, "__name__", "call"),
-                            exc_info=True)  # fmt: skip
+                log.warning(
+                    "periodic %s failed", getattr(self.fn, "__name__", "call"), exc_info=True
+                )
 
     def stop(self) -> None:
         self.stopped.set()
@@ -304,8 +330,12 @@ class Every:
 
 @serve.deployment(name="AttentionShard")
 class AttentionShardDeployment:
-    def __init__(self, config: ClusterConfig, balancer: DeploymentHandle | None,
-                 *expert_groups: DeploymentHandle):  # fmt: skip
+    def __init__(
+        self,
+        config: ClusterConfig,
+        balancer: DeploymentHandle | None,
+        *expert_groups: DeploymentHandle,
+    ):
         from cluster.deployments.expert_transport import (
             ActorTransport,
             ServeHandleTransport,
@@ -319,14 +349,21 @@ class AttentionShardDeployment:
         placement = config.placement(config.read_model_config().num_experts)
         transport, x = None, config.experts
         if placement is not None and x.transport == "serve":
-            transport = ServeHandleTransport(placement, expert_groups,
-                                             call_timeout_s=x.call_timeout_s,
-                                             attempt_timeout_s=x.attempt_timeout_s)  # fmt: skip
+            transport = ServeHandleTransport(
+                placement,
+                expert_groups,
+                call_timeout_s=x.call_timeout_s,
+                attempt_timeout_s=x.attempt_timeout_s,
+            )
         elif placement is not None:
             app = serve.get_replica_context().app_name
             prefixes = [worker_prefix(app, g) for g in range(placement.num_groups)]
-            transport = ActorTransport(placement, prefixes, call_timeout_s=x.call_timeout_s,
-                                       attempt_timeout_s=x.attempt_timeout_s)  # fmt: skip
+            transport = ActorTransport(
+                placement,
+                prefixes,
+                call_timeout_s=x.call_timeout_s,
+                attempt_timeout_s=x.attempt_timeout_s,
+            )
             transport.wait_ready()
         prefix, redis, pinned = _prefix_cache(config)
         self.shard = AttentionShard(
@@ -397,8 +434,9 @@ class AttentionShardDeployment:
         async for out in self.shard.generate(request_id, prompt_ids, params):
             yield out
 
-    async def generate_direct(self, subscriber: str, request_id: str, prompt_ids: list[int],
-                              params: SamplingParams):  # fmt: skip
+    async def generate_direct(
+        self, subscriber: str, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ):
         """A request whose deltas go to ``subscriber``'s step stream
         (cluster.deployments.step_stream). Yields the stream's address once admitted, then ends
         when the request has ended; cancelling the call aborts the request."""
@@ -447,8 +485,11 @@ class AttentionShardDeployment:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What the attention autoscaling policy reads (cluster.ops.autoscaling.AttentionPolicy)."""
         s = self.shard.stats()
-        return {"running_seqs": float(s.num_running), "waiting": float(s.num_waiting),
-                "kv_usage": s.num_blocks_in_use / max(s.num_blocks_total, 1)}  # fmt: skip
+        return {
+            "running_seqs": float(s.num_running),
+            "waiting": float(s.num_waiting),
+            "kv_usage": s.num_blocks_in_use / max(s.num_blocks_total, 1),
+        }
 
 
 def _prefix_cache(config: ClusterConfig):
@@ -465,21 +506,28 @@ def _prefix_cache(config: ClusterConfig):
     fp = model_fingerprint(config.model_path, config.dtype, pc.revision)
     if config.engine.num_speculative_tokens:
         fp += "-mtp"  # its snapshots also hold the MTP layer's rows: a layout of their own
-    prefix = PrefixCacheConfig(fp, pc.snapshot_interval_tokens, pc.local_snapshot_bytes,
-                               pc.redis_queue_bytes)  # fmt: skip
+    prefix = PrefixCacheConfig(
+        fp, pc.snapshot_interval_tokens, pc.local_snapshot_bytes, pc.redis_queue_bytes
+    )
     redis = None
     if pc.redis_url:
         mac_key = os.environ.get(MAC_KEY_ENV)
         if not mac_key:
-            raise ValueError(f"prefix_cache.redis_url is set but {MAC_KEY_ENV} is not: values in "
-                             "Redis are authenticated with a secret every attention replica "
-                             "shares; set it in their environment (the Helm chart does, from a "
-                             "Secret; exaone-cluster serve generates one)")  # fmt: skip
+            raise ValueError(
+                f"prefix_cache.redis_url is set but {MAC_KEY_ENV} is not: values in "
+                "Redis are authenticated with a secret every attention replica "
+                "shares; set it in their environment (the Helm chart does, from a "
+                "Secret; exaone-cluster serve generates one)"
+            )
         redis = RedisTier(
-            pc.redis_url, f"exaone:{fp}", mac_key=mac_key, ttl_s=pc.ttl_s,
+            pc.redis_url,
+            f"exaone:{fp}",
+            mac_key=mac_key,
+            ttl_s=pc.ttl_s,
             password=pc.redis_password or os.environ.get(REDIS_PASSWORD_ENV),
-            ssl_ca_certs=pc.redis_tls_ca_file, timeout_s=pc.redis_timeout_s,
-        )  # fmt: skip
+            ssl_ca_certs=pc.redis_tls_ca_file,
+            timeout_s=pc.redis_timeout_s,
+        )
     pinned = []
     if pc.pinned_system_prompts:
         tokenizer = Tokenizer(config.model_path)
@@ -488,8 +536,10 @@ def _prefix_cache(config: ClusterConfig):
             chat = [{"role": "system", "content": text}, {"role": "user", "content": ""}]
             ids = system_prefix_ids(tokenizer, chat)
             if ids is None:
-                raise ValueError("prefix_cache.pinned_system_prompts: the chat template cannot "
-                                 "render a system message alone")  # fmt: skip
+                raise ValueError(
+                    "prefix_cache.pinned_system_prompts: the chat template cannot "
+                    "render a system message alone"
+                )
             pinned.append(ids)
     return prefix, redis, pinned
 
@@ -520,16 +570,24 @@ class RouterDeployment:
         self.shard = shard
         self.metrics = RouterMetrics()
         self.hops = HopStats(self.metrics.hop_observed)
-        self.client = DirectShardClient(shard, StepSubscriber(self.hops),
-                                        retry_budget_s=r.retry_budget_s)  # fmt: skip
+        self.client = DirectShardClient(
+            shard, StepSubscriber(self.hops), retry_budget_s=r.retry_budget_s
+        )
         self.prompts = PromptWorkers(config.model_path, tokenizer, limits)
-        self.service = GenerationService(tokenizer, self.client, limits, info, self.prompts,
-                                         self.hops)  # fmt: skip
-        self.server = await start_ingress(r.grpc_host, r.grpc_port, self.service, self.healthy,
-                                          self.metrics, r.max_request_bytes,
-                                          r.max_ongoing_requests, r.request_timeout_s,
-                                          tls=(r.tls_cert_file, r.tls_key_file)
-                                          if r.tls_cert_file else None)  # fmt: skip
+        self.service = GenerationService(
+            tokenizer, self.client, limits, info, self.prompts, self.hops
+        )
+        self.server = await start_ingress(
+            r.grpc_host,
+            r.grpc_port,
+            self.service,
+            self.healthy,
+            self.metrics,
+            r.max_request_bytes,
+            r.max_ongoing_requests,
+            r.request_timeout_s,
+            tls=(r.tls_cert_file, r.tls_key_file) if r.tls_cert_file else None,
+        )
         _serve_log.info("Router serving gRPC at %s:%d", r.grpc_host, r.grpc_port)
 
     def hop_stats(self, clear: bool = False) -> dict[str, dict[str, float]]:
@@ -574,9 +632,10 @@ def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:
     balancer = None
     if config.experts.num_groups and config.experts.balancer.enabled:
         balancer = ExpertBalancerDeployment.options(
-            num_replicas=1, ray_actor_options={"num_cpus": 0},
+            num_replicas=1,
+            ray_actor_options={"num_cpus": 0},
             graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
-        ).bind(config)  # fmt: skip
+        ).bind(config)
     groups = expert_groups(config, balancer)
     shard = AttentionShardDeployment.options(
         **_replicas(a.num_replicas, a.autoscaling),

@@ -60,14 +60,18 @@ class _Autoscaling(_Strict):
     def serve_config(self, initial_replicas: int, policy: str, **kwargs) -> dict:
         """Serve's ``autoscaling_config`` with our custom policy (cluster.ops.autoscaling)."""
         return {
-            "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
             "initial_replicas": min(max(initial_replicas, self.min_replicas), self.max_replicas),
-            "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
             "metrics_interval_s": self.metrics_interval_s,
             "look_back_period_s": self.look_back_period_s,
-            "policy": {"policy_function": f"cluster.ops.autoscaling:{policy}",
-                       "policy_kwargs": kwargs},
-        }  # fmt: skip
+            "policy": {
+                "policy_function": f"cluster.ops.autoscaling:{policy}",
+                "policy_kwargs": kwargs,
+            },
+        }
 
 
 class ExpertAutoscaling(_Autoscaling):
@@ -75,14 +79,20 @@ class ExpertAutoscaling(_Autoscaling):
         2000.0, gt=0, description="Slots per second per MoE layer one expert replica should serve."
     )
     target_busy: float = Field(
-        0.7, gt=0, le=1, description="Fraction of time an expert replica should spend computing "
-        "(on CPU: its computing thread's CPU time over wall time)."
+        0.7,
+        gt=0,
+        le=1,
+        description="Fraction of time an expert replica should spend computing "
+        "(on CPU: its computing thread's CPU time over wall time).",
     )
 
     def serve_config(self, initial_replicas: int) -> dict:
-        return super().serve_config(initial_replicas, "ExpertGroupPolicy",
-                                    target_tokens_per_s=self.target_tokens_per_s,
-                                    target_busy=self.target_busy)  # fmt: skip
+        return super().serve_config(
+            initial_replicas,
+            "ExpertGroupPolicy",
+            target_tokens_per_s=self.target_tokens_per_s,
+            target_busy=self.target_busy,
+        )
 
 
 class AttentionAutoscaling(_Autoscaling):
@@ -91,10 +101,13 @@ class AttentionAutoscaling(_Autoscaling):
     target_kv_usage: float = Field(0.8, gt=0, le=1, description="KV-cache use per replica.")
 
     def serve_config(self, initial_replicas: int) -> dict:
-        return super().serve_config(initial_replicas, "AttentionPolicy",
-                                    target_running_seqs=self.target_running_seqs,
-                                    target_waiting=self.target_waiting,
-                                    target_kv_usage=self.target_kv_usage)  # fmt: skip
+        return super().serve_config(
+            initial_replicas,
+            "AttentionPolicy",
+            target_running_seqs=self.target_running_seqs,
+            target_waiting=self.target_waiting,
+            target_kv_usage=self.target_kv_usage,
+        )
 
 
 REQUEST_PLANE_ACTIVE_PARAMS = 16_000_000
@@ -183,10 +196,14 @@ class BalancerOptions(_Strict):
     def rebalance_config(self):
         from cluster.ops.rebalancer import RebalanceConfig
 
-        return RebalanceConfig(threshold=self.threshold, min_gain=self.min_gain,
-                               redundant_slots=self.redundant_slots,
-                               min_interval_s=self.min_interval_s, stale_s=self.stale_s,
-                               min_tokens=self.min_tokens)  # fmt: skip
+        return RebalanceConfig(
+            threshold=self.threshold,
+            min_gain=self.min_gain,
+            redundant_slots=self.redundant_slots,
+            min_interval_s=self.min_interval_s,
+            stale_s=self.stale_s,
+            min_tokens=self.min_tokens,
+        )
 
 
 class ExpertOptions(_Strict):
@@ -240,8 +257,10 @@ class RouterOptions(_Strict):
         "that a Service must reach).",
     )
     grpc_port: int = Field(
-        9000, ge=1, le=65535, description="The client-facing gRPC port (Router replicas on one "
-        "node share it)."
+        9000,
+        ge=1,
+        le=65535,
+        description="The client-facing gRPC port (Router replicas on one node share it).",
     )
     max_request_bytes: int = Field(4 << 20, ge=1024, description="Largest request accepted.")
     resources: dict[str, float] = Field(
@@ -250,8 +269,10 @@ class RouterOptions(_Strict):
         "port must be (the Helm chart puts the Routers on the head pod this way).",
     )
     retry_budget_s: float = Field(
-        30.0, ge=0, description="How long a request whose attention replica was lost before its "
-        "first token is retried (on another replica, or the one Serve starts in its place)."
+        30.0,
+        ge=0,
+        description="How long a request whose attention replica was lost before its "
+        "first token is retried (on another replica, or the one Serve starts in its place).",
     )
     max_output_tokens: int | None = Field(
         None, ge=1, description="Largest max_tokens accepted; default: the context limit."
@@ -304,7 +325,9 @@ class PrefixCacheOptions(_Strict):
         256 << 20, ge=0, description="Window snapshots kept per replica (LRU)."
     )
     redis_queue_bytes: int = Field(
-        256 << 20, ge=0, description="Host copies waiting for the Redis write thread; past it a "
+        256 << 20,
+        ge=0,
+        description="Host copies waiting for the Redis write thread; past it a "
         "write is dropped (counted).",
     )
     local_redis_maxmemory: str = Field(
@@ -366,8 +389,10 @@ class ClusterConfig(_Strict):
         elif self.experts.expert_map is not None:
             raise ValueError("experts.expert_map is set but experts.num_groups is 0")
         elif self.experts.balancer.enabled or self.experts.autoscaling.enabled:
-            raise ValueError("experts.balancer and experts.autoscaling need expert groups "
-                             "(experts.num_groups > 0)")  # fmt: skip
+            raise ValueError(
+                "experts.balancer and experts.autoscaling need expert groups "
+                "(experts.num_groups > 0)"
+            )
         mtp = json.loads(config.read_text()).get("num_nextn_predict_layers", 0)
         if self.engine.num_speculative_tokens and not mtp:
             raise ValueError(

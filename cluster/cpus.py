@@ -11,8 +11,9 @@ from pathlib import Path
 CGROUP = Path("/sys/fs/cgroup")
 
 
-def quota_cpus(cpu_max: str | None = None, cfs_quota_us: str | None = None,
-               cfs_period_us: str | None = None) -> float | None:  # fmt: skip
+def quota_cpus(
+    cpu_max: str | None = None, cfs_quota_us: str | None = None, cfs_period_us: str | None = None
+) -> float | None:
     """CPUs a cgroup quota allows, from cgroup v2's ``cpu.max`` ("max 100000" or
     "200000 100000") or v1's ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``; None if unlimited
     or unknown."""
@@ -42,9 +43,14 @@ def usable_cpus(allowed: int, quota: float | None) -> int:
 def node_cpus() -> int:
     """``usable_cpus`` of this process, read from the system."""
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return usable_cpus(allowed or os.cpu_count() or 1, quota_cpus(
-        _read(CGROUP / "cpu.max"), _read(CGROUP / "cpu" / "cpu.cfs_quota_us"),
-        _read(CGROUP / "cpu" / "cpu.cfs_period_us")))  # fmt: skip
+    return usable_cpus(
+        allowed or os.cpu_count() or 1,
+        quota_cpus(
+            _read(CGROUP / "cpu.max"),
+            _read(CGROUP / "cpu" / "cpu.cfs_quota_us"),
+            _read(CGROUP / "cpu" / "cpu.cfs_period_us"),
+        ),
+    )
 
 
 def _read(path: Path) -> str | None:

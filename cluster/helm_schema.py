@@ -15,8 +15,11 @@ from typing import Any
 
 
 def _obj(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": "object", "additionalProperties": False,
-                           "properties": properties}  # fmt: skip
+    out: dict[str, Any] = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": properties,
+    }
     if required:
         out["required"] = list(required)
     return out
@@ -27,29 +30,49 @@ BOOL = {"type": "boolean"}
 COUNT = {"type": "integer", "minimum": 0}
 PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 QUANTITY = {"type": ["string", "number"]}
-RESOURCES = _obj({
-    "requests": {"type": "object", "additionalProperties": QUANTITY},
-    "limits": {"type": "object", "additionalProperties": QUANTITY},
-}, ("requests", "limits"))  # fmt: skip
+RESOURCES = _obj(
+    {
+        "requests": {"type": "object", "additionalProperties": QUANTITY},
+        "limits": {"type": "object", "additionalProperties": QUANTITY},
+    },
+    ("requests", "limits"),
+)
 SERVICE = _obj({"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "port": PORT})
-PLACEMENT = {"nodeSelector": {"type": "object", "additionalProperties": STRING},
-             "tolerations": {"type": "array", "items": {"type": "object"}}}  # fmt: skip
+PLACEMENT = {
+    "nodeSelector": {"type": "object", "additionalProperties": STRING},
+    "tolerations": {"type": "array", "items": {"type": "object"}},
+}
 LABELS = {"type": "object", "additionalProperties": STRING}
 # A NetworkPolicy peer (the rendered policy is checked by the API server; this catches typos).
-PEER = {**_obj({"podSelector": {"type": "object"}, "namespaceSelector": {"type": "object"},
-                "ipBlock": _obj({"cidr": STRING, "except": {"type": "array", "items": STRING}},
-                                ("cidr",))}),
-        "minProperties": 1}  # fmt: skip
+PEER = {
+    **_obj(
+        {
+            "podSelector": {"type": "object"},
+            "namespaceSelector": {"type": "object"},
+            "ipBlock": _obj(
+                {"cidr": STRING, "except": {"type": "array", "items": STRING}}, ("cidr",)
+            ),
+        }
+    ),
+    "minProperties": 1,
+}
 # Pods by namespace and labels (empty: any).
 PODS = _obj({"namespace": STRING, "podLabels": LABELS})
 
 
 def _workers() -> dict[str, Any]:
-    return _obj({
-        "replicas": COUNT, "minReplicas": COUNT, "maxReplicas": {"type": "integer", "minimum": 1},
-        "gpus": COUNT, "slots": {"type": "integer", "minimum": 1}, "resources": RESOURCES,
-        **PLACEMENT,
-    }, ("replicas", "minReplicas", "maxReplicas", "gpus", "slots", "resources"))  # fmt: skip
+    return _obj(
+        {
+            "replicas": COUNT,
+            "minReplicas": COUNT,
+            "maxReplicas": {"type": "integer", "minimum": 1},
+            "gpus": COUNT,
+            "slots": {"type": "integer", "minimum": 1},
+            "resources": RESOURCES,
+            **PLACEMENT,
+        },
+        ("replicas", "minReplicas", "maxReplicas", "gpus", "slots", "resources"),
+    )
 
 
 def cluster_config_schema() -> dict[str, Any]:
@@ -67,48 +90,90 @@ def cluster_config_schema() -> dict[str, Any]:
 def values_schema() -> dict[str, Any]:
     config = cluster_config_schema()
     defs = config.pop("$defs", {})
-    schema = _obj({
-        "image": _obj({"repository": STRING, "tag": STRING,
-                       "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]}},
-                      ("repository", "tag")),
-        "imagePullSecrets": {"type": "array", "items": _obj({"name": STRING}, ("name",))},
-        "rayVersion": STRING,
-        "rayAuth": _obj({"enabled": BOOL, "existingSecret": STRING}),
-        "prefixCache": _obj({"macKey": _obj({"existingSecret": STRING, "key": STRING})}),
-        "model": _obj({
-            "mountPath": STRING,
-            "pvc": _obj({"existingClaim": STRING, "create": BOOL, "size": STRING,
-                         "storageClassName": STRING,
-                         "accessModes": {"type": "array", "items": STRING}}),
-            "hostPath": STRING,
-            "fetch": _obj({"enabled": BOOL, "image": STRING,
-                           "command": {"type": "array", "items": STRING},
-                           "env": {"type": "array", "items": {"type": "object"}}}),
-        }, ("mountPath",)),
-        "config": config,
-        "grpc": _obj({"port": PORT, "service": SERVICE,
-                      "tls": _obj({"secretName": STRING})}),
-        "dashboard": _obj({"service": SERVICE}),
-        "head": _obj({"resources": RESOURCES, **PLACEMENT}),
-        "attentionWorkers": _workers(),
-        "expertWorkers": _workers(),
-        "redis": _obj({
-            "enabled": BOOL, "externalUrl": STRING,
-            "image": _obj({"repository": STRING, "tag": STRING}),
-            "password": _obj({"existingSecret": STRING, "key": STRING, "value": STRING}),
-            "maxmemory": STRING,
-            "maxmemoryPolicy": {"enum": ["volatile-lru", "allkeys-lru", "volatile-lfu",
-                                         "allkeys-lfu", "volatile-ttl", "noeviction"]},
-            "resources": RESOURCES,
-        }),
-        "gcsFaultTolerance": _obj({"enabled": BOOL, "redisAddress": STRING,
-                                   "passwordSecret": _obj({"name": STRING, "key": STRING})}),
-        "serviceMonitor": _obj({"enabled": BOOL, "interval": STRING, "labels": LABELS}),
-        "podDisruptionBudget": _obj({"enabled": BOOL, "maxUnavailable": COUNT}),
-        "networkPolicy": _obj({"enabled": BOOL, "grpcFrom": {"type": "array", "items": PEER},
-                               "kuberayOperator": PODS, "prometheus": PODS}),
-        "podSecurityContext": {"type": "object"},
-    })  # fmt: skip
+    schema = _obj(
+        {
+            "image": _obj(
+                {
+                    "repository": STRING,
+                    "tag": STRING,
+                    "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+                },
+                ("repository", "tag"),
+            ),
+            "imagePullSecrets": {"type": "array", "items": _obj({"name": STRING}, ("name",))},
+            "rayVersion": STRING,
+            "rayAuth": _obj({"enabled": BOOL, "existingSecret": STRING}),
+            "prefixCache": _obj({"macKey": _obj({"existingSecret": STRING, "key": STRING})}),
+            "model": _obj(
+                {
+                    "mountPath": STRING,
+                    "pvc": _obj(
+                        {
+                            "existingClaim": STRING,
+                            "create": BOOL,
+                            "size": STRING,
+                            "storageClassName": STRING,
+                            "accessModes": {"type": "array", "items": STRING},
+                        }
+                    ),
+                    "hostPath": STRING,
+                    "fetch": _obj(
+                        {
+                            "enabled": BOOL,
+                            "image": STRING,
+                            "command": {"type": "array", "items": STRING},
+                            "env": {"type": "array", "items": {"type": "object"}},
+                        }
+                    ),
+                },
+                ("mountPath",),
+            ),
+            "config": config,
+            "grpc": _obj({"port": PORT, "service": SERVICE, "tls": _obj({"secretName": STRING})}),
+            "dashboard": _obj({"service": SERVICE}),
+            "head": _obj({"resources": RESOURCES, **PLACEMENT}),
+            "attentionWorkers": _workers(),
+            "expertWorkers": _workers(),
+            "redis": _obj(
+                {
+                    "enabled": BOOL,
+                    "externalUrl": STRING,
+                    "image": _obj({"repository": STRING, "tag": STRING}),
+                    "password": _obj({"existingSecret": STRING, "key": STRING, "value": STRING}),
+                    "maxmemory": STRING,
+                    "maxmemoryPolicy": {
+                        "enum": [
+                            "volatile-lru",
+                            "allkeys-lru",
+                            "volatile-lfu",
+                            "allkeys-lfu",
+                            "volatile-ttl",
+                            "noeviction",
+                        ]
+                    },
+                    "resources": RESOURCES,
+                }
+            ),
+            "gcsFaultTolerance": _obj(
+                {
+                    "enabled": BOOL,
+                    "redisAddress": STRING,
+                    "passwordSecret": _obj({"name": STRING, "key": STRING}),
+                }
+            ),
+            "serviceMonitor": _obj({"enabled": BOOL, "interval": STRING, "labels": LABELS}),
+            "podDisruptionBudget": _obj({"enabled": BOOL, "maxUnavailable": COUNT}),
+            "networkPolicy": _obj(
+                {
+                    "enabled": BOOL,
+                    "grpcFrom": {"type": "array", "items": PEER},
+                    "kuberayOperator": PODS,
+                    "prometheus": PODS,
+                }
+            ),
+            "podSecurityContext": {"type": "object"},
+        }
+    )
     schema["$schema"] = "http://json-schema.org/draft-07/schema#"
     schema["$defs"] = defs
     return schema

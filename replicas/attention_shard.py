@@ -102,8 +102,9 @@ class AttentionShard:
         finally:
             await stream.aclose()
 
-    def submit(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-               sink: OutputSink) -> None:  # fmt: skip
+    def submit(
+        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, sink: OutputSink
+    ) -> None:
         """Like ``generate``, with the outputs going to ``sink`` (a step at a time);
         ``abort(request_id)`` ends the request early."""
         self._admit()

@@ -70,8 +70,12 @@ class SamplingParams:
             or self.repetition_penalty != 1.0
         )
 
-    def validate(self, vocab_size: int, max_new_tokens: int | None = None,
-                 num_prompt_tokens: int | None = None) -> None:  # fmt: skip
+    def validate(
+        self,
+        vocab_size: int,
+        max_new_tokens: int | None = None,
+        num_prompt_tokens: int | None = None,
+    ) -> None:
         """Raise ValueError naming the first bad field and its allowed range."""
 
         def bad(name: str, rule: str) -> ValueError:
@@ -97,13 +101,16 @@ class SamplingParams:
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"stop has {len(self.stop)} entries: at most {MAX_STOP_STRINGS}")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise ValueError(f"stop_token_ids has {len(self.stop_token_ids)} entries: at most "
-                             f"{MAX_STOP_TOKEN_IDS}")  # fmt: skip
+            raise ValueError(
+                f"stop_token_ids has {len(self.stop_token_ids)} entries: at most "
+                f"{MAX_STOP_TOKEN_IDS}"
+            )
         for s in self.stop:
             if not s or len(s) > MAX_STOP_STRING_CHARS:
                 shown = f"{s[:32]!r}{'...' if len(s) > 32 else ''}"
-                raise ValueError(f"stop string {shown} ({len(s)} characters): must be "
-                                 f"1..{MAX_STOP_STRING_CHARS}")  # fmt: skip
+                raise ValueError(
+                    f"stop string {shown} ({len(s)} characters): must be 1..{MAX_STOP_STRING_CHARS}"
+                )
         for t in self.stop_token_ids:
             if not 0 <= t < vocab_size:
                 raise ValueError(f"stop_token_ids entry {t}: must be in [0, {vocab_size})")
@@ -115,7 +122,11 @@ class SamplingParams:
         if n is not None and num_prompt_tokens is not None:
             entries = (num_prompt_tokens - 1) * (n + 1)
             if entries > MAX_PROMPT_LOGPROB_ENTRIES:
-                raise bad("prompt_logprobs", (
-                    f"{num_prompt_tokens - 1} prompt positions x {n + 1} entries = {entries}, "
-                    f"over the budget of {MAX_PROMPT_LOGPROB_ENTRIES}: ask for fewer top "
-                    "log-probabilities or send a shorter prompt"))  # fmt: skip
+                raise bad(
+                    "prompt_logprobs",
+                    (
+                        f"{num_prompt_tokens - 1} prompt positions x {n + 1} entries = {entries}, "
+                        f"over the budget of {MAX_PROMPT_LOGPROB_ENTRIES}: ask for fewer top "
+                        "log-probabilities or send a shorter prompt"
+                    ),
+                )

@@ -23,8 +23,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.exaone.v1 import generation_pb2 as pb
 from protos.exaone.v1 import generation_pb2_grpc as pb_grpc
 
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty", "seed")  # fmt: skip
+SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "seed",
+)
 
 
 def chat_message(m: dict[str, Any]) -> pb.ChatMessage:
@@ -36,21 +44,29 @@ def chat_message(m: dict[str, Any]) -> pb.ChatMessage:
         text = args if isinstance(args, str) else json.dumps(args)
         calls.append(pb.ToolCall(id=c.get("id", ""), name=fn.get("name", ""), arguments_json=text))
     return pb.ChatMessage(
-        role=m.get("role", ""), content=m.get("content") or "",
-        reasoning_content=m.get("reasoning_content") or "", tool_calls=calls,
+        role=m.get("role", ""),
+        content=m.get("content") or "",
+        reasoning_content=m.get("reasoning_content") or "",
+        tool_calls=calls,
         tool_call_id=m.get("tool_call_id", ""),
-    )  # fmt: skip
+    )
 
 
 def tool(t: dict[str, Any]) -> pb.Tool:
     """OpenAI-shaped tool ({"type": "function", "function": {...}} or the function) -> Tool."""
     fn = t.get("function", t)
-    return pb.Tool(name=fn.get("name", ""), description=fn.get("description", ""),
-                   parameters_json=json.dumps(fn.get("parameters", {})))  # fmt: skip
+    return pb.Tool(
+        name=fn.get("name", ""),
+        description=fn.get("description", ""),
+        parameters_json=json.dumps(fn.get("parameters", {})),
+    )
 
 
-def chat(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = (),
-         enable_thinking: bool | None = None) -> pb.Chat:  # fmt: skip
+def chat(
+    messages: Sequence[dict[str, Any]],
+    tools: Sequence[dict[str, Any]] = (),
+    enable_thinking: bool | None = None,
+) -> pb.Chat:
     c = pb.Chat(messages=[chat_message(m) for m in messages], tools=[tool(t) for t in tools])
     if enable_thinking is not None:
         c.enable_thinking = enable_thinking
@@ -83,8 +99,11 @@ def build_request(
         raise TypeError(f"unknown argument(s): {', '.join(sorted(unknown))}")
     if sum(x is not None for x in (prompt, token_ids, messages)) != 1:
         raise ValueError("give exactly one of prompt, token_ids or messages")
-    req = pb.GenerateRequest(request_id=request_id, include_special_tokens=include_special_tokens,
-                             parse_special_tokens=parse_special_tokens)  # fmt: skip
+    req = pb.GenerateRequest(
+        request_id=request_id,
+        include_special_tokens=include_special_tokens,
+        parse_special_tokens=parse_special_tokens,
+    )
     if prompt is not None:
         req.text = prompt
     elif token_ids is not None:
@@ -139,8 +158,9 @@ class Completion:
             self.logprobs += [_as_dict(e) for e in d.logprobs]
         else:
             f = response.final
-            self.finish_reason = pb.FinishReason.Name(f.finish_reason).removeprefix(
-                "FINISH_REASON_").lower()  # fmt: skip
+            self.finish_reason = (
+                pb.FinishReason.Name(f.finish_reason).removeprefix("FINISH_REASON_").lower()
+            )
             self.stop_string = f.stop_string
             self.usage = _as_dict(f.usage)
             self.timings = _as_dict(f.timings)
@@ -151,8 +171,9 @@ class Completion:
 
 
 def _as_dict(message) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True,
-                         always_print_fields_with_no_presence=True)  # fmt: skip
+    return MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 RECEIVE_LIMIT_BYTES = 64 << 20
@@ -182,13 +203,15 @@ class GenerationClient:
             self.channel = grpc.secure_channel(address, credentials, options=options)
         self.stub = pb_grpc.GenerationStub(self.channel)
 
-    def stream(self, prompt: str | None = None, *, timeout_s: float | None = None,
-               **kwargs: Any) -> Iterator[pb.GenerateResponse]:  # fmt: skip
+    def stream(
+        self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs: Any
+    ) -> Iterator[pb.GenerateResponse]:
         """Raw GenerateResponse messages (deltas, then the final). Keyword arguments as
         ``build_request``; closing the iterator cancels the call."""
         request = build_request(prompt, **kwargs)
-        call = self.stub.Generate(request, timeout=timeout_s or self.timeout_s,
-                                  metadata=self.metadata)  # fmt: skip
+        call = self.stub.Generate(
+            request, timeout=timeout_s or self.timeout_s, metadata=self.metadata
+        )
         try:
             yield from call
         finally:
@@ -200,9 +223,15 @@ class GenerationClient:
             result.add(response)
         return result
 
-    def tokenize(self, text: str | None = None, *, messages=None, tools=(),
-                 enable_thinking: bool | None = None,
-                 parse_special_tokens: bool = False) -> pb.TokenizeResponse:  # fmt: skip
+    def tokenize(
+        self,
+        text: str | None = None,
+        *,
+        messages=None,
+        tools=(),
+        enable_thinking: bool | None = None,
+        parse_special_tokens: bool = False,
+    ) -> pb.TokenizeResponse:
         req = pb.TokenizeRequest(parse_special_tokens=parse_special_tokens)
         if messages is not None:
             req.chat.CopyFrom(chat(messages, tools, enable_thinking))
@@ -211,13 +240,15 @@ class GenerationClient:
         return self.stub.Tokenize(req, timeout=self.timeout_s, metadata=self.metadata)
 
     def detokenize(self, token_ids: Sequence[int], include_special_tokens: bool = False) -> str:
-        req = pb.DetokenizeRequest(token_ids=token_ids,
-                                   include_special_tokens=include_special_tokens)  # fmt: skip
+        req = pb.DetokenizeRequest(
+            token_ids=token_ids, include_special_tokens=include_special_tokens
+        )
         return self.stub.Detokenize(req, timeout=self.timeout_s, metadata=self.metadata).text
 
     def model_info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s,
-                                      metadata=self.metadata)  # fmt: skip
+        return self.stub.GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self.metadata
+        )
 
     def health(self, service: str = "") -> str:
         stub = health_pb2_grpc.HealthStub(self.channel)

@@ -29,8 +29,12 @@ OBSERVE_EVERY = 8  # samples per hop of which the observer sees one
 
 
 class HopStats:
-    def __init__(self, observer: Callable[[str, float], None] | None = None, keep: int = KEEP,
-                 observe_every: int = OBSERVE_EVERY):  # fmt: skip
+    def __init__(
+        self,
+        observer: Callable[[str, float], None] | None = None,
+        keep: int = KEEP,
+        observe_every: int = OBSERVE_EVERY,
+    ):
         if observe_every < 1:
             raise ValueError("observe_every must be >= 1")
         self.observer, self.observe_every = observer, observe_every

@@ -49,8 +49,14 @@ class PromptWorkers:
     ``tokenized(request)``: a TokenizeRequest's (text, ids) (router.requests.tokenized); each
     prepared inline or in the worker process by size. Must be used on one event loop."""
 
-    def __init__(self, model_path: str | Path, tokenizer: Tokenizer, limits: RequestLimits,
-                 inline_bytes: int = INLINE_BYTES, max_pending: int = MAX_PENDING):  # fmt: skip
+    def __init__(
+        self,
+        model_path: str | Path,
+        tokenizer: Tokenizer,
+        limits: RequestLimits,
+        inline_bytes: int = INLINE_BYTES,
+        max_pending: int = MAX_PENDING,
+    ):
         self.model_path, self.tokenizer, self.limits = str(model_path), tokenizer, limits
         self.inline_bytes, self.max_pending = inline_bytes, max_pending
         self.num_pending = 0
@@ -95,9 +101,11 @@ class PromptWorkers:
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
             self._executor = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker, initargs=(self.model_path, self.limits),
-            )  # fmt: skip
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.model_path, self.limits),
+            )
         return self._executor
 
     def close(self) -> None:

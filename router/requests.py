@@ -95,8 +95,9 @@ def check_counts(request: pb.GenerateRequest | pb.TokenizeRequest, limits: Reque
             if n >= limits.max_model_len:
                 raise invalid(_too_long(n, limits))
         _at_most("stopping.stop", len(request.stopping.stop), MAX_STOP_STRINGS)
-        _at_most("stopping.stop_token_ids", len(request.stopping.stop_token_ids),
-                 MAX_STOP_TOKEN_IDS)  # fmt: skip
+        _at_most(
+            "stopping.stop_token_ids", len(request.stopping.stop_token_ids), MAX_STOP_TOKEN_IDS
+        )
 
 
 def _at_most(field: str, n: int, limit: int) -> None:
@@ -112,8 +113,10 @@ def _check_chat_counts(chat: pb.Chat, limits: RequestLimits, where: str) -> None
 
 
 def _too_long(n: int, limits: RequestLimits) -> str:
-    return (f"prompt has {n} tokens; the context limit is {limits.max_model_len} (prompt + at "
-            "least 1 output token): shorten the prompt")  # fmt: skip
+    return (
+        f"prompt has {n} tokens; the context limit is {limits.max_model_len} (prompt + at "
+        "least 1 output token): shorten the prompt"
+    )
 
 
 def chat_to_dicts(chat: pb.Chat, limits: RequestLimits, where: str = "chat"):
@@ -134,8 +137,9 @@ def chat_to_dicts(chat: pb.Chat, limits: RequestLimits, where: str = "chat"):
         for j, c in enumerate(m.tool_calls):
             field = f"{where}.messages[{i}].tool_calls[{j}].arguments_json"
             args = _json_object(c.arguments_json or "{}", field)
-            calls.append({"id": c.id, "type": "function",
-                          "function": {"name": c.name, "arguments": args}})  # fmt: skip
+            calls.append(
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": args}}
+            )
         if calls:
             d["tool_calls"] = calls
         messages.append(d)
@@ -143,8 +147,11 @@ def chat_to_dicts(chat: pb.Chat, limits: RequestLimits, where: str = "chat"):
     for k, t in enumerate(chat.tools):
         if not t.name:
             raise invalid(f"{where}.tools[{k}].name is empty: give the function a name")
-        params = _json_object(t.parameters_json, f"{where}.tools[{k}].parameters_json") if (
-            t.parameters_json) else {"type": "object", "properties": {}}  # fmt: skip
+        params = (
+            _json_object(t.parameters_json, f"{where}.tools[{k}].parameters_json")
+            if (t.parameters_json)
+            else {"type": "object", "properties": {}}
+        )
         fn: dict[str, Any] = {"name": t.name}
         if t.description:
             fn["description"] = t.description
@@ -179,8 +186,9 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def encode_chat(tokenizer: Tokenizer, chat: pb.Chat, limits: RequestLimits,
-                where: str = "chat") -> tuple[str, list[int]]:  # fmt: skip
+def encode_chat(
+    tokenizer: Tokenizer, chat: pb.Chat, limits: RequestLimits, where: str = "chat"
+) -> tuple[str, list[int]]:
     """-> (the rendered prompt, its ids: only the template's markers are special tokens)."""
     return _encode_chat(tokenizer, chat, limits, where)[:2]
 
@@ -206,8 +214,9 @@ def system_prefix_ids(tokenizer: Tokenizer, messages, tools=None, thinking: bool
     if n == 0 or n == len(messages):
         return None
     try:
-        return tokenizer.encode_chat(messages[:n], tools, add_generation_prompt=False,
-                                     enable_thinking=thinking)[1]  # fmt: skip
+        return tokenizer.encode_chat(
+            messages[:n], tools, add_generation_prompt=False, enable_thinking=thinking
+        )[1]
     except ChatError:
         return None
 
@@ -245,9 +254,14 @@ def prompt_of(request: pb.GenerateRequest, tokenizer: Tokenizer, limits: Request
             request.chat.enable_thinking if request.chat.HasField("enable_thinking") else True
         )
         boundary = prefix_boundary(ids, system)
-        prompt = Prompt(ids, text, chat=True, thinking=thinking,
-                        tools=len(request.chat.tools) > 0,
-                        prefix_boundaries=(boundary,) if boundary else ())  # fmt: skip
+        prompt = Prompt(
+            ids,
+            text,
+            chat=True,
+            thinking=thinking,
+            tools=len(request.chat.tools) > 0,
+            prefix_boundaries=(boundary,) if boundary else (),
+        )
     if not prompt.token_ids:
         raise invalid(f"{kind} gives no tokens: send a non-empty prompt")
     n = len(prompt.token_ids)
@@ -256,8 +270,9 @@ def prompt_of(request: pb.GenerateRequest, tokenizer: Tokenizer, limits: Request
     return prompt
 
 
-def tokenized(request: pb.TokenizeRequest, tokenizer: Tokenizer,
-              limits: RequestLimits) -> tuple[str, list[int]]:  # fmt: skip
+def tokenized(
+    request: pb.TokenizeRequest, tokenizer: Tokenizer, limits: RequestLimits
+) -> tuple[str, list[int]]:
     """What Tokenize answers: (the text tokenized, for chat the rendered prompt; its ids)."""
     kind = request.WhichOneof("input")
     if kind is None:
@@ -302,8 +317,11 @@ def sampling_params_of(
             "(the server's max_output_tokens)"
         )
     try:
-        params.validate(limits.vocab_size, max_new_tokens=limits.max_model_len - num_prompt_tokens,
-                        num_prompt_tokens=num_prompt_tokens)  # fmt: skip
+        params.validate(
+            limits.vocab_size,
+            max_new_tokens=limits.max_model_len - num_prompt_tokens,
+            num_prompt_tokens=num_prompt_tokens,
+        )
     except ValueError as e:
         raise invalid(_with_path(str(e))) from e
     return params

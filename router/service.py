@@ -228,5 +228,6 @@ async def _translate_errors(deltas: AsyncIterator[TextDelta]) -> AsyncIterator[T
     except RequestError:
         raise
     except Exception as e:  # the server's fault, not the caller's: never INVALID_ARGUMENT
-        raise RequestError(grpc.StatusCode.INTERNAL,
-                           f"internal error ({type(e).__name__}: {e})") from e
+        raise RequestError(
+            grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}: {e})"
+        ) from e

@@ -71,9 +71,13 @@ class Tokenizer:
         specials = [t for t in self._added_tokens() if t.special]
         self.special_ids = {t.id for t in specials}
         self._special_id = {t.content: t.id for t in specials}
-        self._special_re = re.compile("|".join(
-            re.escape(t) for t in sorted(self._special_id, key=len, reverse=True)
-        )) if specials else None  # fmt: skip
+        self._special_re = (
+            re.compile(
+                "|".join(re.escape(t) for t in sorted(self._special_id, key=len, reverse=True))
+            )
+            if specials
+            else None
+        )
         self.eos_token = self.config.get("eos_token")
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
 

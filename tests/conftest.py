@@ -30,15 +30,26 @@ def make_ckpt(tmp_path_factory):
     Identical requests share one directory."""
     cache: dict[str, Path] = {}
 
-    def make(preset: str = "tiny", dtype: str = "float32", seed: int = 0, shard_mb: float = 2048,
-             hot_experts: tuple[int, ...] = (), **overrides) -> Path:  # fmt: skip
+    def make(
+        preset: str = "tiny",
+        dtype: str = "float32",
+        seed: int = 0,
+        shard_mb: float = 2048,
+        hot_experts: tuple[int, ...] = (),
+        **overrides,
+    ) -> Path:
         key = json.dumps([preset, dtype, seed, shard_mb, hot_experts, overrides], sort_keys=True)
         if key not in cache:
             out = tmp_path_factory.mktemp(f"ckpt-{preset}")
             cache[key] = write_checkpoint(
-                out, preset=preset, overrides=overrides, seed=seed, dtype=dtype,
-                max_shard_bytes=int(shard_mb * (1 << 20)), hot_experts=hot_experts,
-            )  # fmt: skip
+                out,
+                preset=preset,
+                overrides=overrides,
+                seed=seed,
+                dtype=dtype,
+                max_shard_bytes=int(shard_mb * (1 << 20)),
+                hot_experts=hot_experts,
+            )
         return cache[key]
 
     return make

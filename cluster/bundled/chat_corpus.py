@@ -32,26 +32,58 @@ SYSTEM_PROMPTS = (
     "You are a careful assistant that checks its work.",
 )
 CAPITALS = {
-    "France": "Paris", "Japan": "Tokyo", "Korea": "Seoul", "Italy": "Rome", "Spain": "Madrid",
-    "Germany": "Berlin", "Canada": "Ottawa", "Egypt": "Cairo", "Kenya": "Nairobi",
-    "Peru": "Lima", "Norway": "Oslo", "Poland": "Warsaw", "Chile": "Santiago",
-    "Greece": "Athens", "Ireland": "Dublin", "Portugal": "Lisbon", "Austria": "Vienna",
-    "Thailand": "Bangkok", "Vietnam": "Hanoi", "Cuba": "Havana",
-}  # fmt: skip
+    "France": "Paris",
+    "Japan": "Tokyo",
+    "Korea": "Seoul",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Germany": "Berlin",
+    "Canada": "Ottawa",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Norway": "Oslo",
+    "Poland": "Warsaw",
+    "Chile": "Santiago",
+    "Greece": "Athens",
+    "Ireland": "Dublin",
+    "Portugal": "Lisbon",
+    "Austria": "Vienna",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "Cuba": "Havana",
+}
 WORDS = (
-    "apple", "river", "cluster", "expert", "window", "garden", "planet", "rocket",
-    "silver", "pencil", "orange", "castle", "bridge", "forest", "summer", "winter",
-)  # fmt: skip
+    "apple",
+    "river",
+    "cluster",
+    "expert",
+    "window",
+    "garden",
+    "planet",
+    "rocket",
+    "silver",
+    "pencil",
+    "orange",
+    "castle",
+    "bridge",
+    "forest",
+    "summer",
+    "winter",
+)
 SKIES = ("sunny", "cloudy", "rainy", "windy", "foggy", "snowy")
 WEATHER_TOOL = {
     "type": "function",
     "function": {
         "name": "get_weather",
         "description": "Current weather in a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                       "required": ["city"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
     },
-}  # fmt: skip
+}
 
 
 def _turns(question: str, reasoning: str, answer: str, rng: random.Random) -> list[dict]:
@@ -90,11 +122,17 @@ def _capital(rng: random.Random) -> Chat:
 
 def _conversion(rng: random.Random) -> Chat:
     n = rng.randint(2, 60)
-    units = (("hours", "minutes", 60), ("kilometers", "meters", 1000),
-             ("minutes", "seconds", 60), ("kilograms", "grams", 1000))  # fmt: skip
+    units = (
+        ("hours", "minutes", 60),
+        ("kilometers", "meters", 1000),
+        ("minutes", "seconds", 60),
+        ("kilograms", "grams", 1000),
+    )
     unit, small, factor = rng.choice(units)
-    reasoning = (f"One {unit[:-1]} is {factor} {small}, so {n} {unit} is {n} x {factor} = "
-                 f"{n * factor} {small}.")  # fmt: skip
+    reasoning = (
+        f"One {unit[:-1]} is {factor} {small}, so {n} {unit} is {n} x {factor} = "
+        f"{n * factor} {small}."
+    )
     answer = f"{n} {unit} is {n * factor} {small}."
     return _turns(f"How many {small} are in {n} {unit}?", reasoning, answer, rng), None
 
@@ -132,22 +170,38 @@ def _sort(rng: random.Random) -> Chat:
 def _weather(rng: random.Random) -> Chat:
     city = rng.choice(sorted(CAPITALS.values()))
     temp, sky = rng.randint(-5, 35), rng.choice(SKIES)
-    call = {"type": "function", "function": {"name": "get_weather",
-                                             "arguments": json.dumps({"city": city})}}  # fmt: skip
+    call = {
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
+    }
     messages = [
         {"role": "user", "content": f"What is the weather in {city} right now?"},
-        {"role": "assistant", "content": "", "tool_calls": [call],
-         "reasoning_content": f"I need the current weather in {city}, so I call get_weather."},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [call],
+            "reasoning_content": f"I need the current weather in {city}, so I call get_weather.",
+        },
         {"role": "tool", "content": json.dumps({"city": city, "temp_c": temp, "sky": sky})},
-        {"role": "assistant", "content": f"It is {temp} degrees and {sky} in {city}.",
-         "reasoning_content": f"The tool says {temp} degrees and {sky}."},
-    ]  # fmt: skip
+        {
+            "role": "assistant",
+            "content": f"It is {temp} degrees and {sky} in {city}.",
+            "reasoning_content": f"The tool says {temp} degrees and {sky}.",
+        },
+    ]
     return messages, [WEATHER_TOOL]
 
 
 TASKS: tuple[Callable[[random.Random], Chat], ...] = (
-    _addition, _multiplication, _capital, _conversion, _reverse, _count, _sort, _weather,
-)  # fmt: skip
+    _addition,
+    _multiplication,
+    _capital,
+    _conversion,
+    _reverse,
+    _count,
+    _sort,
+    _weather,
+)
 
 
 def chats(n: int, seed: int = 0) -> Iterator[Chat]:
@@ -166,5 +220,6 @@ def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = 
     if _TEMPLATE is None:
         text = resources.files("cluster").joinpath("chat_template.jinja").read_text()
         _TEMPLATE = compile_template(text)
-    return _TEMPLATE.render(messages=messages, tools=tools, add_generation_prompt=False,
-                            enable_thinking=True)  # fmt: skip
+    return _TEMPLATE.render(
+        messages=messages, tools=tools, add_generation_prompt=False, enable_thinking=True
+    )

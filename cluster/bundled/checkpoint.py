@@ -128,12 +128,18 @@ def write_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids[0],
-                  "pad_token_id": cfg.pad_token_id, "do_sample": True, "temperature": 1.0,
-                  "top_p": 0.95}  # fmt: skip
+    generation = {
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_ids[0],
+        "pad_token_id": cfg.pad_token_id,
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_p": 0.95,
+    }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    write_tokenizer(out, cfg.vocab_size, cfg.max_position_embeddings, seed=seed,
-                    corpus=tokenizer_corpus)  # fmt: skip
+    write_tokenizer(
+        out, cfg.vocab_size, cfg.max_position_embeddings, seed=seed, corpus=tokenizer_corpus
+    )
     if weights is None:
         weights = preset not in WEIGHTLESS_PRESETS
     if weights:

@@ -38,8 +38,14 @@ def turns(n: int, seed: int = EVAL_SEED) -> list[dict[str, Any]]:
         for j, message in enumerate(messages):
             if message["role"] == "assistant":
                 family = TASKS[i % len(TASKS)].__name__.lstrip("_")
-                out.append({"family": family, "messages": messages[:j], "tools": tools,
-                            "reference": message})  # fmt: skip
+                out.append(
+                    {
+                        "family": family,
+                        "messages": messages[:j],
+                        "tools": tools,
+                        "reference": message,
+                    }
+                )
     return out
 
 
@@ -72,9 +78,15 @@ def evaluate(path: str | Path, num_chats: int = 64, k: int = 3, max_tokens: int 
     model = load_causal_lm(path, dtype=torch.float32)
     items = turns(num_chats)
     prompts = [tok.encode(tok.render_chat(t["messages"], tools=t["tools"])) for t in items]
-    engine = LLMEngine(model, EngineConfig(max_num_seqs=len(prompts), block_size=16,
-                                           kv_cache_bytes=256 << 20,
-                                           num_speculative_tokens=k))  # fmt: skip
+    engine = LLMEngine(
+        model,
+        EngineConfig(
+            max_num_seqs=len(prompts),
+            block_size=16,
+            kv_cache_bytes=256 << 20,
+            num_speculative_tokens=k,
+        ),
+    )
     outputs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
     families: dict[str, list[int]] = {}
     samples = []
@@ -86,18 +98,25 @@ def evaluate(path: str | Path, num_chats: int = 64, k: int = 3, max_tokens: int 
         tally[1] += 1
         if len(samples) < len(TASKS) and item["family"] not in {s["family"] for s in samples}:
             prompt = tok.render_chat(item["messages"], tools=item["tools"])
-            samples.append({"family": item["family"], "prompt": prompt, "output": text,
-                            "correct": right})  # fmt: skip
+            samples.append(
+                {"family": item["family"], "prompt": prompt, "output": text, "correct": right}
+            )
     drafted, accepted = engine.acceptance.drafted, engine.acceptance.accepted
     return {
-        "seed": EVAL_SEED, "chats": num_chats, "turns": len(items), "k": k,
+        "seed": EVAL_SEED,
+        "chats": num_chats,
+        "turns": len(items),
+        "k": k,
         "correct": sum(c for c, _ in families.values()),
         "families": {f: {"correct": c, "turns": n} for f, (c, n) in sorted(families.items())},
-        "acceptance_per_position": [round(a / d, 4) if d else 0.0
-                                    for a, d in zip(accepted, drafted, strict=True)][:k],
+        "acceptance_per_position": [
+            round(a / d, 4) if d else 0.0 for a, d in zip(accepted, drafted, strict=True)
+        ][:k],
         "accepted_per_step": round(sum(accepted) / max(drafted[0], 1), 3),
-        "drafted": sum(drafted), "accepted": sum(accepted), "samples": samples,
-    }  # fmt: skip
+        "drafted": sum(drafted),
+        "accepted": sum(accepted),
+        "samples": samples,
+    }
 
 
 def loss_svg(curve: list[dict], width: int = 640, height: int = 320) -> str:
@@ -113,8 +132,9 @@ def loss_svg(curve: list[dict], width: int = 640, height: int = 320) -> str:
         return height - pad - (height - 2 * pad) * (math.log(max(v, 1e-9)) - low) / span
 
     def points(key: str) -> str:
-        return " ".join(f"{pad + (width - 2 * pad) * c['step'] / steps:.1f},{y(c[key]):.1f}"
-                        for c in curve)  # fmt: skip
+        return " ".join(
+            f"{pad + (width - 2 * pad) * c['step'] / steps:.1f},{y(c[key]):.1f}" for c in curve
+        )
 
     ticks = "".join(
         f'<text x="{pad - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>'
@@ -150,20 +170,35 @@ def _architecture(config: dict) -> str:
     c = config
     layers = "".join("G" if t == "full_attention" else "L" for t in c["layer_types"])
     rows = [
-        ("parameters", f"{counts['total'] / 1e6:.1f}M ({counts['active'] / 1e6:.1f}M active "
-                       "per token, MTP included)"),
-        ("hidden size / layers", f"{c['hidden_size']} / {c['num_hidden_layers']} ({layers}; "
-                                 f"L = sliding window {c['sliding_window']}, G = global)"),
-        ("attention", f"{c['num_attention_heads']} query heads, {c['num_key_value_heads']} KV "
-                      f"heads, head dim {c['head_dim']}"),
-        ("experts", f"{c['num_experts']} routed (top-{c['num_experts_per_tok']}, "
-                    f"{c['moe_intermediate_size']} wide) + {c['num_shared_experts']} shared; "
-                    f"the first {c['first_k_dense_replace']} layer(s) dense"),
+        (
+            "parameters",
+            f"{counts['total'] / 1e6:.1f}M ({counts['active'] / 1e6:.1f}M active "
+            "per token, MTP included)",
+        ),
+        (
+            "hidden size / layers",
+            f"{c['hidden_size']} / {c['num_hidden_layers']} ({layers}; "
+            f"L = sliding window {c['sliding_window']}, G = global)",
+        ),
+        (
+            "attention",
+            f"{c['num_attention_heads']} query heads, {c['num_key_value_heads']} KV "
+            f"heads, head dim {c['head_dim']}",
+        ),
+        (
+            "experts",
+            f"{c['num_experts']} routed (top-{c['num_experts_per_tok']}, "
+            f"{c['moe_intermediate_size']} wide) + {c['num_shared_experts']} shared; "
+            f"the first {c['first_k_dense_replace']} layer(s) dense",
+        ),
         ("MTP", f"{c['num_nextn_predict_layers']} layer (drafts the token after next)"),
-        ("vocabulary", f"{c['vocab_size']} (byte-level BPE trained on the same chats; "
-                       "EXAONE's special tokens at EXAONE's ids)"),
+        (
+            "vocabulary",
+            f"{c['vocab_size']} (byte-level BPE trained on the same chats; "
+            "EXAONE's special tokens at EXAONE's ids)",
+        ),
         ("weights", "bf16 safetensors"),
-    ]  # fmt: skip
+    ]
     return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
@@ -264,8 +299,10 @@ def main() -> None:
     ap.add_argument("--chats", type=int, default=64)
     args = ap.parse_args()
     e = write(args.model_dir, args.chats)
-    print(f"{e['correct']}/{e['turns']} right; acceptance per position "
-          f"{e['acceptance_per_position']}; wrote README.md, eval.json, loss.svg")  # fmt: skip
+    print(
+        f"{e['correct']}/{e['turns']} right; acceptance per position "
+        f"{e['acceptance_per_position']}; wrote README.md, eval.json, loss.svg"
+    )
 
 
 if __name__ == "__main__":

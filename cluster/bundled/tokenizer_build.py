@@ -20,8 +20,16 @@ PAD, BOS, EOS = "[PAD]", "[BOS]", "<|endofturn|>"
 # Role and control markers: special (dropped by skip_special_tokens).
 CONTROL_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|tool_declare|>"]
 # Structural tags the parsers must see in decoded text: added tokens, but not "special".
-TEXT_TAGS = ["<think>", "</think>", "<tool>", "</tool>", "<tool_call>", "</tool_call>",
-             "<tool_result>", "</tool_result>"]  # fmt: skip
+TEXT_TAGS = [
+    "<think>",
+    "</think>",
+    "<tool>",
+    "</tool>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_result>",
+    "</tool_result>",
+]
 EOS_ID = 53
 
 
@@ -98,8 +106,13 @@ def build_tokenizer(
     return tok
 
 
-def write_tokenizer(out_dir: Path, vocab_size: int, max_length: int, seed: int = 0,
-                    corpus: Iterable[str] | None = None) -> None:  # fmt: skip
+def write_tokenizer(
+    out_dir: Path,
+    vocab_size: int,
+    max_length: int,
+    seed: int = 0,
+    corpus: Iterable[str] | None = None,
+) -> None:
     """tokenizer.json and tokenizer_config.json (with the chat template) into ``out_dir``;
     ``corpus``: the texts to train the BPE on (default: the built-in synthetic one)."""
     tok = build_tokenizer(min(vocab_size, 8192), seed, corpus)

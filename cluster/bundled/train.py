@@ -39,11 +39,19 @@ from router.tokenizer import Tokenizer
 # hidden 256, 8 layers LLLG, 16 experts top-2 (+ MTP): under 12.5M parameters, so the bf16
 # checkpoint stays under the 25 MB the repository may carry (tested).
 BUNDLED = {
-    "vocab_size": 2048, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 8,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-    "moe_intermediate_size": 64, "num_experts": 16, "num_experts_per_tok": 2,
-    "sliding_window": 64, "max_position_embeddings": 2048,
-}  # fmt: skip
+    "vocab_size": 2048,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "moe_intermediate_size": 64,
+    "num_experts": 16,
+    "num_experts_per_tok": 2,
+    "sliding_window": 64,
+    "max_position_embeddings": 2048,
+}
 SAVE_SECONDS = 15.0
 """Kept back from the time budget for writing the checkpoint."""
 
@@ -104,16 +112,18 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}"
 
 
-def train(out_dir: str | Path, config: TrainConfig = TrainConfig(),
-          log: Callable[[str], None] = print) -> dict:  # fmt: skip
+def train(
+    out_dir: str | Path, config: TrainConfig = TrainConfig(), log: Callable[[str], None] = print
+) -> dict:
     """Write the tokenizer and config, train, save bf16 weights and ``training.json`` (the
     loss curve) into ``out_dir`` -> the training summary."""
     out = Path(out_dir)
     began = time.monotonic()  # the budget covers corpus, tokenizer and saving too
     torch.manual_seed(config.seed)
     texts = [render(m, t) for m, t in chats(config.num_chats, seed=config.seed)]
-    write_checkpoint(out, "tiny", overrides=config.model, seed=config.seed, weights=False,
-                     tokenizer_corpus=texts)  # fmt: skip
+    write_checkpoint(
+        out, "tiny", overrides=config.model, seed=config.seed, weights=False, tokenizer_corpus=texts
+    )
     cfg = ModelConfig.from_json_file(out / "config.json")
     tok = Tokenizer(out)
     model = random_model(cfg, config.seed)
@@ -134,17 +144,27 @@ def train(out_dir: str | Path, config: TrainConfig = TrainConfig(),
         (lm + config.mtp_weight * mtp).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        curve.append({"step": step, "loss": round(lm.item(), 4), "mtp_loss": round(mtp.item(), 4),
-                      "seconds": round(time.monotonic() - started, 1)})  # fmt: skip
+        curve.append(
+            {
+                "step": step,
+                "loss": round(lm.item(), 4),
+                "mtp_loss": round(mtp.item(), 4),
+                "seconds": round(time.monotonic() - started, 1),
+            }
+        )
         if step % 25 == 0:
             log(f"step {step}: loss {lm.item():.3f}, mtp loss {mtp.item():.3f}")
         step += 1
     model.eval()
     save_sharded(checkpoint_tensors(model, torch.bfloat16), out, 2 << 30)
     summary = {
-        "config": asdict(config), "steps": step, "tokens": step * config.batch * config.seq_len,
-        "seconds": round(time.monotonic() - began, 1), "machine": machine(), "curve": curve,
-    }  # fmt: skip
+        "config": asdict(config),
+        "steps": step,
+        "tokens": step * config.batch * config.seq_len,
+        "seconds": round(time.monotonic() - began, 1),
+        "machine": machine(),
+        "curve": curve,
+    }
     (out / "training.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -156,8 +176,9 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    summary = train(args.out_dir, TrainConfig(minutes=args.minutes, max_steps=args.max_steps,
-                                              seed=args.seed))  # fmt: skip
+    summary = train(
+        args.out_dir, TrainConfig(minutes=args.minutes, max_steps=args.max_steps, seed=args.seed)
+    )
     last = summary["curve"][-1] if summary["curve"] else {}
     print(
         f"{summary['steps']} steps, {summary['tokens']} tokens, {summary['seconds']} s; "

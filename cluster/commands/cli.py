@@ -15,11 +15,15 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
     try:
         overrides = parse_overrides(args.set or [])
         out = write_checkpoint(
-            args.output, preset=args.preset, overrides=overrides, seed=args.seed,
-            dtype=args.dtype, max_shard_bytes=int(args.max_shard_mb * (1 << 20)),
+            args.output,
+            preset=args.preset,
+            overrides=overrides,
+            seed=args.seed,
+            dtype=args.dtype,
+            max_shard_bytes=int(args.max_shard_mb * (1 << 20)),
             weights=False if args.no_weights else None,
             hot_experts=[int(e) for e in args.hot_experts.split(",")] if args.hot_experts else (),
-        )  # fmt: skip
+        )
     except ValueError as e:  # ConfigError and bad --set values
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -74,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="chat with a running server (one message, or turns on stdin)")
     client_cmd.add_arguments(ch, chat=True)
     ch.set_defaults(func=client_cmd.run_chat)
-    st = sub.add_parser("status", help="deployments, replicas, expert placement and load of a "
-                        "running cluster")  # fmt: skip
+    st = sub.add_parser(
+        "status", help="deployments, replicas, expert placement and load of a running cluster"
+    )
     status_cmd.add_arguments(st)
     st.set_defaults(func=status_cmd.run)
     return parser

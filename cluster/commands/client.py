@@ -14,8 +14,7 @@ CHAT_MAX_TOKENS = 1024
 
 def add_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
     p.add_argument("--address", default="127.0.0.1:9000", help="gRPC address HOST:PORT")
-    p.add_argument("--tls-ca", metavar="FILE",
-                   help="connect over TLS, trusting this PEM CA bundle")  # fmt: skip
+    p.add_argument("--tls-ca", metavar="FILE", help="connect over TLS, trusting this PEM CA bundle")
     if chat:
         p.add_argument("message", nargs="?", help="user message (default: read turns from stdin)")
         p.add_argument("--system", help="system message")
@@ -25,16 +24,29 @@ def add_arguments(p: argparse.ArgumentParser, chat: bool) -> None:
     else:
         p.add_argument("prompt", nargs="?", help="prompt text")
         p.add_argument("--token-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
-        p.add_argument("--parse-special-tokens", action="store_true",
-                       help="special-token strings in the prompt (<|endofturn|>) are those "
-                            "tokens (default: plain text)")  # fmt: skip
+        p.add_argument(
+            "--parse-special-tokens",
+            action="store_true",
+            help="special-token strings in the prompt (<|endofturn|>) are those "
+            "tokens (default: plain text)",
+        )
     if chat:  # a reply with its reasoning block needs more than the API's default of 16
-        p.add_argument("--max-tokens", type=int, default=CHAT_MAX_TOKENS,
-                       help=f"tokens to generate at most (default {CHAT_MAX_TOKENS})")  # fmt: skip
+        p.add_argument(
+            "--max-tokens",
+            type=int,
+            default=CHAT_MAX_TOKENS,
+            help=f"tokens to generate at most (default {CHAT_MAX_TOKENS})",
+        )
     else:
         p.add_argument("--max-tokens", type=int, help="tokens to generate at most (default 16)")
-    for name in ("temperature", "top-p", "min-p", "presence-penalty", "frequency-penalty",
-                 "repetition-penalty"):  # fmt: skip
+    for name in (
+        "temperature",
+        "top-p",
+        "min-p",
+        "presence-penalty",
+        "frequency-penalty",
+        "repetition-penalty",
+    ):
         p.add_argument(f"--{name}", type=float)
     p.add_argument("--top-k", type=int)
     p.add_argument("--seed", type=int)
@@ -59,14 +71,23 @@ def _ids(text: str | None, flag: str) -> list[int]:
 
 def _kwargs(args: argparse.Namespace) -> dict:
     return dict(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, min_p=args.min_p, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
-        seed=args.seed, stop=args.stop, stop_token_ids=_ids(args.stop_token_ids,
-        "--stop-token-ids"), ignore_eos=args.ignore_eos, logprobs=args.logprobs,
-        prompt_logprobs=args.prompt_logprobs, request_id=args.request_id,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        stop_token_ids=_ids(args.stop_token_ids, "--stop-token-ids"),
+        ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs,
+        prompt_logprobs=args.prompt_logprobs,
+        request_id=args.request_id,
         timeout_s=args.timeout,
-    )  # fmt: skip
+    )
 
 
 def _run_one(client, args, show_reasoning: bool = False, **input_kwargs):
@@ -102,8 +123,11 @@ def _run_one(client, args, show_reasoning: bool = False, **input_kwargs):
         print(result.to_json())
     else:
         _end_line(last)
-        print(f"[{result.finish_reason}: {result.usage.get('completion_tokens', 0)} tokens, "
-              f"{result.timings.get('total_ms', 0):.0f} ms]", file=sys.stderr)  # fmt: skip
+        print(
+            f"[{result.finish_reason}: {result.usage.get('completion_tokens', 0)} tokens, "
+            f"{result.timings.get('total_ms', 0):.0f} ms]",
+            file=sys.stderr,
+        )
     return result
 
 
@@ -131,8 +155,9 @@ def run_generate(args: argparse.Namespace) -> int:
             if args.token_ids is not None:
                 _run_one(client, args, token_ids=_ids(args.token_ids, "--token-ids"))
             else:
-                _run_one(client, args, prompt=args.prompt,
-                         parse_special_tokens=args.parse_special_tokens)  # fmt: skip
+                _run_one(
+                    client, args, prompt=args.prompt, parse_special_tokens=args.parse_special_tokens
+                )
         except grpc.RpcError as e:
             return _fail(e)
     return 0
@@ -163,11 +188,22 @@ def run_chat(args: argparse.Namespace) -> int:
             history.append({"role": "user", "content": text})
             try:
                 result = _run_one(
-                    client, args, args.show_reasoning,
-                    messages=history, tools=tools, enable_thinking=thinking,
-                )  # fmt: skip
+                    client,
+                    args,
+                    args.show_reasoning,
+                    messages=history,
+                    tools=tools,
+                    enable_thinking=thinking,
+                )
             except grpc.RpcError as e:
                 return _fail(e)
-            history.append({"role": "assistant", "content": result.content,
-                            "tool_calls": [{"name": c["name"], "arguments": c["arguments_json"]}
-                                           for c in result.tool_calls]})  # fmt: skip
+            history.append(
+                {
+                    "role": "assistant",
+                    "content": result.content,
+                    "tool_calls": [
+                        {"name": c["name"], "arguments": c["arguments_json"]}
+                        for c in result.tool_calls
+                    ],
+                }
+            )

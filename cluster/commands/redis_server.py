@@ -85,9 +85,12 @@ class RedisServer:
     """``with RedisServer() as r: r.url``; ``stop()`` / ``start()`` again on the same port."""
 
     def __init__(
-        self, port: int | None = None, maxmemory: str = "256mb", binary: str | None = None,
+        self,
+        port: int | None = None,
+        maxmemory: str = "256mb",
+        binary: str | None = None,
         password: str | None = None,
-    ):  # fmt: skip
+    ):
         """``password``: clients must AUTH with it; it reaches redis-server on its standard
         input (a config read from "-"), never on its command line."""
         self.binary = binary or find_redis_server()
@@ -98,10 +101,16 @@ class RedisServer:
             )
         self.port = port or free_port()
         self.maxmemory = maxmemory
-        if password is not None and (not password or any(c in password for c in '"\\')
-                                     or not password.isprintable() or " " in password):
-            raise ValueError("password: use printable characters without spaces, quotes or "
-                             "backslashes (e.g. secrets.token_urlsafe())")  # fmt: skip
+        if password is not None and (
+            not password
+            or any(c in password for c in '"\\')
+            or not password.isprintable()
+            or " " in password
+        ):
+            raise ValueError(
+                "password: use printable characters without spaces, quotes or "
+                "backslashes (e.g. secrets.token_urlsafe())"
+            )
         self.password = password
         self.proc: subprocess.Popen | None = None
         self._dir = tempfile.mkdtemp(prefix="exaone-redis-")
@@ -112,13 +121,32 @@ class RedisServer:
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         args = [
-            self.binary, "-", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-            "--appendonly", "no", "--dir", self._dir, "--maxmemory", self.maxmemory,
-            "--maxmemory-policy", "volatile-lru", "--protected-mode", "yes",
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE,
-                                     preexec_fn=_die_with_parent)  # fmt: skip
+            self.binary,
+            "-",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self._dir,
+            "--maxmemory",
+            self.maxmemory,
+            "--maxmemory-policy",
+            "volatile-lru",
+            "--protected-mode",
+            "yes",
+        ]
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent,
+        )
         config = f'requirepass "{self.password}"\n' if self.password else ""
         self.proc.stdin.write(config.encode())
         self.proc.stdin.close()  # redis-server reads "-" to its end, then starts

@@ -36,11 +36,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-groups", type=int, help="expert groups (0: colocated, the default)")
     p.add_argument("--expert-replicas", type=int, help="replicas per expert group")
     p.add_argument("--attention-replicas", type=int, help="attention replicas")
-    p.add_argument("--speculative-tokens", type=int,
-                   help="MTP draft tokens per sequence and step (0: off, the default)")  # fmt: skip
-    p.add_argument("--kernels", choices=["auto", "torch", "triton", "vllm"],
-                   help="expert and attention kernels (default auto: CUDA vllm > triton, "
-                   "CPU torch)")  # fmt: skip
+    p.add_argument(
+        "--speculative-tokens",
+        type=int,
+        help="MTP draft tokens per sequence and step (0: off, the default)",
+    )
+    p.add_argument(
+        "--kernels",
+        choices=["auto", "torch", "triton", "vllm"],
+        help="expert and attention kernels (default auto: CUDA vllm > triton, CPU torch)",
+    )
 
 
 def with_overrides(config, args: argparse.Namespace):
@@ -103,17 +108,23 @@ def start_redis(config):
     from replicas.prefix_cache.redis_tier import REDIS_PASSWORD_ENV
 
     if find_redis_server() is None:
-        print("prefix cache: local only, per replica (no redis-server found; set "
-              "prefix_cache.redis_url to share it across replicas)", flush=True)  # fmt: skip
+        print(
+            "prefix cache: local only, per replica (no redis-server found; set "
+            "prefix_cache.redis_url to share it across replicas)",
+            flush=True,
+        )
         return None, config
     # A password of its own, for this run: the replicas read it from their environment
     # (inherited from this process), so it is on no command line and in no Serve config.
     password = secrets.token_urlsafe(24)
     server = RedisServer(maxmemory=pc.local_redis_maxmemory, password=password).start()
     os.environ[REDIS_PASSWORD_ENV] = password
-    print(f"prefix cache: local + redis-server at 127.0.0.1:{server.port} (pid "
-          f"{server.proc.pid}, no persistence, maxmemory {pc.local_redis_maxmemory}, "
-          "volatile-lru, password required)", flush=True)  # fmt: skip
+    print(
+        f"prefix cache: local + redis-server at 127.0.0.1:{server.port} (pid "
+        f"{server.proc.pid}, no persistence, maxmemory {pc.local_redis_maxmemory}, "
+        "volatile-lru, password required)",
+        flush=True,
+    )
     prefix = pc.model_copy(update={"redis_url": server.url})
     return server, config.model_copy(update={"prefix_cache": prefix})
 

@@ -42,8 +42,11 @@ def _expert_stats(app: str, deployment: str, group: int) -> list[dict[str, Any]]
 
     prefix = worker_prefix(app, group)
     named = ray.util.list_named_actors(all_namespaces=True)
-    workers = [a["name"] for a in named
-               if a["namespace"] == WORKER_NAMESPACE and a["name"].startswith(prefix)]  # fmt: skip
+    workers = [
+        a["name"]
+        for a in named
+        if a["namespace"] == WORKER_NAMESPACE and a["name"].startswith(prefix)
+    ]
     found = {}
     for name in workers:
         try:
@@ -56,11 +59,17 @@ def _expert_stats(app: str, deployment: str, group: int) -> list[dict[str, Any]]
         for i in range(8):
             found[f"call-{i}"] = handle.stats.remote().result(timeout_s=10)
     return [
-        {"replica": r, "experts": list(s.expert_ids), "tokens_per_s": round(s.tokens_per_s, 1),
-         "busy": round(s.busy, 3), "ready_s": round(s.ready_s, 2), "map_version": s.map_version,
-         "kernels": getattr(s, "kernels", "torch")}
+        {
+            "replica": r,
+            "experts": list(s.expert_ids),
+            "tokens_per_s": round(s.tokens_per_s, 1),
+            "busy": round(s.busy, 3),
+            "ready_s": round(s.ready_s, 2),
+            "map_version": s.map_version,
+            "kernels": getattr(s, "kernels", "torch"),
+        }
         for r, s in sorted(found.items())
-    ]  # fmt: skip
+    ]
 
 
 def _name(value) -> str:
@@ -76,9 +85,10 @@ def collect() -> dict[str, Any]:
     for app, status in serve.status().applications.items():
         deployments = {}
         for name, d in status.deployments.items():
-            entry: dict[str, Any] = {"status": _name(d.status),
-                                     "replicas": {_name(k): n for k, n in
-                                                  d.replica_states.items()}}  # fmt: skip
+            entry: dict[str, Any] = {
+                "status": _name(d.status),
+                "replicas": {_name(k): n for k, n in d.replica_states.items()},
+            }
             if name.startswith("ExpertGroup-"):
                 entry["expert_replicas"] = _expert_stats(app, name, int(name.split("-")[1]))
             if name == "ExpertBalancer":
@@ -111,8 +121,9 @@ def render(found: dict[str, Any]) -> str:
                     f"{sum(h.get('reason') != 'start' for h in b['history'])} rebalance(s)"
                 )
                 for layer, holdings in b["holdings"].items():
-                    groups = "  ".join(f"g{g}: {_ranges(list(ids))}"
-                                       for g, ids in enumerate(holdings))  # fmt: skip
+                    groups = "  ".join(
+                        f"g{g}: {_ranges(list(ids))}" for g, ids in enumerate(holdings)
+                    )
                     lines.append(f"      layer {layer}: {groups}")
     return "\n".join(lines)
 
@@ -129,8 +140,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, RuntimeError) as e:
-        print(f"error: no Ray cluster at {args.address!r} ({e}); is `exaone-cluster serve` "
-              "running?", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: no Ray cluster at {args.address!r} ({e}); is `exaone-cluster serve` running?",
+            file=sys.stderr,
+        )
         return 2
     try:
         found = collect()

@@ -96,8 +96,13 @@ class _ServeCall:
                         f"expert group {self.group}: no replica answered layer {self.args[0]} "
                         f"within {self.transport.call_timeout_s:.0f} s ({type(e).__name__})"
                     ) from e
-                log.warning("expert group %d, layer %d: %s; retrying (attempt %d)",
-                            self.group, self.args[0], type(e).__name__, attempt)  # fmt: skip
+                log.warning(
+                    "expert group %d, layer %d: %s; retrying (attempt %d)",
+                    self.group,
+                    self.args[0],
+                    type(e).__name__,
+                    attempt,
+                )
                 time.sleep(min(0.05 * attempt, 1.0))
                 self._send()
 
@@ -185,8 +190,13 @@ class _ActorCall:
                 except self.retriable as e:  # its worker died or went away: send again
                     failures += 1
                     self.transport.num_retries += 1
-                    log.warning("expert group %d, layer %d: %s from %s; sending again",
-                                self.group, self.args[0], type(e).__name__, worker)  # fmt: skip
+                    log.warning(
+                        "expert group %d, layer %d: %s from %s; sending again",
+                        self.group,
+                        self.args[0],
+                        type(e).__name__,
+                        worker,
+                    )
                     self.transport.refresh()
                     if time.monotonic() < self.deadline:
                         self._attempt()
@@ -216,9 +226,14 @@ class ActorTransport:
     rotation (unless its group has no other) until a ``ready()`` probe it is sent returns.
     """
 
-    def __init__(self, placement: ExpertPlacement, prefixes: Sequence[str],
-                 call_timeout_s: float = 30.0, refresh_s: float = 2.0,
-                 attempt_timeout_s: float = 5.0):  # fmt: skip
+    def __init__(
+        self,
+        placement: ExpertPlacement,
+        prefixes: Sequence[str],
+        call_timeout_s: float = 30.0,
+        refresh_s: float = 2.0,
+        attempt_timeout_s: float = 5.0,
+    ):
         if len(prefixes) != placement.num_groups:
             raise ValueError(
                 f"{len(prefixes)} prefixes, placement has {placement.num_groups} groups"
@@ -288,8 +303,11 @@ class ActorTransport:
             return
         self._suspended[name] = actor.ready.remote()
         self.num_suspended += 1
-        log.warning("expert worker %s did not answer within %.1f s: out of rotation",
-                    name, self.attempt_timeout_s)  # fmt: skip
+        log.warning(
+            "expert worker %s did not answer within %.1f s: out of rotation",
+            name,
+            self.attempt_timeout_s,
+        )
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Until every group has a worker."""

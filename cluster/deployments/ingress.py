@@ -33,18 +33,27 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     RESOURCE_EXHAUSTED, before any work); ``timeout_s``: how long one stream may run (then
     DEADLINE_EXCEEDED, and its request is aborted); None: no limit."""
 
-    def __init__(self, service: GenerationService, metrics=None, max_streams: int | None = None,
-                 timeout_s: float | None = None):  # fmt: skip
+    def __init__(
+        self,
+        service: GenerationService,
+        metrics=None,
+        max_streams: int | None = None,
+        timeout_s: float | None = None,
+    ):
         self.service, self.metrics = service, metrics
         self.max_streams, self.timeout_s = max_streams, timeout_s
         self.num_streams = 0
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         if self.max_streams is not None and self.num_streams >= self.max_streams:
-            await self._fail(context, RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this router replica holds {self.num_streams} streams, its limit (router."
-                "max_ongoing_requests); retry later, or run more Router replicas"))  # fmt: skip
+            await self._fail(
+                context,
+                RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"this router replica holds {self.num_streams} streams, its limit (router."
+                    "max_ongoing_requests); retry later, or run more Router replicas",
+                ),
+            )
         self.num_streams += 1
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -52,16 +61,21 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     if self.metrics is not None and response.HasField("final"):
                         f = response.final
                         name = pb.FinishReason.Name(f.finish_reason)
-                        self.metrics.finished(name.removeprefix("FINISH_REASON_").lower(),
-                                              f.usage, f.timings)  # fmt: skip
+                        self.metrics.finished(
+                            name.removeprefix("FINISH_REASON_").lower(), f.usage, f.timings
+                        )
                     yield response
         except RequestError as e:
             await self._fail(context, e)
         except TimeoutError:
-            await self._fail(context, RequestError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"the stream ran past the server's limit of {self.timeout_s:g} s "
-                "(router.request_timeout_s); ask for fewer tokens or raise the limit"))  # fmt: skip
+            await self._fail(
+                context,
+                RequestError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"the stream ran past the server's limit of {self.timeout_s:g} s "
+                    "(router.request_timeout_s); ask for fewer tokens or raise the limit",
+                ),
+            )
         finally:
             self.num_streams -= 1
 
@@ -130,11 +144,13 @@ async def start_ingress(
     # Room above max_request_bytes, so an oversized request gets our INVALID_ARGUMENT message
     # (which names the limit) rather than gRPC's own RESOURCE_EXHAUSTED.
     limit = 2 * max_message_bytes + (1 << 20)
-    server = grpc.aio.server(options=[
-        ("grpc.so_reuseport", 1),
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
-    ])  # fmt: skip
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ]
+    )
     servicer = GenerationServicer(service, metrics, max_streams, timeout_s)
     pb_grpc.add_GenerationServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(healthy), server)

@@ -112,8 +112,9 @@ class DirectShardClient:
     """EngineClient (router.service) over the AttentionShard deployment's handle and step
     streams."""
 
-    def __init__(self, handle, subscriber: StepSubscriber | None = None,
-                 retry_budget_s: float = 30.0):  # fmt: skip
+    def __init__(
+        self, handle, subscriber: StepSubscriber | None = None, retry_budget_s: float = 30.0
+    ):
         self.handle = handle.options(stream=True)
         self.subscriber = subscriber or StepSubscriber()
         self.retry_budget_s = retry_budget_s
@@ -139,8 +140,9 @@ class DirectShardClient:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(2 * backoff_s, 1.0)
 
-    async def _attempt(self, request_id: str, prompt_ids: Sequence[int],
-                       params: SamplingParams) -> AsyncIterator[Any]:  # fmt: skip
+    async def _attempt(
+        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncIterator[Any]:
         sub = self.subscriber
         queue = sub.register(request_id)
         call = self.handle.generate_direct.remote(sub.id, request_id, list(prompt_ids), params)

@@ -44,10 +44,14 @@ _ERRORS: dict[str, type[Exception]] = {
 # ---- codec -------------------------------------------------------------------------------------
 def _logprobs_pb(entries: Sequence[TokenLogprob]) -> list[spb.TokenLogprob]:
     return [
-        spb.TokenLogprob(token_id=e.token_id, logprob=e.logprob,
-                         top_ids=[t for t, _ in e.top], top_logprobs=[v for _, v in e.top])
+        spb.TokenLogprob(
+            token_id=e.token_id,
+            logprob=e.logprob,
+            top_ids=[t for t, _ in e.top],
+            top_logprobs=[v for _, v in e.top],
+        )
         for e in entries
-    ]  # fmt: skip
+    ]
 
 
 def _logprobs(entries) -> list[TokenLogprob]:
@@ -60,8 +64,12 @@ def _logprobs(entries) -> list[TokenLogprob]:
 def encode(request_id: str, item: RequestOutput | BaseException) -> spb.Output:
     if isinstance(item, BaseException):
         kind = next((k for k, t in _ERRORS.items() if isinstance(item, t)), "internal")
-        return spb.Output(request_id=request_id, finished=True, error_kind=kind,
-                          error=str(item) or type(item).__name__)  # fmt: skip
+        return spb.Output(
+            request_id=request_id,
+            finished=True,
+            error_kind=kind,
+            error=str(item) or type(item).__name__,
+        )
     return spb.Output(
         request_id=request_id,
         new_token_ids=item.new_token_ids,
@@ -123,8 +131,7 @@ class _Subscriber:
             self.ready.set()
 
     def take(self) -> spb.StepBatch:
-        batch = spb.StepBatch(outputs=self.pending, step_end_s=self.step_end_s,
-                              sent_s=time.time())  # fmt: skip
+        batch = spb.StepBatch(outputs=self.pending, step_end_s=self.step_end_s, sent_s=time.time())
         self.pending, self.step_end_s = [], 0.0
         self.ready.clear()
         return batch
@@ -155,8 +162,9 @@ class StepPublisher(spb_grpc.StepStreamServicer):
         if self.server is not None:
             await self.server.stop(grace_s)
 
-    def submit(self, subscriber: str, request_id: str, prompt_ids: Sequence[int],
-               params: SamplingParams) -> asyncio.Event:  # fmt: skip
+    def submit(
+        self, subscriber: str, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> asyncio.Event:
         """Admit the request (raises ValueError / QueueFullError at once); -> an event set when
         its last delta (finished, or its error) is queued for the subscriber."""
         sub = self.subscribers.get(subscriber)

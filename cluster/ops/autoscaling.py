@@ -47,20 +47,32 @@ def _need(total: float, per_replica: float, current: int) -> int:
     return min(current, math.ceil(total / (per_replica * (1 - DOWNSCALE_HEADROOM)) - 1e-9))
 
 
-def expert_group_replicas(tokens_per_s: Iterable[float], busy: Iterable[float],
-                          target_tokens_per_s: float, target_busy: float,
-                          current: int = 1) -> int:  # fmt: skip
+def expert_group_replicas(
+    tokens_per_s: Iterable[float],
+    busy: Iterable[float],
+    target_tokens_per_s: float,
+    target_busy: float,
+    current: int = 1,
+) -> int:
     """Replicas an expert group needs: for its token load and for its busy time (at least 1),
     starting from ``current``. ``tokens_per_s`` and ``busy`` hold one value per running
     replica."""
-    return max(1, _need(sum(tokens_per_s), target_tokens_per_s, current),
-               _need(sum(busy), target_busy, current))  # fmt: skip
+    return max(
+        1,
+        _need(sum(tokens_per_s), target_tokens_per_s, current),
+        _need(sum(busy), target_busy, current),
+    )
 
 
-def attention_replicas(running: Iterable[float], waiting: Iterable[float],
-                       kv_usage: Iterable[float], target_running_seqs: float,
-                       target_waiting: float, target_kv_usage: float,
-                       current: int = 1) -> int:  # fmt: skip
+def attention_replicas(
+    running: Iterable[float],
+    waiting: Iterable[float],
+    kv_usage: Iterable[float],
+    target_running_seqs: float,
+    target_waiting: float,
+    target_kv_usage: float,
+    current: int = 1,
+) -> int:
     """Replicas the attention deployment needs (at least 1), starting from ``current``, one
     value per replica in each signal: running sequences, waiting requests, KV-cache use
     (0..1)."""
@@ -86,17 +98,25 @@ class ExpertGroupPolicy:
     def __call__(self, ctx) -> tuple[int, dict]:
         if not ctx.running_replicas or not ctx.aggregated_metrics:
             return ctx.target_num_replicas, {}  # nothing reported yet: keep the target
-        want = expert_group_replicas(_per_replica(ctx, "tokens_per_s"), _per_replica(ctx, "busy"),
-                                     self.target_tokens_per_s, self.target_busy,
-                                     ctx.target_num_replicas)  # fmt: skip
+        want = expert_group_replicas(
+            _per_replica(ctx, "tokens_per_s"),
+            _per_replica(ctx, "busy"),
+            self.target_tokens_per_s,
+            self.target_busy,
+            ctx.target_num_replicas,
+        )
         return want, {}
 
 
 class AttentionPolicy:
     """Serve custom autoscaling policy of the attention deployment."""
 
-    def __init__(self, target_running_seqs: float = 32.0, target_waiting: float = 4.0,
-                 target_kv_usage: float = 0.8):  # fmt: skip
+    def __init__(
+        self,
+        target_running_seqs: float = 32.0,
+        target_waiting: float = 4.0,
+        target_kv_usage: float = 0.8,
+    ):
         self.targets = (target_running_seqs, target_waiting, target_kv_usage)
 
     def __call__(self, ctx) -> tuple[int, dict]:

@@ -43,8 +43,9 @@ def replicate(load: Sequence[float], num_slots: int, max_copies: int) -> list[in
     return copies
 
 
-def pack(load: Sequence[float], copies: Sequence[int], num_groups: int,
-         slots_per_group: int) -> Holdings:  # fmt: skip
+def pack(
+    load: Sequence[float], copies: Sequence[int], num_groups: int, slots_per_group: int
+) -> Holdings:
     """Place every copy in a group: heaviest copies first, each to the least loaded group with a
     free slot that does not hold that expert yet. -> sorted expert ids per group."""
     if sum(copies) > num_groups * slots_per_group:
@@ -68,8 +69,15 @@ def pack(load: Sequence[float], copies: Sequence[int], num_groups: int,
     return tuple(tuple(sorted(ids)) for ids in held)
 
 
-def _swap_into(held: list[set[int]], weight: list[float], load: Sequence[float],
-               copies: Sequence[int], e: int, roomy: int, slots_per_group: int) -> int:  # fmt: skip
+def _swap_into(
+    held: list[set[int]],
+    weight: list[float],
+    load: Sequence[float],
+    copies: Sequence[int],
+    e: int,
+    roomy: int,
+    slots_per_group: int,
+) -> int:
     """Move one expert from a full group without ``e`` to ``roomy`` (which holds e and has a
     free slot) -> the full group, which now has room for e. One always exists: were all of a
     full group's experts in ``roomy``, ``roomy`` (holding e too) would exceed its slots."""
@@ -114,8 +122,9 @@ def imbalance(layers: Sequence[Holdings], load: Sequence[Sequence[float]]) -> fl
     return busiest_over_mean(group_loads(holdings, layer_load) for holdings, layer_load in pairs)
 
 
-def balance(load: Sequence[Sequence[float]], num_groups: int,
-            slots_per_group: int) -> tuple[Holdings, ...]:  # fmt: skip
+def balance(
+    load: Sequence[Sequence[float]], num_groups: int, slots_per_group: int
+) -> tuple[Holdings, ...]:
     """Per MoE layer: copies of hot experts and their groups, from ``load[l][e]`` (tokens per
     expert). ``slots_per_group`` experts per group and layer; the spare slots beyond one copy
     of every expert hold redundant copies."""

@@ -21,23 +21,32 @@ def demands(config: ClusterConfig) -> dict[str, list[tuple[str, float]]]:
     a, x, r = config.attention, config.experts, config.router
     asks: dict[str, list[tuple[str, float]]] = defaultdict(list)
 
-    def add(what: str, count: int, cpus: float, gpus: float, custom: dict[str, float],
-            prefix: str) -> None:  # fmt: skip
+    def add(
+        what: str, count: int, cpus: float, gpus: float, custom: dict[str, float], prefix: str
+    ) -> None:
         for name, amount, setting in (("CPU", cpus, "num_cpus"), ("GPU", gpus, "num_gpus")):
             if amount:
-                asks[name].append((f"{what}: {count} x {prefix}.{setting} {amount:g}",
-                                   count * amount))  # fmt: skip
+                asks[name].append(
+                    (f"{what}: {count} x {prefix}.{setting} {amount:g}", count * amount)
+                )
         for name, amount in custom.items():
             if amount:
-                asks[name].append((f"{what}: {count} x {prefix}.resources[{name!r}] {amount:g}",
-                                   count * amount))  # fmt: skip
+                asks[name].append(
+                    (f"{what}: {count} x {prefix}.resources[{name!r}] {amount:g}", count * amount)
+                )
 
     add("Router replicas", r.num_replicas, 0, 0, r.resources, "router")
     add("attention replicas", a.num_replicas, a.num_cpus, a.num_gpus, a.resources, "attention")
     if x.num_groups:
         count = x.num_groups * x.replicas_per_group
-        add(f"expert replicas ({x.num_groups} groups x {x.replicas_per_group})", count,
-            x.num_cpus, x.num_gpus, x.resources, "experts")  # fmt: skip
+        add(
+            f"expert replicas ({x.num_groups} groups x {x.replicas_per_group})",
+            count,
+            x.num_cpus,
+            x.num_gpus,
+            x.resources,
+            "experts",
+        )
     return dict(asks)
 
 
@@ -49,11 +58,14 @@ def shortfall(config: ClusterConfig, available: dict[str, float]) -> str | None:
         need, have = sum(amount for _, amount in asks), available.get(resource, 0.0)
         if need > have + 1e-9:
             who = "; ".join(what for what, _ in asks)
-            problems.append(f"{resource}: the deployments need {need:g} ({who}), the Ray "
-                            f"cluster has {have:g}")  # fmt: skip
+            problems.append(
+                f"{resource}: the deployments need {need:g} ({who}), the Ray cluster has {have:g}"
+            )
     if not problems:
         return None
-    return ("the deployments cannot all be placed, so they would never start:\n  "
-            + "\n  ".join(problems)
-            + "\nLower those settings or the replica counts, or give Ray more of the resource "
-            "(serve --num-cpus; on Kubernetes, the worker groups' resources).")  # fmt: skip
+    return (
+        "the deployments cannot all be placed, so they would never start:\n  "
+        + "\n  ".join(problems)
+        + "\nLower those settings or the replica counts, or give Ray more of the resource "
+        "(serve --num-cpus; on Kubernetes, the worker groups' resources)."
+    )

@@ -38,22 +38,42 @@ class _Totals:
 
 class RouterMetrics:
     def __init__(self):
-        self.requests = Counter("exaone_requests", "Finished Generate calls, by finish reason.",
-                                tag_keys=("finish_reason",))  # fmt: skip
-        self.errors = Counter("exaone_request_errors", "Generate calls that ended with an error "
-                              "status, by gRPC code.", tag_keys=("code",))  # fmt: skip
-        self.ttft = Histogram("exaone_time_to_first_token_seconds", "Arrival at the router to "
-                              "the first token.", boundaries=LATENCY_S)  # fmt: skip
-        self.tpot = Histogram("exaone_time_per_output_token_seconds", "Mean time between output "
-                              "tokens of a request.", boundaries=PER_TOKEN_S)  # fmt: skip
-        self.e2e = Histogram("exaone_request_latency_seconds", "Arrival to the final message.",
-                             boundaries=LATENCY_S)  # fmt: skip
-        self.tokens = Counter("exaone_tokens", "Tokens by kind: prompt, cached_prompt, output, "
-                              "drafted, accepted_draft.", tag_keys=("kind",))  # fmt: skip
-        self.hop = Histogram("exaone_stream_hop_seconds", "A token delta's time per hop of the "
-                             "served path: engine_to_publish, publish_to_router, router "
-                             "(router.hops; one sample in 8 of each hop).", boundaries=HOP_S,
-                             tag_keys=("hop",))  # fmt: skip
+        self.requests = Counter(
+            "exaone_requests",
+            "Finished Generate calls, by finish reason.",
+            tag_keys=("finish_reason",),
+        )
+        self.errors = Counter(
+            "exaone_request_errors",
+            "Generate calls that ended with an error status, by gRPC code.",
+            tag_keys=("code",),
+        )
+        self.ttft = Histogram(
+            "exaone_time_to_first_token_seconds",
+            "Arrival at the router to the first token.",
+            boundaries=LATENCY_S,
+        )
+        self.tpot = Histogram(
+            "exaone_time_per_output_token_seconds",
+            "Mean time between output tokens of a request.",
+            boundaries=PER_TOKEN_S,
+        )
+        self.e2e = Histogram(
+            "exaone_request_latency_seconds", "Arrival to the final message.", boundaries=LATENCY_S
+        )
+        self.tokens = Counter(
+            "exaone_tokens",
+            "Tokens by kind: prompt, cached_prompt, output, drafted, accepted_draft.",
+            tag_keys=("kind",),
+        )
+        self.hop = Histogram(
+            "exaone_stream_hop_seconds",
+            "A token delta's time per hop of the "
+            "served path: engine_to_publish, publish_to_router, router "
+            "(router.hops; one sample in 8 of each hop).",
+            boundaries=HOP_S,
+            tag_keys=("hop",),
+        )
 
     def hop_observed(self, hop: str, seconds: float) -> None:
         self.hop.observe(max(seconds, 0.0), tags={"hop": hop})
@@ -66,10 +86,13 @@ class RouterMetrics:
         self.e2e.observe(total_s)
         if usage.completion_tokens > 1:
             self.tpot.observe((total_s - ttft_s) / (usage.completion_tokens - 1))
-        for kind, n in (("prompt", usage.prompt_tokens),
-                        ("cached_prompt", usage.cached_prompt_tokens),
-                        ("output", usage.completion_tokens), ("drafted", usage.drafted_tokens),
-                        ("accepted_draft", usage.accepted_draft_tokens)):  # fmt: skip
+        for kind, n in (
+            ("prompt", usage.prompt_tokens),
+            ("cached_prompt", usage.cached_prompt_tokens),
+            ("output", usage.completion_tokens),
+            ("drafted", usage.drafted_tokens),
+            ("accepted_draft", usage.accepted_draft_tokens),
+        ):
             if n:
                 self.tokens.inc(n, tags={"kind": kind})
 
@@ -84,18 +107,31 @@ class ShardMetrics:
         self.running = Gauge("exaone_running_requests", "Sequences being decoded.", keys)
         self.waiting = Gauge("exaone_waiting_requests", "Requests queued (queue depth).", keys)
         self.kv_usage = Gauge("exaone_kv_cache_usage", "Global-layer KV blocks in use (0-1).", keys)
-        self.prefix = Counter("exaone_prefix_cache_lookups", "Prefix-cache lookups by result: "
-                              "local_hit, redis_hit, miss.", ("replica", "result"))  # fmt: skip
-        self.redis_issues = Counter("exaone_prefix_cache_redis_issues", "Prefix-cache Redis "
-                                    "trouble by kind: error (failed calls), rejected (values "
-                                    "failing their checks or MAC), dropped (writes not queued: "
-                                    "the write queue was full).", ("replica", "kind"))  # fmt: skip
-        self.acceptance = Gauge("exaone_mtp_acceptance_rate", "Accepted / drafted MTP tokens "
-                                "at each draft position, since start.",
-                                ("replica", "position"))  # fmt: skip
-        self.imbalance = Gauge("exaone_expert_imbalance", "Busiest expert group's slots over the "
-                               "mean group's, summed over MoE layers, as this replica dispatches "
-                               "(1 = even).", keys)  # fmt: skip
+        self.prefix = Counter(
+            "exaone_prefix_cache_lookups",
+            "Prefix-cache lookups by result: local_hit, redis_hit, miss.",
+            ("replica", "result"),
+        )
+        self.redis_issues = Counter(
+            "exaone_prefix_cache_redis_issues",
+            "Prefix-cache Redis "
+            "trouble by kind: error (failed calls), rejected (values "
+            "failing their checks or MAC), dropped (writes not queued: "
+            "the write queue was full).",
+            ("replica", "kind"),
+        )
+        self.acceptance = Gauge(
+            "exaone_mtp_acceptance_rate",
+            "Accepted / drafted MTP tokens at each draft position, since start.",
+            ("replica", "position"),
+        )
+        self.imbalance = Gauge(
+            "exaone_expert_imbalance",
+            "Busiest expert group's slots over the "
+            "mean group's, summed over MoE layers, as this replica dispatches "
+            "(1 = even).",
+            keys,
+        )
         self._totals = _Totals()
 
     def update(self, stats, acceptance=None, imbalance: float | None = None) -> None:
@@ -103,11 +139,17 @@ class ShardMetrics:
         self.waiting.set(stats.num_waiting, tags=self.tags)
         self.kv_usage.set(stats.num_blocks_in_use / max(stats.num_blocks_total, 1), tags=self.tags)
         if (p := stats.prefix_cache) is not None:
-            for result, total in (("local_hit", p.num_local_hits), ("redis_hit", p.num_redis_hits),
-                                  ("miss", p.num_misses)):  # fmt: skip
+            for result, total in (
+                ("local_hit", p.num_local_hits),
+                ("redis_hit", p.num_redis_hits),
+                ("miss", p.num_misses),
+            ):
                 self._totals.add(self.prefix, total, {**self.tags, "result": result})
-            for kind, total in (("error", p.num_redis_errors), ("rejected", p.num_corrupt_values),
-                                ("dropped", p.num_redis_writes_dropped)):  # fmt: skip
+            for kind, total in (
+                ("error", p.num_redis_errors),
+                ("rejected", p.num_corrupt_values),
+                ("dropped", p.num_redis_writes_dropped),
+            ):
                 self._totals.add(self.redis_issues, total, {**self.tags, "kind": kind})
         if acceptance is not None:
             for i, (a, d) in enumerate(zip(acceptance.accepted, acceptance.drafted, strict=True)):
@@ -121,15 +163,24 @@ class ExpertMetrics:
     def __init__(self, group: int, replica: str):
         self.tags = {"group": str(group), "replica": replica}
         keys = ("group", "replica")
-        self.expert = Gauge("exaone_expert_tokens_per_s", "Slots per second an expert served, by "
-                            "MoE layer and expert id.", (*keys, "layer", "expert"))  # fmt: skip
-        self.group = Gauge("exaone_expert_group_tokens_per_s", "Slots per second per MoE layer "
-                           "an expert replica served.", keys)  # fmt: skip
-        self.busy = Gauge("exaone_expert_group_busy", "Fraction of time an expert replica "
-                          "spent computing.", keys)  # fmt: skip
-        self.ready = Gauge("exaone_expert_replica_ready_seconds", "Seconds from an expert "
-                           "replica's start to ready (it loads only its experts).",
-                           keys)  # fmt: skip
+        self.expert = Gauge(
+            "exaone_expert_tokens_per_s",
+            "Slots per second an expert served, by MoE layer and expert id.",
+            (*keys, "layer", "expert"),
+        )
+        self.group = Gauge(
+            "exaone_expert_group_tokens_per_s",
+            "Slots per second per MoE layer an expert replica served.",
+            keys,
+        )
+        self.busy = Gauge(
+            "exaone_expert_group_busy", "Fraction of time an expert replica spent computing.", keys
+        )
+        self.ready = Gauge(
+            "exaone_expert_replica_ready_seconds",
+            "Seconds from an expert replica's start to ready (it loads only its experts).",
+            keys,
+        )
 
     def update(self, stats) -> None:
         self.group.set(stats.tokens_per_s, tags=self.tags)
@@ -139,16 +190,20 @@ class ExpertMetrics:
         for layer, row in zip(stats.layers, stats.window_counts, strict=True):
             for expert, n in enumerate(row):
                 if expert in held:
-                    self.expert.set(n / max(stats.window_s, 1e-3),
-                                    tags={**self.tags, "layer": str(layer),
-                                          "expert": str(expert)})  # fmt: skip
+                    self.expert.set(
+                        n / max(stats.window_s, 1e-3),
+                        tags={**self.tags, "layer": str(layer), "expert": str(expert)},
+                    )
 
 
 class BalancerMetrics:
     def __init__(self):
-        self.imbalance = Gauge("exaone_expert_measured_imbalance", "Busiest group's served "
-                               "slots over the mean group's, summed over MoE layers (1 = "
-                               "even).")  # fmt: skip
+        self.imbalance = Gauge(
+            "exaone_expert_measured_imbalance",
+            "Busiest group's served "
+            "slots over the mean group's, summed over MoE layers (1 = "
+            "even).",
+        )
         self.version = Gauge("exaone_expert_map_version", "Published expert map version.")
         self.rebalances = Counter("exaone_expert_rebalances", "Rebalances started.")
         self._totals = _Totals()

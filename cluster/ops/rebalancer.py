@@ -79,16 +79,23 @@ class Rebalancer:
     """One entry per rebalance: versions, times and imbalance before/predicted."""
 
     @classmethod
-    def starting(cls, initial: ExpertMap, moe_layers: Sequence[int], config: RebalanceConfig,
-                 epoch: int) -> Rebalancer:  # fmt: skip
+    def starting(
+        cls, initial: ExpertMap, moe_layers: Sequence[int], config: RebalanceConfig, epoch: int
+    ) -> Rebalancer:
         """A balancer that may be replacing one that died: replicas may hold a later map than
         ``initial``. Its maps are numbered from ``epoch`` (seconds since 1970 at start, above
         any version an earlier balancer reached), and it begins by moving the cluster back to
         ``initial`` the safe way (prepare, then switch, then commit) instead of telling expert
         replicas to drop what attention replicas may still dispatch to."""
         first = ExpertMap(initial.num_experts, initial.default, initial.layers, epoch)
-        return cls(first, tuple(moe_layers), config, phase="prepare", target=first,
-                   history=[{"version": epoch, "started": None, "reason": "start"}])  # fmt: skip
+        return cls(
+            first,
+            tuple(moe_layers),
+            config,
+            phase="prepare",
+            target=first,
+            history=[{"version": epoch, "started": None, "reason": "start"}],
+        )
 
     # ---- reports --------------------------------------------------------------------------------
     def expert_report(
@@ -100,8 +107,9 @@ class Rebalancer:
         self.experts[replica] = _ExpertReport(group, version, counts, now)
         self.tick(now)
         goal = self.target if self.phase == "prepare" and self.target else self.published
-        return ExpertInstruction(goal.version, goal.group_holdings(group, self.moe_layers),
-                                 commit=self.phase == "idle")  # fmt: skip
+        return ExpertInstruction(
+            goal.version, goal.group_holdings(group, self.moe_layers), commit=self.phase == "idle"
+        )
 
     def attention_report(self, replica: str, version: int, now: float) -> ExpertMap:
         self.attention[replica] = (version, now)
@@ -163,13 +171,21 @@ class Rebalancer:
             after = imbalance(layers, load)
             if after > before * (1 - c.min_gain):
                 return
-            self.target = ExpertMap(self.published.num_experts, self.published.default,
-                                    tuple(zip(self.moe_layers, layers, strict=True)),
-                                    self.published.version + 1)  # fmt: skip
+            self.target = ExpertMap(
+                self.published.num_experts,
+                self.published.default,
+                tuple(zip(self.moe_layers, layers, strict=True)),
+                self.published.version + 1,
+            )
             self.phase, self.last_started = "prepare", now
-            self.history.append({"version": self.target.version, "started": now,
-                                 "imbalance_before": round(before, 3),
-                                 "imbalance_predicted": round(after, 3)})  # fmt: skip
+            self.history.append(
+                {
+                    "version": self.target.version,
+                    "started": now,
+                    "imbalance_before": round(before, 3),
+                    "imbalance_predicted": round(after, 3),
+                }
+            )
         elif self.phase == "prepare":
             assert self.target is not None
             live = self._live_experts(now)

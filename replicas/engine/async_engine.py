@@ -79,8 +79,9 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    def submit(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-               sink: OutputSink) -> None:  # fmt: skip
+    def submit(
+        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, sink: OutputSink
+    ) -> None:
         """Queue a request whose outputs go to ``sink`` (its last item is a finished output or
         an exception); ``abort`` ends it early. Raises ValueError for bad input, at once."""
         self._check_new(request_id, prompt_ids, params)
@@ -122,16 +123,16 @@ class AsyncEngine:
             self._thread = None
 
     # ---- internals -----------------------------------------------------------------------------
-    def _check_new(self, request_id: str, prompt_ids: Sequence[int],
-                   params: SamplingParams) -> None:  # fmt: skip
+    def _check_new(
+        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> None:
         if self._failure is not None:  # a replica Serve replaces once check_health fails
             raise ReplicaUnavailableError(f"{self.health(float('inf'))}; retry the request")
         if request_id in self._queues or request_id in self._sinks:
             raise RequestRejectedError(f"request id {request_id!r} is already in use")
         self.engine.check_request(prompt_ids, params)
 
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException,
-                 flush: set) -> None:  # fmt: skip
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException, flush: set) -> None:
         if (queue := self._queues.get(request_id)) is not None:
             queue.put_nowait(item)
         elif (sink := self._sinks.get(request_id)) is not None:
@@ -214,8 +215,7 @@ class AsyncEngine:
                 outputs, errors = [], self._fail_all(e)
             if outputs or errors:
                 try:
-                    self._loop.call_soon_threadsafe(self._deliver_all, outputs, errors,
-                                                    time.time())  # fmt: skip
+                    self._loop.call_soon_threadsafe(self._deliver_all, outputs, errors, time.time())
                 except RuntimeError:  # the event loop is closed: nobody is listening
                     return
 
@@ -230,8 +230,12 @@ class AsyncEngine:
         failure = _engine_failed(error)
         return [(request_id, failure) for request_id in ids]
 
-    def _deliver_all(self, outputs: list[RequestOutput], errors: list[tuple[str, BaseException]],
-                     step_end_s: float) -> None:  # fmt: skip
+    def _deliver_all(
+        self,
+        outputs: list[RequestOutput],
+        errors: list[tuple[str, BaseException]],
+        step_end_s: float,
+    ) -> None:
         flush: set = set()
         for request_id, error in errors:
             self._deliver(request_id, error, flush)

@@ -38,9 +38,12 @@ def applies(model: ExaoneMoeForCausalLM, num_rows: int, backend) -> bool:
         return False
     embed = model.model.embed_tokens.weight
     return (
-        embed.dtype is torch.bfloat16 and embed.device.type == "cpu" and model.is_complete
-        and 0 < num_rows <= FUSED_DECODE_MAX_ROWS and cpu_kernels.available()
-    )  # fmt: skip
+        embed.dtype is torch.bfloat16
+        and embed.device.type == "cpu"
+        and model.is_complete
+        and 0 < num_rows <= FUSED_DECODE_MAX_ROWS
+        and cpu_kernels.available()
+    )
 
 
 def _project(layer: Linear, x: torch.Tensor) -> torch.Tensor:
@@ -57,9 +60,11 @@ def _swiglu(mlp: SwiGLU, x: torch.Tensor) -> torch.Tensor:
 
 
 def decode_hidden(
-    model: ExaoneMoeForCausalLM, input_ids: torch.Tensor, positions: torch.Tensor,
+    model: ExaoneMoeForCausalLM,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
     backend: StepAttention,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """input_ids, positions [N] (one new token per sequence) -> [N, H] final-normed hidden
     states, what ``model.step_hidden`` returns for them. Call when ``applies``."""
     cfg = model.cfg
@@ -72,9 +77,14 @@ def decode_hidden(
         qkv = _project(attn.qkv_proj, rms(h, norm.weight, norm.eps))  # [N, Q + 2 KV]
         tables = (cos, sin) if attn.use_rope else (None, None)
         q, k = cpu_kernels.qk_norm_rope_bf16(
-            qkv, attn.num_heads, attn.num_kv_heads, attn.q_norm.weight, attn.k_norm.weight,
-            attn.q_norm.eps, *tables,
-        )  # fmt: skip  # [N, Hq, D], [N, Hkv, D]
+            qkv,
+            attn.num_heads,
+            attn.num_kv_heads,
+            attn.q_norm.weight,
+            attn.k_norm.weight,
+            attn.q_norm.eps,
+            *tables,
+        )  # [N, Hq, D], [N, Hkv, D]
         v = qkv[:, attn.q_size + attn.kv_size :].unflatten(-1, (attn.num_kv_heads, -1))
         out = backend.attend_fn(int(i))(q, k, v)  # [N, Hq, D]
         h = h + _project(attn.o_proj, out.flatten(1))

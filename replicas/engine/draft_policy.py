@@ -80,8 +80,9 @@ class StepCostModel:
     """``seconds(n) = fixed + per_token * n`` fitted to observed (n, seconds) pairs, newer
     observations weighing more (decay per observation)."""
 
-    def __init__(self, decay: float = 0.98, prior_fixed_s: float = 0.01,
-                 prior_per_token_s: float = 0.001):  # fmt: skip
+    def __init__(
+        self, decay: float = 0.98, prior_fixed_s: float = 0.01, prior_per_token_s: float = 0.001
+    ):
         self.decay = decay
         self.prior = (prior_fixed_s, prior_per_token_s)
         self._w = self._x = self._y = self._xx = self._xy = 0.0
@@ -145,8 +146,12 @@ class AcceptanceTracker:
 class DraftPolicy:
     """The stateful wrapper the engine calls once per step."""
 
-    def __init__(self, config: DraftPolicyConfig, step_s: StepCostModel | None = None,
-                 draft_s: StepCostModel | None = None):  # fmt: skip
+    def __init__(
+        self,
+        config: DraftPolicyConfig,
+        step_s: StepCostModel | None = None,
+        draft_s: StepCostModel | None = None,
+    ):
         self.config = config
         self.step_s = step_s or StepCostModel()
         self.draft_s = draft_s or StepCostModel(prior_fixed_s=0.002, prior_per_token_s=0.0002)
@@ -154,8 +159,9 @@ class DraftPolicy:
         self._paused_steps = 0
 
     def draft_length(self, num_seqs: int) -> int:
-        k = choose_draft_length(num_seqs, self.acceptance.rates, self.step_s, self.draft_s,
-                                self.config)  # fmt: skip
+        k = choose_draft_length(
+            num_seqs, self.acceptance.rates, self.step_s, self.draft_s, self.config
+        )
         if k > 0:
             self._paused_steps = 0
             return k

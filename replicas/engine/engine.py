@@ -127,10 +127,17 @@ class LLMEngine:
         logger.info("engine kernels: %s (%s)", self.kernels.name, self.kernels.reason)
         use_expert_kernels(model, self.kernels.name)
         self.cache = HybridKVCache(
-            cfg, num_blocks, config.block_size, config.max_num_seqs, dtype, self.device, pool,
-            include_mtp=bool(self.spec_tokens), spec_tokens=self.spec_tokens,
+            cfg,
+            num_blocks,
+            config.block_size,
+            config.max_num_seqs,
+            dtype,
+            self.device,
+            pool,
+            include_mtp=bool(self.spec_tokens),
+            spec_tokens=self.spec_tokens,
             kernels=self.kernels.name,
-        )  # fmt: skip
+        )
         self.prefix = None
         if config.prefix_cache is not None:
             self.prefix = PrefixCacheManager(self.cache, pool, config.prefix_cache, redis, dtype)
@@ -171,9 +178,12 @@ class LLMEngine:
             raise RequestRejectedError(str(e)) from e
 
     def add_request(
-        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
         pinned: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Queue a request. Raises ValueError (naming the field) for invalid input.
         ``pinned``: its prefix-cache entries never expire (see pin_prefix)."""
         self.check_request(prompt_ids, params)
@@ -199,8 +209,9 @@ class LLMEngine:
         self.prefix.pin(ids)
         # One extra token so the prefix itself is a boundary a hit can use.
         rid = f"pin-{next(self._arrival)}"
-        self.add_request(rid, ids + [ids[-1]], SamplingParams(max_tokens=1, temperature=0.0),
-                         pinned=True)  # fmt: skip
+        self.add_request(
+            rid, ids + [ids[-1]], SamplingParams(max_tokens=1, temperature=0.0), pinned=True
+        )
         while self.has_unfinished_requests():
             self.step()
 
@@ -393,9 +404,12 @@ class LLMEngine:
             return None
         dev = self.device
         d = self.model.mtp_step(
-            torch.tensor(ids, device=dev), hidden[rows], torch.tensor(positions, device=dev),
-            self.cache.step(seqs), self.cache.mtp_layer,
-        )  # fmt: skip
+            torch.tensor(ids, device=dev),
+            hidden[rows],
+            torch.tensor(positions, device=dev),
+            self.cache.step(seqs),
+            self.cache.mtp_layer,
+        )
         return d, last
 
     def _draft(self, filled) -> None:
@@ -408,8 +422,11 @@ class LLMEngine:
         d, last = filled
         drafting = []
         for r, row in last:
-            budget = min(self.spec_tokens, r.params.max_tokens - len(r.output_ids) - 1,
-                         self.max_model_len - r.num_tokens)  # fmt: skip
+            budget = min(
+                self.spec_tokens,
+                r.params.max_tokens - len(r.output_ids) - 1,
+                self.max_model_len - r.num_tokens,
+            )
             if not r.is_finished and budget > 0:
                 drafting.append((r, row, budget))
         dev, mtp = self.device, self.cache.mtp_layer
@@ -427,9 +444,10 @@ class LLMEngine:
             # on; a global MTP layer needs the blocks of that position.
             pos = [r.num_tokens - 2 + len(r.draft_ids) for r, _, _ in drafting]
             keep = [
-                i for i, ((r, _, budget), p) in enumerate(zip(drafting, pos, strict=True))
+                i
+                for i, ((r, _, budget), p) in enumerate(zip(drafting, pos, strict=True))
                 if budget > j + 1 and self.scheduler.reserve(r, p + 1)
-            ]  # fmt: skip
+            ]
             if not keep or j + 1 == k:
                 if self.policy is not None:  # seconds per MTP pass over the batch
                     self.policy.draft_s.observe(num_seqs, (time.perf_counter() - started) / (j + 1))
@@ -440,9 +458,12 @@ class LLMEngine:
                 for p, (r, _, _) in zip(pos, drafting, strict=True)
             ]
             h = self.model.mtp_step(
-                torch.tensor([r.draft_ids[-1] for r, _, _ in drafting], device=dev), h,
-                torch.tensor(pos, device=dev), self.cache.step(steps), mtp,
-            )  # fmt: skip
+                torch.tensor([r.draft_ids[-1] for r, _, _ in drafting], device=dev),
+                h,
+                torch.tensor(pos, device=dev),
+                self.cache.step(steps),
+                mtp,
+            )
 
     def _collect_prompt_logprobs(self, chunk, hidden: torch.Tensor) -> None:
         """Row j of the chunk (position start + j) predicts prompt token start + j + 1.

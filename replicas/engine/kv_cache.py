@@ -56,8 +56,9 @@ class KVFootprint:
         return blocks * block_size * self.global_bytes_per_token + self.sliding_bytes_per_sequence
 
 
-def kv_footprint(cfg: ModelConfig, dtype_bytes: int = 2, include_mtp: bool = False,
-                 spec_tokens: int = 0) -> KVFootprint:  # fmt: skip
+def kv_footprint(
+    cfg: ModelConfig, dtype_bytes: int = 2, include_mtp: bool = False, spec_tokens: int = 0
+) -> KVFootprint:
     """KV bytes for any config (bf16 by default). K-EXAONE: 48 KiB/token, ~18 MiB/sequence.
     ``spec_tokens``: spare ring rows for speculative positions (HybridKVCache)."""
     per_token_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes  # K and V
@@ -148,10 +149,12 @@ class HybridKVCache:
         """The first ``num_rows`` positions of a block in every global layer:
         [2, Lg, num_rows, Hkv, D] (K then V)."""
         rows = self._global_rows(block, num_rows)
-        return torch.stack([
-            torch.stack([pool[i].index_select(0, rows) for i in self.global_layers])
-            for pool in (self.global_k, self.global_v)
-        ])  # fmt: skip
+        return torch.stack(
+            [
+                torch.stack([pool[i].index_select(0, rows) for i in self.global_layers])
+                for pool in (self.global_k, self.global_v)
+            ]
+        )
 
     def write_rows(self, block: int, data: torch.Tensor) -> None:
         """Inverse of read_rows (data [2, Lg, r, Hkv, D])."""
@@ -175,14 +178,21 @@ class HybridKVCache:
     def read_window(self, slot: int, num_tokens: int) -> torch.Tensor:
         """Each sliding layer's kept positions before ``num_tokens``: [2, Ls, n, Hkv, D]."""
         rows = self.ring_rows(num_tokens)
-        shape = (2, len(self.sliding_layers), len(rows), self.cfg.num_key_value_heads,
-                 self.cfg.head_dim)  # fmt: skip
+        shape = (
+            2,
+            len(self.sliding_layers),
+            len(rows),
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        )
         if not self.sliding_layers:
             return torch.empty(shape, dtype=next(iter(self.global_k.values())).dtype)
-        return torch.stack([
-            torch.stack([state[i][slot, rows] for i in self.sliding_layers])
-            for state in (self.sliding_k, self.sliding_v)
-        ])  # fmt: skip
+        return torch.stack(
+            [
+                torch.stack([state[i][slot, rows] for i in self.sliding_layers])
+                for state in (self.sliding_k, self.sliding_v)
+            ]
+        )
 
     def write_window(self, slot: int, num_tokens: int, data: torch.Tensor) -> None:
         """Inverse of read_window: the slot then holds what a prefill of num_tokens left."""
@@ -241,8 +251,9 @@ class StepAttention:
             self._torch_indices(chunks, computed, total, q_pos, tables, slots, pool)
         else:
             group = cache.cfg.num_attention_heads // cache.cfg.num_key_value_heads
-            self.batch = AttentionBatch.build(chunks, starts, num_new, computed, tables, slots,
-                                              group)  # fmt: skip
+            self.batch = AttentionBatch.build(
+                chunks, starts, num_new, computed, tables, slots, group
+            )
 
     def _torch_indices(self, chunks, computed, total, q_pos, tables, slots, pool) -> None:
         """Padded key rows and masks for the SDPA path."""
@@ -251,9 +262,12 @@ class StepAttention:
         self.out_index = self.q_valid.flatten().nonzero()[:, 0]  # [N] rows of the flat [B*Qmax]
         # Decode in bf16 on CPU: our kernel reads keys in place (kernels/csrc/decode_attention.c)
         self.use_kernel = (
-            self.decode_only and pool.dtype == torch.bfloat16 and pool.device.type == "cpu"
-            and pool.shape[-1] % 32 == 0 and cpu_kernels.available()
-        )  # fmt: skip
+            self.decode_only
+            and pool.dtype == torch.bfloat16
+            and pool.device.type == "cpu"
+            and pool.shape[-1] % 32 == 0
+            and cpu_kernels.available()
+        )
         # Global layers: read positions [0, total).
         k_max = int(total.max())
         kpos = torch.arange(k_max, device=dev)[None, :]  # [1, Kmax]
@@ -305,8 +319,18 @@ class StepAttention:
     def _kernel(self, q, k, v, k_cache, v_cache, window: int | None, ring: int | None):
         """The triton / vllm attention call (see replicas.kernels.triton_attention.attend)."""
         attend = kernel_backend.attention(self.kernels)
-        return attend(q, k, v, k_cache, v_cache, self.batch, window=window, ring=ring,
-                      block_size=self.cache.block_size, scale=q.shape[-1] ** -0.5)  # fmt: skip
+        return attend(
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            self.batch,
+            window=window,
+            ring=ring,
+            block_size=self.cache.block_size,
+            scale=q.shape[-1] ** -0.5,
+        )
 
     def attend_fn(self, layer: int) -> Attend:
         if layer in self.cache.global_k:
@@ -334,9 +358,15 @@ class StepAttention:
                 out = self._kernel(q, k, v, ks_flat, vs_flat, self.cache.window, self.cache.ring)
             elif self.use_kernel:  # keys: the ring, then the decoded token itself
                 out = cpu_kernels.decode_attention_bf16(
-                    q.contiguous(), ks_flat, vs_flat, self.ring_rows, self.sliding_mask[:, 0, 0],
-                    q.shape[-1] ** -0.5, k.contiguous(), v.contiguous(),
-                )  # fmt: skip
+                    q.contiguous(),
+                    ks_flat,
+                    vs_flat,
+                    self.ring_rows,
+                    self.sliding_mask[:, 0, 0],
+                    q.shape[-1] ** -0.5,
+                    k.contiguous(),
+                    v.contiguous(),
+                )
             else:
                 k_new = k[:, None] if self.decode_only else _rows(k, self.q_index)  # [B, Qmax, ..]
                 v_new = v[:, None] if self.decode_only else _rows(v, self.q_index)

@@ -99,8 +99,9 @@ def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     return logits
 
 
-def _noise(shape: tuple[int, ...], generators: Sequence[torch.Generator | None], device,
-           fill: str) -> torch.Tensor:  # fmt: skip
+def _noise(
+    shape: tuple[int, ...], generators: Sequence[torch.Generator | None], device, fill: str
+) -> torch.Tensor:
     """A tensor of ``shape`` filled row by row with ``Tensor.<fill>`` (uniform_, exponential_):
     unseeded rows in one call, each seeded row from its own generator."""
     noise = torch.empty(shape, device=device)

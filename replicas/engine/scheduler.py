@@ -82,8 +82,13 @@ class PrefixMatcher(Protocol):
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockPool, slots: BlockPool,
-                 prefix: PrefixMatcher | None = None):  # fmt: skip
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        blocks: BlockPool,
+        slots: BlockPool,
+        prefix: PrefixMatcher | None = None,
+    ):
         self.config = config
         self.blocks, self.slots = blocks, slots
         self.prefix = prefix

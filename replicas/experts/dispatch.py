@@ -99,8 +99,10 @@ class ExpertDispatcher:
         self.transport = transport
         self.map = expert_map or ExpertMap.of(transport.placement)
         if self.map.num_groups != transport.placement.num_groups:
-            raise ValueError(f"expert map has {self.map.num_groups} groups, the transport "
-                             f"{transport.placement.num_groups}")  # fmt: skip
+            raise ValueError(
+                f"expert map has {self.map.num_groups} groups, the transport "
+                f"{transport.placement.num_groups}"
+            )
         self._pending: ExpertMap | None = None
         self._in_step = False
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -114,8 +116,9 @@ class ExpertDispatcher:
     def set_map(self, expert_map: ExpertMap) -> None:
         """Use ``expert_map`` from the next step on (thread-safe: one reference swap)."""
         if expert_map.num_groups != self.map.num_groups:
-            raise ValueError(f"expert map has {expert_map.num_groups} groups, not "
-                             f"{self.map.num_groups}")  # fmt: skip
+            raise ValueError(
+                f"expert map has {expert_map.num_groups} groups, not {self.map.num_groups}"
+            )
         self._pending = expert_map
 
     def offer(self, expert_map: ExpertMap) -> None:

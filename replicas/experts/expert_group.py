@@ -86,8 +86,9 @@ class ExpertGroup:
         )
         self.cfg = self.stack.cfg
         self.kernels = kernel_backend.choose(kernels, self.device)
-        logger.info("expert group %d kernels: %s (%s)", group, self.kernels.name,
-                    self.kernels.reason)  # fmt: skip
+        logger.info(
+            "expert group %d kernels: %s (%s)", group, self.kernels.name, self.kernels.reason
+        )
         use_expert_kernels(self.stack, self.kernels.name)
         self._lock = threading.Lock()
         self._num_calls = 0
@@ -145,17 +146,24 @@ class ExpertGroup:
         too, so calls made with the old map or the new one both work -> seconds it took."""
         started = time.monotonic()
         held = self.stack.holdings()
-        missing = {layer: sorted(set(ids) - set(held.get(layer, ()))) for layer, ids in
-                   holdings.items()}  # fmt: skip
+        missing = {
+            layer: sorted(set(ids) - set(held.get(layer, ()))) for layer, ids in holdings.items()
+        }
         missing = {layer: ids for layer, ids in missing.items() if ids}
         if missing:
-            fresh = load_expert_stack(self.model_path, missing, dtype=self.dtype,
-                                      device=self.device, layers=list(missing),
-                                      progress=False)  # fmt: skip
+            fresh = load_expert_stack(
+                self.model_path,
+                missing,
+                dtype=self.dtype,
+                device=self.device,
+                layers=list(missing),
+                progress=False,
+            )
             for layer, ids in missing.items():
                 mine = self.stack.experts(layer)
-                merged = RoutedExperts.gather(self.cfg, mine.expert_ids + tuple(ids),
-                                              [mine, fresh.experts(layer)])  # fmt: skip
+                merged = RoutedExperts.gather(
+                    self.cfg, mine.expert_ids + tuple(ids), [mine, fresh.experts(layer)]
+                )
                 with self._lock:
                     self.stack.replace_experts(layer, merged)
         with self._lock:

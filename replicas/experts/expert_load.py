@@ -17,8 +17,14 @@ class LoadWindow:
     ``window_s`` seconds of history. Not thread-safe: the owner holds a lock.
     """
 
-    def __init__(self, layers: Sequence[int], num_experts: int, window_s: float = 30.0,
-                 num_buckets: int = 6, clock: Callable[[], float] = time.monotonic):  # fmt: skip
+    def __init__(
+        self,
+        layers: Sequence[int],
+        num_experts: int,
+        window_s: float = 30.0,
+        num_buckets: int = 6,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if window_s <= 0 or num_buckets < 1:
             raise ValueError("load window: window_s > 0 and num_buckets >= 1 are required")
         self.layers, self.num_experts = list(layers), num_experts
@@ -38,8 +44,9 @@ class LoadWindow:
             self._stamps[i] = number
         return i
 
-    def add(self, layer: int, expert_ids: torch.Tensor, busy_s: float = 0.0,
-            now: float | None = None) -> None:  # fmt: skip
+    def add(
+        self, layer: int, expert_ids: torch.Tensor, busy_s: float = 0.0, now: float | None = None
+    ) -> None:
         """Count one slot per entry of ``expert_ids`` (global ids) in ``layer``, and
         ``busy_s`` seconds of computing."""
         if layer not in self._row:
@@ -51,8 +58,11 @@ class LoadWindow:
 
     def _live(self, now: float | None) -> list[int]:
         number = int((self.clock() if now is None else now) // self.bucket_s)
-        return [i for i, s in enumerate(self._stamps)
-                if s is not None and number - len(self._stamps) < s <= number]  # fmt: skip
+        return [
+            i
+            for i, s in enumerate(self._stamps)
+            if s is not None and number - len(self._stamps) < s <= number
+        ]
 
     def counts(self, now: float | None = None) -> torch.Tensor:
         """-> [L, E] slots per (layer, expert) within the window."""

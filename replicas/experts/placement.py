@@ -88,17 +88,21 @@ class ExpertMap:
         for layer, holdings in ((None, self.default), *self.layers):
             where = "default" if layer is None else f"layer {layer}"
             if len(holdings) != len(self.default):
-                raise ValueError(f"expert map, {where}: {len(holdings)} groups, not "
-                                 f"{len(self.default)}")  # fmt: skip
+                raise ValueError(
+                    f"expert map, {where}: {len(holdings)} groups, not {len(self.default)}"
+                )
             copies = [0] * self.num_experts
             for g, ids in enumerate(holdings):
                 if len(set(ids)) != len(ids) or not ids:
-                    raise ValueError(f"expert map, {where}: group {g} holds {list(ids)} (each "
-                                     "expert at most once, at least one expert)")  # fmt: skip
+                    raise ValueError(
+                        f"expert map, {where}: group {g} holds {list(ids)} (each "
+                        "expert at most once, at least one expert)"
+                    )
                 for e in ids:
                     if not 0 <= e < self.num_experts:
-                        raise ValueError(f"expert map, {where}: expert id {e} not in "
-                                         f"[0, {self.num_experts})")  # fmt: skip
+                        raise ValueError(
+                            f"expert map, {where}: expert id {e} not in [0, {self.num_experts})"
+                        )
                     copies[e] += 1
             if 0 in copies:
                 raise ValueError(f"expert map, {where}: expert {copies.index(0)} is in no group")

@@ -39,9 +39,16 @@ class AttentionBatch:
     max_k: int  # most positions (cached + new) of a sequence
 
     @classmethod
-    def build(cls, chunks: Sequence[SeqChunk], q_start: torch.Tensor, num_new: torch.Tensor,
-              computed: torch.Tensor, block_tables: torch.Tensor, slots: torch.Tensor,
-              group: int) -> AttentionBatch:  # fmt: skip
+    def build(
+        cls,
+        chunks: Sequence[SeqChunk],
+        q_start: torch.Tensor,
+        num_new: torch.Tensor,
+        computed: torch.Tensor,
+        block_tables: torch.Tensor,
+        slots: torch.Tensor,
+        group: int,
+    ) -> AttentionBatch:
         """From a step's chunks (on the host) and the per-sequence tensors StepAttention made
         of them (on the device)."""
         g_pad = 1 << (group - 1).bit_length()  # the next power of 2
@@ -59,7 +66,17 @@ class AttentionBatch:
         def ints(values):
             return torch.tensor(values, dtype=torch.int32, device=q_start.device)
 
-        return cls(q_start, num_new, computed, block_tables, slots, ints(tile_seq), ints(tile_q0),
-                   block_q, tuple((c.num_new, c.num_computed, c.slot) for c in chunks),
-                   tuple(starts), max_q, max(c.num_new + c.num_computed for c in chunks),
-                   )  # fmt: skip
+        return cls(
+            q_start,
+            num_new,
+            computed,
+            block_tables,
+            slots,
+            ints(tile_seq),
+            ints(tile_q0),
+            block_q,
+            tuple((c.num_new, c.num_computed, c.slot) for c in chunks),
+            tuple(starts),
+            max_q,
+            max(c.num_new + c.num_computed for c in chunks),
+        )

@@ -49,8 +49,10 @@ def unavailable(name: str, device: torch.device) -> str | None:
             return "triton is not installed (pip install 'exaone-cluster[gpu]')"
         if device.type == "cuda" or (device.type == "cpu" and interpreting()):
             return None
-        return (f"triton kernels need a CUDA device, not {device.type} (TRITON_INTERPRET=1 runs "
-                "them on CPU, slowly, for tests)")  # fmt: skip
+        return (
+            f"triton kernels need a CUDA device, not {device.type} (TRITON_INTERPRET=1 runs "
+            "them on CPU, slowly, for tests)"
+        )
     if name == "vllm":
         if not _installed("vllm"):
             return "vllm is not installed (pip install 'exaone-cluster[gpu]')"

@@ -31,8 +31,15 @@ import torch
 CSRC = Path(__file__).with_name("csrc")
 # -ffp-contract=off: no fused multiply-adds where the C says multiply, round, add (the kernels
 # reproduce PyTorch's roundings; moe_layer_decode_bf16's combine is bit for bit weighted_sum's).
-BASE_FLAGS = ["-O3", "-mavx512f", "-mavx512bf16", "-ffp-contract=off", "-fopenmp", "-shared",
-              "-fPIC"]  # fmt: skip
+BASE_FLAGS = [
+    "-O3",
+    "-mavx512f",
+    "-mavx512bf16",
+    "-ffp-contract=off",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+]
 P, I32 = ctypes.c_void_p, ctypes.c_int
 
 
@@ -69,9 +76,14 @@ def build(name: str, sources: list[Path], flags: list[str]) -> Path:
 class _Library:
     """One kernel library: built and loaded once, on first use, or the reason it cannot be."""
 
-    def __init__(self, name: str, sources: list[str], flags: list[str],
-                 cpu_check: Callable[[], str | None],
-                 declare: Callable[[ctypes.CDLL], str | None]):  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        sources: list[str],
+        flags: list[str],
+        cpu_check: Callable[[], str | None],
+        declare: Callable[[ctypes.CDLL], str | None],
+    ):
         self.name, self.sources, self.flags = name, [CSRC / s for s in sources], flags
         self.cpu_check, self.declare = cpu_check, declare
         self.lib: ctypes.CDLL | None = None
@@ -112,18 +124,67 @@ def _avx512_bf16() -> str | None:
 def _declare_bf16(lib: ctypes.CDLL) -> str | None:
     lib.moe_experts_bf16.argtypes = [P, P, I32, I32, I32, P, P, P, P, I32]
     lib.moe_experts_bf16.restype = None
-    lib.decode_attention_bf16.argtypes = [P, P, P, P, I32, P, P, P, I32, I32, I32, I32,
-                                          ctypes.c_float, P, P, I32]  # fmt: skip
+    lib.decode_attention_bf16.argtypes = [
+        P,
+        P,
+        P,
+        P,
+        I32,
+        P,
+        P,
+        P,
+        I32,
+        I32,
+        I32,
+        I32,
+        ctypes.c_float,
+        P,
+        P,
+        I32,
+    ]
     lib.decode_attention_bf16.restype = None
     lib.linear_bf16.argtypes = [P, I32, I32, I32, P, P, I32]
     lib.linear_bf16.restype = None
-    lib.moe_layer_decode_bf16.argtypes = [P, I32, I32, I32, I32, P, P, P, I32, I32, I32, P, P, P,
-                                           P, P, P, P, P, I32]  # fmt: skip
+    lib.moe_layer_decode_bf16.argtypes = [
+        P,
+        I32,
+        I32,
+        I32,
+        I32,
+        P,
+        P,
+        P,
+        I32,
+        I32,
+        I32,
+        P,
+        P,
+        P,
+        P,
+        P,
+        P,
+        P,
+        P,
+        I32,
+    ]
     lib.moe_layer_decode_bf16.restype = I32
     lib.rms_norm_bf16.argtypes = [P, I32, I32, ctypes.c_int64, P, ctypes.c_float, P]
     lib.rms_norm_bf16.restype = None
-    lib.qk_norm_rope_bf16.argtypes = [P, I32, ctypes.c_int64, I32, I32, I32, P, P, ctypes.c_float,
-                                      P, P, P, P]  # fmt: skip
+    lib.qk_norm_rope_bf16.argtypes = [
+        P,
+        I32,
+        ctypes.c_int64,
+        I32,
+        I32,
+        I32,
+        P,
+        P,
+        ctypes.c_float,
+        P,
+        P,
+        P,
+        P,
+    ]
     lib.qk_norm_rope_bf16.restype = None
     return None
 
@@ -143,8 +204,13 @@ def _declare_amx(lib: ctypes.CDLL) -> str | None:
 
 _BF16_SOURCES = ["moe_bf16.c", "decode_attention.c", "linear_bf16.c", "decode_ops.c"]
 _BF16 = _Library("exaone_avx512", _BF16_SOURCES, BASE_FLAGS, _avx512_bf16, _declare_bf16)
-_AMX = _Library("exaone_amx", ["moe_amx.c"], [*BASE_FLAGS, "-mamx-tile", "-mamx-bf16"],
-                _avx512_bf16, _declare_amx)  # fmt: skip
+_AMX = _Library(
+    "exaone_amx",
+    ["moe_amx.c"],
+    [*BASE_FLAGS, "-mamx-tile", "-mamx-bf16"],
+    _avx512_bf16,
+    _declare_amx,
+)
 
 
 def available() -> bool:
@@ -173,14 +239,22 @@ def _require_bf16(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} must be a contiguous bf16 CPU tensor")
 
 
-def _check_experts(x_name: str, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                   offsets: torch.Tensor, rows: int) -> torch.Tensor:  # fmt: skip
+def _check_experts(
+    x_name: str,
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    offsets: torch.Tensor,
+    rows: int,
+) -> torch.Tensor:
     """Input checks both kernels share -> offsets as contiguous int64."""
     num_experts, two_inter, hidden = w13.shape
     _require_bf16(**{x_name: x}, w13=w13, w2=w2)
     if x.shape[1] != hidden or tuple(w2.shape) != (num_experts, hidden, two_inter // 2):
-        raise ValueError(f"shapes do not match: {x_name} {tuple(x.shape)}, w13 {tuple(w13.shape)}, "
-                         f"w2 {tuple(w2.shape)}")  # fmt: skip
+        raise ValueError(
+            f"shapes do not match: {x_name} {tuple(x.shape)}, w13 {tuple(w13.shape)}, "
+            f"w2 {tuple(w2.shape)}"
+        )
     offsets = offsets.to(torch.int64).contiguous()
     if offsets.shape != (num_experts + 1,) or int(offsets[-1]) != rows:
         raise ValueError(f"offsets must be [{num_experts + 1}] ending at {rows} rows")
@@ -199,16 +273,29 @@ def moe_experts_bf16(
     act = h.new_empty(h.shape[0], inter)
     out = torch.empty_like(h)
     lib.moe_experts_bf16(
-        h.data_ptr(), offsets.data_ptr(), w13.shape[0], h.shape[1], inter, w13.data_ptr(),
-        w2.data_ptr(), act.data_ptr(), out.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+        h.data_ptr(),
+        offsets.data_ptr(),
+        w13.shape[0],
+        h.shape[1],
+        inter,
+        w13.data_ptr(),
+        w2.data_ptr(),
+        act.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     return out
 
 
 def moe_layer_decode_bf16(
-    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-    local_index: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, max_rows_per_expert: int,
-) -> torch.Tensor | None:  # fmt: skip
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    local_index: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    max_rows_per_expert: int,
+) -> torch.Tensor | None:
     """A routed-expert layer for a decode step's few tokens: x [N, H] bf16, topk_ids [N, K]
     int64 global ids, topk_weights [N, K] fp32, local_index [>= num_experts] int64 (slot of each
     global id in w13 / w2, -1 if not held) -> [N, H] bf16, the weighted sum of the K expert
@@ -219,12 +306,18 @@ def moe_layer_decode_bf16(
     _require_bf16(x=x, w13=w13, w2=w2)
     (n, hidden), (num_local, two_inter, _), k = x.shape, w13.shape, topk_ids.shape[1]
     inter = two_inter // 2
-    if (topk_ids.dtype is not torch.int64 or topk_weights.dtype is not torch.float32
-            or topk_ids.shape != (n, k) or topk_weights.shape != (n, k)
-            or not (topk_ids.is_contiguous() and topk_weights.is_contiguous())
-            or local_index.dtype is not torch.int64 or not local_index.is_contiguous()
-            or not (topk_ids.is_cpu and topk_weights.is_cpu and local_index.is_cpu)
-            or w13.shape[2] != hidden or w2.shape != (num_local, hidden, inter)):  # fmt: skip
+    if (
+        topk_ids.dtype is not torch.int64
+        or topk_weights.dtype is not torch.float32
+        or topk_ids.shape != (n, k)
+        or topk_weights.shape != (n, k)
+        or not (topk_ids.is_contiguous() and topk_weights.is_contiguous())
+        or local_index.dtype is not torch.int64
+        or not local_index.is_contiguous()
+        or not (topk_ids.is_cpu and topk_weights.is_cpu and local_index.is_cpu)
+        or w13.shape[2] != hidden
+        or w2.shape != (num_local, hidden, inter)
+    ):
         raise ValueError("moe_layer_decode_bf16: shapes or dtypes do not fit")
     slots = n * k
     order = torch.empty(slots, dtype=torch.int64)
@@ -234,14 +327,32 @@ def moe_layer_decode_bf16(
     y = torch.empty(slots, hidden, dtype=torch.bfloat16)
     out = torch.empty(n, hidden, dtype=torch.bfloat16)
     code = lib.moe_layer_decode_bf16(
-        x.data_ptr(), n, hidden, inter, k, topk_ids.data_ptr(), topk_weights.data_ptr(),
-        local_index.data_ptr(), local_index.numel(), num_local, max_rows_per_expert,
-        w13.data_ptr(), w2.data_ptr(), order.data_ptr(), offsets.data_ptr(), h.data_ptr(),
-        act.data_ptr(), y.data_ptr(), out.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+        x.data_ptr(),
+        n,
+        hidden,
+        inter,
+        k,
+        topk_ids.data_ptr(),
+        topk_weights.data_ptr(),
+        local_index.data_ptr(),
+        local_index.numel(),
+        num_local,
+        max_rows_per_expert,
+        w13.data_ptr(),
+        w2.data_ptr(),
+        order.data_ptr(),
+        offsets.data_ptr(),
+        h.data_ptr(),
+        act.data_ptr(),
+        y.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     if code == 2:
-        raise ValueError(f"expert ids must be in [0, {local_index.numel()}) and map to held "
-                         f"experts (< {num_local}), with k >= 1")  # fmt: skip
+        raise ValueError(
+            f"expert ids must be in [0, {local_index.numel()}) and map to held "
+            f"experts (< {num_local}), with k >= 1"
+        )
     return None if code else out
 
 
@@ -249,9 +360,12 @@ AMX_BLOCK = 16  # rows per block in moe_amx.c
 
 
 def moe_experts_amx(
-    x: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor,
+    x: torch.Tensor,
+    tokens: torch.Tensor,
+    offsets: torch.Tensor,
+    w13: torch.Tensor,
     w2: torch.Tensor,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """x [N, H] bf16, tokens [S] (row of x for each grouped row), offsets [E + 1] int64 (expert
     e owns grouped rows offsets[e]..offsets[e+1]), w13 [E, 2I, H], w2 [E, H, I] bf16 -> [S, H]
     bf16: down(silu(gate(x[t])) * up(x[t])) for each grouped row's token t. H and I must be
@@ -272,10 +386,20 @@ def moe_experts_amx(
     actpack = torch.empty(num_blocks * inter // 2 * AMX_BLOCK, dtype=torch.int32)
     out = x.new_empty(tokens.numel(), hidden)
     lib.moe_experts_amx(
-        x.data_ptr(), tokens.data_ptr(), offsets.data_ptr(), blocks.data_ptr(), num_experts,
-        hidden, inter, w13.data_ptr(), w2.data_ptr(), xpack.data_ptr(), actpack.data_ptr(),
-        out.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+        x.data_ptr(),
+        tokens.data_ptr(),
+        offsets.data_ptr(),
+        blocks.data_ptr(),
+        num_experts,
+        hidden,
+        inter,
+        w13.data_ptr(),
+        w2.data_ptr(),
+        xpack.data_ptr(),
+        actpack.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     return out
 
 
@@ -289,8 +413,9 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if k != k_w:
         raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)}: inner sizes differ")
     out = torch.empty(m, n, dtype=torch.bfloat16)
-    lib.linear_bf16(x.data_ptr(), m, k, n, weight.data_ptr(), out.data_ptr(),
-                    torch.get_num_threads())  # fmt: skip
+    lib.linear_bf16(
+        x.data_ptr(), m, k, n, weight.data_ptr(), out.data_ptr(), torch.get_num_threads()
+    )
     return out
 
 
@@ -303,8 +428,13 @@ def _rows_view(x: torch.Tensor, name: str) -> int:
 
 
 def _bf16_vector(w: torch.Tensor, size: int, name: str) -> None:
-    if not (w.dtype is torch.bfloat16 and w.is_cpu and w.dim() == 1 and w.shape[0] == size
-            and w.stride(0) == 1):  # fmt: skip
+    if not (
+        w.dtype is torch.bfloat16
+        and w.is_cpu
+        and w.dim() == 1
+        and w.shape[0] == size
+        and w.stride(0) == 1
+    ):
         raise ValueError(f"{name} must be a contiguous bf16 CPU vector of {size}")
 
 
@@ -321,9 +451,15 @@ def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 
 
 def qk_norm_rope_bf16(
-    qkv: torch.Tensor, q_heads: int, kv_heads: int, q_weight: torch.Tensor,
-    k_weight: torch.Tensor, eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    qkv: torch.Tensor,
+    q_heads: int,
+    kv_heads: int,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """qkv [T, >= (Hq + Hkv) * D] (q heads then k heads; rows may be strided) -> q [T, Hq, D],
     k [T, Hkv, D] bf16: per-head RMSNorm (q_weight / k_weight [D]), then NeoX RoPE with
     cos/sin [T, D] when given (csrc/decode_ops.c)."""
@@ -333,8 +469,10 @@ def qk_norm_rope_bf16(
     _bf16_vector(q_weight, dim, "q_weight")
     _bf16_vector(k_weight, dim, "k_weight")
     if qkv.shape[1] < (q_heads + kv_heads) * dim or dim % 2:
-        raise ValueError(f"qkv {tuple(qkv.shape)} does not hold {q_heads} + {kv_heads} heads of "
-                         f"{dim} (an even head size)")  # fmt: skip
+        raise ValueError(
+            f"qkv {tuple(qkv.shape)} does not hold {q_heads} + {kv_heads} heads of "
+            f"{dim} (an even head size)"
+        )
     if cos is not None:
         for t in (cos, sin):
             if _rows_view(t, "cos/sin") != dim or t.shape != (tokens, dim):
@@ -342,10 +480,20 @@ def qk_norm_rope_bf16(
     q = torch.empty(tokens, q_heads, dim, dtype=torch.bfloat16)
     k = torch.empty(tokens, kv_heads, dim, dtype=torch.bfloat16)
     lib.qk_norm_rope_bf16(
-        qkv.data_ptr(), tokens, stride, q_heads, kv_heads, dim, q_weight.data_ptr(),
-        k_weight.data_ptr(), eps, None if cos is None else cos.data_ptr(),
-        None if sin is None else sin.data_ptr(), q.data_ptr(), k.data_ptr(),
-    )  # fmt: skip
+        qkv.data_ptr(),
+        tokens,
+        stride,
+        q_heads,
+        kv_heads,
+        dim,
+        q_weight.data_ptr(),
+        k_weight.data_ptr(),
+        eps,
+        None if cos is None else cos.data_ptr(),
+        None if sin is None else sin.data_ptr(),
+        q.data_ptr(),
+        k.data_ptr(),
+    )
     return q, k
 
 
@@ -356,38 +504,60 @@ def linear_amx(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     _require_bf16(x=x, weight=weight)
     (m, k), (n, k_w) = x.shape, weight.shape
     if k != k_w or k % 32 or n % 16:
-        raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)}: inner sizes "
-                         "must match and be multiples of 32, outputs of 16")  # fmt: skip
+        raise ValueError(
+            f"x {tuple(x.shape)}, weight {tuple(weight.shape)}: inner sizes "
+            "must match and be multiples of 32, outputs of 16"
+        )
     blocks = (m + AMX_BLOCK - 1) // AMX_BLOCK
     xpack = torch.empty(blocks * k // 2 * AMX_BLOCK, dtype=torch.int32)
     out = x.new_empty(m, n)
-    lib.linear_amx(x.data_ptr(), m, k, n, weight.data_ptr(), xpack.data_ptr(), out.data_ptr(),
-                   torch.get_num_threads())  # fmt: skip
+    lib.linear_amx(
+        x.data_ptr(),
+        m,
+        k,
+        n,
+        weight.data_ptr(),
+        xpack.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     return out
 
 
 def decode_attention_bf16(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, rows: torch.Tensor,
-    valid: torch.Tensor, scale: float, k_extra: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    rows: torch.Tensor,
+    valid: torch.Tensor,
+    scale: float,
+    k_extra: torch.Tensor | None = None,
     v_extra: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D] over the keys/values at pool rows ``rows``
     [B, R] of k_pool/v_pool [P, Hkv, D], then (when given) one more key/value per sequence,
     k_extra/v_extra [B, Hkv, D]; valid [B, R (+1)] bool says which keys count -> [B, Hq, D]
     bf16. D must be a multiple of 32."""
     lib = _BF16.require()
     extra = k_extra is not None
-    _require_bf16(q=q, k_pool=k_pool, v_pool=v_pool,
-                  **({"k_extra": k_extra, "v_extra": v_extra} if extra else {}))  # fmt: skip
+    _require_bf16(
+        q=q,
+        k_pool=k_pool,
+        v_pool=v_pool,
+        **({"k_extra": k_extra, "v_extra": v_extra} if extra else {}),
+    )
     (batch, heads, dim), (_, kv_heads, _) = q.shape, k_pool.shape
     if dim % 32 or heads % kv_heads or heads // kv_heads > 64 or k_pool.shape != v_pool.shape:
-        raise ValueError(f"q {tuple(q.shape)}, pools {tuple(k_pool.shape)}: head_dim must be a "
-                         "multiple of 32, query heads a multiple (<= 64x) of kv heads")  # fmt: skip
+        raise ValueError(
+            f"q {tuple(q.shape)}, pools {tuple(k_pool.shape)}: head_dim must be a "
+            "multiple of 32, query heads a multiple (<= 64x) of kv heads"
+        )
     rows = rows.to(torch.int64).contiguous()
     num_rows = rows.shape[1]
     if rows.shape[0] != batch or tuple(valid.shape) != (batch, num_rows + extra):
-        raise ValueError(f"rows {tuple(rows.shape)} / valid {tuple(valid.shape)} do not fit "
-                         f"{batch} sequences")  # fmt: skip
+        raise ValueError(
+            f"rows {tuple(rows.shape)} / valid {tuple(valid.shape)} do not fit {batch} sequences"
+        )
     if extra and (k_extra.shape != (batch, kv_heads, dim) or v_extra.shape != k_extra.shape):
         raise ValueError("k_extra and v_extra must be [B, Hkv, D]")
     valid = valid.to(torch.uint8).contiguous()
@@ -395,9 +565,21 @@ def decode_attention_bf16(
     scores = torch.empty(threads * (heads // kv_heads) * (num_rows + 1), dtype=torch.float32)
     out = torch.empty_like(q)
     lib.decode_attention_bf16(
-        q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), rows.data_ptr(), num_rows,
-        k_extra.data_ptr() if extra else None, v_extra.data_ptr() if extra else None,
-        valid.data_ptr(), batch, heads, kv_heads, dim, scale, scores.data_ptr(), out.data_ptr(),
+        q.data_ptr(),
+        k_pool.data_ptr(),
+        v_pool.data_ptr(),
+        rows.data_ptr(),
+        num_rows,
+        k_extra.data_ptr() if extra else None,
+        v_extra.data_ptr() if extra else None,
+        valid.data_ptr(),
+        batch,
+        heads,
+        kv_heads,
+        dim,
+        scale,
+        scores.data_ptr(),
+        out.data_ptr(),
         threads,
-    )  # fmt: skip
+    )
     return out

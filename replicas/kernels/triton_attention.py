@@ -39,8 +39,9 @@ NEG_INIT = -1.0e30  # running max before any key: finite, so fully masked tiles 
 
 
 @triton.jit
-def _online_update(q, kt, v, allowed, m_i, l_i, acc, scale,
-                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+def _online_update(
+    q, kt, v, allowed, m_i, l_i, acc, scale, UPCAST: tl.constexpr, PRECISION: tl.constexpr
+):
     """One K/V tile of flash attention. q [BM, D], kt [D, BN], v [BN, D], allowed [BM, BN]."""
     if UPCAST:
         s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision=PRECISION)
@@ -61,23 +62,59 @@ def _online_update(q, kt, v, allowed, m_i, l_i, acc, scale,
 @triton.jit
 def _load_kv(k_base, v_base, rows, ok, stride_row, d, d_ok):
     """K transposed [D, BN] and V [BN, D] of ``rows`` [BN] (one KV head's base pointers)."""
-    kt = tl.load(k_base + rows[None, :] * stride_row + d[:, None], mask=ok[None, :] & d_ok[:, None],
-                 other=0.0)  # fmt: skip
-    v = tl.load(v_base + rows[:, None] * stride_row + d[None, :], mask=ok[:, None] & d_ok[None, :],
-                other=0.0)  # fmt: skip
+    kt = tl.load(
+        k_base + rows[None, :] * stride_row + d[:, None],
+        mask=ok[None, :] & d_ok[:, None],
+        other=0.0,
+    )
+    v = tl.load(
+        v_base + rows[:, None] * stride_row + d[None, :],
+        mask=ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     return kt, v
 
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    tile_seq_ptr, tile_q0_ptr, q_start_ptr, num_new_ptr, computed_ptr, table_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_ch, stride_ot, stride_oh,
-    stride_table, head_dim, scale, block_size,
-    WINDOW: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, RING: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, NUM_SPLITS: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    kc_ptr,
+    vc_ptr,
+    out_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    tile_seq_ptr,
+    tile_q0_ptr,
+    q_start_ptr,
+    num_new_ptr,
+    computed_ptr,
+    table_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_ct,
+    stride_ch,
+    stride_ot,
+    stride_oh,
+    stride_table,
+    head_dim,
+    scale,
+    block_size,
+    WINDOW: tl.constexpr,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D_PAD: tl.constexpr,
+    RING: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
     tile, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq = tl.load(tile_seq_ptr + tile)
     q0 = tl.load(tile_q0_ptr + tile)  # first new token of this tile, within the chunk
@@ -122,8 +159,15 @@ def _attention_kernel(
         else:
             block = tl.load(table_ptr + seq * stride_table + kp // block_size, mask=k_ok, other=0)
             rows = block * block_size + kp % block_size
-        kt, v = _load_kv(kc_ptr + kv_head * stride_ch, vc_ptr + kv_head * stride_ch,
-                         rows.to(tl.int64), k_ok, stride_ct, d, d_ok)  # fmt: skip
+        kt, v = _load_kv(
+            kc_ptr + kv_head * stride_ch,
+            vc_ptr + kv_head * stride_ch,
+            rows.to(tl.int64),
+            k_ok,
+            stride_ct,
+            d,
+            d_ok,
+        )
         allowed = k_ok[None, :] & row_ok[:, None]
         if WINDOW > 0:
             allowed = allowed & (q_pos[:, None] - kp[None, :] < WINDOW)
@@ -139,8 +183,15 @@ def _attention_kernel(
     for start in range(j_lo, j_hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)  # [BN] token within the chunk
         j_ok = j < j_hi
-        kt, v = _load_kv(k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_kh,
-                         (q_start + j).to(tl.int64), j_ok, stride_kt, d, d_ok)  # fmt: skip
+        kt, v = _load_kv(
+            k_ptr + kv_head * stride_kh,
+            v_ptr + kv_head * stride_kh,
+            (q_start + j).to(tl.int64),
+            j_ok,
+            stride_kt,
+            d,
+            d_ok,
+        )
         allowed = j_ok[None, :] & row_ok[:, None] & (j[None, :] <= q_idx[:, None])
         if WINDOW > 0:
             allowed = allowed & (q_idx[:, None] - j[None, :] < WINDOW)
@@ -162,11 +213,23 @@ def _attention_kernel(
 
 @triton.jit
 def _combine_splits_kernel(
-    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tile_seq_ptr, tile_q0_ptr, q_start_ptr,
-    num_new_ptr, stride_ot, stride_oh, head_dim,
-    GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, D_PAD: tl.constexpr,
+    out_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    tile_seq_ptr,
+    tile_q0_ptr,
+    q_start_ptr,
+    num_new_ptr,
+    stride_ot,
+    stride_oh,
+    head_dim,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    D_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-):  # fmt: skip
+):
     """Flash-decoding's second pass: merge the splits' (max, sum, unnormalised output)."""
     tile, kv_head = tl.program_id(0), tl.program_id(1)
     seq = tl.load(tile_seq_ptr + tile)
@@ -224,10 +287,19 @@ def num_splits(batch: AttentionBatch, kv_heads: int, keys: int, device: torch.de
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-    v_cache: torch.Tensor, batch: AttentionBatch, *, window: int | None, ring: int | None,
-    block_size: int, scale: float, splits: int | None = None,
-) -> torch.Tensor:  # fmt: skip
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    *,
+    window: int | None,
+    ring: int | None,
+    block_size: int,
+    scale: float,
+    splits: int | None = None,
+) -> torch.Tensor:
     """q [N, Hq, D]; k, v [N, Hkv, D] (the step's new tokens); k_cache/v_cache [rows, Hkv, D]:
     a global layer's pool (``ring`` None: paged with ``block_size``) or a sliding layer's rings
     flattened (``ring`` = R rows per slot) -> [N, Hq, D] in q's dtype. ``splits``: ways to split
@@ -235,8 +307,10 @@ def attend(
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     if num_heads % kv_heads or k.shape != v.shape or k_cache.shape != v_cache.shape:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, cache {tuple(k_cache.shape)}: "
-                         "query heads must be a multiple of kv heads")  # fmt: skip
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, cache {tuple(k_cache.shape)}: "
+            "query heads must be a multiple of kv heads"
+        )
     if not (q.dtype == k.dtype == k_cache.dtype):
         raise ValueError(f"q {q.dtype}, k {k.dtype}, cache {k_cache.dtype}: one dtype for all")
     out = torch.empty_like(q)
@@ -257,19 +331,61 @@ def attend(
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty(rows, d_pad, dtype=torch.float32, device=q.device)
     _attention_kernel[(tiles, kv_heads, splits)](
-        q, k, v, k_cache, v_cache, out, part_m, part_l, part_acc,
-        batch.tile_seq, batch.tile_q0, batch.q_start, batch.num_new, batch.computed, table,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k_cache.stride(0),
-        k_cache.stride(1), out.stride(0), out.stride(1), table.stride(0), head_dim, scale,
-        ring if ring is not None else block_size, WINDOW=window or 0, GROUP=group,
-        G_PAD=g_pad, BLOCK_Q=batch.block_q, BLOCK_N=BLOCK_N, D_PAD=d_pad, RING=ring is not None,
-        UPCAST=INTERPRET, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        out,
+        part_m,
+        part_l,
+        part_acc,
+        batch.tile_seq,
+        batch.tile_q0,
+        batch.q_start,
+        batch.num_new,
+        batch.computed,
+        table,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        out.stride(0),
+        out.stride(1),
+        table.stride(0),
+        head_dim,
+        scale,
+        ring if ring is not None else block_size,
+        WINDOW=window or 0,
+        GROUP=group,
+        G_PAD=g_pad,
+        BLOCK_Q=batch.block_q,
+        BLOCK_N=BLOCK_N,
+        D_PAD=d_pad,
+        RING=ring is not None,
+        UPCAST=INTERPRET,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         NUM_SPLITS=splits,
-    )  # fmt: skip
+    )
     if splits > 1:
         _combine_splits_kernel[(tiles, kv_heads)](
-            out, part_m, part_l, part_acc, batch.tile_seq, batch.tile_q0, batch.q_start,
-            batch.num_new, out.stride(0), out.stride(1), head_dim,
-            GROUP=group, G_PAD=g_pad, BLOCK_Q=batch.block_q, D_PAD=d_pad, NUM_SPLITS=splits,
-        )  # fmt: skip
+            out,
+            part_m,
+            part_l,
+            part_acc,
+            batch.tile_seq,
+            batch.tile_q0,
+            batch.q_start,
+            batch.num_new,
+            out.stride(0),
+            out.stride(1),
+            head_dim,
+            GROUP=group,
+            G_PAD=g_pad,
+            BLOCK_Q=batch.block_q,
+            D_PAD=d_pad,
+            NUM_SPLITS=splits,
+        )
     return out

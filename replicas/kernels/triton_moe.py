@@ -35,8 +35,9 @@ INTERPRET = interpreting()  # fixed when triton is imported, as triton's own cho
 
 
 @triton.jit
-def _block_rows(offsets_ptr, block_start_ptr, pid, num_experts, E_PAD: tl.constexpr,
-                BLOCK_M: tl.constexpr):  # fmt: skip
+def _block_rows(
+    offsets_ptr, block_start_ptr, pid, num_experts, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr
+):
     """Block ``pid`` -> (its expert, its grouped rows [BM] int64, which of them exist, whether
     pid is a real block at all). The expert is the number of experts whose blocks end at or
     before pid."""
@@ -53,15 +54,30 @@ def _block_rows(offsets_ptr, block_start_ptr, pid, num_experts, E_PAD: tl.conste
 
 @triton.jit
 def _gate_up_silu_kernel(
-    x_ptr, tokens_ptr, offsets_ptr, block_start_ptr, w13_ptr, act_ptr,
-    num_experts, hidden, inter,
-    stride_x, stride_we, stride_wn, stride_act,
-    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    tokens_ptr,
+    offsets_ptr,
+    block_start_ptr,
+    w13_ptr,
+    act_ptr,
+    num_experts,
+    hidden,
+    inter,
+    stride_x,
+    stride_we,
+    stride_wn,
+    stride_act,
+    E_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    expert, rows, row_ok, real = _block_rows(offsets_ptr, block_start_ptr, pid_m, num_experts,
-                                             E_PAD, BLOCK_M)  # fmt: skip
+    expert, rows, row_ok, real = _block_rows(
+        offsets_ptr, block_start_ptr, pid_m, num_experts, E_PAD, BLOCK_M
+    )
     if real:
         tok = tl.load(tokens_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM] rows of x
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns of I
@@ -98,15 +114,29 @@ def _gate_up_silu_kernel(
 
 @triton.jit
 def _down_kernel(
-    act_ptr, offsets_ptr, block_start_ptr, w2_ptr, y_ptr,
-    num_experts, hidden, inter,
-    stride_act, stride_we, stride_wn, stride_y,
-    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+    act_ptr,
+    offsets_ptr,
+    block_start_ptr,
+    w2_ptr,
+    y_ptr,
+    num_experts,
+    hidden,
+    inter,
+    stride_act,
+    stride_we,
+    stride_wn,
+    stride_y,
+    E_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    expert, rows, row_ok, real = _block_rows(offsets_ptr, block_start_ptr, pid_m, num_experts,
-                                             E_PAD, BLOCK_M)  # fmt: skip
+    expert, rows, row_ok, real = _block_rows(
+        offsets_ptr, block_start_ptr, pid_m, num_experts, E_PAD, BLOCK_M
+    )
     if real:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns of H
         col_ok = cols < hidden
@@ -148,9 +178,12 @@ BLOCK_N, BLOCK_K = 64, 64
 
 
 def moe_experts(
-    x: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor,
+    x: torch.Tensor,
+    tokens: torch.Tensor,
+    offsets: torch.Tensor,
+    w13: torch.Tensor,
     w2: torch.Tensor,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """x [N, H], tokens [S] (row of x for each grouped row), offsets [E + 1] (expert e owns
     grouped rows offsets[e]..offsets[e+1]), w13 [E, 2I, H] (gate rows, then up), w2 [E, H, I],
     all on one device -> y [S, H] in x's dtype: down(silu(gate(x[t])) * up(x[t])) per grouped
@@ -160,8 +193,9 @@ def moe_experts(
     if x.dtype != w13.dtype or w2.dtype != w13.dtype:
         raise ValueError(f"x {x.dtype}, w13 {w13.dtype}, w2 {w2.dtype}: one dtype for all")
     if x.shape[-1] != hidden or tuple(w2.shape) != (num_experts, hidden, inter):
-        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, "
-                         f"w2 {tuple(w2.shape)}")  # fmt: skip
+        raise ValueError(
+            f"shapes do not match: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}"
+        )
     if offsets.shape != (num_experts + 1,):
         raise ValueError(f"offsets must be [{num_experts + 1}]")
     num_rows = tokens.numel()
@@ -177,15 +211,42 @@ def moe_experts(
     max_blocks = triton.cdiv(num_rows, bm) + num_experts  # >= block_start[-1], no sync needed
     act = x.new_empty(num_rows, inter)
     common = dict(
-        E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        UPCAST=INTERPRET, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-    )  # fmt: skip
+        E_PAD=triton.next_power_of_2(num_experts),
+        BLOCK_M=bm,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        UPCAST=INTERPRET,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+    )
     _gate_up_silu_kernel[(max_blocks, triton.cdiv(inter, BLOCK_N))](
-        x, tokens, offsets, block_start, w13, act, num_experts, hidden, inter,
-        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), **common,
-    )  # fmt: skip
+        x,
+        tokens,
+        offsets,
+        block_start,
+        w13,
+        act,
+        num_experts,
+        hidden,
+        inter,
+        x.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        act.stride(0),
+        **common,
+    )
     _down_kernel[(max_blocks, triton.cdiv(hidden, BLOCK_N))](
-        act, offsets, block_start, w2, y, num_experts, hidden, inter,
-        act.stride(0), w2.stride(0), w2.stride(1), y.stride(0), **common,
-    )  # fmt: skip
+        act,
+        offsets,
+        block_start,
+        w2,
+        y,
+        num_experts,
+        hidden,
+        inter,
+        act.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        y.stride(0),
+        **common,
+    )
     return y

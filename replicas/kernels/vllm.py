@@ -25,9 +25,12 @@ SCRATCH_BLOCK = 16  # rows per scratch block for sliding layers
 
 
 def moe_experts(
-    x: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor,
+    x: torch.Tensor,
+    tokens: torch.Tensor,
+    offsets: torch.Tensor,
+    w13: torch.Tensor,
     w2: torch.Tensor,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Same contract as replicas.kernels.triton_moe.moe_experts, computed by vLLM's
     fused_experts."""
     from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
@@ -37,8 +40,9 @@ def moe_experts(
         return x.new_empty(0, x.shape[-1])
     h = x.index_select(0, tokens.long()).contiguous()  # [S, H], one row per slot
     sizes = offsets[1:] - offsets[:-1]  # [E]
-    expert = torch.repeat_interleave(torch.arange(num_experts, device=x.device), sizes,
-                                     output_size=num_rows)  # fmt: skip
+    expert = torch.repeat_interleave(
+        torch.arange(num_experts, device=x.device), sizes, output_size=num_rows
+    )
     ids = expert[:, None].to(torch.int32)  # [S, 1]: top-1, the slot's own expert
     weights = torch.ones(num_rows, 1, dtype=torch.float32, device=x.device)
     return fused_experts(h, w13.contiguous(), w2.contiguous(), weights, ids)
@@ -64,10 +68,18 @@ def _scratch_index(batch: AttentionBatch, window: int, ring: int, new_offset: in
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-    v_cache: torch.Tensor, batch: AttentionBatch, *, window: int | None, ring: int | None,
-    block_size: int, scale: float,
-) -> torch.Tensor:  # fmt: skip
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    *,
+    window: int | None,
+    ring: int | None,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
     """Same contract as replicas.kernels.triton_attention.attend, computed by vLLM's
     unified_attention. For global layers ``k_cache`` must already hold the step's keys."""
     from vllm.v1.attention.ops.triton_unified_attention import unified_attention
@@ -87,17 +99,35 @@ def attend(
     else:  # sliding layer: each sequence's window and new keys, copied into scratch blocks
         index, tables, lens, max_len = _scratch_index(batch, window, ring, k_cache.shape[0])
         index = torch.tensor(index, dtype=torch.long, device=dev)
-        kc = torch.cat([k_cache, k]).index_select(0, index).view(-1, SCRATCH_BLOCK, kv_heads,
-                                                                   head_dim)  # fmt: skip
-        vc = torch.cat([v_cache, v]).index_select(0, index).view(-1, SCRATCH_BLOCK, kv_heads,
-                                                                   head_dim)  # fmt: skip
+        kc = (
+            torch.cat([k_cache, k])
+            .index_select(0, index)
+            .view(-1, SCRATCH_BLOCK, kv_heads, head_dim)
+        )
+        vc = (
+            torch.cat([v_cache, v])
+            .index_select(0, index)
+            .view(-1, SCRATCH_BLOCK, kv_heads, head_dim)
+        )
         table = torch.tensor(tables, dtype=torch.int32, device=dev)
         seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
         window_size = (window - 1, 0)
     unified_attention(
-        q=q.contiguous(), k=kc, v=vc, out=out, cu_seqlens_q=cu_seqlens_q,
-        max_seqlen_q=batch.max_q, seqused_k=seq_lens.to(torch.int32), max_seqlen_k=max_len,
-        softmax_scale=scale, causal=True, window_size=window_size, block_table=table,
-        softcap=0, q_descale=None, k_descale=None, v_descale=None,
-    )  # fmt: skip
+        q=q.contiguous(),
+        k=kc,
+        v=vc,
+        out=out,
+        cu_seqlens_q=cu_seqlens_q,
+        max_seqlen_q=batch.max_q,
+        seqused_k=seq_lens.to(torch.int32),
+        max_seqlen_k=max_len,
+        softmax_scale=scale,
+        causal=True,
+        window_size=window_size,
+        block_table=table,
+        softcap=0,
+        q_descale=None,
+        k_descale=None,
+        v_descale=None,
+    )
     return out

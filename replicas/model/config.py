@@ -173,9 +173,15 @@ class ModelConfig:
         window = raw.get("sliding_window", 4096)
         eos = raw.get("eos_token_id", 53)
         known = {f.name for f in fields(cls)} | {
-            "eos_token_id", "rope_parameters", "rope_scaling", "first_k_dense_replace",
-            "sliding_window_pattern", "dtype", "architectures", "model_type",
-        }  # fmt: skip
+            "eos_token_id",
+            "rope_parameters",
+            "rope_scaling",
+            "first_k_dense_replace",
+            "sliding_window_pattern",
+            "dtype",
+            "architectures",
+            "model_type",
+        }
         cfg = cls(
             vocab_size=_int(raw, "vocab_size"),
             hidden_size=hidden,
@@ -281,7 +287,7 @@ class ModelConfig:
             num_nextn_predict_layers=self.num_nextn_predict_layers,
             dtype=self.torch_dtype,
             initializer_range=self.initializer_range,
-        )  # fmt: skip
+        )
         return out
 
 

@@ -212,9 +212,14 @@ class Attention(nn.Module):
         if x.shape[0] == 1 and fused_decode_op(qkv, self.q_norm.weight):
             tables = (cos, sin) if self.use_rope else (None, None)
             q, k = cpu_kernels.qk_norm_rope_bf16(
-                qkv[0], self.num_heads, self.num_kv_heads, self.q_norm.weight,
-                self.k_norm.weight, self.q_norm.eps, *tables,
-            )  # fmt: skip  # [N, Hq, D], [N, Hkv, D]
+                qkv[0],
+                self.num_heads,
+                self.num_kv_heads,
+                self.q_norm.weight,
+                self.k_norm.weight,
+                self.q_norm.eps,
+                *tables,
+            )  # [N, Hq, D], [N, Hkv, D]
             v = qkv[..., self.q_size + self.kv_size :].unflatten(-1, (self.num_kv_heads, -1))
             return q[None], k[None], v
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -343,8 +348,9 @@ class RoutedExperts(nn.Module):
         self.local_index = local
 
     @classmethod
-    def gather(cls, cfg: ModelConfig, expert_ids: Sequence[int],
-               sources: Sequence[RoutedExperts]) -> RoutedExperts:  # fmt: skip
+    def gather(
+        cls, cfg: ModelConfig, expert_ids: Sequence[int], sources: Sequence[RoutedExperts]
+    ) -> RoutedExperts:
         """Experts ``expert_ids`` of one layer, each copied from the first of ``sources`` that
         holds it (what a group keeps when its holdings change)."""
         ids = tuple(sorted(set(expert_ids)))
@@ -394,8 +400,9 @@ class RoutedExperts(nn.Module):
         sizes = counts[1:]  # [E_local] rows of each expert
         tokens = slots // k  # [S_held] token of each held slot
         # triton / vllm: one grouped-GEMM kernel pair for every expert; else maybe our CPU ones
-        kernel = self.kernels if self.kernels != "torch" else self._cpu_kernel(x, slots.numel(),
-                                                                                 sizes)  # fmt: skip
+        kernel = (
+            self.kernels if self.kernels != "torch" else self._cpu_kernel(x, slots.numel(), sizes)
+        )
         if kernel is not None:
             offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # [E_local + 1]
             if kernel in ("triton", "vllm"):
@@ -518,6 +525,7 @@ def use_expert_kernels(module: nn.Module, name: str) -> None:
     for m in module.modules():
         if isinstance(m, RoutedExperts):
             m.kernels = name
+
 
 class ExpertRows(NamedTuple):
     """The routed experts' answer for one MoE layer: slot s's unweighted output (activation
@@ -642,9 +650,13 @@ class MTP(nn.Module):
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
 
     def forward(
-        self, next_embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        self,
+        next_embeds: torch.Tensor,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
         attend: Attend | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """next_embeds [B, T, H] (embedding of token t+1), hidden [B, T, H] (final-normed h_t)
         -> [B, T, H]. With ``attend`` (a KV-cache backend), [N, H] flat rows, as the decoder
         layers take them."""
@@ -804,9 +816,13 @@ class ExaoneMoeForCausalLM(nn.Module):
         return self.lm_head(self.mtp(next_embeds, hidden, cos, sin))
 
     def mtp_step(
-        self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-        backend: AttentionBackend, layer: int,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        next_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        backend: AttentionBackend,
+        layer: int,
+    ) -> torch.Tensor:
         """One MTP pass through a KV cache. Row i is position ``positions[i]``: ``hidden[i]``
         is that position's final-normed hidden state (the main model's, or the MTP's own output
         when drafting further ahead) and ``next_ids[i]`` the token after it. ``layer`` is the
@@ -827,8 +843,9 @@ class ExpertStack(nn.Module):
     fills it and reads only those experts' bytes from the checkpoint.
     """
 
-    def __init__(self, cfg: ModelConfig, expert_ids: Iterable[int] | Mapping[int, Iterable[int]],
-                 layers=None):  # fmt: skip
+    def __init__(
+        self, cfg: ModelConfig, expert_ids: Iterable[int] | Mapping[int, Iterable[int]], layers=None
+    ):
         super().__init__()
         self.cfg = cfg
         per_layer = dict(expert_ids) if isinstance(expert_ids, Mapping) else None

@@ -41,8 +41,20 @@ DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 """Weight dtypes by the names configs and command lines use."""
 PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar by default above 1 GiB to read
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 class CheckpointError(ValueError):
@@ -257,8 +269,11 @@ def load_model(
     if include_mtp is None:
         include_mtp = cfg.num_nextn_predict_layers > 0 and index.has_mtp
         if cfg.num_nextn_predict_layers > 0 and not index.has_mtp:
-            log.warning("%s: config declares an MTP layer but has no mtp.* tensors; "
-                        "loading without MTP (no speculative decoding)", path)  # fmt: skip
+            log.warning(
+                "%s: config declares an MTP layer but has no mtp.* tensors; "
+                "loading without MTP (no speculative decoding)",
+                path,
+            )
     with torch.device("meta"):
         model = _build(cls, cfg, layers, expert_ids, include_mtp)
         full = ExaoneMoeForCausalLM(cfg, include_mtp=include_mtp)  # every known checkpoint name
@@ -280,20 +295,34 @@ def load_causal_lm(path: str | Path, **options) -> ExaoneMoeForCausalLM:
 
 
 def load_expert_stack(
-    path: str | Path, expert_ids: Iterable[int], dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device = "cpu", layers: Iterable[int] | None = None,
+    path: str | Path,
+    expert_ids: Iterable[int],
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    layers: Iterable[int] | None = None,
     progress: bool | None = None,
-) -> ExpertStack:  # fmt: skip
+) -> ExpertStack:
     """Only the routed experts ``expert_ids`` of every MoE layer (or of ``layers``): what an
     expert group holds, reading only those experts' bytes."""
-    return load_model(ExpertStack, path, dtype=dtype, device=device, layers=layers,
-                      expert_ids=expert_ids, include_mtp=False, progress=progress)  # fmt: skip
+    return load_model(
+        ExpertStack,
+        path,
+        dtype=dtype,
+        device=device,
+        layers=layers,
+        expert_ids=expert_ids,
+        include_mtp=False,
+        progress=progress,
+    )
 
 
 def _build(cls, cfg, layers, expert_ids, include_mtp):
     if cls.__name__ == "ExpertStack":
-        return cls(cfg, expert_ids=range(cfg.num_experts) if expert_ids is None else expert_ids,
-                   layers=layers)  # fmt: skip
+        return cls(
+            cfg,
+            expert_ids=range(cfg.num_experts) if expert_ids is None else expert_ids,
+            layers=layers,
+        )
     return cls(cfg, layers=layers, expert_ids=expert_ids, include_mtp=include_mtp)
 
 

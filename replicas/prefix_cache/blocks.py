@@ -49,8 +49,9 @@ def block_hashes(root: bytes, tokens: Sequence[int], block_size: int) -> list[by
     return out
 
 
-def boundary_key(root: bytes, hashes: Sequence[bytes], tokens: Sequence[int], num_tokens: int,
-                 block_size: int) -> bytes:  # fmt: skip
+def boundary_key(
+    root: bytes, hashes: Sequence[bytes], tokens: Sequence[int], num_tokens: int, block_size: int
+) -> bytes:
     """Name of the snapshot after the first ``num_tokens`` tokens (``hashes``: block_hashes
     of at least num_tokens // block_size blocks)."""
     full = num_tokens // block_size

@@ -52,10 +52,13 @@ class PrefixCacheConfig:
     is dropped (counted in stats: the entry is simply not shared)."""
 
     def __post_init__(self):
-        if min(self.snapshot_interval_tokens, self.local_snapshot_bytes,
-               self.redis_queue_bytes) < 0:  # fmt: skip
-            raise ValueError("snapshot_interval_tokens, local_snapshot_bytes and "
-                             "redis_queue_bytes must be >= 0")  # fmt: skip
+        if (
+            min(self.snapshot_interval_tokens, self.local_snapshot_bytes, self.redis_queue_bytes)
+            < 0
+        ):
+            raise ValueError(
+                "snapshot_interval_tokens, local_snapshot_bytes and redis_queue_bytes must be >= 0"
+            )
 
 
 @dataclass
@@ -130,8 +133,14 @@ class PrefixCacheStats:
 
 
 class PrefixCacheManager:
-    def __init__(self, cache: HybridKVCache, pool: PrefixBlockPool, config: PrefixCacheConfig,
-                 redis: RedisTier | None = None, dtype: torch.dtype = torch.float32):  # fmt: skip
+    def __init__(
+        self,
+        cache: HybridKVCache,
+        pool: PrefixBlockPool,
+        config: PrefixCacheConfig,
+        redis: RedisTier | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         if not config.fingerprint:
             raise ValueError("prefix cache needs a model fingerprint")
         self.cache, self.pool, self.config, self.redis = cache, pool, config, redis
@@ -319,8 +328,9 @@ class PrefixCacheManager:
             ids = [self.pool.lookup(state.names[i]) for i in missing]
             self._publish(request, p, snap, blocks=missing, pinned=state.pinned, block_ids=ids)
 
-    def _publish(self, request: Request, p: int, snap: Snapshot, blocks, pinned: bool,
-                 block_ids=None) -> None:  # fmt: skip
+    def _publish(
+        self, request: Request, p: int, snap: Snapshot, blocks, pinned: bool, block_ids=None
+    ) -> None:
         """Copy what Redis needs now to the host (the blocks may be reused later); encode and
         send it on the write thread. Each block goes once per request; nothing is queued past
         ``redis_queue_bytes`` (the write is dropped and counted)."""
@@ -345,14 +355,20 @@ class PrefixCacheManager:
         def send():
             try:
                 items = [
-                    (redis.block_key(name),
-                     fmt.encode(fmt.KIND_BLOCK, self.bs, [fmt.Section(fmt.GLOBAL, gl, t)]))
+                    (
+                        redis.block_key(name),
+                        fmt.encode(fmt.KIND_BLOCK, self.bs, [fmt.Section(fmt.GLOBAL, gl, t)]),
+                    )
                     for name, t in data
-                ]  # fmt: skip
-                window = fmt.encode(fmt.KIND_WINDOW, p, [
-                    fmt.Section(fmt.SLIDING, sl, snap.sliding),
-                    fmt.Section(fmt.PARTIAL, gl, snap.partial),
-                ])  # fmt: skip
+                ]
+                window = fmt.encode(
+                    fmt.KIND_WINDOW,
+                    p,
+                    [
+                        fmt.Section(fmt.SLIDING, sl, snap.sliding),
+                        fmt.Section(fmt.PARTIAL, gl, snap.partial),
+                    ],
+                )
                 # Blocks first: a reader that sees the window finds its blocks.
                 redis.put_many(items, pinned=pinned)
                 redis.put_many([(redis.window_key(window_name), window)], pinned=pinned)
@@ -471,8 +487,9 @@ class PrefixCacheManager:
             self.redis.close()
 
 
-def stored_bytes_per_token(cfg, num_tokens: int, block_size: int, dtype_bytes: int = 2,
-                           num_boundaries: int = 1) -> tuple[float, float]:  # fmt: skip
+def stored_bytes_per_token(
+    cfg, num_tokens: int, block_size: int, dtype_bytes: int = 2, num_boundaries: int = 1
+) -> tuple[float, float]:
     """Redis bytes per cached token of a ``num_tokens`` prefix in this layout (global-layer
     blocks + one window snapshot per boundary; value headers left out), and in a layout that
     stores every layer's K/V for every token. Uses the same footprint code as the cache."""

@@ -83,8 +83,10 @@ class RedisTier:
         """``mac_key``: the secret every replica sharing this Redis seals its values with (any
         non-empty string; replicas with another key read each other's values as corrupt)."""
         if not mac_key:
-            raise ValueError(f"the Redis tier needs a MAC key: set {MAC_KEY_ENV} to a secret "
-                             "shared by every attention replica")  # fmt: skip
+            raise ValueError(
+                f"the Redis tier needs a MAC key: set {MAC_KEY_ENV} to a secret "
+                "shared by every attention replica"
+            )
         secret = mac_key.encode() if isinstance(mac_key, str) else bytes(mac_key)
         self._mac_key = hashlib.sha256(b"exaone-prefix-cache-mac\0" + secret).digest()
         kwargs = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}

@@ -47,34 +47,57 @@ def nodes(served_ckpt):
     os.environ[FAULT_INJECTION] = "1"  # inherited by every node the harness starts
     os.environ.setdefault(MAC_KEY_ENV, "fault-tier-secret")  # shared by every replica
     redis = RedisServer().start()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        **LOOPBACK, "num_cpus": 1, "resources": {"exaone_ingress": 4}})  # fmt: skip
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={**LOOPBACK, "num_cpus": 1, "resources": {"exaone_ingress": 4}},
+    )
     roles = {
         "attention": [cluster.add_node(**LOOPBACK, num_cpus=1, resources={"attention_shard": 2})],
-        "experts": [cluster.add_node(**LOOPBACK, num_cpus=1, resources={"expert_group": 4})
-                    for _ in range(2)],
-    }  # fmt: skip
+        "experts": [
+            cluster.add_node(**LOOPBACK, num_cpus=1, resources={"expert_group": 4})
+            for _ in range(2)
+        ],
+    }
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, _node_ip_address="127.0.0.1",
-             runtime_env={"worker_process_setup_hook": HOOK},
-             logging_level="WARNING", log_to_driver=False)  # fmt: skip
+    ray.init(
+        address=cluster.address,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"worker_process_setup_hook": HOOK},
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
     port = free_port()
     config = ClusterConfig(
         model_path=str(served_ckpt),
-        engine=EngineOptions(max_num_seqs=32, max_num_batched_tokens=128, block_size=8,
-                             kv_cache_bytes=32 << 20, max_model_len=384,
-                             num_speculative_tokens=2),
-        prefix_cache={"redis_url": redis.url, "snapshot_interval_tokens": 16,
-                      "local_snapshot_bytes": 0},
+        engine=EngineOptions(
+            max_num_seqs=32,
+            max_num_batched_tokens=128,
+            block_size=8,
+            kv_cache_bytes=32 << 20,
+            max_model_len=384,
+            num_speculative_tokens=2,
+        ),
+        prefix_cache={
+            "redis_url": redis.url,
+            "snapshot_interval_tokens": 16,
+            "local_snapshot_bytes": 0,
+        },
         router={"resources": {"exaone_ingress": 1}, "grpc_host": "127.0.0.1", "grpc_port": port},
         attention={"num_cpus": 0.5, "num_threads": 1, "resources": {"attention_shard": 1}},
-        experts={"num_groups": 2, "replicas_per_group": 2, "num_cpus": 0.25, "num_threads": 1,
-                 "resources": {"expert_group": 1}, "attempt_timeout_s": 2,
-                 "call_timeout_s": 60},
-    )  # fmt: skip
+        experts={
+            "num_groups": 2,
+            "replicas_per_group": 2,
+            "num_cpus": 0.25,
+            "num_threads": 1,
+            "resources": {"expert_group": 1},
+            "attempt_timeout_s": 2,
+            "call_timeout_s": 60,
+        },
+    )
     try:
-        serve.start(proxy_location="HeadOnly",
-                    http_options=HTTPOptions(host="127.0.0.1", port=free_port()))  # fmt: skip
+        serve.start(
+            proxy_location="HeadOnly", http_options=HTTPOptions(host="127.0.0.1", port=free_port())
+        )
         serve.run(build_app(config), name=APP, route_prefix="/")
         address = f"127.0.0.1:{port}"
         wait_serving(address, 300)
@@ -93,13 +116,18 @@ def nodes(served_ckpt):
 @pytest.fixture(scope="package")
 def reference(served_ckpt):
     """16 random prompts and the colocated engine's greedy outputs for them."""
-    return colocated_reference(served_ckpt, seed=11, num_prompts=16, max_len=60,
-                               new_tokens=NEW_TOKENS)  # fmt: skip
+    return colocated_reference(
+        served_ckpt, seed=11, num_prompts=16, max_len=60, new_tokens=NEW_TOKENS
+    )
 
 
-def stream_all(address: str, prompts, started: threading.Event | None = None,
-               timeout_s: float = 240,
-               new_tokens: int = NEW_TOKENS) -> dict[int, object]:  # fmt: skip
+def stream_all(
+    address: str,
+    prompts,
+    started: threading.Event | None = None,
+    timeout_s: float = 240,
+    new_tokens: int = NEW_TOKENS,
+) -> dict[int, object]:
     """Every prompt streamed at once, greedy -> {i: token ids, or the grpc.RpcError it ended
     with}. ``started`` is set once every stream has its first token (or one has failed). No
     stream may hang: each must end within ``timeout_s``."""
@@ -110,8 +138,9 @@ def stream_all(address: str, prompts, started: threading.Event | None = None,
         out = Completion()
         with GenerationClient(address, timeout_s=180) as c:
             try:
-                for response in c.stream(token_ids=prompt, temperature=0.0,
-                                         max_tokens=new_tokens, ignore_eos=True):  # fmt: skip
+                for response in c.stream(
+                    token_ids=prompt, temperature=0.0, max_tokens=new_tokens, ignore_eos=True
+                ):
                     out.add(response)
                     if out.token_ids and started is not None:
                         with lock:
@@ -156,8 +185,14 @@ def serves_again(address: str, prompts, want, timeout_s: float = 180) -> None:
         time.sleep(2)
 
 
-def under_streams(address: str, prompts, action, wait_started: bool = True,
-                  timeout_s: float = 240, new_tokens: int = NEW_TOKENS):  # fmt: skip
+def under_streams(
+    address: str,
+    prompts,
+    action,
+    wait_started: bool = True,
+    timeout_s: float = 240,
+    new_tokens: int = NEW_TOKENS,
+):
     """Stream every prompt and run ``action()`` once each has its first token (at once when
     not ``wait_started``: a fault armed ahead) -> (results as stream_all's, seconds from the
     action to the last stream's end)."""

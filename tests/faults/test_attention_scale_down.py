@@ -26,11 +26,17 @@ LONG = 1000  # new tokens per stream: seconds longer than the grace period
 
 
 def _deploy(config: ClusterConfig, attention_replicas: int) -> None:
-    schema = ServeDeploySchema(applications=[{
-        "name": APP, "route_prefix": f"/{APP}", "import_path": "cluster.app:build_app",
-        "args": config.model_dump(mode="json"),
-        "deployments": [{"name": "AttentionShard", "num_replicas": attention_replicas}],
-    }])  # fmt: skip
+    schema = ServeDeploySchema(
+        applications=[
+            {
+                "name": APP,
+                "route_prefix": f"/{APP}",
+                "import_path": "cluster.app:build_app",
+                "args": config.model_dump(mode="json"),
+                "deployments": [{"name": "AttentionShard", "num_replicas": attention_replicas}],
+            }
+        ]
+    )
     _get_global_client().deploy_apps(schema)
 
 
@@ -49,18 +55,28 @@ def _wait(condition, timeout_s: float, what: str) -> None:
 
 
 def test_scaling_attention_down_under_long_streams(nodes, served_ckpt, report):
-    ps, want = colocated_reference(served_ckpt, seed=13, num_prompts=16, max_len=40,
-                                   new_tokens=LONG, max_model_len=1100)  # fmt: skip
+    ps, want = colocated_reference(
+        served_ckpt, seed=13, num_prompts=16, max_len=40, new_tokens=LONG, max_model_len=1100
+    )
     port = free_port()
     config = ClusterConfig(
         model_path=str(served_ckpt),
-        engine={"max_num_seqs": 16, "max_num_batched_tokens": 128, "block_size": 8,
-                "kv_cache_bytes": 64 << 20, "max_model_len": 1100},
+        engine={
+            "max_num_seqs": 16,
+            "max_num_batched_tokens": 128,
+            "block_size": 8,
+            "kv_cache_bytes": 64 << 20,
+            "max_model_len": 1100,
+        },
         prefix_cache={"enabled": False},
         router={"resources": {"exaone_ingress": 1}, "grpc_host": "127.0.0.1", "grpc_port": port},
-        attention={"num_replicas": 2, "num_cpus": 0.25, "num_threads": 1,
-                   "graceful_shutdown_timeout_s": 1.0},
-    )  # fmt: skip
+        attention={
+            "num_replicas": 2,
+            "num_cpus": 0.25,
+            "num_threads": 1,
+            "graceful_shutdown_timeout_s": 1.0,
+        },
+    )
     address = f"127.0.0.1:{port}"
     _deploy(config, 2)
     try:
@@ -75,8 +91,7 @@ def test_scaling_attention_down_under_long_streams(nodes, served_ckpt, report):
         def scale_down():
             _deploy(config, 1)
 
-        results, took = under_streams(address, ps, scale_down, timeout_s=300,
-                                      new_tokens=LONG)  # fmt: skip
+        results, took = under_streams(address, ps, scale_down, timeout_s=300, new_tokens=LONG)
         lost = full_or_unavailable(results, want)
         assert lost, "the stopped replica's streams outlived the grace period"
         assert len(lost) < len(ps), "the other replica's streams went on"
@@ -84,8 +99,10 @@ def test_scaling_attention_down_under_long_streams(nodes, served_ckpt, report):
         assert _replicas("Router") == routers  # scaled in place: the Router kept running
         again = stream_all(address, ps[:4], new_tokens=LONG)
         assert [again[i] for i in range(4)] == want[:4]
-        report(f"attention scaled 2 -> 1 under {len(ps)} streams of {LONG} tokens (grace 1 s): "
-               f"{len(ps) - len(lost)} full outputs, {len(lost)} UNAVAILABLE, all ended "
-               f"{took:.1f} s after the scale-down was applied")  # fmt: skip
+        report(
+            f"attention scaled 2 -> 1 under {len(ps)} streams of {LONG} tokens (grace 1 s): "
+            f"{len(ps) - len(lost)} full outputs, {len(lost)} UNAVAILABLE, all ended "
+            f"{took:.1f} s after the scale-down was applied"
+        )
     finally:
         serve.delete(APP)

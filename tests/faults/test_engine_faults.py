@@ -38,8 +38,9 @@ def _health(address: str) -> str:
 
 
 @pytest.mark.parametrize("fault", ["step", "draft"])
-def test_an_exception_in_the_engine_loop_ends_only_the_running_requests(nodes, reference, report,
-                                                                        fault):  # fmt: skip
+def test_an_exception_in_the_engine_loop_ends_only_the_running_requests(
+    nodes, reference, report, fault
+):
     """``step``: the scheduler raises; ``draft``: MTP drafting raises after a verified step.
     The engine ends the requests it holds with UNAVAILABLE naming the cause (those not started
     yet are retried by the Router), and serves on: no replica is replaced."""
@@ -49,8 +50,10 @@ def test_an_exception_in_the_engine_loop_ends_only_the_running_requests(nodes, r
     lost = full_or_unavailable(results, want)
     assert lost, "the fault fired while streams ran"
     assert all("injected fault" in results[i].details() for i in lost)
-    report(f"{fault} exception under {len(ps)} streams: {len(ps) - len(lost)} full outputs, "
-           f"{len(lost)} UNAVAILABLE, all ended {took:.1f} s after the streams began")  # fmt: skip
+    report(
+        f"{fault} exception under {len(ps)} streams: {len(ps) - len(lost)} full outputs, "
+        f"{len(lost)} UNAVAILABLE, all ended {took:.1f} s after the streams began"
+    )
     assert _health(nodes.address) == "SERVING"
     serves_again(nodes.address, ps[:4], want[:4], timeout_s=30)
 
@@ -95,14 +98,16 @@ def test_redis_killed_and_restarted_mid_traffic(nodes, served_ckpt, report):
         if _redis_stats().num_redis_hits > hits:
             break
         assert time.monotonic() < deadline, _redis_stats()
-    report(f"Redis killed under 16 streams, 16 more while down: 32 full outputs, "
-           f"{during.num_redis_errors - before.num_redis_errors} Redis errors counted; "
-           f"hits resumed after the restart")  # fmt: skip
+    report(
+        f"Redis killed under 16 streams, 16 more while down: 32 full outputs, "
+        f"{during.num_redis_errors - before.num_redis_errors} Redis errors counted; "
+        f"hits resumed after the restart"
+    )
 
 
-def test_health_tells_when_the_engine_thread_dies_and_when_the_replica_is_back(nodes,
-                                                                               reference,
-                                                                               report):  # fmt: skip
+def test_health_tells_when_the_engine_thread_dies_and_when_the_replica_is_back(
+    nodes, reference, report
+):
     """The only attention replica's engine thread dies mid-traffic: its streams end
     UNAVAILABLE, gRPC health reads NOT_SERVING within 10 s, Serve's health check replaces the
     replica, and health reads SERVING again with new requests served."""
@@ -121,6 +126,8 @@ def test_health_tells_when_the_engine_thread_dies_and_when_the_replica_is_back(n
         time.sleep(1)
     back_after = time.monotonic() - died_by
     serves_again(nodes.address, ps[:4], want[:4])
-    report(f"engine thread died under {len(ps)} streams: {len(lost)} UNAVAILABLE, health "
-           f"NOT_SERVING {not_serving_after:.1f} s after, SERVING again {back_after:.1f} s "
-           f"after (replica replaced)")  # fmt: skip
+    report(
+        f"engine thread died under {len(ps)} streams: {len(lost)} UNAVAILABLE, health "
+        f"NOT_SERVING {not_serving_after:.1f} s after, SERVING again {back_after:.1f} s "
+        f"after (replica replaced)"
+    )

@@ -33,8 +33,10 @@ def test_sigkill_of_an_expert_worker_process(nodes, reference, report):
     pid = ray.get(ray.get_actor(name, namespace=WORKER_NAMESPACE).pid.remote())
     results, took = under_streams(nodes.address, ps, lambda: os.kill(pid, signal.SIGKILL))
     lost = full_or_unavailable(results, want)
-    report(f"expert worker SIGKILLed under {len(ps)} streams: {len(ps) - len(lost)} full "
-           f"outputs, {len(lost)} UNAVAILABLE, all ended {took:.1f} s after the kill")  # fmt: skip
+    report(
+        f"expert worker SIGKILLed under {len(ps)} streams: {len(ps) - len(lost)} full "
+        f"outputs, {len(lost)} UNAVAILABLE, all ended {took:.1f} s after the kill"
+    )
     serves_again(nodes.address, ps[:4], want[:4])
     deadline = time.monotonic() + 120  # the dead worker's replica was replaced: 2 again
     while len(_workers(1)) != 2 or name in _workers(1):
@@ -46,8 +48,11 @@ def test_every_replica_of_a_group_killed(nodes, reference, report):
     """Both replicas of group 0 (and so both its workers) are killed at once: its layer calls
     wait for the replicas Serve starts in their place, within the call budget."""
     ps, want = reference
-    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                if a.class_name == "ServeReplica:exaone:ExpertGroup-0"]  # fmt: skip
+    replicas = [
+        a
+        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        if a.class_name == "ServeReplica:exaone:ExpertGroup-0"
+    ]
     assert len(replicas) == 2, replicas
 
     def kill_all():
@@ -56,7 +61,9 @@ def test_every_replica_of_a_group_killed(nodes, reference, report):
 
     results, took = under_streams(nodes.address, ps, kill_all)
     lost = full_or_unavailable(results, want)
-    report(f"every replica of a group killed under {len(ps)} streams: "
-           f"{len(ps) - len(lost)} full outputs, {len(lost)} UNAVAILABLE, "
-           f"all ended {took:.1f} s after the kill")  # fmt: skip
+    report(
+        f"every replica of a group killed under {len(ps)} streams: "
+        f"{len(ps) - len(lost)} full outputs, {len(lost)} UNAVAILABLE, "
+        f"all ended {took:.1f} s after the kill"
+    )
     serves_again(nodes.address, ps[:4], want[:4])

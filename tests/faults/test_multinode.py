@@ -42,8 +42,11 @@ def test_losing_an_expert_node_loses_no_request(nodes, reference, report):
     ps, want = reference
     from ray.util.state import list_actors
 
-    workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-               if a.class_name == "ExpertWorker"]  # fmt: skip
+    workers = [
+        a
+        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        if a.class_name == "ExpertWorker"
+    ]
     busy = {a.node_id for a in workers}
     victim = next(n for n in nodes.roles["experts"] if n.node_id in busy)
 
@@ -52,6 +55,8 @@ def test_losing_an_expert_node_loses_no_request(nodes, reference, report):
 
     results, took = under_streams(nodes.address, ps, remove)
     lost = full_or_unavailable(results, want)
-    report(f"expert node removed under {len(ps)} streams: {len(ps) - len(lost)} full outputs, "
-           f"{len(lost)} UNAVAILABLE, all ended {took:.1f} s after the removal")  # fmt: skip
+    report(
+        f"expert node removed under {len(ps)} streams: {len(ps) - len(lost)} full outputs, "
+        f"{len(lost)} UNAVAILABLE, all ended {took:.1f} s after the removal"
+    )
     serves_again(nodes.address, ps[:4], want[:4])

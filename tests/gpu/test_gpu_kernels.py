@@ -43,8 +43,12 @@ def test_experts_match_torch_at_small_preset_sizes(kernels, dtype, tokens):
     m.w2.data = (torch.randn(m.w2.shape, generator=g) / 16).to("cuda", dtype)
     m.reset_buffers()
     x = torch.randn(tokens, cfg.hidden_size, generator=g).to("cuda", dtype)
-    topk = torch.stack([torch.randperm(cfg.num_experts, generator=g)[: cfg.num_experts_per_tok]
-                        for _ in range(tokens)]).cuda()  # fmt: skip
+    topk = torch.stack(
+        [
+            torch.randperm(cfg.num_experts, generator=g)[: cfg.num_experts_per_tok]
+            for _ in range(tokens)
+        ]
+    ).cuda()
     outs = {}
     for name in ("torch", kernels):
         m.kernels = name
@@ -62,8 +66,16 @@ def test_attention_matches_sdpa_at_small_preset_sizes(kernels, dtype):
     caches = {}
     for name in ("torch", kernels):
         torch.manual_seed(1)
-        cache = HybridKVCache(cfg, num_blocks=256, block_size=16, max_seqs=8, dtype=dtype,
-                              device="cuda", spec_tokens=3, kernels=name)  # fmt: skip
+        cache = HybridKVCache(
+            cfg,
+            num_blocks=256,
+            block_size=16,
+            max_seqs=8,
+            dtype=dtype,
+            device="cuda",
+            spec_tokens=3,
+            kernels=name,
+        )
         for pools in (cache.global_k, cache.global_v, cache.sliding_k, cache.sliding_v):
             for t in pools.values():
                 t.copy_(torch.randn(t.shape))
@@ -71,11 +83,17 @@ def test_attention_matches_sdpa_at_small_preset_sizes(kernels, dtype):
     tables = [list(range(i * 32, (i + 1) * 32)) for i in range(4)]
     steps = [
         [SeqChunk(0, 300, tables[0], 0), SeqChunk(0, 40, tables[1], 1)],
-        [SeqChunk(300, 1, tables[0], 0), SeqChunk(40, 100, tables[1], 1),
-         SeqChunk(0, 7, tables[2], 2)],
-        [SeqChunk(301, 4, tables[0], 0), SeqChunk(140, 1, tables[1], 1),
-         SeqChunk(7, 1, tables[2], 2)],
-    ]  # fmt: skip
+        [
+            SeqChunk(300, 1, tables[0], 0),
+            SeqChunk(40, 100, tables[1], 1),
+            SeqChunk(0, 7, tables[2], 2),
+        ],
+        [
+            SeqChunk(301, 4, tables[0], 0),
+            SeqChunk(140, 1, tables[1], 1),
+            SeqChunk(7, 1, tables[2], 2),
+        ],
+    ]
     g = torch.Generator().manual_seed(2)
     heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     for chunks in steps:
@@ -96,8 +114,9 @@ def test_small_preset_greedy_outputs_identical_across_kernels(small):
     outputs = {}
     for kernels in ["torch", *KERNELS]:
         for spec in (0, 2):
-            config = EngineConfig(max_num_batched_tokens=256, num_speculative_tokens=spec,
-                                  kernels=kernels)  # fmt: skip
+            config = EngineConfig(
+                max_num_batched_tokens=256, num_speculative_tokens=spec, kernels=kernels
+            )
             engine = LLMEngine(model, config)
             outputs[kernels, spec] = engine.generate(prompts, params)
     reference = outputs["torch", 0]

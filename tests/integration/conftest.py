@@ -76,8 +76,10 @@ def colocated_reference(
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, 1000, (int(n),), generator=g).tolist()
-               for n in torch.randint(3, max_len, (num_prompts,), generator=g)]  # fmt: skip
+    prompts = [
+        torch.randint(3, 1000, (int(n),), generator=g).tolist()
+        for n in torch.randint(3, max_len, (num_prompts,), generator=g)
+    ]
     return prompts, colocated_outputs(ckpt, prompts, new_tokens, max_model_len)
 
 
@@ -90,7 +92,8 @@ def colocated_outputs(ckpt, prompts, new_tokens: int, max_model_len: int = 384) 
     from replicas.sampling_params import SamplingParams
 
     model = load_causal_lm(ckpt, dtype=torch.float32)
-    engine = LLMEngine(model, EngineConfig(max_num_seqs=32, block_size=8,
-                                           max_model_len=max_model_len))  # fmt: skip
+    engine = LLMEngine(
+        model, EngineConfig(max_num_seqs=32, block_size=8, max_model_len=max_model_len)
+    )
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     return engine.generate(prompts, params)

@@ -51,43 +51,82 @@ def skewed_ckpt(make_ckpt):
     return make_ckpt(dtype="float32", hot_experts=HOT)
 
 
-def _config(ckpt, metrics_interval_s: float = 2.0, attention_scaling=None,
-            **experts) -> ClusterConfig:  # fmt: skip
+def _config(
+    ckpt, metrics_interval_s: float = 2.0, attention_scaling=None, **experts
+) -> ClusterConfig:
     return ClusterConfig(
         model_path=str(ckpt),
         metrics_interval_s=metrics_interval_s,
-        engine={"max_num_seqs": 32, "max_num_batched_tokens": 128, "block_size": 8,
-                "kv_cache_bytes": 32 << 20, "max_model_len": 256},
+        engine={
+            "max_num_seqs": 32,
+            "max_num_batched_tokens": 128,
+            "block_size": 8,
+            "kv_cache_bytes": 32 << 20,
+            "max_model_len": 256,
+        },
         prefix_cache={"enabled": False},
-        attention={"num_replicas": 1, "num_cpus": 0.5, "num_threads": 1,
-                   "autoscaling": attention_scaling or {}},
-        experts={"num_groups": 2, "replicas_per_group": 1, "num_cpus": 0.25, "num_threads": 1,
-                 "load_window_s": 3.0, **experts},
-    )  # fmt: skip
+        attention={
+            "num_replicas": 1,
+            "num_cpus": 0.5,
+            "num_threads": 1,
+            "autoscaling": attention_scaling or {},
+        },
+        experts={
+            "num_groups": 2,
+            "replicas_per_group": 1,
+            "num_cpus": 0.25,
+            "num_threads": 1,
+            "load_window_s": 3.0,
+            **experts,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
 def cluster(skewed_ckpt):
     # A scale-down must hold 10 s: on a slow, noisy machine the load signal dips now and then,
     # and a shorter delay stopped the hot group's new replica while it was still starting.
-    scaling = {"enabled": True, "min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 1.0,
-               "downscale_delay_s": 10.0, "metrics_interval_s": 0.5, "look_back_period_s": 2.0,
-               "target_tokens_per_s": TARGET_TOKENS_PER_S, "target_busy": 0.9}  # fmt: skip
-    balancer = {"enabled": True, "threshold": THRESHOLD, "min_gain": 0.05, "redundant_slots": 1,
-                "min_interval_s": 5.0, "report_interval_s": 0.5, "stale_s": 5.0,
-                "min_tokens": 64}  # fmt: skip
+    scaling = {
+        "enabled": True,
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "upscale_delay_s": 1.0,
+        "downscale_delay_s": 10.0,
+        "metrics_interval_s": 0.5,
+        "look_back_period_s": 2.0,
+        "target_tokens_per_s": TARGET_TOKENS_PER_S,
+        "target_busy": 0.9,
+    }
+    balancer = {
+        "enabled": True,
+        "threshold": THRESHOLD,
+        "min_gain": 0.05,
+        "redundant_slots": 1,
+        "min_interval_s": 5.0,
+        "report_interval_s": 0.5,
+        "stale_s": 5.0,
+        "min_tokens": 64,
+    }
     # Ray's own config name (case matters): export metrics every second, not every ten.
     os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112
     # Attention replicas scale on running sequences: 16 streams want 2, a trickle 1.
-    attention = {**{k: v for k, v in scaling.items() if not k.startswith("target_")},
-                 "target_running_seqs": 8.0}  # fmt: skip
-    local = start_local(_config(skewed_ckpt, autoscaling=scaling, metrics_interval_s=0.5,
-                                attention_scaling=attention),
-                        grpc_port=free_port(), http_port=free_port(), dashboard_port=None,
-                        num_cpus=8, ready_timeout_s=300, metrics_port=free_port())  # fmt: skip
+    attention = {
+        **{k: v for k, v in scaling.items() if not k.startswith("target_")},
+        "target_running_seqs": 8.0,
+    }
+    local = start_local(
+        _config(
+            skewed_ckpt, autoscaling=scaling, metrics_interval_s=0.5, attention_scaling=attention
+        ),
+        grpc_port=free_port(),
+        http_port=free_port(),
+        dashboard_port=None,
+        num_cpus=8,
+        ready_timeout_s=300,
+        metrics_port=free_port(),
+    )
     try:
-        balanced, ADDRESSES[BALANCED] = on_free_port(_config(skewed_ckpt, 0.5,
-                                                             balancer=balancer))  # fmt: skip
+        balanced, ADDRESSES[BALANCED] = on_free_port(_config(skewed_ckpt, 0.5, balancer=balancer))
         serve.run(build_app(balanced), name=BALANCED, route_prefix=f"/{BALANCED}")
         ADDRESSES[APP_NAME] = local.grpc_address
         yield local
@@ -98,8 +137,9 @@ def cluster(skewed_ckpt):
 
 @pytest.fixture(scope="module")
 def reference(skewed_ckpt):
-    return colocated_reference(skewed_ckpt, seed=11, num_prompts=24, max_len=40,
-                               new_tokens=NEW_TOKENS, max_model_len=256)  # fmt: skip
+    return colocated_reference(
+        skewed_ckpt, seed=11, num_prompts=24, max_len=40, new_tokens=NEW_TOKENS, max_model_len=256
+    )
 
 
 def _running(deployment: str) -> int:
@@ -116,8 +156,9 @@ class _Traffic:
         address = ADDRESSES[application]
         self.done, self.failures = 0, []
         self._stop, self._lock = threading.Event(), threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(address, i, pause_s))
-                         for i in range(streams)]  # fmt: skip
+        self._threads = [
+            threading.Thread(target=self._run, args=(address, i, pause_s)) for i in range(streams)
+        ]
         for t in self._threads:
             t.start()
 
@@ -127,8 +168,12 @@ class _Traffic:
             while not self._stop.is_set():
                 k = i % len(self.prompts)
                 try:
-                    got = client.generate(token_ids=self.prompts[k], max_tokens=NEW_TOKENS,
-                                          temperature=0.0, ignore_eos=True).token_ids  # fmt: skip
+                    got = client.generate(
+                        token_ids=self.prompts[k],
+                        max_tokens=NEW_TOKENS,
+                        temperature=0.0,
+                        ignore_eos=True,
+                    ).token_ids
                     with self._lock:
                         self.done += 1
                         if got != self.want[k]:
@@ -167,10 +212,18 @@ def test_the_hot_group_scales_up_under_load_and_back_down_after(cluster, referen
     assert (_running(hot), _running(cold), _running("AttentionShard")) == (1, 1, 1)
     heavy = _Traffic(APP_NAME, reference, streams=16)
     try:
-        _wait(lambda: _running(hot) == 2, 120, "ExpertGroup-0 scaling up",
-              lambda: f"{_scaling_state(hot)}, {heavy.done} done {heavy.failures[:2]}")  # fmt: skip
-        _wait(lambda: _running("AttentionShard") == 2, 120, "AttentionShard scaling up",
-              lambda: _scaling_state("AttentionShard"))  # fmt: skip
+        _wait(
+            lambda: _running(hot) == 2,
+            120,
+            "ExpertGroup-0 scaling up",
+            lambda: f"{_scaling_state(hot)}, {heavy.done} done {heavy.failures[:2]}",
+        )
+        _wait(
+            lambda: _running("AttentionShard") == 2,
+            120,
+            "AttentionShard scaling up",
+            lambda: _scaling_state("AttentionShard"),
+        )
         # The new replicas serve: requests keep succeeding with the same outputs.
         served_before = heavy.done
         _wait(lambda: heavy.done >= served_before + 16, 120, "requests after the scale-up")
@@ -180,10 +233,18 @@ def test_the_hot_group_scales_up_under_load_and_back_down_after(cluster, referen
     assert not heavy.failures, heavy.failures[:5]
     trickle = _Traffic(APP_NAME, reference, streams=1, pause_s=TRICKLE_PAUSE_S)
     try:
-        _wait(lambda: _running(hot) == 1, 120, "ExpertGroup-0 scaling back down",
-              lambda: _scaling_state(hot))  # fmt: skip
-        _wait(lambda: _running("AttentionShard") == 1, 120, "AttentionShard scaling back down",
-              lambda: _scaling_state("AttentionShard"))  # fmt: skip
+        _wait(
+            lambda: _running(hot) == 1,
+            120,
+            "ExpertGroup-0 scaling back down",
+            lambda: _scaling_state(hot),
+        )
+        _wait(
+            lambda: _running("AttentionShard") == 1,
+            120,
+            "AttentionShard scaling back down",
+            lambda: _scaling_state("AttentionShard"),
+        )
     finally:
         trickle.stop()
     assert trickle.done > 0 and not trickle.failures, trickle.failures[:5]
@@ -199,8 +260,11 @@ def test_the_balancer_copies_the_hot_experts_live_and_evens_the_groups_load(clus
     traffic = _Traffic(BALANCED, reference, streams=8)
     try:
         # The first history entry is the balancer's start; the next, the rebalance.
-        _wait(lambda: len((s := status())["history"]) >= 2 and s["phase"] == "idle", 120,
-              "a rebalance to finish")  # fmt: skip
+        _wait(
+            lambda: len((s := status())["history"]) >= 2 and s["phase"] == "idle",
+            120,
+            "a rebalance to finish",
+        )
         # The groups' windows (3 s) then fill with what each served under the new map.
         _wait(lambda: status()["measured_imbalance"] < THRESHOLD, 60, "the load evening out")
         served = traffic.done
@@ -258,8 +322,11 @@ def test_the_metrics_reach_rays_prometheus_endpoint(cluster, reference):
             text = urllib.request.urlopen(cluster.metrics_url, timeout=10).read().decode()
             found = {name: _samples(text, name) for name in want}
             per_expert = _samples(text, "ray_exaone_expert_tokens_per_s")
-            output = [v for labels, v in _samples(text, "ray_exaone_tokens_total")
-                      if labels.get("kind") == "output"]  # fmt: skip
+            output = [
+                v
+                for labels, v in _samples(text, "ray_exaone_tokens_total")
+                if labels.get("kind") == "output"
+            ]
             if all(found.values()) and per_expert and output:
                 break
             time.sleep(1)

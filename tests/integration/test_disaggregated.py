@@ -37,25 +37,42 @@ from tests.integration.conftest import colocated_reference, free_port, on_free_p
 pytestmark = pytest.mark.integration
 
 ENGINE = EngineOptions(
-    max_num_seqs=32, max_num_batched_tokens=128, block_size=8, kv_cache_bytes=32 << 20,
-    max_model_len=384, max_waiting_requests=64, num_speculative_tokens=2,
-)  # fmt: skip
+    max_num_seqs=32,
+    max_num_batched_tokens=128,
+    block_size=8,
+    kv_cache_bytes=32 << 20,
+    max_model_len=384,
+    max_waiting_requests=64,
+    num_speculative_tokens=2,
+)
 FOUR = "four-groups"
 NEW_TOKENS = 24
 ADDRESSES: dict[str, str] = {}  # application -> its gRPC address (set by the cluster fixture)
 
 
-def _config(ckpt, num_groups: int, attention_replicas: int, replicas_per_group: int,
-            redis_url: str | None = None, transport: str = "actor"):  # fmt: skip
+def _config(
+    ckpt,
+    num_groups: int,
+    attention_replicas: int,
+    replicas_per_group: int,
+    redis_url: str | None = None,
+    transport: str = "actor",
+):
     return ClusterConfig(
         model_path=str(ckpt),
         engine=ENGINE,
         prefix_cache={"redis_url": redis_url, "snapshot_interval_tokens": 32},
         attention={"num_replicas": attention_replicas, "num_cpus": 0.5, "num_threads": 1},
-        experts={"num_groups": num_groups, "replicas_per_group": replicas_per_group,
-                 "num_cpus": 0.25, "num_threads": 1, "call_timeout_s": 60,
-                 "attempt_timeout_s": 2, "transport": transport},
-    )  # fmt: skip
+        experts={
+            "num_groups": num_groups,
+            "replicas_per_group": replicas_per_group,
+            "num_cpus": 0.25,
+            "num_threads": 1,
+            "call_timeout_s": 60,
+            "attempt_timeout_s": 2,
+            "transport": transport,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +81,14 @@ def cluster(served_ckpt):
     with the MTP block (ENGINE: k = 2), so every test here also runs speculative decoding."""
     with RedisServer() as redis_server:
         url = redis_server.url
-        local = start_local(_config(served_ckpt, 2, 2, 2, url), grpc_port=free_port(),
-                            http_port=free_port(), dashboard_port=None, num_cpus=8,
-                            ready_timeout_s=300)  # fmt: skip
+        local = start_local(
+            _config(served_ckpt, 2, 2, 2, url),
+            grpc_port=free_port(),
+            http_port=free_port(),
+            dashboard_port=None,
+            num_cpus=8,
+            ready_timeout_s=300,
+        )
         try:
             four, ADDRESSES[FOUR] = on_free_port(_config(served_ckpt, 4, 1, 1, url, "serve"))
             serve.run(build_app(four), name=FOUR, route_prefix="/four")
@@ -79,8 +101,9 @@ def cluster(served_ckpt):
 @pytest.fixture(scope="module")
 def reference(served_ckpt):
     """Greedy outputs of the colocated engine, in this process."""
-    return colocated_reference(served_ckpt, seed=7, num_prompts=16, max_len=60,
-                               new_tokens=NEW_TOKENS)  # fmt: skip
+    return colocated_reference(
+        served_ckpt, seed=7, num_prompts=16, max_len=60, new_tokens=NEW_TOKENS
+    )
 
 
 class _Streams:
@@ -103,8 +126,9 @@ class _Streams:
         first = True
         with GenerationClient(ADDRESSES[application], timeout_s=180) as c:
             try:
-                for response in c.stream(token_ids=prompt, temperature=0.0,
-                                         max_tokens=max_tokens, ignore_eos=True):  # fmt: skip
+                for response in c.stream(
+                    token_ids=prompt, temperature=0.0, max_tokens=max_tokens, ignore_eos=True
+                ):
                     result.add(response)
                     if first:
                         first = False
@@ -165,9 +189,10 @@ def _wait_running(app: str, timeout_s: float = 120.0) -> None:
 def test_status_lists_deployments_with_replica_counts(cluster):
     apps = serve.status().applications
     want = {"Router": 1, "AttentionShard": 2, "ExpertGroup-0": 2, "ExpertGroup-1": 2}
-    for app, expected in ((APP_NAME, want),
-                          (FOUR, {"Router": 1, "AttentionShard": 1,
-                                  **{expert_group_name(g): 1 for g in range(4)}})):  # fmt: skip
+    for app, expected in (
+        (APP_NAME, want),
+        (FOUR, {"Router": 1, "AttentionShard": 1, **{expert_group_name(g): 1 for g in range(4)}}),
+    ):
         deployments = apps[app].deployments
         assert set(deployments) == set(expected)
         for name, count in expected.items():
@@ -196,8 +221,7 @@ def test_each_replica_holds_only_its_experts(cluster, served_ckpt):
             seen.update(stats.expert_ids)
         assert seen == set(range(cfg.num_experts))
         shard = serve.get_deployment_handle("AttentionShard", app).stats.remote().result()
-        full = load_causal_lm(served_ckpt, dtype=torch.float32,
-                              include_mtp=True)  # fmt: skip
+        full = load_causal_lm(served_ckpt, dtype=torch.float32, include_mtp=True)
         full_bytes = sum(t.numel() * t.element_size() for t in full.state_dict().values())
         assert shard.resident_bytes == full_bytes - cfg.num_experts * per_expert
 
@@ -296,14 +320,17 @@ def test_a_hung_expert_worker_is_failed_over(cluster, reference, report):
     after = _expert_retries()
     resent = sum(after[r] - before[r] for r in before if r in after)
     assert resent > 0  # calls did time out on the hung worker and were sent again
-    report(f"SIGSTOP of an expert worker under {len(ps)} streams: all outputs equal colocated, "
-           f"done {took:.1f} s after the hang, {resent} layer calls re-sent")  # fmt: skip
+    report(
+        f"SIGSTOP of an expert worker under {len(ps)} streams: all outputs equal colocated, "
+        f"done {took:.1f} s after the hang, {resent} layer calls re-sent"
+    )
     assert _generate_all(APP_NAME, ps[:4]) == {i: want[i] for i in range(4)}
 
 
 def test_32_concurrent_streams_equal_colocated(cluster, served_ckpt):
-    ps, want = colocated_reference(served_ckpt, seed=8, num_prompts=32, max_len=60,
-                                   new_tokens=NEW_TOKENS)  # fmt: skip
+    ps, want = colocated_reference(
+        served_ckpt, seed=8, num_prompts=32, max_len=60, new_tokens=NEW_TOKENS
+    )
     got = _generate_all(APP_NAME, ps)
     assert [got[i] for i in range(32)] == want
 
@@ -312,9 +339,14 @@ def test_cancel_frees_kv_blocks_on_every_replica(cluster):
     """4 streams as long as the context allows, cancelled while they run (each ends CANCELLED,
     none finished): every replica is left with no request and no KV block."""
     with GenerationClient(ADDRESSES[APP_NAME], timeout_s=120) as c:
-        calls = [c.stub.Generate(build_request(token_ids=[9, 10, 11 + i], temperature=0.0,
-                                               max_tokens=380, ignore_eos=True))
-                 for i in range(4)]  # fmt: skip
+        calls = [
+            c.stub.Generate(
+                build_request(
+                    token_ids=[9, 10, 11 + i], temperature=0.0, max_tokens=380, ignore_eos=True
+                )
+            )
+            for i in range(4)
+        ]
         streams = [iter(call) for call in calls]
         for stream in streams:
             next(stream), next(stream)

@@ -59,10 +59,20 @@ class Replicas:
         self.fp = model_fingerprint(self.path, "float32")
 
     def new(self, ttl_s: int = 3600, interval: int = 0, **cfg) -> LLMEngine:
-        tier = RedisTier(self.url, f"exaone:{self.fp}", mac_key=MAC_KEY, ttl_s=ttl_s,
-                         timeout_s=0.5, retry_interval_s=0.2)  # fmt: skip
-        config = EngineConfig(max_num_batched_tokens=256, kv_cache_bytes=KV, **cfg,
-                              prefix_cache=PrefixCacheConfig(self.fp, interval))  # fmt: skip
+        tier = RedisTier(
+            self.url,
+            f"exaone:{self.fp}",
+            mac_key=MAC_KEY,
+            ttl_s=ttl_s,
+            timeout_s=0.5,
+            retry_interval_s=0.2,
+        )
+        config = EngineConfig(
+            max_num_batched_tokens=256,
+            kv_cache_bytes=KV,
+            **cfg,
+            prefix_cache=PrefixCacheConfig(self.fp, interval),
+        )
         engine = LLMEngine(self.model, config, redis=tier)
         self.engines.append(engine)
         return engine
@@ -83,13 +93,15 @@ def replicas(tiny, server, rds):
 def _chat(prefix_len: int, n: int, seed: int):
     rng = random.Random(seed)
     prefix = [rng.randrange(1, 1000) for _ in range(prefix_len)]
-    return prefix, [prefix + [rng.randrange(1, 1000) for _ in range(rng.randrange(3, 40))]
-                    for _ in range(n)]  # fmt: skip
+    return prefix, [
+        prefix + [rng.randrange(1, 1000) for _ in range(rng.randrange(3, 40))] for _ in range(n)
+    ]
 
 
 def _params(boundary: int, max_tokens: int = 12) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                          prefix_boundaries=(boundary,))  # fmt: skip
+    return SamplingParams(
+        temperature=0.0, max_tokens=max_tokens, ignore_eos=True, prefix_boundaries=(boundary,)
+    )
 
 
 def _reference(tiny, prompts, params):
@@ -160,8 +172,10 @@ def test_second_request_with_a_2000_token_system_prompt_computes_only_its_suffix
     redis_hit = _run(replicas.new(), prompts[2], params)  # fresh replica
     assert redis_hit[0] == want[2] and redis_hit[1] == 2000
     ms = [f"{1e3 * run[2]:.0f} ms" for run in (miss, hit, redis_hit)]
-    report(f"tiny, 2000-token system prompt, first token after: {ms[0]} (miss), {ms[1]} (local "
-           f"hit), {ms[2]} (Redis hit)")  # fmt: skip
+    report(
+        f"tiny, 2000-token system prompt, first token after: {ms[0]} (miss), {ms[1]} (local "
+        f"hit), {ms[2]} (Redis hit)"
+    )
 
 
 @pytest.mark.parametrize("what", ["window", "block"])
@@ -175,8 +189,11 @@ def test_corrupt_values_are_detected_ignored_and_recomputed(tiny, replicas, rds,
     assert keys
     for key in keys:
         value = rds.get(key)
-        bad = value[: len(value) - 7] if damage == "truncate" else (
-            value[:60] + bytes([value[60] ^ 1]) + value[61:])  # fmt: skip
+        bad = (
+            value[: len(value) - 7]
+            if damage == "truncate"
+            else (value[:60] + bytes([value[60] ^ 1]) + value[61:])
+        )
         rds.set(key, bad)
     _rejected_then_rewritten(replicas, prompts, params, want)
 
@@ -228,8 +245,10 @@ def test_stored_bytes_per_cached_token_measured(tiny, replicas, rds, report):
     stored = sum(rds.strlen(k) for k in rds.keys("*"))
     ours, every = stored_bytes_per_token(engine.model.cfg, 512, 16, dtype_bytes=4)
     assert ours * 512 <= stored <= ours * 512 * 1.02  # payload + small headers
-    report(f"tiny fp32, 512-token prefix: {stored / 512:.0f} B/token in Redis (layout code: "
-           f"{ours:.0f}), all layers would take {every:.0f} B/token")  # fmt: skip
+    report(
+        f"tiny fp32, 512-token prefix: {stored / 512:.0f} B/token in Redis (layout code: "
+        f"{ours:.0f}), all layers would take {every:.0f} B/token"
+    )
 
 
 def test_pinned_prompts_survive_ttl_expiry(tiny, replicas, rds):
@@ -267,8 +286,10 @@ def test_each_block_is_written_once_per_request(make_ckpt, server, rds, report):
         assert len(rds.keys("*:w:*")) == 8  # a window at 512, 1024, ..., 4096
     finally:
         r.close()
-    report(f"4,096-token prompt, boundary every 512: {stats.redis_bytes_written} bytes written, "
-           f"{stored} stored ({stats.redis_bytes_written / stored:.3f}x)")  # fmt: skip
+    report(
+        f"4,096-token prompt, boundary every 512: {stats.redis_bytes_written} bytes written, "
+        f"{stored} stored ({stats.redis_bytes_written / stored:.3f}x)"
+    )
     assert stored <= stats.redis_bytes_written <= 1.1 * stored
 
 
@@ -326,7 +347,8 @@ def test_serve_starts_its_redis_server_with_a_generated_password(tiny, monkeypat
         password = os.environ[REDIS_PASSWORD_ENV]
         assert len(password) >= 24 and config.prefix_cache.redis_url == server.url
         assert password not in server.url and password not in Path(
-            f"/proc/{server.proc.pid}/cmdline").read_bytes().decode(errors="replace")  # fmt: skip
+            f"/proc/{server.proc.pid}/cmdline"
+        ).read_bytes().decode(errors="replace")
         with pytest.raises(redis.exceptions.AuthenticationError):
             redis.Redis.from_url(server.url).set("k", b"v")
         assert redis.Redis.from_url(server.url, password=password).ping()

@@ -59,11 +59,23 @@ def test_serve_bundled_model_answers_and_stops_on_sigterm(tmp_path, extra, mode)
     (fractional CPUs)."""
     port = free_port()
     env = dict(os.environ, EXAONE_CLUSTER_CACHE=str(tmp_path), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "cluster.commands.cli", "serve", "--grpc-port", str(port),
-           "--http-port", str(free_port()), "--no-dashboard", "--num-cpus", "2",
-           *extra]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cluster.commands.cli",
+        "serve",
+        "--grpc-port",
+        str(port),
+        "--http-port",
+        str(free_port()),
+        "--no-dashboard",
+        "--num-cpus",
+        "2",
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     seen: list[str] = []
     try:
         lines = _lines(proc)
@@ -88,7 +100,7 @@ def test_serve_bundled_model_answers_and_stops_on_sigterm(tmp_path, extra, mode)
                     max_tokens=2,
                     temperature=0.0,
                     ignore_eos=True,
-                ).usage  # fmt: skip
+                ).usage
                 for q in ("Why?", "Why not?")
             ]
             assert usage[0].get("cached_prompt_tokens", 0) == 0

@@ -170,8 +170,11 @@ def test_a_failure_outside_the_model_ends_its_requests_and_the_loop_goes_on(setu
 
         async def run(rid):
             try:
-                return [t for out in [o async for o in engine.generate(rid, prompt, params)]
-                        for t in out.new_token_ids]  # fmt: skip
+                return [
+                    t
+                    for out in [o async for o in engine.generate(rid, prompt, params)]
+                    for t in out.new_token_ids
+                ]
             except ReplicaUnavailableError as e:
                 return e
 

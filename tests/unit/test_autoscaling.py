@@ -49,8 +49,9 @@ def test_scale_down_keeps_headroom_so_a_load_near_the_target_does_not_flap():
 
 
 def _ctx(metrics, running=("a", "b"), target=2):
-    return SimpleNamespace(aggregated_metrics=metrics, running_replicas=list(running),
-                           target_num_replicas=target)  # fmt: skip
+    return SimpleNamespace(
+        aggregated_metrics=metrics, running_replicas=list(running), target_num_replicas=target
+    )
 
 
 def test_serve_adapters_read_the_replicas_reported_metrics():
@@ -61,6 +62,11 @@ def test_serve_adapters_read_the_replicas_reported_metrics():
     assert group(_ctx({}, target=3)) == (3, {})  # nothing reported yet: keep the target
     assert group(_ctx(None, running=(), target=2)) == (2, {})
     attention = AttentionPolicy(target_running_seqs=4, target_waiting=2, target_kv_usage=0.5)
-    ctx = _ctx({"running_seqs": {"a": 4.0, "b": 4.0}, "waiting": {"a": 3.0, "b": 3.0},
-                "kv_usage": {"a": 0.3, "b": 0.3}})  # fmt: skip
+    ctx = _ctx(
+        {
+            "running_seqs": {"a": 4.0, "b": 4.0},
+            "waiting": {"a": 3.0, "b": 3.0},
+            "kv_usage": {"a": 0.3, "b": 0.3},
+        }
+    )
     assert attention(ctx) == (3, {})

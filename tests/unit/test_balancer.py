@@ -22,8 +22,7 @@ def test_packing_puts_the_heaviest_copies_on_the_lightest_groups():
     assert pack([8, 4, 2, 2], [1, 1, 1, 1], 2, 2) == ((0, 3), (1, 2))
     assert group_loads(((0, 3), (1, 2)), [8, 4, 2, 2]) == [10, 6]
     # A hot expert's two copies land in different groups and split its load.
-    assert pack([12, 2, 2, 2, 2, 2, 2], [2, 1, 1, 1, 1, 1, 1], 2, 4) == ((0, 1, 3, 5),
-                                                                      (0, 2, 4, 6))  # fmt: skip
+    assert pack([12, 2, 2, 2, 2, 2, 2], [2, 1, 1, 1, 1, 1, 1], 2, 4) == ((0, 1, 3, 5), (0, 2, 4, 6))
 
 
 def test_packing_makes_room_when_only_groups_holding_the_expert_have_slots():
@@ -46,16 +45,18 @@ def _zipf(num_experts: int, rng: random.Random, s: float = 1.2) -> list[float]:
     return [1000.0 / r**s for r in ranks]
 
 
-@pytest.mark.parametrize("num_experts,num_groups,spare", [(16, 2, 0), (16, 4, 1), (64, 4, 2),
-                                                          (128, 8, 2), (12, 3, 1)])  # fmt: skip
+@pytest.mark.parametrize(
+    "num_experts,num_groups,spare", [(16, 2, 0), (16, 4, 1), (64, 4, 2), (128, 8, 2), (12, 3, 1)]
+)
 def test_invariants_on_skewed_loads(num_experts, num_groups, spare):
     rng = random.Random(num_experts * 31 + num_groups)
     load = [_zipf(num_experts, rng) for _ in range(3)]
     slots = -(-num_experts // num_groups) + spare
     layers = balance(load, num_groups, slots)
-    contiguous = tuple(tuple(range(g * num_experts // num_groups,
-                                   (g + 1) * num_experts // num_groups))
-                       for g in range(num_groups))  # fmt: skip
+    contiguous = tuple(
+        tuple(range(g * num_experts // num_groups, (g + 1) * num_experts // num_groups))
+        for g in range(num_groups)
+    )
     for holdings, layer_load in zip(layers, load, strict=True):
         assert len(holdings) == num_groups
         assert all(len(ids) <= slots and list(ids) == sorted(set(ids)) for ids in holdings)

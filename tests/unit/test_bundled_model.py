@@ -43,8 +43,9 @@ def test_the_cards_evaluation_reproduces():
     again = model_card.evaluate(BUNDLED_MODEL, recorded["chats"], recorded["k"])
     assert abs(again["correct"] - recorded["correct"]) <= 2, (again, recorded)
     assert again["correct"] >= 0.8 * again["turns"], again["families"]
-    for now, then in zip(again["acceptance_per_position"], recorded["acceptance_per_position"],
-                         strict=True):  # fmt: skip
+    for now, then in zip(
+        again["acceptance_per_position"], recorded["acceptance_per_position"], strict=True
+    ):
         assert now == pytest.approx(then, abs=0.03)
 
 
@@ -52,8 +53,10 @@ def test_the_cards_evaluation_reproduces():
 def test_drafting_keeps_greedy_outputs_identical_when_drafts_are_accepted(k):
     model = load_causal_lm(BUNDLED_MODEL, dtype=torch.float32)
     tok = Tokenizer(BUNDLED_MODEL)
-    prompts = [tok.encode(tok.render_chat(t["messages"], tools=t["tools"]))
-               for t in model_card.turns(16, seed=777)]  # fmt: skip
+    prompts = [
+        tok.encode(tok.render_chat(t["messages"], tools=t["tools"]))
+        for t in model_card.turns(16, seed=777)
+    ]
     params = SamplingParams(temperature=0.0, max_tokens=48)
 
     def run(drafts: int):

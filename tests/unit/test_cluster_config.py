@@ -76,9 +76,15 @@ def test_gpu_placement_gives_attention_and_each_expert_replica_its_own_gpu(make_
     config = ClusterConfig(
         model_path=str(make_ckpt("tiny")),
         attention={"num_gpus": 1, "num_cpus": 2},
-        experts={"num_groups": 2, "replicas_per_group": 2, "num_gpus": 1, "num_cpus": 1,
-                 "resources": {"expert_node": 1}, "transport": transport},
-    )  # fmt: skip
+        experts={
+            "num_groups": 2,
+            "replicas_per_group": 2,
+            "num_gpus": 1,
+            "num_cpus": 1,
+            "resources": {"expert_node": 1},
+            "transport": transport,
+        },
+    )
     groups = [g._bound_deployment for g in expert_groups(config)]
     assert [d.name for d in groups] == ["ExpertGroup-0", "ExpertGroup-1"]
     assert all(d.num_replicas == 2 for d in groups)
@@ -97,8 +103,9 @@ def test_gpu_placement_gives_attention_and_each_expert_replica_its_own_gpu(make_
 def test_speculative_tokens_from_the_file_or_the_flag(ckpt, make_ckpt):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    config = with_overrides(ClusterConfig(model_path=ckpt), parser.parse_args(
-        ["--speculative-tokens", "2"]))  # fmt: skip
+    config = with_overrides(
+        ClusterConfig(model_path=ckpt), parser.parse_args(["--speculative-tokens", "2"])
+    )
     assert config.engine.num_speculative_tokens == 2 and config.engine.adaptive_drafting
     with pytest.raises(ValidationError, match="num_speculative_tokens"):
         ClusterConfig(model_path=ckpt, engine={"num_speculative_tokens": 9})
@@ -114,12 +121,23 @@ def test_autoscaling_gives_serve_our_policies_with_their_targets(make_ckpt):
 
     config = ClusterConfig(
         model_path=str(make_ckpt("tiny")),
-        attention={"num_replicas": 2, "autoscaling": {"enabled": True, "max_replicas": 3,
-                                                      "target_running_seqs": 8}},
-        experts={"num_groups": 2, "replicas_per_group": 1, "autoscaling": {
-            "enabled": True, "min_replicas": 1, "max_replicas": 4, "target_tokens_per_s": 500,
-            "upscale_delay_s": 2, "downscale_delay_s": 20}},
-    )  # fmt: skip
+        attention={
+            "num_replicas": 2,
+            "autoscaling": {"enabled": True, "max_replicas": 3, "target_running_seqs": 8},
+        },
+        experts={
+            "num_groups": 2,
+            "replicas_per_group": 1,
+            "autoscaling": {
+                "enabled": True,
+                "min_replicas": 1,
+                "max_replicas": 4,
+                "target_tokens_per_s": 500,
+                "upscale_delay_s": 2,
+                "downscale_delay_s": 20,
+            },
+        },
+    )
     for d in (g._bound_deployment for g in expert_groups(config)):
         scaling = d._deployment_config.autoscaling_config
         assert isinstance(scaling, AutoscalingConfig)
@@ -133,8 +151,10 @@ def test_autoscaling_gives_serve_our_policies_with_their_targets(make_ckpt):
     assert scaling.policy.policy_function == "cluster.ops.autoscaling:AttentionPolicy"
     assert scaling.policy.policy_kwargs["target_running_seqs"] == 8
     with pytest.raises(ValidationError, match="min_replicas=3 > max_replicas=2"):
-        ClusterConfig(model_path=str(make_ckpt("tiny")),
-                      experts={"autoscaling": {"min_replicas": 3, "max_replicas": 2}})  # fmt: skip
+        ClusterConfig(
+            model_path=str(make_ckpt("tiny")),
+            experts={"autoscaling": {"min_replicas": 3, "max_replicas": 2}},
+        )
 
 
 # ---- dtype ---------------------------------------------------------------------------------------
@@ -155,8 +175,9 @@ def test_auto_dtype_is_the_checkpoints_own():
     assert ClusterConfig.model_fields["dtype"].default == "auto"
     assert ClusterConfig(model_path=str(BUNDLED_MODEL)).dtype == "bfloat16"
     assert ClusterConfig(model_path=str(BUNDLED_MODEL), dtype="auto").dtype == "bfloat16"
-    from_dump = ClusterConfig.model_validate(ClusterConfig(model_path=str(BUNDLED_MODEL))
-                                             .model_dump())  # fmt: skip
+    from_dump = ClusterConfig.model_validate(
+        ClusterConfig(model_path=str(BUNDLED_MODEL)).model_dump()
+    )
     assert from_dump.dtype == "bfloat16"
 
 
@@ -215,9 +236,15 @@ def test_a_config_file_without_model_path_serves_the_bundled_model(ckpt, tmp_pat
 
 @pytest.mark.parametrize(
     "cpus, active, threads",
-    [(2, 3_551_232, 1), (2, 197_328_896, 2), (16, 15_999_999, 15), (16, 16_000_000, 16),
-     (1, 3_551_232, 1), (2, None, 1)],
-)  # fmt: skip
+    [
+        (2, 3_551_232, 1),
+        (2, 197_328_896, 2),
+        (16, 15_999_999, 15),
+        (16, 16_000_000, 16),
+        (1, 3_551_232, 1),
+        (2, None, 1),
+    ],
+)
 def test_default_engine_threads_keep_a_core_for_the_request_plane_of_light_models(
     cpus, active, threads
 ):

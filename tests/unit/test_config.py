@@ -23,8 +23,10 @@ def _raw(**changes):
 def test_k_exaone_counts_on_meta_device(report):
     cfg = ModelConfig.from_hf(PRESETS["k-exaone"])
     counts = count_parameters(cfg)
-    report(f"K-EXAONE: total {counts['total']:,} (main {counts['main']:,} + MTP {counts['mtp']:,}),"
-          f" active per token {counts['active']:,}")  # fmt: skip
+    report(
+        f"K-EXAONE: total {counts['total']:,} (main {counts['main']:,} + MTP {counts['mtp']:,}),"
+        f" active per token {counts['active']:,}"
+    )
     assert abs(counts["total"] - K_EXAONE_PARAMS) <= 0.001 * K_EXAONE_PARAMS
     assert counts["total"] == K_EXAONE_PARAMS  # in fact exact, tensor for tensor
     assert counts["mtp"] == K_EXAONE_MTP_PARAMS

@@ -44,10 +44,11 @@ def test_available_exactly_when_the_cpu_and_a_compiler_allow():
         assert cpu_kernels.unavailable_reason()
         with pytest.raises(RuntimeError, match="unavailable"):
             cpu_kernels.moe_experts_bf16(
-                torch.zeros(1, 32, dtype=torch.bfloat16), torch.tensor([0, 1]),
+                torch.zeros(1, 32, dtype=torch.bfloat16),
+                torch.tensor([0, 1]),
                 torch.zeros(1, 64, 32, dtype=torch.bfloat16),
                 torch.zeros(1, 32, 32, dtype=torch.bfloat16),
-            )  # fmt: skip
+            )
 
 
 def test_amx_available_exactly_when_the_cpu_and_a_compiler_allow():
@@ -57,10 +58,12 @@ def test_amx_available_exactly_when_the_cpu_and_a_compiler_allow():
         assert cpu_kernels.amx_unavailable_reason()
         with pytest.raises(RuntimeError, match="unavailable"):
             cpu_kernels.moe_experts_amx(
-                torch.zeros(1, 32, dtype=torch.bfloat16), torch.tensor([0]), torch.tensor([0, 1]),
+                torch.zeros(1, 32, dtype=torch.bfloat16),
+                torch.tensor([0]),
+                torch.tensor([0, 1]),
                 torch.zeros(1, 64, 32, dtype=torch.bfloat16),
                 torch.zeros(1, 32, 32, dtype=torch.bfloat16),
-            )  # fmt: skip
+            )
 
 
 def _torch_experts(h, offsets, w13, w2):
@@ -134,8 +137,9 @@ def test_expert_kernels_check_their_inputs():
     with pytest.raises(ValueError, match="bf16"):
         cpu_kernels.moe_experts_bf16(h.float(), torch.tensor([0, 1, 3]), w13, w2)
     with pytest.raises(ValueError, match="shapes"):
-        cpu_kernels.moe_experts_bf16(torch.zeros(3, 16, dtype=torch.bfloat16),
-                                     torch.tensor([0, 1, 3]), w13, w2)  # fmt: skip
+        cpu_kernels.moe_experts_bf16(
+            torch.zeros(3, 16, dtype=torch.bfloat16), torch.tensor([0, 1, 3]), w13, w2
+        )
     if not CAN_AMX:
         return
     with pytest.raises(ValueError, match="offsets"):
@@ -143,10 +147,13 @@ def test_expert_kernels_check_their_inputs():
     with pytest.raises(ValueError, match="index the 3 rows"):
         cpu_kernels.moe_experts_amx(x, torch.tensor([0, 3]), torch.tensor([0, 1, 2]), w13, w2)
     with pytest.raises(ValueError, match="multiples of 32"):
-        cpu_kernels.moe_experts_amx(torch.zeros(3, 48, dtype=torch.bfloat16), torch.arange(3),
-                                    torch.tensor([0, 1, 3]),
-                                    torch.zeros(2, 64, 48, dtype=torch.bfloat16),
-                                    torch.zeros(2, 48, 32, dtype=torch.bfloat16))  # fmt: skip
+        cpu_kernels.moe_experts_amx(
+            torch.zeros(3, 48, dtype=torch.bfloat16),
+            torch.arange(3),
+            torch.tensor([0, 1, 3]),
+            torch.zeros(2, 64, 48, dtype=torch.bfloat16),
+            torch.zeros(2, 48, 32, dtype=torch.bfloat16),
+        )
 
 
 @needs_kernel
@@ -297,9 +304,13 @@ def test_decode_attention_matches_sdpa(heads, kv_heads, dim, extra):
             torch.cat([values, v_extra[:, None]], 1),
         )
     want = F.scaled_dot_product_attention(
-        q[:, :, None].float(), keys.transpose(1, 2).float(), values.transpose(1, 2).float(),
-        attn_mask=valid[:, None, None], scale=dim**-0.5, enable_gqa=True,
-    )[:, :, 0]  # fmt: skip
+        q[:, :, None].float(),
+        keys.transpose(1, 2).float(),
+        values.transpose(1, 2).float(),
+        attn_mask=valid[:, None, None],
+        scale=dim**-0.5,
+        enable_gqa=True,
+    )[:, :, 0]
     got = cpu_kernels.decode_attention_bf16(
         q, k_pool, v_pool, rows, valid, dim**-0.5, *((k_extra, v_extra) if extra else ())
     )

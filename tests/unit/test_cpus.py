@@ -10,12 +10,16 @@ from cluster.cpus import node_cpus, quota_cpus, usable_cpus
 
 @pytest.mark.parametrize(
     "files, cpus",
-    [({"cpu_max": "max 100000\n"}, None), ({"cpu_max": "200000 100000\n"}, 2.0),
-     ({"cpu_max": "150000 100000"}, 1.5), ({"cpu_max": "garbage"}, None),
-     ({"cfs_quota_us": "-1\n", "cfs_period_us": "100000\n"}, None),
-     ({"cfs_quota_us": "400000\n", "cfs_period_us": "100000\n"}, 4.0),
-     ({}, None)],
-)  # fmt: skip
+    [
+        ({"cpu_max": "max 100000\n"}, None),
+        ({"cpu_max": "200000 100000\n"}, 2.0),
+        ({"cpu_max": "150000 100000"}, 1.5),
+        ({"cpu_max": "garbage"}, None),
+        ({"cfs_quota_us": "-1\n", "cfs_period_us": "100000\n"}, None),
+        ({"cfs_quota_us": "400000\n", "cfs_period_us": "100000\n"}, 4.0),
+        ({}, None),
+    ],
+)
 def test_quota_from_cgroup_v2_and_v1_files(files, cpus):
     assert quota_cpus(**files) == cpus
 

@@ -83,8 +83,9 @@ def test_fused_ops_check_their_inputs():
     with pytest.raises(ValueError, match="does not hold"):
         cpu_kernels.qk_norm_rope_bf16(x, 4, 1, w, w, 1e-5, None, None)
     with pytest.raises(ValueError, match="cos/sin"):
-        cpu_kernels.qk_norm_rope_bf16(x, 2, 1, w, w, 1e-5, torch.zeros(3, 16).bfloat16(),
-                                      torch.zeros(3, 16).bfloat16())  # fmt: skip
+        cpu_kernels.qk_norm_rope_bf16(
+            x, 2, 1, w, w, 1e-5, torch.zeros(3, 16).bfloat16(), torch.zeros(3, 16).bfloat16()
+        )
 
 
 @needs_kernel
@@ -141,8 +142,9 @@ def test_dense_kernel_rows_do_not_depend_on_their_neighbours_in_either_loop():
     x = torch.randn(13, 1000, generator=g).bfloat16()
     w = torch.randn(600, 1000, generator=g).bfloat16()  # 1.2 MB
     streamed = cpu_kernels.linear_bf16(x[:4], w)
-    assert torch.equal(streamed, torch.cat([cpu_kernels.linear_bf16(x[i : i + 1], w)
-                                            for i in range(4)]))  # fmt: skip
+    assert torch.equal(
+        streamed, torch.cat([cpu_kernels.linear_bf16(x[i : i + 1], w) for i in range(4)])
+    )
     tiled = cpu_kernels.linear_bf16(x, w)
     assert torch.equal(tiled[:5], cpu_kernels.linear_bf16(x[:5], w))
     assert torch.equal(tiled[8:], cpu_kernels.linear_bf16(x[8:], w))
@@ -173,8 +175,13 @@ def test_fused_moe_layer_equals_the_unfused_path_bit_for_bit(make_ckpt):
     held[routing.topk_ids[0, 0]] = -1  # one chosen expert lives elsewhere
     assert cpu_kernels.moe_layer_decode_bf16(*args, held, experts.w13, experts.w2, 12) is None
     same = torch.zeros_like(routing.topk_ids)  # every slot on expert 0: 8 rows for 1 expert
-    assert cpu_kernels.moe_layer_decode_bf16(x, same, routing.topk_weights, experts.local_index,
-                                             experts.w13, experts.w2, 2) is None  # fmt: skip
+    assert (
+        cpu_kernels.moe_layer_decode_bf16(
+            x, same, routing.topk_weights, experts.local_index, experts.w13, experts.w2, 2
+        )
+        is None
+    )
     with pytest.raises(ValueError, match="expert ids"):
-        cpu_kernels.moe_layer_decode_bf16(x, same - 1, routing.topk_weights, experts.local_index,
-                                          experts.w13, experts.w2, 12)  # fmt: skip
+        cpu_kernels.moe_layer_decode_bf16(
+            x, same - 1, routing.topk_weights, experts.local_index, experts.w13, experts.w2, 12
+        )

@@ -21,8 +21,12 @@ needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs AVX512-BF16 and a
 def _step_hiddens(model, prompts, use_decode_path: bool, monkeypatch) -> tuple[list, list]:
     """Greedy generation -> (every step's hidden states, whether the decode path ran it)."""
     monkeypatch.setattr(engine_module, "DECODE_PATH", use_decode_path)
-    engine = LLMEngine(model, EngineConfig(max_num_batched_tokens=256, max_num_seqs=32,
-                                           block_size=16, kv_cache_bytes=16 << 20))  # fmt: skip
+    engine = LLMEngine(
+        model,
+        EngineConfig(
+            max_num_batched_tokens=256, max_num_seqs=32, block_size=16, kv_cache_bytes=16 << 20
+        ),
+    )
     hiddens, fast = [], []
     execute = engine._execute
     original = decode_path.decode_hidden
@@ -45,11 +49,12 @@ def _step_hiddens(model, prompts, use_decode_path: bool, monkeypatch) -> tuple[l
 @needs_kernel
 @pytest.mark.parametrize("batch", [1, 6, 20])  # 20: past the rows the dense kernel takes
 def test_decode_path_equals_the_module_path_bit_for_bit(make_ckpt, monkeypatch, batch):
-    model = load_causal_lm(make_ckpt(dtype="bfloat16"),
-                           dtype=torch.bfloat16)  # fmt: skip
+    model = load_causal_lm(make_ckpt(dtype="bfloat16"), dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(batch)
-    prompts = [torch.randint(5, 1000, (int(n),), generator=g).tolist()
-               for n in torch.randint(3, 30, (batch,), generator=g)]  # fmt: skip
+    prompts = [
+        torch.randint(5, 1000, (int(n),), generator=g).tolist()
+        for n in torch.randint(3, 30, (batch,), generator=g)
+    ]
     fast_hiddens, fast = _step_hiddens(model, prompts, True, monkeypatch)
     slow_hiddens, slow = _step_hiddens(model, prompts, False, monkeypatch)
     assert not any(slow)
@@ -63,8 +68,12 @@ def test_decode_path_declines_fp32_models(make_ckpt):
     """An fp32 model (and any step that is not a decode-only bf16 CPU step) keeps the module
     path."""
     model = load_causal_lm(make_ckpt(dtype="float32"), dtype=torch.float32)
-    engine = LLMEngine(model, EngineConfig(max_num_batched_tokens=256, max_num_seqs=4,
-                                           block_size=16, kv_cache_bytes=4 << 20))  # fmt: skip
+    engine = LLMEngine(
+        model,
+        EngineConfig(
+            max_num_batched_tokens=256, max_num_seqs=4, block_size=16, kv_cache_bytes=4 << 20
+        ),
+    )
     engine.add_request("a", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=3))
     engine.step()  # the prompt
     plan = engine.scheduler.schedule()

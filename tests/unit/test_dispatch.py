@@ -35,9 +35,7 @@ def colocated(ckpt):
 
 @pytest.fixture(scope="module")
 def attention_only(ckpt):
-    return load_causal_lm(
-        ckpt, dtype=torch.float32, include_mtp=False, expert_ids=()
-    )
+    return load_causal_lm(ckpt, dtype=torch.float32, include_mtp=False, expert_ids=())
 
 
 def _dispatcher(ckpt, placement: ExpertPlacement) -> ExpertDispatcher:
@@ -279,8 +277,9 @@ def test_expert_group_refuses_slots_of_experts_it_does_not_hold(ckpt, colocated)
     cfg = colocated.cfg
     group = ExpertGroup(ckpt, 1, [3, 4])
     with pytest.raises(ExpertNotHeldError, match=r"does not hold experts \[0, 7\]"):
-        group.forward(cfg.moe_layers[0], torch.randn(2, cfg.hidden_size),
-                      torch.tensor([[3, 0], [7, 4]]))  # fmt: skip
+        group.forward(
+            cfg.moe_layers[0], torch.randn(2, cfg.hidden_size), torch.tensor([[3, 0], [7, 4]])
+        )
     assert group.stats().num_calls == 0
 
 
@@ -292,9 +291,11 @@ def test_expert_map_is_checked_and_per_layer():
     assert m.copies(5) == [[0], [0], [0, 1], [1]] and m.num_groups == 2
     assert m.group_holdings(0, [1, 5]) == {1: (0, 1), 5: (0, 1, 2)}
     assert ExpertMap.of(ExpertPlacement.contiguous(4, 2)).default == default
-    for message, layer in {"expert 3 is in no group": ((0, 1), (2,)),
-                           "3 groups": ((0,), (1, 2), (3,)),
-                           "holds \\[1, 1\\]": ((0, 2, 3), (1, 1))}.items():  # fmt: skip
+    for message, layer in {
+        "expert 3 is in no group": ((0, 1), (2,)),
+        "3 groups": ((0,), (1, 2), (3,)),
+        "holds \\[1, 1\\]": ((0, 2, 3), (1, 1)),
+    }.items():
         with pytest.raises(ValueError, match=message):
             ExpertMap(4, default, ((1, layer),))
 

@@ -53,8 +53,10 @@ def test_draft_length_shrinks_as_the_batch_grows():
     def step(n):  # latency-bound up to 64 tokens, then compute-bound
         return 0.05 + 0.002 * max(0, n - 64)
 
-    ks = [choose_draft_length(b, [0.7, 0.6, 0.5], step, lambda b: 0.004, CFG)
-          for b in (1, 16, 32, 64, 128)]  # fmt: skip
+    ks = [
+        choose_draft_length(b, [0.7, 0.6, 0.5], step, lambda b: 0.004, CFG)
+        for b in (1, 16, 32, 64, 128)
+    ]
     assert ks == sorted(ks, reverse=True) and ks[0] == 3 and ks[-1] == 0
 
 

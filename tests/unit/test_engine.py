@@ -44,9 +44,13 @@ def test_greedy_batch_equals_transformers_generate(tiny):
     ref_model = HFModel.from_pretrained(path, dtype=torch.float32, experts_implementation="eager")
     for prompt, got in zip(prompts, ours, strict=True):
         want = ref_model.generate(
-            torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
-            eos_token_id=None, pad_token_id=0,
-        )[0, len(prompt):].tolist()  # fmt: skip
+            torch.tensor([prompt]),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
         assert got == want, f"prompt of {len(prompt)} tokens"
     assert engine.num_blocks_in_use == 0
 
@@ -54,8 +58,9 @@ def test_greedy_batch_equals_transformers_generate(tiny):
 RECOMPUTE_SEQS = (40, 33)  # positions of the two sequences below
 
 
-def _cached_vs_recompute(model: ExaoneMoeForCausalLM, dtype: torch.dtype,
-                         reference: ExaoneMoeForCausalLM | None = None) -> float:  # fmt: skip
+def _cached_vs_recompute(
+    model: ExaoneMoeForCausalLM, dtype: torch.dtype, reference: ExaoneMoeForCausalLM | None = None
+) -> float:
     """Chunked prefill then decode through the cache; each step's logits against a full
     forward of the whole prefix (by ``reference``, default the model itself), across several
     window boundaries (window 8, 40 positions) -> max |diff|."""
@@ -114,8 +119,10 @@ def test_cached_bf16_decode_is_as_close_to_fp32_as_a_bf16_forward(make_ckpt, mon
     seqs = [torch.randint(2, 1024, (n,), generator=g) for n in RECOMPUTE_SEQS]
     with torch.inference_mode():
         bar = max((model(s[None]).float() - fp32(s[None])).abs().max().item() for s in seqs)
-    report(f"bf16 vs fp32 logits: cached steps {worst:.3g}, bf16 full forward {bar:.3g} "
-           f"({len(calls)} kernel attention calls)")  # fmt: skip
+    report(
+        f"bf16 vs fp32 logits: cached steps {worst:.3g}, bf16 full forward {bar:.3g} "
+        f"({len(calls)} kernel attention calls)"
+    )
     assert worst <= 1.5 * bar
     # Every step with a decode row uses the kernel in every layer where it can run: the 27
     # decode steps and the (1, 9) step, whose decode row attends apart from the 9-token chunk.
@@ -180,8 +187,9 @@ def test_stop_token_and_length_finish_reasons(tiny):
     prompt = _prompts(1, (5, 6), model.cfg.vocab_size)[0]
     free_run = engine.generate([prompt], GREEDY)[0]
     stop_at = free_run[3]
-    engine.add_request("s", prompt, SamplingParams(temperature=0, max_tokens=12,
-                                                   stop_token_ids=(stop_at,)))  # fmt: skip
+    engine.add_request(
+        "s", prompt, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=(stop_at,))
+    )
     engine.add_request("l", prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     finals = {}
     while engine.has_unfinished_requests():
@@ -198,8 +206,9 @@ def test_logprobs_and_prompt_logprobs_match_full_forward(tiny, rows, monkeypatch
     _, model = tiny
     prompt = _prompts(1, (30, 31), model.cfg.vocab_size, seed=3)[0]
     engine = LLMEngine(model, EngineConfig(block_size=4, max_num_batched_tokens=8))
-    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=2,
-                            prompt_logprobs=1)  # fmt: skip
+    params = SamplingParams(
+        temperature=0, max_tokens=3, ignore_eos=True, logprobs=2, prompt_logprobs=1
+    )
     engine.add_request("q", prompt, params)
     outs = []
     while engine.has_unfinished_requests():

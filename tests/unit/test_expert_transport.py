@@ -74,8 +74,9 @@ def test_failed_step_ends_its_requests_and_frees_blocks(make_ckpt):
         make_ckpt(dtype="float32"), dtype=torch.float32, include_mtp=False, expert_ids=()
     )
     handle = _Handle([ReplicaUnavailableError("expert group 0: gone")] * 1000)
-    transport = ServeHandleTransport(ExpertPlacement.contiguous(model.cfg.num_experts, 1),
-                                     [handle], 10)  # fmt: skip
+    transport = ServeHandleTransport(
+        ExpertPlacement.contiguous(model.cfg.num_experts, 1), [handle], 10
+    )
     engine = LLMEngine(model, EngineConfig(block_size=4), experts=ExpertDispatcher(transport))
     front = AsyncEngine(engine)
 

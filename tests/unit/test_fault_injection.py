@@ -17,8 +17,7 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def model(make_ckpt):
-    return load_causal_lm(make_ckpt(dtype="float32"), dtype=torch.float32,
-                          include_mtp=True)  # fmt: skip
+    return load_causal_lm(make_ckpt(dtype="float32"), dtype=torch.float32, include_mtp=True)
 
 
 def _engine(model):
@@ -35,9 +34,9 @@ def test_refused_unless_the_process_enables_it(model, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "fault, error", [("step", InjectedFault), ("draft", InjectedFault),
-                     ("engine_thread", EngineThreadKilled)],
-)  # fmt: skip
+    "fault, error",
+    [("step", InjectedFault), ("draft", InjectedFault), ("engine_thread", EngineThreadKilled)],
+)
 def test_an_armed_fault_fires_once_then_the_engine_serves(model, monkeypatch, fault, error):
     monkeypatch.setenv(ENV, "1")
     want = _engine(model).generate([PROMPT], PARAMS)

@@ -129,21 +129,24 @@ def test_serve_arguments_are_the_values_config_plus_what_the_chart_sets():
     assert not [d for d in _render(_values(ext)) if d["kind"] == "StatefulSet"]
 
 
-@pytest.mark.parametrize("bad,where", [
-    ({"attentionWorkers": {"replicas": -1}}, "replicas"),
-    ({"expertWorkers": {"maxReplicas": 0}}, "maxReplicas"),
-    ({"grpc": {"port": "9000"}}, "port"),
-    ({"unknownKey": 1}, "unknownKey"),
-    ({"config": {"experts": {"num_groups": -2}}}, "num_groups"),
-    ({"config": {"engine": {"max_num_seqs": "many"}}}, "max_num_seqs"),
-    ({"config": {"engine": {"no_such_option": 1}}}, "no_such_option"),
-    ({"redis": {"maxmemoryPolicy": "random"}}, "maxmemoryPolicy"),
-    ({"rayAuth": {"enable": True}}, "enable"),
-    ({"networkPolicy": {"grpcFrom": [{"namespaceSelectors": {}}]}}, "namespaceSelectors"),
-    ({"networkPolicy": {"kuberayOperator": {"namespace": 1}}}, "namespace"),
-    ({"prefixCache": {"macKey": {"secret": "x"}}}, "secret"),
-    ({"grpc": {"tls": {"secret": "x"}}}, "secret"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad,where",
+    [
+        ({"attentionWorkers": {"replicas": -1}}, "replicas"),
+        ({"expertWorkers": {"maxReplicas": 0}}, "maxReplicas"),
+        ({"grpc": {"port": "9000"}}, "port"),
+        ({"unknownKey": 1}, "unknownKey"),
+        ({"config": {"experts": {"num_groups": -2}}}, "num_groups"),
+        ({"config": {"engine": {"max_num_seqs": "many"}}}, "max_num_seqs"),
+        ({"config": {"engine": {"no_such_option": 1}}}, "no_such_option"),
+        ({"redis": {"maxmemoryPolicy": "random"}}, "maxmemoryPolicy"),
+        ({"rayAuth": {"enable": True}}, "enable"),
+        ({"networkPolicy": {"grpcFrom": [{"namespaceSelectors": {}}]}}, "namespaceSelectors"),
+        ({"networkPolicy": {"kuberayOperator": {"namespace": 1}}}, "namespace"),
+        ({"prefixCache": {"macKey": {"secret": "x"}}}, "secret"),
+        ({"grpc": {"tls": {"secret": "x"}}}, "secret"),
+    ],
+)
 def test_the_values_schema_rejects_bad_values(bad, where):
     with pytest.raises(helm.HelmError) as failure:
         _render(bad)
@@ -166,10 +169,12 @@ def test_the_options_render_what_they_promise():
     assert len(by_kind["NetworkPolicy"]) == 5 and len(by_kind["PodDisruptionBudget"]) == 2
     [grpc_only] = [p for p in by_kind["NetworkPolicy"] if p["metadata"]["name"].endswith("-grpc")]
     gateway = {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}
-    assert grpc_only["spec"]["ingress"] == [{
-        "from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}, {"namespaceSelector": gateway}],
-        "ports": [{"port": 9000, "protocol": "TCP"}],
-    }]  # fmt: skip
+    assert grpc_only["spec"]["ingress"] == [
+        {
+            "from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}, {"namespaceSelector": gateway}],
+            "ports": [{"port": 9000, "protocol": "TCP"}],
+        }
+    ]
     [kuberay] = [p for p in by_kind["NetworkPolicy"] if p["metadata"]["name"].endswith("-kuberay")]
     [peer] = kuberay["spec"]["ingress"][0]["from"]
     assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "ray-system"}
@@ -203,8 +208,11 @@ def test_router_fields_from_values_are_kept_and_the_chart_fills_in_the_rest():
 
     assert router({}) == {"grpc_host": "0.0.0.0", "grpc_port": 9000, "resources": {INGRESS: 1}}
     assert router({"grpc": {"port": 9100}, "config": {"router": {"num_replicas": 3}}}) == {
-        "grpc_host": "0.0.0.0", "grpc_port": 9100, "resources": {INGRESS: 1}, "num_replicas": 3,
-    }  # fmt: skip
+        "grpc_host": "0.0.0.0",
+        "grpc_port": 9100,
+        "resources": {INGRESS: 1},
+        "num_replicas": 3,
+    }
     custom = router({"config": {"router": {"grpc_host": "::", "resources": {INGRESS: 0.5}}}})
     assert custom["grpc_host"] == "::" and custom["resources"] == {INGRESS: 0.5}
     assert router({"config": {"router": {"grpc_port": 9000}}})["grpc_port"] == 9000
@@ -225,8 +233,11 @@ def test_the_grpc_service_reaches_the_routers_on_the_head():
     for worker in workers:  # the Service selects no worker pod
         assert not selects <= worker["template"]["metadata"]["labels"].items()
     # Pod-to-pod on any port among the release's pods (step streams on OS-chosen ports).
-    [internal] = [d for d in docs if d["kind"] == "NetworkPolicy"
-                  and d["metadata"]["name"].endswith("-internal")]  # fmt: skip
+    [internal] = [
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-internal")
+    ]
     [rule] = internal["spec"]["ingress"]
     assert "ports" not in rule
     selector = rule["from"][0]["podSelector"]["matchLabels"]
@@ -237,8 +248,11 @@ def test_the_grpc_service_reaches_the_routers_on_the_head():
 # Secure by default (issue 22, item 4).
 
 NAMES = "demo-exaone-cluster"  # the fullname of the release the tests render
-RAY_SELECTOR = {"app.kubernetes.io/name": "exaone-cluster", "app.kubernetes.io/instance": "demo",
-                "exaone.ai/ray": "true"}  # fmt: skip
+RAY_SELECTOR = {
+    "app.kubernetes.io/name": "exaone-cluster",
+    "app.kubernetes.io/instance": "demo",
+    "exaone.ai/ray": "true",
+}
 
 
 def _by_name(docs: list[dict], kind: str) -> dict[str, dict]:
@@ -296,8 +310,13 @@ def test_every_container_is_locked_down(values_file):
                 assert tmp["name"] in empty_dirs and not tmp.get("readOnly"), container["name"]
         for container in spec["containers"] if role != "redis" else []:
             env = _env(container)  # every cache under /tmp (replicas/kernels/cpu.py, Triton, ...)
-            for name in ("EXAONE_KERNEL_CACHE", "TRITON_HOME", "TRITON_CACHE_DIR",
-                         "XDG_CACHE_HOME", "CUDA_CACHE_PATH"):  # fmt: skip
+            for name in (
+                "EXAONE_KERNEL_CACHE",
+                "TRITON_HOME",
+                "TRITON_CACHE_DIR",
+                "XDG_CACHE_HOME",
+                "CUDA_CACHE_PATH",
+            ):
                 assert env[name]["value"].startswith("/tmp"), name
     # KubeRay's autoscaler sidecar in the head pod: the same, with its own /tmp.
     [rs] = [d for d in docs if d["kind"] == "RayService"]
@@ -336,8 +355,9 @@ def test_ray_token_auth_is_on_by_default_with_a_secret_the_chart_owns():
 def test_the_network_policies_are_on_by_default_and_allow_only_what_is_needed():
     docs = _render({})
     policies = _by_name(docs, "NetworkPolicy")
-    assert set(policies) == {f"{NAMES}-{p}" for p in
-                             ("internal", "grpc", "kuberay", "metrics", "redis")}  # fmt: skip
+    assert set(policies) == {
+        f"{NAMES}-{p}" for p in ("internal", "grpc", "kuberay", "metrics", "redis")
+    }
     for policy in policies.values():  # ingress only: egress (DNS, API server) is not restricted
         assert policy["spec"]["policyTypes"] == ["Ingress"]
     pods = dict(_pods(docs))
@@ -363,10 +383,12 @@ def test_the_network_policies_are_on_by_default_and_allow_only_what_is_needed():
     # The KubeRay operator: the dashboard (Serve deploys, status) and the Serve proxy's health.
     selector, peers, ports = rule("kuberay")
     assert [r for r in labels if _selects(selector, labels[r])] == ["head"]
-    assert peers == [{
-        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "default"}},
-        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}},
-    }]  # fmt: skip
+    assert peers == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "default"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}},
+        }
+    ]
     assert sorted(p["port"] for p in ports) == [8000, 8265]
     # Prometheus on every Ray pod's metrics port.
     selector, peers, ports = rule("metrics")
@@ -380,18 +402,24 @@ def test_the_network_policies_are_on_by_default_and_allow_only_what_is_needed():
     assert peers == [{"podSelector": {"matchLabels": RAY_SELECTOR}}]
     assert ports == [{"port": 6379, "protocol": "TCP"}]
     # Opened up, other namespaces, another port; no Redis, no Redis policy.
-    docs = _render({
-        "grpc": {"port": 9100},
-        "redis": {"enabled": False},
-        "networkPolicy": {"grpcFrom": [{"ipBlock": {"cidr": "0.0.0.0/0"}}],
-                          "kuberayOperator": {"namespace": "", "podLabels": None},
-                          "prometheus": {"namespace": "obs"}},
-    })  # fmt: skip
+    docs = _render(
+        {
+            "grpc": {"port": 9100},
+            "redis": {"enabled": False},
+            "networkPolicy": {
+                "grpcFrom": [{"ipBlock": {"cidr": "0.0.0.0/0"}}],
+                "kuberayOperator": {"namespace": "", "podLabels": None},
+                "prometheus": {"namespace": "obs"},
+            },
+        }
+    )
     policies = _by_name(docs, "NetworkPolicy")
     assert f"{NAMES}-redis" not in policies
     [grpc_rule] = policies[f"{NAMES}-grpc"]["spec"]["ingress"]
-    assert grpc_rule == {"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}],
-                         "ports": [{"port": 9100, "protocol": "TCP"}]}  # fmt: skip
+    assert grpc_rule == {
+        "from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}],
+        "ports": [{"port": 9100, "protocol": "TCP"}],
+    }
     assert policies[f"{NAMES}-kuberay"]["spec"]["ingress"][0]["from"] == [{"namespaceSelector": {}}]
     metrics = policies[f"{NAMES}-metrics"]["spec"]["ingress"][0]["from"][0]
     assert metrics["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "obs"}
@@ -416,7 +444,8 @@ def test_the_redis_password_is_generated_and_change_me_is_refused():
     docs = _render({"redis": {"password": {"existingSecret": "mine", "key": "pw"}}})
     assert f"{NAMES}-redis" not in _by_name(docs, "Secret")
     [redis] = _by_name(docs, "StatefulSet")[f"{NAMES}-redis"]["spec"]["template"]["spec"][
-        "containers"]  # fmt: skip
+        "containers"
+    ]
     ref = {"name": "mine", "key": "pw"}
     assert _env(redis)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == ref
     for container in _ray_containers(docs):
@@ -450,8 +479,12 @@ def test_every_ray_container_gets_the_prefix_cache_key_from_a_secret(values_file
 
 def test_no_secret_is_on_a_command_line():
     password = "Not-On-Any-Command-Line-42"
-    docs = _render({"redis": {"password": {"value": password}},
-                    "model": {"fetch": {"enabled": True, "command": ["sync"]}}})  # fmt: skip
+    docs = _render(
+        {
+            "redis": {"password": {"value": password}},
+            "model": {"fetch": {"enabled": True, "command": ["sync"]}},
+        }
+    )
     generated = _render({})
     generated_password = _secret(generated, f"{NAMES}-redis", "redis-password")
     for rendered, secret in ((docs, password), (generated, generated_password)):
@@ -465,7 +498,8 @@ def test_no_secret_is_on_a_command_line():
                 assert secret not in argv and "--requirepass" not in argv, container["name"]
     # Redis reads its password from its standard input: a config file named "-".
     [redis] = _by_name(docs, "StatefulSet")[f"{NAMES}-redis"]["spec"]["template"]["spec"][
-        "containers"]  # fmt: skip
+        "containers"
+    ]
     [script] = redis["args"]
     assert "exec redis-server - " in script and 'requirepass "$pass"' in script
     assert _env(redis)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == f"{NAMES}-redis"

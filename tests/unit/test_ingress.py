@@ -99,17 +99,36 @@ def test_tls_port_serves_only_tls(tmp_path):
     from router.client import GenerationClient
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     port = free_port()
     address = f"127.0.0.1:{port}"
 
     async def main():
         service = SlowService(count=3, interval_s=0.01)
-        server = await start_ingress("127.0.0.1", port, service, _healthy,
-                                     tls=(str(cert), str(key)))  # fmt: skip
+        server = await start_ingress(
+            "127.0.0.1", port, service, _healthy, tls=(str(cert), str(key))
+        )
         try:
             plain = await _stream(address)
 

@@ -19,11 +19,29 @@ def _digest(path):
 
 def test_tiny_cli_writes_full_hf_layout(tmp_path, capsys):
     out = tmp_path / "tiny"
-    assert main(["make-checkpoint", str(out), "--set", "num_experts=16", "--set",
-                 "sliding_window=16", "--seed", "3"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "make-checkpoint",
+                str(out),
+                "--set",
+                "num_experts=16",
+                "--set",
+                "sliding_window=16",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "model.safetensors"} <= names  # fmt: skip
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    } <= names
     cfg = ModelConfig.from_json_file(out)
     assert cfg.num_experts == 16 and cfg.sliding_window == 16
     assert "wrote tiny checkpoint" in capsys.readouterr().out
@@ -75,6 +93,8 @@ def test_chat_template_generation_prompt(make_ckpt, thinking, tail):
     tok = AutoTokenizer.from_pretrained(make_ckpt())
     text = tok.apply_chat_template(
         [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
-        tokenize=False, add_generation_prompt=True, enable_thinking=thinking,
-    )  # fmt: skip
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=thinking,
+    )
     assert text == "<|system|>\nS<|endofturn|>\n<|user|>\nU<|endofturn|>\n<|assistant|>\n" + tail

@@ -8,8 +8,16 @@ import xml.etree.ElementTree as ET
 from cluster.bundled.model_card import EVAL_SEED, is_correct, loss_svg, turns
 
 CAPITAL = {"role": "assistant", "content": "The capital of Peru is Lima."}
-CALL = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
-    "name": "get_weather", "arguments": json.dumps({"city": "Lima"})}}]}  # fmt: skip
+CALL = {
+    "role": "assistant",
+    "content": "",
+    "tool_calls": [
+        {
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Lima"})},
+        }
+    ],
+}
 
 
 def test_an_answer_is_right_only_with_reasoning_and_the_exact_content():

@@ -18,25 +18,49 @@ FP32_CASES = {
     "head_dim_window": dict(config=dict(head_dim=24, sliding_window=5), batch=2, tokens=32),
     # group-limited routing (4 groups, keep 2), no renormalisation of the top-k weights.
     "group_limited_routing": dict(
-        config=dict(num_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
-                    norm_topk_prob=False, sliding_window=4),
-        batch=2, tokens=24,
+        config=dict(
+            num_experts=16,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=False,
+            sliding_window=4,
+        ),
+        batch=2,
+        tokens=24,
     ),
     # two shared experts, two dense leading layers, non-default routed scaling.
     "shared2_dense2_scaling": dict(
-        config=dict(num_shared_experts=2, first_k_dense_replace=2, routed_scaling_factor=1.7,
-                    num_hidden_layers=6, sliding_window=6),
-        batch=2, tokens=30,
+        config=dict(
+            num_shared_experts=2,
+            first_k_dense_replace=2,
+            routed_scaling_factor=1.7,
+            num_hidden_layers=6,
+            sliding_window=6,
+        ),
+        batch=2,
+        tokens=30,
     ),
     # GQA 4:1, K-EXAONE's default RoPE base, everything at once on 8 layers.
     "mixed_all": dict(
-        config=dict(num_hidden_layers=8, num_key_value_heads=1, head_dim=16, num_experts=8,
-                    n_group=2, topk_group=1, norm_topk_prob=False, num_shared_experts=2,
-                    first_k_dense_replace=2, routed_scaling_factor=3.0, sliding_window=3,
-                    rope_theta=10000.0),
-        batch=3, tokens=20,
+        config=dict(
+            num_hidden_layers=8,
+            num_key_value_heads=1,
+            head_dim=16,
+            num_experts=8,
+            n_group=2,
+            topk_group=1,
+            norm_topk_prob=False,
+            num_shared_experts=2,
+            first_k_dense_replace=2,
+            routed_scaling_factor=3.0,
+            sliding_window=3,
+            rope_theta=10000.0,
+        ),
+        batch=3,
+        tokens=20,
     ),
-}  # fmt: skip
+}
 
 
 def _ids(ckpt, batch, tokens, seed=0):
@@ -116,17 +140,21 @@ def test_bf16_top1_agreement(make_ckpt, report):
         got, want = ours(ids).float(), ref(ids).logits.float()
     agreement = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     diff = (got - want).abs().max().item()
-    report(f"bf16 vs grouped_mm: top-1 agreement {agreement:.4f}, max |diff| {diff:.3g}, "
-           f"{ids.numel()} positions")  # fmt: skip
+    report(
+        f"bf16 vs grouped_mm: top-1 agreement {agreement:.4f}, max |diff| {diff:.3g}, "
+        f"{ids.numel()} positions"
+    )
     assert agreement >= 0.99
     assert diff <= 0.1
     # For the record: transformers' eager experts path accumulates in bf16 and differs more.
     eager = HFModel.from_pretrained(ckpt, dtype=torch.bfloat16, experts_implementation="eager")
     with torch.no_grad():
         other = eager(ids).logits.float()
-    report(f"bf16 vs eager: top-1 agreement "
-           f"{(got.argmax(-1) == other.argmax(-1)).float().mean().item():.4f}, "
-           f"max |diff| {(got - other).abs().max().item():.3g}")  # fmt: skip
+    report(
+        f"bf16 vs eager: top-1 agreement "
+        f"{(got.argmax(-1) == other.argmax(-1)).float().mean().item():.4f}, "
+        f"max |diff| {(got - other).abs().max().item():.3g}"
+    )
 
 
 def test_mtp_block_runs_and_is_loaded(make_ckpt):

@@ -20,9 +20,14 @@ def tiny(make_ckpt):
 
 def _cache(model, spec_tokens: int = 0, max_seqs: int = 2) -> HybridKVCache:
     return HybridKVCache(
-        model.cfg, num_blocks=32, block_size=4, max_seqs=max_seqs, dtype=torch.float32,
-        include_mtp=True, spec_tokens=spec_tokens,
-    )  # fmt: skip
+        model.cfg,
+        num_blocks=32,
+        block_size=4,
+        max_seqs=max_seqs,
+        dtype=torch.float32,
+        include_mtp=True,
+        spec_tokens=spec_tokens,
+    )
 
 
 def _run(model, cache, seq, chunk: SeqChunk):

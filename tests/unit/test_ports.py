@@ -24,6 +24,7 @@ def test_a_taken_port_is_skipped(monkeypatch):
         taken.listen()
         busy = taken.getsockname()[1]
         picks = iter([busy, busy, 23456])
-        monkeypatch.setattr(redis_server.random.SystemRandom, "randrange",
-                            lambda self, a, b: next(picks))  # fmt: skip
+        monkeypatch.setattr(
+            redis_server.random.SystemRandom, "randrange", lambda self, a, b: next(picks)
+        )
         assert free_port() == 23456

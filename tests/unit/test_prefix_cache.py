@@ -82,9 +82,14 @@ def test_snapshot_cache_is_lru_under_a_byte_bound():
 def _window_value(dtype=torch.bfloat16):
     sliding = torch.randn(2, 3, 7, 2, 4).to(dtype)
     partial = torch.randn(2, 1, 5, 2, 4).to(dtype)
-    value = fmt.encode(fmt.KIND_WINDOW, 21, [
-        fmt.Section(fmt.SLIDING, (0, 1, 2), sliding), fmt.Section(fmt.PARTIAL, (3,), partial),
-    ])  # fmt: skip
+    value = fmt.encode(
+        fmt.KIND_WINDOW,
+        21,
+        [
+            fmt.Section(fmt.SLIDING, (0, 1, 2), sliding),
+            fmt.Section(fmt.PARTIAL, (3,), partial),
+        ],
+    )
     expect = {fmt.SLIDING: ((0, 1, 2), (2, 3, -1, 2, 4)), fmt.PARTIAL: ((3,), (2, 1, -1, 2, 4))}
     return value, expect, sliding, partial
 
@@ -127,8 +132,10 @@ def test_stored_bytes_per_token_k_exaone_against_all_layers(report):
     assert ours == (2048 * 48 * 1024 + window) / 2048
     assert every == 192 * 1024
     assert every / ours > 3
-    report(f"k-exaone, 2048-token prefix, bf16: {ours / 1024:.1f} KiB/token stored vs "
-           f"{every / 1024:.0f} KiB/token for all layers ({every / ours:.2f}x less)")  # fmt: skip
+    report(
+        f"k-exaone, 2048-token prefix, bf16: {ours / 1024:.1f} KiB/token stored vs "
+        f"{every / 1024:.0f} KiB/token for all layers ({every / ours:.2f}x less)"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -140,16 +147,18 @@ def tiny_model(make_ckpt):
 def _prompts(prefix_len: int, n: int, seed: int = 0):
     rng = random.Random(seed)
     prefix = [rng.randrange(1, 1000) for _ in range(prefix_len)]
-    return prefix, [prefix + [rng.randrange(1, 1000) for _ in range(rng.randrange(2, 30))]
-                    for _ in range(n)]  # fmt: skip
+    return prefix, [
+        prefix + [rng.randrange(1, 1000) for _ in range(rng.randrange(2, 30))] for _ in range(n)
+    ]
 
 
 def test_scheduler_ends_chunks_on_boundaries_and_local_hits_match(tiny_model):
     """Boundaries cut chunks; the second prompt resumes at the hinted boundary (45: inside a
     block, past the sliding window of 8) and greedy outputs equal a cache-less engine."""
     prefix, prompts = _prompts(45, 5)
-    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True,
-                            prefix_boundaries=(45,))  # fmt: skip
+    params = SamplingParams(
+        temperature=0.0, max_tokens=10, ignore_eos=True, prefix_boundaries=(45,)
+    )
     ref = LLMEngine(tiny_model, EngineConfig(max_num_batched_tokens=64, kv_cache_bytes=KV))
     want = [ref.generate([p], params)[0] for p in prompts]
     cfg = EngineConfig(
@@ -182,11 +191,16 @@ def test_scheduler_ends_chunks_on_boundaries_and_local_hits_match(tiny_model):
 def test_batched_hits_and_preemption_keep_outputs(tiny_model):
     """Many requests sharing a prefix at once, in a cache small enough to preempt and evict."""
     _, prompts = _prompts(40, 12, seed=3)
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
-                            prefix_boundaries=(40,))  # fmt: skip
+    params = SamplingParams(
+        temperature=0.0, max_tokens=24, ignore_eos=True, prefix_boundaries=(40,)
+    )
     want = LLMEngine(tiny_model, EngineConfig(kv_cache_bytes=KV)).generate(prompts, params)
-    cfg = EngineConfig(max_num_batched_tokens=96, num_blocks=14, block_size=8,
-                       prefix_cache=PrefixCacheConfig("t", 0))  # fmt: skip
+    cfg = EngineConfig(
+        max_num_batched_tokens=96,
+        num_blocks=14,
+        block_size=8,
+        prefix_cache=PrefixCacheConfig("t", 0),
+    )
     engine = LLMEngine(tiny_model, cfg)
     assert engine.generate(prompts[:1], params) == want[:1]
     assert engine.generate(prompts, params) == want

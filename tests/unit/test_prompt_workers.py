@@ -19,19 +19,25 @@ def ckpt(make_ckpt):
 
 
 def _workers(ckpt, **kwargs) -> PromptWorkers:
-    limits = RequestLimits(vocab_size=1024, max_model_len=1 << 23, max_output_tokens=16,
-                           max_request_bytes=8 << 20)  # fmt: skip
+    limits = RequestLimits(
+        vocab_size=1024, max_model_len=1 << 23, max_output_tokens=16, max_request_bytes=8 << 20
+    )
     return PromptWorkers(ckpt, Tokenizer(ckpt), limits, **kwargs)
 
 
 def test_large_requests_give_what_inline_gives(ckpt):
     workers = _workers(ckpt, inline_bytes=1024)
-    chat = pb.Chat(messages=[
-        pb.ChatMessage(role="system", content="Be brief. " * 300),
-        pb.ChatMessage(role="user", content="hi<|endofturn|>" * 50),
-    ])  # fmt: skip
-    requests = [pb.GenerateRequest(text="some words " * 400), pb.GenerateRequest(chat=chat),
-                pb.GenerateRequest(text="a<|user|>" * 300, parse_special_tokens=True)]  # fmt: skip
+    chat = pb.Chat(
+        messages=[
+            pb.ChatMessage(role="system", content="Be brief. " * 300),
+            pb.ChatMessage(role="user", content="hi<|endofturn|>" * 50),
+        ]
+    )
+    requests = [
+        pb.GenerateRequest(text="some words " * 400),
+        pb.GenerateRequest(chat=chat),
+        pb.GenerateRequest(text="a<|user|>" * 300, parse_special_tokens=True),
+    ]
 
     async def main():
         try:
@@ -72,8 +78,11 @@ def test_the_event_loop_runs_while_a_large_prompt_is_tokenized(ckpt):
             prompt = await workers.prompt(big)
             took, ticked = loop.time() - start, ticks - before
             with pytest.raises(RequestError) as e:
-                await workers.prompt(pb.GenerateRequest(chat=pb.Chat(messages=[
-                    pb.ChatMessage(role="robot", content="x" * 4096)])))  # fmt: skip
+                await workers.prompt(
+                    pb.GenerateRequest(
+                        chat=pb.Chat(messages=[pb.ChatMessage(role="robot", content="x" * 4096)])
+                    )
+                )
             return prompt, took, ticked, e.value
         finally:
             task.cancel()
@@ -92,8 +101,9 @@ def test_too_many_large_requests_at_once_are_refused(ckpt):
 
     async def main():
         try:
-            return await asyncio.gather(workers.prompt(big), workers.prompt(big),
-                                        return_exceptions=True)  # fmt: skip
+            return await asyncio.gather(
+                workers.prompt(big), workers.prompt(big), return_exceptions=True
+            )
         finally:
             workers.close()
 

@@ -6,8 +6,9 @@ from cluster.ops.rebalancer import RebalanceConfig, Rebalancer
 from replicas.experts.placement import ExpertMap, ExpertPlacement
 
 LAYERS = (1, 2)
-CONFIG = RebalanceConfig(threshold=1.2, min_gain=0.05, redundant_slots=1, min_interval_s=30,
-                         stale_s=10, min_tokens=100)  # fmt: skip
+CONFIG = RebalanceConfig(
+    threshold=1.2, min_gain=0.05, redundant_slots=1, min_interval_s=30, stale_s=10, min_tokens=100
+)
 
 
 def _rebalancer() -> Rebalancer:
@@ -65,8 +66,9 @@ def test_a_skewed_load_goes_through_prepare_and_switch_to_a_balanced_map():
     assert done.commit and done.holdings == r.published.group_holdings(0, LAYERS)
     assert r.imbalance(4.5) < 1.1
     for replica, group in (("a", 0), ("b", 1)):  # each group now serves half the hot slots
-        r.expert_report(replica, group, 1, {layer: [50, 50, 1, 1, 1, 1, 1, 1] for layer in LAYERS},
-                        now=5.0)  # fmt: skip
+        r.expert_report(
+            replica, group, 1, {layer: [50, 50, 1, 1, 1, 1, 1, 1] for layer in LAYERS}, now=5.0
+        )
     assert r.measured_imbalance(5.0) == 1.0
 
 

@@ -48,9 +48,17 @@ def test_temperatures_below_eps_are_greedy_not_nan():
     """A temperature of 1e-38 used to divide logits to inf and sample token 0 from NaNs; below
     SAMPLING_EPS (1e-5, as vLLM) a row is greedy, with or without logprobs and seeds."""
     logits = torch.randn(6, 50) * 30
-    params = [SamplingParams(temperature=t, seed=s, logprobs=lp) for t, s, lp in
-              [(1e-38, None, None), (1e-30, 7, None), (9e-6, None, 2), (1e-45, 3, 1),
-               (1e-38, None, None), (1e-10, None, None)]]  # fmt: skip
+    params = [
+        SamplingParams(temperature=t, seed=s, logprobs=lp)
+        for t, s, lp in [
+            (1e-38, None, None),
+            (1e-30, 7, None),
+            (9e-6, None, 2),
+            (1e-45, 3, 1),
+            (1e-38, None, None),
+            (1e-10, None, None),
+        ]
+    ]
     out = sample(logits, _batch(params, seeds=[p.seed for p in params]))
     assert torch.equal(out.token_ids, logits.argmax(-1))
     assert torch.isfinite(out.logprobs).all()
@@ -138,8 +146,11 @@ def test_logprobs_are_raw_model_logprobs():
     assert torch.allclose(out.logprobs, ref.gather(1, out.token_ids[:, None])[:, 0])
     assert torch.allclose(out.top_logprobs[0], ref[0].topk(3).values)
     assert torch.equal(out.top_ids[0], ref[0].topk(3).indices)
-    assert math.isclose(out.top_logprobs[0].exp().sum().item(),
-                        ref[0].topk(3).values.exp().sum().item(), rel_tol=1e-6)  # fmt: skip
+    assert math.isclose(
+        out.top_logprobs[0].exp().sum().item(),
+        ref[0].topk(3).values.exp().sum().item(),
+        rel_tol=1e-6,
+    )
 
 
 def test_no_logprobs_requested_returns_none():

@@ -13,8 +13,9 @@ EOS = (53,)
 
 
 def _sched(budget=16, max_seqs=8, block_size=4, blocks=64):
-    return Scheduler(SchedulerConfig(budget, max_seqs, block_size), BlockPool(blocks),
-                     BlockPool(max_seqs))  # fmt: skip
+    return Scheduler(
+        SchedulerConfig(budget, max_seqs, block_size), BlockPool(blocks), BlockPool(max_seqs)
+    )
 
 
 def _req(rid, n_prompt, arrival, max_tokens=8):

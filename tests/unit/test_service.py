@@ -26,8 +26,13 @@ from router.service import GenerationService
 from router.tokenizer import Tokenizer
 from tests.bad_inputs import BAD_INPUTS
 
-ENGINE = EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, block_size=4,
-                      kv_cache_bytes=8 << 20, max_model_len=256)  # fmt: skip
+ENGINE = EngineConfig(
+    max_num_seqs=4,
+    max_num_batched_tokens=64,
+    block_size=4,
+    kv_cache_bytes=8 << 20,
+    max_model_len=256,
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +74,14 @@ def test_bad_input_table(env, row):
     assert row.message in e.value.message, e.value.message
 
 
-@pytest.mark.parametrize("error, code", [
-    (ValueError("an engine bug"), "INTERNAL"), (KeyError("k"), "INTERNAL"),
-    (RequestRejectedError("prompt is empty"), "INVALID_ARGUMENT"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (ValueError("an engine bug"), "INTERNAL"),
+        (KeyError("k"), "INTERNAL"),
+        (RequestRejectedError("prompt is empty"), "INVALID_ARGUMENT"),
+    ],
+)
 def test_only_the_engines_rejections_are_invalid_argument(env, error, code):
     """An exception out of the engine is the server's fault (INTERNAL, with its type in the
     message), unless the engine rejected the request itself (RequestRejectedError)."""
@@ -95,9 +104,16 @@ def test_greedy_stream_matches_engine_and_reports_usage(env):
     shard = AttentionShard(path, ENGINE)
     prompt = [7, 300, 42, 9, 12, 500, 77]
     want = LLMEngine(shard.engine.engine.model, ENGINE).generate(
-        [prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]  # fmt: skip
-    request = build_request(token_ids=prompt, temperature=0.0, max_tokens=24, ignore_eos=True,
-                            logprobs=2, prompt_logprobs=1)  # fmt: skip
+        [prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    )[0]
+    request = build_request(
+        token_ids=prompt,
+        temperature=0.0,
+        max_tokens=24,
+        ignore_eos=True,
+        logprobs=2,
+        prompt_logprobs=1,
+    )
     responses = asyncio.run(_collect(_service(env, shard), request))
     deltas, final = [r.delta for r in responses[:-1]], responses[-1].final
     assert all(r.HasField("delta") for r in responses[:-1]) and responses[-1].HasField("final")
@@ -124,9 +140,11 @@ def test_speculative_stream_matches_and_reports_drafts_in_usage(env):
     shard = AttentionShard(path, spec)
     prompt = [7, 300, 42, 9, 12, 500, 77]
     want = LLMEngine(shard.engine.engine.model, ENGINE).generate(
-        [prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]  # fmt: skip
-    request = build_request(token_ids=prompt, temperature=0.0, max_tokens=24, ignore_eos=True,
-                            logprobs=1)  # fmt: skip
+        [prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    )[0]
+    request = build_request(
+        token_ids=prompt, temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1
+    )
     responses = asyncio.run(_collect(_service(env, shard), request))
     deltas, usage = [r.delta for r in responses[:-1]], responses[-1].final.usage
     ids = [t for d in deltas for t in d.token_ids]
@@ -144,8 +162,9 @@ def test_stop_string_is_not_returned(env):
     base = build_request(token_ids=[5, 6, 7, 8], temperature=0.0, max_tokens=40, ignore_eos=True)
     full = "".join(r.delta.text for r in asyncio.run(_collect(service, base))[:-1])
     stop = full[len(full) // 2 : len(full) // 2 + 3]
-    request = build_request(token_ids=[5, 6, 7, 8], temperature=0.0, max_tokens=40,
-                            ignore_eos=True, stop=[stop])  # fmt: skip
+    request = build_request(
+        token_ids=[5, 6, 7, 8], temperature=0.0, max_tokens=40, ignore_eos=True, stop=[stop]
+    )
     responses = asyncio.run(_collect(service, request))
     text = "".join(r.delta.text for r in responses[:-1])
     assert text == full[: full.index(stop)]
@@ -164,9 +183,13 @@ class Scripted:
             chunk, last = self.ids[i : i + 3], i + 3 >= len(self.ids)
             reason = FinishReason.STOP if last else None
             yield RequestOutput(
-                request_id, chunk, finished=last, finish_reason=reason,
-                num_prompt_tokens=len(prompt_ids), num_output_tokens=i + len(chunk),
-            )  # fmt: skip
+                request_id,
+                chunk,
+                finished=last,
+                finish_reason=reason,
+                num_prompt_tokens=len(prompt_ids),
+                num_output_tokens=i + len(chunk),
+            )
 
 
 def test_chat_output_parsed_into_reasoning_content_and_tool_calls(env):
@@ -183,7 +206,8 @@ def test_chat_output_parsed_into_reasoning_content_and_tool_calls(env):
     assert "".join(d.content for d in deltas).strip() == "Checking now."
     calls = [c for d in deltas for c in d.tool_calls]
     assert [(c.name, json.loads(c.arguments_json)) for c in calls] == [
-        ("get_weather", {"city": "Seoul"})]  # fmt: skip
+        ("get_weather", {"city": "Seoul"})
+    ]
     errors = [e for d in deltas for e in d.tool_call_errors]
     assert len(errors) == 1 and errors[0].raw == "{broken" and "JSON" in errors[0].reason
     assert responses[-1].final.finish_reason == pb.FINISH_REASON_STOP
@@ -197,8 +221,9 @@ def test_tokenize_chat_matches_template_and_detokenize_roundtrip(env):
     out = asyncio.run(service.tokenize(req))
     assert out.text == tok.render_chat(messages, enable_thinking=False)
     assert list(out.token_ids) == tok.encode(out.text)
-    text = service.detokenize(pb.DetokenizeRequest(token_ids=out.token_ids,
-                                                    include_special_tokens=True)).text  # fmt: skip
+    text = service.detokenize(
+        pb.DetokenizeRequest(token_ids=out.token_ids, include_special_tokens=True)
+    ).text
     assert text == out.text
 
 
@@ -235,9 +260,11 @@ def test_streams_with_one_request_id_each_get_their_own_tokens(env):
     shard = AttentionShard(path, ENGINE)
     prompts = [[7, 300, 42, 9], [12, 500, 77, 3, 8]]
     want = LLMEngine(shard.engine.engine.model, ENGINE).generate(
-        prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))  # fmt: skip
-    requests = [build_request(token_ids=p, temperature=0.0, max_tokens=12, ignore_eos=True)
-                for p in prompts]  # fmt: skip
+        prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    )
+    requests = [
+        build_request(token_ids=p, temperature=0.0, max_tokens=12, ignore_eos=True) for p in prompts
+    ]
     for r in requests:
         r.request_id = "same-id"
     service = _service(env, shard)

@@ -108,8 +108,10 @@ def test_any_drafts_verify_to_the_same_greedy_outputs(tiny, k, report):
     got, steps = _run(engine, prompts)
     assert got == want
     drafted, accepted = engine.acceptance.drafted, engine.acceptance.accepted
-    report(f"k={k}, oracle drafts (1/3 wrong): drafted {drafted}, accepted {accepted}, "
-           f"{steps} steps vs {plain_steps} without")  # fmt: skip
+    report(
+        f"k={k}, oracle drafts (1/3 wrong): drafted {drafted}, accepted {accepted}, "
+        f"{steps} steps vs {plain_steps} without"
+    )
     assert _accepted_and_rejected_everywhere(engine)
     assert steps < plain_steps
 
@@ -120,8 +122,10 @@ def _cache_state(engine: LLMEngine, request_id: str, upto: int) -> dict[int, tor
     assert r.num_computed_tokens == upto
     window = cache.read_window(r.slot, upto)  # [2, Ls, n, Hkv, D]
     rows = torch.cat([cache.read_rows(b, cache.block_size) for b in r.block_ids], 2)[:, :, :upto]
-    return {**dict(zip(cache.sliding_layers, window.unbind(1), strict=True)),
-            **dict(zip(cache.global_layers, rows.unbind(1), strict=True))}  # fmt: skip
+    return {
+        **dict(zip(cache.sliding_layers, window.unbind(1), strict=True)),
+        **dict(zip(cache.global_layers, rows.unbind(1), strict=True)),
+    }
 
 
 def test_after_rejections_every_cache_holds_what_a_plain_run_holds(tiny):
@@ -151,9 +155,12 @@ def _verified_counts(logits: torch.Tensor, params: SamplingParams, draft: int, n
     """n independent rows of the same logits, each verifying the same one-hot draft -> counts
     of the token each row ends with [V]."""
     batch = SamplingBatch(
-        params=[params] * n, output_ids=[[]] * n, prompt_ids=[[]] * n, generators=[None] * n,
+        params=[params] * n,
+        output_ids=[[]] * n,
+        prompt_ids=[[]] * n,
+        generators=[None] * n,
         draft_ids=[draft] * n,
-    )  # fmt: skip
+    )
     tokens = sample(logits.expand(n, -1), batch).token_ids
     return torch.bincount(tokens, minlength=logits.shape[-1]).double()
 
@@ -206,8 +213,9 @@ def test_adaptive_draft_length_drafts_when_it_pays_and_pauses_when_not(tiny, rep
     want = _engine(tiny, 0).generate(prompts, GREEDY)
     counts = {}
     for name, cap, oracle in (("oracle", 512, True), ("random", 512, False), ("full", 1, False)):
-        policy = DraftPolicyConfig(max_draft_tokens=2, max_step_tokens=cap, min_gain=1.0,
-                                   probe_interval_steps=4)  # fmt: skip
+        policy = DraftPolicyConfig(
+            max_draft_tokens=2, max_step_tokens=cap, min_gain=1.0, probe_interval_steps=4
+        )
         engine = _engine(tiny, 2, draft_policy=policy)
         # Fixed costs (10 ms a step + 0.1 ms a token, 2 ms an MTP pass): decisions then
         # depend on acceptance only, not on this machine's timings.
@@ -287,12 +295,17 @@ def test_a_stop_inside_accepted_drafts_ends_the_request_there(tiny, k):
     truth, _ = _run(_engine(tiny, 0), prompts)
     stops = [t[4 + i % 3] for i, t in enumerate(truth)]
     want = [t[: t.index(s) + 1] for t, s in zip(truth, stops, strict=True)]
-    engine = _redraft(_engine(tiny, k), lambda r: truth[int(r.request_id.rsplit("-", 1)[1])][
-        len(r.output_ids) : len(r.output_ids) + len(r.draft_ids)])  # fmt: skip
+    engine = _redraft(
+        _engine(tiny, k),
+        lambda r: truth[int(r.request_id.rsplit("-", 1)[1])][
+            len(r.output_ids) : len(r.output_ids) + len(r.draft_ids)
+        ],
+    )
     got: dict[str, list[int]] = {}
     for i, (prompt, stop) in enumerate(zip(prompts, stops, strict=True)):
-        params = SamplingParams(temperature=0.0, max_tokens=GREEDY.max_tokens,
-                                stop_token_ids=(stop,))  # fmt: skip
+        params = SamplingParams(
+            temperature=0.0, max_tokens=GREEDY.max_tokens, stop_token_ids=(stop,)
+        )
         engine.add_request(f"gen-0-{i}", prompt, params)
     usage = {}
     while engine.has_unfinished_requests():

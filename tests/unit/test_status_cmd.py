@@ -14,17 +14,43 @@ def test_expert_ids_print_as_ranges():
 
 
 def test_render_lists_deployments_replicas_placement_and_load():
-    found = {"applications": {"exaone": {"status": "RUNNING", "deployments": {
-        "AttentionShard": {"status": "HEALTHY", "replicas": {"RUNNING": 2}},
-        "ExpertGroup-0": {"status": "UPSCALING", "replicas": {"RUNNING": 1, "STARTING": 1},
-                          "expert_replicas": [{"replica": "abc", "experts": [0, 1, 2, 3],
-                                               "tokens_per_s": 812.5, "busy": 0.43,
-                                               "ready_s": 1.25, "map_version": 2,
-                                               "kernels": "triton"}]},
-        "ExpertBalancer": {"status": "HEALTHY", "replicas": {"RUNNING": 1}, "balancer": {
-            "version": 2, "phase": "idle", "measured_imbalance": 1.04, "imbalance": 1.01,
-            "history": [{}, {}], "holdings": {1: [[0, 1, 2], [0, 3]]}}},
-    }}}}  # fmt: skip
+    found = {
+        "applications": {
+            "exaone": {
+                "status": "RUNNING",
+                "deployments": {
+                    "AttentionShard": {"status": "HEALTHY", "replicas": {"RUNNING": 2}},
+                    "ExpertGroup-0": {
+                        "status": "UPSCALING",
+                        "replicas": {"RUNNING": 1, "STARTING": 1},
+                        "expert_replicas": [
+                            {
+                                "replica": "abc",
+                                "experts": [0, 1, 2, 3],
+                                "tokens_per_s": 812.5,
+                                "busy": 0.43,
+                                "ready_s": 1.25,
+                                "map_version": 2,
+                                "kernels": "triton",
+                            }
+                        ],
+                    },
+                    "ExpertBalancer": {
+                        "status": "HEALTHY",
+                        "replicas": {"RUNNING": 1},
+                        "balancer": {
+                            "version": 2,
+                            "phase": "idle",
+                            "measured_imbalance": 1.04,
+                            "imbalance": 1.01,
+                            "history": [{}, {}],
+                            "holdings": {1: [[0, 1, 2], [0, 3]]},
+                        },
+                    },
+                },
+            }
+        }
+    }
     text = render(found)
     assert "application exaone: RUNNING" in text
     assert "AttentionShard   HEALTHY    replicas: 2 running" in text

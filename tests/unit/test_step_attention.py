@@ -15,8 +15,7 @@ SEQ_LENS = (30, 26, 34, 32)  # window 8: every sequence crosses several window b
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def model(make_ckpt, request):
     dtype = getattr(torch, request.param)
-    return load_causal_lm(make_ckpt(dtype=request.param), dtype=dtype,
-                          include_mtp=False)  # fmt: skip
+    return load_causal_lm(make_ckpt(dtype=request.param), dtype=dtype, include_mtp=False)
 
 
 def _steps(model, split: bool) -> list[torch.Tensor]:
@@ -54,7 +53,9 @@ def test_split_step_equals_one_padded_step(model, report):
     split, padded = _steps(model, split=True), _steps(model, split=False)
     diffs = [(a.float() - b.float()).abs().max().item() for a, b in zip(split, padded, strict=True)]
     scale = max(b.float().abs().max().item() for b in padded)
-    report(f"{model.lm_head.weight.dtype}: max |split - padded| {max(diffs):.3g} "
-           f"(hidden max {scale:.3g})")  # fmt: skip
+    report(
+        f"{model.lm_head.weight.dtype}: max |split - padded| {max(diffs):.3g} "
+        f"(hidden max {scale:.3g})"
+    )
     bound = 1e-5 if model.lm_head.weight.dtype == torch.float32 else 2e-2
     assert max(diffs) <= bound * scale

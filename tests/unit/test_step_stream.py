@@ -36,17 +36,27 @@ def ckpt(make_ckpt):
 
 def test_codec_round_trips_outputs_and_errors():
     out = RequestOutput(
-        "a", [5, 6], finished=True, finish_reason=FinishReason.LENGTH,
+        "a",
+        [5, 6],
+        finished=True,
+        finish_reason=FinishReason.LENGTH,
         logprobs=[TokenLogprob(5, -0.5, ((5, -0.5), (7, -1.25))), TokenLogprob(6, -0.25)],
-        prompt_logprobs=[TokenLogprob(9, -2.0, ((9, -2.0),))], num_prompt_tokens=4,
-        num_output_tokens=2, num_cached_tokens=3, num_accepted_draft_tokens=1,
-        num_drafted_tokens=2, queue_time_s=0.125,
-    )  # fmt: skip
+        prompt_logprobs=[TokenLogprob(9, -2.0, ((9, -2.0),))],
+        num_prompt_tokens=4,
+        num_output_tokens=2,
+        num_cached_tokens=3,
+        num_accepted_draft_tokens=1,
+        num_drafted_tokens=2,
+        queue_time_s=0.125,
+    )
     assert decode(encode("a", out)) == out
     bare = RequestOutput("b", [1])
     assert decode(encode("b", bare)) == bare  # None stays None (no logprobs, no queue time)
-    for error in (RequestRejectedError("bad"), QueueFullError("full"),
-                  ReplicaUnavailableError("gone")):  # fmt: skip
+    for error in (
+        RequestRejectedError("bad"),
+        QueueFullError("full"),
+        ReplicaUnavailableError("gone"),
+    ):
         back = decode(encode("c", error))
         assert type(back) is type(error) and str(back) == str(error)
     # Anything else is the server's fault: a ValueError from deep in the engine included.
@@ -127,8 +137,9 @@ def test_abort_frees_blocks_and_a_lost_stream_ends_its_requests(ckpt):
 
 def test_submit_rejects_bad_input_and_a_full_replica_at_once(ckpt):
     async def main():
-        shard = AttentionShard(ckpt, EngineConfig(block_size=4, max_num_seqs=1),
-                               max_waiting_requests=0)  # fmt: skip
+        shard = AttentionShard(
+            ckpt, EngineConfig(block_size=4, max_num_seqs=1), max_waiting_requests=0
+        )
         publisher = StepPublisher(shard, "127.0.0.1")
         try:
             with pytest.raises(ValueError, match="max_tokens"):

@@ -14,15 +14,26 @@ from replicas.model.loader import load_causal_lm
 from replicas.sampling_params import SamplingParams
 from router.tokenizer import Tokenizer
 
-SMALL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-         "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
-         "sliding_window": 16, "max_position_embeddings": 512}  # fmt: skip
+SMALL = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "moe_intermediate_size": 32,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "sliding_window": 16,
+    "max_position_embeddings": 512,
+}
 
 
 def test_training_lowers_both_losses_and_writes_a_servable_checkpoint_with_a_card(tmp_path):
-    config = TrainConfig(max_steps=40, batch=4, seq_len=64, lr=3e-3, warmup_steps=5,
-                         num_chats=400, model=SMALL)  # fmt: skip
+    config = TrainConfig(
+        max_steps=40, batch=4, seq_len=64, lr=3e-3, warmup_steps=5, num_chats=400, model=SMALL
+    )
     summary = train(tmp_path, config, log=lambda line: None)
     curve = summary["curve"]
     assert summary["steps"] == 40 and len(curve) == 40
@@ -36,8 +47,9 @@ def test_training_lowers_both_losses_and_writes_a_servable_checkpoint_with_a_car
     assert model.mtp is not None and model.cfg.hidden_size == 64
     tok = Tokenizer(tmp_path)
     prompt = tok.encode(tok.render_chat([{"role": "user", "content": "What is 2 + 3?"}]))
-    engine = LLMEngine(model, EngineConfig(block_size=8, kv_cache_bytes=8 << 20,
-                                           num_speculative_tokens=2))  # fmt: skip
+    engine = LLMEngine(
+        model, EngineConfig(block_size=8, kv_cache_bytes=8 << 20, num_speculative_tokens=2)
+    )
     [ids] = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8))
     assert ids and all(0 <= t < 512 for t in ids)
 

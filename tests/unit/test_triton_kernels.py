@@ -67,14 +67,19 @@ def _slot_outputs(m: RoutedExperts, x, topk_ids, kernels: str) -> tuple[torch.Te
     ids=["decode", "odd-subset", "prefill"],
 )
 def test_moe_kernel_matches_torch(dtype, shape):
-    cfg = _cfg(hidden_size=shape["hidden"], moe_intermediate_size=shape["inter"],
-               num_experts=shape["experts"], num_experts_per_tok=shape["k"])  # fmt: skip
+    cfg = _cfg(
+        hidden_size=shape["hidden"],
+        moe_intermediate_size=shape["inter"],
+        num_experts=shape["experts"],
+        num_experts_per_tok=shape["k"],
+    )
     held = list(shape["held"])
     m = _experts(cfg, held, dtype)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape["tokens"], cfg.hidden_size, generator=g).to(DEVICE, dtype)
-    topk = torch.stack([torch.randperm(cfg.num_experts, generator=g)[: shape["k"]]
-                        for _ in range(shape["tokens"])]).to(DEVICE)  # fmt: skip
+    topk = torch.stack(
+        [torch.randperm(cfg.num_experts, generator=g)[: shape["k"]] for _ in range(shape["tokens"])]
+    ).to(DEVICE)
     if len(held) < cfg.num_experts:  # another group's slots arrive as NO_EXPERT
         topk[torch.isin(topk, torch.tensor(held, device=DEVICE)).logical_not()] = cfg.num_experts
         assert bool((topk == cfg.num_experts).any())
@@ -108,8 +113,15 @@ def test_moe_kernel_with_no_rows_returns_empty():
 
 # ---- attention ----------------------------------------------------------------------------------
 def _random_cache(cfg: ModelConfig, dtype, spec_tokens: int, seed: int) -> HybridKVCache:
-    cache = HybridKVCache(cfg, num_blocks=24, block_size=4, max_seqs=4, dtype=dtype,
-                          device=DEVICE, spec_tokens=spec_tokens)  # fmt: skip
+    cache = HybridKVCache(
+        cfg,
+        num_blocks=24,
+        block_size=4,
+        max_seqs=4,
+        dtype=dtype,
+        device=DEVICE,
+        spec_tokens=spec_tokens,
+    )
     g = torch.Generator().manual_seed(seed)
     for pools in (cache.global_k, cache.global_v, cache.sliding_k, cache.sliding_v):
         for t in pools.values():
@@ -127,7 +139,7 @@ def _steps(cfg: ModelConfig):
         [SeqChunk(20, 1, tables[0], 0), SeqChunk(5, 1, tables[1], 1), SeqChunk(9, 1, tables[2], 2)],
         [SeqChunk(21, 1, tables[0], 0), SeqChunk(0, 1, tables[2], 3)],  # an empty context
         [SeqChunk(21, 4, tables[0], 0), SeqChunk(6, 3, tables[1], 1)],  # drafts in verification
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -177,10 +189,10 @@ def tiny_mtp(make_ckpt):
 
 
 def _greedy(path, kernels: str, prompts, spec: int):
-    model = load_causal_lm(path, dtype=torch.float32, device=DEVICE,
-                           include_mtp=spec > 0)  # fmt: skip
-    config = EngineConfig(max_num_batched_tokens=24, block_size=4, num_speculative_tokens=spec,
-                          kernels=kernels)  # fmt: skip
+    model = load_causal_lm(path, dtype=torch.float32, device=DEVICE, include_mtp=spec > 0)
+    config = EngineConfig(
+        max_num_batched_tokens=24, block_size=4, num_speculative_tokens=spec, kernels=kernels
+    )
     engine = LLMEngine(model, config)
     assert engine.kernels.name == kernels
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -192,8 +204,9 @@ def test_engine_greedy_outputs_identical_across_kernels(tiny_mtp):
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(2, 1024, (n,), generator=g).tolist() for n in (3, 11, 30)]
     for spec in (0, 2):
-        assert _greedy(tiny_mtp, "triton", prompts, spec) == _greedy(tiny_mtp, "torch", prompts,
-                                                                       spec), spec  # fmt: skip
+        assert _greedy(tiny_mtp, "triton", prompts, spec) == _greedy(
+            tiny_mtp, "torch", prompts, spec
+        ), spec
 
 
 def test_expert_group_runs_the_triton_kernels(tiny_mtp):

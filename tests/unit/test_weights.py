@@ -149,14 +149,22 @@ _RSS_SCRIPT = textwrap.dedent(
 def test_expert_subset_memory_is_proportional(make_ckpt, report):
     """Resident memory (RssAnon growth of a fresh process) of an expert group's load scales with
     the number of experts it holds."""
-    ckpt = make_ckpt(dtype="bfloat16", hidden_size=256, moe_intermediate_size=256,
-                     num_experts=32, num_hidden_layers=5)  # fmt: skip
+    ckpt = make_ckpt(
+        dtype="bfloat16",
+        hidden_size=256,
+        moe_intermediate_size=256,
+        num_experts=32,
+        num_hidden_layers=5,
+    )
     results = {}
     for n in (32, 8):
         out = subprocess.run(
             [sys.executable, "-c", _RSS_SCRIPT, str(ckpt), str(n)],
-            capture_output=True, text=True, check=True, cwd=ROOT,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
         results[n] = json.loads(out.stdout.strip().splitlines()[-1])
     full, quarter = results[32], results[8]
     report(
