@@ -28,11 +28,11 @@ sys.path.insert(0, str(ROOT))
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from cluster.app import expert_group_name  # noqa: E402
 from cluster.bundled.checkpoint import write_checkpoint  # noqa: E402
 from cluster.commands.local import APP_NAME, start_local  # noqa: E402
 from cluster.commands.redis_server import free_port  # noqa: E402
 from cluster.config import ClusterConfig  # noqa: E402
+from cluster.deployments.expert_group import expert_group_name  # noqa: E402
 from cluster.deployments.expert_transport import WORKER_NAMESPACE, worker_prefix  # noqa: E402
 from cluster.ops.balancer import busiest_over_mean  # noqa: E402
 from router.client import GenerationClient  # noqa: E402

@@ -61,8 +61,9 @@ class TimedTransport:
 def deploy_groups(path: Path, dtype: str, num_groups: int, threads: int, transport: str):
     from ray import serve
 
-    from cluster.app import expert_group_name, expert_groups
+    from cluster.app import expert_groups
     from cluster.config import ClusterConfig
+    from cluster.deployments.expert_group import expert_group_name
 
     config = ClusterConfig(
         model_path=str(path),

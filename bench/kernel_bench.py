@@ -31,7 +31,7 @@ from replicas.engine.kv_cache import HybridKVCache
 from replicas.kernels.attention_batch import SeqChunk
 from replicas.kernels.backend import unavailable
 from replicas.model.config import ModelConfig
-from replicas.model.exaone_moe import RoutedExperts
+from replicas.model.moe import RoutedExperts
 
 # Dense peaks (TFLOP/s for bf16 tensor cores and plain fp32) and memory bandwidth (GB/s).
 PEAKS = {

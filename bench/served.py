@@ -46,27 +46,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
 import math
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.forward import checkpoint  # noqa: E402
+from bench.loadgen import Stream, Workload, free_port, run_levels  # noqa: E402
+from bench.vllm_server import run_vllm  # noqa: E402
 from cluster.config import (  # noqa: E402
     AttentionOptions,
     ClusterConfig,
@@ -80,106 +74,6 @@ DEFAULT_VLLM_PYTHON = Path.home() / ".cache" / "exaone-peers" / "vllm-venv" / "b
 SYSTEMS = ("ours", "vllm", "engine")
 LABELS = {"ours": "ours (gRPC)", "vllm": "vLLM (OpenAI HTTP)", "engine": "in-process engine"}
 RUN_ORDER = ("engine", "ours", "vllm")  # one at a time; the ceiling first
-
-
-# ---- measurement --------------------------------------------------------------------------------
-@dataclass
-class Stream:
-    """Token arrival times of one request."""
-
-    start: float = field(default_factory=time.perf_counter)
-    first: float | None = None
-    last: float | None = None
-    tokens: int = 0
-    messages: int = 0
-    """Messages that carried tokens (tokens / messages > 1: the stream coalesced tokens)."""
-
-    def got(self, n: int) -> None:
-        if n <= 0:
-            return
-        now = time.perf_counter()
-        self.first = self.first or now
-        self.last = now
-        self.tokens += n
-        self.messages += 1
-
-    @property
-    def ttft_s(self) -> float:
-        return self.first - self.start
-
-    @property
-    def tpot_s(self) -> float | None:
-        return (self.last - self.first) / (self.tokens - 1) if self.tokens > 1 else None
-
-
-Send = Callable[[list[int], int], Awaitable[Stream]]
-"""One request (prompt ids, new tokens) -> its Stream, once it has finished."""
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    values = sorted(values)
-    pos = (len(values) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
-
-
-def summarize(streams: list[Stream], wall_s: float) -> dict:
-    ttft = [s.ttft_s for s in streams if s.first is not None]
-    tpot = [s.tpot_s for s in streams if s.tpot_s is not None]
-    tokens = sum(s.tokens for s in streams)
-    messages = sum(s.messages for s in streams)
-    row = {
-        "requests": len(streams),
-        "out_tokens": tokens,
-        "wall_s": round(wall_s, 3),
-        "out_tok_s": round(tokens / wall_s, 2),
-        "tokens_per_message": round(tokens / max(messages, 1), 2),
-    }
-    for name, values in (("ttft", ttft), ("tpot", tpot)):
-        for q in (50, 99):
-            row[f"{name}_p{q}_ms"] = round(1e3 * percentile(values, q), 3) if values else None
-    return row
-
-
-async def drive(send: Send, prompts: list[list[int]], concurrency: int, new_tokens: int) -> dict:
-    """``concurrency`` closed-loop streams send ``prompts`` (each as soon as one finishes)."""
-    todo = iter(prompts)
-    streams: list[Stream] = []
-
-    async def worker():
-        for prompt in todo:  # a shared iterator: each prompt goes to one worker
-            streams.append(await send(prompt, new_tokens))
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summarize(streams, time.perf_counter() - start)
-
-
-@dataclass
-class Workload:
-    levels: list[int]
-    prompts: dict[int, list[list[int]]]  # per level: the timed requests
-    warmup: dict[int, list[list[int]]]  # per level: the warm-up requests
-    new_tokens: int
-    warmup_tokens: int
-
-
-async def run_levels(send: Send, work: Workload, label: str) -> dict[int, dict]:
-    for c in work.levels:
-        await drive(send, work.warmup[c], c, work.warmup_tokens)
-    rows = {}
-    for c in work.levels:
-        rows[c] = await drive(send, work.prompts[c], c, work.new_tokens)
-        r = rows[c]
-        print(
-            f"  {label} in flight {c}: {r['out_tok_s']:.1f} tok/s, TTFT p50 "
-            f"{r['ttft_p50_ms']:.1f} ms, TPOT p50 {r['tpot_p50_ms']:.2f} ms "
-            f"({r['requests']} requests, {r['wall_s']:.1f} s, "
-            f"{r['tokens_per_message']:.2f} tokens/message)",
-            flush=True,
-        )
-    return rows
 
 
 # ---- workload and settings ----------------------------------------------------------------------
@@ -273,12 +167,6 @@ def engine_config(config: ClusterConfig):
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---- systems ------------------------------------------------------------------------------------
 def run_engine(config: ClusterConfig, work: Workload) -> dict:
     import torch
@@ -363,136 +251,6 @@ def run_ours(config: ClusterConfig, work: Workload) -> dict:
         return {**info, "levels": asyncio.run(main())}
     finally:
         cluster.stop()
-
-
-def get_json(url: str, timeout: float = 5) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback only
-        return json.loads(r.read() or b"{}")
-
-
-def stop_process(proc: subprocess.Popen, timeout_s: float = 30) -> None:
-    """SIGTERM the server (it stops its engine process), SIGKILL its process group if it lingers."""
-    if proc.poll() is None:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout_s)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session (start_new_session): leftovers only
-    proc.wait()
-
-
-def run_vllm(config: ClusterConfig, work: Workload, args) -> dict:
-    import aiohttp
-
-    python = args.vllm_python
-    e = config.engine
-    port = free_port()
-    cmd = [
-        str(python),
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        config.model_path,
-        "--served-model-name",
-        "bench",
-        "--dtype",
-        config.dtype,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-num-seqs",
-        str(e.max_num_seqs),
-        "--max-num-batched-tokens",
-        str(e.max_num_batched_tokens),
-        "--max-model-len",
-        str(args.vllm_max_model_len),
-        "--seed",
-        str(args.seed),
-    ]
-    if not config.prefix_cache.enabled:
-        cmd.append("--no-enable-prefix-caching")
-    cmd += args.vllm_arg
-    env = dict(
-        os.environ,
-        VLLM_HOST_IP="127.0.0.1",
-        VLLM_NO_USAGE_STATS="1",
-        DO_NOT_TRACK="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-    )
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    if args.vllm_threads_bind:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = args.vllm_threads_bind
-    log_path = Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
-    print(f"  vllm: starting on 127.0.0.1:{port} (log {log_path})", flush=True)
-    start = time.perf_counter()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
-                raise RuntimeError(f"vLLM server exited ({proc.returncode}):\n" + "\n".join(tail))
-            with contextlib.suppress(OSError, ValueError):
-                get_json(f"{base}/health")
-                break
-            if time.perf_counter() - start > args.vllm_start_timeout:
-                raise TimeoutError(f"vLLM server not healthy after {args.vllm_start_timeout} s")
-            time.sleep(1)
-        info = {
-            "start_s": round(time.perf_counter() - start, 1),
-            "command": cmd,
-            "log": str(log_path),
-        }
-        with contextlib.suppress(OSError, ValueError):
-            info["version"] = get_json(f"{base}/version").get("version")
-        print(f"  vllm {info.get('version', '?')}: healthy after {info['start_s']} s", flush=True)
-
-        async def main():
-            timeout = aiohttp.ClientTimeout(total=600)
-            connector = aiohttp.TCPConnector(limit=0)
-            async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-
-                async def send(prompt: list[int], new_tokens: int) -> Stream:
-                    body = {
-                        "model": "bench",
-                        "prompt": prompt,
-                        "max_tokens": new_tokens,
-                        "temperature": 0,
-                        "ignore_eos": True,
-                        "stream": True,
-                        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-                    }
-                    s, seen = Stream(), 0
-                    async with session.post(f"{base}/v1/completions", json=body) as resp:
-                        if resp.status != 200:
-                            raise RuntimeError(f"vLLM {resp.status}: {await resp.text()}")
-                        async for raw in resp.content:  # server-sent events, one per line
-                            line = raw.strip()
-                            if not line.startswith(b"data:"):
-                                continue
-                            data = line[5:].strip()
-                            if data == b"[DONE]":
-                                break
-                            chunk = json.loads(data)
-                            usage = chunk.get("usage") or {}
-                            if "completion_tokens" in usage:  # cumulative
-                                s.got(usage["completion_tokens"] - seen)
-                                seen = usage["completion_tokens"]
-                            elif chunk.get("choices"):
-                                s.got(1)
-                                seen += 1
-                    return s
-
-                return await run_levels(send, work, "vllm")
-
-        return {**info, "levels": asyncio.run(main())}
-    finally:
-        stop_process(proc)
 
 
 # ---- report -------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def main() -> int:
     from replicas.kernels import vllm as vllm_kernels  # noqa: F401  (imports cleanly without vllm loaded)
     from replicas.kernels.attention_batch import SeqChunk
     from replicas.model.config import ModelConfig
-    from replicas.model.exaone_moe import RoutedExperts
+    from replicas.model.moe import RoutedExperts
 
     if not GPU:
         import vllm._custom_ops as ops

@@ -57,7 +57,7 @@ class _Autoscaling(_Strict):
             raise ValueError("look_back_period_s must be longer than metrics_interval_s")
         return self
 
-    def serve_config(self, initial_replicas: int, policy: str, **kwargs) -> dict:
+    def _serve_config(self, initial_replicas: int, policy: str, **kwargs) -> dict:
         """Serve's ``autoscaling_config`` with our custom policy (cluster.ops.autoscaling)."""
         return {
             "min_replicas": self.min_replicas,
@@ -87,7 +87,7 @@ class ExpertAutoscaling(_Autoscaling):
     )
 
     def serve_config(self, initial_replicas: int) -> dict:
-        return super().serve_config(
+        return super()._serve_config(
             initial_replicas,
             "ExpertGroupPolicy",
             target_tokens_per_s=self.target_tokens_per_s,
@@ -101,7 +101,7 @@ class AttentionAutoscaling(_Autoscaling):
     target_kv_usage: float = Field(0.8, gt=0, le=1, description="KV-cache use per replica.")
 
     def serve_config(self, initial_replicas: int) -> dict:
-        return super().serve_config(
+        return super()._serve_config(
             initial_replicas,
             "AttentionPolicy",
             target_running_seqs=self.target_running_seqs,

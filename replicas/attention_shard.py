@@ -2,13 +2,14 @@
 
 It holds every weight but the routed experts when given an expert transport (disaggregated
 mode: each MoE layer dispatches to the expert groups), and all of them otherwise (colocated).
-``cluster.app`` wraps it in a Ray Serve deployment; tests and benchmarks use it in-process.
+``cluster.deployments.attention`` wraps it in a Ray Serve deployment; tests and benchmarks use it
+in-process.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.experts.dispatch import ExpertDispatcher, ExpertTransport
 from replicas.model.loader import DTYPES, load_causal_lm, resident_bytes
 from replicas.outputs import QueueFullError, RequestOutput
-from replicas.prefix_cache.manager import PrefixCacheStats
 from replicas.prefix_cache.redis_tier import RedisTier
+from replicas.prefix_cache.types import PrefixCacheStats
 from replicas.sampling_params import SamplingParams
 
 
@@ -90,7 +91,7 @@ class AttentionShard:
 
     async def generate(
         self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Outputs of one request; closing the iterator early aborts it and frees its blocks.
         Raises ValueError for input the engine can never serve, QueueFullError at capacity."""
         self._admit()

@@ -108,7 +108,7 @@ def build_request(
         req.text = prompt
     elif token_ids is not None:
         req.token_ids.ids.extend(token_ids)
-    else:
+    elif messages is not None:
         req.chat.CopyFrom(chat(messages, tools, enable_thinking))
     for name, value in sampling.items():
         if value is not None:

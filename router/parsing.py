@@ -103,9 +103,10 @@ class OutputParser:
             before, self.buffer = self.buffer[:index], self.buffer[index + len(marker) :]
             if self.state == "call":
                 result = parse_tool_call(before)
-                (out.tool_calls if isinstance(result, ToolCall) else out.tool_call_errors).append(
-                    result
-                )
+                if isinstance(result, ToolCall):
+                    out.tool_calls.append(result)
+                else:
+                    out.tool_call_errors.append(result)
                 self.state = "content"
             elif marker == THINK_END:
                 out.reasoning += before.removesuffix("\n")

@@ -35,11 +35,13 @@ def _init_worker(model_path: str, limits: RequestLimits) -> None:
 
 
 def _prompt_in_worker(data: bytes) -> Prompt:
+    assert _worker is not None  # set by _init_worker, the pool's initializer
     tokenizer, limits = _worker
     return prompt_of(pb.GenerateRequest.FromString(data), tokenizer, limits)
 
 
 def _tokenized_in_worker(data: bytes) -> tuple[str, list[int]]:
+    assert _worker is not None  # set by _init_worker, the pool's initializer
     tokenizer, limits = _worker
     return tokenized(pb.TokenizeRequest.FromString(data), tokenizer, limits)
 

@@ -111,7 +111,9 @@ class GenerationService:
                 if d.finished:
                     now = time.monotonic()
                     final = pb.Final(
-                        finish_reason=FINISH_REASONS.get(d.finish_reason or "", 0),
+                        finish_reason=FINISH_REASONS.get(
+                            d.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED
+                        ),
                         stop_string=d.stop_string or "",
                         usage=pb.Usage(
                             prompt_tokens=len(prompt.token_ids),

@@ -8,7 +8,7 @@ closed, which aborts the request upstream, and the final delta reports ``finish_
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +43,7 @@ async def stream_text(
     thinking: bool = True,
     tools: bool = True,
     skip_special_tokens: bool = True,
-) -> AsyncIterator[TextDelta]:
+) -> AsyncGenerator[TextDelta, None]:
     detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
     stops = StopStringMatcher(stop)
     parser = OutputParser(thinking, tools) if chat else None

@@ -147,6 +147,7 @@ class Tokenizer:
         return {first: next(free) for first in firsts}
 
     def _neutralize(self, s: str, swap: dict[str, str]) -> str:
+        assert self._special_re is not None  # a swap is only made with it (_swaps)
         return self._special_re.sub(lambda m: swap[m.group()[0]] + m.group()[1:], s)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/ruff check --quiet .
 .venv/bin/ruff format --check --quiet .
+.venv/bin/mypy  # the packages, as configured in pyproject.toml
 # Ray Serve's gRPC proxy and replicas could listen on every interface (we rebind them to
 # 127.0.0.1, and a test checks it). As root, also run the suite in a private network namespace
 # where only loopback exists, as platform.md recommends.

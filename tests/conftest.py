@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 
 from cluster.bundled.checkpoint import write_checkpoint
 from cluster.commands.local import LOCAL_ENV
+from replicas.model.loader import load_causal_lm
 
 # What `serve` sets before Ray starts, set before any test module imports ray: Ray reads some
 # of it once, at import (a local node's address is loopback, so clusters the fault tier builds
@@ -56,9 +57,17 @@ def make_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def served_ckpt(make_ckpt):
-    """The fp32 tiny checkpoint the integration and fault tiers serve."""
+def tiny_ckpt(make_ckpt) -> Path:
+    """The fp32 ``tiny`` checkpoint (8 experts, sliding window 8, an MTP layer): the model most
+    tests run and the one the integration and fault tiers serve."""
     return make_ckpt(dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_ckpt):
+    """``tiny_ckpt`` loaded in fp32 with its MTP layer. One per test module: engines set their
+    kernel choice on the modules they run."""
+    return load_causal_lm(tiny_ckpt, dtype=torch.float32)
 
 
 @pytest.fixture(autouse=True)
@@ -86,8 +95,32 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(line)
 
 
+TIER_MARKERS = {
+    "integration": ("integration",),
+    "faults": ("integration", "faults"),
+    "gpu": ("gpu",),
+}
+"""The markers every test module of a tier's folder must carry, so `-m` selects tiers."""
+
+
+def unmarked_modules(items) -> list[str]:
+    """Modules of the tiers' folders whose tests lack a marker of their tier."""
+    tests = Path(__file__).resolve().parent
+    missing = set()
+    for item in items:
+        tier = item.path.resolve().relative_to(tests).parts[0]
+        for marker in TIER_MARKERS.get(tier, ()):
+            if item.get_closest_marker(marker) is None:
+                missing.add(f"{item.path.relative_to(tests.parent)} (needs {marker})")
+    return sorted(missing)
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need CUDA: on a machine without it they are reported as skipped, with why."""
+    """Every tier module carries its markers (an error names the ones that do not). `gpu` tests
+    need CUDA: on a machine without it they are reported as skipped, with why."""
+    missing = unmarked_modules(items)
+    if missing:
+        raise pytest.UsageError("test modules without their tier's marker: " + ", ".join(missing))
     if torch.cuda.is_available():
         return
     no_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")

@@ -174,7 +174,7 @@ def _weather(rng: random.Random) -> Chat:
         "type": "function",
         "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
     }
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "user", "content": f"What is the weather in {city} right now?"},
         {
             "role": "assistant",

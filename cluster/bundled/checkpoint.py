@@ -4,7 +4,7 @@ The output loads in transformers (``ExaoneMoeForCausalLM``), in vLLM and in our 
 safetensors (sharded with an index above ``max_shard_bytes``), generation_config.json,
 tokenizer.json and tokenizer_config.json with the chat template. Tensors use the published names
 (per-expert weights, ``mlp.e_score_correction_bias`` in fp32, ``mtp.*``), produced by the same
-name mapping the loader uses (``replicas.model.exaone_moe.checkpoint_sources``).
+name mapping the loader uses (``replicas.model.checkpoint_names.checkpoint_sources``).
 """
 
 from __future__ import annotations
@@ -12,16 +12,18 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import save_file
 
 from cluster.bundled.presets import PRESETS, WEIGHTLESS_PRESETS
 from cluster.bundled.tokenizer_build import write_tokenizer
+from replicas.model.checkpoint_names import checkpoint_sources
 from replicas.model.config import ModelConfig
-from replicas.model.exaone_moe import ExaoneMoeForCausalLM, MoEGate, checkpoint_sources
+from replicas.model.exaone_moe import ExaoneMoeForCausalLM
 from replicas.model.loader import DTYPES, INDEX_FILE, materialize
+from replicas.model.moe import MoEGate, SparseMoE
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -145,7 +147,8 @@ def write_checkpoint(
     if weights:
         model = random_model(cfg, seed)
         for i in cfg.moe_layers:
-            bias = model.model.layers[str(i)].mlp.gate.e_score_correction_bias
+            gate = cast(SparseMoE, model.model.layers[str(i)].mlp).gate  # a MoE layer's
+            bias = cast(torch.Tensor, gate.e_score_correction_bias)  # a buffer
             bias[list(hot_experts)] += hot_bias
         save_sharded(checkpoint_tensors(model, DTYPES[dtype]), out, max_shard_bytes)
     return out

@@ -89,7 +89,7 @@ def evaluate(path: str | Path, num_chats: int = 64, k: int = 3, max_tokens: int 
     )
     outputs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
     families: dict[str, list[int]] = {}
-    samples = []
+    samples: list[dict[str, Any]] = []
     for item, ids in zip(items, outputs, strict=True):
         text = tok.decode(ids)
         right = is_correct(text, item["reference"])

@@ -11,7 +11,7 @@ def _pattern(n_layers: int, pattern: str = "LLLG") -> list[str]:
 
 
 def _base(**fields: Any) -> dict[str, Any]:
-    cfg = {
+    cfg: dict[str, Any] = {
         "architectures": ["ExaoneMoEForCausalLM"],
         "model_type": "exaone_moe",
         "hidden_act": "silu",

@@ -88,6 +88,8 @@ def next_batch(stream: Iterator[int], batch: int, length: int) -> torch.Tensor:
 
 def losses(model: ExaoneMoeForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ids [B, T] -> (main next-token loss, MTP loss on the token after next)."""
+    if model.mtp is None:
+        raise ValueError("training needs the MTP block: num_nextn_predict_layers must be 1")
     vocab = model.cfg.vocab_size
     h = model.hidden_states(ids[:, :-1])  # [B, T-1, H]; row t predicts token t+1
     lm = F.cross_entropy(model.lm_head(h).reshape(-1, vocab).float(), ids[:, 1:].reshape(-1))

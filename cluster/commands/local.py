@@ -6,6 +6,7 @@ nodes must advertise their pod IPs (the Helm chart starts Ray itself).
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import time
@@ -87,18 +88,18 @@ def start_local(
         dashboard_port=dashboard_port or 8265,
         runtime_env={"worker_process_setup_hook": HOOK},
         _metrics_export_port=metrics_port,
-        logging_level="WARNING",
+        logging_level=logging.WARNING,
         log_to_driver=False,
     )
     try:
         if (problem := shortfall(config, ray.cluster_resources())) is not None:
             raise PlacementError(problem)
-        logging = LoggingConfig(enable_access_log=False, log_level="WARNING")
+        serve_logging = LoggingConfig(enable_access_log=False, log_level="WARNING")
         serve.start(
             http_options=HTTPOptions(host="127.0.0.1", port=http_port),
-            logging_config=logging,
+            logging_config=serve_logging,
         )
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/", logging_config=logging)
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/", logging_config=serve_logging)
         address = f"127.0.0.1:{grpc_port}"
         wait_serving(address, ready_timeout_s)
     except BaseException:

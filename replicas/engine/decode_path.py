@@ -15,19 +15,17 @@ and the caller runs the general path.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 
 from replicas.engine.kv_cache import StepAttention
 from replicas.kernels import cpu as cpu_kernels
-from replicas.model.exaone_moe import (
-    FUSED_DECODE_MAX_ROWS,
-    ExaoneMoeForCausalLM,
-    Linear,
-    SparseMoE,
-    SwiGLU,
-    rope_cos_sin,
-)
+from replicas.model.exaone_moe import DecoderLayer, ExaoneMoeForCausalLM
+from replicas.model.layers import FUSED_DECODE_MAX_ROWS, Linear, SwiGLU, rope_cos_sin
+from replicas.model.moe import SparseMoE
 
 
 def applies(model: ExaoneMoeForCausalLM, num_rows: int, backend) -> bool:
@@ -71,7 +69,9 @@ def decode_hidden(
     h = model.model.embed_tokens(input_ids)  # [N, H]
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)  # [N, D]
     rms = cpu_kernels.rms_norm_bf16
-    for i, layer in model.model.layers.items():
+    # The ModuleDict holds DecoderLayers (ExaoneMoeModel.__init__); its items() is typed Module.
+    layers = cast("Iterable[tuple[str, DecoderLayer]]", model.model.layers.items())
+    for i, layer in layers:
         attn = layer.self_attn
         norm = layer.input_layernorm
         qkv = _project(attn.qkv_proj, rms(h, norm.weight, norm.eps))  # [N, Q + 2 KV]

@@ -13,24 +13,26 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from replicas.engine import decode_path
 from replicas.engine.draft_policy import AcceptanceTracker, DraftPolicy, DraftPolicyConfig
 from replicas.engine.kv_cache import HybridKVCache, kv_footprint
+from replicas.engine.prefix_interface import PrefixCache, PrefixCacheSpec
+from replicas.engine.prompt_logprobs import PromptLogprobState, collect_prompt_logprobs, top_pairs
 from replicas.engine.request import Request
 from replicas.engine.sampler import SamplingBatch, make_generator, sample
 from replicas.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
+from replicas.engine.speculative import MtpDrafter
 from replicas.experts.dispatch import ExpertDispatcher, run_microbatches, split_balanced
 from replicas.kernels import backend as kernel_backend
 from replicas.kernels.attention_batch import SeqChunk
-from replicas.model.exaone_moe import ExaoneMoeForCausalLM, use_expert_kernels
+from replicas.model.exaone_moe import ExaoneMoeForCausalLM
+from replicas.model.moe import use_expert_kernels
 from replicas.outputs import RequestOutput, RequestRejectedError, StepFailedError, TokenLogprob
-from replicas.prefix_cache.blocks import PrefixBlockPool
-from replicas.prefix_cache.manager import PrefixCacheConfig, PrefixCacheManager
-from replicas.prefix_cache.redis_tier import RedisTier
 from replicas.sampling_params import SamplingParams
 
 # Colocated bf16 decode steps on CPU run replicas.engine.decode_path (the same bits as the module
@@ -54,8 +56,9 @@ class EngineConfig:
     num_microbatches: int = 2
     """Micro-batches per step when the experts are remote (2 = ping-pong: one micro-batch's
     attention overlaps another's experts); 1 sends the whole step at once."""
-    prefix_cache: PrefixCacheConfig | None = None
-    """Reuse the KV state of shared prompt prefixes (None: off)."""
+    prefix_cache: PrefixCacheSpec | None = None
+    """Reuse the KV state of shared prompt prefixes (None: off); a
+    replicas.prefix_cache.manager.PrefixCacheConfig."""
     num_speculative_tokens: int = 0
     """MTP self-speculative decoding: draft tokens per sequence and step (0: off). Needs the
     model's MTP block; every step verifies the drafts of all running requests in one batch."""
@@ -78,20 +81,6 @@ class EngineConfig:
             )
 
 
-PROMPT_LOGPROB_ROWS = 64
-"""Prompt positions whose fp32 log-softmax [rows, vocab] is built at once (K-EXAONE: 39 MB),
-not a whole prefill chunk's (512 rows: 315 MB)."""
-
-
-def _pairs(ids: torch.Tensor, values: torch.Tensor) -> tuple[tuple[int, float], ...]:
-    return tuple(zip(ids.tolist(), values.tolist(), strict=True))
-
-
-@dataclass
-class _PromptLogprobState:
-    entries: list[TokenLogprob] = field(default_factory=list)
-
-
 class LLMEngine:
     def __init__(
         self,
@@ -99,11 +88,12 @@ class LLMEngine:
         config: EngineConfig = EngineConfig(),
         eos_token_ids: Sequence[int] | None = None,
         experts: ExpertDispatcher | None = None,
-        redis: RedisTier | None = None,
+        redis: Any = None,
     ):
         """``experts``: where the routed experts run when ``model`` holds none of them
         (disaggregated mode); None when the model holds them all (colocated).
-        ``redis``: the shared tier of the prefix cache (needs config.prefix_cache)."""
+        ``redis``: the shared tier of the prefix cache (a
+        replicas.prefix_cache.redis_tier.RedisTier; needs config.prefix_cache)."""
         if redis is not None and config.prefix_cache is None:
             raise ValueError("a Redis tier needs EngineConfig.prefix_cache")
         cfg = model.cfg
@@ -119,7 +109,8 @@ class LLMEngine:
         num_blocks = config.num_blocks or max(
             1, config.kv_cache_bytes // max(per_token * config.block_size, 1)
         )
-        pool = PrefixBlockPool(num_blocks) if config.prefix_cache is not None else None
+        spec = config.prefix_cache
+        pool = spec.new_block_pool(num_blocks) if spec is not None else None
         self.spec_tokens = config.num_speculative_tokens
         if self.spec_tokens and model.mtp is None:
             raise ValueError("speculative decoding needs the model's MTP block (include_mtp)")
@@ -138,21 +129,26 @@ class LLMEngine:
             spec_tokens=self.spec_tokens,
             kernels=self.kernels.name,
         )
-        self.prefix = None
-        if config.prefix_cache is not None:
-            self.prefix = PrefixCacheManager(self.cache, pool, config.prefix_cache, redis, dtype)
+        self.prefix: PrefixCache | None = None
+        if spec is not None:
+            self.prefix = spec.attach(self.cache, pool, redis, dtype)
         sched = SchedulerConfig(
             config.max_num_batched_tokens, config.max_num_seqs, config.block_size
         )
         self.scheduler = Scheduler(sched, self.cache.blocks, self.cache.slots, self.prefix)
         self.eos_token_ids = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self._arrival = itertools.count()
-        self._prompt_logprobs: dict[str, _PromptLogprobState] = {}
+        self._prompt_logprobs: dict[str, PromptLogprobState] = {}
         self.policy = DraftPolicy(config.draft_policy) if config.draft_policy else None
         self.acceptance = (
             self.policy.acceptance if self.policy else AcceptanceTracker(max(self.spec_tokens, 1))
         )
         """MTP drafts verified and accepted per draft position (``drafted`` / ``accepted``)."""
+        self.drafter = None
+        if self.spec_tokens:
+            self.drafter = MtpDrafter(
+                model, self.cache, self.scheduler, self.spec_tokens, self.max_model_len, self.policy
+            )
 
     # ---- API -----------------------------------------------------------------------------------
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -195,7 +191,7 @@ class LLMEngine:
         if self.prefix is not None:
             self.prefix.on_add(request, params.prefix_boundaries, pinned)
         if params.prompt_logprobs is not None:
-            self._prompt_logprobs[request_id] = _PromptLogprobState()
+            self._prompt_logprobs[request_id] = PromptLogprobState()
 
     def pin_prefix(self, token_ids: Sequence[int]) -> None:
         """Register a prefix (e.g. a rendered system prompt) whose cache entries never expire:
@@ -241,13 +237,15 @@ class LLMEngine:
                 c.request.first_scheduled_time = now
         try:
             for request in plan.restored:
+                if self.prefix is None:
+                    raise RuntimeError("a request was restored without a prefix cache")
                 self.prefix.restore(request)
             started = time.perf_counter()
             hidden = self._execute(plan)  # [N, H]
             if self.policy is not None:
                 self.policy.step_s.observe(plan.num_tokens, time.perf_counter() - started)
             sampled, outputs = self._sample(plan, hidden)
-            filled = self._mtp_fill(plan, hidden, sampled) if self.spec_tokens else None
+            filled = self.drafter.fill(plan, hidden, sampled) if self.drafter else None
             if self.prefix is not None:  # after the MTP, so snapshots hold its rows too
                 for c in plan.chunks:
                     self.prefix.capture(c.request, c.start + c.num_new)
@@ -272,9 +270,10 @@ class LLMEngine:
             if c.num_drafts:
                 accepted = len(sampled[rid]) - 1
                 c.request.num_drafted_tokens += c.num_drafts
-                c.request.num_accepted_drafts += min(accepted, kept)
+                c.request.num_accepted_draft_tokens += min(accepted, kept)
                 self.acceptance.observe(c.num_drafts, accepted)
-        self._draft(filled)
+        if self.drafter is not None:
+            self.drafter.draft(filled)
         for request in finished:
             out = outputs[request.request_id]
             out.finished, out.finish_reason = True, request.finish_reason
@@ -283,7 +282,7 @@ class LLMEngine:
             r = requests[out.request_id]
             out.num_output_tokens = len(r.output_ids)
             out.num_drafted_tokens = r.num_drafted_tokens
-            out.num_accepted_draft_tokens = r.num_accepted_drafts
+            out.num_accepted_draft_tokens = r.num_accepted_draft_tokens
         return list(outputs.values())
 
     def _execute(self, plan: SchedulerOutput) -> torch.Tensor:
@@ -304,12 +303,14 @@ class LLMEngine:
 
     def _inputs(self, chunks: Sequence[ScheduledChunk]):
         """(input_ids [N], positions [N], attention backend) of these chunks."""
-        ids, positions, seqs = [], [], []
+        ids: list[int] = []
+        positions: list[int] = []
+        seqs: list[SeqChunk] = []
         for c in chunks:
             r = c.request
             ids.extend(r.token_at(c.start, c.start + c.num_new))
             positions.extend(range(c.start, c.start + c.num_new))
-            seqs.append(SeqChunk(c.start, c.num_new, r.block_ids, r.slot))
+            seqs.append(SeqChunk(c.start, c.num_new, r.block_ids, r.scheduled_slot))
         dev = self.device
         return (
             torch.tensor(ids, device=dev),
@@ -324,12 +325,19 @@ class LLMEngine:
         it when it is their argmax, sampled rows by rejection sampling (replicas.engine.sampler), so
         every token follows the main model's distribution. Drafts count while each row kept
         its draft; the row after the last kept one adds its own token."""
-        rows, owners, outputs = [], [], {}  # owners: (request, row i of its chunk)
+        rows: list[int] = []
+        owners: list[tuple[Request, int]] = []  # (request, row i of its chunk)
+        outputs: dict[str, RequestOutput] = {}
         offset = 0
         for c in plan.chunks:
             r = c.request
             if r.request_id in self._prompt_logprobs:
-                self._collect_prompt_logprobs(c, hidden[offset : offset + c.num_new])
+                collect_prompt_logprobs(
+                    self.model.lm_head,
+                    c,
+                    hidden[offset : offset + c.num_new],
+                    self._prompt_logprobs[r.request_id].entries,
+                )
             if c.completes:
                 last = offset + c.num_new - c.num_drafts - 1  # the last known token's row
                 rows.extend(range(last, last + c.num_drafts + 1))
@@ -359,7 +367,7 @@ class LLMEngine:
                     r.request_id,
                     [],
                     num_prompt_tokens=r.num_prompt_tokens,
-                    queue_time_s=r.first_scheduled_time - r.arrival_time,
+                    queue_time_s=r.queue_time_s,
                     num_cached_tokens=r.num_cached_tokens,
                 )
                 state = self._prompt_logprobs.pop(r.request_id, None)
@@ -367,125 +375,14 @@ class LLMEngine:
                     out.prompt_logprobs = state.entries
             out.new_token_ids.append(token)
             n_top = r.params.logprobs
-            if n_top is not None:
-                top = (
-                    _pairs(result.top_ids[j, :n_top], result.top_logprobs[j, :n_top])
-                    if n_top
-                    else ()
-                )
+            if n_top is not None and result.logprobs is not None:  # the sampler gave them
+                top: tuple[tuple[int, float], ...] = ()
+                if n_top and result.top_ids is not None and result.top_logprobs is not None:
+                    top = top_pairs(result.top_ids[j, :n_top], result.top_logprobs[j, :n_top])
                 out.logprobs = (out.logprobs or []) + [
                     TokenLogprob(token, float(result.logprobs[j]), top)
                 ]
         return sampled, outputs
-
-    def _mtp_fill(self, plan: SchedulerOutput, hidden: torch.Tensor, sampled):
-        """The MTP's KV cache gets this step's verified positions: position p's main-model
-        hidden state with the token at p + 1 (as vLLM feeds it). Runs before the prefix cache
-        snapshots the step and before the scheduler updates it (requests may finish then).
-        -> (d [M, H] the MTP outputs, [(request, row of d at its last verified position)] for
-        the requests that sampled this step) or None."""
-        seqs, ids, positions, rows, last = [], [], [], [], []
-        offset = 0
-        for c in plan.chunks:
-            r = c.request
-            tokens = sampled.get(r.request_id, [])
-            n = c.num_verified(len(tokens))
-            if not r.is_finished and n > 0:
-                known = r.num_tokens  # before this step's tokens are appended
-                rows.extend(range(offset, offset + n))
-                positions.extend(range(c.start, c.start + n))
-                following = r.token_at(c.start + 1, min(c.start + n + 1, known)) + tokens
-                ids.extend(following[:n])
-                seqs.append(SeqChunk(c.start, n, r.block_ids, r.slot))
-                if tokens:
-                    last.append((r, len(ids) - 1))
-            offset += c.num_new
-        if not seqs:
-            return None
-        dev = self.device
-        d = self.model.mtp_step(
-            torch.tensor(ids, device=dev),
-            hidden[rows],
-            torch.tensor(positions, device=dev),
-            self.cache.step(seqs),
-            self.cache.mtp_layer,
-        )
-        return d, last
-
-    def _draft(self, filled) -> None:
-        """After the scheduler's update: up to ``spec_tokens`` greedy drafts per running
-        request that sampled this step, the first from its MTP output at its last verified
-        position, the later ones from the MTP's own output (position + 1 each time), written
-        to the spare positions the cache keeps for them."""
-        if filled is None:
-            return
-        d, last = filled
-        drafting = []
-        for r, row in last:
-            budget = min(
-                self.spec_tokens,
-                r.params.max_tokens - len(r.output_ids) - 1,
-                self.max_model_len - r.num_tokens,
-            )
-            if not r.is_finished and budget > 0:
-                drafting.append((r, row, budget))
-        dev, mtp = self.device, self.cache.mtp_layer
-        k = self.policy.draft_length(len(drafting)) if self.policy else self.spec_tokens
-        drafting = [(r, row, min(budget, k)) for r, row, budget in drafting]
-        if not drafting or not k:
-            return
-        started, num_seqs = time.perf_counter(), len(drafting)
-        h = d[[row for _, row, _ in drafting]]  # [B, H]
-        for j in range(k):
-            picks = self.model.lm_head(h).argmax(-1).tolist()
-            for (r, _, _), token in zip(drafting, picks, strict=True):
-                r.draft_ids.append(token)
-            # The next draft comes from (the MTP's own output, the draft just made) one position
-            # on; a global MTP layer needs the blocks of that position.
-            pos = [r.num_tokens - 2 + len(r.draft_ids) for r, _, _ in drafting]
-            keep = [
-                i
-                for i, ((r, _, budget), p) in enumerate(zip(drafting, pos, strict=True))
-                if budget > j + 1 and self.scheduler.reserve(r, p + 1)
-            ]
-            if not keep or j + 1 == k:
-                if self.policy is not None:  # seconds per MTP pass over the batch
-                    self.policy.draft_s.observe(num_seqs, (time.perf_counter() - started) / (j + 1))
-                break
-            drafting, pos, h = [drafting[i] for i in keep], [pos[i] for i in keep], h[keep]
-            steps = [
-                SeqChunk(p, 1, r.block_ids, r.slot)
-                for p, (r, _, _) in zip(pos, drafting, strict=True)
-            ]
-            h = self.model.mtp_step(
-                torch.tensor([r.draft_ids[-1] for r, _, _ in drafting], device=dev),
-                h,
-                torch.tensor(pos, device=dev),
-                self.cache.step(steps),
-                mtp,
-            )
-
-    def _collect_prompt_logprobs(self, chunk, hidden: torch.Tensor) -> None:
-        """Row j of the chunk (position start + j) predicts prompt token start + j + 1.
-        Positions already collected (before a preemption) are skipped."""
-        r = chunk.request
-        entries = self._prompt_logprobs[r.request_id].entries
-        first = max(chunk.start, len(entries))  # next position without an entry
-        end = min(chunk.start + chunk.num_new, r.num_prompt_tokens - 1)
-        if end <= first:
-            return
-        k = r.params.prompt_logprobs
-        for lo in range(first, end, PROMPT_LOGPROB_ROWS):  # an fp32 [rows, V] at a time
-            hi = min(end, lo + PROMPT_LOGPROB_ROWS)
-            rows = hidden[lo - chunk.start : hi - chunk.start]
-            logprobs = self.model.lm_head(rows).float().log_softmax(-1)  # [n, V]
-            targets = r.prompt_ids[lo + 1 : hi + 1]
-            index = torch.tensor(targets, device=logprobs.device)[:, None]
-            chosen = logprobs.gather(1, index)[:, 0].tolist()
-            top = logprobs.topk(k, dim=-1) if k else None
-            for j, token in enumerate(targets):
-                pairs = () if top is None else _pairs(top.indices[j], top.values[j])
-                entries.append(TokenLogprob(token, chosen[j], pairs))
 
     # ---- convenience ---------------------------------------------------------------------------
     def generate(

@@ -30,9 +30,9 @@ class EngineThreadKilled(BaseException):
     the engine loop going catches it."""
 
 
-FAULTS = {  # fault -> (what raises: the engine or its scheduler, which method, what it raises)
+FAULTS = {  # fault -> (what raises: the scheduler or the MTP drafter, which method, what)
     "step": ("scheduler", "schedule", InjectedFault("injected fault: scheduling failed")),
-    "draft": ("engine", "_draft", InjectedFault("injected fault: MTP drafting failed")),
+    "draft": ("drafter", "draft", InjectedFault("injected fault: MTP drafting failed")),
     "engine_thread": ("scheduler", "schedule", EngineThreadKilled("injected fault: thread ended")),
 }
 
@@ -51,7 +51,10 @@ def arm(engine: LLMEngine, fault: str, after_steps: int = 0) -> None:
     if after_steps < 0:
         raise ValueError("after_steps must be >= 0")
     where, method, error = FAULTS[fault]
-    _fail_once(engine if where == "engine" else engine.scheduler, method, error, after_steps)
+    owner = engine.scheduler if where == "scheduler" else engine.drafter
+    if owner is None:
+        raise ValueError(f"fault={fault!r} needs an engine that drafts (num_speculative_tokens)")
+    _fail_once(owner, method, error, after_steps)
 
 
 def _fail_once(owner: object, method: str, error: BaseException, skip: int) -> None:

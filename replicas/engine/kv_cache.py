@@ -35,7 +35,7 @@ from replicas.kernels import backend as kernel_backend
 from replicas.kernels import cpu as cpu_kernels
 from replicas.kernels.attention_batch import AttentionBatch, SeqChunk
 from replicas.model.config import SLIDING, ModelConfig
-from replicas.model.exaone_moe import Attend
+from replicas.model.layers import Attend
 
 
 # ------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     block_ids: list[int] = field(default_factory=list)
     slot: int | None = None
+    """Index of its sliding-window state while it runs (see ``scheduled_slot``)."""
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     generator: Any = None
@@ -50,8 +51,22 @@ class Request:
     draft_ids: list[int] = field(default_factory=list)
     """MTP draft tokens for the positions after the known ones, verified by the next step."""
     num_drafted_tokens: int = 0
-    num_accepted_drafts: int = 0
+    num_accepted_draft_tokens: int = 0
     """MTP drafts verified for this request, and how many of them were accepted."""
+
+    @property
+    def queue_time_s(self) -> float:
+        """Seconds from arrival to its first scheduled step (0 until then)."""
+        if self.first_scheduled_time is None:
+            return 0.0
+        return self.first_scheduled_time - self.arrival_time
+
+    @property
+    def scheduled_slot(self) -> int:
+        """``slot`` of a request the scheduler runs (set at admission)."""
+        if self.slot is None:
+            raise RuntimeError(f"request {self.request_id} has no slot: it is not running")
+        return self.slot
 
     @property
     def next_boundary(self) -> int | None:

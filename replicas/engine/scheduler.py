@@ -196,6 +196,7 @@ class Scheduler:
             n = self._chunk(request, budget)
             if not self.reserve(request, request.num_computed_tokens + n):
                 if match is not None:
+                    assert self.prefix is not None  # the match came from it
                     self.prefix.release(request)
                     request.block_ids, request.num_computed_tokens = [], 0
                 break

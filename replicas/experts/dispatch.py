@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 
 from replicas.experts.placement import ExpertMap, ExpertPlacement
-from replicas.model.exaone_moe import ExpertCall, ExpertRows
+from replicas.model.moe import ExpertCall, ExpertRows
 
 
 class ExpertResult(Protocol):
@@ -189,7 +189,7 @@ class ExpertDispatcher:
         return PendingCombine(call, parts)
 
 
-Stages = Generator[ExpertCall, torch.Tensor, torch.Tensor]
+Stages = Generator[ExpertCall, ExpertRows, torch.Tensor]
 
 
 def run_microbatches(stages: Sequence[Stages], dispatcher: ExpertDispatcher) -> list[torch.Tensor]:
@@ -204,7 +204,7 @@ def run_microbatches(stages: Sequence[Stages], dispatcher: ExpertDispatcher) -> 
 
     def advance(i: int, rows: ExpertRows | None) -> None:
         try:
-            call = stages[i].send(rows)
+            call = next(stages[i]) if rows is None else stages[i].send(rows)
         except StopIteration as done:
             results[i] = done.value
             return
@@ -226,7 +226,8 @@ def split_balanced(sizes: Sequence[int], parts: int) -> list[range]:
     """Split items (with token counts ``sizes``) into at most ``parts`` contiguous runs of about
     equal tokens, none empty."""
     parts = max(1, min(parts, len(sizes)))
-    total, bounds, acc, start = sum(sizes), [], 0, 0
+    bounds: list[range] = []
+    total, acc, start = sum(sizes), 0, 0
     for i, n in enumerate(sizes):
         acc += n
         remaining_items, remaining_parts = len(sizes) - i - 1, parts - len(bounds) - 1

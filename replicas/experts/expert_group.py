@@ -6,7 +6,7 @@ y)`` with a grouped GEMM over the tokens it receives. It counts the tokens each 
 over a sliding window (``LoadWindow``), for the balancer, the autoscaler and the metrics.
 ``prepare`` loads the experts a new expert map adds (keeping the old ones while calls made with
 the old map may still arrive); ``commit`` drops those the map no longer gives it.
-``cluster.app`` wraps it in one Ray Serve deployment per group.
+``cluster.deployments.expert_group`` wraps it in one Ray Serve deployment per group.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 
 from replicas.experts.expert_load import LoadWindow
 from replicas.kernels import backend as kernel_backend
-from replicas.model.exaone_moe import RoutedExperts, use_expert_kernels
 from replicas.model.loader import DTYPES, load_expert_stack, resident_bytes
+from replicas.model.moe import RoutedExperts, use_expert_kernels
 
 logger = logging.getLogger(__name__)
 

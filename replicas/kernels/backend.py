@@ -11,7 +11,7 @@
 
 ``choose`` is pure apart from what it reads of the environment (installed packages, env vars),
 so it is unit-tested; the model applies the choice to its modules
-(``replicas.model.exaone_moe.use_expert_kernels``): this module imports no model code.
+(``replicas.model.moe.use_expert_kernels``): this module imports no model code.
 """
 
 from __future__ import annotations

@@ -1,14 +1,13 @@
-"""Our C kernels for CPU serving (csrc/ beside this file), built on first use and called through
-ctypes.
+"""Our C kernels for CPU serving, called through ctypes (built on first use by
+``replicas.kernels.cpu_build``).
 
 - ``moe_experts_amx``: the routed experts of one MoE layer in bf16 on AMX (Sapphire Rapids and
   later), for any number of rows. See csrc/moe_amx.c.
 - ``moe_experts_bf16``: the same on AVX512-BF16 without AMX, for few rows per expert (decode).
   See csrc/moe_bf16.c.
+- ``linear_bf16`` / ``linear_amx``, ``rms_norm_bf16``, ``qk_norm_rope_bf16``,
+  ``decode_attention_bf16``, ``moe_layer_decode_bf16``: the decode step's other operations.
 
-Each library is compiled with the system C compiler (``$CC``, else ``cc``) into
-``$EXAONE_KERNEL_CACHE`` (default ``~/.cache/exaone-cluster/kernels``), under a name that hashes
-the source and flags, so a changed source is rebuilt and concurrent builders do not collide.
 ``available()`` / ``amx_available()`` are False, and callers use PyTorch, when the CPU lacks the
 instructions, no compiler works, or ``EXAONE_CPU_KERNELS=0``; the first reason is kept in
 ``unavailable_reason()`` / ``amx_unavailable_reason()``.
@@ -16,221 +15,29 @@ instructions, no compiler works, or ``EXAONE_CPU_KERNELS=0``; the first reason i
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
-from collections.abc import Callable
-from pathlib import Path
-
 import torch
 
-CSRC = Path(__file__).with_name("csrc")
-# -ffp-contract=off: no fused multiply-adds where the C says multiply, round, add (the kernels
-# reproduce PyTorch's roundings; moe_layer_decode_bf16's combine is bit for bit weighted_sum's).
-BASE_FLAGS = [
-    "-O3",
-    "-mavx512f",
-    "-mavx512bf16",
-    "-ffp-contract=off",
-    "-fopenmp",
-    "-shared",
-    "-fPIC",
-]
-P, I32 = ctypes.c_void_p, ctypes.c_int
-
-
-def cache_dir() -> Path:
-    default = Path.home() / ".cache" / "exaone-cluster" / "kernels"
-    return Path(os.environ.get("EXAONE_KERNEL_CACHE", default))
-
-
-def build(name: str, sources: list[Path], flags: list[str]) -> Path:
-    """Compile ``sources`` into the shared library ``name`` if needed -> its path. Raises
-    RuntimeError with the compiler's message when it fails."""
-    compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C compiler: {compiler!r} is not on PATH (set $CC)")
-    text = b"".join(p.read_bytes() for p in [*sources, *sorted(CSRC.glob("*.h"))])
-    tag = hashlib.sha256(text + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"lib{name}_{tag}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        partial = Path(tmp) / target.name
-        proc = subprocess.run(
-            [compiler, *flags, f"-I{CSRC}", *map(str, sources), "-o", str(partial), "-lm"],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {name}: {proc.stderr.strip()[-500:]}")
-        os.replace(partial, target)  # atomic: a concurrent builder sees all or nothing
-    return target
-
-
-class _Library:
-    """One kernel library: built and loaded once, on first use, or the reason it cannot be."""
-
-    def __init__(
-        self,
-        name: str,
-        sources: list[str],
-        flags: list[str],
-        cpu_check: Callable[[], str | None],
-        declare: Callable[[ctypes.CDLL], str | None],
-    ):
-        self.name, self.sources, self.flags = name, [CSRC / s for s in sources], flags
-        self.cpu_check, self.declare = cpu_check, declare
-        self.lib: ctypes.CDLL | None = None
-        self.reason: str | None = None
-        self.lock = threading.Lock()
-
-    def load(self) -> ctypes.CDLL | None:
-        if self.lib is not None:  # the hot path: once per MoE layer and step
-            return self.lib
-        with self.lock:
-            if self.lib is not None or self.reason is not None:
-                return self.lib
-            if os.environ.get("EXAONE_CPU_KERNELS", "1") == "0":
-                self.reason = "disabled by EXAONE_CPU_KERNELS=0"
-            elif (reason := self.cpu_check()) is not None:
-                self.reason = reason
-            else:
-                try:
-                    lib = ctypes.CDLL(str(build(self.name, self.sources, self.flags)))
-                except (OSError, RuntimeError) as e:
-                    self.reason = str(e)
-                else:
-                    self.reason = self.declare(lib)
-                    self.lib = lib if self.reason is None else None
-            return self.lib
-
-    def require(self) -> ctypes.CDLL:
-        lib = self.load()
-        if lib is None:
-            raise RuntimeError(f"CPU kernels {self.name} unavailable: {self.reason}")
-        return lib
-
-
-def _avx512_bf16() -> str | None:
-    return None if torch.cpu._is_avx512_bf16_supported() else "this CPU has no AVX512-BF16"
-
-
-def _declare_bf16(lib: ctypes.CDLL) -> str | None:
-    lib.moe_experts_bf16.argtypes = [P, P, I32, I32, I32, P, P, P, P, I32]
-    lib.moe_experts_bf16.restype = None
-    lib.decode_attention_bf16.argtypes = [
-        P,
-        P,
-        P,
-        P,
-        I32,
-        P,
-        P,
-        P,
-        I32,
-        I32,
-        I32,
-        I32,
-        ctypes.c_float,
-        P,
-        P,
-        I32,
-    ]
-    lib.decode_attention_bf16.restype = None
-    lib.linear_bf16.argtypes = [P, I32, I32, I32, P, P, I32]
-    lib.linear_bf16.restype = None
-    lib.moe_layer_decode_bf16.argtypes = [
-        P,
-        I32,
-        I32,
-        I32,
-        I32,
-        P,
-        P,
-        P,
-        I32,
-        I32,
-        I32,
-        P,
-        P,
-        P,
-        P,
-        P,
-        P,
-        P,
-        P,
-        I32,
-    ]
-    lib.moe_layer_decode_bf16.restype = I32
-    lib.rms_norm_bf16.argtypes = [P, I32, I32, ctypes.c_int64, P, ctypes.c_float, P]
-    lib.rms_norm_bf16.restype = None
-    lib.qk_norm_rope_bf16.argtypes = [
-        P,
-        I32,
-        ctypes.c_int64,
-        I32,
-        I32,
-        I32,
-        P,
-        P,
-        ctypes.c_float,
-        P,
-        P,
-        P,
-        P,
-    ]
-    lib.qk_norm_rope_bf16.restype = None
-    return None
-
-
-def _declare_amx(lib: ctypes.CDLL) -> str | None:
-    lib.moe_amx_init.restype = I32
-    lib.moe_amx_init.argtypes = []
-    code = lib.moe_amx_init()  # asks Linux for the tile state (once per process)
-    if code != 0:
-        return {-2: "this CPU has no AMX-BF16"}.get(code, f"AMX refused by the OS (code {code})")
-    lib.moe_experts_amx.argtypes = [P, P, P, P, I32, I32, I32, P, P, P, P, P, I32]
-    lib.moe_experts_amx.restype = None
-    lib.linear_amx.argtypes = [P, ctypes.c_int64, I32, I32, P, P, P, I32]
-    lib.linear_amx.restype = None
-    return None
-
-
-_BF16_SOURCES = ["moe_bf16.c", "decode_attention.c", "linear_bf16.c", "decode_ops.c"]
-_BF16 = _Library("exaone_avx512", _BF16_SOURCES, BASE_FLAGS, _avx512_bf16, _declare_bf16)
-_AMX = _Library(
-    "exaone_amx",
-    ["moe_amx.c"],
-    [*BASE_FLAGS, "-mamx-tile", "-mamx-bf16"],
-    _avx512_bf16,
-    _declare_amx,
-)
+from replicas.kernels.cpu_build import AMX_LIBRARY, BF16_LIBRARY
 
 
 def available() -> bool:
     """The AVX512-BF16 kernel (moe_experts_bf16) can run here."""
-    return _BF16.load() is not None
+    return BF16_LIBRARY.load() is not None
 
 
 def unavailable_reason() -> str | None:
-    _BF16.load()
-    return _BF16.reason
+    BF16_LIBRARY.load()
+    return BF16_LIBRARY.reason
 
 
 def amx_available() -> bool:
     """The AMX kernel (moe_experts_amx) can run here."""
-    return _AMX.load() is not None
+    return AMX_LIBRARY.load() is not None
 
 
 def amx_unavailable_reason() -> str | None:
-    _AMX.load()
-    return _AMX.reason
+    AMX_LIBRARY.load()
+    return AMX_LIBRARY.reason
 
 
 def _require_bf16(**tensors: torch.Tensor) -> None:
@@ -267,7 +74,7 @@ def moe_experts_bf16(
     """h [R, H] bf16 rows grouped by expert, offsets [E + 1] int64 (expert e owns rows
     offsets[e]..offsets[e+1]), w13 [E, 2I, H], w2 [E, H, I] bf16 -> [R, H] bf16:
     down(silu(gate(h)) * up(h)) per row with its expert's weights."""
-    lib = _BF16.require()
+    lib = BF16_LIBRARY.require()
     offsets = _check_experts("h", h, w13, w2, offsets, h.shape[0])
     inter = w13.shape[1] // 2
     act = h.new_empty(h.shape[0], inter)
@@ -302,7 +109,7 @@ def moe_layer_decode_bf16(
     outputs, bit for bit what moe_experts_bf16 + model.weighted_sum give. None (nothing done)
     when a chosen expert is not held or the slots average more than ``max_rows_per_expert``
     rows per used expert."""
-    lib = _BF16.require()
+    lib = BF16_LIBRARY.require()
     _require_bf16(x=x, w13=w13, w2=w2)
     (n, hidden), (num_local, two_inter, _), k = x.shape, w13.shape, topk_ids.shape[1]
     inter = two_inter // 2
@@ -370,7 +177,7 @@ def moe_experts_amx(
     e owns grouped rows offsets[e]..offsets[e+1]), w13 [E, 2I, H], w2 [E, H, I] bf16 -> [S, H]
     bf16: down(silu(gate(x[t])) * up(x[t])) for each grouped row's token t. H and I must be
     multiples of 32."""
-    lib = _AMX.require()
+    lib = AMX_LIBRARY.require()
     offsets = _check_experts("x", x, w13, w2, offsets, tokens.numel())
     num_experts, two_inter, hidden = w13.shape
     inter = two_inter // 2
@@ -407,7 +214,7 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T in bf16 with fp32 sums -> [M, N] bf16 (no bias), for few rows
     (csrc/linear_bf16.c: 4 x 4 tiles, or a large weight streamed row by row for up to 4
     rows)."""
-    lib = _BF16.require()
+    lib = BF16_LIBRARY.require()
     _require_bf16(x=x, weight=weight)
     (m, k), (n, k_w) = x.shape, weight.shape
     if k != k_w:
@@ -441,7 +248,7 @@ def _bf16_vector(w: torch.Tensor, size: int, name: str) -> None:
 def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [R, D] (rows may be strided) -> [R, D] bf16: weight * bf16(x * rsqrt(mean(x^2) + eps)),
     the mean in fp32 (csrc/decode_ops.c; RMSNorm's rounding, sum order aside)."""
-    lib = _BF16.require()
+    lib = BF16_LIBRARY.require()
     stride = _rows_view(x, "x")
     rows, dim = x.shape
     _bf16_vector(weight, dim, "weight")
@@ -463,7 +270,7 @@ def qk_norm_rope_bf16(
     """qkv [T, >= (Hq + Hkv) * D] (q heads then k heads; rows may be strided) -> q [T, Hq, D],
     k [T, Hkv, D] bf16: per-head RMSNorm (q_weight / k_weight [D]), then NeoX RoPE with
     cos/sin [T, D] when given (csrc/decode_ops.c)."""
-    lib = _BF16.require()
+    lib = BF16_LIBRARY.require()
     stride = _rows_view(qkv, "qkv")
     tokens, dim = qkv.shape[0], q_weight.shape[0]
     _bf16_vector(q_weight, dim, "q_weight")
@@ -473,7 +280,9 @@ def qk_norm_rope_bf16(
             f"qkv {tuple(qkv.shape)} does not hold {q_heads} + {kv_heads} heads of "
             f"{dim} (an even head size)"
         )
-    if cos is not None:
+    if (cos is None) != (sin is None):
+        raise ValueError("give cos and sin together (or neither: no RoPE)")
+    if cos is not None and sin is not None:
         for t in (cos, sin):
             if _rows_view(t, "cos/sin") != dim or t.shape != (tokens, dim):
                 raise ValueError(f"cos/sin must be contiguous [{tokens}, {dim}]")
@@ -500,7 +309,7 @@ def qk_norm_rope_bf16(
 def linear_amx(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T in bf16 with fp32 sums -> [M, N] bf16 (no bias). K must be a
     multiple of 32 and N of 16."""
-    lib = _AMX.require()
+    lib = AMX_LIBRARY.require()
     _require_bf16(x=x, weight=weight)
     (m, k), (n, k_w) = x.shape, weight.shape
     if k != k_w or k % 32 or n % 16:
@@ -538,14 +347,12 @@ def decode_attention_bf16(
     [B, R] of k_pool/v_pool [P, Hkv, D], then (when given) one more key/value per sequence,
     k_extra/v_extra [B, Hkv, D]; valid [B, R (+1)] bool says which keys count -> [B, Hq, D]
     bf16. D must be a multiple of 32."""
-    lib = _BF16.require()
-    extra = k_extra is not None
-    _require_bf16(
-        q=q,
-        k_pool=k_pool,
-        v_pool=v_pool,
-        **({"k_extra": k_extra, "v_extra": v_extra} if extra else {}),
-    )
+    lib = BF16_LIBRARY.require()
+    if (k_extra is None) != (v_extra is None):
+        raise ValueError("give k_extra and v_extra together")
+    extras = {} if k_extra is None or v_extra is None else {"k_extra": k_extra, "v_extra": v_extra}
+    extra = bool(extras)
+    _require_bf16(q=q, k_pool=k_pool, v_pool=v_pool, **extras)
     (batch, heads, dim), (_, kv_heads, _) = q.shape, k_pool.shape
     if dim % 32 or heads % kv_heads or heads // kv_heads > 64 or k_pool.shape != v_pool.shape:
         raise ValueError(
@@ -558,7 +365,11 @@ def decode_attention_bf16(
         raise ValueError(
             f"rows {tuple(rows.shape)} / valid {tuple(valid.shape)} do not fit {batch} sequences"
         )
-    if extra and (k_extra.shape != (batch, kv_heads, dim) or v_extra.shape != k_extra.shape):
+    if (
+        k_extra is not None
+        and v_extra is not None
+        and (k_extra.shape != (batch, kv_heads, dim) or v_extra.shape != k_extra.shape)
+    ):
         raise ValueError("k_extra and v_extra must be [B, Hkv, D]")
     valid = valid.to(torch.uint8).contiguous()
     threads = torch.get_num_threads()
@@ -570,8 +381,8 @@ def decode_attention_bf16(
         v_pool.data_ptr(),
         rows.data_ptr(),
         num_rows,
-        k_extra.data_ptr() if extra else None,
-        v_extra.data_ptr() if extra else None,
+        k_extra.data_ptr() if k_extra is not None else None,
+        v_extra.data_ptr() if v_extra is not None else None,
         valid.data_ptr(),
         batch,
         heads,

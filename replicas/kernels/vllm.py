@@ -1,7 +1,7 @@
 """vLLM's kernels behind our kernel interfaces (``kernels: vllm``; needs the ``gpu`` extra).
 
 - Routed experts: vLLM's ``fused_experts`` (its fused-MoE Triton kernel). Our experts answer per
-  slot, unweighted (replicas.model.exaone_moe.ExpertRows), while fused_experts sums each token's
+  slot, unweighted (replicas.model.moe.ExpertRows), while fused_experts sums each token's
   top-k outputs. So every held slot goes in as its own row, routed top-1 to its local expert with
   weight 1.0: the output is then exactly that slot's expert output.
 - Attention: vLLM's ``unified_attention`` (its paged Triton attention, prefill and decode). A
@@ -97,6 +97,7 @@ def attend(
         seq_lens, max_len = batch.computed + batch.num_new, batch.max_k
         window_size = (-1, -1)
     else:  # sliding layer: each sequence's window and new keys, copied into scratch blocks
+        assert window is not None  # a sliding layer comes with its window and its ring
         index, tables, lens, max_len = _scratch_index(batch, window, ring, k_cache.shape[0])
         index = torch.tensor(index, dtype=torch.long, device=dev)
         kc = (

@@ -19,20 +19,17 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol, cast
 
 import torch
 from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from replicas.model.checkpoint_names import Piece, checkpoint_sources
 from replicas.model.config import DTYPE_NAMES, ModelConfig
-from replicas.model.exaone_moe import (
-    ExaoneMoeForCausalLM,
-    ExpertStack,
-    MoEGate,
-    Piece,
-    checkpoint_sources,
-)
+from replicas.model.exaone_moe import ExaoneMoeForCausalLM, ExpertStack
+from replicas.model.moe import MoEGate
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +146,9 @@ def _is_fused(index: CheckpointIndex, name: str) -> bool:
     return f"{prefix}.gate_up_proj" in index or f"{prefix}.down_proj" in index
 
 
-def plan_pieces(model: nn.Module, index: CheckpointIndex) -> dict[str, list[Piece]]:
+def plan_pieces(
+    model: ExaoneMoeForCausalLM | ExpertStack, index: CheckpointIndex
+) -> dict[str, list[Piece]]:
     """Internal tensor name -> the checkpoint pieces that fill it (persistent tensors only)."""
     plan = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -204,6 +203,10 @@ def check_checkpoint(
 # ------------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------------
+class _HasResetBuffers(Protocol):
+    def reset_buffers(self) -> None: ...
+
+
 def materialize(model: nn.Module, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
     """Turn a meta-device model into uninitialised storage of ``dtype`` on ``device`` (the router's
     correction bias stays fp32), ready to be filled by ``copy_pieces``."""
@@ -214,7 +217,7 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: str | torch.device
     model.to_empty(device=device)
     for m in model.modules():
         if hasattr(m, "reset_buffers"):
-            m.reset_buffers()
+            cast(_HasResetBuffers, m).reset_buffers()
     return model
 
 
@@ -229,6 +232,7 @@ def copy_pieces(
     for name, pieces in plan.items():
         for piece in pieces:
             key = index.resolve(piece)
+            assert key is not None  # check_checkpoint has found every planned piece
             info = index.tensors[key]
             by_file[info.file].append((name, piece, key))
             total += info.nbytes // (info.shape[0] if piece.src_index is not None else 1)

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -35,6 +34,13 @@ from replicas.prefix_cache.blocks import (
     chain_root,
 )
 from replicas.prefix_cache.redis_tier import RedisTier, RedisUnavailable
+from replicas.prefix_cache.types import (
+    Lookup,
+    PrefixCacheStats,
+    PrefixMatch,
+    PrefixState,
+    Snapshot,
+)
 
 
 @dataclass(frozen=True)
@@ -60,76 +66,20 @@ class PrefixCacheConfig:
                 "snapshot_interval_tokens, local_snapshot_bytes and redis_queue_bytes must be >= 0"
             )
 
+    # What the engine calls (replicas.engine.prefix_interface.PrefixCacheSpec).
+    def new_block_pool(self, num_blocks: int) -> PrefixBlockPool:
+        """The KV cache's block pool, with blocks that prompts can share."""
+        return PrefixBlockPool(num_blocks)
 
-@dataclass
-class Snapshot:
-    num_tokens: int
-    sliding: torch.Tensor  # [2, Ls, n, Hkv, D], positions P - n .. P - 1
-    partial: torch.Tensor  # [2, Lg, P % bs, Hkv, D]
-
-    @property
-    def nbytes(self) -> int:
-        return (self.sliding.numel() + self.partial.numel()) * self.sliding.element_size()
-
-
-@dataclass
-class Lookup:
-    """What Redis said about one request (built on the read thread)."""
-
-    windows_present: set[int] = field(default_factory=set)  # boundaries P
-    blocks_present: set[int] = field(default_factory=set)  # block indexes
-    hit: Snapshot | None = None
-    fetched: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> [2,Lg,bs,..]
-    fetched_from: int = 0  # fetched blocks are indexes fetched_from .. P // bs - 1
-
-
-@dataclass
-class PrefixState:
-    """Per-request prefix bookkeeping (Request.prefix)."""
-
-    names: list[bytes]
-    keys: dict[int, bytes]  # boundary P -> window name
-    usable: list[int]  # boundaries a hit may use (< prompt length), descending
-    capture_at: list[int]  # boundaries still to snapshot, ascending
-    lookup: Future | None = None
-    match: PrefixMatch | None = None
-    pinned: bool = False
-    redis_blocks: set[int] = field(default_factory=set)
-    """Block indexes Redis already holds (from the lookup; none for a pinned request, whose
-    writes also clear TTLs) or this request has queued for it: never sent again."""
-    settled: bool = False
-    """The first match attempt counted a miss / sent Redis what it lacked."""
-
-
-@dataclass
-class PrefixMatch:
-    num_tokens: int
-    shared: list[int]  # block ids taken from the local tier (references held)
-    fetched: dict[int, torch.Tensor]
-    snapshot: Snapshot
-    source: str  # "local" | "redis"
-
-
-@dataclass(frozen=True)
-class PrefixCacheStats:
-    num_lookups: int
-    num_local_hits: int
-    num_redis_hits: int
-    num_misses: int
-    num_cached_tokens: int
-    """Prompt tokens served from the cache (summed over requests)."""
-    num_cached_blocks: int
-    num_snapshots: int
-    snapshot_bytes: int
-    redis_available: bool
-    redis_bytes_read: int
-    redis_bytes_written: int
-    num_redis_errors: int
-    num_corrupt_values: int
-    num_redis_writes_dropped: int = 0
-    """Redis writes not queued because the write queue held redis_queue_bytes already."""
-    redis_queue_bytes: int = 0
-    """Host bytes queued for the Redis write thread now."""
+    def attach(
+        self,
+        cache: HybridKVCache,
+        pool: PrefixBlockPool,
+        redis: RedisTier | None,
+        dtype: torch.dtype,
+    ) -> PrefixCacheManager:
+        """The prefix cache over an engine's KV cache (its pool from ``new_block_pool``)."""
+        return PrefixCacheManager(cache, pool, self, redis, dtype)
 
 
 class PrefixCacheManager:
@@ -231,7 +181,12 @@ class PrefixCacheManager:
             run = min(self.pool.cached_run(state.names[:nfull]), nfull)
             # Redis' blocks start where the local run ended at lookup time: usable if no local
             # block of that run was evicted since.
-            if hit is not None and hit.num_tokens == p and run >= lookup.fetched_from:
+            if (
+                hit is not None
+                and lookup is not None
+                and hit.num_tokens == p
+                and run >= lookup.fetched_from
+            ):
                 fetched = {i: lookup.fetched[i] for i in range(run, nfull)}
                 found = (p, run, fetched, hit, "redis")
                 break
@@ -249,7 +204,12 @@ class PrefixCacheManager:
         if found is None:
             return None
         p, run, fetched, snap, source = found
-        shared = [self.pool.acquire(name) for name in state.names[:run]]
+        shared = []
+        for name in state.names[:run]:  # cached_run said they are all here
+            block = self.pool.acquire(name)
+            if block is None:
+                raise RuntimeError("a block of the cached run is gone")
+            shared.append(block)
         state.match = PrefixMatch(p, shared, fetched, snap, source)
         return state.match
 
@@ -271,7 +231,7 @@ class PrefixCacheManager:
             self.pool.register(ids[i], state.names[i])
         if m.snapshot.partial.shape[2]:
             self.cache.write_rows(ids[m.num_tokens // self.bs], m.snapshot.partial)
-        self.cache.write_window(request.slot, m.num_tokens, m.snapshot.sliding)
+        self.cache.write_window(request.scheduled_slot, m.num_tokens, m.snapshot.sliding)
         if m.source == "redis":
             self.num_redis_hits += 1
             self.snapshots.put(state.keys[m.num_tokens], m.snapshot, m.snapshot.nbytes)
@@ -298,7 +258,7 @@ class PrefixCacheManager:
         r = p % self.bs
         snap = Snapshot(
             p,
-            self.cache.read_window(request.slot, p),
+            self.cache.read_window(request.scheduled_slot, p),
             self.cache.read_rows(request.block_ids[nfull], r) if r else self._empty_partial(),
         )
         self.snapshots.put(state.keys[p], snap, snap.nbytes)
@@ -350,7 +310,7 @@ class PrefixCacheManager:
         snap = Snapshot(snap.num_tokens, snap.sliding.cpu(), snap.partial.cpu())
         window_name = state.keys[p]
         gl, sl = self.cache.global_layers, self.cache.sliding_layers
-        redis = self.redis
+        redis = self._tier()
 
         def send():
             try:
@@ -378,6 +338,12 @@ class PrefixCacheManager:
 
         redis.writes.submit(self._quietly, send)
 
+    def _tier(self) -> RedisTier:
+        """The Redis tier, for the methods that run only with one."""
+        if self.redis is None:
+            raise RuntimeError("the prefix cache has no Redis tier")
+        return self.redis
+
     @staticmethod
     def _quietly(fn, *args) -> None:
         with contextlib.suppress(RedisUnavailable):  # counted by the tier; an entry is lost
@@ -385,7 +351,7 @@ class PrefixCacheManager:
 
     def _redis_lookup(self, state: PrefixState, local_best: int, local_run: int) -> Lookup:
         """Read thread: which keys exist, then the longest hit beyond local_best."""
-        redis, out = self.redis, Lookup()
+        redis, out = self._tier(), Lookup()
         bounds = sorted(state.keys)
         try:
             present = redis.exists(
@@ -416,10 +382,10 @@ class PrefixCacheManager:
     def _fetch(self, state: PrefixState, p: int, need: range, out: Lookup):
         """Values of the window at p and blocks ``need``, all checked; a corrupt one is deleted
         (and counted as absent, so this request's capture writes it again)."""
-        redis = self.redis
+        redis = self._tier()
         keys = [redis.window_key(state.keys[p])] + [redis.block_key(state.names[i]) for i in need]
-        values = redis.get_many(keys)
-        if any(v is None for v in values):
+        values = [v for v in redis.get_many(keys) if v is not None]
+        if len(values) < len(keys):
             return None  # evicted between EXISTS and GET: a miss
         snap, fetched, corrupt = None, {}, False
         try:
@@ -485,21 +451,3 @@ class PrefixCacheManager:
     def close(self) -> None:
         if self.redis is not None:
             self.redis.close()
-
-
-def stored_bytes_per_token(
-    cfg, num_tokens: int, block_size: int, dtype_bytes: int = 2, num_boundaries: int = 1
-) -> tuple[float, float]:
-    """Redis bytes per cached token of a ``num_tokens`` prefix in this layout (global-layer
-    blocks + one window snapshot per boundary; value headers left out), and in a layout that
-    stores every layer's K/V for every token. Uses the same footprint code as the cache."""
-    from replicas.engine.kv_cache import kv_footprint
-
-    fp = kv_footprint(cfg, dtype_bytes)
-    full = num_tokens // block_size * block_size
-    ours = full * fp.global_bytes_per_token + num_boundaries * (
-        fp.sliding_bytes_per_sequence + (num_tokens - full) * fp.global_bytes_per_token
-    )
-    per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
-    all_layers = num_tokens * cfg.num_hidden_layers * per_layer
-    return ours / num_tokens, all_layers / num_tokens

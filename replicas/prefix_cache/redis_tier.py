@@ -89,7 +89,10 @@ class RedisTier:
             )
         secret = mac_key.encode() if isinstance(mac_key, str) else bytes(mac_key)
         self._mac_key = hashlib.sha256(b"exaone-prefix-cache-mac\0" + secret).digest()
-        kwargs = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+        kwargs: dict[str, float | str] = {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+        }
         if password is not None:
             kwargs["password"] = password
         if ssl_ca_certs is not None:

@@ -42,7 +42,7 @@ class Nodes:
 
 
 @pytest.fixture(scope="package")
-def nodes(served_ckpt):
+def nodes(tiny_ckpt):
     before = os.environ.get(FAULT_INJECTION)
     os.environ[FAULT_INJECTION] = "1"  # inherited by every node the harness starts
     os.environ.setdefault(MAC_KEY_ENV, "fault-tier-secret")  # shared by every replica
@@ -68,7 +68,7 @@ def nodes(served_ckpt):
     )
     port = free_port()
     config = ClusterConfig(
-        model_path=str(served_ckpt),
+        model_path=str(tiny_ckpt),
         engine=EngineOptions(
             max_num_seqs=32,
             max_num_batched_tokens=128,
@@ -114,10 +114,10 @@ def nodes(served_ckpt):
 
 
 @pytest.fixture(scope="package")
-def reference(served_ckpt):
+def reference(tiny_ckpt):
     """16 random prompts and the colocated engine's greedy outputs for them."""
     return colocated_reference(
-        served_ckpt, seed=11, num_prompts=16, max_len=60, new_tokens=NEW_TOKENS
+        tiny_ckpt, seed=11, num_prompts=16, max_len=60, new_tokens=NEW_TOKENS
     )
 
 

@@ -54,13 +54,13 @@ def _wait(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def test_scaling_attention_down_under_long_streams(nodes, served_ckpt, report):
+def test_scaling_attention_down_under_long_streams(nodes, tiny_ckpt, report):
     ps, want = colocated_reference(
-        served_ckpt, seed=13, num_prompts=16, max_len=40, new_tokens=LONG, max_model_len=1100
+        tiny_ckpt, seed=13, num_prompts=16, max_len=40, new_tokens=LONG, max_model_len=1100
     )
     port = free_port()
     config = ClusterConfig(
-        model_path=str(served_ckpt),
+        model_path=str(tiny_ckpt),
         engine={
             "max_num_seqs": 16,
             "max_num_batched_tokens": 128,

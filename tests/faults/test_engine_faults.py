@@ -62,7 +62,7 @@ def _redis_stats():
     return _shard().stats.remote().result().prefix_cache
 
 
-def test_redis_killed_and_restarted_mid_traffic(nodes, served_ckpt, report):
+def test_redis_killed_and_restarted_mid_traffic(nodes, tiny_ckpt, report):
     """Prompts sharing a 48-token prefix (a snapshot every 16 tokens): Redis is killed while
     16 of them stream, 16 more come while it is down; all are served (misses where Redis did
     not answer), every output colocated. Once it is back, writes resume and the next prompt
@@ -70,7 +70,7 @@ def test_redis_killed_and_restarted_mid_traffic(nodes, served_ckpt, report):
     g = torch.Generator().manual_seed(5)
     shared = torch.randint(3, 1000, (48,), generator=g).tolist()
     ps = [shared + torch.randint(3, 1000, (5,), generator=g).tolist() for _ in range(34)]
-    want = colocated_outputs(served_ckpt, ps, new_tokens=24)
+    want = colocated_outputs(tiny_ckpt, ps, new_tokens=24)
     assert stream_all(nodes.address, ps[:1]) == {0: want[0]}  # writes the prefix to Redis
     time.sleep(0.5)  # the write is asynchronous
     before = _redis_stats()

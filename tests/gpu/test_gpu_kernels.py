@@ -13,8 +13,8 @@ from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.engine.kv_cache import HybridKVCache
 from replicas.kernels.attention_batch import SeqChunk
 from replicas.model.config import ModelConfig
-from replicas.model.exaone_moe import RoutedExperts
 from replicas.model.loader import load_causal_lm
+from replicas.model.moe import RoutedExperts
 from replicas.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.gpu

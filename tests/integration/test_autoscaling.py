@@ -23,10 +23,11 @@ import urllib.request
 import pytest
 from ray import serve
 
-from cluster.app import build_app, expert_group_name
+from cluster.app import build_app
 from cluster.commands.local import APP_NAME, start_local
 from cluster.commands.status import collect, render
 from cluster.config import ClusterConfig
+from cluster.deployments.expert_group import expert_group_name
 from router.client import GenerationClient
 from tests.integration.conftest import colocated_reference, free_port, on_free_port
 

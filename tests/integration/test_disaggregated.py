@@ -22,10 +22,11 @@ import ray
 import torch
 from ray import serve
 
-from cluster.app import build_app, expert_group_name
+from cluster.app import build_app
 from cluster.commands.local import APP_NAME, start_local
 from cluster.commands.redis_server import RedisServer
 from cluster.config import ClusterConfig, EngineOptions
+from cluster.deployments.expert_group import expert_group_name
 from cluster.deployments.expert_transport import WORKER_NAMESPACE, worker_prefix
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.model.config import ModelConfig
@@ -76,13 +77,13 @@ def _config(
 
 
 @pytest.fixture(scope="module")
-def cluster(served_ckpt):
+def cluster(tiny_ckpt):
     """Both applications share one redis-server (the prefix cache's shared tier); both draft
     with the MTP block (ENGINE: k = 2), so every test here also runs speculative decoding."""
     with RedisServer() as redis_server:
         url = redis_server.url
         local = start_local(
-            _config(served_ckpt, 2, 2, 2, url),
+            _config(tiny_ckpt, 2, 2, 2, url),
             grpc_port=free_port(),
             http_port=free_port(),
             dashboard_port=None,
@@ -90,7 +91,7 @@ def cluster(served_ckpt):
             ready_timeout_s=300,
         )
         try:
-            four, ADDRESSES[FOUR] = on_free_port(_config(served_ckpt, 4, 1, 1, url, "serve"))
+            four, ADDRESSES[FOUR] = on_free_port(_config(tiny_ckpt, 4, 1, 1, url, "serve"))
             serve.run(build_app(four), name=FOUR, route_prefix="/four")
             ADDRESSES[APP_NAME] = local.grpc_address
             yield local
@@ -99,11 +100,9 @@ def cluster(served_ckpt):
 
 
 @pytest.fixture(scope="module")
-def reference(served_ckpt):
+def reference(tiny_ckpt):
     """Greedy outputs of the colocated engine, in this process."""
-    return colocated_reference(
-        served_ckpt, seed=7, num_prompts=16, max_len=60, new_tokens=NEW_TOKENS
-    )
+    return colocated_reference(tiny_ckpt, seed=7, num_prompts=16, max_len=60, new_tokens=NEW_TOKENS)
 
 
 class _Streams:
@@ -207,8 +206,8 @@ def test_greedy_equals_colocated(cluster, reference, application):
     assert [got[i] for i in range(len(ps))] == want
 
 
-def test_each_replica_holds_only_its_experts(cluster, served_ckpt):
-    cfg = ModelConfig.from_json_file(served_ckpt / "config.json")
+def test_each_replica_holds_only_its_experts(cluster, tiny_ckpt):
+    cfg = ModelConfig.from_json_file(tiny_ckpt / "config.json")
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4 * len(cfg.moe_layers)
     for app, groups in ((APP_NAME, 2), (FOUR, 4)):
         seen: set[int] = set()
@@ -221,7 +220,7 @@ def test_each_replica_holds_only_its_experts(cluster, served_ckpt):
             seen.update(stats.expert_ids)
         assert seen == set(range(cfg.num_experts))
         shard = serve.get_deployment_handle("AttentionShard", app).stats.remote().result()
-        full = load_causal_lm(served_ckpt, dtype=torch.float32, include_mtp=True)
+        full = load_causal_lm(tiny_ckpt, dtype=torch.float32, include_mtp=True)
         full_bytes = sum(t.numel() * t.element_size() for t in full.state_dict().values())
         assert shard.resident_bytes == full_bytes - cfg.num_experts * per_expert
 
@@ -245,12 +244,12 @@ def test_requests_with_a_shared_prefix_go_to_one_replica(cluster, reference):
     assert all(final[r].num_requests_total > after[r].num_requests_total for r in before)
 
 
-def test_a_replica_that_never_saw_a_prefix_gets_it_from_redis(cluster, served_ckpt):
+def test_a_replica_that_never_saw_a_prefix_gets_it_from_redis(cluster, tiny_ckpt):
     """A 40-token prefix computed in the "exaone" application (2 attention replicas) is
     resumed by the "four-groups" application's own attention replica through Redis."""
     shared = list(range(500, 540))
     prompts = [shared + [7, 8, 9], shared + [10, 11]]
-    model = load_causal_lm(served_ckpt, dtype=torch.float32)
+    model = load_causal_lm(tiny_ckpt, dtype=torch.float32)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     want = LLMEngine(model, EngineConfig(block_size=8, kv_cache_bytes=32 << 20)).generate(
         prompts, params
@@ -327,9 +326,9 @@ def test_a_hung_expert_worker_is_failed_over(cluster, reference, report):
     assert _generate_all(APP_NAME, ps[:4]) == {i: want[i] for i in range(4)}
 
 
-def test_32_concurrent_streams_equal_colocated(cluster, served_ckpt):
+def test_32_concurrent_streams_equal_colocated(cluster, tiny_ckpt):
     ps, want = colocated_reference(
-        served_ckpt, seed=8, num_prompts=32, max_len=60, new_tokens=NEW_TOKENS
+        tiny_ckpt, seed=8, num_prompts=32, max_len=60, new_tokens=NEW_TOKENS
     )
     got = _generate_all(APP_NAME, ps)
     assert [got[i] for i in range(32)] == want

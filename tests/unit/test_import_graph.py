@@ -6,7 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.paths import ROOT
+
 PACKAGES = ("replicas", "cluster", "router", "protos")
 
 
@@ -105,3 +106,50 @@ def test_our_packages_import_each_other_without_circles():
     assert not found, "import circles (each a set of modules that import each other): " + "; ".join(
         " <-> ".join(c) for c in found
     )
+
+
+FORBIDDEN = (
+    # (modules under this prefix, may not import modules under this one, because)
+    ("replicas.kernels", "replicas.model", "kernels serve the model; they know no model code"),
+    ("replicas.kernels", "replicas.engine", "kernels know no engine"),
+    ("replicas.model", "replicas.engine", "the model runs without an engine"),
+    ("replicas.model", "replicas.prefix_cache", "the model knows no cache"),
+    (
+        "replicas.engine",
+        "replicas.prefix_cache",
+        "the engine gets its prefix cache through an interface (replicas.engine.prefix_interface)",
+    ),
+    ("replicas", "cluster", "the compute plane knows no Serve deployment"),
+    ("replicas", "router", "the compute plane knows no request plane"),
+    ("router", "cluster", "the request plane knows no Serve deployment"),
+)
+"""Edges that would turn the layers of docs/architecture.md upside down."""
+
+MODEL_ONLY = ("replicas.model.exaone_moe", "replicas.model.layers", "replicas.model.moe")
+"""The model's own modules, which import no loader."""
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    def under(module: str, prefix: str) -> bool:
+        return module == prefix or module.startswith(prefix + ".")
+
+    found = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            for importer, forbidden, why in FORBIDDEN:
+                if under(module, importer) and under(target, forbidden):
+                    found.append(f"{module} imports {target} ({why})")
+            if module in MODEL_ONLY and target == "replicas.model.loader":
+                found.append(f"{module} imports {target} (the model imports no loader)")
+    return found
+
+
+def test_the_layer_check_names_an_upside_down_import():
+    graph = {"replicas.engine.engine": {"replicas.prefix_cache.manager"}, "replicas.a": set()}
+    [violation] = layer_violations(graph)
+    assert violation.startswith("replicas.engine.engine imports replicas.prefix_cache.manager")
+
+
+def test_every_layer_imports_only_the_ones_below_it():
+    found = layer_violations(import_graph(module_files()))
+    assert not found, "\n".join(found)

@@ -1,0 +1,117 @@
+"""The closed-loop load generator bench/served.py drives every system with: C streams send their
+requests one after another, each request's token arrival times are kept, and a level's output
+tok/s, TTFT and TPOT percentiles come out of them."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stream:
+    """Token arrival times of one request."""
+
+    start: float = field(default_factory=time.perf_counter)
+    first: float | None = None
+    last: float | None = None
+    tokens: int = 0
+    messages: int = 0
+    """Messages that carried tokens (tokens / messages > 1: the stream coalesced tokens)."""
+
+    def got(self, n: int) -> None:
+        if n <= 0:
+            return
+        now = time.perf_counter()
+        self.first = self.first or now
+        self.last = now
+        self.tokens += n
+        self.messages += 1
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first - self.start
+
+    @property
+    def tpot_s(self) -> float | None:
+        return (self.last - self.first) / (self.tokens - 1) if self.tokens > 1 else None
+
+
+Send = Callable[[list[int], int], Awaitable[Stream]]
+"""One request (prompt ids, new tokens) -> its Stream, once it has finished."""
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    values = sorted(values)
+    pos = (len(values) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+def summarize(streams: list[Stream], wall_s: float) -> dict:
+    ttft = [s.ttft_s for s in streams if s.first is not None]
+    tpot = [s.tpot_s for s in streams if s.tpot_s is not None]
+    tokens = sum(s.tokens for s in streams)
+    messages = sum(s.messages for s in streams)
+    row = {
+        "requests": len(streams),
+        "out_tokens": tokens,
+        "wall_s": round(wall_s, 3),
+        "out_tok_s": round(tokens / wall_s, 2),
+        "tokens_per_message": round(tokens / max(messages, 1), 2),
+    }
+    for name, values in (("ttft", ttft), ("tpot", tpot)):
+        for q in (50, 99):
+            row[f"{name}_p{q}_ms"] = round(1e3 * percentile(values, q), 3) if values else None
+    return row
+
+
+async def drive(send: Send, prompts: list[list[int]], concurrency: int, new_tokens: int) -> dict:
+    """``concurrency`` closed-loop streams send ``prompts`` (each as soon as one finishes)."""
+    todo = iter(prompts)
+    streams: list[Stream] = []
+
+    async def worker():
+        for prompt in todo:  # a shared iterator: each prompt goes to one worker
+            streams.append(await send(prompt, new_tokens))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return summarize(streams, time.perf_counter() - start)
+
+
+@dataclass
+class Workload:
+    levels: list[int]
+    prompts: dict[int, list[list[int]]]  # per level: the timed requests
+    warmup: dict[int, list[list[int]]]  # per level: the warm-up requests
+    new_tokens: int
+    warmup_tokens: int
+
+
+async def run_levels(send: Send, work: Workload, label: str) -> dict[int, dict]:
+    for c in work.levels:
+        await drive(send, work.warmup[c], c, work.warmup_tokens)
+    rows = {}
+    for c in work.levels:
+        rows[c] = await drive(send, work.prompts[c], c, work.new_tokens)
+        r = rows[c]
+        print(
+            f"  {label} in flight {c}: {r['out_tok_s']:.1f} tok/s, TTFT p50 "
+            f"{r['ttft_p50_ms']:.1f} ms, TPOT p50 {r['tpot_p50_ms']:.2f} ms "
+            f"({r['requests']} requests, {r['wall_s']:.1f} s, "
+            f"{r['tokens_per_message']:.2f} tokens/message)",
+            flush=True,
+        )
+    return rows
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,153 @@
+"""vLLM's OpenAI server as bench/served.py runs it: started from its own venv on a free loopback
+port with the same engine limits as ours, driven over HTTP with streamed /v1/completions, stopped
+with its process group."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.loadgen import Stream, Workload, free_port, run_levels  # noqa: E402
+from cluster.config import ClusterConfig  # noqa: E402
+
+
+def get_json(url: str, timeout: float = 5) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback only
+        return json.loads(r.read() or b"{}")
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM the server (it stops its engine process), SIGKILL its process group if it lingers."""
+    if proc.poll() is None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout_s)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session (start_new_session): leftovers only
+    proc.wait()
+
+
+def run_vllm(config: ClusterConfig, work: Workload, args) -> dict:
+    import aiohttp
+
+    python = args.vllm_python
+    e = config.engine
+    port = free_port()
+    cmd = [
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        config.model_path,
+        "--served-model-name",
+        "bench",
+        "--dtype",
+        config.dtype,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-num-seqs",
+        str(e.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(e.max_num_batched_tokens),
+        "--max-model-len",
+        str(args.vllm_max_model_len),
+        "--seed",
+        str(args.seed),
+    ]
+    if not config.prefix_cache.enabled:
+        cmd.append("--no-enable-prefix-caching")
+    cmd += args.vllm_arg
+    env = dict(
+        os.environ,
+        VLLM_HOST_IP="127.0.0.1",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    if args.vllm_threads_bind:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = args.vllm_threads_bind
+    log_path = Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
+    print(f"  vllm: starting on 127.0.0.1:{port} (log {log_path})", flush=True)
+    start = time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
+                raise RuntimeError(f"vLLM server exited ({proc.returncode}):\n" + "\n".join(tail))
+            with contextlib.suppress(OSError, ValueError):
+                get_json(f"{base}/health")
+                break
+            if time.perf_counter() - start > args.vllm_start_timeout:
+                raise TimeoutError(f"vLLM server not healthy after {args.vllm_start_timeout} s")
+            time.sleep(1)
+        info = {
+            "start_s": round(time.perf_counter() - start, 1),
+            "command": cmd,
+            "log": str(log_path),
+        }
+        with contextlib.suppress(OSError, ValueError):
+            info["version"] = get_json(f"{base}/version").get("version")
+        print(f"  vllm {info.get('version', '?')}: healthy after {info['start_s']} s", flush=True)
+
+        async def main():
+            timeout = aiohttp.ClientTimeout(total=600)
+            connector = aiohttp.TCPConnector(limit=0)
+            async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+
+                async def send(prompt: list[int], new_tokens: int) -> Stream:
+                    body = {
+                        "model": "bench",
+                        "prompt": prompt,
+                        "max_tokens": new_tokens,
+                        "temperature": 0,
+                        "ignore_eos": True,
+                        "stream": True,
+                        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+                    }
+                    s, seen = Stream(), 0
+                    async with session.post(f"{base}/v1/completions", json=body) as resp:
+                        if resp.status != 200:
+                            raise RuntimeError(f"vLLM {resp.status}: {await resp.text()}")
+                        async for raw in resp.content:  # server-sent events, one per line
+                            line = raw.strip()
+                            if not line.startswith(b"data:"):
+                                continue
+                            data = line[5:].strip()
+                            if data == b"[DONE]":
+                                break
+                            chunk = json.loads(data)
+                            usage = chunk.get("usage") or {}
+                            if "completion_tokens" in usage:  # cumulative
+                                s.got(usage["completion_tokens"] - seen)
+                                seen = usage["completion_tokens"]
+                            elif chunk.get("choices"):
+                                s.got(1)
+                                seen += 1
+                    return s
+
+                return await run_levels(send, work, "vllm")
+
+        return {**info, "levels": asyncio.run(main())}
+    finally:
+        stop_process(proc)

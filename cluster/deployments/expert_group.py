@@ -1,0 +1,199 @@
+"""The ExpertGroup-g deployment: one expert group's replica (its experts of every MoE layer),
+and the worker actor that holds the weights with the "actor" transport."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any, cast
+
+import ray
+from ray import serve
+from ray.actor import ActorClass
+from ray.serve.handle import DeploymentHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from cluster.config import ClusterConfig
+from cluster.cpus import node_cpus
+from cluster.deployments.resources import actor_options, device_for
+from cluster.deployments.threads import Every, off_loop
+
+if TYPE_CHECKING:
+    from replicas.experts.expert_group import ExpertGroup
+
+_serve_log = logging.getLogger("ray.serve")  # shown in each replica's log and the dashboard
+
+
+@serve.deployment(name="ExpertGroup")
+class ExpertGroupDeployment:
+    """Replica of expert group ``group``: its experts of every MoE layer, nothing else.
+
+    With the "actor" transport the experts live in a named worker actor this replica starts
+    (and takes down with it); attention replicas call the worker directly. The replica's own
+    ``forward`` also works (through the worker), so Serve handles reach the group either way."""
+
+    def __init__(self, config: ClusterConfig, group: int, balancer: DeploymentHandle | None = None):
+        placement = config.placement(config.read_model_config().num_experts)
+        e = config.experts
+        version, holdings = 0, placement.groups[group]
+        if balancer is not None:  # a replica started after a rebalance loads the current map
+            version, holdings = off_loop(
+                lambda: balancer.initial_holdings.remote(group).result(timeout_s=60)
+            )
+        args = (
+            config.model_path,
+            group,
+            holdings,
+            config.dtype,
+            device_for(e.num_gpus),
+            e.num_threads or node_cpus(),
+            e.load_window_s,
+            version,
+            config.kernels,
+        )
+        ctx = serve.get_replica_context()
+        self.replica, self.group_id = ctx.replica_id.unique_id, group
+        self.worker: Any = None  # the worker actor's handle ("actor" transport)
+        self.group: ExpertGroup | None = None  # the experts themselves ("serve" transport)
+        if e.transport == "actor":
+            from cluster.deployments.expert_transport import WORKER_NAMESPACE, worker_name
+
+            name = worker_name(ctx.app_name, group, ctx.replica_id.unique_id)
+            strategy = NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=True
+            )
+            self.worker = (
+                cast(ActorClass, ExpertWorker)
+                .options(
+                    name=name,
+                    namespace=WORKER_NAMESPACE,
+                    scheduling_strategy=strategy,
+                    **worker_options(config),
+                )
+                .remote(*args)
+            )
+            ray.get(self.worker.ready.remote())
+        else:
+            self.group = _load_group(*args)
+        self.balancer = balancer
+        self.reporter = None
+        _serve_log.info("expert group %d kernels: %s", group, self.stats().kernels)
+        if balancer is not None:
+            self.reporter = Every(e.balancer.report_interval_s, self._report).start()
+        from cluster.ops.metrics import ExpertMetrics
+
+        self.metrics = ExpertMetrics(group, self.replica)
+        self.metrics_loop = Every(
+            config.metrics_interval_s, lambda: self.metrics.update(self.stats())
+        ).start()
+
+    def _report(self) -> None:
+        """Tell the balancer this replica's load; do what it answers (load or drop experts)."""
+        balancer = self.balancer
+        if balancer is None:  # reports run only with a balancer
+            return
+        stats = self.stats()
+        counts = dict(zip(stats.layers, stats.window_counts, strict=True))
+        todo = balancer.expert_report.remote(
+            self.replica, self.group_id, stats.map_version, counts
+        ).result(timeout_s=30)
+        args = (todo.holdings, todo.version, todo.commit)
+        if self.worker is not None:
+            ray.get(self.worker.follow.remote(*args))
+        else:
+            self._group().follow(*args)
+
+    def _group(self) -> ExpertGroup:
+        """The experts held in this process (the "serve" transport)."""
+        if self.group is None:
+            raise RuntimeError("this replica's experts live in its worker actor")
+        return self.group
+
+    def forward(self, layer: int, x, topk_ids):
+        """Packed tensors in and out (cluster.deployments.expert_transport.pack)."""
+        if self.worker is not None:
+            return ray.get(self.worker.forward.remote(layer, x, topk_ids))
+        return _forward_packed(self._group(), layer, x, topk_ids)
+
+    def stats(self):
+        return (
+            ray.get(self.worker.stats.remote())
+            if self.worker is not None
+            else self._group().stats()
+        )
+
+    async def check_health(self) -> None:
+        """Serve's health check: the worker holding this replica's experts answers (a dead one
+        raises at once, a hung one past Serve's health-check timeout), so Serve replaces a
+        replica whose worker is gone; the replacement starts a worker with its experts."""
+        if self.worker is not None:
+            await self.worker.ready.remote()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What this group's autoscaling policy reads
+        (cluster.ops.autoscaling.ExpertGroupPolicy)."""
+        if self.worker is not None:
+            stats = await self.worker.stats.remote()
+        else:
+            stats = self._group().stats()
+        return {"tokens_per_s": stats.tokens_per_s, "busy": stats.busy}
+
+
+def worker_options(config: ClusterConfig) -> dict:
+    """Resources of an expert replica's worker actor ("actor" transport): the group's CPUs,
+    GPUs and custom resources (the Serve replica itself then reserves none)."""
+    e = config.experts
+    return actor_options(e.num_cpus, e.num_gpus, e.resources)
+
+
+def _load_group(path, group, expert_ids, dtype, device, num_threads, window_s, version, kernels):
+    from replicas.experts.expert_group import ExpertGroup  # torch: only in expert processes
+
+    return ExpertGroup(
+        path,
+        group,
+        expert_ids,
+        dtype=dtype,
+        device=device,
+        num_threads=num_threads,
+        window_s=window_s,
+        map_version=version,
+        kernels=kernels,
+    )
+
+
+def _forward_packed(group, layer, x, topk_ids):
+    from cluster.deployments.expert_transport import pack, unpack
+
+    slots, y = group.forward(layer, unpack(x), unpack(topk_ids))
+    return pack(slots), pack(y)
+
+
+@ray.remote(concurrency_groups={"probe": 1})  # type: ignore[call-overload]  # Ray's overloads omit it
+class ExpertWorker:
+    """The process that holds an expert group replica's weights ("actor" transport). Its
+    layer calls run one at a time; ``ready`` runs beside them (its own concurrency group), so
+    a worker busy with long calls still answers health checks and probes, a hung one not."""
+
+    def __init__(self, *args):
+        self.group = _load_group(*args)
+
+    @ray.method(concurrency_group="probe")
+    def ready(self) -> bool:
+        return True
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def forward(self, layer: int, x, topk_ids):
+        return _forward_packed(self.group, layer, x, topk_ids)
+
+    def stats(self):
+        return self.group.stats()
+
+    def follow(self, holdings, version: int, commit: bool) -> None:
+        self.group.follow(holdings, version, commit)
+
+
+def expert_group_name(group: int) -> str:
+    return f"ExpertGroup-{group}"

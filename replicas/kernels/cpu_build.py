@@ -1,0 +1,205 @@
+"""Building and loading our C kernels (csrc/ beside this file): each library is compiled with the
+system C compiler (``$CC``, else ``cc``) into ``$EXAONE_KERNEL_CACHE`` (default
+``~/.cache/exaone-cluster/kernels``), under a name that hashes the source and flags, so a changed
+source is rebuilt and concurrent builders do not collide. A library that cannot run here (the CPU
+lacks the instructions, no compiler works, or ``EXAONE_CPU_KERNELS=0``) keeps the first reason.
+The calls themselves are ``replicas.kernels.cpu``'s.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).with_name("csrc")
+# -ffp-contract=off: no fused multiply-adds where the C says multiply, round, add (the kernels
+# reproduce PyTorch's roundings; moe_layer_decode_bf16's combine is bit for bit weighted_sum's).
+BASE_FLAGS = [
+    "-O3",
+    "-mavx512f",
+    "-mavx512bf16",
+    "-ffp-contract=off",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+]
+P, I32 = ctypes.c_void_p, ctypes.c_int
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "exaone-cluster" / "kernels"
+    return Path(os.environ.get("EXAONE_KERNEL_CACHE", default))
+
+
+def build(name: str, sources: list[Path], flags: list[str]) -> Path:
+    """Compile ``sources`` into the shared library ``name`` if needed -> its path. Raises
+    RuntimeError with the compiler's message when it fails."""
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler: {compiler!r} is not on PATH (set $CC)")
+    text = b"".join(p.read_bytes() for p in [*sources, *sorted(CSRC.glob("*.h"))])
+    tag = hashlib.sha256(text + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"lib{name}_{tag}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        partial = Path(tmp) / target.name
+        proc = subprocess.run(
+            [compiler, *flags, f"-I{CSRC}", *map(str, sources), "-o", str(partial), "-lm"],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {name}: {proc.stderr.strip()[-500:]}")
+        os.replace(partial, target)  # atomic: a concurrent builder sees all or nothing
+    return target
+
+
+class Library:
+    """One kernel library: built and loaded once, on first use, or the reason it cannot be."""
+
+    def __init__(
+        self,
+        name: str,
+        sources: list[str],
+        flags: list[str],
+        cpu_check: Callable[[], str | None],
+        declare: Callable[[ctypes.CDLL], str | None],
+    ):
+        self.name, self.sources, self.flags = name, [CSRC / s for s in sources], flags
+        self.cpu_check, self.declare = cpu_check, declare
+        self.lib: ctypes.CDLL | None = None
+        self.reason: str | None = None
+        self.lock = threading.Lock()
+
+    def load(self) -> ctypes.CDLL | None:
+        if self.lib is not None:  # the hot path: once per MoE layer and step
+            return self.lib
+        with self.lock:
+            if self.lib is not None or self.reason is not None:
+                return self.lib
+            if os.environ.get("EXAONE_CPU_KERNELS", "1") == "0":
+                self.reason = "disabled by EXAONE_CPU_KERNELS=0"
+            elif (reason := self.cpu_check()) is not None:
+                self.reason = reason
+            else:
+                try:
+                    lib = ctypes.CDLL(str(build(self.name, self.sources, self.flags)))
+                except (OSError, RuntimeError) as e:
+                    self.reason = str(e)
+                else:
+                    self.reason = self.declare(lib)
+                    self.lib = lib if self.reason is None else None
+            return self.lib
+
+    def require(self) -> ctypes.CDLL:
+        lib = self.load()
+        if lib is None:
+            raise RuntimeError(f"CPU kernels {self.name} unavailable: {self.reason}")
+        return lib
+
+
+def _avx512_bf16() -> str | None:
+    return None if torch.cpu._is_avx512_bf16_supported() else "this CPU has no AVX512-BF16"
+
+
+def _declare_bf16(lib: ctypes.CDLL) -> str | None:
+    lib.moe_experts_bf16.argtypes = [P, P, I32, I32, I32, P, P, P, P, I32]
+    lib.moe_experts_bf16.restype = None
+    lib.decode_attention_bf16.argtypes = [
+        P,
+        P,
+        P,
+        P,
+        I32,
+        P,
+        P,
+        P,
+        I32,
+        I32,
+        I32,
+        I32,
+        ctypes.c_float,
+        P,
+        P,
+        I32,
+    ]
+    lib.decode_attention_bf16.restype = None
+    lib.linear_bf16.argtypes = [P, I32, I32, I32, P, P, I32]
+    lib.linear_bf16.restype = None
+    lib.moe_layer_decode_bf16.argtypes = [
+        P,
+        I32,
+        I32,
+        I32,
+        I32,
+        P,
+        P,
+        P,
+        I32,
+        I32,
+        I32,
+        P,
+        P,
+        P,
+        P,
+        P,
+        P,
+        P,
+        P,
+        I32,
+    ]
+    lib.moe_layer_decode_bf16.restype = I32
+    lib.rms_norm_bf16.argtypes = [P, I32, I32, ctypes.c_int64, P, ctypes.c_float, P]
+    lib.rms_norm_bf16.restype = None
+    lib.qk_norm_rope_bf16.argtypes = [
+        P,
+        I32,
+        ctypes.c_int64,
+        I32,
+        I32,
+        I32,
+        P,
+        P,
+        ctypes.c_float,
+        P,
+        P,
+        P,
+        P,
+    ]
+    lib.qk_norm_rope_bf16.restype = None
+    return None
+
+
+def _declare_amx(lib: ctypes.CDLL) -> str | None:
+    lib.moe_amx_init.restype = I32
+    lib.moe_amx_init.argtypes = []
+    code = lib.moe_amx_init()  # asks Linux for the tile state (once per process)
+    if code != 0:
+        return {-2: "this CPU has no AMX-BF16"}.get(code, f"AMX refused by the OS (code {code})")
+    lib.moe_experts_amx.argtypes = [P, P, P, P, I32, I32, I32, P, P, P, P, P, I32]
+    lib.moe_experts_amx.restype = None
+    lib.linear_amx.argtypes = [P, ctypes.c_int64, I32, I32, P, P, P, I32]
+    lib.linear_amx.restype = None
+    return None
+
+
+_BF16_SOURCES = ["moe_bf16.c", "decode_attention.c", "linear_bf16.c", "decode_ops.c"]
+BF16_LIBRARY = Library("exaone_avx512", _BF16_SOURCES, BASE_FLAGS, _avx512_bf16, _declare_bf16)
+AMX_LIBRARY = Library(
+    "exaone_amx",
+    ["moe_amx.c"],
+    [*BASE_FLAGS, "-mamx-tile", "-mamx-bf16"],
+    _avx512_bf16,
+    _declare_amx,
+)

@@ -1,0 +1,231 @@
+"""EXAONE-MoE's building blocks: RMSNorm, RoPE, the bf16-aware Linear, the SwiGLU MLP and the
+attention layer (sliding with RoPE, or global without). Terms and shape letters are
+``replicas.model.exaone_moe``'s glossary."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from replicas.kernels import cpu as cpu_kernels
+from replicas.kernels.gemm_rows import pad_rows, padded_rows, pads_rows
+from replicas.model.config import SLIDING, ModelConfig
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class AttentionBackend(Protocol):
+    def attend_fn(self, layer: int) -> Attend: ...
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+FUSED_DECODE_MAX_ROWS = 64
+"""bf16 RMSNorm, QK-norm and RoPE on CPU run our fused kernels (csrc/decode_ops.c) up to this
+many rows, the decode steps whose time goes to PyTorch's dispatch of many tiny operations.
+Measured on 2 cores, one thread, bundled model: an RMSNorm of one row took ~35 us in PyTorch (7
+operations), ~4 us fused. Longer prefills keep PyTorch's operations (and transformers'
+numerics bit for bit)."""
+
+
+def fused_decode_op(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return False
+    return x.numel() <= FUSED_DECODE_MAX_ROWS * x.shape[-1] and cpu_kernels.available()
+
+
+class RMSNorm(nn.Module):
+    """Variance in fp32, cast back to the input dtype, then times the weight (as transformers)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
+        if fused_decode_op(x, self.weight):
+            flat = x.reshape(-1, x.shape[-1])  # [R, dim]
+            return cpu_kernels.rms_norm_bf16(flat, self.weight, self.eps).view(x.shape)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Default (NeoX, rotate-half) RoPE tables for absolute positions. [T] -> 2 x [T, D]."""
+    inv_freq = 1.0 / (
+        theta
+        ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim)
+    )  # [D/2] fp32
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+    emb = torch.cat((angles, angles), dim=-1)  # [T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [..., T, heads, D]; cos/sin: [T, D] broadcast over heads."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def attention_mask(num_tokens: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Boolean [T, T], True where query i may attend key j: j <= i and (i - j < window)."""
+    i = torch.arange(num_tokens, device=device)[:, None]
+    j = torch.arange(num_tokens, device=device)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed &= (i - j) < window
+    return allowed
+
+
+AMX_LINEAR_MAX_ROWS = 512  # rows up to which bf16 Linear runs our AMX kernel, not oneDNN
+# Without AMX, rows up to which bf16 Linear runs our AVX512-BF16 kernel (csrc/linear_bf16.c).
+# Measured on 2 cores (AMD Zen 4), us per call summed over the bundled model's 7 projection
+# shapes, ours vs oneDNN: one thread, 1 row 58 vs 220, 8 rows 212 vs 285, 16 rows 360 vs 391,
+# 32 rows 754 vs 652; two threads, 16 rows 224 vs 470. The small preset's 5 shapes (cold
+# weights), one thread: 1 row 1428 vs 3794 us, 16 rows 5466 vs 6554, 32 rows 8434 vs 7670.
+AVX512_LINEAR_MAX_ROWS = 16
+
+
+class Linear(nn.Linear):
+    """nn.Linear, same weights and state-dict names, with three CPU half-precision speed-ups:
+    - bf16 with up to AMX_LINEAR_MAX_ROWS rows runs ``cpu_kernels.linear_amx`` where the CPU
+      has AMX. Measured on 2 cores (small preset's 5 projections of one layer, 33 MB): 1 row
+      2.6 vs 4.8 ms for oneDNN, 64 rows 5.2 vs 9.8, 512 rows 28 vs 36, 2048 rows 179 vs 138.
+    - else bf16 with up to AVX512_LINEAR_MAX_ROWS rows runs ``cpu_kernels.linear_bf16`` where
+      the CPU has AVX512-BF16 (oneDNN's fixed cost per call dominates decode of small models).
+    - otherwise row counts are padded (replicas.kernels.gemm_rows), so oneDNN compiles far fewer
+      kernels in serving."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if self._kernel_rows() is None:
+            return super().forward(x)
+        flat = x.reshape(-1, x.shape[-1])  # [M, in]
+        rows = flat.shape[0]
+        if self._use_amx(flat):
+            out = cpu_kernels.linear_amx(flat.contiguous(), self.weight)
+        elif self._use_avx512(flat):
+            out = cpu_kernels.linear_bf16(flat.contiguous(), self.weight)
+        else:
+            out = F.linear(pad_rows(flat, padded_rows(rows)), self.weight, self.bias)[:rows]
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _kernel_rows(self) -> tuple[int, int] | None:
+        """None for a plain nn.Linear (not half precision on CPU), else the row counts up to
+        which linear_amx and linear_bf16 can run on this weight (0: not at all). Worked out
+        once per weight tensor: decode calls it hundreds of times a step."""
+        w = self.weight
+        key = (w.data_ptr(), w.dtype)  # a new device or dtype is new storage
+        if self.__dict__.get("_plan_key") != key:
+            self.__dict__["_plan_key"], self.__dict__["_plan"] = key, self._plan_rows()
+        return self.__dict__["_plan"]
+
+    def _plan_rows(self) -> tuple[int, int] | None:
+        w = self.weight
+        if not pads_rows(w):
+            return None
+        bf16 = w.dtype == torch.bfloat16 and self.bias is None and w.is_contiguous()
+        amx = bf16 and w.shape[1] % 32 == 0 and w.shape[0] % 16 == 0 and cpu_kernels.amx_available()
+        avx512 = bf16 and cpu_kernels.available()
+        return (AMX_LINEAR_MAX_ROWS if amx else 0, AVX512_LINEAR_MAX_ROWS if avx512 else 0)
+
+    def _use_avx512(self, flat: torch.Tensor) -> bool:
+        plan = self._kernel_rows()
+        return plan is not None and flat.dtype is self.weight.dtype and 0 < flat.shape[0] <= plan[1]
+
+    def _use_amx(self, flat: torch.Tensor) -> bool:
+        plan = self._kernel_rows()
+        return plan is not None and flat.dtype is self.weight.dtype and 0 < flat.shape[0] <= plan[0]
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); gate and up are one fused [2I, H] matmul (gate rows first)."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.inter = inter
+        self.gate_up_proj = Linear(hidden, 2 * inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)  # 2 x [..., I]
+        return self.down_proj(F.silu(gate) * up)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention
+# ------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """GQA attention with per-head QK-norm; RoPE only on sliding layers (global layers are NoPE)."""
+
+    def __init__(self, cfg: ModelConfig, layer_type: str, use_rope: bool):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.window = cfg.sliding_window if layer_type == SLIDING else None
+        self.use_rope = use_rope
+        self.scale = cfg.head_dim**-0.5
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=False)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> q [B, T, Hq, D], k and v [B, T, Hkv, D]; k is what a KV cache stores."""
+        qkv = self.qkv_proj(x)  # [B, T, q_size + 2 kv_size]
+        if x.shape[0] == 1 and fused_decode_op(qkv, self.q_norm.weight):
+            tables = (cos, sin) if self.use_rope else (None, None)
+            q, k = cpu_kernels.qk_norm_rope_bf16(
+                qkv[0],
+                self.num_heads,
+                self.num_kv_heads,
+                self.q_norm.weight,
+                self.k_norm.weight,
+                self.q_norm.eps,
+                *tables,
+            )  # [N, Hq, D], [N, Hkv, D]
+            v = qkv[..., self.q_size + self.kv_size :].unflatten(-1, (self.num_kv_heads, -1))
+            return q[None], k[None], v
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim)))  # [B, T, Hq, D]
+        k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim)))  # [B, T, Hkv, D]
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))  # [B, T, Hkv, D]
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend | None = None
+    ) -> torch.Tensor:
+        """Without ``attend``: causal (or sliding-window) self-attention over whole sequences,
+        x [B, T, H]. With ``attend`` (a KV-cache backend): x is [N, H], the flattened new tokens
+        of a step, and ``attend(q [N, Hq, D], k, v [N, Hkv, D]) -> [N, Hq, D]`` stores k/v and
+        attends over each sequence's cached context plus its new tokens."""
+        if attend is not None:
+            q, k, v = self.project(x[None], cos, sin)  # [1, N, heads, D]
+            return self.o_proj(attend(q[0], k[0], v[0]).flatten(1))  # [N, H]
+        q, k, v = self.project(x, cos, sin)
+        mask = attention_mask(x.shape[1], self.window, x.device)  # [T, T]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),  # [B, Hq, T, D]
+            k.transpose(1, 2),  # [B, Hkv, T, D]
+            v.transpose(1, 2),
+            attn_mask=mask,
+            scale=self.scale,
+            enable_gqa=True,
+        )  # [B, Hq, T, D]
+        return self.o_proj(out.transpose(1, 2).flatten(2))  # [B, T, H]

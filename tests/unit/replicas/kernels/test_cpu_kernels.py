@@ -1,0 +1,331 @@
+"""Our C MoE kernels for bf16 on CPU (replicas/kernels/csrc/moe_amx.c and moe_bf16.c via
+replicas.kernels.cpu)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from replicas.kernels import cpu as cpu_kernels
+from replicas.model import moe as moe_module
+from replicas.model.layers import AMX_LINEAR_MAX_ROWS, AVX512_LINEAR_MAX_ROWS, Linear
+from replicas.model.loader import load_causal_lm
+from replicas.model.moe import (
+    KERNEL_MAX_ROWS_PER_CACHED_EXPERT,
+    KERNEL_MAX_ROWS_PER_EXPERT,
+    RoutedExperts,
+)
+
+CAN_BUILD = torch.cpu._is_avx512_bf16_supported() and shutil.which("cc") is not None
+
+
+def _cpu_flags() -> set[str]:
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next(
+        (set(line.split(":")[1].split()) for line in lines if line.startswith("flags")), set()
+    )
+
+
+CAN_AMX = CAN_BUILD and {"amx_bf16", "amx_tile"} <= _cpu_flags()
+
+
+def test_available_exactly_when_the_cpu_and_a_compiler_allow():
+    """Not a skip: on machines like ours (AVX512-BF16, cc) the kernel must build and load;
+    elsewhere it must say why, and refuse to run."""
+    assert cpu_kernels.available() == CAN_BUILD, cpu_kernels.unavailable_reason()
+    if not CAN_BUILD:
+        assert cpu_kernels.unavailable_reason()
+        with pytest.raises(RuntimeError, match="unavailable"):
+            cpu_kernels.moe_experts_bf16(
+                torch.zeros(1, 32, dtype=torch.bfloat16),
+                torch.tensor([0, 1]),
+                torch.zeros(1, 64, 32, dtype=torch.bfloat16),
+                torch.zeros(1, 32, 32, dtype=torch.bfloat16),
+            )
+
+
+def test_amx_available_exactly_when_the_cpu_and_a_compiler_allow():
+    """Not a skip either: /proc/cpuinfo's amx flags decide what must happen."""
+    assert cpu_kernels.amx_available() == CAN_AMX, cpu_kernels.amx_unavailable_reason()
+    if not CAN_AMX:
+        assert cpu_kernels.amx_unavailable_reason()
+        with pytest.raises(RuntimeError, match="unavailable"):
+            cpu_kernels.moe_experts_amx(
+                torch.zeros(1, 32, dtype=torch.bfloat16),
+                torch.tensor([0]),
+                torch.tensor([0, 1]),
+                torch.zeros(1, 64, 32, dtype=torch.bfloat16),
+                torch.zeros(1, 32, 32, dtype=torch.bfloat16),
+            )
+
+
+def _torch_experts(h, offsets, w13, w2):
+    inter = w13.shape[1] // 2
+    out = []
+    for e in range(w13.shape[0]):
+        rows = h[offsets[e] : offsets[e + 1]]
+        gate, up = F.linear(rows, w13[e]).split(inter, dim=-1)
+        out.append(F.linear(F.silu(gate) * up, w2[e]))
+    return torch.cat(out)
+
+
+def _random_experts(counts: torch.Tensor, hidden: int, inter: int):
+    """-> w13 [E, 2I, H], w2 [E, H, I] bf16 and offsets [E + 1] for these row counts."""
+    w13 = (torch.randn(len(counts), 2 * inter, hidden) * 0.1).bfloat16()
+    w2 = (torch.randn(len(counts), hidden, inter) * 0.1).bfloat16()
+    return w13, w2, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+
+
+def _assert_experts_close(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """bf16 rounding of intermediates and summation order only -> the output scale."""
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    scale = want.float().abs().max()
+    diff = (got.float() - want.float()).abs()
+    assert diff.max() <= 0.02 * scale
+    assert diff.mean() <= 0.002 * scale
+    return scale
+
+
+needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="covered by the availability test")
+
+
+@needs_kernel
+@pytest.mark.parametrize("hidden,inter", [(64, 32), (48, 40), (1024, 256)])
+def test_kernel_matches_pytorch_bf16(hidden, inter):
+    """Odd sizes run the tails (dims not multiples of 32, row counts not multiples of 4, an
+    odd output feature count, experts without rows)."""
+    counts = torch.tensor([0, 3, 5, 1, 0, 9, 4, 2, 13])
+    w13, w2, offsets = _random_experts(counts, hidden, inter)
+    h = torch.randn(int(counts.sum()), hidden).bfloat16()
+    got = cpu_kernels.moe_experts_bf16(h, offsets, w13, w2)
+    _assert_experts_close(got, _torch_experts(h, offsets, w13, w2))
+
+
+needs_amx = pytest.mark.skipif(not CAN_AMX, reason="covered by the availability test")
+
+
+@needs_amx
+@pytest.mark.parametrize("hidden,inter", [(64, 32), (96, 64), (1024, 256)])
+def test_amx_kernel_matches_pytorch_bf16(hidden, inter):
+    """Experts with 0, 1, 15, 16, 17, 33 and 40 rows (partial, whole and several 16-row
+    blocks), tokens gathered in any order and repeated."""
+    counts = torch.tensor([0, 3, 17, 1, 0, 40, 16, 15, 33])
+    w13, w2, offsets = _random_experts(counts, hidden, inter)
+    x = torch.randn(50, hidden).bfloat16()
+    tokens = torch.randint(0, x.shape[0], (int(counts.sum()),))
+    got = cpu_kernels.moe_experts_amx(x, tokens, offsets, w13, w2)
+    scale = _assert_experts_close(got, _torch_experts(x[tokens], offsets, w13, w2))
+    if CAN_BUILD:  # same roundings as the AVX512 kernel: only fp32 summation order differs
+        other = cpu_kernels.moe_experts_bf16(x[tokens], offsets, w13, w2)
+        assert (got.float() - other.float()).abs().max() <= 0.01 * scale
+
+
+@needs_kernel
+def test_expert_kernels_check_their_inputs():
+    w13 = torch.zeros(2, 64, 32, dtype=torch.bfloat16)
+    w2 = torch.zeros(2, 32, 32, dtype=torch.bfloat16)
+    h = x = torch.zeros(3, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="offsets"):
+        cpu_kernels.moe_experts_bf16(h, torch.tensor([0, 1, 2]), w13, w2)  # 2 rows, not 3
+    with pytest.raises(ValueError, match="bf16"):
+        cpu_kernels.moe_experts_bf16(h.float(), torch.tensor([0, 1, 3]), w13, w2)
+    with pytest.raises(ValueError, match="shapes"):
+        cpu_kernels.moe_experts_bf16(
+            torch.zeros(3, 16, dtype=torch.bfloat16), torch.tensor([0, 1, 3]), w13, w2
+        )
+    if not CAN_AMX:
+        return
+    with pytest.raises(ValueError, match="offsets"):
+        cpu_kernels.moe_experts_amx(x, torch.arange(3), torch.tensor([0, 1, 2]), w13, w2)
+    with pytest.raises(ValueError, match="index the 3 rows"):
+        cpu_kernels.moe_experts_amx(x, torch.tensor([0, 3]), torch.tensor([0, 1, 2]), w13, w2)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        cpu_kernels.moe_experts_amx(
+            torch.zeros(3, 48, dtype=torch.bfloat16),
+            torch.arange(3),
+            torch.tensor([0, 1, 3]),
+            torch.zeros(2, 64, 48, dtype=torch.bfloat16),
+            torch.zeros(2, 48, 32, dtype=torch.bfloat16),
+        )
+
+
+@needs_kernel
+def test_routed_experts_pick_the_kernel_by_rows_per_expert(make_ckpt, monkeypatch):
+    """1 row per expert: the AVX512 kernel; 8 and 48: AMX where the CPU has it, else the AVX512
+    kernel up to kernel_max_rows() (24 for these small, cache-resident experts, 12 for larger
+    ones) and PyTorch beyond. Every result matches the PyTorch path."""
+    ckpt = make_ckpt(dtype="bfloat16")
+    model = load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False)
+    experts = model.model.layers[str(model.cfg.moe_layers[0])].mlp.experts
+    assert isinstance(experts, RoutedExperts)
+    e, k = model.cfg.num_experts, model.cfg.num_experts_per_tok
+    calls = []
+
+    def counting(name: str):
+        kernel = getattr(cpu_kernels, name)
+
+        def call(*args):
+            calls.append(name)
+            return kernel(*args)
+
+        return call
+
+    for name in ("moe_experts_bf16", "moe_experts_amx"):
+        monkeypatch.setattr(cpu_kernels, name, counting(name))
+
+    def run(rows_per_expert: int) -> list[str]:  # the kernels called
+        tokens = rows_per_expert * e // k
+        topk = (torch.arange(tokens)[:, None] * k + torch.arange(k)) % e  # [T, k], even load
+        x = torch.randn(tokens, model.cfg.hidden_size).bfloat16()
+        slots, y = experts.compute(x, topk)
+        with monkeypatch.context() as m:
+            m.setattr(cpu_kernels, "available", lambda: False)
+            m.setattr(cpu_kernels, "amx_available", lambda: False)
+            plain_slots, plain_y = experts.compute(x, topk)
+        assert torch.equal(slots, plain_slots)
+        scale = plain_y.float().abs().max()
+        assert (y.float() - plain_y.float()).abs().max() <= 0.02 * scale
+        used = list(calls)
+        calls.clear()
+        return used
+
+    assert experts.kernel_max_rows() == KERNEL_MAX_ROWS_PER_CACHED_EXPERT == 24
+    if CAN_AMX:
+        assert [run(n) for n in (1, 8, 48)] == [["moe_experts_bf16"]] + [["moe_experts_amx"]] * 2
+    monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
+    assert [run(n) for n in (1, 8, 24, 48)] == [["moe_experts_bf16"]] * 3 + [[]]
+    # Experts past CACHE_RESIDENT_EXPERT_BYTES keep the lower limit: 24 rows go to PyTorch.
+    monkeypatch.setattr(moe_module, "CACHE_RESIDENT_EXPERT_BYTES", 1024)
+    assert experts.kernel_max_rows() == KERNEL_MAX_ROWS_PER_EXPERT < 24
+    assert [run(n) for n in (8, 24)] == [["moe_experts_bf16"], []]
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 17, 64])
+def test_amx_linear_matches_pytorch_bf16(rows):
+    x = torch.randn(rows, 96).bfloat16()
+    w = (torch.randn(48, 96) * 0.1).bfloat16()
+    got, want = cpu_kernels.linear_amx(x, w), F.linear(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    scale = want.float().abs().max()
+    assert (got.float() - want.float()).abs().max() <= 0.01 * scale  # fp32 sum order only
+    with pytest.raises(ValueError, match="multiples of 32"):
+        cpu_kernels.linear_amx(torch.zeros(2, 40).bfloat16(), torch.zeros(48, 40).bfloat16())
+    with pytest.raises(ValueError, match="bf16"):
+        cpu_kernels.linear_amx(x.float(), w)
+
+
+def test_linear_runs_amx_for_bf16_up_to_its_row_limit(monkeypatch):
+    """bf16 Linear calls the AMX kernel for 1..AMX_LINEAR_MAX_ROWS rows where it can run, and
+    oneDNN beyond; fp32 never; results match F.linear either way."""
+    calls = []
+    kernel = cpu_kernels.linear_amx
+    monkeypatch.setattr(
+        cpu_kernels, "linear_amx", lambda x, w: calls.append(x.shape[0]) or kernel(x, w)
+    )
+    layer = Linear(64, 32, bias=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        layer.to(dtype)
+        for rows in (1, 5, AMX_LINEAR_MAX_ROWS, AMX_LINEAR_MAX_ROWS + 1):
+            x = torch.randn(rows, 64).to(dtype)
+            want = F.linear(x, layer.weight)
+            got = layer(x[None])[0]  # leading dims are kept
+            assert got.shape == want.shape
+            assert (got.float() - want.float()).abs().max() <= 0.01 * want.float().abs().max()
+    assert calls == ([1, 5, AMX_LINEAR_MAX_ROWS] if CAN_AMX else [])
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 16, 17])
+@pytest.mark.parametrize("k,n", [(96, 48), (72, 45), (256, 1), (32, 7), (1040, 520)])
+def test_avx512_linear_equals_exact_products(rows, k, n):
+    """Small integers: every product and partial sum is exact in fp32, so the kernel's result
+    must equal the exact one bit for bit, whatever its order of sums (k=72: a tail past the
+    32-wide steps; n=45, 7, 1: features left over past the 4-wide tiles and 32-wide work items;
+    rows up to 4 stream each weight row alone, more read tiles)."""
+    g = torch.Generator().manual_seed(rows * 1000 + k + n)
+    x = torch.randint(-8, 9, (rows, k), generator=g).bfloat16()
+    w = torch.randint(-8, 9, (n, k), generator=g).bfloat16()
+    got = cpu_kernels.linear_bf16(x, w)
+    want = (x.double() @ w.double().T).bfloat16()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    noisy = torch.randn(rows, k, generator=g).bfloat16()
+    scale = F.linear(noisy, w).float().abs().max()
+    diff = (cpu_kernels.linear_bf16(noisy, w).float() - F.linear(noisy, w).float()).abs().max()
+    assert diff <= 0.01 * scale  # vs oneDNN: the fp32 order of sums only
+    with pytest.raises(ValueError, match="inner sizes"):
+        cpu_kernels.linear_bf16(x, w[:, :-1].contiguous())
+    with pytest.raises(ValueError, match="bf16"):
+        cpu_kernels.linear_bf16(x.float(), w)
+
+
+def test_linear_runs_the_avx512_kernel_for_few_bf16_rows(monkeypatch):
+    """Without AMX, bf16 Linear calls the AVX512-BF16 kernel for 1..AVX512_LINEAR_MAX_ROWS
+    rows, oneDNN beyond; never for fp32 or with a bias."""
+    calls = []
+    kernel = cpu_kernels.linear_bf16
+    monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
+    monkeypatch.setattr(
+        cpu_kernels, "linear_bf16", lambda x, w: calls.append(x.shape[0]) or kernel(x, w)
+    )
+    for bias, dtype in ((False, torch.float32), (True, torch.bfloat16), (False, torch.bfloat16)):
+        layer = Linear(64, 32, bias=bias).to(dtype)
+        for rows in (1, AVX512_LINEAR_MAX_ROWS, AVX512_LINEAR_MAX_ROWS + 1):
+            x = torch.randn(rows, 64).to(dtype)
+            want = F.linear(x, layer.weight, layer.bias)
+            got = layer(x)
+            assert (got.float() - want.float()).abs().max() <= 0.01 * want.float().abs().max()
+    assert calls == ([1, AVX512_LINEAR_MAX_ROWS] if CAN_BUILD else [])
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv_heads,dim,extra", [(16, 2, 128, True), (4, 4, 32, False)])
+def test_decode_attention_matches_sdpa(heads, kv_heads, dim, extra):
+    """Keys read in place at scattered pool rows, some masked out, plus (sliding layers) the
+    decoded token's own key; against fp32 SDPA over the gathered keys."""
+    batch, pool_rows, num_rows = 5, 300, 37
+    q = torch.randn(batch, heads, dim).bfloat16()
+    k_pool, v_pool = (torch.randn(pool_rows, kv_heads, dim).bfloat16() for _ in range(2))
+    rows = torch.randint(0, pool_rows, (batch, num_rows))
+    valid = torch.rand(batch, num_rows + extra) < 0.7
+    valid[:, -1] = True  # every query attends at least one key
+    k_extra, v_extra = (torch.randn(batch, kv_heads, dim).bfloat16() for _ in range(2))
+    keys, values = k_pool[rows], v_pool[rows]  # [B, R, Hkv, D]
+    if extra:
+        keys, values = (
+            torch.cat([keys, k_extra[:, None]], 1),
+            torch.cat([values, v_extra[:, None]], 1),
+        )
+    want = F.scaled_dot_product_attention(
+        q[:, :, None].float(),
+        keys.transpose(1, 2).float(),
+        values.transpose(1, 2).float(),
+        attn_mask=valid[:, None, None],
+        scale=dim**-0.5,
+        enable_gqa=True,
+    )[:, :, 0]
+    got = cpu_kernels.decode_attention_bf16(
+        q, k_pool, v_pool, rows, valid, dim**-0.5, *((k_extra, v_extra) if extra else ())
+    )
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert (got.float() - want).abs().max() <= 0.01 * want.abs().max()  # bf16 output rounding
+
+
+@needs_kernel
+def test_decode_attention_checks_its_inputs():
+    q = torch.zeros(2, 4, 32, dtype=torch.bfloat16)
+    pool = torch.zeros(10, 2, 32, dtype=torch.bfloat16)
+    rows, valid = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="bf16"):
+        cpu_kernels.decode_attention_bf16(q.float(), pool, pool, rows, valid, 1.0)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        half = pool[..., :16].contiguous()
+        cpu_kernels.decode_attention_bf16(q[..., :16].contiguous(), half, half, rows, valid, 1.0)
+    with pytest.raises(ValueError, match="do not fit"):  # an extra key needs one more flag
+        extra = torch.zeros(2, 2, 32, dtype=torch.bfloat16)
+        cpu_kernels.decode_attention_bf16(q, pool, pool, rows, valid, 1.0, extra, extra)
