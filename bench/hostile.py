@@ -7,7 +7,7 @@ streams alone (the baseline), then the same 8 streams while, from other clients 
 - one request with a million stop token ids (refused by the count check),
 - one 64 MiB request (refused by the gRPC server before it is parsed).
 Prints each hostile request's status, the streams' TPOT p50/p99 without and with them, and the
-Router replica's resident memory before and after (issue 22's "must show"). Asserts nothing:
+Router replica's resident memory before and after. Asserts nothing:
 speed targets live here, not in tests.
 
     .venv/bin/python bench/hostile.py

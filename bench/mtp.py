@@ -10,7 +10,7 @@ process, so the ratios against k = 0 are side by side. Asserts nothing.
     .venv/bin/python bench/mtp.py --preset tiny --batch-sizes 1,8 --k 0,2   # a random model
 
 A checkpoint with random weights accepts almost no drafts, so there the figures measure what
-drafting costs when it fails; the trained bundled model (issue 7) is what shows the gain.
+drafting costs when it fails; the trained bundled model is what shows the gain.
 """
 
 from __future__ import annotations

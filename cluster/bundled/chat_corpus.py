@@ -1,4 +1,4 @@
-"""Synthetic EXAONE chats for training the bundled model (issue 7, item 5). Pure Python, seeded.
+"""Synthetic EXAONE chats for training the bundled model. Pure Python, seeded.
 
 Why synthetic: the bundled model must train offline, on any machine, in minutes on 2 cores,
 and then answer a newcomer's first Generate call with readable text in the EXAONE format. A

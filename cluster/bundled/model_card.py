@@ -1,4 +1,4 @@
-"""The bundled model's card (issue 7, item 5): evaluate a trained checkpoint on held-out chats
+"""The bundled model's card: evaluate a trained checkpoint on held-out chats
 and write ``README.md``, ``eval.json`` and ``loss.svg`` next to its weights.
 
     .venv/bin/python -m cluster.bundled.model_card MODEL_DIR [--chats 64]

@@ -1,4 +1,4 @@
-"""Train a small EXAONE-MoE, MTP head included, on the synthetic chats (issue 7, item 5).
+"""Train a small EXAONE-MoE, MTP head included, on the synthetic chats.
 
 Seeded and time-boxed on CPU; the result is an ordinary checkpoint directory in the Hugging
 Face layout (bf16 safetensors, config, tokenizer trained on the same chats, chat template):

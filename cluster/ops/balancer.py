@@ -1,4 +1,4 @@
-"""Expert load balancing (issue 8): which experts each group holds in each MoE layer, with
+"""Expert load balancing: which experts each group holds in each MoE layer, with
 redundant copies of hot experts. A pure policy in the spirit of DeepSeek's EPLB; no Ray, no torch.
 
 Given the tokens each expert served per MoE layer (``load[l][e]``) and a budget of expert slots

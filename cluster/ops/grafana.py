@@ -1,4 +1,4 @@
-"""The Grafana dashboard for Ray's Grafana integration (issue 8): latency, throughput, queues,
+"""The Grafana dashboard for Ray's Grafana integration: latency, throughput, queues,
 KV use, MTP acceptance, prefix-cache hits, expert-group load and imbalance, and a heatmap of the
 load per expert. Every query reads a metric cluster/ops/metrics.py defines (Ray prefixes ``ray_``).
 

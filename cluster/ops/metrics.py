@@ -1,4 +1,4 @@
-"""The cluster's metrics (issue 8), through ``ray.util.metrics``: Ray exports them in Prometheus
+"""The cluster's metrics, through ``ray.util.metrics``: Ray exports them in Prometheus
 format from every node's metrics agent (prefixed ``ray_``), where Ray's Grafana integration and
 our dashboard (cluster/grafana/exaone.json) read them.
 

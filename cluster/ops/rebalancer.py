@@ -1,4 +1,4 @@
-"""Live expert rebalancing (issue 8): the phases that move a running cluster from one expert map
+"""Live expert rebalancing: the phases that move a running cluster from one expert map
 to the next without failing a request. Pure state machine, driven by the replicas' reports; the
 ``ExpertBalancer`` Serve deployment (cluster/deployments/expert_balancer.py) only feeds it.
 

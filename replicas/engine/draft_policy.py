@@ -1,4 +1,4 @@
-"""How many MTP draft tokens to propose per sequence this step. Pure Python (issue 7, item 3).
+"""How many MTP draft tokens to propose per sequence this step. Pure Python.
 
 Speculation pays when the extra tokens a step verifies cost less than the tokens it saves. Per
 step, with ``B`` running sequences and ``k`` drafts each:

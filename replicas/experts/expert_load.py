@@ -1,4 +1,4 @@
-"""Tokens per expert and MoE layer over a sliding time window (issue 8): what an expert replica
+"""Tokens per expert and MoE layer over a sliding time window: what an expert replica
 reports to the balancer, the autoscaler and the metrics. Plain torch, no Ray."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ rows arrive grouped by expert, ``tokens[r]`` says which row of ``x`` grouped row
 1. gate/up + SwiGLU: ``act[r] = silu(x[t] @ w13[e, :I].T) * (x[t] @ w13[e, I:].T)``, both halves
    accumulated in fp32 in one program and combined there, so the [S, 2I] gate/up product is never
    written out (the reference rounds gate and up to the activation dtype first; see the test
-   tolerances in tests/unit/test_triton_kernels.py).
+   tolerances in tests/unit/replicas/kernels/test_triton_kernels.py).
 2. down: ``y[r] = act[r] @ w2[e].T``.
 
 A program owns BLOCK_M grouped rows of one expert and BLOCK_N output columns. Each expert's rows

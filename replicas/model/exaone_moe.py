@@ -1,7 +1,7 @@
 """EXAONE-MoE (K-EXAONE-236B-A23B and any ``exaone_moe`` checkpoint) in plain PyTorch.
 
 The math follows ``shared/docs/model-spec.md`` and is checked logit-for-logit against transformers'
-``ExaoneMoeForCausalLM`` (tests/unit/test_model_vs_hf.py).
+``ExaoneMoeForCausalLM`` (tests/unit/replicas/model/test_model_vs_hf.py).
 
 Glossary
     sliding layer   attends to itself and the previous ``W - 1`` tokens, with RoPE.

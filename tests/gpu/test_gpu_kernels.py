@@ -1,6 +1,6 @@
 """On an NVIDIA GPU: the kernels for real, at the `small` preset's sizes, and the greedy outputs of
-the `small` preset identical across kernels. tests/unit/test_triton_kernels.py runs its
-comparisons on the GPU too when there is one (and through Triton's interpreter on CPU)."""
+the `small` preset identical across kernels. tests/unit/replicas/kernels/test_triton_kernels.py
+runs its comparisons on the GPU too when there is one (and through Triton's interpreter on CPU)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Expert groups under a skewed load (issue 8), on a real local Ray cluster.
+"""Expert groups under a skewed load, on a real local Ray cluster.
 
 The checkpoint's router bias sends most tokens to experts 0 and 1, both in ExpertGroup-0. Two
 applications share the cluster:

@@ -18,7 +18,7 @@ def test_colocated_default_fits_two_cpus():
 
 
 def test_expert_groups_that_do_not_fit_name_the_resource_and_the_settings():
-    """The try from issue 21: 2 expert groups x 2 replicas on a 2-core machine."""
+    """A newcomer's first try: 2 expert groups x 2 replicas on a 2-core machine."""
     config = _config(experts={"num_groups": 2, "replicas_per_group": 2, "num_cpus": 1.0})
     problem = shortfall(config, {"CPU": 2.0})
     assert problem is not None

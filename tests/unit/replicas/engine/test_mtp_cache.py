@@ -1,4 +1,4 @@
-"""The MTP layer's KV cache and speculative positions in the hybrid cache (issue 7, item 1)."""
+"""The MTP layer's KV cache and speculative positions in the hybrid cache."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MTP self-speculative decoding in the engine: drafts, batched verification, rollback (issue 7)."""
+"""MTP self-speculative decoding in the engine: drafts, batched verification, rollback."""
 
 from __future__ import annotations
 
