@@ -403,10 +403,10 @@ class ClusterConfig(_Strict):
 
     def placement(self, num_experts: int):
         """The ExpertPlacement of ``experts`` (None in colocated mode)."""
-        e = self.experts
-        if not e.num_groups:
+        experts = self.experts
+        if not experts.num_groups:
             return None
-        return ExpertPlacement.of(num_experts, e.num_groups, e.expert_map)
+        return ExpertPlacement.of(num_experts, experts.num_groups, experts.expert_map)
 
     def read_model_config(self) -> ModelConfig:
         """The checkpoint's model configuration (its config.json)."""

@@ -154,8 +154,8 @@ class Completion:
             self.reasoning += d.reasoning
             self.content += d.content
             self.tool_calls += [_as_dict(c) for c in d.tool_calls]
-            self.tool_call_errors += [_as_dict(e) for e in d.tool_call_errors]
-            self.logprobs += [_as_dict(e) for e in d.logprobs]
+            self.tool_call_errors += [_as_dict(bad) for bad in d.tool_call_errors]
+            self.logprobs += [_as_dict(entry) for entry in d.logprobs]
         else:
             f = response.final
             self.finish_reason = (
@@ -164,7 +164,7 @@ class Completion:
             self.stop_string = f.stop_string
             self.usage = _as_dict(f.usage)
             self.timings = _as_dict(f.timings)
-            self.prompt_logprobs = [_as_dict(e) for e in f.prompt_logprobs]
+            self.prompt_logprobs = [_as_dict(entry) for entry in f.prompt_logprobs]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)

@@ -144,17 +144,17 @@ def chat_to_dicts(chat: pb.Chat, limits: RequestLimits, where: str = "chat"):
             d["tool_calls"] = calls
         messages.append(d)
     tools = []
-    for k, t in enumerate(chat.tools):
-        if not t.name:
+    for k, tool in enumerate(chat.tools):
+        if not tool.name:
             raise invalid(f"{where}.tools[{k}].name is empty: give the function a name")
         params = (
-            _json_object(t.parameters_json, f"{where}.tools[{k}].parameters_json")
-            if (t.parameters_json)
+            _json_object(tool.parameters_json, f"{where}.tools[{k}].parameters_json")
+            if (tool.parameters_json)
             else {"type": "object", "properties": {}}
         )
-        fn: dict[str, Any] = {"name": t.name}
-        if t.description:
-            fn["description"] = t.description
+        fn: dict[str, Any] = {"name": tool.name}
+        if tool.description:
+            fn["description"] = tool.description
         fn["parameters"] = params
         tools.append({"type": "function", "function": fn})
     return messages, tools

@@ -144,7 +144,7 @@ class GenerationService:
                 pb.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments) for c in d.tool_calls
             ],
             tool_call_errors=[
-                pb.ToolCallError(raw=e.raw, reason=e.reason) for e in d.tool_call_errors
+                pb.ToolCallError(raw=bad.raw, reason=bad.reason) for bad in d.tool_call_errors
             ],
             logprobs=self._logprobs(d.logprobs or []),
         )
@@ -152,12 +152,14 @@ class GenerationService:
     def _logprobs(self, entries) -> list[pb.TokenLogprob]:
         return [
             pb.TokenLogprob(
-                token_id=e.token_id,
-                token=self._token(e.token_id),
-                logprob=e.logprob,
-                top=[pb.TopLogprob(token_id=t, token=self._token(t), logprob=v) for t, v in e.top],
+                token_id=entry.token_id,
+                token=self._token(entry.token_id),
+                logprob=entry.logprob,
+                top=[
+                    pb.TopLogprob(token_id=t, token=self._token(t), logprob=v) for t, v in entry.top
+                ],
             )
-            for e in entries
+            for entry in entries
         ]
 
     def _token(self, token_id: int) -> str:

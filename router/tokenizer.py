@@ -129,10 +129,10 @@ class Tokenizer:
         marked = self.render_chat(messages, tools, add_generation_prompt, enable_thinking)
         text = marked.translate({ord(c): first for first, c in swap.items()})
         ids, start = [], 0
-        for m in self._special_re.finditer(marked) if self._special_re else ():
-            ids += self.encode_text(text[start : m.start()])
-            ids.append(self._special_id[m.group()])
-            start = m.end()
+        for match in self._special_re.finditer(marked) if self._special_re else ():
+            ids += self.encode_text(text[start : match.start()])
+            ids.append(self._special_id[match.group()])
+            start = match.end()
         ids += self.encode_text(text[start:])
         return text, ids
 
@@ -148,7 +148,7 @@ class Tokenizer:
 
     def _neutralize(self, s: str, swap: dict[str, str]) -> str:
         assert self._special_re is not None  # a swap is only made with it (_swaps)
-        return self._special_re.sub(lambda m: swap[m.group()[0]] + m.group()[1:], s)
+        return self._special_re.sub(lambda found: swap[found.group()[0]] + found.group()[1:], s)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

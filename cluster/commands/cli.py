@@ -22,7 +22,9 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_shard_bytes=int(args.max_shard_mb * (1 << 20)),
             weights=False if args.no_weights else None,
-            hot_experts=[int(e) for e in args.hot_experts.split(",")] if args.hot_experts else (),
+            hot_experts=[int(expert) for expert in args.hot_experts.split(",")]
+            if args.hot_experts
+            else (),
         )
     except ValueError as e:  # ConfigError and bad --set values
         print(f"error: {e}", file=sys.stderr)

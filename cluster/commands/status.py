@@ -26,13 +26,13 @@ def _ranges(ids: list[int]) -> str:
     """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
     out, ids = [], sorted(ids)
     start = prev = None
-    for e in [*ids, None]:
-        if e is not None and prev is not None and e == prev + 1:
-            prev = e
+    for expert in [*ids, None]:
+        if expert is not None and prev is not None and expert == prev + 1:
+            prev = expert
             continue
         if start is not None:
             out.append(f"{start}" if start == prev else f"{start}-{prev}")
-        start = prev = e
+        start = prev = expert
     return ",".join(out)
 
 

@@ -116,7 +116,7 @@ class AttentionShardDeployment:
             delta = []
             for layer, row in now.items():
                 before = self._slots_seen.get(layer, [0] * len(row))
-                delta.append([a - b for a, b in zip(row, before, strict=True)])
+                delta.append([sent - seen for sent, seen in zip(row, before, strict=True)])
             self._slots_seen = now
             imbalance = busiest_over_mean(delta) if any(map(any, delta)) else None
         acceptance = engine.acceptance if engine.config.num_speculative_tokens else None

@@ -63,7 +63,7 @@ def _logprobs(entries) -> list[TokenLogprob]:
 
 def encode(request_id: str, item: RequestOutput | BaseException) -> spb.Output:
     if isinstance(item, BaseException):
-        kind = next((k for k, t in _ERRORS.items() if isinstance(item, t)), "internal")
+        kind = next((k for k, cls in _ERRORS.items() if isinstance(item, cls)), "internal")
         return spb.Output(
             request_id=request_id,
             finished=True,

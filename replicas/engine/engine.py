@@ -295,7 +295,8 @@ class LLMEngine:
         try:
             runs = split_balanced([c.num_new for c in plan.chunks], self.config.num_microbatches)
             stages = [
-                self.model.step_layers(*self._inputs(plan.chunks[r.start : r.stop])) for r in runs
+                self.model.step_layers(*self._inputs(plan.chunks[run.start : run.stop]))
+                for run in runs
             ]
             return torch.cat(run_microbatches(stages, self.experts))  # [N, H], chunk order
         finally:

@@ -111,13 +111,13 @@ def moe_layer_decode_bf16(
     rows per used expert."""
     lib = BF16_LIBRARY.require()
     _require_bf16(x=x, w13=w13, w2=w2)
-    (n, hidden), (num_local, two_inter, _), k = x.shape, w13.shape, topk_ids.shape[1]
+    (n, hidden), (num_local, two_inter, _), top_k = x.shape, w13.shape, topk_ids.shape[1]
     inter = two_inter // 2
     if (
         topk_ids.dtype is not torch.int64
         or topk_weights.dtype is not torch.float32
-        or topk_ids.shape != (n, k)
-        or topk_weights.shape != (n, k)
+        or topk_ids.shape != (n, top_k)
+        or topk_weights.shape != (n, top_k)
         or not (topk_ids.is_contiguous() and topk_weights.is_contiguous())
         or local_index.dtype is not torch.int64
         or not local_index.is_contiguous()
@@ -126,7 +126,7 @@ def moe_layer_decode_bf16(
         or w2.shape != (num_local, hidden, inter)
     ):
         raise ValueError("moe_layer_decode_bf16: shapes or dtypes do not fit")
-    slots = n * k
+    slots = n * top_k
     order = torch.empty(slots, dtype=torch.int64)
     offsets = torch.empty(num_local + 1, dtype=torch.int64)
     h = torch.empty(slots, hidden, dtype=torch.bfloat16)
@@ -138,7 +138,7 @@ def moe_layer_decode_bf16(
         n,
         hidden,
         inter,
-        k,
+        top_k,
         topk_ids.data_ptr(),
         topk_weights.data_ptr(),
         local_index.data_ptr(),
@@ -158,7 +158,7 @@ def moe_layer_decode_bf16(
     if code == 2:
         raise ValueError(
             f"expert ids must be in [0, {local_index.numel()}) and map to held "
-            f"experts (< {num_local}), with k >= 1"
+            f"experts (< {num_local}), with top_k >= 1"
         )
     return None if code else out
 

@@ -355,8 +355,8 @@ def _mlp_layer_types(raw: dict[str, Any], n_layers: int) -> tuple[str, ...]:
             if t not in (DENSE, SPARSE):
                 raise ConfigError(f"config field 'mlp_layer_types' has unknown entry {t!r}")
         return tuple(given)
-    k = raw.get("first_k_dense_replace", 1)
-    return tuple(DENSE if i < k else SPARSE for i in range(n_layers))
+    num_dense = raw.get("first_k_dense_replace", 1)
+    return tuple(DENSE if i < num_dense else SPARSE for i in range(n_layers))
 
 
 def _rope_theta(raw: dict[str, Any]) -> float:

@@ -125,9 +125,9 @@ def _read_header(file: Path) -> dict:
         raw_len = f.read(8)
         if len(raw_len) != 8:
             raise CheckpointError(f"{file.name} is not a safetensors file (truncated header)")
-        (n,) = struct.unpack("<Q", raw_len)
+        (header_len,) = struct.unpack("<Q", raw_len)
         try:
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{file.name} has a corrupt safetensors header: {e}") from e
     header.pop("__metadata__", None)

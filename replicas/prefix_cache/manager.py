@@ -150,8 +150,8 @@ class PrefixCacheManager:
 
     def wait_any(self, requests, timeout_s: float) -> None:
         """Block up to timeout_s for a pending lookup among ``requests`` (idle engine)."""
-        for r in requests:
-            lookup = r.prefix.lookup if r.prefix is not None else None
+        for request in requests:
+            lookup = request.prefix.lookup if request.prefix is not None else None
             if lookup is not None and not lookup.done():
                 with contextlib.suppress(TimeoutError):
                     lookup.exception(timeout=timeout_s)
@@ -255,11 +255,13 @@ class PrefixCacheManager:
         nfull = p // self.bs
         for i in range(nfull):
             self.pool.register(request.block_ids[i], state.names[i])
-        r = p % self.bs
+        partial = p % self.bs  # rows of the last, partial block
         snap = Snapshot(
             p,
             self.cache.read_window(request.scheduled_slot, p),
-            self.cache.read_rows(request.block_ids[nfull], r) if r else self._empty_partial(),
+            self.cache.read_rows(request.block_ids[nfull], partial)
+            if partial
+            else self._empty_partial(),
         )
         self.snapshots.put(state.keys[p], snap, snap.nbytes)
         if self.redis is not None:
@@ -424,7 +426,7 @@ class PrefixCacheManager:
             self.pinned.append(list(token_ids))
 
     def stats(self) -> PrefixCacheStats:
-        r = self.redis.snapshot_stats() if self.redis is not None else None
+        tier = self.redis.snapshot_stats() if self.redis is not None else None
         return PrefixCacheStats(
             num_lookups=self.num_lookups,
             num_local_hits=self.num_local_hits,
@@ -434,11 +436,11 @@ class PrefixCacheManager:
             num_cached_blocks=self.pool.num_cached,
             num_snapshots=len(self.snapshots),
             snapshot_bytes=self.snapshots.num_bytes,
-            redis_available=bool(r and r.available),
-            redis_bytes_read=r.bytes_read if r else 0,
-            redis_bytes_written=r.bytes_written if r else 0,
-            num_redis_errors=r.num_errors if r else 0,
-            num_corrupt_values=r.num_corrupt if r else 0,
+            redis_available=bool(tier and tier.available),
+            redis_bytes_read=tier.bytes_read if tier else 0,
+            redis_bytes_written=tier.bytes_written if tier else 0,
+            num_redis_errors=tier.num_errors if tier else 0,
+            num_corrupt_values=tier.num_corrupt if tier else 0,
             num_redis_writes_dropped=self.num_writes_dropped,
             redis_queue_bytes=self._queued_bytes,
         )
