@@ -219,7 +219,10 @@ def run_microbatches(stages: Sequence[Stages], dispatcher: ExpertDispatcher) -> 
     finally:
         for s in stages:
             s.close()
-    return results  # type: ignore[return-value]
+    hidden = [r for r in results if r is not None]
+    if len(hidden) != len(results):
+        raise RuntimeError("a micro-batch's step ended without its hidden states")
+    return hidden
 
 
 def split_balanced(sizes: Sequence[int], parts: int) -> list[range]:
