@@ -45,10 +45,7 @@ def applies(model: ExaoneMoeForCausalLM, num_rows: int, backend) -> bool:
 
 
 def _project(layer: Linear, x: torch.Tensor) -> torch.Tensor:
-    """layer(x) for contiguous x [N, in]: linear_bf16 straight away where Linear.forward would
-    take it (its own predicates), else Linear.forward."""
-    if layer._use_avx512(x) and not layer._use_amx(x):
-        return cpu_kernels.linear_bf16(x, layer.weight)
+    """layer(x) for contiguous x [N, in] (Linear.forward, without the module call)."""
     return layer.forward(x)
 
 

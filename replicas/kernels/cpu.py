@@ -226,6 +226,37 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+PACK_BLOCK = 64  # output features per packed block (csrc/linear_packed.c)
+
+
+def pack_vnni_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] bf16 -> the layout linear_packed_bf16 reads: [ceil(N / 64), ceil(K / 2),
+    64, 2] bf16, zero past N and K (csrc/linear_packed.c)."""
+    lib = BF16_LIBRARY.require()
+    _require_bf16(weight=weight)
+    n, k = weight.shape
+    packed = torch.empty(
+        (n + PACK_BLOCK - 1) // PACK_BLOCK, (k + 1) // 2, PACK_BLOCK, 2, dtype=torch.bfloat16
+    )
+    lib.pack_vnni_bf16(weight.data_ptr(), n, k, packed.data_ptr())
+    return packed
+
+
+def linear_packed_bf16(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T in bf16 with fp32 sums -> [M, N] bf16 (no bias), the weight
+    as pack_vnni_bf16 left it (csrc/linear_packed.c: tiles of 4 rows x 64 features)."""
+    lib = BF16_LIBRARY.require()
+    _require_bf16(x=x, packed=packed)
+    m, k = x.shape
+    if packed.shape != ((n + PACK_BLOCK - 1) // PACK_BLOCK, (k + 1) // 2, PACK_BLOCK, 2):
+        raise ValueError(f"packed {tuple(packed.shape)} is not a packed [{n}, {k}] weight")
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    lib.linear_packed_bf16(
+        x.data_ptr(), m, k, n, packed.data_ptr(), out.data_ptr(), torch.get_num_threads()
+    )
+    return out
+
+
 def _rows_view(x: torch.Tensor, name: str) -> int:
     """x [R, D] bf16 on CPU whose rows may be strided, elements contiguous -> its row stride.
     (Decode calls these wrappers hundreds of times a step: the checks stay cheap.)"""

@@ -137,6 +137,10 @@ def _declare_bf16(lib: ctypes.CDLL) -> str | None:
     lib.decode_attention_bf16.restype = None
     lib.linear_bf16.argtypes = [P, I32, I32, I32, P, P, I32]
     lib.linear_bf16.restype = None
+    lib.pack_vnni_bf16.argtypes = [P, I32, I32, P]
+    lib.pack_vnni_bf16.restype = None
+    lib.linear_packed_bf16.argtypes = [P, I32, I32, I32, P, P, I32]
+    lib.linear_packed_bf16.restype = None
     lib.moe_layer_decode_bf16.argtypes = [
         P,
         I32,
@@ -194,7 +198,13 @@ def _declare_amx(lib: ctypes.CDLL) -> str | None:
     return None
 
 
-_BF16_SOURCES = ["moe_bf16.c", "decode_attention.c", "linear_bf16.c", "decode_ops.c"]
+_BF16_SOURCES = [
+    "moe_bf16.c",
+    "decode_attention.c",
+    "linear_bf16.c",
+    "linear_packed.c",
+    "decode_ops.c",
+]
 BF16_LIBRARY = Library("exaone_avx512", _BF16_SOURCES, BASE_FLAGS, _avx512_bf16, _declare_bf16)
 AMX_LIBRARY = Library(
     "exaone_amx",

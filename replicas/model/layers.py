@@ -87,63 +87,90 @@ def attention_mask(num_tokens: int, window: int | None, device: torch.device) ->
 
 
 AMX_LINEAR_MAX_ROWS = 512  # rows up to which bf16 Linear runs our AMX kernel, not oneDNN
-# Without AMX, rows up to which bf16 Linear runs our AVX512-BF16 kernel (csrc/linear_bf16.c).
-# Measured on 2 cores (AMD Zen 4), us per call summed over the bundled model's 7 projection
-# shapes, ours vs oneDNN: one thread, 1 row 58 vs 220, 8 rows 212 vs 285, 16 rows 360 vs 391,
-# 32 rows 754 vs 652; two threads, 16 rows 224 vs 470. The small preset's 5 shapes (cold
-# weights), one thread: 1 row 1428 vs 3794 us, 16 rows 5466 vs 6554, 32 rows 8434 vs 7670.
-AVX512_LINEAR_MAX_ROWS = 16
+# Without AMX, bf16 Linear runs our AVX512-BF16 kernels: up to STREAM_LINEAR_MAX_ROWS rows
+# csrc/linear_bf16.c (decode of few sequences; oneDNN's fixed cost per call dominates there),
+# then up to PACKED_LINEAR_MAX_ROWS rows csrc/linear_packed.c on a copy of the weight packed once,
+# for weights of at most PACKED_MAX_IN_FEATURES inputs (where its results are oneDNN's bit for
+# bit) and PACKED_MAX_WEIGHT_BYTES (the copy costs their size again); oneDNN beyond. Measured
+# on 2 cores (AMD Zen 4), one thread, us per call summed over the bundled model's 5 projection
+# shapes (weights in cache), oneDNN / packed: 32 rows 1230 / 983, 64 rows 2504 / 2308,
+# 128 rows 4272 / 3894; the bundled engine's CPU per token at 32 / 64 / 96 sequences, one
+# process alternating both 8 times: paired median 1.14x / 1.08x / 1.07x the tokens per second.
+STREAM_LINEAR_MAX_ROWS = 16
+PACKED_LINEAR_MAX_ROWS = 128
+PACKED_MAX_IN_FEATURES = 512
+PACKED_MAX_WEIGHT_BYTES = 16 << 20
 
 
 class Linear(nn.Linear):
-    """nn.Linear, same weights and state-dict names, with three CPU half-precision speed-ups:
+    """nn.Linear, same weights and state-dict names, with CPU half-precision speed-ups:
     - bf16 with up to AMX_LINEAR_MAX_ROWS rows runs ``cpu_kernels.linear_amx`` where the CPU
       has AMX. Measured on 2 cores (small preset's 5 projections of one layer, 33 MB): 1 row
       2.6 vs 4.8 ms for oneDNN, 64 rows 5.2 vs 9.8, 512 rows 28 vs 36, 2048 rows 179 vs 138.
-    - else bf16 with up to AVX512_LINEAR_MAX_ROWS rows runs ``cpu_kernels.linear_bf16`` where
-      the CPU has AVX512-BF16 (oneDNN's fixed cost per call dominates decode of small models).
+    - else, where the CPU has AVX512-BF16, bf16 with up to STREAM_LINEAR_MAX_ROWS rows runs
+      ``cpu_kernels.linear_bf16`` and up to PACKED_LINEAR_MAX_ROWS rows
+      ``cpu_kernels.linear_packed_bf16`` on a packed copy of a small weight (oneDNN's fixed cost
+      per call dominates small models' decode; past it, the packed kernel gives oneDNN's
+      results, faster).
     - otherwise row counts are padded (replicas.kernels.gemm_rows), so oneDNN compiles far fewer
       kernels in serving."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        if self._kernel_rows() is None:
+        plan = self._kernel_rows()
+        if plan is None:
             return super().forward(x)
         flat = x.reshape(-1, x.shape[-1])  # [M, in]
         rows = flat.shape[0]
-        if self._use_amx(flat):
+        amx, stream, packed = plan if flat.dtype is self.weight.dtype else (0, 0, 0)
+        if rows <= amx:
             out = cpu_kernels.linear_amx(flat.contiguous(), self.weight)
-        elif self._use_avx512(flat):
+        elif rows <= stream:
             out = cpu_kernels.linear_bf16(flat.contiguous(), self.weight)
+        elif rows <= packed:
+            out = cpu_kernels.linear_packed_bf16(
+                flat.contiguous(), self._packed_weight(), self.out_features
+            )
         else:
             out = F.linear(pad_rows(flat, padded_rows(rows)), self.weight, self.bias)[:rows]
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    def _kernel_rows(self) -> tuple[int, int] | None:
+    def _kernel_rows(self) -> tuple[int, int, int] | None:
         """None for a plain nn.Linear (not half precision on CPU), else the row counts up to
-        which linear_amx and linear_bf16 can run on this weight (0: not at all). Worked out
-        once per weight tensor: decode calls it hundreds of times a step."""
+        which linear_amx, linear_bf16 and linear_packed_bf16 run on this weight (0: not at all).
+        Worked out once per weight tensor: decode calls it hundreds of times a step."""
         w = self.weight
         key = (w.data_ptr(), w.dtype)  # a new device or dtype is new storage
         if self.__dict__.get("_plan_key") != key:
             self.__dict__["_plan_key"], self.__dict__["_plan"] = key, self._plan_rows()
         return self.__dict__["_plan"]
 
-    def _plan_rows(self) -> tuple[int, int] | None:
+    def _plan_rows(self) -> tuple[int, int, int] | None:
         w = self.weight
         if not pads_rows(w):
             return None
         bf16 = w.dtype == torch.bfloat16 and self.bias is None and w.is_contiguous()
         amx = bf16 and w.shape[1] % 32 == 0 and w.shape[0] % 16 == 0 and cpu_kernels.amx_available()
+        if amx:
+            return (AMX_LINEAR_MAX_ROWS, 0, 0)
         avx512 = bf16 and cpu_kernels.available()
-        return (AMX_LINEAR_MAX_ROWS if amx else 0, AVX512_LINEAR_MAX_ROWS if avx512 else 0)
+        small = (
+            w.shape[1] <= PACKED_MAX_IN_FEATURES
+            and w.numel() * w.element_size() <= PACKED_MAX_WEIGHT_BYTES
+        )
+        return (
+            0,
+            STREAM_LINEAR_MAX_ROWS if avx512 else 0,
+            PACKED_LINEAR_MAX_ROWS if avx512 and small else 0,
+        )
 
-    def _use_avx512(self, flat: torch.Tensor) -> bool:
-        plan = self._kernel_rows()
-        return plan is not None and flat.dtype is self.weight.dtype and 0 < flat.shape[0] <= plan[1]
-
-    def _use_amx(self, flat: torch.Tensor) -> bool:
-        plan = self._kernel_rows()
-        return plan is not None and flat.dtype is self.weight.dtype and 0 < flat.shape[0] <= plan[0]
+    def _packed_weight(self) -> torch.Tensor:
+        """The weight as linear_packed_bf16 reads it, packed again when the weight changes."""
+        w = self.weight
+        key = (w.data_ptr(), w._version)
+        if self.__dict__.get("_packed_key") != key:
+            self.__dict__["_packed_key"] = key
+            self.__dict__["_packed"] = cpu_kernels.pack_vnni_bf16(w.detach())
+        return self.__dict__["_packed"]
 
 
 class SwiGLU(nn.Module):

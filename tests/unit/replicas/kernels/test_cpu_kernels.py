@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from replicas.kernels import cpu as cpu_kernels
 from replicas.model import moe as moe_module
-from replicas.model.layers import AMX_LINEAR_MAX_ROWS, AVX512_LINEAR_MAX_ROWS, Linear
+from replicas.model.layers import AMX_LINEAR_MAX_ROWS, STREAM_LINEAR_MAX_ROWS, Linear
 from replicas.model.loader import load_causal_lm
 from replicas.model.moe import (
     KERNEL_MAX_ROWS_PER_CACHED_EXPERT,
@@ -265,8 +265,9 @@ def test_avx512_linear_equals_exact_products(rows, k, n):
 
 
 def test_linear_runs_the_avx512_kernel_for_few_bf16_rows(monkeypatch):
-    """Without AMX, bf16 Linear calls the AVX512-BF16 kernel for 1..AVX512_LINEAR_MAX_ROWS
-    rows, oneDNN beyond; never for fp32 or with a bias."""
+    """Without AMX, bf16 Linear calls linear_bf16 for 1..STREAM_LINEAR_MAX_ROWS rows (the
+    packed kernel or oneDNN beyond: tests/unit/replicas/kernels/test_linear_packed.py); never for
+    fp32 or with a bias."""
     calls = []
     kernel = cpu_kernels.linear_bf16
     monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
@@ -275,12 +276,12 @@ def test_linear_runs_the_avx512_kernel_for_few_bf16_rows(monkeypatch):
     )
     for bias, dtype in ((False, torch.float32), (True, torch.bfloat16), (False, torch.bfloat16)):
         layer = Linear(64, 32, bias=bias).to(dtype)
-        for rows in (1, AVX512_LINEAR_MAX_ROWS, AVX512_LINEAR_MAX_ROWS + 1):
+        for rows in (1, STREAM_LINEAR_MAX_ROWS, STREAM_LINEAR_MAX_ROWS + 1):
             x = torch.randn(rows, 64).to(dtype)
             want = F.linear(x, layer.weight, layer.bias)
             got = layer(x)
             assert (got.float() - want.float()).abs().max() <= 0.01 * want.float().abs().max()
-    assert calls == ([1, AVX512_LINEAR_MAX_ROWS] if CAN_BUILD else [])
+    assert calls == ([1, STREAM_LINEAR_MAX_ROWS] if CAN_BUILD else [])
 
 
 @needs_kernel
