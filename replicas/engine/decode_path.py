@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from replicas.engine.kv_cache import StepAttention
 from replicas.kernels import cpu as cpu_kernels
 from replicas.model.exaone_moe import DecoderLayer, ExaoneMoeForCausalLM
-from replicas.model.layers import FUSED_DECODE_MAX_ROWS, Linear, SwiGLU, rope_cos_sin
+from replicas.model.layers import FUSED_DECODE_MAX_ROWS, SwiGLU, rope_cos_sin
 from replicas.model.moe import SparseMoE
 
 
@@ -44,14 +44,9 @@ def applies(model: ExaoneMoeForCausalLM, num_rows: int, backend) -> bool:
     )
 
 
-def _project(layer: Linear, x: torch.Tensor) -> torch.Tensor:
-    """layer(x) for contiguous x [N, in] (Linear.forward, without the module call)."""
-    return layer.forward(x)
-
-
 def _swiglu(mlp: SwiGLU, x: torch.Tensor) -> torch.Tensor:
-    gate, up = _project(mlp.gate_up_proj, x).split(mlp.inter, dim=-1)
-    return _project(mlp.down_proj, F.silu(gate) * up)
+    gate, up = mlp.gate_up_proj.forward(x).split(mlp.inter, dim=-1)
+    return mlp.down_proj.forward(F.silu(gate) * up)
 
 
 def decode_hidden(
@@ -71,7 +66,7 @@ def decode_hidden(
     for i, layer in layers:
         attn = layer.self_attn
         norm = layer.input_layernorm
-        qkv = _project(attn.qkv_proj, rms(h, norm.weight, norm.eps))  # [N, Q + 2 KV]
+        qkv = attn.qkv_proj.forward(rms(h, norm.weight, norm.eps))  # [N, Q + 2 KV]
         tables = (cos, sin) if attn.use_rope else (None, None)
         q, k = cpu_kernels.qk_norm_rope_bf16(
             qkv,
@@ -84,7 +79,7 @@ def decode_hidden(
         )  # [N, Hq, D], [N, Hkv, D]
         v = qkv[:, attn.q_size + attn.kv_size :].unflatten(-1, (attn.num_kv_heads, -1))
         out = backend.attend_fn(int(i))(q, k, v)  # [N, Hq, D]
-        h = h + _project(attn.o_proj, out.flatten(1))
+        h = h + attn.o_proj.forward(out.flatten(1))
         norm = layer.post_attention_layernorm
         x = rms(h, norm.weight, norm.eps)  # [N, H]
         mlp = layer.mlp
