@@ -176,12 +176,16 @@ def run_engine(config: ClusterConfig, work: Workload) -> dict:
     from replicas.model.loader import DTYPES
     from replicas.sampling_params import SamplingParams
 
-    torch.set_num_threads(config.engine_threads())
+    def make_engine() -> LLMEngine:  # on the engine thread, as a replica does
+        torch.set_num_threads(config.engine_threads())
+        model = load_causal_lm(
+            config.model_path, dtype=DTYPES[config.dtype], include_mtp=False, progress=False
+        )
+        return LLMEngine(model, engine_config(config))
+
     start = time.perf_counter()
-    model = load_causal_lm(
-        config.model_path, dtype=DTYPES[config.dtype], include_mtp=False, progress=False
-    )
-    engine = LLMEngine(model, engine_config(config))
+    front = AsyncEngine.build(make_engine)
+    engine = front.engine
     blocks, seqs = engine.cache.blocks.num_total, config.engine.max_num_seqs
     need = math.ceil(
         (len(work.prompts[work.levels[0]][0]) + work.new_tokens) / config.engine.block_size
@@ -195,9 +199,7 @@ def run_engine(config: ClusterConfig, work: Workload) -> dict:
     info = {"start_s": round(time.perf_counter() - start, 1), "kv_blocks": blocks}
     ids = iter(range(1 << 62))
 
-    async def main(engine: LLMEngine) -> dict[int, dict]:
-        front = AsyncEngine(engine)
-
+    async def main(front: AsyncEngine) -> dict[int, dict]:
         async def send(prompt: list[int], new_tokens: int) -> Stream:
             params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
             s = Stream()
@@ -211,9 +213,9 @@ def run_engine(config: ClusterConfig, work: Workload) -> dict:
             await front.close()
 
     try:
-        return {**info, "levels": asyncio.run(main(engine))}
+        return {**info, "levels": asyncio.run(main(front))}
     finally:
-        del engine, model
+        del engine, front
         gc.collect()
 
 

@@ -69,24 +69,29 @@ class AttentionShard:
         ``pinned_prefixes``: token ids of prefixes computed now and kept without TTL."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        model = load_causal_lm(
-            model_path,
-            dtype=DTYPES[dtype],
-            device=device,
-            include_mtp=engine_config.num_speculative_tokens > 0,  # the MTP block drafts
-            progress=False,
-            expert_ids=None if experts is None else (),
-        )
-        self.resident_bytes = resident_bytes(model)
         self.experts = experts
         self.num_requests_total = 0
         self.dispatcher = None if experts is None else ExpertDispatcher(experts)
-        engine = LLMEngine(model, engine_config, experts=self.dispatcher, redis=redis)
-        for ids in pinned_prefixes:
-            engine.pin_prefix(ids)
-        self.engine = AsyncEngine(engine)
+        self.resident_bytes = 0
+
+        def make_engine() -> LLMEngine:  # on the engine thread (AsyncEngine.build says why)
+            if num_threads:
+                torch.set_num_threads(num_threads)
+            model = load_causal_lm(
+                model_path,
+                dtype=DTYPES[dtype],
+                device=device,
+                include_mtp=engine_config.num_speculative_tokens > 0,  # the MTP block drafts
+                progress=False,
+                expert_ids=None if experts is None else (),
+            )
+            self.resident_bytes = resident_bytes(model)
+            engine = LLMEngine(model, engine_config, experts=self.dispatcher, redis=redis)
+            for ids in pinned_prefixes:
+                engine.pin_prefix(ids)
+            return engine
+
+        self.engine = AsyncEngine.build(make_engine)
         self.max_requests = engine_config.max_num_seqs + max_waiting_requests
 
     async def generate(

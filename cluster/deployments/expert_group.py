@@ -17,6 +17,7 @@ from cluster.config import ClusterConfig
 from cluster.cpus import node_cpus
 from cluster.deployments.resources import actor_options, device_for
 from cluster.deployments.threads import Every, off_loop
+from replicas.compute_thread import ComputeThread, in_passing_thread
 
 if TYPE_CHECKING:
     from replicas.experts.expert_group import ExpertGroup
@@ -55,6 +56,7 @@ class ExpertGroupDeployment:
         self.replica, self.group_id = ctx.replica_id.unique_id, group
         self.worker: Any = None  # the worker actor's handle ("actor" transport)
         self.group: ExpertGroup | None = None  # the experts themselves ("serve" transport)
+        self.compute: ComputeThread | None = None  # where they compute ("serve" transport)
         if e.transport == "actor":
             from cluster.deployments.expert_transport import WORKER_NAMESPACE, worker_name
 
@@ -73,8 +75,9 @@ class ExpertGroupDeployment:
                 .remote(*args)
             )
             ray.get(self.worker.ready.remote())
-        else:
-            self.group = _load_group(*args)
+        else:  # loaded in a thread that ends, computed on one that stays (compute_thread)
+            self.group = in_passing_thread(lambda: _load_group(*args))
+            self.compute = ComputeThread("expert-compute")
         self.balancer = balancer
         self.reporter = None
         _serve_log.info("expert group %d kernels: %s", group, self.stats().kernels)
@@ -100,8 +103,9 @@ class ExpertGroupDeployment:
         args = (todo.holdings, todo.version, todo.commit)
         if self.worker is not None:
             ray.get(self.worker.follow.remote(*args))
-        else:
-            self._group().follow(*args)
+        else:  # beside the layer calls, in a thread that ends (replicas.compute_thread)
+            group = self._group()
+            in_passing_thread(lambda: group.follow(*args))
 
     def _group(self) -> ExpertGroup:
         """The experts held in this process (the "serve" transport)."""
@@ -113,7 +117,10 @@ class ExpertGroupDeployment:
         """Packed tensors in and out (cluster.deployments.expert_transport.pack)."""
         if self.worker is not None:
             return ray.get(self.worker.forward.remote(layer, x, topk_ids))
-        return _forward_packed(self._group(), layer, x, topk_ids)
+        group = self._group()
+        if self.compute is None:
+            raise RuntimeError("this replica holds experts but no thread to compute them on")
+        return self.compute.call(lambda: _forward_packed(group, layer, x, topk_ids))
 
     def stats(self):
         return (
@@ -176,7 +183,9 @@ class ExpertWorker:
     a worker busy with long calls still answers health checks and probes, a hung one not."""
 
     def __init__(self, *args):
-        self.group = _load_group(*args)
+        # __init__ runs on the actor's main thread, the calls on their concurrency group's
+        # thread: loading in a thread that ends leaves OpenMP one pool (replicas.compute_thread)
+        self.group = in_passing_thread(lambda: _load_group(*args))
 
     @ray.method(concurrency_group="probe")
     def ready(self) -> bool:

@@ -7,6 +7,9 @@ the engine is only ever touched by that thread. Input is validated on the caller
 so errors reach the caller directly. Closing a stream early (client cancel, deadline, stop
 string) aborts the request, which frees its KV blocks before the next step. Whatever a step
 raises ends the requests it concerns, never the loop.
+
+``AsyncEngine.build`` makes the engine on that same thread, so a replica runs all its torch work
+(loading, pinning prefixes, steps) on one thread; see there why that matters.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import Future
 from typing import Protocol
 
 from replicas.engine.engine import LLMEngine
@@ -58,6 +62,29 @@ class AsyncEngine:
         self._step_started: float | None = None  # monotonic start of the step running now
         self._failure: BaseException | None = None  # what ended the engine thread, if anything
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def build(cls, make_engine: Callable[[], LLMEngine]) -> AsyncEngine:
+        """An AsyncEngine whose engine ``make_engine()`` makes on the engine thread, which then
+        goes on to run the steps; returns once it is made (raises what ``make_engine`` raised).
+
+        Loading the weights on the caller's thread and stepping on this one would leave
+        OpenMP two thread pools, which slows every step (replicas.compute_thread says how much
+        and why)."""
+        built: Future[AsyncEngine] = Future()
+
+        def engine_thread() -> None:
+            try:
+                front = cls(make_engine())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                built.set_exception(e)
+                return
+            front._thread = threading.current_thread()
+            built.set_result(front)
+            front._run()
+
+        threading.Thread(target=engine_thread, name="engine-loop", daemon=True).start()
+        return built.result()
 
     # ---- public --------------------------------------------------------------------------------
     async def generate(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -245,3 +246,42 @@ def test_health_reports_a_dead_engine_thread_and_a_hung_step(setup, monkeypatch)
     assert healthy_after is None
     assert isinstance(died, ReplicaUnavailableError) and "_Fatal" in str(died)
     assert problem is not None and "engine thread died" in problem and "injected" in problem
+
+
+def test_build_makes_the_engine_on_the_thread_that_steps_it(setup):
+    model, tok = setup
+    made_on: list[threading.Thread] = []
+
+    def make_engine() -> LLMEngine:
+        made_on.append(threading.current_thread())
+        engine = LLMEngine(model, EngineConfig(block_size=4, max_num_batched_tokens=32))
+        step = engine.step
+
+        def recorded_step():
+            stepped_on.add(threading.current_thread())
+            return step()
+
+        engine.step = recorded_step  # type: ignore[method-assign]
+        return engine
+
+    stepped_on: set[threading.Thread] = set()
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+
+    async def main():
+        engine = AsyncEngine.build(make_engine)
+        deltas = await _collect(engine, tok, "a", tok.encode("Hello"), params)
+        await engine.close()
+        return deltas
+
+    deltas = asyncio.run(main())
+    assert sum(len(d.token_ids) for d in deltas) == 5
+    assert made_on[0] is not threading.main_thread()
+    assert stepped_on == {made_on[0]}
+
+
+def test_build_raises_what_making_the_engine_raised():
+    def make_engine() -> LLMEngine:
+        raise FileNotFoundError("no config.json in /nowhere")
+
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        AsyncEngine.build(make_engine)
