@@ -10,6 +10,7 @@ engine needs one core; whatever the request plane takes beyond the other one slo
 
     .venv/bin/python bench/served_cpu.py                          # bundled model, 1 and 32 streams
     .venv/bin/python bench/served_cpu.py --streams 1,8,64 --model DIR
+    .venv/bin/python bench/served_cpu.py --streams 1 --idle-s 20     # and Ray's own, idle
 
 Asserts nothing.
 """
@@ -85,6 +86,13 @@ async def level(address: str, streams: int, requests: int, new_tokens: int) -> t
     return done * new_tokens / wall, 1e3 * statistics.median(tpots), wall
 
 
+def print_shares(before: dict[str, float], after: dict[str, float], wall: float) -> None:
+    for name in sorted(after, key=lambda n: before[n] - after[n]):
+        share = (after[name] - before[name]) / wall
+        if share >= 0.005:
+            print(f"  {100 * share:5.1f}% of a core  {name}")
+
+
 def main() -> None:
     from ray import serve
 
@@ -94,6 +102,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=96, help="requests per level (min 12)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="the engine's torch threads")
+    ap.add_argument(
+        "--idle-s",
+        type=float,
+        default=0.0,
+        help="first measure each process's CPU this long with no requests (after one)",
+    )
     args = ap.parse_args()
     # Explicit threads and dtype, so older trees (other defaults) run the same engine.
     config = ClusterConfig(
@@ -107,6 +121,14 @@ def main() -> None:
     router = serve.get_deployment_handle("Router", APP_NAME)
     try:
         procs = processes()
+        if args.idle_s > 0:
+            asyncio.run(level(cluster.grpc_address, 1, 1, 8))  # everything has started
+            time.sleep(2)
+            before, start = cpu_seconds(procs), time.perf_counter()
+            time.sleep(args.idle_s)
+            after, wall = cpu_seconds(procs), time.perf_counter() - start
+            print(f"\nidle for {wall:.0f} s:")
+            print_shares(before, after, wall)
         for streams in map(int, args.streams.split(",")):
             requests = max(12, args.requests if streams > 1 else 12)
             asyncio.run(level(cluster.grpc_address, streams, streams, 8))  # warm-up
@@ -135,10 +157,7 @@ def main() -> None:
                     f"  hop {hop:<18} p50 {s['p50_ms']:6.2f} ms  p99 {s['p99_ms']:6.2f} ms  "
                     f"({s['n']} samples)"
                 )
-            for name in sorted(after, key=lambda n: before[n] - after[n]):
-                share = (after[name] - before[name]) / wall
-                if share >= 0.005:
-                    print(f"  {100 * share:5.1f}% of a core  {name}")
+            print_shares(before, after, wall)
     finally:
         cluster.stop()
 

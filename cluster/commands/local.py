@@ -28,6 +28,11 @@ LOCAL_ENV = {
     # engine replicas then lose their core to the clients and Ray's own processes. Measured on
     # 2 cores, bundled model, one stream: TPOT 7.8 ms served at 15 against 4.6 in-process.
     "RAY_worker_niceness": "0",
+    # Serve's controller reconciles every 0.1 s by default, asking GCS for every node's
+    # resources each time: 8% of a core between them with the cluster idle, taken from the
+    # engine on a small machine. Every 0.5 s: 3% (bench/served_cpu.py --idle-s). Replicas then
+    # start, stop and scale up to 0.4 s later.
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
 }
 
 
