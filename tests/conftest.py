@@ -27,7 +27,7 @@ os.environ.update(LOCAL_ENV)
 @pytest.fixture(scope="session")
 def make_ckpt(tmp_path_factory):
     """Factory: make_ckpt(preset="tiny", dtype="float32", seed=0, hot_experts=(),
-    **config_overrides) -> Path.
+    quantize=None, **config_overrides) -> Path.
     Identical requests share one directory."""
     cache: dict[str, Path] = {}
 
@@ -37,9 +37,12 @@ def make_ckpt(tmp_path_factory):
         seed: int = 0,
         shard_mb: float = 2048,
         hot_experts: tuple[int, ...] = (),
+        quantize: str | None = None,
         **overrides,
     ) -> Path:
-        key = json.dumps([preset, dtype, seed, shard_mb, hot_experts, overrides], sort_keys=True)
+        key = json.dumps(
+            [preset, dtype, seed, shard_mb, hot_experts, quantize, overrides], sort_keys=True
+        )
         if key not in cache:
             out = tmp_path_factory.mktemp(f"ckpt-{preset}")
             cache[key] = write_checkpoint(
@@ -50,6 +53,7 @@ def make_ckpt(tmp_path_factory):
                 dtype=dtype,
                 max_shard_bytes=int(shard_mb * (1 << 20)),
                 hot_experts=hot_experts,
+                quantize=quantize,
             )
         return cache[key]
 

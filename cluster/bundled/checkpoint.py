@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from cluster.bundled.presets import PRESETS, WEIGHTLESS_PRESETS
+from cluster.bundled.quantize import fp8_scheme, quantize_tensors
 from cluster.bundled.tokenizer_build import write_tokenizer
 from replicas.model.checkpoint_names import checkpoint_sources
 from replicas.model.config import ModelConfig
@@ -116,20 +117,28 @@ def write_checkpoint(
     tokenizer_corpus: list[str] | None = None,
     hot_experts: Sequence[int] = (),
     hot_bias: float = 0.5,
+    quantize: str | None = None,
 ) -> Path:
     """Write a checkpoint directory; returns its path. ``weights=False`` writes config and
     tokenizer only (the default for weightless presets such as k-exaone);
     ``tokenizer_corpus``: texts to train the BPE on (default: the built-in synthetic ones);
     ``hot_experts``: experts whose router correction bias gets ``hot_bias`` more in every MoE
-    layer, so most tokens choose them (a skewed load, for the balancer and autoscaling)."""
+    layer, so most tokens choose them (a skewed load, for the balancer and autoscaling);
+    ``quantize="fp8"``: projections in block-wise FP8 (cluster.bundled.quantize), the rest in
+    ``dtype``."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    if quantize not in (None, "fp8"):
+        raise ValueError(f"quantize {quantize!r}: the only quantization is 'fp8'")
     raw = preset_config(preset, overrides)
     raw["dtype"] = dtype
     cfg = ModelConfig.from_hf(raw)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    hf = cfg.to_hf()
+    if quantize == "fp8":
+        hf["quantization_config"] = fp8_scheme().to_config()
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
     generation = {
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_ids[0],
@@ -150,5 +159,8 @@ def write_checkpoint(
             gate = cast(SparseMoE, model.model.layers[str(i)].mlp).gate  # a MoE layer's
             bias = cast(torch.Tensor, gate.e_score_correction_bias)  # a buffer
             bias[list(hot_experts)] += hot_bias
-        save_sharded(checkpoint_tensors(model, DTYPES[dtype]), out, max_shard_bytes)
+        tensors = checkpoint_tensors(model, DTYPES[dtype])
+        if quantize == "fp8":
+            tensors = quantize_tensors(tensors, fp8_scheme())
+        save_sharded(tensors, out, max_shard_bytes)
     return out

@@ -25,6 +25,7 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
             hot_experts=[int(expert) for expert in args.hot_experts.split(",")]
             if args.hot_experts
             else (),
+            quantize=args.quantize,
         )
     except ValueError as e:  # ConfigError and bad --set values
         print(f"error: {e}", file=sys.stderr)
@@ -34,6 +35,28 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
         f"wrote {args.preset} checkpoint to {out}: {counts['main'] / 1e6:,.1f}M parameters "
         f"(+{counts['mtp'] / 1e6:,.1f}M MTP), {counts['active'] / 1e6:,.1f}M active per token"
     )
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from cluster.bundled.quantize import quantize_checkpoint
+
+    try:
+        rows, cols = (int(v) for v in args.block.split(","))
+        if rows <= 0 or cols <= 0:
+            raise ValueError
+    except ValueError:
+        print(
+            f"error: --block {args.block!r}: expected ROWS,COLS (positive integers)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        out = quantize_checkpoint(args.source, args.output, (rows, cols))
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: projections in FP8 e4m3, blocks {rows}x{cols}")
     return 0
 
 
@@ -65,7 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument(
         "--hot-experts", metavar="IDS", help="experts most tokens choose (router bias), e.g. 0,1"
     )
+    mk.add_argument(
+        "--quantize",
+        choices=["fp8"],
+        help="write the projections in block-wise FP8 (128x128 blocks, the 'fp8' layout)",
+    )
     mk.set_defaults(func=_make_checkpoint)
+
+    qz = sub.add_parser(
+        "quantize", help="write a block-wise FP8 copy of a bf16/fp16/fp32 checkpoint directory"
+    )
+    qz.add_argument("source", help="checkpoint directory to read")
+    qz.add_argument("output", help="directory to write (created if missing)")
+    qz.add_argument(
+        "--block", default="128,128", metavar="ROWS,COLS", help="weight block per scale"
+    )
+    qz.set_defaults(func=_quantize)
 
     from cluster.commands import client as client_cmd
     from cluster.commands import serve as serve_cmd

@@ -12,6 +12,7 @@ of the wrong shape, each by name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import struct
@@ -19,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import torch
 from safetensors import safe_open
@@ -30,6 +31,7 @@ from replicas.model.checkpoint_names import Piece, checkpoint_sources
 from replicas.model.config import DTYPE_NAMES, ModelConfig
 from replicas.model.exaone_moe import ExaoneMoeForCausalLM, ExpertStack
 from replicas.model.moe import MoEGate
+from replicas.model.quantization import BlockFp8, QuantizationError, dequantize
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,10 @@ class CheckpointIndex:
             raise CheckpointError(f"checkpoint directory {self.path} does not exist")
         self.config = ModelConfig.from_json_file(self.path)
         self.raw_config = json.loads((self.path / "config.json").read_text())
+        try:
+            self.quant = BlockFp8.from_config(self.raw_config)
+        except QuantizationError as e:
+            raise CheckpointError(f"checkpoint {self.path}: {e}") from e
         self.tensors: dict[str, TensorInfo] = {}
         index_file = self.path / INDEX_FILE
         if index_file.exists():
@@ -110,6 +116,13 @@ class CheckpointIndex:
     @property
     def has_mtp(self) -> bool:
         return any(k.startswith("mtp.") for k in self.tensors)
+
+    def scale_of(self, key: str) -> str | None:
+        """The name of ``key``'s FP8 block scales when the checkpoint has them, else None."""
+        if self.quant is None:
+            return None
+        scale = self.quant.scale_key(key)
+        return scale if scale in self.tensors else None
 
     def resolve(self, piece: Piece) -> str | None:
         if piece.key in self.tensors:
@@ -178,7 +191,19 @@ def check_checkpoint(
             got = index.tensors[key].shape
             if got != want:
                 misshaped.append(f"{key}: checkpoint {list(got)}, model expects {list(want)}")
+            scale = index.scale_of(key)
+            if scale is not None and index.quant is not None:
+                grid = index.quant.scale_shape(got)
+                if index.tensors[scale].shape != grid:
+                    misshaped.append(
+                        f"{scale}: checkpoint {list(index.tensors[scale].shape)}, blocks of "
+                        f"{list(index.quant.block)} over {list(got)} need {list(grid)}"
+                    )
+            elif index.tensors[key].dtype.startswith("F8"):
+                suffix = index.quant.scale_suffix if index.quant is not None else "_scale_inv"
+                missing.append(f"{key}{suffix} (the scales of FP8 weight {key})")
     known = {k for pieces in full_plan.values() for p in pieces for k in (p.key, p.alias) if k}
+    known |= {scale for k in list(known) if (scale := index.scale_of(k)) is not None}
     loads_mtp = getattr(model, "mtp", None) is not None
     unexpected = sorted(
         k for k in index.tensors if k not in known and (loads_mtp or not k.startswith("mtp."))
@@ -221,6 +246,20 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: str | torch.device
     return model
 
 
+class _OpenFiles(contextlib.ExitStack):
+    """safetensors files opened once each while a load runs (an FP8 weight's scales may sit in
+    another shard than the weight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._files: dict[Path, Any] = {}
+
+    def open(self, file: Path) -> Any:
+        if file not in self._files:
+            self._files[file] = self.enter_context(safe_open(str(file), framework="pt"))
+        return self._files[file]
+
+
 @torch.no_grad()
 def copy_pieces(
     model: nn.Module, index: CheckpointIndex, plan: dict[str, list[Piece]], progress: bool | None
@@ -237,16 +276,27 @@ def copy_pieces(
             by_file[info.file].append((name, piece, key))
             total += info.nbytes // (info.shape[0] if piece.src_index is not None else 1)
     show = progress if progress is not None else total >= PROGRESS_MIN_BYTES
-    with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not show) as bar:
+    with (
+        tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not show) as bar,
+        _OpenFiles() as files,
+    ):
         for file, items in by_file.items():
-            with safe_open(str(file), framework="pt") as f:
-                for name, piece, key in items:
+            f = files.open(file)
+            for name, piece, key in items:
+                target = state[name].data
+                if piece.src_index is not None:
+                    src = f.get_slice(key)[piece.src_index]
+                else:
+                    src = f.get_tensor(key)
+                bar.update(src.numel() * src.element_size())
+                if (scale_key := index.scale_of(key)) is not None and index.quant is not None:
+                    scales = files.open(index.tensors[scale_key].file)
                     if piece.src_index is not None:
-                        src = f.get_slice(key)[piece.src_index]
+                        scale = scales.get_slice(scale_key)[piece.src_index]
                     else:
-                        src = f.get_tensor(key)
-                    state[name].data[piece.dst].copy_(src)
-                    bar.update(src.numel() * src.element_size())
+                        scale = scales.get_tensor(scale_key)
+                    src = dequantize(src, scale, index.quant.block, target.dtype)
+                target[piece.dst].copy_(src)
     return total
 
 
