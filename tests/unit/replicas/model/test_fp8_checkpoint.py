@@ -232,3 +232,14 @@ def test_broken_fp8_checkpoints_are_refused_by_name(make_ckpt, tmp_path):
     _break(awq, edit_config=lambda raw: raw.update(quantization_config={"quant_method": "awq"}))
     with pytest.raises(CheckpointError, match="'awq' is not supported"):
         load_causal_lm(awq)
+
+
+def test_prefix_cache_fingerprint_tells_fp8_from_its_source(make_ckpt, tmp_path):
+    """KV computed with FP8 weights must not be served to the bf16 model (or back): the
+    fingerprint covers config.json (quantization_config) and the tensors' dtypes."""
+    from replicas.prefix_cache.fingerprint import model_fingerprint
+
+    bf16 = make_ckpt(dtype="bfloat16")
+    fp8 = quantize_checkpoint(bf16, tmp_path / "fp8")
+    assert model_fingerprint(fp8, "bfloat16") != model_fingerprint(bf16, "bfloat16")
+    assert model_fingerprint(fp8, "bfloat16") == model_fingerprint(fp8, "bfloat16")
