@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from replicas.model.loader import INDEX_FILE
-from replicas.model.quantization import BlockFp8, quantize
+from replicas.model.quant_config import BlockFp8
+from replicas.model.quantization import quantize
 
 NOT_CONVERTED = ("lm_head", "model.embed_tokens", "mtp")
 DEFAULT_BLOCK = (128, 128)

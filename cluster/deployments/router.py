@@ -15,6 +15,7 @@ from ray.serve.handle import DeploymentHandle
 from cluster.config import ClusterConfig
 from protos.exaone.v1 import generation_pb2 as pb
 from replicas.model.config import ModelConfig
+from replicas.model.quant_config import BlockFp8
 from router.hops import HopStats
 from router.prompt_workers import PromptWorkers
 from router.requests import RequestLimits
@@ -43,6 +44,7 @@ def model_info(config: ClusterConfig, cfg: ModelConfig, tokenizer: Tokenizer) ->
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         dtype=config.dtype,
+        quantization=quant.describe() if (quant := BlockFp8.from_config(raw)) else "",
         eos_token_ids=list(cfg.eos_token_ids),
         capabilities=pb.Capabilities(
             chat=tokenizer.chat_template is not None,

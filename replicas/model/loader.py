@@ -31,7 +31,8 @@ from replicas.model.checkpoint_names import Piece, checkpoint_sources
 from replicas.model.config import DTYPE_NAMES, ModelConfig
 from replicas.model.exaone_moe import ExaoneMoeForCausalLM, ExpertStack
 from replicas.model.moe import MoEGate
-from replicas.model.quantization import BlockFp8, QuantizationError, dequantize
+from replicas.model.quant_config import BlockFp8, QuantizationError
+from replicas.model.quantization import dequantize
 
 log = logging.getLogger(__name__)
 

@@ -243,3 +243,19 @@ def test_prefix_cache_fingerprint_tells_fp8_from_its_source(make_ckpt, tmp_path)
     fp8 = quantize_checkpoint(bf16, tmp_path / "fp8")
     assert model_fingerprint(fp8, "bfloat16") != model_fingerprint(bf16, "bfloat16")
     assert model_fingerprint(fp8, "bfloat16") == model_fingerprint(fp8, "bfloat16")
+
+
+def test_model_info_names_the_quantization(make_ckpt):
+    from cluster.config import ClusterConfig
+    from cluster.deployments.router import model_info
+    from replicas.model.config import ModelConfig
+    from router.tokenizer import Tokenizer
+
+    def info(path: Path):
+        config = ClusterConfig(model_path=str(path))
+        return model_info(config, ModelConfig.from_json_file(path), Tokenizer(path))
+
+    fp8 = make_ckpt(dtype="bfloat16", quantize="fp8")
+    assert info(fp8).quantization == "fp8 e4m3, blocks 128x128 (fp8)"
+    assert info(fp8).dtype == "bfloat16"  # what the replicas compute in
+    assert info(make_ckpt(dtype="bfloat16")).quantization == ""

@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replicas.model.quantization import (
-    FP8_DTYPE,
-    BlockFp8,
-    QuantizationError,
-    dequantize,
-    quantize,
-)
+from replicas.model.quant_config import BlockFp8, QuantizationError
+from replicas.model.quantization import FP8_DTYPE, dequantize, quantize
 
 
 def test_round_trip_error_is_within_e4m3_precision_per_block():
