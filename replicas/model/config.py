@@ -389,10 +389,14 @@ def checkpoint_dtype(raw: dict[str, Any]) -> str:
     """The dtype a Hugging Face config.json says its weights are in: ``dtype`` (transformers 5)
     or else ``torch_dtype`` (before), as vLLM reads them for ``--dtype auto``. float32 when
     neither is there or the value is not one of DTYPE_NAMES: the safe choice, since bf16, fp16
-    and fp8 weights all convert to it exactly."""
+    and fp8 weights all convert to it exactly. A quantized checkpoint (``quantization_config``)
+    whose dtype is not one of them (``float8_e4m3fn``, say) computes in bfloat16, as FP8
+    releases are meant to."""
     name = str(raw.get("dtype") or raw.get("torch_dtype") or "").removeprefix("torch.")
     name = _DTYPE_SPELLINGS.get(name, name)
-    return name if name in DTYPE_NAMES else "float32"
+    if name in DTYPE_NAMES:
+        return name
+    return "bfloat16" if raw.get("quantization_config") else "float32"
 
 
 def resolve_dtype(dtype: str, model_path: str | Path) -> str:

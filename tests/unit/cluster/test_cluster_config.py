@@ -194,6 +194,10 @@ def test_auto_dtype_reads_torch_dtype_and_falls_back_to_float32(tmp_path):
         ({"torch_dtype": "torch.bfloat16"}, "bfloat16"),
         ({"torch_dtype": "half"}, "float16"),
         ({"dtype": "float8_e4m3fn"}, "float32"),
+        # an FP8 release computes in bf16 whatever dtype it names, unless it names bf16/fp16/fp32
+        ({"dtype": "float8_e4m3fn", "quantization_config": {"quant_method": "fp8"}}, "bfloat16"),
+        ({"quantization_config": {"quant_method": "fp8"}}, "bfloat16"),
+        ({"dtype": "float16", "quantization_config": {"quant_method": "fp8"}}, "float16"),
         ({}, "float32"),
     ],
 )
