@@ -6,16 +6,15 @@ from __future__ import annotations
 import logging
 import threading
 
+from replicas.compute_thread import in_passing_thread
+
 log = logging.getLogger(__name__)
 
 
 def off_loop(fn):
     """``fn()`` in a thread of its own: Serve runs constructors on its user-code event loop,
     where a blocking handle call (``.result()``) is refused."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(fn).result()
+    return in_passing_thread(fn, name="off-loop")
 
 
 class Every:
