@@ -74,7 +74,7 @@ class AttentionShard:
         self.dispatcher = None if experts is None else ExpertDispatcher(experts)
         self.resident_bytes = 0
 
-        def make_engine() -> LLMEngine:  # on the engine thread (AsyncEngine.build says why)
+        def make_engine() -> LLMEngine:  # on the engine thread with 2+ torch threads (build)
             if num_threads:
                 torch.set_num_threads(num_threads)
             model = load_causal_lm(
@@ -91,7 +91,10 @@ class AttentionShard:
                 engine.pin_prefix(ids)
             return engine
 
-        self.engine = AsyncEngine.build(make_engine)
+        if (num_threads or torch.get_num_threads()) > 1:
+            self.engine = AsyncEngine.build(make_engine)
+        else:  # no OpenMP pool to share; served A/B on the bundled model favoured this thread
+            self.engine = AsyncEngine(make_engine())
         self.max_requests = engine_config.max_num_seqs + max_waiting_requests
 
     async def generate(
