@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from replicas.engine.block_pool import BlockPool
+from replicas.engine.decode_indices import decode_indices
 from replicas.kernels import backend as kernel_backend
 from replicas.kernels import cpu as cpu_kernels
 from replicas.kernels.attention_batch import AttentionBatch, SeqChunk
@@ -217,6 +218,25 @@ class StepAttention:
     def __init__(self, cache: HybridKVCache, chunks: Sequence[SeqChunk]):
         self.cache = cache
         pool = next(iter({**cache.global_k, **cache.sliding_k}.values()))  # any layer's K
+        self.kernels = cache.kernels
+        self.decode_only = all(c.num_new == 1 for c in chunks)  # [N] is [B, 1]: no gather
+        # Decode in bf16 on CPU: our kernel reads keys in place (kernels/csrc/decode_attention.c)
+        self.use_kernel = (
+            self.kernels == "torch"
+            and self.decode_only
+            and pool.dtype == torch.bfloat16
+            and pool.device.type == "cpu"
+            and pool.shape[-1] % 32 == 0
+            and cpu_kernels.available()
+        )
+        if self.use_kernel:
+            ix = decode_indices(chunks, cache.block_size, cache.window, cache.ring)
+            self.write_rows, self.global_rows, self.global_valid = ix[:3]
+            if ix.ring_rows is not None and ix.ring_valid is not None and ix.ring_dst is not None:
+                self.ring_rows, self.sliding_valid = ix.ring_rows, ix.ring_valid
+                self.ring_dst = ix.ring_dst
+                self.ring_src = torch.arange(len(chunks))
+            return
         dev = pool.device
         bs, w = cache.block_size, cache.window
         num_new = torch.tensor([c.num_new for c in chunks], device=dev)  # [B]
@@ -226,7 +246,6 @@ class StepAttention:
         j = torch.arange(q_max, device=dev)[None, :]  # [1, Qmax]
         self.q_valid = j < num_new[:, None]  # [B, Qmax]
         self.q_index = torch.where(self.q_valid, starts[:, None] + j, 0)  # [B, Qmax] into N
-        self.decode_only = q_max == 1  # then [N] is [B, 1]: no query gather/scatter at all
         q_pos = computed[:, None] + j  # [B, Qmax]
         total = computed + num_new
         slots = torch.tensor([c.slot for c in chunks], device=dev)  # [B] sliding-state rows
@@ -246,7 +265,6 @@ class StepAttention:
             self.ring_dst = (slots[:, None] * ring + q_pos % ring)[keep]
             self.ring_src = self.q_index[keep]
 
-        self.kernels = cache.kernels
         if self.kernels == "torch":
             self._torch_indices(chunks, computed, total, q_pos, tables, slots, pool)
         else:
@@ -260,14 +278,6 @@ class StepAttention:
         cache, dev = self.cache, pool.device
         bs, w = cache.block_size, cache.window
         self.out_index = self.q_valid.flatten().nonzero()[:, 0]  # [N] rows of the flat [B*Qmax]
-        # Decode in bf16 on CPU: our kernel reads keys in place (kernels/csrc/decode_attention.c)
-        self.use_kernel = (
-            self.decode_only
-            and pool.dtype == torch.bfloat16
-            and pool.device.type == "cpu"
-            and pool.shape[-1] % 32 == 0
-            and cpu_kernels.available()
-        )
         # Global layers: read positions [0, total).
         k_max = int(total.max())
         kpos = torch.arange(k_max, device=dev)[None, :]  # [1, Kmax]
@@ -343,9 +353,8 @@ class StepAttention:
                     return self._kernel(q, k, v, kc, vc, None, None)
                 rows = self.global_rows
                 if self.use_kernel:
-                    valid = self.global_mask[:, 0, 0]  # [B, Kmax]
                     return cpu_kernels.decode_attention_bf16(
-                        q.contiguous(), kc, vc, rows, valid, q.shape[-1] ** -0.5
+                        q.contiguous(), kc, vc, rows, self.global_valid, q.shape[-1] ** -0.5
                     )
                 return self._sdpa(q, _rows(kc, rows), _rows(vc, rows), self.global_mask)
 
@@ -362,7 +371,7 @@ class StepAttention:
                     ks_flat,
                     vs_flat,
                     self.ring_rows,
-                    self.sliding_mask[:, 0, 0],
+                    self.sliding_valid,
                     q.shape[-1] ** -0.5,
                     k.contiguous(),
                     v.contiguous(),

@@ -260,7 +260,8 @@ class RoutedExperts(nn.Module):
     def kernel_max_rows(self) -> int:
         """Average rows per used expert up to which the AVX512 kernel runs (see
         CACHE_RESIDENT_EXPERT_BYTES)."""
-        per_expert = (self.w13[0].numel() + self.w2[0].numel()) * self.w13.element_size()
+        (_, a, b), (_, c, d) = self.w13.shape, self.w2.shape  # [E, 2I, H], [E, H, I]
+        per_expert = (a * b + c * d) * self.w13.element_size()
         if per_expert <= CACHE_RESIDENT_EXPERT_BYTES:
             return KERNEL_MAX_ROWS_PER_CACHED_EXPERT
         return KERNEL_MAX_ROWS_PER_EXPERT
