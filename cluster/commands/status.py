@@ -36,6 +36,16 @@ def _ranges(ids: list[int]) -> str:
     return ",".join(out)
 
 
+def _size(num_bytes: int) -> str:
+    """1536 -> '1.5 KiB'; bytes in the largest binary unit that keeps a leading digit."""
+    size, unit = float(num_bytes), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
 def _expert_stats(app: str, deployment: str, group: int) -> list[dict[str, Any]]:
     """Every replica's stats: from the workers (actor transport) or, failing that, a few calls
     through the deployment handle (each reaches some replica)."""
@@ -73,6 +83,8 @@ def _expert_stats(app: str, deployment: str, group: int) -> list[dict[str, Any]]
             "ready_s": round(s.ready_s, 2),
             "map_version": s.map_version,
             "kernels": getattr(s, "kernels", "torch"),
+            "resident_bytes": s.resident_bytes,
+            "weight_dtype": getattr(s, "weight_dtype", ""),
         }
         for r, s in sorted(found.items())
     ]
@@ -114,11 +126,12 @@ def render(found: dict[str, Any]) -> str:
             counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(d["replicas"].items()))
             lines.append(f"  {name:<16} {d['status']:<10} replicas: {counts or 'none'}")
             for r in d.get("expert_replicas", []):
+                held = f"{_size(r.get('resident_bytes', 0))} {r.get('weight_dtype', '')}"
                 lines.append(
                     f"    {r['replica'][:12]:<12} experts {_ranges(r['experts']):<20} "
                     f"{r['tokens_per_s']:>8.1f} tok/s  busy {r['busy']:.0%}  "
                     f"ready in {r['ready_s']:.1f} s  map v{r['map_version']}  "
-                    f"{r.get('kernels', 'torch')} kernels"
+                    f"{r.get('kernels', 'torch')} kernels  holds {held.rstrip()}"
                 )
             if (b := d.get("balancer")) is not None:
                 lines.append(

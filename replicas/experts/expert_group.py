@@ -58,6 +58,9 @@ class ExpertGroupStats:
     """The expert map version of the holdings (ExpertMap.version)."""
     kernels: str = "torch"
     """What computes the experts (replicas.kernels.backend)."""
+    weight_dtype: str = ""
+    """The dtype the expert weights are held in (an FP8 checkpoint's are dequantized at load
+    today, so they are held in the compute dtype)."""
 
 
 class ExpertGroup:
@@ -104,6 +107,16 @@ class ExpertGroup:
     @property
     def resident_bytes(self) -> int:
         return resident_bytes(self.stack)
+
+    @property
+    def weight_dtype(self) -> str:
+        """The dtype of the largest share of the held weights ("" when none are held)."""
+        by_dtype: dict[torch.dtype, int] = {}
+        for t in self.stack.state_dict().values():
+            by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.numel() * t.element_size()
+        return (
+            str(max(by_dtype, key=by_dtype.__getitem__)).removeprefix("torch.") if by_dtype else ""
+        )
 
     @torch.inference_mode()
     def forward(
@@ -209,4 +222,5 @@ class ExpertGroup:
                 ready_s=self.ready_s,
                 map_version=self.map_version,
                 kernels=self.kernels.name,
+                weight_dtype=self.weight_dtype,
             )

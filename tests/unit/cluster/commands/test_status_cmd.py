@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import os
 
-from cluster.commands.status import _ranges, render
+from cluster.commands.status import _ranges, _size, render
 
 
 def test_expert_ids_print_as_ranges():
     assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     assert _ranges([3]) == "3" and _ranges([]) == ""
+
+
+def test_sizes_print_in_binary_units():
+    assert _size(0) == "0 B" and _size(1023) == "1023 B"
+    assert _size(1536) == "1.5 KiB" and _size(3 << 20) == "3.0 MiB"
+    assert _size(5 << 30) == "5.0 GiB" and _size(2048 << 40) == "2048.0 TiB"
 
 
 def test_render_lists_deployments_replicas_placement_and_load():
@@ -32,6 +38,8 @@ def test_render_lists_deployments_replicas_placement_and_load():
                                 "ready_s": 1.25,
                                 "map_version": 2,
                                 "kernels": "triton",
+                                "resident_bytes": 3 << 19,
+                                "weight_dtype": "bfloat16",
                             }
                         ],
                     },
@@ -56,7 +64,7 @@ def test_render_lists_deployments_replicas_placement_and_load():
     assert "AttentionShard   HEALTHY    replicas: 2 running" in text
     assert "replicas: 1 running, 1 starting" in text
     assert "experts 0-3" in text and "812.5 tok/s" in text and "busy 43%" in text
-    assert "map v2  triton kernels" in text
+    assert "map v2  triton kernels  holds 1.5 MiB bfloat16" in text
     assert "map v2 (idle), imbalance measured 1.04, predicted 1.01, 2 rebalance(s)" in text
     assert "layer 1: g0: 0-2  g1: 0,3" in text
 

@@ -196,6 +196,7 @@ def test_expert_group_holds_only_its_experts(tiny_ckpt, colocated):
         stats = group.stats()
         assert stats.expert_ids == tuple(sorted(ids))
         assert stats.resident_bytes == len(ids) * per_expert * len(cfg.moe_layers)
+        assert stats.weight_dtype == "float32"
         for layer in cfg.moe_layers:
             w13 = group.stack.experts(layer).w13
             want = colocated.model.layers[str(layer)].mlp.experts.w13[list(sorted(ids))]
