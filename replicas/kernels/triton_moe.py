@@ -25,6 +25,8 @@ is what the tensor cores compute anyway (exact bf16 products, fp32 sums).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -53,6 +55,20 @@ def _block_rows(
 
 
 @triton.jit
+def _dequantize(w, scale, dtype: tl.constexpr):
+    """An e4m3 weight tile times its blocks' scales, rounded to the activations' dtype once:
+    the values replicas.model.quantization.dequantize gives (fp32 product, one rounding to
+    nearest even). The rounding to bf16 is done on the bits, because Triton's interpreter
+    truncates where the GPU (and torch) round; the cast after it is then exact on both."""
+    v = w.to(tl.float32) * scale
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16  # uint32 all the way
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
 def _gate_up_silu_kernel(
     x_ptr,
     tokens_ptr,
@@ -67,18 +83,26 @@ def _gate_up_silu_kernel(
     stride_we,
     stride_wn,
     stride_act,
+    s13_ptr,
+    stride_se,
+    stride_shalf,
+    stride_sr,
+    block_r,
+    block_c,
     E_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     expert, rows, row_ok, real = _block_rows(
         offsets_ptr, block_start_ptr, pid_m, num_experts, E_PAD, BLOCK_M
     )
     if real:
+        s_base = s13_ptr + expert.to(tl.int64) * stride_se  # FP8 only: this expert's scales
         tok = tl.load(tokens_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM] rows of x
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns of I
         col_ok = cols < inter
@@ -100,6 +124,12 @@ def _gate_up_silu_kernel(
             wu = tl.load(
                 w_base + (cols + inter)[None, :] * stride_wn + ks[:, None], mask=w_mask, other=0.0
             )  # [BK, BN] up rows
+            if FP8:  # each half has its own scale grid [ceil(I / br), ceil(H / bc)]
+                blk = (cols // block_r)[None, :] * stride_sr + (ks // block_c)[:, None]
+                sg = tl.load(s_base + blk, mask=w_mask, other=0.0)
+                su = tl.load(s_base + stride_shalf + blk, mask=w_mask, other=0.0)
+                wg = _dequantize(wg, sg, a.dtype)
+                wu = _dequantize(wu, su, a.dtype)
             if UPCAST:
                 a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
             acc_gate += tl.dot(a, wg, input_precision=PRECISION)
@@ -126,12 +156,18 @@ def _down_kernel(
     stride_we,
     stride_wn,
     stride_y,
+    s2_ptr,
+    stride_se,
+    stride_sr,
+    block_r,
+    block_c,
     E_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     expert, rows, row_ok, real = _block_rows(
@@ -150,11 +186,12 @@ def _down_kernel(
                 mask=row_ok[:, None] & k_ok[None, :],
                 other=0.0,
             )  # [BM, BK]
-            w = tl.load(
-                w_base + cols[None, :] * stride_wn + ks[:, None],
-                mask=k_ok[:, None] & col_ok[None, :],
-                other=0.0,
-            )  # [BK, BN]
+            w_mask = k_ok[:, None] & col_ok[None, :]
+            w = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None], mask=w_mask, other=0.0)
+            if FP8:  # scale grid [ceil(H / br), ceil(I / bc)]
+                blk = (cols // block_r)[None, :] * stride_sr + (ks // block_c)[:, None]
+                s_base = s2_ptr + expert.to(tl.int64) * stride_se
+                w = _dequantize(w, tl.load(s_base + blk, mask=w_mask, other=0.0), a.dtype)
             if UPCAST:
                 a, w = a.to(tl.float32), w.to(tl.float32)
             acc += tl.dot(a, w, input_precision=PRECISION)
@@ -177,25 +214,56 @@ def block_m(num_rows: int, num_experts: int) -> int:
 BLOCK_N, BLOCK_K = 64, 64
 
 
+@dataclass(frozen=True)
+class Fp8Scales:
+    """The scales of block-wise FP8 expert weights (replicas.model.quantization's layout):
+    gate and up are quantized as the checkpoint's two tensors, so each has its own grid."""
+
+    w13_scale: torch.Tensor  # [E, 2, ceil(I / br), ceil(H / bc)]: gate's grid, then up's
+    w2_scale: torch.Tensor  # [E, ceil(H / br), ceil(I / bc)]
+    block: tuple[int, int]  # (br, bc): weight rows x columns per scale
+
+    def check(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        num_experts, two_inter, hidden = w13.shape
+        inter = two_inter // 2
+        br, bc = self.block
+        want13 = (num_experts, 2, -(-inter // br), -(-hidden // bc))
+        want2 = (num_experts, -(-hidden // br), -(-inter // bc))
+        if w13.dtype != torch.float8_e4m3fn or w2.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"FP8 scales need float8_e4m3fn weights, got {w13.dtype}, {w2.dtype}")
+        if tuple(self.w13_scale.shape) != want13 or tuple(self.w2_scale.shape) != want2:
+            raise ValueError(
+                f"scales {list(self.w13_scale.shape)} / {list(self.w2_scale.shape)} do not fit "
+                f"blocks of {list(self.block)}: want {list(want13)} / {list(want2)}"
+            )
+
+
 def moe_experts(
     x: torch.Tensor,
     tokens: torch.Tensor,
     offsets: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
+    fp8: Fp8Scales | None = None,
 ) -> torch.Tensor:
     """x [N, H], tokens [S] (row of x for each grouped row), offsets [E + 1] (expert e owns
     grouped rows offsets[e]..offsets[e+1]), w13 [E, 2I, H] (gate rows, then up), w2 [E, H, I],
     all on one device -> y [S, H] in x's dtype: down(silu(gate(x[t])) * up(x[t])) per grouped
-    row, with its expert's weights."""
+    row, with its expert's weights.
+
+    ``fp8``: w13 and w2 are block-wise float8_e4m3fn with these scales; each weight tile is
+    dequantized in the kernel to x's dtype, to the values replicas.model.quantization.dequantize
+    gives, so the result is the one of this function on the dequantized weights."""
     num_experts, two_inter, hidden = w13.shape
     inter = two_inter // 2
-    if x.dtype != w13.dtype or w2.dtype != w13.dtype:
+    if fp8 is None and (x.dtype != w13.dtype or w2.dtype != w13.dtype):
         raise ValueError(f"x {x.dtype}, w13 {w13.dtype}, w2 {w2.dtype}: one dtype for all")
     if x.shape[-1] != hidden or tuple(w2.shape) != (num_experts, hidden, inter):
         raise ValueError(
             f"shapes do not match: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}"
         )
+    if fp8 is not None:
+        fp8.check(w13, w2)
     if offsets.shape != (num_experts + 1,):
         raise ValueError(f"offsets must be [{num_experts + 1}]")
     num_rows = tokens.numel()
@@ -217,7 +285,14 @@ def moe_experts(
         BLOCK_K=BLOCK_K,
         UPCAST=INTERPRET,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        FP8=fp8 is not None,
     )
+    if fp8 is not None:
+        s13, s2 = fp8.w13_scale.float().contiguous(), fp8.w2_scale.float().contiguous()
+        br, bc = fp8.block
+    else:  # never read
+        s13 = s2 = torch.zeros(1, 1, 1, 1, device=x.device)
+        br = bc = 1
     _gate_up_silu_kernel[(max_blocks, triton.cdiv(inter, BLOCK_N))](
         x,
         tokens,
@@ -232,6 +307,12 @@ def moe_experts(
         w13.stride(0),
         w13.stride(1),
         act.stride(0),
+        s13,
+        s13.stride(0),
+        s13.stride(1),
+        s13.stride(2),
+        br,
+        bc,
         **common,
     )
     _down_kernel[(max_blocks, triton.cdiv(hidden, BLOCK_N))](
@@ -247,6 +328,11 @@ def moe_experts(
         w2.stride(0),
         w2.stride(1),
         y.stride(0),
+        s2,
+        s2.stride(0),
+        s2.stride(1),
+        br,
+        bc,
         **common,
     )
     return y

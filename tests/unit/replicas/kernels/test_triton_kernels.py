@@ -102,6 +102,52 @@ def test_moe_kernel_matches_torch(dtype, shape):
     assert triton_err <= 1.5 * torch_err + ulp, (triton_err, torch_err, skipped)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(tokens=5, hidden=64, inter=32, experts=4, block=(16, 32)),  # whole blocks
+        dict(tokens=37, hidden=96, inter=80, experts=3, block=(24, 40)),  # partial edge blocks
+        dict(tokens=9, hidden=128, inter=48, experts=2, block=(128, 128)),  # one partial block
+    ],
+    ids=["whole-blocks", "edge-blocks", "one-block"],
+)
+def test_fp8_moe_kernel_equals_it_on_the_dequantized_weights(dtype, shape):
+    """Block-wise FP8 experts (gate, up and down quantized as the checkpoint's three tensors):
+    dequantized tile by tile in the kernel, the output is the kernel's on the weights
+    replicas.model.quantization.dequantize gives, bit for bit."""
+    from replicas.kernels.triton_moe import Fp8Scales, moe_experts
+    from replicas.model.quantization import dequantize, quantize
+
+    g = torch.Generator().manual_seed(7)
+    e, h, i, block = shape["experts"], shape["hidden"], shape["inter"], shape["block"]
+    gate, up = (torch.randn(e, i, h, generator=g) / h**0.5 for _ in range(2))
+    down = torch.randn(e, h, i, generator=g) / i**0.5
+    (gq, gs), (uq, us), (dq, ds) = (quantize(w, block) for w in (gate, up, down))
+    w13_fp8, w2_fp8 = torch.cat([gq, uq], 1), dq  # [E, 2I, H], [E, H, I]
+    scales = Fp8Scales(torch.stack([gs, us], 1), ds, block)
+    w13 = torch.cat([dequantize(gq, gs, block, dtype), dequantize(uq, us, block, dtype)], 1)
+    w2 = dequantize(dq, ds, block, dtype)
+    x = torch.randn(shape["tokens"], h, generator=g).to(dtype)
+    counts = torch.tensor(
+        [shape["tokens"] // e] * (e - 1) + [shape["tokens"] - (e - 1) * (shape["tokens"] // e)]
+    )
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    tokens = torch.randperm(shape["tokens"], generator=g)
+    args = [t.to(DEVICE) for t in (x, tokens, offsets)]
+    want = moe_experts(*args, w13.to(DEVICE), w2.to(DEVICE))
+    on = Fp8Scales(*(t.to(DEVICE) for t in (scales.w13_scale, scales.w2_scale)), block)
+    got = moe_experts(*args, w13_fp8.to(DEVICE), w2_fp8.to(DEVICE), on)
+    assert got.dtype == dtype and torch.equal(got, want)
+    with pytest.raises(ValueError, match="do not fit"):
+        moe_experts(
+            *args,
+            w13_fp8.to(DEVICE),
+            w2_fp8.to(DEVICE),
+            Fp8Scales(on.w13_scale, on.w2_scale, (8, 8)),
+        )
+
+
 def test_moe_kernel_with_no_rows_returns_empty():
     cfg = _cfg()
     m = _experts(cfg, [0, 1], torch.float32)
