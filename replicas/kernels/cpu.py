@@ -94,6 +94,69 @@ def moe_experts_bf16(
     return out
 
 
+def moe_experts_fp8(
+    h: torch.Tensor,
+    offsets: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2_scale: torch.Tensor,
+    block: tuple[int, int],
+) -> torch.Tensor:
+    """moe_experts_bf16 on block-wise FP8 experts: w13 [E, 2I, H] and w2 [E, H, I]
+    float8_e4m3fn, w13_scale [E, 2, ceil(I/br), ceil(H/bc)] (gate's grid, then up's),
+    w2_scale [E, ceil(H/br), ceil(I/bc)] fp32, block (br, bc) -> [R, H] bf16, bit for bit
+    moe_experts_bf16's on the weights replicas.model.quantization.dequantize gives (each work
+    item dequantizes the rows it reads into a scratch; see csrc/moe_bf16.c)."""
+    lib = BF16_LIBRARY.require()
+    num_experts, two_inter, hidden = w13.shape
+    inter, (br, bc) = two_inter // 2, block
+    _require_bf16(h=h)
+    fp8 = torch.float8_e4m3fn
+    want13 = (num_experts, 2, -(-inter // br), -(-hidden // bc))
+    want2 = (num_experts, -(-hidden // br), -(-inter // bc))
+    if (
+        w13.dtype is not fp8
+        or w2.dtype is not fp8
+        or not (w13.is_contiguous() and w2.is_contiguous() and w13.is_cpu and w2.is_cpu)
+        or h.shape[1] != hidden
+        or w2.shape != (num_experts, hidden, inter)
+        or tuple(w13_scale.shape) != want13
+        or tuple(w2_scale.shape) != want2
+        or offsets.shape != (num_experts + 1,)
+        or br < 1
+        or bc < 1
+    ):
+        raise ValueError(
+            f"moe_experts_fp8: h {tuple(h.shape)}, w13 {tuple(w13.shape)} {w13.dtype}, w2 "
+            f"{tuple(w2.shape)} {w2.dtype}, scales {tuple(w13_scale.shape)} / "
+            f"{tuple(w2_scale.shape)} (want {want13} / {want2}) do not fit"
+        )
+    offsets = offsets.to(torch.int64).contiguous()
+    s13, s2 = (s.to(torch.float32).contiguous() for s in (w13_scale, w2_scale))
+    act = h.new_empty(h.shape[0], inter)
+    out = torch.empty_like(h)
+    failed = lib.moe_experts_fp8(
+        h.data_ptr(),
+        offsets.data_ptr(),
+        num_experts,
+        hidden,
+        inter,
+        w13.data_ptr(),
+        s13.data_ptr(),
+        w2.data_ptr(),
+        s2.data_ptr(),
+        br,
+        bc,
+        act.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if failed:
+        raise MemoryError("moe_experts_fp8: no memory for a thread's scratch")
+    return out
+
+
 def moe_layer_decode_bf16(
     x: torch.Tensor,
     topk_ids: torch.Tensor,

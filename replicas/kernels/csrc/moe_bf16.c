@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "simd.h"
@@ -173,4 +174,123 @@ int moe_layer_decode_bf16(const uint16_t* x, int n, int hidden, int inter, int k
     }
   }
   return 0;
+}
+
+/* ---- FP8 weights -------------------------------------------------------------------------
+ * Block-wise e4m3 weights (replicas/model/quantization.py): byte weights, one fp32 scale per
+ * block of br rows x bc columns, partial blocks at the edges. Each work item dequantizes the
+ * weight rows it reads (its 16 output features) into a bf16 scratch of its thread, the fp32
+ * product rounded to nearest even as quantization.dequantize does, and runs the bf16 routines
+ * above on it: the results are moe_experts_bf16's on the dequantized weights, bit for bit,
+ * while the weights read from memory are half as many bytes. (Products below FLT_MIN, which
+ * the vector rounding flushes to zero, and the NaN codes 0x7f / 0xff, read as +-480, are the
+ * exceptions; neither occurs in a quantized checkpoint's weights.) */
+
+static inline float fp8_to_f32(uint8_t b) {
+  const int e = (b >> 3) & 15, m = b & 7;
+  const float v = e ? ldexpf(1.0f + m / 8.0f, e - 7) : ldexpf((float)m, -9);
+  return (b & 0x80) ? -v : v;
+}
+
+static inline __m512 fp8x16_to_f32(const uint8_t* p) {
+  const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+  const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7f));
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(u, _mm512_set1_epi32(0x80)), 24);
+  /* exponent field >= 1: shift into place and rebias (7 -> 127); 0: m * 2^-9 */
+  const __m512 normal = _mm512_castsi512_ps(
+      _mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23)));
+  const __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(1.0f / 512));
+  const __mmask16 is_sub = _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(8));
+  const __m512 v = _mm512_mask_blend_ps(is_sub, normal, sub);
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+}
+
+/* dst [nrows, cols] bf16 = rows row0.. of w [., cols] e4m3 times their scales (scale [., ld]) */
+static void dequant_rows(const uint8_t* w, const float* scale, int64_t ld, int br, int bc,
+                         int row0, int nrows, int cols, uint16_t* dst) {
+  for (int r = 0; r < nrows; r++) {
+    const uint8_t* src = w + (int64_t)(row0 + r) * cols;
+    const float* s = scale + (int64_t)((row0 + r) / br) * ld;
+    uint16_t* d = dst + (int64_t)r * cols;
+    int c = 0;
+    for (; c + 16 <= cols; c += 16) {
+      if (c / bc == (c + 15) / bc) {
+        const __m512 v = _mm512_mul_ps(fp8x16_to_f32(src + c), _mm512_set1_ps(s[c / bc]));
+        _mm256_storeu_si256((__m256i*)(d + c), (__m256i)_mm512_cvtneps_pbh(v));
+      } else {
+        for (int q = c; q < c + 16; q++) d[q] = f32_to_bf16(fp8_to_f32(src[q]) * s[q / bc]);
+      }
+    }
+    for (; c < cols; c++) d[c] = f32_to_bf16(fp8_to_f32(src[c]) * s[c / bc]);
+  }
+}
+
+/* moe_experts_bf16 on FP8 weights: w13 [E, 2I, H] e4m3 with s13 [E, 2, ceil(I/br), ceil(H/bc)]
+ * (gate's scale grid, then up's: the checkpoint's two tensors), w2 [E, H, I] with
+ * s2 [E, ceil(H/br), ceil(I/bc)]. Returns 0, or 1 when a thread's scratch cannot be had. */
+int moe_experts_fp8(const uint16_t* x, const int64_t* offsets, int num_experts, int hidden,
+                    int inter, const uint8_t* w13, const float* s13, const uint8_t* w2,
+                    const float* s2, int br, int bc, uint16_t* act, uint16_t* out,
+                    int num_threads) {
+  const int blocks_up = (inter + BLOCK - 1) / BLOCK, blocks_down = (hidden + BLOCK - 1) / BLOCK;
+  const long items_up = (long)num_experts * blocks_up, items_down = (long)num_experts * blocks_down;
+  const int tiles = (int64_t)3 * inter * hidden * 2 <= TILED_MAX_EXPERT_BYTES;
+  const int gi = (inter + br - 1) / br, gh = (hidden + bc - 1) / bc; /* w13 halves' grids */
+  const int gh2 = (hidden + br - 1) / br, gi2 = (inter + bc - 1) / bc; /* w2's grid */
+  const int widest = hidden > inter ? hidden : inter;
+  int failed = 0;
+
+#pragma omp parallel num_threads(num_threads)
+  {
+    uint16_t* scratch = malloc(sizeof(uint16_t) * 2 * BLOCK * (size_t)widest);
+    if (scratch == NULL) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp barrier
+    if (!failed) {
+      uint16_t* gate_rows = scratch;
+      uint16_t* up_rows = scratch + (size_t)BLOCK * widest;
+#pragma omp for schedule(dynamic, 4)
+      for (long item = 0; item < items_up; item++) {
+        const int e = (int)(item / blocks_up), first = (int)(item % blocks_up) * BLOCK;
+        const int64_t r0 = offsets[e], r1 = offsets[e + 1];
+        if (r0 == r1) continue;
+        const int last = first + BLOCK < inter ? first + BLOCK : inter, nf = last - first;
+        const uint8_t* gate_w = w13 + (int64_t)e * 2 * inter * hidden;
+        const float* gate_s = s13 + (int64_t)e * 2 * gi * gh;
+        dequant_rows(gate_w, gate_s, gh, br, bc, first, nf, hidden, gate_rows);
+        dequant_rows(gate_w + (int64_t)inter * hidden, gate_s + (int64_t)gi * gh, gh, br, bc,
+                     first, nf, hidden, up_rows);
+        for (int64_t r = r0; r < r1; r += 4) {
+          const int nr = r1 - r < 4 ? (int)(r1 - r) : 4;
+          uint16_t* a = act + r * inter + first;
+          if (tiles && nr == 4)
+            up_tiled(x + r * hidden, nr, hidden, inter, gate_rows, up_rows, 0, nf, a);
+          else
+            up_streamed(x + r * hidden, nr, hidden, inter, gate_rows, up_rows, 0, nf, a);
+        }
+      }
+#pragma omp for schedule(dynamic, 4)
+      for (long item = 0; item < items_down; item++) {
+        const int e = (int)(item / blocks_down), first = (int)(item % blocks_down) * BLOCK;
+        const int64_t r0 = offsets[e], r1 = offsets[e + 1];
+        if (r0 == r1) continue;
+        const int last = first + BLOCK < hidden ? first + BLOCK : hidden, nf = last - first;
+        dequant_rows(w2 + (int64_t)e * hidden * inter, s2 + (int64_t)e * gh2 * gi2, gi2, br, bc,
+                     first, nf, inter, gate_rows);
+        for (int64_t r = r0; r < r1; r += 4) {
+          const int nr = r1 - r < 4 ? (int)(r1 - r) : 4;
+          if (tiles && nr == 4)
+            project_tiled(act + r * inter, inter, nr, gate_rows, inter, 0, nf,
+                          out + r * hidden + first, hidden);
+          else
+            project_streamed(act + r * inter, inter, nr, gate_rows, inter, 0, nf,
+                             out + r * hidden + first, hidden);
+        }
+      }
+    }
+    free(scratch);
+  }
+  return failed;
 }

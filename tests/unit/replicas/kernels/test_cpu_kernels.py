@@ -106,6 +106,43 @@ def test_kernel_matches_pytorch_bf16(hidden, inter):
     _assert_experts_close(got, _torch_experts(h, offsets, w13, w2))
 
 
+@needs_kernel
+@pytest.mark.parametrize(
+    "hidden,inter,block",
+    [(64, 32, (16, 32)), (96, 80, (24, 40)), (48, 40, (128, 128)), (1024, 256, (128, 128))],
+    ids=["tiles-whole-blocks", "tiles-edge-blocks", "one-partial-block", "streamed"],
+)
+def test_fp8_kernel_equals_the_bf16_kernel_on_dequantized_weights(hidden, inter, block):
+    """Block-wise e4m3 experts (gate, up, down quantized as the checkpoint's three tensors):
+    the kernel's output is moe_experts_bf16's on quantization.dequantize's weights, bit for bit,
+    on the tiled path (small experts, whole groups of 4 rows) and the streamed one, with partial
+    edge blocks and blocks whose columns straddle a 16-value chunk."""
+    from replicas.model.quantization import dequantize, quantize
+
+    counts = torch.tensor([0, 3, 5, 1, 0, 9, 4, 8, 13])
+    g = torch.Generator().manual_seed(5)
+    e = len(counts)
+    gate, up = (torch.randn(e, inter, hidden, generator=g) / hidden**0.5 for _ in range(2))
+    down = torch.randn(e, hidden, inter, generator=g) / inter**0.5
+    for w in (gate, up, down):  # every 5th column tiny: e4m3 subnormals (exponent field 0)
+        w[..., ::5] *= 1e-3
+    (gq, gs), (uq, us), (dq, ds) = (quantize(w, block) for w in (gate, up, down))
+    codes = torch.cat([q.view(torch.uint8).flatten() for q in (gq, uq, dq)])
+    assert int(((codes & 0x78) == 0).logical_and(codes & 0x07 != 0).sum()) > codes.numel() // 100
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    h = torch.randn(int(counts.sum()), hidden, generator=g).bfloat16()
+    w13 = torch.cat(
+        [dequantize(gq, gs, block, torch.bfloat16), dequantize(uq, us, block, torch.bfloat16)], 1
+    )
+    want = cpu_kernels.moe_experts_bf16(h, offsets, w13, dequantize(dq, ds, block, torch.bfloat16))
+    got = cpu_kernels.moe_experts_fp8(
+        h, offsets, torch.cat([gq, uq], 1), dq, torch.stack([gs, us], 1), ds, block
+    )
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_kernels.moe_experts_fp8(h, offsets, torch.cat([gq, uq], 1), dq, gs, ds, block)
+
+
 needs_amx = pytest.mark.skipif(not CAN_AMX, reason="covered by the availability test")
 
 
