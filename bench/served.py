@@ -169,22 +169,20 @@ def engine_config(config: ClusterConfig):
 
 # ---- systems ------------------------------------------------------------------------------------
 def run_engine(config: ClusterConfig, work: Workload) -> dict:
-    import torch
 
     from replicas.engine.async_engine import AsyncEngine
     from replicas.engine.engine import LLMEngine
     from replicas.model.loader import DTYPES
     from replicas.sampling_params import SamplingParams
 
-    def make_engine() -> LLMEngine:  # on the engine thread, as a replica does
-        torch.set_num_threads(config.engine_threads())
+    def make_engine() -> LLMEngine:  # on the thread a replica makes it on (AsyncEngine.build)
         model = load_causal_lm(
             config.model_path, dtype=DTYPES[config.dtype], include_mtp=False, progress=False
         )
         return LLMEngine(model, engine_config(config))
 
     start = time.perf_counter()
-    front = AsyncEngine.build(make_engine)
+    front = AsyncEngine.build(make_engine, config.engine_threads())
     engine = front.engine
     blocks, seqs = engine.cache.blocks.num_total, config.engine.max_num_seqs
     need = math.ceil(

@@ -13,8 +13,6 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from replicas.engine.async_engine import AsyncEngine, OutputSink
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.experts.dispatch import ExpertDispatcher, ExpertTransport
@@ -75,8 +73,6 @@ class AttentionShard:
         self.resident_bytes = 0
 
         def make_engine() -> LLMEngine:  # on the engine thread with 2+ torch threads (build)
-            if num_threads:
-                torch.set_num_threads(num_threads)
             model = load_causal_lm(
                 model_path,
                 dtype=DTYPES[dtype],
@@ -91,10 +87,7 @@ class AttentionShard:
                 engine.pin_prefix(ids)
             return engine
 
-        if (num_threads or torch.get_num_threads()) > 1:
-            self.engine = AsyncEngine.build(make_engine)
-        else:  # no OpenMP pool to share; served A/B on the bundled model favoured this thread
-            self.engine = AsyncEngine(make_engine())
+        self.engine = AsyncEngine.build(make_engine, num_threads)
         self.max_requests = engine_config.max_num_seqs + max_waiting_requests
 
     async def generate(

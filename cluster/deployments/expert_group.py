@@ -55,8 +55,8 @@ class ExpertGroupDeployment:
         ctx = serve.get_replica_context()
         self.replica, self.group_id = ctx.replica_id.unique_id, group
         self.worker: Any = None  # the worker actor's handle ("actor" transport)
-        self.group: ExpertGroup | None = None  # the experts themselves ("serve" transport)
-        self.compute: ComputeThread | None = None  # where they compute ("serve" transport)
+        # "serve" transport: the experts themselves, and the thread they compute on
+        self.local: tuple[ExpertGroup, ComputeThread] | None = None
         if e.transport == "actor":
             from cluster.deployments.expert_transport import WORKER_NAMESPACE, worker_name
 
@@ -76,8 +76,8 @@ class ExpertGroupDeployment:
             )
             ray.get(self.worker.ready.remote())
         else:  # loaded in a thread that ends, computed on one that stays (compute_thread)
-            self.group = in_passing_thread(lambda: _load_group(*args))
-            self.compute = ComputeThread("expert-compute")
+            held = in_passing_thread(lambda: _load_group(*args))
+            self.local = (held, ComputeThread("expert-compute"))
         self.balancer = balancer
         self.reporter = None
         _serve_log.info("expert group %d kernels: %s", group, self.stats().kernels)
@@ -104,29 +104,27 @@ class ExpertGroupDeployment:
         if self.worker is not None:
             ray.get(self.worker.follow.remote(*args))
         else:  # beside the layer calls, in a thread that ends (replicas.compute_thread)
-            group = self._group()
+            group, _ = self._local()
             in_passing_thread(lambda: group.follow(*args))
 
-    def _group(self) -> ExpertGroup:
-        """The experts held in this process (the "serve" transport)."""
-        if self.group is None:
+    def _local(self) -> tuple[ExpertGroup, ComputeThread]:
+        """The experts held in this process and their compute thread (the "serve" transport)."""
+        if self.local is None:
             raise RuntimeError("this replica's experts live in its worker actor")
-        return self.group
+        return self.local
 
     def forward(self, layer: int, x, topk_ids):
         """Packed tensors in and out (cluster.deployments.expert_transport.pack)."""
         if self.worker is not None:
             return ray.get(self.worker.forward.remote(layer, x, topk_ids))
-        group = self._group()
-        if self.compute is None:
-            raise RuntimeError("this replica holds experts but no thread to compute them on")
-        return self.compute.call(lambda: _forward_packed(group, layer, x, topk_ids))
+        group, compute = self._local()
+        return compute.call(lambda: _forward_packed(group, layer, x, topk_ids))
 
     def stats(self):
         return (
             ray.get(self.worker.stats.remote())
             if self.worker is not None
-            else self._group().stats()
+            else self._local()[0].stats()
         )
 
     async def check_health(self) -> None:
@@ -142,7 +140,7 @@ class ExpertGroupDeployment:
         if self.worker is not None:
             stats = await self.worker.stats.remote()
         else:
-            stats = self._group().stats()
+            stats = self._local()[0].stats()
         return {"tokens_per_s": stats.tokens_per_s, "busy": stats.busy}
 
 

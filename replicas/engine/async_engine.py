@@ -22,6 +22,8 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import Future
 from typing import Protocol
 
+import torch
+
 from replicas.engine.engine import LLMEngine
 from replicas.outputs import (
     ReplicaUnavailableError,
@@ -64,13 +66,23 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def build(cls, make_engine: Callable[[], LLMEngine]) -> AsyncEngine:
-        """An AsyncEngine whose engine ``make_engine()`` makes on the engine thread, which then
-        goes on to run the steps; returns once it is made (raises what ``make_engine`` raised).
+    def build(
+        cls, make_engine: Callable[[], LLMEngine], num_threads: int | None = None
+    ) -> AsyncEngine:
+        """An AsyncEngine over ``make_engine()``; sets torch's threads to ``num_threads`` first
+        (None: as they are). Returns once the engine is made (raises what ``make_engine``
+        raised).
 
-        Loading the weights on the caller's thread and stepping on this one would leave
-        OpenMP two thread pools, which slows every step (replicas.compute_thread says how much
-        and why)."""
+        With 2 or more threads the engine is made on the engine thread, which then goes on to
+        run the steps: loading the weights on the caller's thread and stepping on this one
+        would leave OpenMP two thread pools, which slows every step (replicas.compute_thread
+        says how much and why). With one there is no pool to share, and the caller's thread
+        makes it: a served A/B on the bundled model favoured that (README, "One OpenMP pool
+        per replica")."""
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        if torch.get_num_threads() < 2:
+            return cls(make_engine())
         built: Future[AsyncEngine] = Future()
 
         def engine_thread() -> None:

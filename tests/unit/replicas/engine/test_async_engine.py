@@ -6,6 +6,7 @@ import asyncio
 import threading
 
 import pytest
+import torch
 
 from replicas.engine.async_engine import AsyncEngine
 from replicas.engine.engine import EngineConfig, LLMEngine
@@ -248,7 +249,9 @@ def test_health_reports_a_dead_engine_thread_and_a_hung_step(setup, monkeypatch)
     assert problem is not None and "engine thread died" in problem and "injected" in problem
 
 
-def test_build_makes_the_engine_on_the_thread_that_steps_it(setup):
+@pytest.mark.parametrize("threads", [2, 1])
+def test_build_makes_the_engine_on_the_thread_that_steps_it_with_2_or_more_threads(setup, threads):
+    """2+ torch threads: made on the engine thread (one OpenMP pool); one: on the caller's."""
     model, tok = setup
     made_on: list[threading.Thread] = []
 
@@ -268,15 +271,23 @@ def test_build_makes_the_engine_on_the_thread_that_steps_it(setup):
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
 
     async def main():
-        engine = AsyncEngine.build(make_engine)
+        engine = AsyncEngine.build(make_engine, threads)
+        assert torch.get_num_threads() == threads
         deltas = await _collect(engine, tok, "a", tok.encode("Hello"), params)
         await engine.close()
         return deltas
 
-    deltas = asyncio.run(main())
+    before = torch.get_num_threads()
+    try:
+        deltas = asyncio.run(main())
+    finally:
+        torch.set_num_threads(before)
     assert sum(len(d.token_ids) for d in deltas) == 5
-    assert made_on[0] is not threading.main_thread()
-    assert stepped_on == {made_on[0]}
+    assert len(stepped_on) == 1 and threading.main_thread() not in stepped_on
+    if threads > 1:
+        assert stepped_on == {made_on[0]}
+    else:
+        assert made_on == [threading.main_thread()]
 
 
 def test_build_raises_what_making_the_engine_raised():
