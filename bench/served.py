@@ -169,7 +169,6 @@ def engine_config(config: ClusterConfig):
 
 # ---- systems ------------------------------------------------------------------------------------
 def run_engine(config: ClusterConfig, work: Workload) -> dict:
-
     from replicas.engine.async_engine import AsyncEngine
     from replicas.engine.engine import LLMEngine
     from replicas.model.loader import DTYPES

@@ -22,7 +22,7 @@ import torch
 
 from replicas.experts.expert_load import LoadWindow
 from replicas.kernels import backend as kernel_backend
-from replicas.model.loader import DTYPES, load_expert_stack, resident_bytes
+from replicas.model.loader import DTYPES, load_expert_stack, weight_bytes_by_dtype
 from replicas.model.moe import RoutedExperts, use_expert_kernels
 
 logger = logging.getLogger(__name__)
@@ -103,20 +103,6 @@ class ExpertGroup:
     @property
     def expert_ids(self) -> tuple[int, ...]:
         return tuple(sorted({e for ids in self.stack.holdings().values() for e in ids}))
-
-    @property
-    def resident_bytes(self) -> int:
-        return resident_bytes(self.stack)
-
-    @property
-    def weight_dtype(self) -> str:
-        """The dtype of the largest share of the held weights ("" when none are held)."""
-        by_dtype: dict[torch.dtype, int] = {}
-        for t in self.stack.state_dict().values():
-            by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.numel() * t.element_size()
-        return (
-            str(max(by_dtype, key=by_dtype.__getitem__)).removeprefix("torch.") if by_dtype else ""
-        )
 
     @torch.inference_mode()
     def forward(
@@ -208,10 +194,11 @@ class ExpertGroup:
     def stats(self) -> ExpertGroupStats:
         with self._lock:
             ids = self.expert_ids
+            held = weight_bytes_by_dtype(self.stack)  # one pass over the weights
             return ExpertGroupStats(
                 group=self.group,
                 expert_ids=ids,
-                resident_bytes=self.resident_bytes,
+                resident_bytes=sum(held.values()),
                 num_calls=self._num_calls,
                 num_tokens_per_expert=tuple(self._tokens[list(ids)].tolist()),
                 layers=tuple(self.load.layers),
@@ -222,5 +209,12 @@ class ExpertGroup:
                 ready_s=self.ready_s,
                 map_version=self.map_version,
                 kernels=self.kernels.name,
-                weight_dtype=self.weight_dtype,
+                weight_dtype=_largest(held),
             )
+
+
+def _largest(by_dtype: dict[torch.dtype, int]) -> str:
+    """The dtype holding the most bytes, without "torch." ("" when nothing is held)."""
+    if not by_dtype:
+        return ""
+    return str(max(by_dtype, key=by_dtype.__getitem__)).removeprefix("torch.")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from replicas.kernels.cpu_build import AMX_LIBRARY, BF16_LIBRARY
+from replicas.kernels.fp8_scales import Fp8Scales
 
 
 def available() -> bool:
@@ -95,45 +96,32 @@ def moe_experts_bf16(
 
 
 def moe_experts_fp8(
-    h: torch.Tensor,
-    offsets: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    w13_scale: torch.Tensor,
-    w2_scale: torch.Tensor,
-    block: tuple[int, int],
+    h: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, fp8: Fp8Scales
 ) -> torch.Tensor:
     """moe_experts_bf16 on block-wise FP8 experts: w13 [E, 2I, H] and w2 [E, H, I]
-    float8_e4m3fn, w13_scale [E, 2, ceil(I/br), ceil(H/bc)] (gate's grid, then up's),
-    w2_scale [E, ceil(H/br), ceil(I/bc)] fp32, block (br, bc) -> [R, H] bf16, bit for bit
-    moe_experts_bf16's on the weights replicas.model.quantization.dequantize gives (each work
-    item dequantizes the rows it reads into a scratch; see csrc/moe_bf16.c)."""
+    float8_e4m3fn with their scales -> [R, H] bf16, bit for bit moe_experts_bf16's on the
+    weights replicas.model.quantization.dequantize gives (each work item dequantizes the rows it
+    reads into a scratch; see csrc/moe_bf16.c)."""
     lib = BF16_LIBRARY.require()
+    fp8.check(w13, w2)
     num_experts, two_inter, hidden = w13.shape
-    inter, (br, bc) = two_inter // 2, block
+    inter, (br, bc) = two_inter // 2, fp8.block
     _require_bf16(h=h)
-    fp8 = torch.float8_e4m3fn
-    want13 = (num_experts, 2, -(-inter // br), -(-hidden // bc))
-    want2 = (num_experts, -(-hidden // br), -(-inter // bc))
     if (
-        w13.dtype is not fp8
-        or w2.dtype is not fp8
-        or not (w13.is_contiguous() and w2.is_contiguous() and w13.is_cpu and w2.is_cpu)
+        not (w13.is_contiguous() and w2.is_contiguous() and w13.is_cpu and w2.is_cpu)
         or h.shape[1] != hidden
         or w2.shape != (num_experts, hidden, inter)
-        or tuple(w13_scale.shape) != want13
-        or tuple(w2_scale.shape) != want2
         or offsets.shape != (num_experts + 1,)
         or br < 1
         or bc < 1
     ):
         raise ValueError(
-            f"moe_experts_fp8: h {tuple(h.shape)}, w13 {tuple(w13.shape)} {w13.dtype}, w2 "
-            f"{tuple(w2.shape)} {w2.dtype}, scales {tuple(w13_scale.shape)} / "
-            f"{tuple(w2_scale.shape)} (want {want13} / {want2}) do not fit"
+            f"moe_experts_fp8: h {tuple(h.shape)}, w13 {tuple(w13.shape)}, w2 "
+            f"{tuple(w2.shape)}, offsets {tuple(offsets.shape)}, blocks {fp8.block} do not fit "
+            "(contiguous CPU weights)"
         )
     offsets = offsets.to(torch.int64).contiguous()
-    s13, s2 = (s.to(torch.float32).contiguous() for s in (w13_scale, w2_scale))
+    s13, s2 = (s.to(torch.float32).contiguous() for s in (fp8.w13_scale, fp8.w2_scale))
     act = h.new_empty(h.shape[0], inter)
     out = torch.empty_like(h)
     failed = lib.moe_experts_fp8(

@@ -25,13 +25,12 @@ is what the tensor cores compute anyway (exact bf16 products, fp32 sums).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from replicas.kernels.env import interpreting
+from replicas.kernels.fp8_scales import Fp8Scales
 
 INTERPRET = interpreting()  # fixed when triton is imported, as triton's own choice is
 
@@ -212,30 +211,6 @@ def block_m(num_rows: int, num_experts: int) -> int:
 
 
 BLOCK_N, BLOCK_K = 64, 64
-
-
-@dataclass(frozen=True)
-class Fp8Scales:
-    """The scales of block-wise FP8 expert weights (replicas.model.quantization's layout):
-    gate and up are quantized as the checkpoint's two tensors, so each has its own grid."""
-
-    w13_scale: torch.Tensor  # [E, 2, ceil(I / br), ceil(H / bc)]: gate's grid, then up's
-    w2_scale: torch.Tensor  # [E, ceil(H / br), ceil(I / bc)]
-    block: tuple[int, int]  # (br, bc): weight rows x columns per scale
-
-    def check(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
-        num_experts, two_inter, hidden = w13.shape
-        inter = two_inter // 2
-        br, bc = self.block
-        want13 = (num_experts, 2, -(-inter // br), -(-hidden // bc))
-        want2 = (num_experts, -(-hidden // br), -(-inter // bc))
-        if w13.dtype != torch.float8_e4m3fn or w2.dtype != torch.float8_e4m3fn:
-            raise ValueError(f"FP8 scales need float8_e4m3fn weights, got {w13.dtype}, {w2.dtype}")
-        if tuple(self.w13_scale.shape) != want13 or tuple(self.w2_scale.shape) != want2:
-            raise ValueError(
-                f"scales {list(self.w13_scale.shape)} / {list(self.w2_scale.shape)} do not fit "
-                f"blocks of {list(self.block)}: want {list(want13)} / {list(want2)}"
-            )
 
 
 def moe_experts(

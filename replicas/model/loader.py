@@ -383,4 +383,12 @@ def _build(cls, cfg, layers, expert_ids, include_mtp):
 
 def resident_bytes(model: nn.Module) -> int:
     """Bytes of the weights (persistent parameters and buffers) this model holds."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return sum(weight_bytes_by_dtype(model).values())
+
+
+def weight_bytes_by_dtype(model: nn.Module) -> dict[torch.dtype, int]:
+    """``resident_bytes`` by the dtype the weights are held in."""
+    out: dict[torch.dtype, int] = {}
+    for t in model.state_dict().values():
+        out[t.dtype] = out.get(t.dtype, 0) + t.numel() * t.element_size()
+    return out

@@ -7,6 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 
+def scale_grid(weight_shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    """The shape of a weight's scales: ceil(rows / block rows) x ceil(cols / block cols), its
+    leading dims (e.g. fused experts) kept; partial blocks at the edges get scales too."""
+    *lead, rows, cols = weight_shape
+    return (*lead, -(-rows // block[0]), -(-cols // block[1]))
+
+
 class QuantizationError(ValueError):
     """A quantization_config we cannot read; the message says what it holds and what we take."""
 
@@ -33,8 +40,7 @@ class BlockFp8:
 
     def scale_shape(self, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The scale grid of a weight (leading dims, e.g. fused experts, kept)."""
-        *lead, rows, cols = weight_shape
-        return (*lead, -(-rows // self.block[0]), -(-cols // self.block[1]))
+        return scale_grid(weight_shape, self.block)
 
     def describe(self) -> str:
         """For GetModelInfo, status and logs: ``fp8 e4m3, blocks 128x128``."""

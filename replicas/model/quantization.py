@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from replicas.model.quant_config import QuantizationError
+from replicas.model.quant_config import QuantizationError, scale_grid
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3 value
@@ -39,7 +39,7 @@ def dequantize(
 ) -> torch.Tensor:
     """fp8 weight [..., R, C] x scale [..., ceil(R/br), ceil(C/bc)] -> the weight in ``dtype``
     (the product in fp32, rounded once)."""
-    want = (*weight.shape[:-2], -(-weight.shape[-2] // block[0]), -(-weight.shape[-1] // block[1]))
+    want = scale_grid(tuple(weight.shape), block)
     if tuple(scale.shape) != want:
         raise QuantizationError(
             f"a weight of shape {list(weight.shape)} in blocks of {list(block)} needs scales of "
@@ -55,7 +55,7 @@ def quantize(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor
     w = weight.float()
     *lead, rows, cols = w.shape
     br, bc = block
-    gr, gc = -(-rows // br), -(-cols // bc)
+    gr, gc = scale_grid((rows, cols), block)
     padded = torch.zeros((*lead, gr * br, gc * bc), dtype=torch.float32)
     padded[..., :rows, :cols] = w
     blocks = padded.reshape(*lead, gr, br, gc, bc)

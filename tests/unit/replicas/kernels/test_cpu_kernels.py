@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from replicas.kernels import cpu as cpu_kernels
+from replicas.kernels.fp8_scales import Fp8Scales
 from replicas.model import moe as moe_module
 from replicas.model.layers import AMX_LINEAR_MAX_ROWS, STREAM_LINEAR_MAX_ROWS, Linear
 from replicas.model.loader import load_causal_lm
@@ -135,12 +136,13 @@ def test_fp8_kernel_equals_the_bf16_kernel_on_dequantized_weights(hidden, inter,
         [dequantize(gq, gs, block, torch.bfloat16), dequantize(uq, us, block, torch.bfloat16)], 1
     )
     want = cpu_kernels.moe_experts_bf16(h, offsets, w13, dequantize(dq, ds, block, torch.bfloat16))
+    w13_fp8 = torch.cat([gq, uq], 1)
     got = cpu_kernels.moe_experts_fp8(
-        h, offsets, torch.cat([gq, uq], 1), dq, torch.stack([gs, us], 1), ds, block
+        h, offsets, w13_fp8, dq, Fp8Scales(torch.stack([gs, us], 1), ds, block)
     )
     assert torch.equal(got, want)
     with pytest.raises(ValueError, match="do not fit"):
-        cpu_kernels.moe_experts_fp8(h, offsets, torch.cat([gq, uq], 1), dq, gs, ds, block)
+        cpu_kernels.moe_experts_fp8(h, offsets, w13_fp8, dq, Fp8Scales(gs, ds, block))
 
 
 needs_amx = pytest.mark.skipif(not CAN_AMX, reason="covered by the availability test")

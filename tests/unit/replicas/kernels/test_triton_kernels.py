@@ -116,7 +116,8 @@ def test_fp8_moe_kernel_equals_it_on_the_dequantized_weights(dtype, shape):
     """Block-wise FP8 experts (gate, up and down quantized as the checkpoint's three tensors):
     dequantized tile by tile in the kernel, the output is the kernel's on the weights
     replicas.model.quantization.dequantize gives, bit for bit."""
-    from replicas.kernels.triton_moe import Fp8Scales, moe_experts
+    from replicas.kernels.fp8_scales import Fp8Scales
+    from replicas.kernels.triton_moe import moe_experts
     from replicas.model.quantization import dequantize, quantize
 
     g = torch.Generator().manual_seed(7)
