@@ -9,14 +9,16 @@ in-process.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from replicas.engine.async_engine import AsyncEngine, OutputSink
-from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.engine.engine import EngineConfig
+from replicas.engine.engine_process import EngineProcess
+from replicas.engine.engine_spec import EngineSpec
 from replicas.experts.dispatch import ExpertDispatcher, ExpertTransport
-from replicas.model.loader import DTYPES, load_causal_lm, resident_bytes
+from replicas.model.loader import resident_bytes
 from replicas.outputs import QueueFullError, RequestOutput
 from replicas.prefix_cache.redis_tier import RedisTier
 from replicas.prefix_cache.types import PrefixCacheStats
@@ -60,34 +62,37 @@ class AttentionShard:
         num_threads: int | None = None,
         experts: ExpertTransport | None = None,
         device: str = "cpu",
-        redis: RedisTier | None = None,
+        redis: Callable[[], RedisTier] | None = None,
         pinned_prefixes: Sequence[Sequence[int]] = (),
+        engine_process: bool = False,
     ):
-        """``redis``: the prefix cache's shared tier (engine_config.prefix_cache must be set);
-        ``pinned_prefixes``: token ids of prefixes computed now and kept without TTL."""
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPES)}")
+        """``redis``: makes the prefix cache's shared tier (a picklable factory;
+        engine_config.prefix_cache must be set); ``pinned_prefixes``: token ids of prefixes
+        computed now and kept without TTL. ``engine_process``: the engine steps in a process of
+        its own (replicas.engine.engine_process), not on a thread of this one; colocated
+        experts only (an expert transport lives in this process)."""
+        if engine_process and experts is not None:
+            raise ValueError("engine_process needs colocated experts (no expert transport)")
+        spec = EngineSpec(
+            model_path,
+            engine_config,
+            dtype=dtype,
+            device=device,
+            num_threads=num_threads,
+            redis=redis,
+            pinned_prefixes=tuple(tuple(ids) for ids in pinned_prefixes),
+        )
         self.experts = experts
         self.num_requests_total = 0
         self.dispatcher = None if experts is None else ExpertDispatcher(experts)
-        self.resident_bytes = 0
-
-        def make_engine() -> LLMEngine:  # on the engine thread with 2+ torch threads (build)
-            model = load_causal_lm(
-                model_path,
-                dtype=DTYPES[dtype],
-                device=device,
-                include_mtp=engine_config.num_speculative_tokens > 0,  # the MTP block drafts
-                progress=False,
-                expert_ids=None if experts is None else (),
-            )
-            self.resident_bytes = resident_bytes(model)
-            engine = LLMEngine(model, engine_config, experts=self.dispatcher, redis=redis)
-            for ids in pinned_prefixes:
-                engine.pin_prefix(ids)
-            return engine
-
-        self.engine = AsyncEngine.build(make_engine, num_threads)
+        self.engine: AsyncEngine | EngineProcess
+        if engine_process:
+            self.engine = EngineProcess(spec)
+            self.resident_bytes = self.engine.resident_bytes
+        else:
+            engine = AsyncEngine.build(lambda: spec.build(self.dispatcher), num_threads)
+            self.resident_bytes = resident_bytes(engine.engine.model)
+            self.engine = engine
         self.max_requests = engine_config.max_num_seqs + max_waiting_requests
 
     async def generate(
@@ -128,21 +133,29 @@ class AttentionShard:
         return self.engine.health(stall_timeout_s)
 
     def stats(self) -> ShardStats:
-        engine = self.engine.engine
+        state = self.engine.state()
         return ShardStats(
             num_requests=self.engine.num_requests,
-            num_running=len(engine.scheduler.running),
-            num_waiting=len(engine.scheduler.waiting),
-            num_blocks_in_use=engine.num_blocks_in_use,
-            num_blocks_total=engine.cache.blocks.num_total,
+            num_running=state.num_running,
+            num_waiting=state.num_waiting,
+            num_blocks_in_use=state.num_blocks_in_use,
+            num_blocks_total=state.num_blocks_total,
             resident_bytes=self.resident_bytes,
             num_expert_retries=getattr(self.experts, "num_retries", 0),
             num_requests_total=self.num_requests_total,
-            num_steps=self.engine.num_steps,
-            step_time_s=self.engine.step_time_s,
-            step_thread_cpu_s=self.engine.step_thread_cpu_s,
-            prefix_cache=engine.prefix.stats() if engine.prefix is not None else None,
+            num_steps=state.num_steps,
+            step_time_s=state.step_time_s,
+            step_thread_cpu_s=state.step_thread_cpu_s,
+            prefix_cache=state.prefix_cache,
         )
+
+    def acceptance(self):
+        """MTP acceptance per draft position (AcceptanceTracker), None without drafting."""
+        return self.engine.state().acceptance
+
+    def inject_fault(self, fault: str, after_steps: int = 0) -> None:
+        """Fault tests only (replicas.engine.fault_injection)."""
+        self.engine.inject_fault(fault, after_steps)
 
     async def wait_idle(self, timeout_s: float = 30.0) -> ShardStats:
         """Until no request is queued or running (aborts applied); returns the stats then."""
@@ -151,5 +164,5 @@ class AttentionShard:
 
     async def close(self) -> None:
         await self.engine.close()
-        if self.engine.engine.prefix is not None:
-            self.engine.engine.prefix.close()
+        if isinstance(self.engine, AsyncEngine) and self.engine.engine.prefix is not None:
+            self.engine.engine.prefix.close()  # an engine process closes its own

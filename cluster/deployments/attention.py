@@ -90,13 +90,13 @@ class AttentionShardDeployment:
             device=device_for(a.num_gpus),
             redis=redis,
             pinned_prefixes=pinned,
+            engine_process=a.engine_process and transport is None,
         )
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.stall_timeout_s = a.stall_timeout_s
         self.publisher: StepPublisher | None = None
         self.publisher_lock = asyncio.Lock()
-        kernels = self.shard.engine.engine.kernels
-        _serve_log.info("attention kernels: %s (%s)", kernels.name, kernels.reason)
+        _serve_log.info("attention kernels: %s (%s)", *self.shard.engine.kernels)
         self.balancer, self.reporter = balancer, None
         if balancer is not None and self.shard.dispatcher is not None:
             self.reporter = Every(x.balancer.report_interval_s, self._report).start()
@@ -109,7 +109,6 @@ class AttentionShardDeployment:
     def _update_metrics(self) -> None:
         from cluster.ops.balancer import busiest_over_mean
 
-        engine = self.shard.engine.engine
         imbalance, dispatcher = None, self.shard.dispatcher
         if dispatcher is not None:  # slots sent to each group since the last update
             now = {layer: list(row) for layer, row in list(dispatcher.group_slots.items())}
@@ -119,8 +118,7 @@ class AttentionShardDeployment:
                 delta.append([sent - seen for sent, seen in zip(row, before, strict=True)])
             self._slots_seen = now
             imbalance = busiest_over_mean(delta) if any(map(any, delta)) else None
-        acceptance = engine.acceptance if engine.config.num_speculative_tokens else None
-        self.metrics.update(self.shard.stats(), acceptance, imbalance)
+        self.metrics.update(self.shard.stats(), self.shard.acceptance(), imbalance)
 
     def _report(self) -> None:
         """Tell the balancer which expert map this replica dispatches with; take a newer one
@@ -177,9 +175,7 @@ class AttentionShardDeployment:
         """Fault tests only: the engine's step ``after_steps + 1`` from now fails with ``fault``
         (replicas.engine.fault_injection; refused unless the process has
         EXAONE_FAULT_INJECTION=1)."""
-        from replicas.engine.fault_injection import arm
-
-        arm(self.shard.engine.engine, fault, after_steps)
+        self.shard.inject_fault(fault, after_steps)
 
     def healthy(self) -> bool:
         """What the Router's gRPC health service asks (SERVING or NOT_SERVING)."""

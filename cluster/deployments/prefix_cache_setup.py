@@ -3,6 +3,7 @@ tier (authenticated values) and the pinned system prompts as token ids."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 from cluster.config import ClusterConfig
@@ -10,7 +11,8 @@ from router.tokenizer import Tokenizer
 
 
 def prefix_cache_parts(config: ClusterConfig):
-    """-> (PrefixCacheConfig | None, RedisTier | None, pinned prefixes as token ids)."""
+    """-> (PrefixCacheConfig | None, a factory of the RedisTier or None, pinned prefixes as
+    token ids)."""
     from replicas.prefix_cache.fingerprint import model_fingerprint
     from replicas.prefix_cache.manager import PrefixCacheConfig
     from replicas.prefix_cache.redis_tier import MAC_KEY_ENV, REDIS_PASSWORD_ENV, RedisTier
@@ -35,7 +37,8 @@ def prefix_cache_parts(config: ClusterConfig):
                 "shares; set it in their environment (the Helm chart does, from a "
                 "Secret; exaone-cluster serve generates one)"
             )
-        redis = RedisTier(
+        redis = functools.partial(  # made where the engine runs (its own process, maybe)
+            RedisTier,
             pc.redis_url,
             f"exaone:{fp}",
             mac_key=mac_key,

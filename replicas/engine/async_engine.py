@@ -18,39 +18,23 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Protocol
 
 import torch
 
 from replicas.engine.engine import LLMEngine
-from replicas.outputs import (
-    ReplicaUnavailableError,
-    RequestOutput,
-    RequestRejectedError,
-    StepFailedError,
-    read_outputs,
-)
+from replicas.engine.front import EngineFront, EngineState, OutputSink, engine_failed
+from replicas.outputs import RequestOutput, StepFailedError
 from replicas.sampling_params import SamplingParams
 
-
-class OutputSink(Protocol):
-    """Where a submitted request's outputs go instead of a per-request queue: ``put`` is called
-    for each of the step's outputs (or the request's error), then ``flush`` once per step for
-    every sink that got something, so a consumer of many requests handles a step at a time,
-    with the wall-clock time (``time.time()``) the step ended."""
-
-    def put(self, request_id: str, item: RequestOutput | BaseException) -> None: ...
-
-    def flush(self, step_end_s: float) -> None: ...
+__all__ = ["AsyncEngine", "OutputSink"]
 
 
-class AsyncEngine:
+class AsyncEngine(EngineFront):
     def __init__(self, engine: LLMEngine):
+        super().__init__()
         self.engine = engine
-        self._queues: dict[str, asyncio.Queue] = {}
-        self._sinks: dict[str, OutputSink] = {}
         self.num_steps = 0
         self.step_time_s = 0.0
         self.step_thread_cpu_s = 0.0
@@ -63,7 +47,6 @@ class AsyncEngine:
         self._stopping = False
         self._step_started: float | None = None  # monotonic start of the step running now
         self._failure: BaseException | None = None  # what ended the engine thread, if anything
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def build(
@@ -98,55 +81,30 @@ class AsyncEngine:
         threading.Thread(target=engine_thread, name="engine-loop", daemon=True).start()
         return built.result()
 
-    # ---- public --------------------------------------------------------------------------------
-    async def generate(
-        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
-    ) -> AsyncGenerator[RequestOutput, None]:
-        """Stream a request's outputs; the last one has ``finished=True``. Raises ValueError for
-        bad input (before anything is queued)."""
-        self._check_new(request_id, prompt_ids, params)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
-        self._submit(lambda: self.engine.add_request(request_id, prompt_ids, params), request_id)
-        finished = False
-        try:
-            async for item in read_outputs(queue):  # a slow reader gets one merged delta
-                finished = item.finished
-                yield item
-        finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
-
-    def submit(
-        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, sink: OutputSink
-    ) -> None:
-        """Queue a request whose outputs go to ``sink`` (its last item is a finished output or
-        an exception); ``abort`` ends it early. Raises ValueError for bad input, at once."""
-        self._check_new(request_id, prompt_ids, params)
-        self._sinks[request_id] = sink
-        self._submit(lambda: self.engine.add_request(request_id, prompt_ids, params), request_id)
-
-    @property
-    def num_requests(self) -> int:
-        """Requests whose streams are open (queued, running, or finishing)."""
-        return len(self._queues) + len(self._sinks)
-
-    def abort(self, request_id: str) -> None:
-        """Abort before the next step (blocks return to the pool then). A submitted request's
-        sink gets nothing more."""
-        self._sinks.pop(request_id, None)
-        self._submit(lambda: self.engine.abort(request_id), None)
-
+    # ---- public ----------------------------------------------------------------------------
     def health(self, stall_timeout_s: float) -> str | None:
         """None while the engine can serve; else why not: its thread died, or one step has run
         for more than ``stall_timeout_s`` (hung)."""
-        if self._failure is not None:
-            return f"the engine thread died ({type(self._failure).__name__}: {self._failure})"
+        if (failure := self.failure()) is not None:
+            return failure
         started = self._step_started
         if started is not None and (running := time.monotonic() - started) > stall_timeout_s:
             return f"one engine step has run for {running:.0f} s (limit {stall_timeout_s:.0f} s)"
         return None
+
+    def state(self) -> EngineState:
+        return engine_state(self.engine, self.num_steps, self.step_time_s, self.step_thread_cpu_s)
+
+    @property
+    def kernels(self) -> tuple[str, str]:
+        """(name, why chosen) of the engine's attention kernels."""
+        return self.engine.kernels.name, self.engine.kernels.reason
+
+    def inject_fault(self, fault: str, after_steps: int) -> None:
+        """Fault tests only: replicas.engine.fault_injection.arm on this engine."""
+        from replicas.engine.fault_injection import arm
+
+        arm(self.engine, fault, after_steps)
 
     async def wait_idle(self) -> None:
         """Until queued commands are applied and no request is running."""
@@ -162,23 +120,19 @@ class AsyncEngine:
             self._thread = None
 
     # ---- internals -----------------------------------------------------------------------------
-    def _check_new(
-        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
-    ) -> None:
-        if self._failure is not None:  # a replica Serve replaces once check_health fails
-            raise ReplicaUnavailableError(f"{self.health(float('inf'))}; retry the request")
-        if request_id in self._queues or request_id in self._sinks:
-            raise RequestRejectedError(f"request id {request_id!r} is already in use")
+    def failure(self) -> str | None:
+        if self._failure is None:
+            return None
+        return f"the engine thread died ({type(self._failure).__name__}: {self._failure})"
+
+    def _check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         self.engine.check_request(prompt_ids, params)
 
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException, flush: set) -> None:
-        if (queue := self._queues.get(request_id)) is not None:
-            queue.put_nowait(item)
-        elif (sink := self._sinks.get(request_id)) is not None:
-            sink.put(request_id, item)
-            flush.add(sink)
-            if isinstance(item, BaseException) or item.finished:
-                del self._sinks[request_id]
+    def _add(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        self._submit(lambda: self.engine.add_request(request_id, prompt_ids, params), request_id)
+
+    def _abort(self, request_id: str) -> None:
+        self._submit(lambda: self.engine.abort(request_id), None)
 
     def _pending(self) -> bool:
         with self._commands_lock:
@@ -191,7 +145,6 @@ class AsyncEngine:
         self._wakeup.set()
 
     def _ensure_thread(self) -> None:
-        self._loop = asyncio.get_running_loop()  # outputs go to the loop of the latest caller
         if self._failure is not None:  # never restarted on an engine in an unknown state
             return
         if self._thread is None or not self._thread.is_alive():
@@ -232,16 +185,9 @@ class AsyncEngine:
         except BaseException as e:
             self._failure = e
             with contextlib.suppress(BaseException):
-                assert self._loop is not None  # set by _ensure_thread before it starts us
-                self._loop.call_soon_threadsafe(self._fail_open, e)
+                assert self._loop is not None  # set by _check_new before anything is queued
+                self._loop.call_soon_threadsafe(self._fail_open, engine_failed(e))
             raise
-
-    def _fail_open(self, error: BaseException) -> None:
-        """On the event loop, after the engine thread died: every open request (running,
-        waiting, or still queued as a command) ends with a retryable error."""
-        failure = _engine_failed(error)
-        ids = [*self._queues, *self._sinks]
-        self._deliver_all([], [(request_id, failure) for request_id in ids], time.time())
 
     def _loop_until_stopped(self) -> None:
         while not self._stopping:
@@ -252,42 +198,39 @@ class AsyncEngine:
             try:
                 outputs, errors = self._apply_and_step()
             except Exception as e:  # noqa: BLE001 - scheduling, prefix cache, drafting, ...
-                outputs, errors = [], self._fail_all(e)
+                outputs, errors = [], fail_all(self.engine, e)
             if outputs or errors:
-                assert self._loop is not None  # set by _ensure_thread before it starts us
+                assert self._loop is not None  # set by _check_new before anything is queued
                 try:
                     self._loop.call_soon_threadsafe(self._deliver_all, outputs, errors, time.time())
                 except RuntimeError:  # the event loop is closed: nobody is listening
                     return
 
-    def _fail_all(self, error: BaseException) -> list[tuple[str, BaseException]]:
-        """A failure outside a model step (the engine's state is unknown): abort every request
-        it holds, each ending with a retryable error that names the cause."""
-        scheduler = self.engine.scheduler
-        ids = [r.request_id for r in [*scheduler.running, *scheduler.waiting]]
-        for request_id in ids:
-            with contextlib.suppress(Exception):
-                self.engine.abort(request_id)
-        failure = _engine_failed(error)
-        return [(request_id, failure) for request_id in ids]
 
-    def _deliver_all(
-        self,
-        outputs: list[RequestOutput],
-        errors: list[tuple[str, BaseException]],
-        step_end_s: float,
-    ) -> None:
-        flush: set = set()
-        for request_id, error in errors:
-            self._deliver(request_id, error, flush)
-        for out in outputs:
-            self._deliver(out.request_id, out, flush)
-        for sink in flush:
-            sink.flush(step_end_s)
+def fail_all(engine: LLMEngine, error: BaseException) -> list[tuple[str, BaseException]]:
+    """A failure outside a model step (the engine's state is unknown): abort every request
+    ``engine`` holds, each ending with a retryable error that names the cause."""
+    scheduler = engine.scheduler
+    ids = [r.request_id for r in [*scheduler.running, *scheduler.waiting]]
+    for request_id in ids:
+        with contextlib.suppress(Exception):
+            engine.abort(request_id)
+    failure = engine_failed(error)
+    return [(request_id, failure) for request_id in ids]
 
 
-def _engine_failed(error: BaseException) -> ReplicaUnavailableError:
-    """What a request gets when the engine failed outside a model step (retryable)."""
-    return ReplicaUnavailableError(
-        f"the engine failed ({type(error).__name__}: {error}); retry the request"
+def engine_state(
+    engine: LLMEngine, num_steps: int, step_time_s: float, step_cpu_s: float, applied: int = 0
+) -> EngineState:
+    return EngineState(
+        num_steps=num_steps,
+        step_time_s=step_time_s,
+        step_thread_cpu_s=step_cpu_s,
+        num_running=len(engine.scheduler.running),
+        num_waiting=len(engine.scheduler.waiting),
+        num_blocks_in_use=engine.num_blocks_in_use,
+        num_blocks_total=engine.cache.blocks.num_total,
+        num_commands_applied=applied,
+        prefix_cache=engine.prefix.stats() if engine.prefix is not None else None,
+        acceptance=engine.acceptance if engine.config.num_speculative_tokens else None,
     )

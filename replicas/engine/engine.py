@@ -24,6 +24,7 @@ from replicas.engine.kv_cache import HybridKVCache, kv_footprint
 from replicas.engine.prefix_interface import PrefixCache, PrefixCacheSpec
 from replicas.engine.prompt_logprobs import PromptLogprobState, collect_prompt_logprobs, top_pairs
 from replicas.engine.request import Request
+from replicas.engine.request_limits import RequestLimits
 from replicas.engine.sampler import SamplingBatch, make_generator, sample
 from replicas.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 from replicas.engine.speculative import MtpDrafter
@@ -32,7 +33,7 @@ from replicas.kernels import backend as kernel_backend
 from replicas.kernels.attention_batch import SeqChunk
 from replicas.model.exaone_moe import ExaoneMoeForCausalLM
 from replicas.model.moe import use_expert_kernels
-from replicas.outputs import RequestOutput, RequestRejectedError, StepFailedError, TokenLogprob
+from replicas.outputs import RequestOutput, StepFailedError, TokenLogprob
 from replicas.sampling_params import SamplingParams
 
 # Colocated bf16 decode steps on CPU run replicas.engine.decode_path (the same bits as the module
@@ -151,27 +152,20 @@ class LLMEngine:
             )
 
     # ---- API -----------------------------------------------------------------------------------
+    @property
+    def limits(self) -> RequestLimits:
+        """What a request must fit (check_request), as plain data."""
+        return RequestLimits(
+            self.model.cfg.vocab_size,
+            self.max_model_len,
+            self.config.block_size,
+            self.cache.blocks.num_total,
+        )
+
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise RequestRejectedError (a ValueError naming the field) if the request can never
         be served."""
-        vocab = self.model.cfg.vocab_size
-        if not prompt_ids:
-            raise RequestRejectedError("prompt is empty: give at least one token")
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestRejectedError(
-                f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})"
-            )
-        room = self.max_model_len - len(prompt_ids)
-        if room < 1:
-            raise RequestRejectedError(
-                f"prompt has {len(prompt_ids)} tokens; the context limit is {self.max_model_len}"
-            )
-        try:
-            params.validate(vocab, max_new_tokens=room, num_prompt_tokens=len(prompt_ids))
-            self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
-        except ValueError as e:
-            raise RequestRejectedError(str(e)) from e
+        self.limits.check(prompt_ids, params)
 
     def add_request(
         self,

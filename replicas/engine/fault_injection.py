@@ -41,15 +41,20 @@ def enabled() -> bool:
     return os.environ.get(ENV) == "1"
 
 
-def arm(engine: LLMEngine, fault: str, after_steps: int = 0) -> None:
-    """Make ``engine``'s step ``after_steps + 1`` from now fail with ``fault`` (one of FAULTS),
-    once."""
+def check(fault: str, after_steps: int) -> None:
+    """What ``arm`` refuses, without an engine (an engine process checks in the replica)."""
     if not enabled():
         raise PermissionError(f"fault injection is off in this process (start it with {ENV}=1)")
     if fault not in FAULTS:
         raise ValueError(f"fault={fault!r}: use one of {', '.join(FAULTS)}")
     if after_steps < 0:
         raise ValueError("after_steps must be >= 0")
+
+
+def arm(engine: LLMEngine, fault: str, after_steps: int = 0) -> None:
+    """Make ``engine``'s step ``after_steps + 1`` from now fail with ``fault`` (one of FAULTS),
+    once."""
+    check(fault, after_steps)
     where, method, error = FAULTS[fault]
     owner = engine.scheduler if where == "scheduler" else engine.drafter
     if owner is None:
