@@ -137,7 +137,9 @@ def cluster_config(path: Path, args) -> ClusterConfig:
         model_path=str(path),
         dtype=args.dtype,
         engine=engine,
-        attention=AttentionOptions(num_threads=args.threads or None),
+        attention=AttentionOptions(
+            num_threads=args.threads or None, engine_process=args.engine_process
+        ),
         prefix_cache=PrefixCacheOptions(enabled=args.prefix_cache),
     )
 
@@ -347,6 +349,11 @@ def main() -> None:
         help="our KV cache (0: twice what max(64, C) sequences need)",
     )
     ap.add_argument("--prefix-cache", action="store_true", help="prefix caching on (all three)")
+    ap.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="ours: the engine in a process of its own (attention.engine_process)",
+    )
     ap.add_argument(
         "--vllm-python", type=Path, default=Path(os.environ.get("VLLM_PYTHON", DEFAULT_VLLM_PYTHON))
     )
