@@ -7,14 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.model.loader import DTYPES, load_causal_lm
 
 if TYPE_CHECKING:
     from replicas.experts.dispatch import ExpertDispatcher
-    from replicas.prefix_cache.redis_tier import RedisTier
 
 
 @dataclass(frozen=True)
@@ -25,9 +24,10 @@ class EngineSpec:
     device: str = "cpu"
     num_threads: int | None = None
     """torch's threads where the engine runs (None: as they are)."""
-    redis: Callable[[], RedisTier] | None = None
+    redis: Callable[[], Any] | None = None
     """Makes the prefix cache's shared tier where the engine runs (a picklable factory, such as
-    functools.partial(RedisTier, ...)); needs engine_config.prefix_cache."""
+    functools.partial(replicas.prefix_cache.redis_tier.RedisTier, ...)); needs
+    engine_config.prefix_cache."""
     pinned_prefixes: Sequence[Sequence[int]] = ()
     """Token ids of prefixes computed at start and kept without TTL (the prefix cache)."""
 
