@@ -269,14 +269,13 @@ class _Core:
 
 
 def _main(fd: int) -> None:
-    import ctypes
-
     import torch
 
     from replicas.model.loader import resident_bytes
 
-    with contextlib.suppress(OSError, AttributeError):  # Linux: die with the replica
-        ctypes.CDLL("libc.so.6").prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    # No PR_SET_PDEATHSIG: it fires when the thread that started us ends, and the replica may
+    # start us from a pool thread. The socket's end is enough: when the replica's process
+    # dies, our next read (between steps, or waiting for a command) gets EOF and we exit.
     conn = Connection(fd)
     spec: EngineSpec = conn.recv()
     try:

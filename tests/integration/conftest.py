@@ -4,6 +4,7 @@ runs as root (Serve's listeners then cannot be reached from outside even if they
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -97,3 +98,24 @@ def colocated_outputs(ckpt, prompts, new_tokens: int, max_model_len: int = 384) 
     )
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     return engine.generate(prompts, params)
+
+
+@contextlib.contextmanager
+def local_cluster(config, num_cpus: int = 2, **kwargs):
+    """``config`` served by cluster.commands.local.start_local on free loopback ports (no
+    dashboard), stopped on exit."""
+    from cluster.commands.local import start_local
+
+    local = start_local(
+        config,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        dashboard_port=None,
+        num_cpus=num_cpus,
+        ready_timeout_s=300,
+        **kwargs,
+    )
+    try:
+        yield local
+    finally:
+        local.stop()

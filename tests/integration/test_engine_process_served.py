@@ -1,6 +1,8 @@
 """The served path with the engine in a process of its own (attention.engine_process): 32
 concurrent gRPC streams get the in-process engine's greedy tokens, cancel frees the child's KV
-blocks, health and stats come from the child, and the child lives and dies with its replica."""
+blocks, stats come from the child; faults in the child (an exception outside a model step, the
+engine process dying) end streams with full output or UNAVAILABLE, health tells, and Serve's
+replacement replica serves again. Its processes run with EXAONE_FAULT_INJECTION=1."""
 
 from __future__ import annotations
 
@@ -8,16 +10,19 @@ import os
 import threading
 import time
 
+import grpc
 import pytest
 import torch
 
-from cluster.commands.local import APP_NAME, start_local
+from cluster.commands.local import APP_NAME
 from cluster.config import AttentionOptions, ClusterConfig, EngineOptions
 from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.engine.fault_injection import ENV as FAULT_INJECTION
 from replicas.model.loader import load_causal_lm
 from replicas.sampling_params import SamplingParams
 from router.client import GenerationClient, build_request
-from tests.integration.conftest import descendants, free_port
+from tests.faults.conftest import full_or_unavailable, serves_again, under_streams
+from tests.integration.conftest import colocated_reference, descendants, local_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -32,16 +37,16 @@ def cluster(tiny_ckpt):
     config = ClusterConfig(
         model_path=str(tiny_ckpt), engine=ENGINE, attention=AttentionOptions(engine_process=True)
     )
-    local = start_local(
-        config,
-        grpc_port=free_port(),
-        http_port=free_port(),
-        dashboard_port=None,
-        num_cpus=2,
-        ready_timeout_s=300,
-    )
-    yield local
-    local.stop()
+    before = os.environ.get(FAULT_INJECTION)
+    os.environ[FAULT_INJECTION] = "1"  # inherited by Ray's workers and the engine process
+    try:
+        with local_cluster(config) as local:
+            yield local
+    finally:
+        if before is None:
+            os.environ.pop(FAULT_INJECTION)
+        else:
+            os.environ[FAULT_INJECTION] = before
 
 
 def _shard():
@@ -106,3 +111,45 @@ def test_32_streams_equal_the_engine_and_cancel_frees_blocks(cluster, tiny_ckpt)
             time.sleep(0.1)
         assert (stats.num_blocks_in_use, stats.num_requests) == (0, 0)
         assert stats.num_steps > 0 and stats.resident_bytes > 0
+
+
+def _health(address: str) -> str:
+    with GenerationClient(address, timeout_s=10) as client:
+        return client.health()
+
+
+def test_faults_in_the_engine_process_end_streams_and_health_tells(cluster, tiny_ckpt, report):
+    ps, want = colocated_reference(tiny_ckpt, seed=11, num_prompts=16, max_len=60, new_tokens=24)
+    address = cluster.grpc_address
+
+    # An exception outside a model step: the requests it held end UNAVAILABLE, the engine
+    # process serves on.
+    _shard().inject_fault.remote("step", 6).result()
+    results, _ = under_streams(address, ps, lambda: None, wait_started=False, new_tokens=24)
+    lost = full_or_unavailable(results, want)
+    assert lost and all("injected fault" in results[i].details() for i in lost)
+    assert _health(address) == "SERVING"
+    serves_again(address, ps[:4], want[:4], timeout_s=30)
+
+    # The engine process dies mid-traffic: health NOT_SERVING at once, Serve replaces the
+    # replica (and with it the engine process), new requests are served.
+    before = _engine_processes()
+    _shard().inject_fault.remote("engine_thread", 6).result()
+    results, _ = under_streams(address, ps, lambda: None, wait_started=False, new_tokens=24)
+    died_by = time.monotonic()
+    lost = full_or_unavailable(results, want)
+    assert lost and all(isinstance(results[i], grpc.RpcError) for i in lost)
+    while _health(address) != "NOT_SERVING":
+        assert time.monotonic() - died_by < 10, "health still SERVING 10 s after the death"
+        time.sleep(0.2)
+    while _health(address) != "SERVING":
+        assert time.monotonic() - died_by < 180, "the replica was not replaced"
+        time.sleep(1)
+    back_after = time.monotonic() - died_by
+    serves_again(address, ps[:4], want[:4])
+    after = _engine_processes()
+    assert len(after) == 1 and not after & before  # the old one is gone, one new one runs
+    report(
+        f"engine process died under {len(ps)} streams: {len(lost)} UNAVAILABLE, SERVING "
+        f"again {back_after:.1f} s after (replica and engine process replaced)"
+    )

@@ -17,7 +17,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cluster.commands.local import APP_NAME, start_local
+from cluster.commands.local import APP_NAME
 from cluster.config import ClusterConfig, EngineOptions
 from protos.exaone.v1 import generation_pb2_grpc as pb_grpc
 from replicas.engine.engine import EngineConfig, LLMEngine
@@ -26,7 +26,12 @@ from replicas.model.loader import load_causal_lm
 from replicas.sampling_params import SamplingParams
 from router.client import GenerationClient, build_request
 from tests.bad_inputs import BAD_INPUTS
-from tests.integration.conftest import descendants, free_port, listening_addresses, on_free_port
+from tests.integration.conftest import (
+    descendants,
+    listening_addresses,
+    local_cluster,
+    on_free_port,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -42,17 +47,8 @@ ENGINE = EngineOptions(
 
 @pytest.fixture(scope="module")
 def cluster(tiny_ckpt):
-    config = ClusterConfig(model_path=str(tiny_ckpt), engine=ENGINE)
-    local = start_local(
-        config,
-        grpc_port=free_port(),
-        http_port=free_port(),
-        dashboard_port=None,
-        num_cpus=2,
-        ready_timeout_s=300,
-    )
-    yield local
-    local.stop()
+    with local_cluster(ClusterConfig(model_path=str(tiny_ckpt), engine=ENGINE)) as local:
+        yield local
 
 
 @pytest.fixture(scope="module")
