@@ -156,10 +156,11 @@ class AttentionOptions(_Strict):
         description="With expert groups: micro-batches per step kept in flight (2 = ping-pong).",
     )
     engine_process: bool = Field(
-        False,
+        True,
         description="Colocated experts: each replica's engine steps in a child process of its "
         "own, away from the GIL of the replica's request handling (Serve, Ray, the step "
-        "stream); with expert groups the engine always runs on a thread of the replica.",
+        "stream); false: on a thread of the replica. With expert groups the engine always "
+        "runs on a thread of the replica.",
     )
     prefix_affinity_blocks: int = Field(
         4, ge=0, description="Leading prompt blocks that pick a replica (0: least loaded only)."
