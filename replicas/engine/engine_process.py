@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import pickle
+import queue
 import socket
 import subprocess
 import sys
@@ -36,7 +38,6 @@ from multiprocessing.connection import Connection
 from replicas.engine.engine_spec import EngineSpec
 from replicas.engine.front import EngineFront, EngineState, engine_failed
 from replicas.engine.request_limits import RequestLimits
-from replicas.outputs import ReplicaUnavailableError
 from replicas.sampling_params import SamplingParams
 
 
@@ -45,6 +46,7 @@ class _Ready:
     limits: RequestLimits
     kernels: tuple[str, str]  # (name, why it was chosen)
     resident_bytes: int
+    drafts: bool  # it drafts with the MTP block (the "draft" fault needs that)
     state: EngineState
 
 
@@ -60,30 +62,37 @@ class EngineProcess(EngineFront):
         )
         theirs.close()
         self._conn = Connection(ours.detach())
-        self._send_lock = threading.Lock()
-        self._conn.send(spec)
-        if not self._conn.poll(start_timeout_s):
-            self._kill()
-            raise RuntimeError(f"the engine process did not start in {start_timeout_s:.0f} s")
         try:
+            self._conn.send(spec)
+            if not self._conn.poll(start_timeout_s):
+                raise RuntimeError(f"the engine process did not start in {start_timeout_s:.0f} s")
             kind, payload = self._conn.recv()
         except EOFError:
             code = self._proc.wait()
             raise RuntimeError(
                 f"the engine process exited while starting (exit code {code})"
             ) from None
+        except BaseException:
+            self._kill()
+            raise
         if kind != "ready":
             self._kill()
             raise RuntimeError(f"the engine process could not build the engine: {payload}")
         ready: _Ready = payload
         self.limits, self.kernels = ready.limits, ready.kernels
-        self.resident_bytes = ready.resident_bytes
+        self.resident_bytes, self._drafts = ready.resident_bytes, ready.drafts
         self._state = ready.state
-        self._num_sent = 0  # commands sent; the child's state says how many it applied
+        self._num_sent = 0  # commands queued; the child's state says how many it applied
         self._clock = time.monotonic()  # since when the child owes us a message, when busy
+        self._lock = threading.Lock()
         self._failure: str | None = None
         self._closing = False
+        # Commands go out on a thread of their own: a send blocks while the child is in a step
+        # and the socket's buffer is full, and the event loop must not.
+        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._write, name="engine-sender", daemon=True)
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
+        self._sender.start()
         self._reader.start()
 
     # ---- EngineFront ---------------------------------------------------------------------------
@@ -91,11 +100,11 @@ class EngineProcess(EngineFront):
         self.limits.check(prompt_ids, params)
 
     def _add(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        if not self._send(("add", request_id, list(prompt_ids), params)):
-            raise ReplicaUnavailableError("the engine process is gone; retry the request")
+        self._send(("add", request_id, list(prompt_ids), params))  # if the child is gone, the
+        # reader ends the request with the retryable error (it is registered by then)
 
     def _abort(self, request_id: str) -> None:
-        self._send(("abort", request_id))  # a gone engine process has nothing to abort
+        self._send(("abort", request_id))
 
     def failure(self) -> str | None:
         return self._failure
@@ -117,9 +126,10 @@ class EngineProcess(EngineFront):
         """Fault tests only (replicas.engine.fault_injection, checked here, armed there)."""
         from replicas.engine import fault_injection
 
-        fault_injection.check(fault, after_steps)
-        if not self._send(("fault", fault, after_steps)):
-            raise RuntimeError(self._failure or "the engine process is gone")
+        fault_injection.check(fault, after_steps, drafts=self._drafts)
+        if self._failure is not None:
+            raise RuntimeError(self._failure)
+        self._send(("fault", fault, after_steps))
 
     async def wait_idle(self) -> None:
         """Until every command sent is applied and no request is running."""
@@ -129,34 +139,47 @@ class EngineProcess(EngineFront):
             await asyncio.sleep(0.005)
 
     async def close(self) -> None:
+        """Stop the child (after its current step); open requests end with a retryable error."""
         self._closing = True
         self._send(("stop",))
+        self._outbox.put(None)  # the sender's last item
         try:
             await asyncio.to_thread(self._proc.wait, 30)
         except subprocess.TimeoutExpired:
             self._kill()
         await asyncio.to_thread(self._reader.join)
+        await asyncio.to_thread(self._sender.join)
         self._conn.close()
+        if self._failure is None:
+            self._failure = "the engine process was stopped"
+        if self._loop is not None and not self._loop.is_closed():
+            self._fail_open(engine_failed(self._failure))
 
     # ---- internals -----------------------------------------------------------------------------
     def _idle(self) -> bool:
         s = self._state
         return s.num_commands_applied == self._num_sent and not (s.num_running or s.num_waiting)
 
-    def _send(self, command: tuple) -> bool:
-        """Send ``command`` to the child; False if it is gone (the reader tells the rest)."""
-        with self._send_lock:
+    def _send(self, command: tuple) -> None:
+        """Queue ``command`` for the child (the sender thread writes it)."""
+        with self._lock:
             if self._idle():  # the child was waiting for commands: it owes a step from now
                 self._clock = time.monotonic()
+            self._num_sent += 1
+        self._outbox.put(command)
+
+    def _write(self) -> None:
+        """The sender thread; ends at None or when the child is gone (the reader reports it)."""
+        while (command := self._outbox.get()) is not None:
             try:
                 self._conn.send(command)
             except OSError:
-                return False
-            self._num_sent += 1
-            return True
+                return
 
     def _read(self) -> None:
-        """The reader thread: each step's outputs to the event loop, the child's state kept."""
+        """The reader thread: each step's outputs to the event loop, the child's state kept.
+        However it ends (the child exits or fails, a message cannot be read, the event loop
+        is closed), open requests end with a retryable error unless we are closing."""
         try:
             while True:
                 kind, *rest = self._conn.recv()
@@ -170,19 +193,24 @@ class EngineProcess(EngineFront):
                         self._loop.call_soon_threadsafe(
                             self._deliver_all, outputs, errors, step_end_s
                         )
-                else:  # "state": commands applied without a step
+                else:  # "state": after a step without outputs, or commands applied
                     self._state = rest[0]
         except (EOFError, OSError):
             if self._closing:
                 return
-            code = self._proc.wait()
-            self._failure = f"the engine process exited (exit code {code})"
+            self._failure = f"the engine process exited (exit code {self._proc.wait()})"
+        except BaseException as e:  # noqa: BLE001 - unreadable message, closed loop, ...
+            if self._closing:
+                return
+            self._failure = f"the engine process's messages could not be read ({_describe(e)})"
+            self._kill()
         if self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the event loop is closed
                 self._loop.call_soon_threadsafe(self._fail_open, engine_failed(self._failure))
 
     def _kill(self) -> None:
-        self._proc.kill()
+        with contextlib.suppress(OSError):
+            self._proc.kill()
         self._proc.wait()
 
 
@@ -192,9 +220,10 @@ def _describe(e: BaseException) -> str:
 
 
 def _portable(e: BaseException) -> BaseException:
-    """``e`` if it pickles (most do, keeping their type), else a RuntimeError saying what it was."""
+    """``e`` if it survives pickling (most do, keeping their type), else a RuntimeError saying
+    what it was."""
     try:
-        pickle.dumps(e)
+        pickle.loads(pickle.dumps(e))
         return e
     except Exception:  # noqa: BLE001 - any pickling failure
         return RuntimeError(_describe(e))
@@ -232,24 +261,28 @@ class _Core:
             if outputs or errors:
                 errors = [(request_id, _portable(e)) for request_id, e in errors]
                 self.conn.send(("step", outputs, errors, time.time(), self.state()))
+            else:  # a step without outputs (a prefill chunk): the replica still sees progress
+                self.conn.send(("state", self.state()))
 
     def _apply(self, command: tuple, errors: list[tuple[str, BaseException]]) -> None:
         self.num_applied += 1
         kind, *args = command
-        if kind == "add":
-            request_id, prompt_ids, params = args
-            try:
-                self.engine.add_request(request_id, prompt_ids, params)
-            except Exception as e:  # noqa: BLE001 - delivered to the request's stream
-                errors.append((request_id, e))
-        elif kind == "abort":
-            self.engine.abort(args[0])
-        elif kind == "fault":
-            from replicas.engine import fault_injection
+        try:
+            if kind == "add":
+                self.engine.add_request(*args)
+            elif kind == "abort":
+                self.engine.abort(args[0])
+            elif kind == "fault":
+                from replicas.engine import fault_injection
 
-            fault_injection.arm(self.engine, *args)
-        elif kind == "stop":
-            self.stopping = True
+                fault_injection.arm(self.engine, *args)
+            elif kind == "stop":
+                self.stopping = True
+        except Exception as e:  # noqa: BLE001 - an add's error goes to its stream; others here
+            if kind == "add":
+                errors.append((args[0], e))
+            else:
+                print(f"engine process: {kind} failed: {_describe(e)}", file=sys.stderr)
 
     def _step(self):
         from replicas.engine.async_engine import fail_all
@@ -273,9 +306,18 @@ def _main(fd: int) -> None:
 
     from replicas.model.loader import resident_bytes
 
-    # No PR_SET_PDEATHSIG: it fires when the thread that started us ends, and the replica may
-    # start us from a pool thread. The socket's end is enough: when the replica's process
-    # dies, our next read (between steps, or waiting for a command) gets EOF and we exit.
+    # Exit when the replica's process is gone. Between steps the socket's EOF tells; a step
+    # that hangs never reads it, so a watchdog also checks for a new parent (not
+    # PR_SET_PDEATHSIG: that fires when the thread that started us ends, and the replica may
+    # start us from a pool thread).
+    parent = os.getppid()
+
+    def watchdog() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="parent-watchdog", daemon=True).start()
     conn = Connection(fd)
     spec: EngineSpec = conn.recv()
     try:
@@ -287,7 +329,9 @@ def _main(fd: int) -> None:
         return
     core = _Core(engine, conn)
     kernels = (engine.kernels.name, engine.kernels.reason)
-    conn.send(("ready", _Ready(engine.limits, kernels, resident_bytes(engine.model), core.state())))
+    drafts = engine.drafter is not None
+    ready = _Ready(engine.limits, kernels, resident_bytes(engine.model), drafts, core.state())
+    conn.send(("ready", ready))
     try:
         core.run()
     except (EOFError, OSError):  # the replica is gone

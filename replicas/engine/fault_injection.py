@@ -41,14 +41,17 @@ def enabled() -> bool:
     return os.environ.get(ENV) == "1"
 
 
-def check(fault: str, after_steps: int) -> None:
-    """What ``arm`` refuses, without an engine (an engine process checks in the replica)."""
+def check(fault: str, after_steps: int, drafts: bool = True) -> None:
+    """What ``arm`` refuses, without an engine (an engine process checks in the replica);
+    ``drafts``: the engine drafts with the MTP block."""
     if not enabled():
         raise PermissionError(f"fault injection is off in this process (start it with {ENV}=1)")
     if fault not in FAULTS:
         raise ValueError(f"fault={fault!r}: use one of {', '.join(FAULTS)}")
     if after_steps < 0:
         raise ValueError("after_steps must be >= 0")
+    if FAULTS[fault][0] == "drafter" and not drafts:
+        raise ValueError(f"fault={fault!r} needs an engine that drafts (num_speculative_tokens)")
 
 
 def arm(engine: LLMEngine, fault: str, after_steps: int = 0) -> None:

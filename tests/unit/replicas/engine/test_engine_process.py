@@ -103,3 +103,39 @@ def test_a_dead_engine_process_fails_open_requests_retryably(tiny_ckpt):
 def test_an_engine_that_cannot_be_built_fails_at_start(tmp_path):
     with pytest.raises(RuntimeError, match="could not build the engine"):
         EngineProcess(EngineSpec(tmp_path / "missing", CONFIG))
+
+
+def test_close_ends_open_requests_and_the_child(tiny_ckpt):
+    async def main():
+        front = EngineProcess(EngineSpec(tiny_ckpt, CONFIG))
+        stream = front.generate("r", PROMPTS[0], _greedy(10_000 // 4))
+        await stream.__anext__()
+        await front.close()
+        with pytest.raises(ReplicaUnavailableError, match="stopped.*retry"):
+            async for _ in stream:
+                pass
+        assert front._proc.poll() is not None
+        assert "stopped" in (front.health(60.0) or "")
+
+    asyncio.run(main())
+
+
+def test_a_fault_the_engine_cannot_take_is_refused_in_the_replica(tiny_ckpt, monkeypatch):
+    from replicas.engine.fault_injection import ENV
+
+    monkeypatch.setenv(ENV, "1")  # the child inherits it
+
+    async def main():
+        front = EngineProcess(EngineSpec(tiny_ckpt, CONFIG))  # no MTP drafting
+        try:
+            with pytest.raises(ValueError, match="needs an engine that drafts"):
+                front.inject_fault("draft", 0)
+            front.inject_fault("step", 0)  # fires on the next step: the request ends, the
+            with pytest.raises(ReplicaUnavailableError, match="injected fault"):  # child lives
+                await _tokens(front, "a", PROMPTS[0], 4)
+            assert len(await _tokens(front, "b", PROMPTS[1], 4)) == 4
+            assert front.health(60.0) is None
+        finally:
+            await front.close()
+
+    asyncio.run(main())
