@@ -351,8 +351,10 @@ def main() -> None:
     ap.add_argument("--prefix-cache", action="store_true", help="prefix caching on (all three)")
     ap.add_argument(
         "--engine-process",
-        action="store_true",
-        help="ours: the engine in a process of its own (attention.engine_process)",
+        action=argparse.BooleanOptionalAction,
+        default=AttentionOptions().engine_process,
+        help="ours: the engine in a process of its own (attention.engine_process; default: the"
+        " config's default)",
     )
     ap.add_argument(
         "--vllm-python", type=Path, default=Path(os.environ.get("VLLM_PYTHON", DEFAULT_VLLM_PYTHON))

@@ -59,8 +59,8 @@ class ExpertGroupStats:
     kernels: str = "torch"
     """What computes the experts (replicas.kernels.backend)."""
     weight_dtype: str = ""
-    """The dtype the expert weights are held in (an FP8 checkpoint's are dequantized at load
-    today, so they are held in the compute dtype)."""
+    """The dtype holding most of the expert weights' bytes (an FP8 checkpoint's routed experts
+    stay in float8_e4m3fn, replicas.model.moe.RoutedExperts.use_fp8)."""
 
 
 class ExpertGroup:

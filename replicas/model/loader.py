@@ -30,9 +30,9 @@ from tqdm import tqdm
 from replicas.model.checkpoint_names import Piece, checkpoint_sources
 from replicas.model.config import DTYPE_NAMES, ModelConfig
 from replicas.model.exaone_moe import ExaoneMoeForCausalLM, ExpertStack
-from replicas.model.moe import MoEGate
+from replicas.model.moe import MoEGate, RoutedExperts
 from replicas.model.quant_config import BlockFp8, QuantizationError
-from replicas.model.quantization import dequantize
+from replicas.model.quantization import FP8_DTYPE, dequantize
 
 log = logging.getLogger(__name__)
 
@@ -233,13 +233,23 @@ class _HasResetBuffers(Protocol):
     def reset_buffers(self) -> None: ...
 
 
-def materialize(model: nn.Module, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
+def materialize(
+    model: nn.Module,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    fp8_experts: Iterable[str] = (),
+    fp8_block: tuple[int, int] | None = None,
+) -> nn.Module:
     """Turn a meta-device model into uninitialised storage of ``dtype`` on ``device`` (the router's
-    correction bias stays fp32), ready to be filled by ``copy_pieces``."""
+    correction bias stays fp32; the routed experts named in ``fp8_experts`` are held in FP8 with
+    scales of ``fp8_block``), ready to be filled by ``copy_pieces``."""
     model.to(dtype)
     for m in model.modules():
         if isinstance(m, MoEGate):
             m.e_score_correction_bias = m.e_score_correction_bias.float()
+    for name in fp8_experts:
+        assert fp8_block is not None
+        cast(RoutedExperts, model.get_submodule(name)).use_fp8(fp8_block, dtype)
     model.to_empty(device=device)
     for m in model.modules():
         if hasattr(m, "reset_buffers"):
@@ -296,7 +306,12 @@ def copy_pieces(
                         scale = scales.get_slice(scale_key)[piece.src_index]
                     else:
                         scale = scales.get_tensor(scale_key)
-                    src = dequantize(src, scale, index.quant.block, target.dtype)
+                    if target.dtype == FP8_DTYPE:  # held in FP8: as stored, its scales beside it
+                        owner = cast(RoutedExperts, _owner(model, name))
+                        grid = owner.scale_of(name.rpartition(".")[2], piece.dst)
+                        grid.copy_(scale.reshape(grid.shape))
+                    else:
+                        src = dequantize(src, scale, index.quant.block, target.dtype)
                 target[piece.dst].copy_(src)
     return total
 
@@ -310,11 +325,14 @@ def load_model(
     expert_ids: Iterable[int] | None = None,
     include_mtp: bool | None = None,
     progress: bool | None = None,
+    fp8_experts: bool = True,
 ):
     """Build ``cls(cfg, layers=..., expert_ids=..., include_mtp=...)`` and fill it from ``path``.
 
     ``include_mtp=None`` loads the MTP block when the config declares one and its tensors are
     present (transformers-saved checkpoints drop ``mtp.*``); ``True`` requires them.
+    ``fp8_experts``: routed experts a block-wise FP8 checkpoint stores in e4m3 stay in FP8
+    (``fp8_expert_modules``; ``False`` dequantizes them to ``dtype`` as every other weight).
     """
     index = CheckpointIndex(path)
     cfg = index.config
@@ -334,12 +352,39 @@ def load_model(
         full = ExaoneMoeForCausalLM(cfg, include_mtp=include_mtp)  # every known checkpoint name
     plan = plan_pieces(model, index)
     check_checkpoint(model, index, plan, plan_pieces(full, index))
-    materialize(model, dtype, device)
+    held_fp8 = fp8_expert_modules(model, index, plan) if fp8_experts else []
+    materialize(model, dtype, device, held_fp8, index.quant.block if index.quant else None)
     model.bytes_read = copy_pieces(model, index, plan, progress)
     model.requires_grad_(False)
     model.eval()
     model.checkpoint_path = index.path
     return model
+
+
+def fp8_expert_modules(
+    model: nn.Module, index: CheckpointIndex, plan: dict[str, list[Piece]]
+) -> list[str]:
+    """The routed-expert modules of ``model`` whose weights the checkpoint stores as block-wise
+    e4m3 with scales, every one of them, in a layout the module can hold as it is: per-expert
+    tensors, or fused ones whose gate/up boundary falls between blocks (moe_intermediate_size a
+    multiple of the block's rows; otherwise a block would mix gate and up rows, and those
+    experts are dequantized at load instead)."""
+    if index.quant is None:
+        return []
+    out = []
+    for name, m in model.named_modules():
+        if not isinstance(m, RoutedExperts):
+            continue
+        keys = [index.resolve(p) for leaf in ("w13", "w2") for p in plan[f"{name}.{leaf}"]]
+        if not all(
+            k is not None and index.tensors[k].dtype == "F8_E4M3" and index.scale_of(k)
+            for k in keys
+        ):
+            continue
+        if _is_fused(index, f"{name}.w13") and m.inter % index.quant.block[0]:
+            continue
+        out.append(name)
+    return out
 
 
 def load_causal_lm(path: str | Path, **options) -> ExaoneMoeForCausalLM:

@@ -14,9 +14,11 @@ from torch import nn
 
 from replicas.kernels import backend as kernel_backend
 from replicas.kernels import cpu as cpu_kernels
-from replicas.kernels.gemm_rows import padded_rows, pads_rows
+from replicas.kernels.fp8_scales import Fp8Scales
+from replicas.kernels.gemm_rows import padded_rows
 from replicas.model.config import ModelConfig
 from replicas.model.layers import SwiGLU, fused_decode_op
+from replicas.model.quantization import FP8_DTYPE, dequantize
 
 
 class Routing(NamedTuple):
@@ -89,9 +91,19 @@ class RoutedExperts(nn.Module):
     ``w13[j]`` is expert ``expert_ids[j]``'s fused gate/up weight [2I, H], ``w2[j]`` its down
     weight [H, I]. ``forward`` fills the slots whose expert it holds and leaves the others alone,
     so expert groups that each hold a slice fill disjoint rows of the same slot buffer.
+
+    FP8 (``use_fp8``): w13 / w2 are held as a checkpoint's block-wise float8_e4m3fn with their
+    scales, half of bf16's bytes, and every path computes what ``compute_dtype`` weights
+    dequantized by replicas.model.quantization.dequantize would give, bit for bit: the Triton
+    and the C AVX512 kernels read the FP8 tiles; the other paths (the AMX kernel, vLLM's,
+    PyTorch's GEMMs) dequantize the experts a call uses, for that call.
     """
 
     kernels = "torch"  # or "triton" / "vllm": use_expert_kernels sets it
+    fp8_block: tuple[int, int] | None = None  # (rows, cols) per scale when held in FP8
+    w13_scale: torch.Tensor  # FP8 only, buffers (use_fp8)
+    w2_scale: torch.Tensor
+    compute_dtype: torch.dtype | None = None  # what FP8 weights dequantize to
 
     def __init__(self, cfg: ModelConfig, expert_ids: Sequence[int]):
         super().__init__()
@@ -112,6 +124,67 @@ class RoutedExperts(nn.Module):
         local[list(self.expert_ids)] = torch.arange(len(self.expert_ids), device=device)
         self.local_index = local
 
+    def use_fp8(self, block: tuple[int, int], compute_dtype: torch.dtype) -> None:
+        """Hold w13 / w2 in float8_e4m3fn with fp32 scale buffers ``w13_scale`` [E, 2,
+        ceil(I / br), ceil(H / bc)] (gate's grid, then up's: the checkpoint's two tensors) and
+        ``w2_scale`` [E, ceil(H / br), ceil(I / bc)], computing in ``compute_dtype``. On a meta
+        module, before the loader materializes and fills it."""
+        (n, two_inter, hidden), dev = self.w13.shape, self.w13.device
+        br, bc = block
+        self.w13 = nn.Parameter(torch.empty(self.w13.shape, dtype=FP8_DTYPE, device=dev), False)
+        self.w2 = nn.Parameter(torch.empty(self.w2.shape, dtype=FP8_DTYPE, device=dev), False)
+        inter = two_inter // 2
+        grid13 = (n, 2, -(-inter // br), -(-hidden // bc))
+        self.register_buffer("w13_scale", torch.empty(grid13, device=dev))
+        self.register_buffer(
+            "w2_scale", torch.empty(n, -(-hidden // br), -(-inter // bc), device=dev)
+        )
+        self.fp8_block, self.compute_dtype = (int(br), int(bc)), compute_dtype
+
+    def fp8_scales(self) -> Fp8Scales | None:
+        """The FP8 weights' scales as the kernels take them; None for weights held as they
+        compute."""
+        if self.fp8_block is None:
+            return None
+        return Fp8Scales(self.w13_scale, self.w2_scale, self.fp8_block)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the experts compute in: their weights', or what FP8 ones dequantize to."""
+        if self.fp8_block is None or self.compute_dtype is None:
+            return self.w13.dtype
+        return self.compute_dtype
+
+    def scale_of(self, leaf: str, dst: tuple) -> torch.Tensor:
+        """The part of the scale buffers that belongs to ``w13[dst]`` / ``w2[dst]`` (``leaf``),
+        for the loader: an expert's gate or up rows (j, slice) -> its grid; a whole expert (j,)
+        -> its grids (w13: gate's and up's, [2 * ceil(I / br), ...], as one fused tensor's)."""
+        if leaf == "w2":
+            return self.w2_scale[dst[0]]
+        j, *rows = dst
+        if not rows:
+            return self.w13_scale[j].flatten(0, 1)
+        return self.w13_scale[j, 0 if rows[0].start == 0 else 1]
+
+    def dense_weights(
+        self, experts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13, w2) in ``weight_dtype`` (of local experts ``experts`` only, if given): the
+        weights themselves, FP8 ones dequantized for the caller."""
+        w13: torch.Tensor = self.w13
+        w2: torch.Tensor = self.w2
+        if experts is not None:
+            w13, w2 = w13.index_select(0, experts), w2.index_select(0, experts)
+        if self.fp8_block is None:
+            return w13, w2
+        s13, s2 = self.w13_scale, self.w2_scale
+        if experts is not None:
+            s13, s2 = s13.index_select(0, experts), s2.index_select(0, experts)
+        dtype, block, inter = self.weight_dtype, self.fp8_block, self.inter
+        gate = dequantize(w13[:, :inter], s13[:, 0], block, dtype)  # [E, I, H]
+        up = dequantize(w13[:, inter:], s13[:, 1], block, dtype)
+        return torch.cat([gate, up], 1), dequantize(w2, s2, block, dtype)
+
     @classmethod
     def gather(
         cls, cfg: ModelConfig, expert_ids: Sequence[int], sources: Sequence[RoutedExperts]
@@ -119,18 +192,29 @@ class RoutedExperts(nn.Module):
         """Experts ``expert_ids`` of one layer, each copied from the first of ``sources`` that
         holds it (what a group keeps when its holdings change)."""
         ids = tuple(sorted(set(expert_ids)))
+        layouts = {(m.fp8_block, m.compute_dtype) for m in sources}
+        if len(layouts) > 1:
+            raise ValueError(f"sources hold their experts differently: {sorted(map(str, layouts))}")
         with torch.device("meta"):
             out = cls(cfg, ids)
-        w13, w2 = [], []
+            if sources and sources[0].fp8_block is not None:
+                out.use_fp8(sources[0].fp8_block, sources[0].weight_dtype)
+        names = ("w13", "w2") + (("w13_scale", "w2_scale") if out.fp8_block else ())
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         for e in ids:
             src = next((m for m in sources if int(m.local_index[e]) >= 0), None)
             if src is None:
                 raise ValueError(f"expert {e} is in none of the sources")
             j = int(src.local_index[e])
-            w13.append(src.w13[j])
-            w2.append(src.w2[j])
-        out.w13 = nn.Parameter(torch.stack(w13), requires_grad=False)  # [E_local, 2I, H]
-        out.w2 = nn.Parameter(torch.stack(w2), requires_grad=False)  # [E_local, H, I]
+            for name in names:
+                parts[name].append(getattr(src, name)[j])
+        out.w13 = nn.Parameter(torch.stack(parts["w13"]), requires_grad=False)  # [E_local, 2I, H]
+        out.w2 = nn.Parameter(torch.stack(parts["w2"]), requires_grad=False)  # [E_local, H, I]
+        if out.fp8_block:
+            out.w13_scale, out.w2_scale = (
+                torch.stack(parts["w13_scale"]),
+                torch.stack(parts["w2_scale"]),
+            )
         out.reset_buffers()
         out.kernels = sources[0].kernels if sources else cls.kernels
         return out
@@ -168,46 +252,74 @@ class RoutedExperts(nn.Module):
         kernel = (
             self.kernels if self.kernels != "torch" else self._cpu_kernel(x, slots.numel(), sizes)
         )
+        fp8 = self.fp8_scales()
         if kernel is not None:
             offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # [E_local + 1]
-            if kernel in ("triton", "vllm"):
-                y = kernel_backend.moe_experts(kernel)(x, tokens, offsets, self.w13, self.w2)
-            elif kernel == "amx":
-                y = cpu_kernels.moe_experts_amx(x, tokens, offsets, self.w13, self.w2)
-            else:
+            if kernel == "triton" and fp8 is not None:
+                y = kernel_backend.moe_experts(kernel)(x, tokens, offsets, self.w13, self.w2, fp8)
+            elif kernel == "avx512" and fp8 is not None:
                 h = x.index_select(0, tokens)  # [S_held, H]
+                y = cpu_kernels.moe_experts_fp8(h, offsets, self.w13, self.w2, fp8)
+            elif kernel == "avx512":
+                h = x.index_select(0, tokens)
                 y = cpu_kernels.moe_experts_bf16(h, offsets, self.w13, self.w2)
+            else:  # triton / vllm / amx on the weights as they compute
+                if fp8 is not None:  # only the experts with rows, dequantized
+                    used = torch.nonzero(sizes)[:, 0]
+                    sizes = sizes.index_select(0, used)
+                    offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+                w13, w2 = self.dense_weights(None if fp8 is None else used)
+                if kernel == "amx":
+                    y = cpu_kernels.moe_experts_amx(x, tokens, offsets, w13, w2)
+                else:
+                    y = kernel_backend.moe_experts(kernel)(x, tokens, offsets, w13, w2)
             return slots, None, y
+        weights = None  # self's (w13, w2), or the used experts' dequantized, with their sizes
+        if fp8 is not None:
+            used = torch.nonzero(sizes)[:, 0]
+            weights, sizes = self.dense_weights(used), sizes.index_select(0, used)
         padded = sizes
-        if pads_rows(self.w13):
+        if self._pads_rows(x):
             padded = torch.tensor([padded_rows(c) for c in sizes.tolist()], device=sizes.device)
         if torch.equal(padded, sizes):
-            return slots, None, self._experts(x.index_select(0, tokens), sizes)
+            return slots, None, self._experts(x.index_select(0, tokens), sizes, weights)
         expert = torch.repeat_interleave(torch.arange(len(sizes), device=x.device), sizes)
         extra = (padded.cumsum(0) - padded) - (sizes.cumsum(0) - sizes)  # [E_local] pad rows before
         rows = torch.arange(slots.numel(), device=x.device) + extra[expert]  # [S_held]
         source = torch.full((int(padded.sum()),), n, dtype=torch.long, device=x.device)
         source[rows] = tokens  # token of each padded row; row n of the input is zeros
         h = torch.cat([x, x.new_zeros(1, x.shape[-1])]).index_select(0, source)  # [R, H]
-        return slots, rows, self._experts(h, padded)
+        return slots, rows, self._experts(h, padded, weights)
 
-    def _experts(self, h: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-        """h [R, H], rows grouped by local expert (``sizes`` [E_local] rows each) -> [R, H]."""
+    def _experts(
+        self,
+        h: torch.Tensor,
+        sizes: torch.Tensor,
+        weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """h [R, H], rows grouped by expert (``sizes`` [E] rows each) -> [R, H], with
+        ``weights`` (w13 [E, 2I, H], w2 [E, H, I]; default the held ones, all E_local)."""
+        w13, w2 = weights if weights is not None else (self.w13, self.w2)
         if self._use_grouped_mm(h, h.shape[0]):
-            offsets = sizes.cumsum(0).to(torch.int32)  # [E_local] end row of each expert
-            gate, up = torch._grouped_mm(h, self.w13.transpose(1, 2), offs=offsets).split(
+            offsets = sizes.cumsum(0).to(torch.int32)  # [E] end row of each expert
+            gate, up = torch._grouped_mm(h, w13.transpose(1, 2), offs=offsets).split(
                 self.inter, dim=-1
             )  # 2 x [R, I]
-            return torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)
+            return torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets)
         y = torch.empty_like(h)  # [R, H]
         start = 0
         for j, count in enumerate(sizes.tolist()):
             if count:
                 rows = slice(start, start + count)
-                gate, up = F.linear(h[rows], self.w13[j]).split(self.inter, dim=-1)
-                y[rows] = F.linear(F.silu(gate) * up, self.w2[j])
+                gate, up = F.linear(h[rows], w13[j]).split(self.inter, dim=-1)
+                y[rows] = F.linear(F.silu(gate) * up, w2[j])
                 start += count
         return y
+
+    def _pads_rows(self, x: torch.Tensor) -> bool:
+        """Whether the GEMMs see padded row counts (replicas.kernels.gemm_rows.pads_rows: half
+        precision on CPU), judged by the dtype the experts compute in."""
+        return x.device.type == "cpu" and self.weight_dtype in (torch.bfloat16, torch.float16)
 
     def forward(self, x: torch.Tensor, routing: Routing) -> ExpertRows:
         """x [N, H] -> this module's expert outputs for every slot it holds (the others read a
@@ -223,7 +335,7 @@ class RoutedExperts(nn.Module):
         as ``weighted_sum(self(x, routing), ...)``, bit for bit, without a dozen PyTorch
         operations of grouping and combining); else None."""
         w13, w2 = self.w13, self.w2
-        if self.kernels != "torch" or not fused_decode_op(x, w13):
+        if self.kernels != "torch" or self.fp8_block is not None or not fused_decode_op(x, w13):
             return None
         if not (x.is_contiguous() and w13.is_contiguous() and w2.is_contiguous()):
             return None
@@ -241,7 +353,11 @@ class RoutedExperts(nn.Module):
           grouped_mm; 32 rows 10-13 vs 26-30 (grouped_mm); 256 rows 64 vs 94-99 (grouped_mm).
         - AVX512 kernel: 2 rows per expert 7.1-7.5 vs 7.6-8.4 for AMX, so it keeps the
           smallest batches; without AMX it runs up to ``kernel_max_rows()``."""
-        if x.dtype != torch.bfloat16 or self.w13.dtype != torch.bfloat16 or x.device.type != "cpu":
+        if (
+            x.dtype != torch.bfloat16
+            or self.weight_dtype != torch.bfloat16
+            or x.device.type != "cpu"
+        ):
             return None
         if not (x.is_contiguous() and self.w13.is_contiguous() and self.w2.is_contiguous()):
             return None
@@ -261,7 +377,7 @@ class RoutedExperts(nn.Module):
         """Average rows per used expert up to which the AVX512 kernel runs (see
         CACHE_RESIDENT_EXPERT_BYTES)."""
         (_, a, b), (_, c, d) = self.w13.shape, self.w2.shape  # [E, 2I, H], [E, H, I]
-        per_expert = (a * b + c * d) * self.w13.element_size()
+        per_expert = (a * b + c * d) * self.weight_dtype.itemsize  # as the dtype computed in
         if per_expert <= CACHE_RESIDENT_EXPERT_BYTES:
             return KERNEL_MAX_ROWS_PER_CACHED_EXPERT
         return KERNEL_MAX_ROWS_PER_EXPERT
@@ -274,7 +390,7 @@ class RoutedExperts(nn.Module):
         Measured on 2 CPU cores (hidden 1024, moe_intermediate 256, 64 experts, fp32): grouped
         is faster up to ~8 rows per expert (decode: 9.8 vs 11.7 ms at 128 rows), the loop at 64
         (prefill: 71 vs 82 ms at 4096 rows); bf16 grouped is ~2x faster. Needs 16-byte rows."""
-        if not hasattr(torch, "_grouped_mm") or x.dtype != self.w13.dtype:
+        if not hasattr(torch, "_grouped_mm") or x.dtype != self.weight_dtype:
             return False
         if any((n * x.element_size()) % 16 for n in (x.shape[-1], self.inter)):
             return False

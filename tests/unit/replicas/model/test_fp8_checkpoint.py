@@ -17,8 +17,19 @@ from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
 
 from cluster.bundled.quantize import quantize_checkpoint
 from cluster.commands.cli import main
-from replicas.model.loader import CheckpointError, load_causal_lm, load_expert_stack
-from replicas.model.quantization import FP8_DTYPE
+from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.experts.dispatch import ExpertDispatcher, InProcessTransport
+from replicas.experts.expert_group import ExpertGroup
+from replicas.experts.placement import ExpertPlacement
+from replicas.model.loader import (
+    CheckpointError,
+    load_causal_lm,
+    load_expert_stack,
+    resident_bytes,
+)
+from replicas.model.moe import RoutedExperts, use_expert_kernels
+from replicas.model.quantization import FP8_DTYPE, dequantize, quantize
+from replicas.sampling_params import SamplingParams
 
 # Block multiples (transformers' FP8 loading reads them right), and the tiny preset, whose every
 # weight is one partial block (smaller than 128 both ways). bf16 weights, quantized on writing.
@@ -136,10 +147,17 @@ def test_partial_edge_blocks_follow_the_block_grid(make_ckpt, tmp_path, report):
     diff, top1 = _compare(_logits(ours, ids), _logits(ref, ids))
     report(f"edge blocks: FP8 max |ours - transformers| {diff:.3g} (fp32), top-1 {top1:.4f}")
     assert diff <= 1e-4
-    # Our FP8 load is that dequantization exactly: the same weights bit for bit.
+    # Our FP8 load is that dequantization exactly: the same weights bit for bit, whether
+    # done at load or, for the routed experts held in FP8, by the experts for a call.
     plain = load_causal_lm(reference, dtype=torch.float32)
-    for name, tensor in ours.state_dict().items():
+    dequantized = load_causal_lm(fp8, dtype=torch.float32, fp8_experts=False)
+    for name, tensor in dequantized.state_dict().items():
         assert torch.equal(tensor, plain.state_dict()[name]), name
+    for held, whole in zip(_routed(ours), _routed(plain), strict=True):
+        assert held.w13.dtype == FP8_DTYPE
+        for got, want in zip(held.dense_weights(), (whole.w13, whole.w2), strict=True):
+            assert torch.equal(got, want)
+    ours = dequantized
     # And quantization changed them (a loader that ignored the scales would not get here).
     original = load_causal_lm(bf16, dtype=torch.float32).state_dict()
     q_proj = "model.layers.0.self_attn.qkv_proj.weight"
@@ -152,8 +170,39 @@ def test_fused_fp8_experts_load_like_per_expert_ones(make_ckpt, tmp_path):
     scales fused the same way; blocks of 16 divide I = 32, so the fused grid lines up."""
     block = (16, 16)
     per_expert = quantize_checkpoint(make_ckpt(dtype="bfloat16"), tmp_path / "per_expert", block)
-    fused = Path(shutil.copytree(per_expert, tmp_path / "fused"))
+    fused = fused_copy(per_expert, tmp_path / "fused")
+    a = load_causal_lm(per_expert, dtype=torch.bfloat16).state_dict()
+    b = load_causal_lm(fused, dtype=torch.bfloat16).state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(bits(a[name]), bits(b[name])), name
+    # An expert group reads its experts' rows (and their scales) of the fused tensors.
+    stack = load_expert_stack(fused, [2, 5], dtype=torch.bfloat16)
+    layer = stack.layer_ids()[0]
+    for leaf in ("w13", "w13_scale", "w2_scale"):
+        want = a[f"model.layers.{layer}.mlp.experts.{leaf}"][[2, 5]]
+        assert torch.equal(bits(getattr(stack.experts(layer), leaf)), bits(want)), leaf
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor to compare exactly: FP8 ones as their bytes (torch.equal has no FP8 kernel)."""
+    return t.view(torch.uint8) if t.dtype == FP8_DTYPE else t
+
+
+def fused_copy(per_expert: Path, out: Path, requantize: bool = False) -> Path:
+    """A copy of a per-expert FP8 checkpoint in transformers' fused expert layout
+    (experts.gate_up_proj [E, 2I, H], down_proj [E, H, I]), scales fused the same way; with
+    ``requantize`` the fused tensors are quantized whole instead (their own block grid, as a
+    quantizer of the fused layout writes it, where a block may hold gate and up rows)."""
+    fused = Path(shutil.copytree(per_expert, out))
     tensors = load_file(str(fused / "model.safetensors"))
+    config = json.loads((fused / "config.json").read_text())
+    num_experts = config["num_experts"]
+    block = tuple(config["quantization_config"]["weight_block_size"])
+    if requantize:
+        for key in [k for k in tensors if ".experts." in k and k.endswith(".weight")]:
+            scale = tensors.pop(key + "_scale_inv")
+            tensors[key] = dequantize(tensors[key], scale, block, torch.float32)
     layers = sorted({int(k.split(".")[2]) for k in tensors if ".experts.0.gate_proj" in k})
     for i in layers:
         p = f"model.layers.{i}.mlp.experts"
@@ -165,21 +214,18 @@ def test_fused_fp8_experts_load_like_per_expert_ones(make_ckpt, tmp_path):
                         tensors.pop(f"{p}.{e}.up_proj.weight{suffix}"),
                     ]
                 )
-                for e in range(8)
+                for e in range(num_experts)
             ]
-            down = [tensors.pop(f"{p}.{e}.down_proj.weight{suffix}") for e in range(8)]
+            down = [tensors.pop(f"{p}.{e}.down_proj.weight{suffix}") for e in range(num_experts)]
             tensors[f"{p}.gate_up_proj{suffix}"] = torch.stack(gate_up)
             tensors[f"{p}.down_proj{suffix}"] = torch.stack(down)
+            if requantize:
+                for name in ("gate_up_proj", "down_proj"):
+                    q, scale = quantize(tensors[f"{p}.{name}"], block)
+                    tensors[f"{p}.{name}"], tensors[f"{p}.{name}_scale_inv"] = q, scale
+                break
     save_file(tensors, str(fused / "model.safetensors"), metadata={"format": "pt"})
-    a = load_causal_lm(per_expert, dtype=torch.bfloat16).state_dict()
-    b = load_causal_lm(fused, dtype=torch.bfloat16).state_dict()
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    # An expert group reads its experts' rows (and their scales) of the fused tensors.
-    stack = load_expert_stack(fused, [2, 5], dtype=torch.bfloat16)
-    layer = stack.layer_ids()[0]
-    assert torch.equal(stack.experts(layer).w13, a[f"model.layers.{layer}.mlp.experts.w13"][[2, 5]])
+    return fused
 
 
 def test_quantize_command_writes_what_make_checkpoint_writes(make_ckpt, tmp_path, capsys):
@@ -259,3 +305,181 @@ def test_model_info_names_the_quantization(make_ckpt):
     assert info(fp8).quantization == "fp8 e4m3, blocks 128x128 (fp8)"
     assert info(fp8).dtype == "bfloat16"  # what the replicas compute in
     assert info(make_ckpt(dtype="bfloat16")).quantization == ""
+
+
+# ---- routed experts held in FP8 ------------------------------------------------------------------
+def _fp8_layouts(make_ckpt, tmp_path) -> dict[str, Path]:
+    """FP8 checkpoints whose experts stay in FP8: blocks of 128 over aligned sizes; partial edge
+    blocks (moe_intermediate 24 in blocks of 16 x 24: two grid rows, the second half full);
+    transformers' fused layout (blocks of 16 divide I = 32)."""
+    edge = make_ckpt(dtype="bfloat16", moe_intermediate_size=24, initializer_range=0.05)
+    return {
+        "aligned": make_ckpt(dtype="bfloat16", quantize="fp8", **ALIGNED),
+        "edge_blocks": quantize_checkpoint(edge, tmp_path / "edge", (16, 24)),
+        "fused": fused_copy(
+            quantize_checkpoint(make_ckpt(dtype="bfloat16"), tmp_path / "q16", (16, 16)),
+            tmp_path / "fused",
+        ),
+    }
+
+
+def _routed(model) -> list[RoutedExperts]:
+    return [m for m in model.modules() if isinstance(m, RoutedExperts)]
+
+
+def _greedy(model, prompts, **config) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    engine = LLMEngine(model, EngineConfig(max_num_batched_tokens=64, block_size=4, **config))
+    return engine.generate(prompts, params)
+
+
+def test_fp8_experts_stay_fp8_and_compute_the_dequantized_results(make_ckpt, tmp_path):
+    """Held as the checkpoint's e4m3 bytes with their scales, the experts give what the same
+    checkpoint dequantized at load gives, bit for bit: whole forwards of 1 to 2 x 40 tokens (the
+    C FP8 kernel for few rows per expert, dequantized GEMMs for many) and the engine's greedy
+    steps (decode rows through the unfused expert path)."""
+    prompts = [list(range(5, 5 + n)) for n in (3, 17, 30)]
+    for name, ckpt in _fp8_layouts(make_ckpt, tmp_path).items():
+        held = load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False)
+        dense = load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False, fp8_experts=False)
+        for m in _routed(held):
+            assert m.w13.dtype == FP8_DTYPE and m.w2.dtype == FP8_DTYPE, name
+            assert m.fp8_scales() is not None
+            m.fp8_scales().check(m.w13, m.w2)  # type: ignore[union-attr]
+        assert all(m.w13.dtype == torch.bfloat16 for m in _routed(dense))
+        ids = _ids(held.cfg.vocab_size, tokens=40)
+        for tokens in (1, 4, 40):
+            got, want = _logits(held, ids[:, :tokens]), _logits(dense, ids[:, :tokens])
+            assert torch.equal(got, want), (name, tokens)
+        assert _greedy(held, prompts) == _greedy(dense, prompts), name
+
+
+def test_fused_fp8_experts_whose_blocks_mix_gate_and_up_are_dequantized(make_ckpt, tmp_path):
+    """Blocks of 24 rows over I = 32: the fused gate_up tensor's second block row holds gate and
+    up rows, which the held layout (a grid each) cannot keep; those experts load dequantized."""
+    per_expert = quantize_checkpoint(make_ckpt(dtype="bfloat16"), tmp_path / "q24", (24, 16))
+    assert all(
+        m.w13.dtype == FP8_DTYPE
+        for m in _routed(load_causal_lm(per_expert, dtype=torch.bfloat16, include_mtp=False))
+    )
+    fused = fused_copy(per_expert, tmp_path / "fused24", requantize=True)
+    model = load_causal_lm(fused, dtype=torch.bfloat16, include_mtp=False)
+    assert all(m.w13.dtype == torch.bfloat16 and m.fp8_block is None for m in _routed(model))
+    dequantized = load_causal_lm(fused, dtype=torch.bfloat16, include_mtp=False, fp8_experts=False)
+    ids = _ids(model.cfg.vocab_size)
+    assert torch.equal(_logits(model, ids), _logits(dequantized, ids))
+    # The fused grid is the whole tensor's: 3 block rows over 2I = 64, one of them mixed.
+    with safe_open(str(fused / "model.safetensors"), framework="pt") as f:
+        key = f"model.layers.{model.cfg.moe_layers[0]}.mlp.experts.gate_up_proj_scale_inv"
+        assert f.get_slice(key).get_shape()[1] == 3
+
+
+def test_an_expert_replica_holds_about_half_the_bytes(make_ckpt, tmp_path):
+    """An expert group's resident bytes (what `status` prints): FP8 weights plus fp32 scales
+    against the bf16 checkpoint's, the same experts."""
+    bf16 = make_ckpt(dtype="bfloat16", **ALIGNED)
+    fp8 = make_ckpt(dtype="bfloat16", quantize="fp8", **ALIGNED)
+    ids = [1, 4, 6]
+    ratio = resident_bytes(load_expert_stack(fp8, ids)) / resident_bytes(
+        load_expert_stack(bf16, ids)
+    )
+    assert 0.5 < ratio <= 0.55
+    stats = ExpertGroup(fp8, 0, ids, dtype="bfloat16").stats()
+    assert stats.weight_dtype == "float8_e4m3fn"
+    assert stats.resident_bytes == resident_bytes(load_expert_stack(fp8, ids))
+
+
+def test_fp8_expert_groups_and_their_rebalancing_give_colocated_greedy(make_ckpt, tmp_path):
+    """Two expert groups on the FP8 checkpoint give the colocated model's greedy tokens; a group
+    that gathers experts from another load (what it does when the balancer moves experts) keeps
+    them in FP8 with their scales."""
+    ckpt = _fp8_layouts(make_ckpt, tmp_path)["edge_blocks"]
+    colocated = load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False)
+    attention = load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False, expert_ids=())
+    placement = ExpertPlacement.contiguous(colocated.cfg.num_experts, 2)
+    groups = [ExpertGroup(ckpt, g, ids, dtype="bfloat16") for g, ids in enumerate(placement.groups)]
+    dispatcher = ExpertDispatcher(InProcessTransport(placement, groups))
+    prompts = [list(range(7, 7 + n)) for n in (2, 9, 21, 33)]
+    want = _greedy(colocated, prompts)
+    engine = LLMEngine(
+        attention,
+        EngineConfig(max_num_batched_tokens=64, block_size=4),
+        experts=dispatcher,
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    assert engine.generate(prompts, params) == want
+    layer = colocated.cfg.moe_layers[0]
+    mine = groups[0].stack.experts(layer)
+    merged = RoutedExperts.gather(
+        colocated.cfg, (0, 1, 6, 7), [mine, groups[1].stack.experts(layer)]
+    )
+    assert merged.w13.dtype == FP8_DTYPE and merged.fp8_block == mine.fp8_block
+    x = torch.randn(5, colocated.cfg.hidden_size).bfloat16()
+    topk = torch.tensor([[0, 6], [1, 7], [6, 0], [7, 1], [0, 1]])
+    whole = colocated.model.layers[str(layer)].mlp.experts
+    assert torch.equal(merged.compute(x, topk)[1], whole.compute(x, topk)[1])
+
+
+def test_fp8_experts_with_mtp_and_triton_kernels_keep_greedy(make_ckpt, tmp_path):
+    """MTP drafts verified on FP8 experts, and the Triton kernel reading FP8 tiles (Triton's
+    interpreter on CPU), give the greedy tokens of the checkpoint dequantized at load."""
+    ckpt = _fp8_layouts(make_ckpt, tmp_path)["edge_blocks"]
+    prompts = [list(range(9, 9 + n)) for n in (4, 19)]
+    dense = load_causal_lm(ckpt, dtype=torch.bfloat16, fp8_experts=False)
+    want = _greedy(dense, prompts)
+    held = load_causal_lm(ckpt, dtype=torch.bfloat16)
+    assert held.mtp is not None
+    assert _greedy(held, prompts, num_speculative_tokens=2) == want
+    use_expert_kernels(held, "triton")
+    use_expert_kernels(dense, "triton")
+    ids = _ids(held.cfg.vocab_size, tokens=12)
+    assert torch.equal(_logits(held, ids), _logits(dense, ids))
+
+
+def _grouped_reference(x, tokens, offsets, w13, w2):
+    """The kernels' contract (replicas.kernels.triton_moe.moe_experts) in PyTorch operations."""
+    h, bounds = x.index_select(0, tokens), offsets.tolist()
+    y = torch.empty_like(h)
+    for e in range(w13.shape[0]):
+        rows = slice(bounds[e], bounds[e + 1])
+        gate, up = torch.nn.functional.linear(h[rows], w13[e]).chunk(2, dim=-1)
+        y[rows] = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w2[e])
+    return y
+
+
+@pytest.mark.parametrize("kernel", ["amx", "vllm"])
+def test_kernels_without_an_fp8_path_get_the_used_experts_dequantized(
+    make_ckpt, monkeypatch, kernel
+):
+    """The AMX kernel and vLLM's take weights as they compute: FP8 experts hand them the
+    experts a call uses, dequantized, with offsets over those experts only; the answer is the
+    one the kernel gives on the checkpoint dequantized at load. (Neither runs on this machine:
+    both stand in as the contract in PyTorch operations.)"""
+    from replicas.kernels import backend as kernel_backend
+    from replicas.kernels import cpu as cpu_kernels
+
+    seen = []
+
+    def fake(x, tokens, offsets, w13, w2):
+        seen.append((w13.dtype, w13.shape[0], offsets.numel()))
+        return _grouped_reference(x, tokens, offsets, w13, w2)
+
+    if kernel == "amx":
+        monkeypatch.setattr(cpu_kernels, "amx_available", lambda: True)
+        monkeypatch.setattr(cpu_kernels, "moe_experts_amx", fake)
+    else:
+        monkeypatch.setattr(kernel_backend, "moe_experts", lambda name: fake)
+    ckpt = make_ckpt(dtype="bfloat16", quantize="fp8", **ALIGNED)
+    held = _routed(load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False))[0]
+    dense = _routed(
+        load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False, fp8_experts=False)
+    )[0]
+    for m in (held, dense):
+        m.kernels = "torch" if kernel == "amx" else kernel
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, held.w13.shape[-1], generator=g).bfloat16()
+    topk = torch.randint(0, 3, (40, 2), generator=g)  # experts 0-2 of 8: five unused
+    topk[:, 1] = (topk[:, 0] + 1) % 3
+    got, want = held.compute(x, topk), dense.compute(x, topk)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert seen == [(torch.bfloat16, 3, 4), (torch.bfloat16, 8, 9)]  # held: 3 used; dense: all
