@@ -145,6 +145,37 @@ def moe_experts_fp8(
     return out
 
 
+def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Block-wise e4m3 weights w [..., R, C] with scales [..., ceil(R / br), ceil(C / bc)] ->
+    bf16 [..., R, C]: replicas.model.quantization.dequantize's values bit for bit (csrc/moe_bf16.c,
+    threads over blocks of rows)."""
+    lib = BF16_LIBRARY.require()
+    *lead, rows, cols = w.shape
+    br, bc = block
+    grid = (*lead, -(-rows // br), -(-cols // bc))
+    if w.dtype != torch.float8_e4m3fn or not w.is_cpu or tuple(scale.shape) != grid or br < 1:
+        raise ValueError(
+            f"dequantize_fp8: w {w.dtype} {tuple(w.shape)}, scale {tuple(scale.shape)}, blocks "
+            f"{block}: want CPU float8_e4m3fn weights and scales of shape {list(grid)}"
+        )
+    w = w.contiguous()
+    scale = scale.to(torch.float32).contiguous()
+    out = torch.empty(w.shape, dtype=torch.bfloat16)
+    mats = w.numel() // max(rows * cols, 1)
+    lib.dequantize_fp8_bf16(
+        w.data_ptr(),
+        scale.data_ptr(),
+        mats,
+        rows,
+        cols,
+        br,
+        bc,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
 def moe_layer_decode_bf16(
     x: torch.Tensor,
     topk_ids: torch.Tensor,

@@ -118,6 +118,8 @@ def _declare_bf16(lib: ctypes.CDLL) -> str | None:
     lib.moe_experts_bf16.restype = None
     lib.moe_experts_fp8.argtypes = [P, P, I32, I32, I32, P, P, P, P, I32, I32, P, P, I32]
     lib.moe_experts_fp8.restype = I32
+    lib.dequantize_fp8_bf16.argtypes = [P, P, I32, I32, I32, I32, I32, P, I32]
+    lib.dequantize_fp8_bf16.restype = None
     lib.decode_attention_bf16.argtypes = [
         P,
         P,

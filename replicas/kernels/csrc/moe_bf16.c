@@ -256,19 +256,23 @@ int moe_experts_fp8(const uint16_t* x, const int64_t* offsets, int num_experts, 
         const int e = (int)(item / blocks_up), first = (int)(item % blocks_up) * BLOCK;
         const int64_t r0 = offsets[e], r1 = offsets[e + 1];
         if (r0 == r1) continue;
-        const int last = first + BLOCK < inter ? first + BLOCK : inter, nf = last - first;
+        const int last = first + BLOCK < inter ? first + BLOCK : inter;
         const uint8_t* gate_w = w13 + (int64_t)e * 2 * inter * hidden;
         const float* gate_s = s13 + (int64_t)e * 2 * gi * gh;
-        dequant_rows(gate_w, gate_s, gh, br, bc, first, nf, hidden, gate_rows);
-        dequant_rows(gate_w + (int64_t)inter * hidden, gate_s + (int64_t)gi * gh, gh, br, bc,
-                     first, nf, hidden, up_rows);
-        for (int64_t r = r0; r < r1; r += 4) {
-          const int nr = r1 - r < 4 ? (int)(r1 - r) : 4;
-          uint16_t* a = act + r * inter + first;
-          if (tiles && nr == 4)
-            up_tiled(x + r * hidden, nr, hidden, inter, gate_rows, up_rows, 0, nf, a);
-          else
-            up_streamed(x + r * hidden, nr, hidden, inter, gate_rows, up_rows, 0, nf, a);
+        /* 4 features at a time (tile's groups of 4), so the dequantized rows stay in L1 */
+        for (int f = first; f < last; f += 4) {
+          const int nf = last - f < 4 ? last - f : 4;
+          dequant_rows(gate_w, gate_s, gh, br, bc, f, nf, hidden, gate_rows);
+          dequant_rows(gate_w + (int64_t)inter * hidden, gate_s + (int64_t)gi * gh, gh, br, bc,
+                       f, nf, hidden, up_rows);
+          for (int64_t r = r0; r < r1; r += 4) {
+            const int nr = r1 - r < 4 ? (int)(r1 - r) : 4;
+            uint16_t* a = act + r * inter + f;
+            if (tiles && nr == 4)
+              up_tiled(x + r * hidden, nr, hidden, inter, gate_rows, up_rows, 0, nf, a);
+            else
+              up_streamed(x + r * hidden, nr, hidden, inter, gate_rows, up_rows, 0, nf, a);
+          }
         }
       }
 #pragma omp for schedule(dynamic, 4)
@@ -276,21 +280,41 @@ int moe_experts_fp8(const uint16_t* x, const int64_t* offsets, int num_experts, 
         const int e = (int)(item / blocks_down), first = (int)(item % blocks_down) * BLOCK;
         const int64_t r0 = offsets[e], r1 = offsets[e + 1];
         if (r0 == r1) continue;
-        const int last = first + BLOCK < hidden ? first + BLOCK : hidden, nf = last - first;
-        dequant_rows(w2 + (int64_t)e * hidden * inter, s2 + (int64_t)e * gh2 * gi2, gi2, br, bc,
-                     first, nf, inter, gate_rows);
-        for (int64_t r = r0; r < r1; r += 4) {
-          const int nr = r1 - r < 4 ? (int)(r1 - r) : 4;
-          if (tiles && nr == 4)
-            project_tiled(act + r * inter, inter, nr, gate_rows, inter, 0, nf,
-                          out + r * hidden + first, hidden);
-          else
-            project_streamed(act + r * inter, inter, nr, gate_rows, inter, 0, nf,
-                             out + r * hidden + first, hidden);
+        const int last = first + BLOCK < hidden ? first + BLOCK : hidden;
+        for (int f = first; f < last; f += 4) {
+          const int nf = last - f < 4 ? last - f : 4;
+          dequant_rows(w2 + (int64_t)e * hidden * inter, s2 + (int64_t)e * gh2 * gi2, gi2, br,
+                       bc, f, nf, inter, gate_rows);
+          for (int64_t r = r0; r < r1; r += 4) {
+            const int nr = r1 - r < 4 ? (int)(r1 - r) : 4;
+            if (tiles && nr == 4)
+              project_tiled(act + r * inter, inter, nr, gate_rows, inter, 0, nf,
+                            out + r * hidden + f, hidden);
+            else
+              project_streamed(act + r * inter, inter, nr, gate_rows, inter, 0, nf,
+                               out + r * hidden + f, hidden);
+          }
         }
       }
     }
     free(scratch);
   }
   return failed;
+}
+
+/* w [mats, rows, cols] e4m3 with scale [mats, ceil(rows / br), ceil(cols / bc)] -> dst [mats,
+ * rows, cols] bf16, the values quantization.dequantize gives (dequant_rows; the exceptions
+ * above), block rows of every matrix split over OpenMP threads: for the paths that take the
+ * weights as they compute (many rows per expert), instead of PyTorch's expand-multiply-cast. */
+void dequantize_fp8_bf16(const uint8_t* w, const float* scale, int mats, int rows, int cols,
+                         int br, int bc, uint16_t* dst, int num_threads) {
+  const int gr = (rows + br - 1) / br, gc = (cols + bc - 1) / bc;
+  const long items = (long)mats * gr;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (long item = 0; item < items; item++) {
+    const int m = (int)(item / gr), r0 = (int)(item % gr) * br;
+    const int nr = rows - r0 < br ? rows - r0 : br;
+    dequant_rows(w + (int64_t)m * rows * cols, scale + (int64_t)m * gr * gc, gc, br, bc, r0, nr,
+                 cols, dst + ((int64_t)m * rows + r0) * cols);
+  }
 }

@@ -145,6 +145,29 @@ def test_fp8_kernel_equals_the_bf16_kernel_on_dequantized_weights(hidden, inter,
         cpu_kernels.moe_experts_fp8(h, offsets, w13_fp8, dq, Fp8Scales(gs, ds, block))
 
 
+@needs_kernel
+@pytest.mark.parametrize(
+    "shape,block",
+    [((3, 64, 96), (16, 32)), ((2, 80, 100), (24, 40)), ((48, 40), (128, 128))],
+    ids=["whole-blocks", "edge-blocks", "one-partial-block"],
+)
+def test_fp8_dequantize_equals_pytorchs(shape, block):
+    """The C dequantization (what FP8 experts hand the kernels without an FP8 path) gives
+    quantization.dequantize's bf16 values bit for bit: edge blocks, blocks whose columns
+    straddle a 16-value chunk, e4m3 subnormal codes; shapes and dtypes are checked."""
+    from replicas.model.quantization import dequantize, quantize
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(9))
+    w[..., ::5] *= 1e-3  # subnormal codes
+    q, scale = quantize(w, block)
+    want = dequantize(q, scale, block, torch.bfloat16)
+    assert torch.equal(cpu_kernels.dequantize_fp8(q, scale, block), want)
+    with pytest.raises(ValueError, match="scales of shape"):
+        cpu_kernels.dequantize_fp8(q, scale[None], block)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        cpu_kernels.dequantize_fp8(want, scale, block)
+
+
 needs_amx = pytest.mark.skipif(not CAN_AMX, reason="covered by the availability test")
 
 
