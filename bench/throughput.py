@@ -215,13 +215,13 @@ def main() -> None:
     ratio = lambda a, c: "-" if a is None or c is None else f"{a / c:.2f}x"  # noqa: E731
     head = f"{'preset':<7}{'batch':>6}{'ours':>10}{'transformers':>14}{'vLLM':>10}"
     if args.quantize:
-        head += f"{'ours FP8':>10}{'vLLM FP8':>10}{'FP8/bf16':>10}{'FP8/vLLM':>10}"
+        head += f"{'ours FP8':>10}{'vLLM FP8':>10}{'FP8/bf16':>10}{'FP8/vLLM-bf16':>15}"
     print(head + f"{'ours/HF':>10}{'ours/vLLM':>11}")
     for preset, b, o, o8, h, v, *v8 in rows:
         line = f"{preset:<7}{b:>6}{fmt(o):>10}{fmt(h):>14}{fmt(v):>10}"
         if args.quantize:
             vq = v8[0] if v8 else None
-            line += f"{fmt(o8):>10}{fmt(vq):>10}{ratio(o8, o):>10}{ratio(o8, v):>10}"
+            line += f"{fmt(o8):>10}{fmt(vq):>10}{ratio(o8, o):>10}{ratio(o8, v):>15}"
         print(line + f"{ratio(o, h):>10}{ratio(o, v):>11}")
 
 

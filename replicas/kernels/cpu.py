@@ -152,8 +152,10 @@ def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int])
     lib = BF16_LIBRARY.require()
     *lead, rows, cols = w.shape
     br, bc = block
+    if br < 1 or bc < 1:
+        raise ValueError(f"dequantize_fp8: blocks {block} must be positive")
     grid = (*lead, -(-rows // br), -(-cols // bc))
-    if w.dtype != torch.float8_e4m3fn or not w.is_cpu or tuple(scale.shape) != grid or br < 1:
+    if w.dtype != torch.float8_e4m3fn or not w.is_cpu or tuple(scale.shape) != grid:
         raise ValueError(
             f"dequantize_fp8: w {w.dtype} {tuple(w.shape)}, scale {tuple(scale.shape)}, blocks "
             f"{block}: want CPU float8_e4m3fn weights and scales of shape {list(grid)}"

@@ -351,8 +351,9 @@ def load_model(
         model = _build(cls, cfg, layers, expert_ids, include_mtp)
         full = ExaoneMoeForCausalLM(cfg, include_mtp=include_mtp)  # every known checkpoint name
     plan = plan_pieces(model, index)
-    check_checkpoint(model, index, plan, plan_pieces(full, index))
-    held_fp8 = fp8_expert_modules(model, index, plan) if fp8_experts else []
+    full_plan = plan_pieces(full, index)
+    check_checkpoint(model, index, plan, full_plan)
+    held_fp8 = fp8_expert_modules(model, index, full_plan) if fp8_experts else []
     materialize(model, dtype, device, held_fp8, index.quant.block if index.quant else None)
     model.bytes_read = copy_pieces(model, index, plan, progress)
     model.requires_grad_(False)
@@ -362,10 +363,12 @@ def load_model(
 
 
 def fp8_expert_modules(
-    model: nn.Module, index: CheckpointIndex, plan: dict[str, list[Piece]]
+    model: nn.Module, index: CheckpointIndex, full_plan: dict[str, list[Piece]]
 ) -> list[str]:
-    """The routed-expert modules of ``model`` whose weights the checkpoint stores as block-wise
-    e4m3 with scales, every one of them, in a layout the module can hold as it is: per-expert
+    """The routed-expert modules of ``model`` held in FP8: those of the MoE layers whose every
+    expert (all of the layer's, per ``full_plan``, the whole model's plan: so every replica and
+    expert group of a layer, whatever experts it holds, holds them alike) the checkpoint stores
+    as block-wise e4m3 with scales, in a layout the module can hold as it is: per-expert
     tensors, or fused ones whose gate/up boundary falls between blocks (moe_intermediate_size a
     multiple of the block's rows; otherwise a block would mix gate and up rows, and those
     experts are dequantized at load instead)."""
@@ -375,7 +378,7 @@ def fp8_expert_modules(
     for name, m in model.named_modules():
         if not isinstance(m, RoutedExperts):
             continue
-        keys = [index.resolve(p) for leaf in ("w13", "w2") for p in plan[f"{name}.{leaf}"]]
+        keys = [index.resolve(p) for leaf in ("w13", "w2") for p in full_plan[f"{name}.{leaf}"]]
         if not all(
             k is not None and index.tensors[k].dtype == "F8_E4M3" and index.scale_of(k)
             for k in keys

@@ -135,9 +135,10 @@ class RoutedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(self.w2.shape, dtype=FP8_DTYPE, device=dev), False)
         inter = two_inter // 2
         grid13 = (n, 2, -(-inter // br), -(-hidden // bc))
-        self.register_buffer("w13_scale", torch.empty(grid13, device=dev))
+        self.register_buffer("w13_scale", torch.empty(grid13, dtype=torch.float32, device=dev))
         self.register_buffer(
-            "w2_scale", torch.empty(n, -(-hidden // br), -(-inter // bc), device=dev)
+            "w2_scale",
+            torch.empty(n, -(-hidden // br), -(-inter // bc), dtype=torch.float32, device=dev),
         )
         self.fp8_block, self.compute_dtype = (int(br), int(bc)), compute_dtype
 
@@ -267,16 +268,16 @@ class RoutedExperts(nn.Module):
             elif kernel == "avx512":
                 h = x.index_select(0, tokens)
                 y = cpu_kernels.moe_experts_bf16(h, offsets, self.w13, self.w2)
-            else:  # triton / vllm / amx on the weights as they compute
-                if fp8 is not None:  # only the experts with rows, dequantized
+            elif kernel == "amx":  # our AMX kernel: each expert alone, so only the used ones
+                if fp8 is not None:
                     used = torch.nonzero(sizes)[:, 0]
                     sizes = sizes.index_select(0, used)
                     offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
                 w13, w2 = self.dense_weights(None if fp8 is None else used)
-                if kernel == "amx":
-                    y = cpu_kernels.moe_experts_amx(x, tokens, offsets, w13, w2)
-                else:
-                    y = kernel_backend.moe_experts(kernel)(x, tokens, offsets, w13, w2)
+                y = cpu_kernels.moe_experts_amx(x, tokens, offsets, w13, w2)
+            else:  # triton / vllm on the weights as they compute
+                w13, w2 = self.dense_weights() if fp8 is None else self._used_dense(sizes)
+                y = kernel_backend.moe_experts(kernel)(x, tokens, offsets, w13, w2)
             return slots, None, y
         weights = None  # self's (w13, w2), or the used experts' dequantized, with their sizes
         if fp8 is not None:
@@ -319,6 +320,15 @@ class RoutedExperts(nn.Module):
                 y[rows] = F.linear(F.silu(gate) * up, w2[j])
                 start += count
         return y
+
+    def _used_dense(self, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All E_local experts' (w13, w2) in ``weight_dtype``, those with rows (``sizes``)
+        dequantized and the others zero: a kernel that picks its tiling by the number of
+        experts (vLLM's tuned configs) sees the count the dequantized model has."""
+        used = torch.nonzero(sizes)[:, 0]
+        dq13, dq2 = self.dense_weights(used)
+        w13 = dq13.new_zeros(self.w13.shape).index_copy_(0, used, dq13)
+        return w13, dq2.new_zeros(self.w2.shape).index_copy_(0, used, dq2)
 
     def _pads_rows(self, x: torch.Tensor) -> bool:
         """Whether the GEMMs see padded row counts (replicas.kernels.gemm_rows.pads_rows: half

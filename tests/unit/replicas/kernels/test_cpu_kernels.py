@@ -110,14 +110,27 @@ def test_kernel_matches_pytorch_bf16(hidden, inter):
 @needs_kernel
 @pytest.mark.parametrize(
     "hidden,inter,block",
-    [(64, 32, (16, 32)), (96, 80, (24, 40)), (48, 40, (128, 128)), (1024, 256, (128, 128))],
-    ids=["tiles-whole-blocks", "tiles-edge-blocks", "one-partial-block", "streamed"],
+    [
+        (64, 32, (16, 32)),
+        (96, 80, (24, 40)),
+        (48, 40, (128, 128)),
+        (1024, 256, (128, 128)),
+        (70, 42, (16, 24)),
+    ],
+    ids=[
+        "tiles-whole-blocks",
+        "tiles-edge-blocks",
+        "one-partial-block",
+        "streamed",
+        "odd-features",
+    ],
 )
 def test_fp8_kernel_equals_the_bf16_kernel_on_dequantized_weights(hidden, inter, block):
     """Block-wise e4m3 experts (gate, up, down quantized as the checkpoint's three tensors):
     the kernel's output is moe_experts_bf16's on quantization.dequantize's weights, bit for bit,
     on the tiled path (small experts, whole groups of 4 rows) and the streamed one, with partial
-    edge blocks and blocks whose columns straddle a 16-value chunk."""
+    edge blocks, blocks whose columns straddle a 16-value chunk, and feature counts that leave
+    a group of fewer than 4 (42 and 70)."""
     from replicas.model.quantization import dequantize, quantize
 
     counts = torch.tensor([0, 3, 5, 1, 0, 9, 4, 8, 13])

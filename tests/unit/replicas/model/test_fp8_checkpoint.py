@@ -179,7 +179,7 @@ def test_fused_fp8_experts_load_like_per_expert_ones(make_ckpt, tmp_path):
     # An expert group reads its experts' rows (and their scales) of the fused tensors.
     stack = load_expert_stack(fused, [2, 5], dtype=torch.bfloat16)
     layer = stack.layer_ids()[0]
-    for leaf in ("w13", "w13_scale", "w2_scale"):
+    for leaf in ("w13", "w2", "w13_scale", "w2_scale"):
         want = a[f"model.layers.{layer}.mlp.experts.{leaf}"][[2, 5]]
         assert torch.equal(bits(getattr(stack.experts(layer), leaf)), bits(want)), leaf
 
@@ -333,11 +333,19 @@ def _greedy(model, prompts, **config) -> list[list[int]]:
     return engine.generate(prompts, params)
 
 
-def test_fp8_experts_stay_fp8_and_compute_the_dequantized_results(make_ckpt, tmp_path):
+def test_fp8_experts_stay_fp8_and_compute_the_dequantized_results(make_ckpt, tmp_path, monkeypatch):
     """Held as the checkpoint's e4m3 bytes with their scales, the experts give what the same
     checkpoint dequantized at load gives, bit for bit: whole forwards of 1 to 2 x 40 tokens (the
     C FP8 kernel for few rows per expert, dequantized GEMMs for many) and the engine's greedy
     steps (decode rows through the unfused expert path)."""
+    from replicas.kernels import cpu as cpu_kernels
+
+    calls = []
+    if cpu_kernels.available():  # the C FP8 kernel must be what runs the few-row calls
+        kernel = cpu_kernels.moe_experts_fp8
+        monkeypatch.setattr(
+            cpu_kernels, "moe_experts_fp8", lambda *a: calls.append(1) or kernel(*a)
+        )
     prompts = [list(range(5, 5 + n)) for n in (3, 17, 30)]
     for name, ckpt in _fp8_layouts(make_ckpt, tmp_path).items():
         held = load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False)
@@ -352,6 +360,7 @@ def test_fp8_experts_stay_fp8_and_compute_the_dequantized_results(make_ckpt, tmp
             got, want = _logits(held, ids[:, :tokens]), _logits(dense, ids[:, :tokens])
             assert torch.equal(got, want), (name, tokens)
         assert _greedy(held, prompts) == _greedy(dense, prompts), name
+    assert calls or not cpu_kernels.available()
 
 
 def test_fused_fp8_experts_whose_blocks_mix_gate_and_up_are_dequantized(make_ckpt, tmp_path):
@@ -452,9 +461,10 @@ def test_kernels_without_an_fp8_path_get_the_used_experts_dequantized(
     make_ckpt, monkeypatch, kernel
 ):
     """The AMX kernel and vLLM's take weights as they compute: FP8 experts hand them the
-    experts a call uses, dequantized, with offsets over those experts only; the answer is the
-    one the kernel gives on the checkpoint dequantized at load. (Neither runs on this machine:
-    both stand in as the contract in PyTorch operations.)"""
+    experts a call uses, dequantized (AMX: those alone, with offsets over them; vLLM: among
+    zeros for the others, so it sees the expert count its tuned tiling is chosen by); the
+    answer is the one the kernel gives on the checkpoint dequantized at load. (Neither runs on
+    this machine: both stand in as the contract in PyTorch operations.)"""
     from replicas.kernels import backend as kernel_backend
     from replicas.kernels import cpu as cpu_kernels
 
@@ -482,4 +492,29 @@ def test_kernels_without_an_fp8_path_get_the_used_experts_dequantized(
     topk[:, 1] = (topk[:, 0] + 1) % 3
     got, want = held.compute(x, topk), dense.compute(x, topk)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert seen == [(torch.bfloat16, 3, 4), (torch.bfloat16, 8, 9)]  # held: 3 used; dense: all
+    # AMX: the 3 used experts (each computed alone); vLLM (tiling chosen by the expert count):
+    # all 8, the unused ones zero; the dequantized model: all 8
+    held_shape = (3, 4) if kernel == "amx" else (8, 9)
+    assert seen == [(torch.bfloat16, *held_shape), (torch.bfloat16, 8, 9)]
+
+
+def test_a_layer_is_held_in_fp8_only_when_all_its_experts_are(make_ckpt, tmp_path):
+    """Decided per layer over all of its experts, not over those a group holds: every group
+    of a layer holds it alike (a group gathering from another's layout would fail), here a layer
+    where one expert's weight was left unquantized."""
+    fp8 = quantize_checkpoint(make_ckpt(dtype="bfloat16"), tmp_path / "q", (16, 16))
+    mixed = Path(shutil.copytree(fp8, tmp_path / "mixed"))
+    tensors = load_file(str(mixed / "model.safetensors"))
+    first = json.loads((mixed / "config.json").read_text())["mlp_layer_types"].index("sparse")
+    key = f"model.layers.{first}.mlp.experts.0.gate_proj.weight"
+    scale = tensors.pop(key + "_scale_inv")
+    tensors[key] = dequantize(tensors[key], scale, (16, 16), torch.bfloat16)
+    save_file(tensors, str(mixed / "model.safetensors"), metadata={"format": "pt"})
+    stack = load_expert_stack(mixed, [3, 4], dtype=torch.bfloat16)  # quantized experts only
+    second = next(i for i in stack.layer_ids() if i != first)
+    assert stack.experts(first).w13.dtype == torch.bfloat16
+    assert stack.experts(second).w13.dtype == FP8_DTYPE
+    whole = load_causal_lm(mixed, dtype=torch.bfloat16, include_mtp=False)
+    ids = _ids(whole.cfg.vocab_size)
+    plain = load_causal_lm(mixed, dtype=torch.bfloat16, include_mtp=False, fp8_experts=False)
+    assert torch.equal(_logits(whole, ids), _logits(plain, ids))
