@@ -269,42 +269,43 @@ class RoutedExperts(nn.Module):
                 h = x.index_select(0, tokens)
                 y = cpu_kernels.moe_experts_bf16(h, offsets, self.w13, self.w2)
             elif kernel == "amx":  # our AMX kernel: each expert alone, so only the used ones
-                if fp8 is not None:
-                    used = torch.nonzero(sizes)[:, 0]
-                    sizes = sizes.index_select(0, used)
-                    offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
-                w13, w2 = self.dense_weights(None if fp8 is None else used)
+                w13, w2, sizes = self._compute_weights(sizes)
+                offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
                 y = cpu_kernels.moe_experts_amx(x, tokens, offsets, w13, w2)
             else:  # triton / vllm on the weights as they compute
                 w13, w2 = self.dense_weights() if fp8 is None else self._used_dense(sizes)
                 y = kernel_backend.moe_experts(kernel)(x, tokens, offsets, w13, w2)
             return slots, None, y
-        weights = None  # self's (w13, w2), or the used experts' dequantized, with their sizes
-        if fp8 is not None:
-            used = torch.nonzero(sizes)[:, 0]
-            weights, sizes = self.dense_weights(used), sizes.index_select(0, used)
+        w13, w2, sizes = self._compute_weights(sizes)
         padded = sizes
         if self._pads_rows(x):
             padded = torch.tensor([padded_rows(c) for c in sizes.tolist()], device=sizes.device)
         if torch.equal(padded, sizes):
-            return slots, None, self._experts(x.index_select(0, tokens), sizes, weights)
+            return slots, None, self._experts(x.index_select(0, tokens), sizes, w13, w2)
         expert = torch.repeat_interleave(torch.arange(len(sizes), device=x.device), sizes)
         extra = (padded.cumsum(0) - padded) - (sizes.cumsum(0) - sizes)  # [E_local] pad rows before
         rows = torch.arange(slots.numel(), device=x.device) + extra[expert]  # [S_held]
         source = torch.full((int(padded.sum()),), n, dtype=torch.long, device=x.device)
         source[rows] = tokens  # token of each padded row; row n of the input is zeros
         h = torch.cat([x, x.new_zeros(1, x.shape[-1])]).index_select(0, source)  # [R, H]
-        return slots, rows, self._experts(h, padded, weights)
+        return slots, rows, self._experts(h, padded, w13, w2)
+
+    def _compute_weights(
+        self, sizes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w13, w2, sizes) for a path that takes the weights as it computes, each expert on
+        its own rows: the held weights and ``sizes`` [E_local]; for FP8 experts only those with
+        rows, dequantized, and their sizes."""
+        if self.fp8_block is None:
+            return self.w13, self.w2, sizes
+        used = torch.nonzero(sizes)[:, 0]
+        return *self.dense_weights(used), sizes.index_select(0, used)
 
     def _experts(
-        self,
-        h: torch.Tensor,
-        sizes: torch.Tensor,
-        weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self, h: torch.Tensor, sizes: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
     ) -> torch.Tensor:
-        """h [R, H], rows grouped by expert (``sizes`` [E] rows each) -> [R, H], with
-        ``weights`` (w13 [E, 2I, H], w2 [E, H, I]; default the held ones, all E_local)."""
-        w13, w2 = weights if weights is not None else (self.w13, self.w2)
+        """h [R, H], rows grouped by expert (``sizes`` [E] rows each) -> [R, H], with w13
+        [E, 2I, H] and w2 [E, H, I] (``_compute_weights``)."""
         if self._use_grouped_mm(h, h.shape[0]):
             offsets = sizes.cumsum(0).to(torch.int32)  # [E] end row of each expert
             gate, up = torch._grouped_mm(h, w13.transpose(1, 2), offs=offsets).split(
