@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/kernel_bench.py                 # K-EXAONE sizes, every kernel set here
     .venv/bin/python bench/kernel_bench.py --shape small --kernels torch,triton --dtype float32
+    .venv/bin/python bench/kernel_bench.py --fp8-experts      # experts held in FP8, 128x128 blocks
 
 Meant for a GPU. On CPU only ``torch`` is timed (it includes our C kernels in bf16): Triton's
 interpreter is for correctness, not speed, and vLLM's kernels need CUDA.
@@ -10,7 +11,8 @@ interpreter is for correctness, not speed, and vLLM's kernels need CUDA.
 Experts: one expert group holding ``--group-experts`` of the model's experts of one MoE layer;
 each step routes ``tokens`` tokens top-k over all experts, and the group computes the slots of
 its own (about tokens * k * group/E rows). FLOPs = 2 * rows * 3 * H * I; bytes = the weights of
-the experts that got rows + the rows in and out.
+the experts that got rows (1 byte each with ``--fp8-experts``, plus their scales) + the rows in
+and out.
 Attention: one layer, decode (``--batch`` sequences, one new token each) and prefill (one
 chunk of ``--prefill`` tokens), for a global layer at ``--context`` cached tokens and a sliding
 layer (window W). FLOPs = 4 * sum(query x attended keys) * Hq * D; bytes = K and V read once
@@ -32,6 +34,9 @@ from replicas.kernels.attention_batch import SeqChunk
 from replicas.kernels.backend import unavailable
 from replicas.model.config import ModelConfig
 from replicas.model.moe import RoutedExperts
+from replicas.model.quantization import quantize
+
+FP8_BLOCK = (128, 128)  # K-EXAONE's FP8 release's weight_block_size
 
 # Dense peaks (TFLOP/s for bf16 tensor cores and plain fp32) and memory bandwidth (GB/s).
 PEAKS = {
@@ -92,13 +97,40 @@ def row(
     )
 
 
+def hold_fp8(
+    m: RoutedExperts,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    block: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Hold ``m``'s experts as a block-wise FP8 checkpoint would: gate and up quantized as
+    their own tensors, computing in ``dtype``."""
+    inter = w13.shape[1] // 2
+    (gate, s_gate), (up, s_up), (down, s_down) = (
+        quantize(w, block) for w in (w13[:, :inter], w13[:, inter:], w2)
+    )
+    m.use_fp8(block, dtype)
+    m.w13.data = torch.cat([gate, up], 1).to(device)
+    m.w2.data = down.to(device)
+    m.w13_scale.copy_(torch.stack([s_gate, s_up], 1))
+    m.w2_scale.copy_(s_down)
+    m.to(device)
+
+
 def bench_experts(cfg: ModelConfig, args, device, dtype, kernel_sets, top) -> list[str]:
     g = torch.Generator().manual_seed(0)
     held = list(range(args.group_experts))
     m = RoutedExperts(cfg, held)
-    m.w13.data = (torch.randn(m.w13.shape, generator=g) / cfg.hidden_size**0.5).to(device, dtype)
-    m.w2.data = (torch.randn(m.w2.shape, generator=g) / 32).to(device, dtype)
+    w13 = torch.randn(m.w13.shape, generator=g) / cfg.hidden_size**0.5
+    w2 = torch.randn(m.w2.shape, generator=g) / 32
+    if args.fp8_experts:
+        hold_fp8(m, w13, w2, FP8_BLOCK, dtype, device)
+    else:
+        m.w13.data, m.w2.data = w13.to(device, dtype), w2.to(device, dtype)
     m.reset_buffers()
+    weight_bytes = 1 if args.fp8_experts else torch.finfo(dtype).bits // 8
     out, k = [], cfg.num_experts_per_tok
     h, inter = cfg.hidden_size, cfg.moe_intermediate_size
     for tokens in args.tokens:
@@ -107,7 +139,7 @@ def bench_experts(cfg: ModelConfig, args, device, dtype, kernel_sets, top) -> li
         rows = int(torch.isin(topk, torch.tensor(held, device=device)).sum())
         used = len(set(topk.flatten().tolist()) & set(held))
         flops = 2.0 * rows * 3 * h * inter
-        nbytes = (used * 3 * h * inter + 2 * rows * h) * x.element_size()
+        nbytes = used * 3 * h * inter * weight_bytes + 2 * rows * h * x.element_size()
         for kernels in kernel_sets:
             m.kernels = kernels
             seconds = timed(lambda: m.compute(x, topk), args.iters, device)  # noqa: B023
@@ -179,6 +211,11 @@ def main() -> None:
     p.add_argument("--shape", default="k-exaone", choices=["k-exaone", "small"])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--kernels", default="torch,triton,vllm")
+    p.add_argument(
+        "--fp8-experts",
+        action="store_true",
+        help="hold the routed experts in FP8 (e4m3, 128x128 blocks), computing in --dtype",
+    )
     p.add_argument("--group-experts", type=int, default=16, help="experts this group holds")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096])
     p.add_argument("--batch", type=int, default=32)
@@ -201,7 +238,8 @@ def main() -> None:
     top = peak(device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"device {name}, {args.dtype}, {args.shape} sizes; peak "
+        f"device {name}, {args.dtype}{', experts in FP8' if args.fp8_experts else ''}, "
+        f"{args.shape} sizes; peak "
         f"{f'{top[0]:.0f} TFLOP/s, {top[1]:.0f} GB/s' if top else 'unknown'}"
     )
     print(
