@@ -310,6 +310,50 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def linear_fp8(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]
+) -> torch.Tensor:
+    """linear_bf16 on a block-wise FP8 weight [N, K] float8_e4m3fn with scales [ceil(N / br),
+    ceil(K / bc)] -> [M, N] bf16, bit for bit linear_bf16's on the weight
+    replicas.model.quantization.dequantize gives (each group of 4 output features dequantized
+    into a scratch as it is read; csrc/linear_bf16.c)."""
+    lib = BF16_LIBRARY.require()
+    _require_bf16(x=x)
+    (m, k), (n, k_w) = x.shape, weight.shape
+    br, bc = block
+    grid = (-(-n // max(br, 1)), -(-k // max(bc, 1)))
+    if (
+        k != k_w
+        or br < 1
+        or bc < 1
+        or weight.dtype != torch.float8_e4m3fn
+        or not (weight.is_cpu and weight.is_contiguous())
+        or tuple(scale.shape) != grid
+    ):
+        raise ValueError(
+            f"linear_fp8: x {tuple(x.shape)}, weight {weight.dtype} {tuple(weight.shape)}, scale "
+            f"{tuple(scale.shape)}, blocks {block}: want a contiguous CPU float8_e4m3fn weight "
+            f"[N, {k}] and scales of shape {list(grid)}"
+        )
+    scale = scale.to(torch.float32).contiguous()
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    failed = lib.linear_fp8(
+        x.data_ptr(),
+        m,
+        k,
+        n,
+        weight.data_ptr(),
+        scale.data_ptr(),
+        br,
+        bc,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if failed:
+        raise MemoryError("linear_fp8: no memory for a thread's scratch")
+    return out
+
+
 PACK_BLOCK = 64  # output features per packed block (csrc/linear_packed.c)
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from replicas.kernels import cpu as cpu_kernels
 from replicas.kernels.gemm_rows import pad_rows, padded_rows, pads_rows
 from replicas.model.config import SLIDING, ModelConfig
+from replicas.model.quantization import FP8_DTYPE, dequantize_held
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -113,26 +114,84 @@ class Linear(nn.Linear):
       per call dominates small models' decode; past it, the packed kernel gives oneDNN's
       results, faster).
     - otherwise row counts are padded (replicas.kernels.gemm_rows), so oneDNN compiles far fewer
-      kernels in serving."""
+      kernels in serving.
+
+    FP8 (``use_fp8``): the weight is held as a checkpoint's block-wise float8_e4m3fn with its
+    fp32 ``weight_scale`` grid, and every result is the one the dequantized weight would give,
+    bit for bit: the rows linear_bf16 would take run ``cpu_kernels.linear_fp8`` (which reads the
+    FP8 weight), any other call dequantizes the weight for itself and takes the path above
+    (AMX, oneDNN; not the packed copy, which would hold the weight again in bf16)."""
+
+    fp8_block: tuple[int, int] | None = None  # FP8 only (use_fp8): rows x columns per scale
+    compute_dtype: torch.dtype | None = None  # what an FP8 weight dequantizes to
+    weight_scale: torch.Tensor  # FP8 only, a buffer (use_fp8)
+
+    def use_fp8(self, block: tuple[int, int], compute_dtype: torch.dtype) -> None:
+        """Hold the weight in float8_e4m3fn with an fp32 ``weight_scale`` buffer [ceil(out /
+        br), ceil(in / bc)], computing in ``compute_dtype``. On a meta module, before the loader
+        materializes and fills it."""
+        (out, inp), dev = self.weight.shape, self.weight.device
+        br, bc = block
+        self.weight = nn.Parameter(torch.empty(out, inp, dtype=FP8_DTYPE, device=dev), False)
+        grid = (-(-out // br), -(-inp // bc))
+        self.register_buffer("weight_scale", torch.empty(grid, dtype=torch.float32, device=dev))
+        self.fp8_block, self.compute_dtype = (int(br), int(bc)), compute_dtype
+
+    def scale_of(self, leaf: str, dst: tuple) -> torch.Tensor:
+        """The part of ``weight_scale`` that belongs to ``weight[dst]`` (a fused projection's
+        piece: rows that start on a block boundary), for the loader."""
+        assert leaf == "weight" and self.fp8_block is not None
+        rows = dst[0]
+        first = (rows.start or 0) // self.fp8_block[0]
+        end = -(-(self.out_features if rows.stop is None else rows.stop) // self.fp8_block[0])
+        return self.weight_scale[first:end]
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight in the dtype it computes in: itself, or an FP8 one dequantized."""
+        if self.fp8_block is None or self.compute_dtype is None:
+            return self.weight
+        return dequantize_held(self.weight, self.weight_scale, self.fp8_block, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if self.fp8_block is not None:
+            return self._forward_fp8(x)
         plan = self._kernel_rows()
         if plan is None:
             return super().forward(x)
+        return self._project(x, self.weight, plan)
+
+    def _project(
+        self, x: torch.Tensor, weight: torch.Tensor, plan: tuple[int, int, int]
+    ) -> torch.Tensor:
+        """x [..., in] -> [..., out] through the kernel ``plan`` picks for its row count."""
         flat = x.reshape(-1, x.shape[-1])  # [M, in]
         rows = flat.shape[0]
-        amx, stream, packed = plan if flat.dtype is self.weight.dtype else (0, 0, 0)
+        amx, stream, packed = plan if flat.dtype is weight.dtype else (0, 0, 0)
         if rows <= amx:
-            out = cpu_kernels.linear_amx(flat.contiguous(), self.weight)
+            out = cpu_kernels.linear_amx(flat.contiguous(), weight)
         elif rows <= stream:
-            out = cpu_kernels.linear_bf16(flat.contiguous(), self.weight)
+            out = cpu_kernels.linear_bf16(flat.contiguous(), weight)
         elif rows <= packed:
             out = cpu_kernels.linear_packed_bf16(
                 flat.contiguous(), self._packed_weight(), self.out_features
             )
         else:
-            out = F.linear(pad_rows(flat, padded_rows(rows)), self.weight, self.bias)[:rows]
+            out = F.linear(pad_rows(flat, padded_rows(rows)), weight, self.bias)[:rows]
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _forward_fp8(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.fp8_block is not None
+        plan = self._kernel_rows()
+        amx, stream, _ = plan if plan is not None and x.dtype is self.compute_dtype else (0, 0, 0)
+        rows = x.numel() // x.shape[-1]
+        if amx == 0 and rows <= stream:
+            flat = x.reshape(-1, x.shape[-1]).contiguous()
+            out = cpu_kernels.linear_fp8(flat, self.weight, self.weight_scale, self.fp8_block)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        weight = self.dense_weight()
+        if plan is None:
+            return F.linear(x, weight, self.bias)
+        return self._project(x, weight, (amx, stream, 0))
 
     def _kernel_rows(self) -> tuple[int, int, int] | None:
         """None for a plain nn.Linear (not half precision on CPU), else the row counts up to
@@ -146,9 +205,12 @@ class Linear(nn.Linear):
 
     def _plan_rows(self) -> tuple[int, int, int] | None:
         w = self.weight
+        if self.compute_dtype is not None:  # FP8: as the weight it dequantizes to
+            w = torch.empty((), device=w.device, dtype=self.compute_dtype).expand(w.shape)
         if not pads_rows(w):
             return None
-        bf16 = w.dtype == torch.bfloat16 and self.bias is None and w.is_contiguous()
+        contiguous = w.is_contiguous() or self.compute_dtype is not None
+        bf16 = w.dtype == torch.bfloat16 and self.bias is None and contiguous
         amx = bf16 and w.shape[1] % 32 == 0 and w.shape[0] % 16 == 0 and cpu_kernels.amx_available()
         if amx:
             return (AMX_LINEAR_MAX_ROWS, 0, 0)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from replicas.model.checkpoint_names import Piece, checkpoint_sources
 from replicas.model.config import DTYPE_NAMES, ModelConfig
 from replicas.model.exaone_moe import ExaoneMoeForCausalLM, ExpertStack
+from replicas.model.layers import Linear
 from replicas.model.moe import MoEGate, RoutedExperts
 from replicas.model.quant_config import BlockFp8, QuantizationError
 from replicas.model.quantization import FP8_DTYPE, dequantize
@@ -233,23 +234,32 @@ class _HasResetBuffers(Protocol):
     def reset_buffers(self) -> None: ...
 
 
+class _HoldsFp8(Protocol):
+    """A module that can hold its weights as a checkpoint's block-wise FP8 (RoutedExperts,
+    Linear)."""
+
+    def use_fp8(self, block: tuple[int, int], compute_dtype: torch.dtype) -> None: ...
+
+    def scale_of(self, leaf: str, dst: tuple) -> torch.Tensor: ...
+
+
 def materialize(
     model: nn.Module,
     dtype: torch.dtype,
     device: str | torch.device,
-    fp8_experts: Iterable[str] = (),
+    fp8_modules: Iterable[str] = (),
     fp8_block: tuple[int, int] | None = None,
 ) -> nn.Module:
     """Turn a meta-device model into uninitialised storage of ``dtype`` on ``device`` (the router's
-    correction bias stays fp32; the routed experts named in ``fp8_experts`` are held in FP8 with
-    scales of ``fp8_block``), ready to be filled by ``copy_pieces``."""
+    correction bias stays fp32; the routed experts and projections named in ``fp8_modules`` are
+    held in FP8 with scales of ``fp8_block``), ready to be filled by ``copy_pieces``."""
     model.to(dtype)
     for m in model.modules():
         if isinstance(m, MoEGate):
             m.e_score_correction_bias = m.e_score_correction_bias.float()
-    for name in fp8_experts:
+    for name in fp8_modules:
         assert fp8_block is not None
-        cast(RoutedExperts, model.get_submodule(name)).use_fp8(fp8_block, dtype)
+        cast(_HoldsFp8, model.get_submodule(name)).use_fp8(fp8_block, dtype)
     model.to_empty(device=device)
     for m in model.modules():
         if hasattr(m, "reset_buffers"):
@@ -307,7 +317,7 @@ def copy_pieces(
                     else:
                         scale = scales.get_tensor(scale_key)
                     if target.dtype == FP8_DTYPE:  # held in FP8: as stored, its scales beside it
-                        owner = cast(RoutedExperts, _owner(model, name))
+                        owner = cast(_HoldsFp8, _owner(model, name))
                         grid = owner.scale_of(name.rpartition(".")[2], piece.dst)
                         grid.copy_(scale.reshape(grid.shape))
                     else:
@@ -325,14 +335,14 @@ def load_model(
     expert_ids: Iterable[int] | None = None,
     include_mtp: bool | None = None,
     progress: bool | None = None,
-    fp8_experts: bool = True,
+    keep_fp8: bool = True,
 ):
     """Build ``cls(cfg, layers=..., expert_ids=..., include_mtp=...)`` and fill it from ``path``.
 
     ``include_mtp=None`` loads the MTP block when the config declares one and its tensors are
     present (transformers-saved checkpoints drop ``mtp.*``); ``True`` requires them.
-    ``fp8_experts``: routed experts a block-wise FP8 checkpoint stores in e4m3 stay in FP8
-    (``fp8_expert_modules``; ``False`` dequantizes them to ``dtype`` as every other weight).
+    ``keep_fp8``: routed experts and projections a block-wise FP8 checkpoint stores in e4m3
+    stay in FP8 (``fp8_modules``); ``False`` dequantizes every weight to ``dtype`` at load.
     """
     index = CheckpointIndex(path)
     cfg = index.config
@@ -353,13 +363,42 @@ def load_model(
     plan = plan_pieces(model, index)
     full_plan = plan_pieces(full, index)
     check_checkpoint(model, index, plan, full_plan)
-    held_fp8 = fp8_expert_modules(model, index, full_plan) if fp8_experts else []
+    held_fp8 = fp8_modules(model, index, plan, full_plan) if keep_fp8 else []
     materialize(model, dtype, device, held_fp8, index.quant.block if index.quant else None)
     model.bytes_read = copy_pieces(model, index, plan, progress)
     model.requires_grad_(False)
     model.eval()
     model.checkpoint_path = index.path
     return model
+
+
+def fp8_modules(
+    model: nn.Module,
+    index: CheckpointIndex,
+    plan: dict[str, list[Piece]],
+    full_plan: dict[str, list[Piece]],
+) -> list[str]:
+    """The modules of ``model`` held in FP8: its routed experts (``fp8_expert_modules``) and
+    the projections (``Linear``) whose every piece the checkpoint stores as block-wise e4m3 with
+    scales, each piece's rows starting on a block boundary (fused ``qkv_proj`` / ``gate_up_proj``
+    then have one scale grid; otherwise a block would straddle two tensors, and that projection
+    is dequantized at load instead)."""
+    if index.quant is None:
+        return []
+    out = fp8_expert_modules(model, index, full_plan)
+    rows_per_block = index.quant.block[0]
+    for name, m in model.named_modules():
+        pieces = plan.get(f"{name}.weight", []) if isinstance(m, Linear) else []
+        if pieces and all(
+            _stored_fp8(index, p) and ((p.dst[0].start or 0) % rows_per_block == 0) for p in pieces
+        ):
+            out.append(name)
+    return out
+
+
+def _stored_fp8(index: CheckpointIndex, piece: Piece) -> bool:
+    key = index.resolve(piece)
+    return key is not None and index.tensors[key].dtype == "F8_E4M3" and bool(index.scale_of(key))
 
 
 def fp8_expert_modules(
@@ -378,11 +417,8 @@ def fp8_expert_modules(
     for name, m in model.named_modules():
         if not isinstance(m, RoutedExperts):
             continue
-        keys = [index.resolve(p) for leaf in ("w13", "w2") for p in full_plan[f"{name}.{leaf}"]]
-        if not all(
-            k is not None and index.tensors[k].dtype == "F8_E4M3" and index.scale_of(k)
-            for k in keys
-        ):
+        pieces = [p for leaf in ("w13", "w2") for p in full_plan[f"{name}.{leaf}"]]
+        if not all(_stored_fp8(index, p) for p in pieces):
             continue
         if _is_fused(index, f"{name}.w13") and m.inter % index.quant.block[0]:
             continue

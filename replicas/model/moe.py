@@ -18,7 +18,7 @@ from replicas.kernels.fp8_scales import Fp8Scales
 from replicas.kernels.gemm_rows import padded_rows
 from replicas.model.config import ModelConfig
 from replicas.model.layers import SwiGLU, fused_decode_op
-from replicas.model.quantization import FP8_DTYPE, dequantize
+from replicas.model.quantization import FP8_DTYPE, dequantize_held
 
 
 class Routing(NamedTuple):
@@ -184,11 +184,8 @@ class RoutedExperts(nn.Module):
         dtype, block = self.weight_dtype, self.fp8_block
         n, two_inter, hidden = w13.shape
         halves, grids = w13.reshape(2 * n, two_inter // 2, hidden), s13.flatten(0, 1)  # gate, up
-        if dtype == torch.bfloat16 and w13.is_cpu and cpu_kernels.available():
-            fast = cpu_kernels.dequantize_fp8  # the same values, in C
-            return fast(halves, grids, block).view(w13.shape), fast(w2, s2, block)
-        out13 = dequantize(halves, grids, block, dtype).view(w13.shape)  # [E, 2I, H]
-        return out13, dequantize(w2, s2, block, dtype)
+        out13 = dequantize_held(halves, grids, block, dtype).view(w13.shape)  # [E, 2I, H]
+        return out13, dequantize_held(w2, s2, block, dtype)
 
     @classmethod
     def gather(

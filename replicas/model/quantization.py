@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from replicas.kernels import cpu as cpu_kernels
 from replicas.model.quant_config import QuantizationError, scale_grid
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -46,6 +47,16 @@ def dequantize(
             f"shape {list(want)}, got {list(scale.shape)}"
         )
     return (weight.float() * _expand(scale, tuple(weight.shape), block)).to(dtype)
+
+
+def dequantize_held(
+    weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """``dequantize`` for weights a model holds in FP8 and dequantizes as it computes: the same
+    values, in C (cpu_kernels.dequantize_fp8) for bf16 on a CPU that runs our kernels."""
+    if dtype == torch.bfloat16 and weight.is_cpu and cpu_kernels.available():
+        return cpu_kernels.dequantize_fp8(weight, scale, block)
+    return dequantize(weight, scale, block, dtype)
 
 
 def quantize(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

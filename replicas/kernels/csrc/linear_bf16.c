@@ -20,8 +20,10 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "fp8.h"
 #include "simd.h"
 
 #define FEATURES 32               /* output features per work item */
@@ -45,4 +47,47 @@ void linear_bf16(const uint16_t* x, int m, int k, int n, const uint16_t* w, uint
         project_tiled(xr, k, nr, w, k, f0, f1, out + (int64_t)r * n, n);
     }
   }
+}
+
+/* linear_bf16 on a block-wise FP8 weight w [N, K] e4m3 with scale [ceil(N / br), ceil(K / bc)]:
+ * each group of 4 output features is dequantized into a bf16 scratch of its thread (fp8.h)
+ * and run through the same loops, so the result is linear_bf16's on the dequantized weight,
+ * bit for bit, reading half the weight bytes. Returns 0, or 1 when a thread's scratch cannot
+ * be had. */
+int linear_fp8(const uint16_t* x, int m, int k, int n, const uint8_t* w, const float* scale,
+               int br, int bc, uint16_t* out, int num_threads) {
+  const int items = (n + FEATURES - 1) / FEATURES;
+  const int threads = (int64_t)m * k * n < FORK_MACS ? 1 : num_threads;
+  const int stream = m <= STREAM_MAX_ROWS, grid_cols = (k + bc - 1) / bc;
+  int failed = 0;
+#pragma omp parallel num_threads(threads)
+  {
+    uint16_t* rows = malloc(sizeof(uint16_t) * 4 * (size_t)k);
+    if (rows == NULL) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp barrier
+    if (!failed) {
+#pragma omp for schedule(static)
+      for (int item = 0; item < items; item++) {
+        const int f1 = (item + 1) * FEATURES < n ? (item + 1) * FEATURES : n;
+        for (int f = item * FEATURES; f < f1; f += 4) {
+          const int nf = f1 - f < 4 ? f1 - f : 4;
+          dequant_rows(w, scale, grid_cols, br, bc, f, nf, k, rows);
+          for (int r = 0; r < m; r += 4) {
+            const int nr = m - r < 4 ? m - r : 4;
+            const uint16_t* xr = x + (int64_t)r * k;
+            uint16_t* o = out + (int64_t)r * n + f;
+            if (stream)
+              project_streamed(xr, k, nr, rows, k, 0, nf, o, n);
+            else
+              project_tiled(xr, k, nr, rows, k, 0, nf, o, n);
+          }
+        }
+      }
+    }
+    free(rows);
+  }
+  return failed;
 }

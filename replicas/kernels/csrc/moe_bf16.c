@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fp8.h"
 #include "simd.h"
 
 #define BLOCK 16 /* output features per work item */
@@ -190,41 +191,6 @@ int moe_layer_decode_bf16(const uint16_t* x, int n, int hidden, int inter, int k
  * bit-by-bit one through fp32 with a blend for subnormals and a division per 16 weights. From
  * memory at K-EXAONE's expert size the kernel reads ~8-10 GB/s of FP8 against ~17-20 of bf16,
  * so FP8 takes 0.85-1.15x bf16's time: decoding, not memory, bounds it there. */
-
-/* fp16 bits of n <= 32 e4m3 codes (mask m: the first n), each value times 2^-8: e4m3's
- * exponent field (bias 7) read as fp16's (bias 15), its subnormals (exponent 0, m * 2^-9)
- * fp16 subnormals, so every code converts exactly; the sign moves from bit 7 to bit 15:
- * ((b & 0x80) + b) << 7. */
-static inline __m512i fp8x32_to_f16(const uint8_t* p, __mmask64 m) {
-  const __m512i b = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(_mm512_maskz_loadu_epi8(m, p)));
-  const __m512i sign = _mm512_and_si512(b, _mm512_set1_epi16(0x80));
-  return _mm512_slli_epi16(_mm512_add_epi16(b, sign), 7);
-}
-
-/* dst [nrows, cols] bf16 = rows row0.. of w [., cols] e4m3 times their scales (scale [., ld]),
- * block by block: the fp16 values times scale * 2^8 (exact, a power of two) in fp32 are the
- * single rounding of value * scale that quantization.dequantize's fp32 product makes, then
- * rounded to bf16, 32 at a time (masked at a block's end) */
-static void dequant_rows(const uint8_t* w, const float* scale, int64_t ld, int br, int bc,
-                         int row0, int nrows, int cols, uint16_t* dst) {
-  for (int r = 0; r < nrows; r++) {
-    const uint8_t* src = w + (int64_t)(row0 + r) * cols;
-    const float* s = scale + (int64_t)((row0 + r) / br) * ld;
-    uint16_t* d = dst + (int64_t)r * cols;
-    for (int c0 = 0, blk = 0; c0 < cols; c0 += bc, blk++) {
-      const int c1 = c0 + bc < cols ? c0 + bc : cols;
-      const __m512 sc = _mm512_set1_ps(s[blk] * 256.0f);
-      for (int c = c0; c < c1; c += 32) {
-        const int n = c1 - c < 32 ? c1 - c : 32;
-        const __mmask32 m = n == 32 ? 0xffffffffu : (1u << n) - 1;
-        const __m512i h = fp8x32_to_f16(src + c, m);
-        const __m512 lo = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), sc);
-        const __m512 hi = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), sc);
-        _mm512_mask_storeu_epi16(d + c, m, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-      }
-    }
-  }
-}
 
 /* moe_experts_bf16 on FP8 weights: w13 [E, 2I, H] e4m3 with s13 [E, 2, ceil(I/br), ceil(H/bc)]
  * (gate's scale grid, then up's: the checkpoint's two tensors), w2 [E, H, I] with

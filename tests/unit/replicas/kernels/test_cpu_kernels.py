@@ -339,6 +339,66 @@ def test_avx512_linear_equals_exact_products(rows, k, n):
         cpu_kernels.linear_bf16(x.float(), w)
 
 
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16])
+@pytest.mark.parametrize(
+    "n,k,block",
+    [(96, 256, (32, 128)), (70, 200, (16, 24)), (45, 72, (128, 128)), (520, 1040, (128, 128))],
+    ids=["whole-blocks", "edge-blocks", "one-partial-block", "threads"],
+)
+def test_fp8_linear_equals_the_bf16_kernel_on_dequantized_weights(rows, n, k, block):
+    """linear_fp8 reads a block-wise e4m3 weight and gives linear_bf16's result on
+    quantization.dequantize's weight bit for bit: streamed (up to 4 rows) and tiled, partial
+    edge blocks, blocks whose columns straddle a 32-value chunk, feature counts past the 4-wide
+    groups, a product large enough to fork threads, e4m3 subnormal codes."""
+    from replicas.model.quantization import dequantize, quantize
+
+    g = torch.Generator().manual_seed(rows * 7 + n)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    w[:, ::5] *= 1e-3  # subnormal codes
+    q, scale = quantize(w, block)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    want = cpu_kernels.linear_bf16(x, dequantize(q, scale, block, torch.bfloat16))
+    assert torch.equal(cpu_kernels.linear_fp8(x, q, scale, block), want)
+    with pytest.raises(ValueError, match="scales of shape"):
+        cpu_kernels.linear_fp8(x, q, scale[:, :-1], block)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        cpu_kernels.linear_fp8(x, w.bfloat16(), scale, block)
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_fp8_linear_gives_the_dequantized_weights_results(monkeypatch, amx):
+    """A Linear holding an FP8 weight: linear_fp8 for the rows linear_bf16 would take (none
+    where AMX runs bf16 Linear), the weight dequantized for every other call (AMX, oneDNN;
+    fp32), each result equal to the same Linear holding the dequantized weight."""
+    from replicas.model.quantization import dequantize, quantize
+
+    monkeypatch.setattr(cpu_kernels, "amx_available", lambda: amx)
+    if amx:  # the AMX kernel stands in as PyTorch's product where this CPU lacks AMX
+        monkeypatch.setattr(cpu_kernels, "linear_amx", lambda x, w: F.linear(x, w))
+    calls = []
+    kernel = cpu_kernels.linear_fp8
+    monkeypatch.setattr(
+        cpu_kernels, "linear_fp8", lambda x, *a: calls.append(x.shape[0]) or kernel(x, *a)
+    )
+    block = (32, 64)
+    q, scale = quantize(torch.randn(96, 128, generator=torch.Generator().manual_seed(3)), block)
+    for dtype in (torch.bfloat16, torch.float32):
+        held = Linear(128, 96, bias=False)
+        held.use_fp8(block, dtype)
+        held.weight.data.copy_(q)
+        held.weight_scale.copy_(scale)
+        plain = Linear(128, 96, bias=False).to(dtype)
+        plain.weight.data.copy_(dequantize(q, scale, block, dtype))
+        assert torch.equal(held.dense_weight(), plain.weight)
+        for rows in (1, STREAM_LINEAR_MAX_ROWS, STREAM_LINEAR_MAX_ROWS + 1, 300):
+            x = torch.randn(2, rows, 128, generator=torch.Generator().manual_seed(rows)).to(dtype)
+            assert torch.equal(held(x[0]), plain(x[0])), (dtype, rows)
+            assert torch.equal(held(x), plain(x)), (dtype, rows)
+    # bf16 without AMX: 1 row, 2 rows (x), STREAM_LINEAR_MAX_ROWS rows; twice that is past it
+    assert calls == ([] if amx or not CAN_BUILD else [1, 2, STREAM_LINEAR_MAX_ROWS])
+
+
 def test_linear_runs_the_avx512_kernel_for_few_bf16_rows(monkeypatch):
     """Without AMX, bf16 Linear calls linear_bf16 for 1..STREAM_LINEAR_MAX_ROWS rows (the
     packed kernel or oneDNN beyond: tests/unit/replicas/kernels/test_linear_packed.py); never for

@@ -21,6 +21,7 @@ from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.experts.dispatch import ExpertDispatcher, InProcessTransport
 from replicas.experts.expert_group import ExpertGroup
 from replicas.experts.placement import ExpertPlacement
+from replicas.model.layers import Linear
 from replicas.model.loader import (
     CheckpointError,
     load_causal_lm,
@@ -150,7 +151,7 @@ def test_partial_edge_blocks_follow_the_block_grid(make_ckpt, tmp_path, report):
     # Our FP8 load is that dequantization exactly: the same weights bit for bit, whether
     # done at load or, for the routed experts held in FP8, by the experts for a call.
     plain = load_causal_lm(reference, dtype=torch.float32)
-    dequantized = load_causal_lm(fp8, dtype=torch.float32, fp8_experts=False)
+    dequantized = load_causal_lm(fp8, dtype=torch.float32, keep_fp8=False)
     for name, tensor in dequantized.state_dict().items():
         assert torch.equal(tensor, plain.state_dict()[name]), name
     for held, whole in zip(_routed(ours), _routed(plain), strict=True):
@@ -349,7 +350,7 @@ def test_fp8_experts_stay_fp8_and_compute_the_dequantized_results(make_ckpt, tmp
     prompts = [list(range(5, 5 + n)) for n in (3, 17, 30)]
     for name, ckpt in _fp8_layouts(make_ckpt, tmp_path).items():
         held = load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False)
-        dense = load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False, fp8_experts=False)
+        dense = load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False, keep_fp8=False)
         for m in _routed(held):
             assert m.w13.dtype == FP8_DTYPE and m.w2.dtype == FP8_DTYPE, name
             assert m.fp8_scales() is not None
@@ -360,6 +361,44 @@ def test_fp8_experts_stay_fp8_and_compute_the_dequantized_results(make_ckpt, tmp
             got, want = _logits(held, ids[:, :tokens]), _logits(dense, ids[:, :tokens])
             assert torch.equal(got, want), (name, tokens)
         assert _greedy(held, prompts) == _greedy(dense, prompts), name
+    assert calls or not cpu_kernels.available()
+
+
+def test_projections_stay_fp8_where_their_pieces_start_on_block_rows(
+    make_ckpt, tmp_path, monkeypatch
+):
+    """The dense projections (attention, dense MLPs, shared experts) of an FP8 checkpoint stay
+    in FP8 with their scales, giving the dequantized checkpoint's logits bit for bit (few rows
+    through linear_fp8, many through the weight dequantized per call). A fused projection whose
+    piece starts inside a block stays dequantized: one KV head of 64 puts v's rows at 320,
+    inside the third block of 128 rows of qkv_proj. lm_head, not quantized, stays bf16."""
+    from replicas.kernels import cpu as cpu_kernels
+
+    calls = []
+    kernel = cpu_kernels.linear_fp8
+    monkeypatch.setattr(cpu_kernels, "linear_fp8", lambda *a: calls.append(1) or kernel(*a))
+    one_kv_head = make_ckpt(
+        dtype="bfloat16", quantize="fp8", **CASES["dense2_shared2_irregular_layers"]
+    )
+    for ckpt, qkv_fp8 in (
+        (make_ckpt(dtype="bfloat16", quantize="fp8", **ALIGNED), True),
+        (one_kv_head, False),
+    ):
+        held = load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False)
+        dense = load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False, keep_fp8=False)
+        linears = {n: m for n, m in held.named_modules() if isinstance(m, Linear)}
+        fp8 = {n for n, m in linears.items() if m.weight.dtype == FP8_DTYPE}
+        want = ("o_proj", "gate_up_proj", "down_proj") + (("qkv_proj",) if qkv_fp8 else ())
+        assert fp8 == {n for n in linears if n.endswith(want)}, ckpt
+        assert any(".shared_experts." in n or ".mlp.gate_up_proj" in n for n in fp8)
+        for n in fp8:
+            m = linears[n]
+            assert m.weight_scale.dtype == torch.float32 and m.fp8_block == (128, 128)
+        assert linears["lm_head"].weight.dtype == torch.bfloat16
+        ids = _ids(held.cfg.vocab_size, tokens=40)
+        for tokens in (1, 4, 40):
+            got, want_logits = _logits(held, ids[:, :tokens]), _logits(dense, ids[:, :tokens])
+            assert torch.equal(got, want_logits), (ckpt, tokens)
     assert calls or not cpu_kernels.available()
 
 
@@ -374,7 +413,7 @@ def test_fused_fp8_experts_whose_blocks_mix_gate_and_up_are_dequantized(make_ckp
     fused = fused_copy(per_expert, tmp_path / "fused24", requantize=True)
     model = load_causal_lm(fused, dtype=torch.bfloat16, include_mtp=False)
     assert all(m.w13.dtype == torch.bfloat16 and m.fp8_block is None for m in _routed(model))
-    dequantized = load_causal_lm(fused, dtype=torch.bfloat16, include_mtp=False, fp8_experts=False)
+    dequantized = load_causal_lm(fused, dtype=torch.bfloat16, include_mtp=False, keep_fp8=False)
     ids = _ids(model.cfg.vocab_size)
     assert torch.equal(_logits(model, ids), _logits(dequantized, ids))
     # The fused grid is the whole tensor's: 3 block rows over 2I = 64, one of them mixed.
@@ -434,7 +473,7 @@ def test_fp8_experts_with_mtp_and_triton_kernels_keep_greedy(make_ckpt, tmp_path
     interpreter on CPU), give the greedy tokens of the checkpoint dequantized at load."""
     ckpt = _fp8_layouts(make_ckpt, tmp_path)["edge_blocks"]
     prompts = [list(range(9, 9 + n)) for n in (4, 19)]
-    dense = load_causal_lm(ckpt, dtype=torch.bfloat16, fp8_experts=False)
+    dense = load_causal_lm(ckpt, dtype=torch.bfloat16, keep_fp8=False)
     want = _greedy(dense, prompts)
     held = load_causal_lm(ckpt, dtype=torch.bfloat16)
     assert held.mtp is not None
@@ -481,9 +520,9 @@ def test_kernels_without_an_fp8_path_get_the_used_experts_dequantized(
         monkeypatch.setattr(kernel_backend, "moe_experts", lambda name: fake)
     ckpt = make_ckpt(dtype="bfloat16", quantize="fp8", **ALIGNED)
     held = _routed(load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False))[0]
-    dense = _routed(
-        load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False, fp8_experts=False)
-    )[0]
+    dense = _routed(load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False, keep_fp8=False))[
+        0
+    ]
     for m in (held, dense):
         m.kernels = "torch" if kernel == "amx" else kernel
     g = torch.Generator().manual_seed(5)
@@ -516,5 +555,5 @@ def test_a_layer_is_held_in_fp8_only_when_all_its_experts_are(make_ckpt, tmp_pat
     assert stack.experts(second).w13.dtype == FP8_DTYPE
     whole = load_causal_lm(mixed, dtype=torch.bfloat16, include_mtp=False)
     ids = _ids(whole.cfg.vocab_size)
-    plain = load_causal_lm(mixed, dtype=torch.bfloat16, include_mtp=False, fp8_experts=False)
+    plain = load_causal_lm(mixed, dtype=torch.bfloat16, include_mtp=False, keep_fp8=False)
     assert torch.equal(_logits(whole, ids), _logits(plain, ids))
