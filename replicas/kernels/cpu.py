@@ -5,6 +5,8 @@
   later), for any number of rows. See csrc/moe_amx.c.
 - ``moe_experts_bf16``: the same on AVX512-BF16 without AMX, for few rows per expert (decode).
   See csrc/moe_bf16.c.
+- ``moe_experts_fp8``, ``linear_fp8``, ``dequantize_fp8``: block-wise FP8 weights, with the
+  dequantized weights' results bit for bit (csrc/fp8.h).
 - ``linear_bf16`` / ``linear_amx``, ``rms_norm_bf16``, ``qk_norm_rope_bf16``,
   ``decode_attention_bf16``, ``moe_layer_decode_bf16``: the decode step's other operations.
 
