@@ -11,8 +11,8 @@ interpreter is for correctness, not speed, and vLLM's kernels need CUDA.
 Experts: one expert group holding ``--group-experts`` of the model's experts of one MoE layer;
 each step routes ``tokens`` tokens top-k over all experts, and the group computes the slots of
 its own (about tokens * k * group/E rows). FLOPs = 2 * rows * 3 * H * I; bytes = the weights of
-the experts that got rows (1 byte each with ``--fp8-experts``, plus their scales) + the rows in
-and out.
+the experts that got rows (1 byte each with ``--fp8-experts``; their scales, 1/4096 of that at
+128 x 128 blocks, left out) + the rows in and out.
 Attention: one layer, decode (``--batch`` sequences, one new token each) and prefill (one
 chunk of ``--prefill`` tokens), for a global layer at ``--context`` cached tokens and a sliding
 layer (window W). FLOPs = 4 * sum(query x attended keys) * Hq * D; bytes = K and V read once

@@ -137,6 +137,19 @@ class Linear(nn.Linear):
         self.register_buffer("weight_scale", torch.empty(grid, dtype=torch.float32, device=dev))
         self.fp8_block, self.compute_dtype = (int(br), int(bc)), compute_dtype
 
+    @staticmethod
+    def fp8_kernel_runs(device: torch.device, compute_dtype: torch.dtype) -> bool:
+        """Whether a Linear on ``device`` computing in ``compute_dtype`` has a kernel that reads
+        FP8 weights (``cpu_kernels.linear_fp8``: bf16 on a CPU with AVX512-BF16 and without AMX,
+        whose bf16 Linear runs linear_bf16 for few rows). Elsewhere every call would dequantize
+        the whole weight (GPU, AMX, fp32), so the loader dequantizes it once at load instead."""
+        return (
+            device.type == "cpu"
+            and compute_dtype == torch.bfloat16
+            and cpu_kernels.available()
+            and not cpu_kernels.amx_available()
+        )
+
     def scale_of(self, leaf: str, dst: tuple) -> torch.Tensor:
         """The part of ``weight_scale`` that belongs to ``weight[dst]`` (a fused projection's
         piece: rows that start on a block boundary), for the loader."""
@@ -167,7 +180,9 @@ class Linear(nn.Linear):
         flat = x.reshape(-1, x.shape[-1])  # [M, in]
         rows = flat.shape[0]
         amx, stream, packed = plan if flat.dtype is weight.dtype else (0, 0, 0)
-        if rows <= amx:
+        if rows == 0:  # an empty batch: nothing for the kernels to do
+            out = F.linear(flat, weight, self.bias)
+        elif rows <= amx:
             out = cpu_kernels.linear_amx(flat.contiguous(), weight)
         elif rows <= stream:
             out = cpu_kernels.linear_bf16(flat.contiguous(), weight)
@@ -184,7 +199,7 @@ class Linear(nn.Linear):
         plan = self._kernel_rows()
         amx, stream, _ = plan if plan is not None and x.dtype is self.compute_dtype else (0, 0, 0)
         rows = x.numel() // x.shape[-1]
-        if amx == 0 and rows <= stream:
+        if amx == 0 and 0 < rows <= stream:
             flat = x.reshape(-1, x.shape[-1]).contiguous()
             out = cpu_kernels.linear_fp8(flat, self.weight, self.weight_scale, self.fp8_block)
             return out.view(*x.shape[:-1], out.shape[-1])

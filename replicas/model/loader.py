@@ -363,7 +363,10 @@ def load_model(
     plan = plan_pieces(model, index)
     full_plan = plan_pieces(full, index)
     check_checkpoint(model, index, plan, full_plan)
-    held_fp8 = fp8_modules(model, index, plan, full_plan) if keep_fp8 else []
+    held_fp8 = []
+    if keep_fp8:
+        projections = Linear.fp8_kernel_runs(torch.device(device), dtype)
+        held_fp8 = fp8_modules(model, index, plan, full_plan, projections)
     materialize(model, dtype, device, held_fp8, index.quant.block if index.quant else None)
     model.bytes_read = copy_pieces(model, index, plan, progress)
     model.requires_grad_(False)
@@ -377,15 +380,19 @@ def fp8_modules(
     index: CheckpointIndex,
     plan: dict[str, list[Piece]],
     full_plan: dict[str, list[Piece]],
+    projections: bool = True,
 ) -> list[str]:
-    """The modules of ``model`` held in FP8: its routed experts (``fp8_expert_modules``) and
-    the projections (``Linear``) whose every piece the checkpoint stores as block-wise e4m3 with
+    """The modules of ``model`` held in FP8: its routed experts (``fp8_expert_modules``) and,
+    with ``projections`` (where a kernel reads FP8 projections: ``Linear.fp8_kernel_runs``), the
+    projections (``Linear``) whose every piece the checkpoint stores as block-wise e4m3 with
     scales, each piece's rows starting on a block boundary (fused ``qkv_proj`` / ``gate_up_proj``
     then have one scale grid; otherwise a block would straddle two tensors, and that projection
     is dequantized at load instead)."""
     if index.quant is None:
         return []
     out = fp8_expert_modules(model, index, full_plan)
+    if not projections:
+        return out
     rows_per_block = index.quant.block[0]
     for name, m in model.named_modules():
         pieces = plan.get(f"{name}.weight", []) if isinstance(m, Linear) else []

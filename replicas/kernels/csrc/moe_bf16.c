@@ -189,7 +189,7 @@ int moe_layer_decode_bf16(const uint16_t* x, int n, int hidden, int inter, int k
  * Measured on 2 cores (Xeon with AVX512-FP16, no AMX), one thread, weights in cache: the
  * conversion through fp16 below makes 7.1-7.8 G weights/s, against 2.9-3.4 for the earlier
  * bit-by-bit one through fp32 with a blend for subnormals and a division per 16 weights. From
- * memory at K-EXAONE's expert size the kernel reads ~8-10 GB/s of FP8 against ~17-20 of bf16,
+ * memory at K-EXAONE's expert size the kernel reads 7-10 GB/s of FP8 against ~17-20 of bf16,
  * so FP8 takes 0.85-1.15x bf16's time: decoding, not memory, bounds it there. */
 
 /* moe_experts_bf16 on FP8 weights: w13 [E, 2I, H] e4m3 with s13 [E, 2, ceil(I/br), ceil(H/bc)]

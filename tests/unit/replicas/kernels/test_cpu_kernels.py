@@ -167,14 +167,23 @@ def test_fp8_kernel_equals_the_bf16_kernel_on_dequantized_weights(hidden, inter,
 def test_fp8_dequantize_equals_pytorchs(shape, block):
     """The C dequantization (what FP8 experts hand the kernels without an FP8 path) gives
     quantization.dequantize's bf16 values bit for bit: edge blocks, blocks whose columns
-    straddle a 16-value chunk, e4m3 subnormal codes; shapes and dtypes are checked."""
-    from replicas.model.quantization import dequantize, quantize
+    straddle a 16-value chunk, e4m3 subnormal codes, every finite code once; shapes and dtypes
+    are checked."""
+    from replicas.model.quantization import FP8_DTYPE, dequantize, quantize
 
     w = torch.randn(shape, generator=torch.Generator().manual_seed(9))
     w[..., ::5] *= 1e-3  # subnormal codes
     q, scale = quantize(w, block)
     want = dequantize(q, scale, block, torch.bfloat16)
-    assert torch.equal(cpu_kernels.dequantize_fp8(q, scale, block), want)
+    got = cpu_kernels.dequantize_fp8(q, scale, block)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))  # the bits: -0 is not +0
+    every = torch.arange(256, dtype=torch.uint8)
+    every = every[(every & 0x7F) != 0x7F].view(FP8_DTYPE)[None]  # each finite code, scale 3
+    one = torch.full((1, 1), 3.0)
+    assert torch.equal(
+        cpu_kernels.dequantize_fp8(every, one, (1, 256)).view(torch.int16),
+        dequantize(every, one, (1, 256), torch.bfloat16).view(torch.int16),
+    )
     with pytest.raises(ValueError, match="scales of shape"):
         cpu_kernels.dequantize_fp8(q, scale[None], block)
     with pytest.raises(ValueError, match="float8_e4m3fn"):
@@ -359,7 +368,8 @@ def test_fp8_linear_equals_the_bf16_kernel_on_dequantized_weights(rows, n, k, bl
     q, scale = quantize(w, block)
     x = torch.randn(rows, k, generator=g).bfloat16()
     want = cpu_kernels.linear_bf16(x, dequantize(q, scale, block, torch.bfloat16))
-    assert torch.equal(cpu_kernels.linear_fp8(x, q, scale, block), want)
+    got = cpu_kernels.linear_fp8(x, q, scale, block)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))  # the bits: -0 is not +0
     with pytest.raises(ValueError, match="scales of shape"):
         cpu_kernels.linear_fp8(x, q, scale[:, :-1], block)
     with pytest.raises(ValueError, match="float8_e4m3fn"):
@@ -395,6 +405,8 @@ def test_fp8_linear_gives_the_dequantized_weights_results(monkeypatch, amx):
             x = torch.randn(2, rows, 128, generator=torch.Generator().manual_seed(rows)).to(dtype)
             assert torch.equal(held(x[0]), plain(x[0])), (dtype, rows)
             assert torch.equal(held(x), plain(x)), (dtype, rows)
+        for layer in (held, plain):  # no rows: no kernel call, an empty result
+            assert layer(x[0, :0]).shape == (0, 96)
     # bf16 without AMX: 1 row, 2 rows (x), STREAM_LINEAR_MAX_ROWS rows; twice that is past it
     assert calls == ([] if amx or not CAN_BUILD else [1, 2, STREAM_LINEAR_MAX_ROWS])
 
