@@ -147,21 +147,29 @@ def moe_experts_fp8(
     return out
 
 
-def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """Block-wise e4m3 weights w [..., R, C] with scales [..., ceil(R / br), ceil(C / bc)] ->
-    bf16 [..., R, C]: replicas.model.quantization.dequantize's values bit for bit (csrc/moe_bf16.c,
-    threads over blocks of rows)."""
-    lib = BF16_LIBRARY.require()
-    *lead, rows, cols = w.shape
+def _check_fp8_weight(kernel: str, w: torch.Tensor, scale: torch.Tensor, block) -> None:
+    """Raise ValueError unless ``w`` [..., R, C] is a CPU float8_e4m3fn weight and ``scale`` its
+    grid [..., ceil(R / br), ceil(C / bc)] for positive blocks (br, bc)."""
     br, bc = block
     if br < 1 or bc < 1:
-        raise ValueError(f"dequantize_fp8: blocks {block} must be positive")
+        raise ValueError(f"{kernel}: blocks {block} must be positive")
+    *lead, rows, cols = w.shape
     grid = (*lead, -(-rows // br), -(-cols // bc))
     if w.dtype != torch.float8_e4m3fn or not w.is_cpu or tuple(scale.shape) != grid:
         raise ValueError(
-            f"dequantize_fp8: w {w.dtype} {tuple(w.shape)}, scale {tuple(scale.shape)}, blocks "
+            f"{kernel}: w {w.dtype} {tuple(w.shape)}, scale {tuple(scale.shape)}, blocks "
             f"{block}: want CPU float8_e4m3fn weights and scales of shape {list(grid)}"
         )
+
+
+def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Block-wise e4m3 weights w [..., R, C] with scales [..., ceil(R / br), ceil(C / bc)] ->
+    bf16 [..., R, C]: replicas.model.quantization.dequantize's values bit for bit (csrc/fp8.h,
+    threads over blocks of rows)."""
+    lib = BF16_LIBRARY.require()
+    _check_fp8_weight("dequantize_fp8", w, scale, block)
+    *_, rows, cols = w.shape
+    br, bc = block
     w = w.contiguous()
     scale = scale.to(torch.float32).contiguous()
     out = torch.empty(w.shape, dtype=torch.bfloat16)
@@ -321,21 +329,13 @@ def linear_fp8(
     into a scratch as it is read; csrc/linear_bf16.c)."""
     lib = BF16_LIBRARY.require()
     _require_bf16(x=x)
+    _check_fp8_weight("linear_fp8", weight, scale, block)
     (m, k), (n, k_w) = x.shape, weight.shape
     br, bc = block
-    grid = (-(-n // max(br, 1)), -(-k // max(bc, 1)))
-    if (
-        k != k_w
-        or br < 1
-        or bc < 1
-        or weight.dtype != torch.float8_e4m3fn
-        or not (weight.is_cpu and weight.is_contiguous())
-        or tuple(scale.shape) != grid
-    ):
+    if k != k_w or not weight.is_contiguous():
         raise ValueError(
-            f"linear_fp8: x {tuple(x.shape)}, weight {weight.dtype} {tuple(weight.shape)}, scale "
-            f"{tuple(scale.shape)}, blocks {block}: want a contiguous CPU float8_e4m3fn weight "
-            f"[N, {k}] and scales of shape {list(grid)}"
+            f"linear_fp8: x {tuple(x.shape)}, weight {tuple(weight.shape)}: want a contiguous "
+            f"weight [N, {k}]"
         )
     scale = scale.to(torch.float32).contiguous()
     out = torch.empty(m, n, dtype=torch.bfloat16)
