@@ -269,6 +269,18 @@ class RouterOptions(_Strict):
         le=65535,
         description="The client-facing gRPC port (Router replicas on one node share it).",
     )
+    openai_api: bool = Field(
+        True,
+        description="Each Router replica also serves the OpenAI-compatible HTTP API "
+        "(/v1/chat/completions, /v1/completions, /v1/models, /health) on grpc_host:openai_port, "
+        "with the same TLS files, limits and timeout as gRPC.",
+    )
+    openai_port: int = Field(
+        9080,
+        ge=1,
+        le=65535,
+        description="The OpenAI-compatible HTTP port (Router replicas on one node share it).",
+    )
     max_request_bytes: int = Field(4 << 20, ge=1024, description="Largest request accepted.")
     resources: dict[str, float] = Field(
         default_factory=dict,
@@ -297,7 +309,9 @@ class RouterOptions(_Strict):
         "and its request is aborted (null: no limit).",
     )
     tls_cert_file: str | None = Field(
-        None, description="PEM certificate chain: the gRPC port serves TLS (with tls_key_file)."
+        None,
+        description="PEM certificate chain: the gRPC port serves TLS and the HTTP port HTTPS "
+        "(with tls_key_file).",
     )
     tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file.")
 
@@ -427,9 +441,13 @@ class ClusterConfig(_Strict):
     def name(self) -> str:
         return self.model_id or Path(self.model_path).resolve().name
 
-    def serving_at(self, host: str, port: int) -> ClusterConfig:
-        """This config with its Router replicas' gRPC server on host:port."""
-        router = self.router.model_copy(update={"grpc_host": host, "grpc_port": port})
+    def serving_at(self, host: str, port: int, openai_port: int | None = None) -> ClusterConfig:
+        """This config with its Router replicas' gRPC server on host:port (and their HTTP
+        server on host:openai_port, when given)."""
+        update: dict[str, Any] = {"grpc_host": host, "grpc_port": port}
+        if openai_port is not None:
+            update["openai_port"] = openai_port
+        router = self.router.model_copy(update=update)
         return self.model_copy(update={"router": router})
 
     @staticmethod

@@ -291,9 +291,18 @@ def _text_ids(tokenizer: Tokenizer, request: pb.GenerateRequest | pb.TokenizeReq
 
 
 def sampling_params_of(
-    request: pb.GenerateRequest, num_prompt_tokens: int, limits: RequestLimits
+    request: pb.GenerateRequest,
+    num_prompt_tokens: int,
+    limits: RequestLimits,
+    default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
 ) -> SamplingParams:
+    """``default_max_tokens``: when the request leaves stopping.max_tokens unset; None: as many
+    as the context and the server's max_output_tokens leave (OpenAI's chat default)."""
     s, st, lp = request.sampling, request.stopping, request.logprobs
+    if default_max_tokens is None:
+        default_max_tokens = max(
+            1, min(limits.max_output_tokens, limits.max_model_len - num_prompt_tokens)
+        )
     opt = lambda msg, name, default: getattr(msg, name) if msg.HasField(name) else default  # noqa: E731
     params = SamplingParams(
         temperature=opt(s, "temperature", 1.0),
@@ -304,7 +313,7 @@ def sampling_params_of(
         frequency_penalty=opt(s, "frequency_penalty", 0.0),
         repetition_penalty=opt(s, "repetition_penalty", 1.0),
         seed=opt(s, "seed", None),
-        max_tokens=opt(st, "max_tokens", DEFAULT_MAX_TOKENS),
+        max_tokens=opt(st, "max_tokens", default_max_tokens),
         stop=tuple(st.stop),
         stop_token_ids=tuple(st.stop_token_ids),
         ignore_eos=st.ignore_eos,

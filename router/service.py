@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -23,6 +23,7 @@ from router.errors import RequestError, invalid
 from router.hops import HopStats
 from router.prompt_workers import PromptWorkers
 from router.requests import (
+    DEFAULT_MAX_TOKENS,
     RequestLimits,
     check_counts,
     check_size,
@@ -72,7 +73,11 @@ class GenerationService:
         self._token_text: dict[int, str] = {}
 
     # ---- Generate ------------------------------------------------------------------------------
-    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+    async def generate(
+        self, request: pb.GenerateRequest, default_max_tokens: int | None = DEFAULT_MAX_TOKENS
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
+        """``default_max_tokens``: when stopping.max_tokens is unset (None: what the context
+        leaves, as OpenAI's chat API does)."""
         arrival = time.monotonic()
         check_size(request, self.limits)
         check_counts(request, self.limits)
@@ -81,7 +86,7 @@ class GenerationService:
             prompt = prompt_of(request, self.tokenizer, self.limits)
         else:
             prompt = await self.prompts.prompt(request)
-        params = sampling_params_of(request, len(prompt.token_ids), self.limits)
+        params = sampling_params_of(request, len(prompt.token_ids), self.limits, default_max_tokens)
         if prompt.prefix_boundaries:
             params = dataclasses.replace(params, prefix_boundaries=prompt.prefix_boundaries)
         # The engine's id for this stream alone: a caller's request_id is only echoed back, so

@@ -46,6 +46,8 @@ class LocalCluster:
     dashboard_url: str | None
     metrics_url: str | None = None
     """Prometheus text from this node's Ray metrics agent (ours are prefixed ray_exaone_)."""
+    openai_url: str | None = None
+    """The OpenAI-compatible API's base URL (an OpenAI client's base_url); None: off."""
 
     def stop(self) -> None:
         import ray
@@ -61,12 +63,15 @@ def start_local(
     config: ClusterConfig,
     grpc_port: int = 9000,
     http_port: int = 8000,
+    openai_port: int | None = None,
     dashboard_port: int | None = 8265,
     num_cpus: int | None = None,
     ready_timeout_s: float = 600.0,
     metrics_port: int | None = None,
 ) -> LocalCluster:
-    """Start Ray + Serve + the app; return once the model answers a health check."""
+    """Start Ray + Serve + the app; return once the model answers a health check.
+    ``http_port``: Serve's own HTTP proxy; ``openai_port``: our OpenAI-compatible API (None:
+    config.router.openai_port)."""
     from replicas.prefix_cache.redis_tier import MAC_KEY_ENV
 
     os.environ.update(LOCAL_ENV)
@@ -80,7 +85,7 @@ def start_local(
 
     from cluster.app import build_app
 
-    config = config.serving_at("127.0.0.1", grpc_port)
+    config = config.serving_at("127.0.0.1", grpc_port, openai_port)
 
     ray.init(
         address="local",
@@ -113,7 +118,15 @@ def start_local(
         raise
     dashboard = f"http://127.0.0.1:{dashboard_port}" if dashboard_port is not None else None
     port = next((n.get("MetricsExportPort") for n in ray.nodes() if n.get("Alive")), None)
-    return LocalCluster(address, dashboard, f"http://127.0.0.1:{port}/metrics" if port else None)
+    r = config.router
+    return LocalCluster(
+        address,
+        dashboard,
+        f"http://127.0.0.1:{port}/metrics" if port else None,
+        f"{'https' if r.tls_cert_file else 'http'}://127.0.0.1:{r.openai_port}/v1"
+        if r.openai_api
+        else None,
+    )
 
 
 def wait_serving(address: str, timeout_s: float) -> None:

@@ -28,6 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (default: cluster/bundled_model)")
     p.add_argument("--config", help="ClusterConfig YAML/JSON file (--model overrides model_path)")
     p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument(
+        "--openai-port",
+        type=int,
+        help="the OpenAI-compatible HTTP API's port (default: config router.openai_port, 9080)",
+    )
+    p.add_argument(
+        "--no-openai", action="store_true", help="serve gRPC only (router.openai_api: false)"
+    )
     p.add_argument("--http-port", type=int, default=8000, help="Ray Serve's HTTP proxy port")
     p.add_argument("--dashboard-port", type=int, default=8265)
     p.add_argument("--no-dashboard", action="store_true")
@@ -62,6 +70,8 @@ def with_overrides(config, args: argparse.Namespace):
             data[section][field] = value
     if getattr(args, "kernels", None) is not None:
         data["kernels"] = args.kernels
+    if getattr(args, "no_openai", False):
+        data["router"]["openai_api"] = False
     return type(config).model_validate(data)
 
 
@@ -144,6 +154,7 @@ def _serve(args: argparse.Namespace, config) -> int:
             config,
             grpc_port=args.grpc_port,
             http_port=args.http_port,
+            openai_port=args.openai_port,
             dashboard_port=None if args.no_dashboard else args.dashboard_port,
             num_cpus=args.num_cpus,
             metrics_port=args.metrics_port,
@@ -166,6 +177,8 @@ def _serve(args: argparse.Namespace, config) -> int:
             plural = "s" if x.replicas_per_group > 1 else ""
             mode = f"{x.num_groups} expert groups x {x.replicas_per_group} replica{plural}"
         print(f"serving {config.name} over gRPC at {cluster.grpc_address} ({mode})", flush=True)
+        if cluster.openai_url:
+            print(f"OpenAI-compatible API: {cluster.openai_url}", flush=True)
         if cluster.dashboard_url:
             print(f"Ray dashboard: {cluster.dashboard_url} (token: ~/.ray/auth_token)", flush=True)
         if cluster.metrics_url:

@@ -23,48 +23,35 @@ from protos.exaone.v1 import generation_pb2 as pb
 from protos.exaone.v1 import generation_pb2_grpc as pb_grpc
 from router.errors import RequestError
 from router.service import GenerationService
+from router.stream_slots import StreamSlots
 
 HEALTH_SERVICES = ("", "exaone.v1.Generation")
 HealthFn = Callable[[], Awaitable[bool]]
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    """``max_streams``: Generate streams this replica holds at once (more are refused with
-    RESOURCE_EXHAUSTED, before any work); ``timeout_s``: how long one stream may run (then
-    DEADLINE_EXCEEDED, and its request is aborted); None: no limit."""
+    """``slots``: Generate streams this replica holds at once, shared with its HTTP server
+    (more are refused with RESOURCE_EXHAUSTED, before any work); ``timeout_s``: how long one
+    stream may run (then DEADLINE_EXCEEDED, and its request is aborted); None: no limit."""
 
     def __init__(
         self,
         service: GenerationService,
         metrics=None,
-        max_streams: int | None = None,
+        slots: StreamSlots | None = None,
         timeout_s: float | None = None,
     ):
         self.service, self.metrics = service, metrics
-        self.max_streams, self.timeout_s = max_streams, timeout_s
-        self.num_streams = 0
+        self.slots, self.timeout_s = slots or StreamSlots(None), timeout_s
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        if self.max_streams is not None and self.num_streams >= self.max_streams:
-            await self._fail(
-                context,
-                RequestError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"this router replica holds {self.num_streams} streams, its limit (router."
-                    "max_ongoing_requests); retry later, or run more Router replicas",
-                ),
-            )
-        self.num_streams += 1
         try:
-            async with asyncio.timeout(self.timeout_s):
-                async for response in self.service.generate(request):
-                    if self.metrics is not None and response.HasField("final"):
-                        f = response.final
-                        name = pb.FinishReason.Name(f.finish_reason)
-                        self.metrics.finished(
-                            name.removeprefix("FINISH_REASON_").lower(), f.usage, f.timings
-                        )
-                    yield response
+            with self.slots.hold():
+                async with asyncio.timeout(self.timeout_s):
+                    async for response in self.service.generate(request):
+                        if self.metrics is not None and response.HasField("final"):
+                            self.metrics.finished(response.final)
+                        yield response
         except RequestError as e:
             await self._fail(context, e)
         except TimeoutError:
@@ -76,8 +63,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     "(router.request_timeout_s); ask for fewer tokens or raise the limit",
                 ),
             )
-        finally:
-            self.num_streams -= 1
 
     async def _fail(self, context: grpc.aio.ServicerContext, error: RequestError):
         if self.metrics is not None:
@@ -135,7 +120,7 @@ async def start_ingress(
     healthy: HealthFn,
     metrics=None,
     max_message_bytes: int = 4 << 20,
-    max_streams: int | None = None,
+    slots: StreamSlots | None = None,
     timeout_s: float | None = None,
     tls: tuple[str, str] | None = None,
 ) -> grpc.aio.Server:
@@ -151,7 +136,7 @@ async def start_ingress(
             ("grpc.max_send_message_length", limit),
         ]
     )
-    servicer = GenerationServicer(service, metrics, max_streams, timeout_s)
+    servicer = GenerationServicer(service, metrics, slots, timeout_s)
     pb_grpc.add_GenerationServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(healthy), server)
     names = (

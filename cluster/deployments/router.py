@@ -9,6 +9,7 @@ import json
 import logging
 from pathlib import Path
 
+from aiohttp import web
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -17,9 +18,11 @@ from protos.exaone.v1 import generation_pb2 as pb
 from replicas.model.config import ModelConfig
 from replicas.model.quant_config import BlockFp8
 from router.hops import HopStats
+from router.openai_api.frontend import OpenAIFrontend
 from router.prompt_workers import PromptWorkers
 from router.requests import RequestLimits
 from router.service import GenerationService
+from router.stream_slots import StreamSlots
 from router.tokenizer import Tokenizer
 
 _serve_log = logging.getLogger("ray.serve")  # shown in each replica's log and the dashboard
@@ -68,6 +71,7 @@ class RouterDeployment:
 
     # Serve awaits an async constructor (type checkers want __init__ to return None).
     async def __init__(self, config: ClusterConfig, shard: DeploymentHandle):  # type: ignore[misc]
+        from cluster.deployments.http_ingress import OpenAIServer, start_http_ingress
         from cluster.deployments.ingress import start_ingress
         from cluster.deployments.shard_client import DirectShardClient, StepSubscriber
         from cluster.ops.metrics import RouterMetrics
@@ -92,6 +96,8 @@ class RouterDeployment:
         self.service = GenerationService(
             tokenizer, self.client, limits, info, self.prompts, self.hops
         )
+        slots = StreamSlots(r.max_ongoing_requests)  # over both protocols
+        tls = (r.tls_cert_file, r.tls_key_file) if r.tls_cert_file and r.tls_key_file else None
         self.server = await start_ingress(
             r.grpc_host,
             r.grpc_port,
@@ -99,11 +105,21 @@ class RouterDeployment:
             self.healthy,
             self.metrics,
             r.max_request_bytes,
-            r.max_ongoing_requests,
+            slots,
             r.request_timeout_s,
-            tls=(r.tls_cert_file, r.tls_key_file) if r.tls_cert_file and r.tls_key_file else None,
+            tls=tls,
         )
         _serve_log.info("Router serving gRPC at %s:%d", r.grpc_host, r.grpc_port)
+        self.http: web.AppRunner | None = None
+        if r.openai_api:
+            frontend = OpenAIFrontend(
+                self.service, info.model_id, info.max_context_tokens, self.metrics
+            )
+            server = OpenAIServer(
+                frontend, self.healthy, slots, r.max_request_bytes, r.request_timeout_s
+            )
+            self.http = await start_http_ingress(r.grpc_host, r.openai_port, server, tls)
+            _serve_log.info("Router serving the OpenAI API at %s:%d", r.grpc_host, r.openai_port)
 
     def hop_stats(self, clear: bool = False) -> dict[str, dict[str, float]]:
         """Recent per-hop latencies of this router's token deltas (router.hops); ``clear``
@@ -126,6 +142,9 @@ class RouterDeployment:
         return False
 
     async def __del__(self):
+        http, self.http = getattr(self, "http", None), None
+        if http is not None:
+            await http.cleanup()
         if getattr(self, "server", None) is not None:
             await self.server.stop(1.0)
             self.server = None

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from protos.exaone.v1.generation_pb2 import FinishReason
+
 LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 PER_TOKEN_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 HOP_S = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25]
@@ -78,9 +80,11 @@ class RouterMetrics:
     def hop_observed(self, hop: str, seconds: float) -> None:
         self.hop.observe(max(seconds, 0.0), tags={"hop": hop})
 
-    def finished(self, finish_reason: str, usage, timings) -> None:
-        """One request's final message (exaone.v1 Usage and Timings)."""
-        self.requests.inc(1, tags={"finish_reason": finish_reason})
+    def finished(self, final) -> None:
+        """One stream's final message (exaone.v1 Final), from either protocol."""
+        usage, timings = final.usage, final.timings
+        reason = FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower()
+        self.requests.inc(1, tags={"finish_reason": reason})
         ttft_s, total_s = timings.time_to_first_token_ms / 1e3, timings.total_ms / 1e3
         self.ttft.observe(ttft_s)
         self.e2e.observe(total_s)

@@ -14,10 +14,11 @@ from replicas.model.loader import load_causal_lm
 
 
 def on_free_port(config):
-    """``config`` with its Router's gRPC server on a free loopback port -> (config, address).
-    Each application serves its own port (its Router replicas run the gRPC server)."""
+    """``config`` with its Router's gRPC server on a free loopback port (and its HTTP server on
+    another) -> (config, gRPC address). Each application serves its own ports (its Router
+    replicas run the servers)."""
     port = free_port()
-    return config.serving_at("127.0.0.1", port), f"127.0.0.1:{port}"
+    return config.serving_at("127.0.0.1", port, free_port()), f"127.0.0.1:{port}"
 
 
 def descendants(pid: int) -> set[int]:
@@ -110,6 +111,7 @@ def local_cluster(config, num_cpus: int = 2, **kwargs):
         config,
         grpc_port=free_port(),
         http_port=free_port(),
+        openai_port=free_port(),
         dashboard_port=None,
         num_cpus=num_cpus,
         ready_timeout_s=300,

@@ -13,6 +13,7 @@ from cluster.commands.redis_server import free_port
 from cluster.deployments.ingress import start_ingress
 from protos.exaone.v1 import generation_pb2 as pb
 from protos.exaone.v1 import generation_pb2_grpc as pb_grpc
+from router.stream_slots import StreamSlots
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +59,7 @@ def test_stream_limit_and_timeout(case):
     async def main():
         if case == "limit":
             service = SlowService(count=6, interval_s=0.05)
-            server = await start_ingress("127.0.0.1", port, service, _healthy, max_streams=1)
+            server = await start_ingress("127.0.0.1", port, service, _healthy, slots=StreamSlots(1))
             try:
                 first = asyncio.ensure_future(_stream(address))
                 while service.started == 0:  # the first stream holds the only place
