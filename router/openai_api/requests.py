@@ -441,7 +441,7 @@ _RENAMES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             r"messages[\1].tool_calls[\2].function.arguments",
         ),
         (r"\bchat\.(messages|tools)", r"\1"),
-        (r"^chat:", "messages:"),
+        (r"^chat: ", ""),
         (r"\bsampling\.", ""),
         (r"\bstopping\.max_tokens", "max_tokens"),
         (r"\bstopping\.", ""),

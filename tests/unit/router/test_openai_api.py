@@ -1,0 +1,409 @@
+"""The OpenAI-compatible API's translation (router.openai_api) over a GenerationService in
+process: request bodies to GenerateRequests, the service's streams to OpenAI's objects and
+chunks, errors with OpenAI's field names and HTTP statuses. The engines are fakes or the real
+engine in process; the HTTP server and real clients are the integration tier's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from cluster.config import ClusterConfig, EngineOptions
+from cluster.deployments.router import model_info
+from replicas.attention_shard import AttentionShard
+from replicas.engine.engine import EngineConfig
+from replicas.engine.request import FinishReason
+from replicas.model.config import ModelConfig
+from replicas.outputs import RequestOutput
+from router.errors import RequestError
+from router.openai_api.frontend import OpenAIFrontend
+from router.openai_api.requests import MAX_N, renamed
+from router.requests import RequestLimits
+from router.service import GenerationService
+from router.stream_slots import StreamSlots
+from router.tokenizer import Tokenizer
+
+ENGINE = EngineConfig(
+    max_num_seqs=8,
+    max_num_batched_tokens=64,
+    block_size=4,
+    kv_cache_bytes=8 << 20,
+    max_model_len=256,
+)
+USER = {"role": "user", "content": "Weather in Seoul?"}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+ANSWER = (
+    'Let me check.\n</think>\n\nChecking now.<tool_call>{"name": "get_weather", '
+    '"arguments": {"city": "Seoul"}}</tool_call><tool_call>{broken</tool_call>'
+)
+
+
+@pytest.fixture(scope="module")
+def env(make_ckpt):
+    path = make_ckpt(dtype="float32")
+    config = ClusterConfig(model_path=str(path), engine=EngineOptions(max_model_len=256))
+    cfg = ModelConfig.from_json_file(path / "config.json")
+    tok = Tokenizer(path)
+    info = model_info(config, cfg, tok)
+    limits = RequestLimits(cfg.vocab_size, info.max_context_tokens, info.max_output_tokens)
+    return path, tok, info, limits
+
+
+class Scripted:
+    """Fake engine: the tokens of a fixed text, 3 at a time; records what it was asked."""
+
+    def __init__(self, tok, text):
+        self.ids, self.calls = tok.encode(text), []
+
+    async def generate(self, request_id, prompt_ids, params):
+        self.calls.append((list(prompt_ids), params))
+        for i in range(0, len(self.ids), 3):
+            chunk, last = self.ids[i : i + 3], i + 3 >= len(self.ids)
+            yield RequestOutput(
+                request_id,
+                chunk,
+                finished=last,
+                finish_reason=FinishReason.STOP if last else None,
+                num_prompt_tokens=len(prompt_ids),
+                num_output_tokens=i + len(chunk),
+            )
+
+
+class NoEngine:
+    def generate(self, *args):
+        raise AssertionError("the engine was called for a bad request")
+
+
+def _frontend(env, engine) -> OpenAIFrontend:
+    path, tok, info, limits = env
+    service = GenerationService(tok, engine, limits, info)
+    return OpenAIFrontend(service, info.model_id, info.max_context_tokens)
+
+
+def _run(frontend, kind, body):
+    call = frontend.call(kind, body)
+
+    async def go():
+        if call.stream:
+            return [c async for c in frontend.stream(call)]
+        return await frontend.complete(call)
+
+    return call, asyncio.run(go())
+
+
+def test_chat_answer_has_reasoning_content_tool_calls_and_the_bad_calls_text(env):
+    engine = Scripted(env[1], ANSWER)
+    call, out = _run(_frontend(env, engine), "chat", {"messages": [USER], "tools": [WEATHER]})
+    (choice,) = out["choices"]
+    message = choice["message"]
+    assert message["reasoning_content"] == "Let me check."
+    # A call the model wrote that is not valid JSON stays visible as what it wrote.
+    assert message["content"] == "Checking now.<tool_call>{broken</tool_call>"
+    (tool_call,) = message["tool_calls"]
+    assert tool_call["type"] == "function" and tool_call["id"].startswith("call_")
+    assert tool_call["function"]["name"] == "get_weather"
+    assert json.loads(tool_call["function"]["arguments"]) == {"city": "Seoul"}
+    assert choice["finish_reason"] == "tool_calls"
+    prompt_ids, params = engine.calls[0]
+    assert '"get_weather"' in env[1].decode(prompt_ids)  # declared to the model
+    usage = out["usage"]
+    assert usage["prompt_tokens"] == len(prompt_ids)
+    assert usage["completion_tokens"] == len(engine.ids)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert usage["accepted_draft_tokens"] == usage["drafted_tokens"] == 0
+    # OpenAI's chat default: as many tokens as the context leaves, not the gRPC default 16.
+    assert params.max_tokens == env[3].max_model_len - len(prompt_ids)
+    assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-")
+
+
+def test_chat_stream_chunks_add_up_to_the_whole_answer(env):
+    whole = _run(
+        _frontend(env, Scripted(env[1], ANSWER)), "chat", {"messages": [USER], "tools": [WEATHER]}
+    )[1]
+    body = {
+        "messages": [USER],
+        "tools": [WEATHER],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    chunks = _run(_frontend(env, Scripted(env[1], ANSWER)), "chat", body)[1]
+    assert chunks[0]["choices"] == [
+        {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+    ]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1
+    deltas = [c["choices"][0]["delta"] for c in chunks[1:-1]]
+    message = whole["choices"][0]["message"]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == message["reasoning_content"]
+    assert "".join(d.get("content", "") for d in deltas) == message["content"]
+    calls = [c for d in deltas for c in d.get("tool_calls", [])]
+    assert [c["index"] for c in calls] == [0]
+    assert calls[0]["function"] == message["tool_calls"][0]["function"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+def test_tool_choice_none_declares_no_tools_and_parses_no_calls(env):
+    engine = Scripted(env[1], ANSWER)
+    body = {"messages": [USER], "tools": [WEATHER], "tool_choice": "none"}
+    out = _run(_frontend(env, engine), "chat", body)[1]
+    assert "get_weather" not in env[1].decode(engine.calls[0][0])
+    message = out["choices"][0]["message"]
+    assert "tool_calls" not in message and "<tool_call>" in message["content"]
+    assert out["choices"][0]["finish_reason"] == "stop"
+
+
+def test_thinking_off_through_chat_template_kwargs(env):
+    engine = Scripted(env[1], "Plain answer.")
+    body = {"messages": [USER], "chat_template_kwargs": {"enable_thinking": False}}
+    out = _run(_frontend(env, engine), "chat", body)[1]
+    message = out["choices"][0]["message"]
+    assert message["content"] == "Plain answer." and message["reasoning_content"] is None
+    on = Scripted(env[1], "x")
+    _run(_frontend(env, on), "chat", {"messages": [USER]})
+    assert env[1].decode(engine.calls[0][0]) != env[1].decode(on.calls[0][0])
+
+
+def test_n_choices_are_streams_of_their_own_with_seeds_in_turn(env):
+    engine = Scripted(env[1], "Sure.")
+    body = {"messages": [USER], "n": 3, "seed": 5, "stream": True}
+    chunks = _run(_frontend(env, engine), "chat", body)[1]
+    assert [p.seed for _, p in engine.calls] == [5, 6, 7]
+    assert [c["index"] for c in chunks[0]["choices"]] == [0, 1, 2]  # the role, for each
+    texts = {i: "" for i in range(3)}
+    for chunk in chunks[1:]:
+        for c in chunk["choices"]:
+            texts[c["index"]] += c["delta"].get("reasoning_content", "")
+    assert texts == {0: "Sure.", 1: "Sure.", 2: "Sure."}  # thinking on: it is all reasoning
+    done = [c for chunk in chunks for c in chunk["choices"] if c["finish_reason"]]
+    assert sorted(c["index"] for c in done) == [0, 1, 2]
+    assert "usage" not in chunks[-1]  # not asked for
+
+
+def test_completions_batch_n_echo_and_usage(env):
+    engine = Scripted(env[1], " done")
+    ids = env[1].encode_text("Count: 1 2")
+    body = {"prompt": ["Hello there", ids], "n": 2, "echo": True, "max_tokens": 5}
+    out = _run(_frontend(env, engine), "completion", body)[1]
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in out["choices"]] == ["Hello there done"] * 2 + ["Count: 1 2 done"] * 2
+    assert [p.max_tokens for _, p in engine.calls] == [5] * 4
+    assert out["usage"]["prompt_tokens"] == len(env[1].encode_text("Hello there")) + len(ids)
+    assert out["usage"]["completion_tokens"] == 4 * len(engine.ids)
+    assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
+
+
+def test_completions_stream_and_default_max_tokens(env):
+    engine = Scripted(env[1], " and so on")
+    chunks = _run(_frontend(env, engine), "completion", {"prompt": "A", "stream": True})[1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == " and so on"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert engine.calls[0][1].max_tokens == 16  # OpenAI's (and vLLM's) completions default
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_logprobs_in_openai_shapes_from_the_real_engine(env, kind):
+    path, tok, info, limits = env
+    shard = AttentionShard(path, ENGINE)
+    frontend = _frontend(env, shard)
+    common = {"temperature": 0, "max_tokens": 6, "ignore_eos": True}
+    if kind == "chat":
+        body = {"messages": [USER], "logprobs": True, "top_logprobs": 2, **common}
+        choice = _run(frontend, kind, body)[1]["choices"][0]
+        entries = choice["logprobs"]["content"]
+        assert len(entries) == 6
+        for e in entries:
+            assert len(e["top_logprobs"]) == 2 and e["logprob"] <= 0
+            assert e["bytes"] == list(e["token"].encode())
+            assert e["top_logprobs"][0]["logprob"] >= e["top_logprobs"][1]["logprob"]
+    else:
+        body = {"prompt": [7, 300, 42, 9], "logprobs": 3, **common}
+        choice = _run(frontend, kind, body)[1]["choices"][0]
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 6
+        assert all(len(top) <= 3 for top in lp["top_logprobs"])
+        offsets = [sum(len(t) for t in lp["tokens"][:i]) for i in range(6)]
+        assert lp["text_offset"] == offsets
+    assert shard.stats().num_blocks_in_use == 0
+
+
+# Bodies the API refuses: (kind, body, HTTP status, a piece of the message, param).
+TOO_LONG = list(range(5, 5 + 300))
+BAD = [
+    ("chat", [1], 400, "must be a JSON object", None),
+    ("chat", {}, 400, "messages is missing", "messages"),
+    ("chat", {"messages": []}, 400, "messages is empty", "messages"),
+    (
+        "chat",
+        {"messages": [USER], "temperature": "hot"},
+        400,
+        "temperature must be a number",
+        "temperature",
+    ),
+    ("chat", {"messages": [USER], "temperature": -1}, 400, "temperature=-1.0", "temperature"),
+    ("chat", {"messages": [USER], "top_p": 2}, 400, "top_p=2.0", "top_p"),
+    ("chat", {"messages": [USER], "max_tokens": 100000}, 400, "max_tokens=100000", "max_tokens"),
+    ("chat", {"messages": [USER], "max_tokens": -3}, 400, "max_tokens=-3", "max_tokens"),
+    (
+        "chat",
+        {"messages": [{"role": "robot", "content": "x"}]},
+        400,
+        "messages[0].role='robot'",
+        "messages[0].role",
+    ),
+    (
+        "chat",
+        {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        400,
+        "text only",
+        "messages[0].content[0].type",
+    ),
+    (
+        "chat",
+        {"messages": [USER], "tools": [{"function": {"name": "f", "parameters": 3}}]},
+        400,
+        "must be a JSON-schema object",
+        "tools[0]",
+    ),
+    (
+        "chat",
+        {"messages": [USER], "tools": [{"function": {"description": "no name"}}]},
+        400,
+        "tools[0].function.name is missing",
+        "tools[0].function.name",
+    ),
+    (
+        "chat",
+        {"messages": [USER], "tool_choice": "required"},
+        400,
+        'only "auto" and "none"',
+        "tool_choice",
+    ),
+    ("chat", {"messages": [USER], "n": MAX_N + 1}, 400, f"n={MAX_N + 1}", "n"),
+    ("chat", {"messages": [USER], "model": "gpt-4o"}, 404, "'gpt-4o' does not exist", "model"),
+    ("chat", {"messages": [USER], "logit_bias": {"5": 10}}, 400, "logit_bias", "logit_bias"),
+    (
+        "chat",
+        {"messages": [USER], "response_format": {"type": "json_object"}},
+        400,
+        "no JSON mode",
+        "response_format",
+    ),
+    (
+        "chat",
+        {"messages": [USER], "chat_template_kwargs": {"tools_in_user": 1}},
+        400,
+        "enable_thinking only",
+        "chat_template_kwargs",
+    ),
+    ("chat", {"messages": [USER], "top_logprobs": 2}, 400, "needs logprobs: true", "top_logprobs"),
+    ("chat", {"messages": [USER], "stop": 5}, 400, "stop must be a string", "stop"),
+    (
+        "chat",
+        {"messages": [USER], "stream_options": {"include_usage": True}},
+        400,
+        "only allowed with stream",
+        "stream_options",
+    ),
+    ("chat", {"messages": [USER], "best_of": 3}, 400, "best_of", "best_of"),
+    ("completion", {}, 400, "prompt must be a string", "prompt"),
+    ("completion", {"prompt": []}, 400, "an empty array", "prompt"),
+    ("completion", {"prompt": ""}, 400, "prompt is empty", "prompt"),
+    (
+        "completion",
+        {"prompt": [1, 10**6]},
+        400,
+        "prompt[1]=1000000 is outside the vocabulary",
+        "prompt[1]",
+    ),
+    ("completion", {"prompt": TOO_LONG}, 400, "prompt has 300 tokens", "prompt"),
+    ("completion", {"prompt": "x", "suffix": "y"}, 400, "fill-in-the-middle", "suffix"),
+    ("completion", {"prompt": "x", "echo": True, "logprobs": 1}, 400, "echo with logprobs", "echo"),
+    ("completion", {"prompt": "x", "logprobs": 21}, 400, "logprobs=21", "logprobs"),
+    ("completion", {"prompt": ["x"] * 5, "n": 16}, 400, "at most 64", "prompt"),
+    ("completion", {"prompt": "x", "stop": ["s"] * 17}, 400, "stop has 17 entries", "stop"),
+]
+
+
+@pytest.mark.parametrize(
+    "kind, body, status, message, param", BAD, ids=[str(i) for i in range(len(BAD))]
+)
+def test_bad_bodies_get_a_status_and_name_the_openai_field(env, kind, body, status, message, param):
+    frontend = _frontend(env, NoEngine())
+    with pytest.raises(RequestError) as e:
+        _run(frontend, kind, body)
+    assert e.value.http_status == status, e.value.message
+    assert message in e.value.message, e.value.message
+    assert e.value.param == param, e.value.message
+    for proto_name in ("sampling.", "stopping.", "chat.", "token_ids.", "_json"):
+        assert proto_name not in e.value.message
+
+
+def test_renamed_maps_the_grpc_paths(env):
+    import grpc
+
+    def rename(message, kind="chat"):
+        out = renamed(RequestError(grpc.StatusCode.INVALID_ARGUMENT, message), kind)
+        return out.message, out.param
+
+    assert rename("chat.tools[2].parameters_json is not valid JSON") == (
+        "tools[2].function.parameters is not valid JSON",
+        "tools[2].function.parameters",
+    )
+    assert rename("chat.messages[1].tool_calls[0].arguments_json must be a JSON object")[0] == (
+        "messages[1].tool_calls[0].function.arguments must be a JSON object"
+    )
+    assert rename("logprobs.top_logprobs=30: must be <= 20", "completion") == (
+        "logprobs=30: must be <= 20",
+        "logprobs",
+    )
+    assert rename("request is 9 bytes; the limit is 1 bytes") == (
+        "request is 9 bytes; the limit is 1 bytes",
+        None,
+    )
+
+
+def test_models_tokenize_and_detokenize(env):
+    path, tok, info, limits = env
+    frontend = _frontend(env, NoEngine())
+    (card,) = frontend.models()["data"]
+    assert card["id"] == info.model_id and card["max_model_len"] == info.max_context_tokens
+    assert frontend.model(info.model_id) == card
+    with pytest.raises(RequestError) as e:
+        frontend.model("other")
+    assert e.value.http_status == 404
+    out = asyncio.run(frontend.tokenize({"prompt": "Hello world"}))
+    assert out["tokens"] == tok.encode_text("Hello world") and out["count"] == len(out["tokens"])
+    chat = asyncio.run(frontend.tokenize({"messages": [USER]}))
+    assert chat["tokens"] == tok.encode_chat([USER])[1]
+    assert frontend.detokenize({"tokens": out["tokens"]}) == {"prompt": "Hello world"}
+    with pytest.raises(RequestError) as e:
+        frontend.detokenize({"tokens": [1, 10**6]})
+    assert e.value.http_status == 400 and "tokens[1]" in e.value.message
+
+
+def test_stream_slots_refuse_past_the_limit_and_free_on_exit():
+    slots = StreamSlots(3)
+    with slots.hold(2):
+        with pytest.raises(RequestError) as e, slots.hold(2):
+            pass
+        assert e.value.http_status == 429 and "router.max_ongoing_requests" in e.value.message
+        with slots.hold(1):
+            assert slots.in_use == 3
+    assert slots.in_use == 0
