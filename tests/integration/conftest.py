@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from pathlib import Path
 
+from cluster.commands.local import APP_NAME
 from cluster.commands.redis_server import free_port  # noqa: F401  (the tests import it from here)
 from replicas.model.loader import load_causal_lm
 
@@ -19,6 +21,24 @@ def on_free_port(config):
     replicas run the servers)."""
     port = free_port()
     return config.serving_at("127.0.0.1", port, free_port()), f"127.0.0.1:{port}"
+
+
+def shard_stats(app: str = APP_NAME):
+    """The stats of one AttentionShard replica of the running application ``app``."""
+    from ray import serve
+
+    return serve.get_deployment_handle("AttentionShard", app).stats.remote().result()
+
+
+def wait_until_idle(timeout_s=30.0):
+    """Until the attention replica holds no request and no KV block (or the time is up)
+    -> its last stats."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = shard_stats()
+        if stats.num_blocks_in_use == 0 and stats.num_requests == 0 or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.1)
 
 
 def descendants(pid: int) -> set[int]:

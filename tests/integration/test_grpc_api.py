@@ -17,7 +17,6 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cluster.commands.local import APP_NAME
 from cluster.config import ClusterConfig, EngineOptions
 from protos.exaone.v1 import generation_pb2_grpc as pb_grpc
 from replicas.engine.engine import EngineConfig, LLMEngine
@@ -31,6 +30,8 @@ from tests.integration.conftest import (
     listening_addresses,
     local_cluster,
     on_free_port,
+    shard_stats,
+    wait_until_idle,
 )
 
 pytestmark = pytest.mark.integration
@@ -55,21 +56,6 @@ def cluster(tiny_ckpt):
 def client(cluster):
     with GenerationClient(cluster.grpc_address, timeout_s=120) as c:
         yield c
-
-
-def shard_stats():
-    from ray import serve
-
-    return serve.get_deployment_handle("AttentionShard", APP_NAME).stats.remote().result()
-
-
-def wait_until_idle(timeout_s=30.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        stats = shard_stats()
-        if stats.num_blocks_in_use == 0 and stats.num_requests == 0 or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.1)
 
 
 def prompts(n):

@@ -5,6 +5,7 @@ no Ray process left) on SIGTERM."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import signal
@@ -14,12 +15,53 @@ import threading
 import time
 from pathlib import Path
 
+import openai
 import pytest
 
+from cluster.bundled.chat_corpus import WEATHER_TOOL
 from router.client import GenerationClient
 from tests.integration.conftest import descendants, free_port
 
 pytestmark = pytest.mark.integration
+
+
+def _openai_chat_and_tool_round_trip(base_url: str) -> None:
+    """The trained model through the real openai client: its reasoning as reasoning_content,
+    and a tool call answered and used (the README's example)."""
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+    question = [{"role": "user", "content": "What is the capital of Japan?"}]
+    answer = client.chat.completions.create(
+        model="bundled_model", messages=question, max_tokens=64, temperature=0
+    ).choices[0]
+    assert answer.message.content.strip() == "The capital of Japan is Tokyo.", answer
+    assert "Japan" in answer.message.reasoning_content and answer.finish_reason == "stop"
+    messages: list = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+    first = client.chat.completions.create(
+        model="bundled_model",
+        messages=messages,
+        tools=[WEATHER_TOOL],
+        max_tokens=96,
+        temperature=0,
+    ).choices[0]
+    assert first.finish_reason == "tool_calls", first
+    (call,) = first.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    result = {"city": "Paris", "temp_c": 21, "sky": "sunny"}
+    messages += [
+        first.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)},
+    ]
+    stream = client.chat.completions.create(
+        model="bundled_model",
+        messages=messages,
+        tools=[WEATHER_TOOL],
+        max_tokens=96,
+        temperature=0,
+        stream=True,
+    )
+    content = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert "21" in content and "sunny" in content and "Paris" in content, content
 
 
 def _lines(proc) -> queue.Queue:
@@ -57,7 +99,7 @@ def _wait_for(q: queue.Queue, needle: str, timeout_s: float, seen: list[str]) ->
 def test_serve_bundled_model_answers_and_stops_on_sigterm(tmp_path, extra, mode):
     """On 2 CPUs, as on a laptop; with --expert-groups 2 the experts run in their own replicas
     (fractional CPUs)."""
-    port = free_port()
+    port, openai_port = free_port(), free_port()
     env = dict(os.environ, EXAONE_CLUSTER_CACHE=str(tmp_path), PYTHONUNBUFFERED="1")
     cmd = [
         sys.executable,
@@ -68,6 +110,8 @@ def test_serve_bundled_model_answers_and_stops_on_sigterm(tmp_path, extra, mode)
         str(port),
         "--http-port",
         str(free_port()),
+        "--openai-port",
+        str(openai_port),
         "--no-dashboard",
         "--num-cpus",
         "2",
@@ -105,6 +149,9 @@ def test_serve_bundled_model_answers_and_stops_on_sigterm(tmp_path, extra, mode)
             ]
             assert usage[0].get("cached_prompt_tokens", 0) == 0
             assert usage[1]["cached_prompt_tokens"] > 20, usage
+        base_url = f"http://127.0.0.1:{openai_port}/v1"
+        assert base_url in _wait_for(lines, "OpenAI-compatible API:", 10, seen)
+        _openai_chat_and_tool_round_trip(base_url)
         ray_processes = descendants(proc.pid)
         assert ray_processes
         proc.send_signal(signal.SIGTERM)
