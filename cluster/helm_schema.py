@@ -130,6 +130,7 @@ def values_schema() -> dict[str, Any]:
             ),
             "config": config,
             "grpc": _obj({"port": PORT, "service": SERVICE, "tls": _obj({"secretName": STRING})}),
+            "openai": _obj({"enabled": BOOL, "port": PORT, "service": SERVICE}),
             "dashboard": _obj({"service": SERVICE}),
             "head": _obj({"resources": RESOURCES, **PLACEMENT}),
             "attentionWorkers": _workers(),

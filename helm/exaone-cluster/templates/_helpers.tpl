@@ -136,11 +136,12 @@ many Router replicas fit there (they share the gRPC port with SO_REUSEPORT). */}
 {{- end -}}
 
 {{/* ClusterConfig for build_app: the values' config with model_path, the Redis URL and the
-Router's gRPC server (listening on every address of the head pod, on grpc.port, placed on the
-head by its custom resource; with grpc.tls.secretName, serving TLS with the mounted tls.crt and
-tls.key). Router fields set in config.router win over these defaults, except grpc_port, which
-must equal grpc.port (the container port, Service and NetworkPolicy), and tls_cert_file /
-tls_key_file, which go with grpc.tls.secretName. */}}
+Router's gRPC and OpenAI HTTP servers (listening on every address of the head pod, on grpc.port
+and openai.port, placed on the head by its custom resource; with grpc.tls.secretName, serving TLS
+with the mounted tls.crt and tls.key). Router fields set in config.router win over these
+defaults, except grpc_port and openai_port, which must equal grpc.port and openai.port (the
+container ports, Services and NetworkPolicy), openai_api, which openai.enabled sets, and
+tls_cert_file / tls_key_file, which go with grpc.tls.secretName. */}}
 {{- define "exaone.clusterConfig" -}}
 {{- $config := deepCopy .Values.config -}}
 {{- $_ := set $config "model_path" .Values.model.mountPath -}}
@@ -148,9 +149,17 @@ tls_key_file, which go with grpc.tls.secretName. */}}
 {{- if and (hasKey $router "grpc_port") (ne (int $router.grpc_port) (int .Values.grpc.port)) -}}
 {{- fail (printf "config.router.grpc_port (%v) must equal grpc.port (%v), or be left unset: the head container's port, the gRPC Service and the NetworkPolicy use grpc.port" $router.grpc_port .Values.grpc.port) -}}
 {{- end -}}
+{{- if and (hasKey $router "openai_port") (ne (int $router.openai_port) (int .Values.openai.port)) -}}
+{{- fail (printf "config.router.openai_port (%v) must equal openai.port (%v), or be left unset: the head container's port, the OpenAI Service and the NetworkPolicy use openai.port" $router.openai_port .Values.openai.port) -}}
+{{- end -}}
+{{- if and (hasKey $router "openai_api") (ne $router.openai_api .Values.openai.enabled) -}}
+{{- fail "config.router.openai_api is set by openai.enabled: leave it unset" -}}
+{{- end -}}
 {{- $routerDefaults := dict
     "grpc_host" "0.0.0.0"
     "grpc_port" (int .Values.grpc.port)
+    "openai_api" .Values.openai.enabled
+    "openai_port" (int .Values.openai.port)
     "resources" (dict (include "exaone.ingressResource" .) 1) -}}
 {{- range $key, $value := $routerDefaults -}}
 {{- if not (hasKey $router $key) -}}

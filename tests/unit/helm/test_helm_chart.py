@@ -148,7 +148,7 @@ def test_the_options_render_what_they_promise():
     assert grpc_only["spec"]["ingress"] == [
         {
             "from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}, {"namespaceSelector": gateway}],
-            "ports": [{"port": 9000, "protocol": "TCP"}],
+            "ports": [{"port": 9000, "protocol": "TCP"}, {"port": 9080, "protocol": "TCP"}],
         }
     ]
     [kuberay] = [p for p in by_kind["NetworkPolicy"] if p["metadata"]["name"].endswith("-kuberay")]
@@ -182,18 +182,58 @@ def test_router_fields_from_values_are_kept_and_the_chart_fills_in_the_rest():
         [rs] = [d for d in render_chart(values) if d["kind"] == "RayService"]
         return yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]["router"]
 
-    assert router({}) == {"grpc_host": "0.0.0.0", "grpc_port": 9000, "resources": {INGRESS: 1}}
-    assert router({"grpc": {"port": 9100}, "config": {"router": {"num_replicas": 3}}}) == {
-        "grpc_host": "0.0.0.0",
-        "grpc_port": 9100,
-        "resources": {INGRESS: 1},
-        "num_replicas": 3,
-    }
+    defaults = {"grpc_host": "0.0.0.0", "openai_api": True, "resources": {INGRESS: 1}}
+    assert router({}) == {**defaults, "grpc_port": 9000, "openai_port": 9080}
+    assert router(
+        {
+            "grpc": {"port": 9100},
+            "openai": {"port": 8088},
+            "config": {"router": {"num_replicas": 3}},
+        }
+    ) == {**defaults, "grpc_port": 9100, "openai_port": 8088, "num_replicas": 3}
     custom = router({"config": {"router": {"grpc_host": "::", "resources": {INGRESS: 0.5}}}})
     assert custom["grpc_host"] == "::" and custom["resources"] == {INGRESS: 0.5}
     assert router({"config": {"router": {"grpc_port": 9000}}})["grpc_port"] == 9000
     with pytest.raises(helm.HelmError, match="must equal grpc.port"):
         router({"config": {"router": {"grpc_port": 9001}}})
+    assert router({"config": {"router": {"openai_port": 9080}}})["openai_port"] == 9080
+    with pytest.raises(helm.HelmError, match="must equal openai.port"):
+        router({"config": {"router": {"openai_port": 9081}}})
+    with pytest.raises(helm.HelmError, match="openai.enabled"):
+        router({"config": {"router": {"openai_api": False}}})
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_openai_port_service_and_policy_follow_openai_values(enabled):
+    """openai.enabled: the Router replicas serve the OpenAI API on openai.port, which the head
+    container exposes, a Service of its own targets and the client NetworkPolicy opens; off:
+    none of them."""
+    docs = render_chart({"openai": {"enabled": enabled, "port": 8088, "service": {"port": 80}}})
+    [rs] = [d for d in docs if d["kind"] == "RayService"]
+    config = parse_cluster_config(
+        yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
+    )
+    assert config.router.openai_api is enabled and config.router.openai_port == 8088
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    ports = head["spec"]["containers"][0]["ports"]
+    assert ({"name": "openai", "containerPort": 8088} in ports) is enabled
+    services = [
+        d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-openai")
+    ]
+    [policy] = [
+        d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-grpc")
+    ]
+    opened = [p["port"] for p in policy["spec"]["ingress"][0]["ports"]]
+    if enabled:
+        [svc] = services
+        assert svc["spec"]["ports"] == [
+            {"name": "http", "port": 80, "targetPort": "openai", "protocol": "TCP"}
+        ]
+        assert svc["spec"]["selector"].items() <= head["metadata"]["labels"].items()
+        assert svc["spec"]["selector"]["exaone.ai/role"] == "head"
+        assert opened == [9000, 8088]
+    else:
+        assert services == [] and opened == [9000]
 
 
 def test_the_grpc_service_reaches_the_routers_on_the_head():

@@ -121,10 +121,12 @@ def test_the_network_policies_are_on_by_default_and_allow_only_what_is_needed():
     assert ports is None and peers == [{"podSelector": {"matchLabels": RAY_SELECTOR}}]
     assert [r for r in labels if selects(selector, labels[r])] == ["head", "attention", "experts"]
     assert not selects(peers[0]["podSelector"], labels["redis"])
-    # gRPC on the head from the release's namespace only (an empty podSelector: its pods).
+    # gRPC and OpenAI HTTP on the head from the release's namespace only (an empty
+    # podSelector: its pods).
     selector, peers, ports = rule("grpc")
     assert [r for r in labels if selects(selector, labels[r])] == ["head"]
-    assert peers == [{"podSelector": {}}] and ports == [{"port": 9000, "protocol": "TCP"}]
+    assert peers == [{"podSelector": {}}]
+    assert ports == [{"port": 9000, "protocol": "TCP"}, {"port": 9080, "protocol": "TCP"}]
     # The KubeRay operator: the dashboard (Serve deploys, status) and the Serve proxy's health.
     selector, peers, ports = rule("kuberay")
     assert [r for r in labels if selects(selector, labels[r])] == ["head"]
@@ -146,10 +148,11 @@ def test_the_network_policies_are_on_by_default_and_allow_only_what_is_needed():
     assert [r for r in labels if selects(selector, labels[r])] == ["redis"]
     assert peers == [{"podSelector": {"matchLabels": RAY_SELECTOR}}]
     assert ports == [{"port": 6379, "protocol": "TCP"}]
-    # Opened up, other namespaces, another port; no Redis, no Redis policy.
+    # Opened up, other namespaces, another port, no OpenAI port; no Redis, no Redis policy.
     docs = render_chart(
         {
             "grpc": {"port": 9100},
+            "openai": {"enabled": False},
             "redis": {"enabled": False},
             "networkPolicy": {
                 "grpcFrom": [{"ipBlock": {"cidr": "0.0.0.0/0"}}],
