@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -74,10 +74,14 @@ class GenerationService:
 
     # ---- Generate ------------------------------------------------------------------------------
     async def generate(
-        self, request: pb.GenerateRequest, default_max_tokens: int | None = DEFAULT_MAX_TOKENS
+        self,
+        request: pb.GenerateRequest,
+        default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
+        on_prompt: Callable[[int], None] | None = None,
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """``default_max_tokens``: when stopping.max_tokens is unset (None: what the context
-        leaves, as OpenAI's chat API does)."""
+        leaves, as OpenAI's chat API does). ``on_prompt``: told the prompt's token count once
+        the request is accepted, before its first message."""
         arrival = time.monotonic()
         check_size(request, self.limits)
         check_counts(request, self.limits)
@@ -89,6 +93,8 @@ class GenerationService:
         params = sampling_params_of(request, len(prompt.token_ids), self.limits, default_max_tokens)
         if prompt.prefix_boundaries:
             params = dataclasses.replace(params, prefix_boundaries=prompt.prefix_boundaries)
+        if on_prompt is not None:
+            on_prompt(len(prompt.token_ids))
         # The engine's id for this stream alone: a caller's request_id is only echoed back, so
         # two streams with the same one (at once, or one just closed whose abort is still on its
         # way) never share an engine request or each other's tokens.

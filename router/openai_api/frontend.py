@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from functools import partial
 from typing import Any
 
 from protos.exaone.v1 import generation_pb2 as pb
@@ -26,7 +27,7 @@ from router.openai_api.requests import (
     not_found_model,
     renamed,
 )
-from router.openai_api.responses import ChoiceState, usage_of
+from router.openai_api.responses import ChoiceState, usage_of, usage_so_far
 from router.service import GenerationService
 
 _END = object()
@@ -86,12 +87,14 @@ class OpenAIFrontend:
                 "choices": choices,
             }
             if call.include_usage:
+                if usage is None and call.continuous_usage:
+                    usage = usage_so_far(states, call.n)
                 out["usage"] = usage
             return out
 
         waiting: list[tuple[int, pb.GenerateResponse]] | None = []
         started: set[int] = set()
-        async for i, response in self._merged(call):
+        async for i, response in self._merged(call, states):
             if waiting is not None:
                 waiting.append((i, response))
                 started.add(i)
@@ -113,7 +116,7 @@ class OpenAIFrontend:
     async def complete(self, call: Call) -> dict[str, Any]:
         """The whole answer of a non-streamed request."""
         states = self._states(call)
-        async for i, r in self._merged(call):
+        async for i, r in self._merged(call, states):
             if r.HasField("final"):
                 states[i].finish(r.final)
             else:
@@ -145,10 +148,15 @@ class OpenAIFrontend:
         ids = call.requests[prompt * call.n].token_ids.ids  # a token-id prompt: its text
         return self.service.detokenize(pb.DetokenizeRequest(token_ids=ids)).text
 
-    async def _merged(self, call: Call) -> AsyncGenerator[tuple[int, pb.GenerateResponse], None]:
+    async def _merged(
+        self, call: Call, states: list[ChoiceState]
+    ) -> AsyncGenerator[tuple[int, pb.GenerateResponse], None]:
         """(choice index, response) from every choice's stream as they come; closing this
-        closes them all (aborting what still runs)."""
-        streams = [self.service.generate(r, call.default_max_tokens) for r in call.requests]
+        closes them all (aborting what still runs). Each state learns its prompt's length."""
+        streams = [
+            self.service.generate(r, call.default_max_tokens, partial(_set_prompt, state))
+            for r, state in zip(call.requests, states, strict=True)
+        ]
         try:
             if len(streams) == 1:
                 async for r in streams[0]:
@@ -212,6 +220,10 @@ class OpenAIFrontend:
         except RequestError as e:
             raise RequestError(e.code, e.message.replace("token_ids", "tokens"), "tokens") from e
         return {"prompt": text}
+
+
+def _set_prompt(state: ChoiceState, tokens: int) -> None:
+    state.prompt_tokens = tokens
 
 
 def _id(kind: Kind) -> str:

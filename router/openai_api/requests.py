@@ -38,6 +38,8 @@ class Call:
     n: int
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False
+    """With include_usage: every chunk carries the usage so far (vLLM's continuous_usage_stats)."""
     logprobs: bool = False
     echo: tuple[str, ...] | None = None
     """Completions with echo: each prompt's text, put before its choices' text."""
@@ -203,14 +205,16 @@ def _n(body: dict) -> int:
     return n
 
 
-def _include_usage(body: dict, stream: bool) -> bool:
+def _usage_options(body: dict, stream: bool) -> tuple[bool, bool]:
+    """stream_options -> (include_usage, continuous_usage_stats)."""
     opts = body.get("stream_options")
     if opts is None:
-        return False
+        return False, False
     opts = _dict(opts, "stream_options")
     if not stream:
         raise invalid("stream_options is only allowed with stream: true", "stream_options")
-    return _boolean(opts, "include_usage")
+    include = _boolean(opts, "include_usage")
+    return include, include and _boolean(opts, "continuous_usage_stats")
 
 
 def _common(body: dict, kind: Kind, served: str) -> dict[str, Any]:
@@ -219,10 +223,12 @@ def _common(body: dict, kind: Kind, served: str) -> dict[str, Any]:
         raise not_found_model(model, served)
     _refuse_unsupported(body, kind)
     stream = _boolean(body, "stream")
+    include_usage, continuous_usage = _usage_options(body, stream)
     return {
         "model": served,
         "stream": stream,
-        "include_usage": _include_usage(body, stream),
+        "include_usage": include_usage,
+        "continuous_usage": continuous_usage,
         "n": _n(body),
     }
 

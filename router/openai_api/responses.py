@@ -68,6 +68,18 @@ class CompletionLogprobs:
         return {key: getattr(self, key) for key in _KEYS}
 
 
+def usage_so_far(states: list[ChoiceState], n: int) -> dict[str, Any]:
+    """The usage of a request still streaming (continuous_usage_stats): each prompt's tokens
+    once, the tokens every choice generated so far."""
+    prompt = sum(s.prompt_tokens for i, s in enumerate(states) if i % n == 0)
+    completion = sum(s.completion_tokens for s in states)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
 def usage_of(finals: list[pb.Final | None], n: int) -> dict[str, Any]:
     """Usage of a request's choices (prompt-major, n per prompt): each prompt's tokens counted
     once, every choice's output; the MTP draft counts are our extension."""
@@ -99,11 +111,16 @@ class ChoiceState:
         self.chat_logprobs: list[dict[str, Any]] = []
         self.completion_logprobs = CompletionLogprobs()
         self.final: pb.Final | None = None
+        self.prompt_tokens = 0
+        """Known once the service accepted the request."""
+        self.completion_tokens = 0
+        """Tokens generated so far."""
 
     # ---- streaming ------------------------------------------------------------------------------
     def delta_part(self, d: pb.Delta) -> dict[str, Any] | None:
         """The choice's entry of a chunk for this delta; None when it shows nothing (text held
         back for a stop string, with no logprobs to send)."""
+        self.completion_tokens += len(d.token_ids)
         if self.chat:
             delta: dict[str, Any] = {}
             if d.reasoning:

@@ -43,8 +43,10 @@ class SlowService:
         self.count, self.interval_s = count, interval_s
         self.started = self.closed = 0
 
-    async def generate(self, request, default_max_tokens=16):
+    async def generate(self, request, default_max_tokens=16, on_prompt=None):
         self.started += 1
+        if on_prompt is not None:
+            on_prompt(1)
         try:
             for i in range(self.count):
                 await asyncio.sleep(self.interval_s)

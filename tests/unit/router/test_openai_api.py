@@ -217,6 +217,28 @@ def test_completions_stream_and_default_max_tokens(env):
     assert engine.calls[0][1].max_tokens == 16  # OpenAI's (and vLLM's) completions default
 
 
+def test_continuous_usage_counts_tokens_as_they_stream(env):
+    """stream_options.continuous_usage_stats (vLLM's; load generators count tokens with it):
+    every chunk carries the usage so far, the prompt's tokens from the first."""
+    engine = Scripted(env[1], " one two three four five six")
+    body = {
+        "prompt": "Count:",
+        "n": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    chunks = _run(_frontend(env, engine), "completion", body)[1]
+    prompt = len(env[1].encode_text("Count:"))
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert all(c["usage"]["prompt_tokens"] == prompt for c in chunks)
+    assert counts == sorted(counts) and counts[0] > 0
+    assert counts[-1] == 2 * len(engine.ids)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens_details"]
+    assert all(
+        c["usage"]["total_tokens"] == prompt + c["usage"]["completion_tokens"] for c in chunks
+    )
+
+
 @pytest.mark.parametrize("kind", ["chat", "completion"])
 def test_logprobs_in_openai_shapes_from_the_real_engine(env, kind):
     path, tok, info, limits = env
