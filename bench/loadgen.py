@@ -111,6 +111,57 @@ async def run_levels(send: Send, work: Workload, label: str) -> dict[int, dict]:
     return rows
 
 
+def completions_sender(session, base: str, model: str) -> Send:
+    """Requests as streamed OpenAI /v1/completions (prompt = token ids, greedy, ignore_eos) to
+    the server at ``base`` over an aiohttp ``session``; tokens counted with vLLM's
+    continuous_usage_stats (the usage so far on every chunk), so a chunk that carries several
+    tokens counts them all."""
+    import json
+
+    async def send(prompt: list[int], new_tokens: int) -> Stream:
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": new_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        }
+        s, seen = Stream(), 0
+        async with session.post(f"{base}/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"{base}: {resp.status}: {await resp.text()}")
+            async for raw in resp.content:  # server-sent events, one per line
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                chunk = json.loads(data)
+                usage = chunk.get("usage") or {}
+                if "completion_tokens" in usage:  # cumulative
+                    s.got(usage["completion_tokens"] - seen)
+                    seen = usage["completion_tokens"]
+                elif chunk.get("choices"):
+                    s.got(1)
+                    seen += 1
+        return s
+
+    return send
+
+
+async def drive_http(base: str, model: str, work: Workload, label: str) -> dict[int, dict]:
+    """run_levels over streamed /v1/completions (completions_sender)."""
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=600)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        return await run_levels(completions_sender(session, base, model), work, label)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,6 +6,8 @@ nothing (benchmarks print, tests assert).
     .venv/bin/python bench/served.py                                   # bundled + small, bf16
     .venv/bin/python bench/served.py --checkpoints bundled --concurrency 1,8 --systems engine,vllm
     .venv/bin/python bench/served.py --checkpoints small --requests-per-stream 2 --json out.json
+    .venv/bin/python bench/served.py --systems ours-http,vllm --concurrency 1,8,32 \
+        --vllm-bench-client
     .venv/bin/python bench/served.py --checkpoints /path/to/checkpoint --dtype float32
 
 Workload (the same for every system, one system running at a time): each request is a prompt of
@@ -17,6 +19,8 @@ first gets a short warm-up (C requests of --warmup-tokens at each level, other p
 Systems (--systems):
   ours    our server, started in this process with cluster.commands.local.start_local; driven over
           grpc.aio with exaone.v1 Generation.Generate (server-streaming, token_ids input)
+  ours-http  the same server (started once for both), driven over its OpenAI-compatible HTTP
+          API exactly as vLLM's server is (bench.loadgen.completions_sender)
   vllm    vLLM's OpenAI server (python -m vllm.entrypoints.openai.api_server in its own venv,
           ../shared/peers/setup_vllm_venv.sh; --vllm-python) as a subprocess; driven over HTTP
           with /v1/completions, stream: true, prompt = token ids; skipped with a message when
@@ -38,8 +42,10 @@ Columns of the table printed per checkpoint:
   TTFT p50/99 time to first token (ms): request sent -> first message carrying token ids
   TPOT p50/99 time per output token (ms) of a request: (last token - first token) / (tokens - 1)
 then ratio rows: ours / vLLM and ours / in-process output tok/s at each level, and ours minus
-in-process TPOT p50 at in-flight 1 (what the served path adds per token). --json FILE writes every
-number (and the settings) as JSON.
+in-process TPOT p50 at in-flight 1 (what the served path adds per token). With
+--vllm-bench-client, a second table: vLLM's own serving benchmark client
+(bench/vllm_bench_client.py) against our HTTP server and vLLM's, same dataset settings.
+--json FILE writes every number (and the settings) as JSON.
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.forward import checkpoint  # noqa: E402
-from bench.loadgen import Stream, Workload, free_port, run_levels  # noqa: E402
+from bench.loadgen import Stream, Workload, drive_http, free_port, run_levels  # noqa: E402
+from bench.vllm_bench_client import run_vllm_bench  # noqa: E402
 from bench.vllm_server import run_vllm  # noqa: E402
 from cluster.config import (  # noqa: E402
     AttentionOptions,
@@ -71,9 +78,14 @@ from replicas.model.loader import load_causal_lm  # noqa: E402
 
 BUNDLED = ROOT / "cluster" / "bundled_model"
 DEFAULT_VLLM_PYTHON = Path.home() / ".cache" / "exaone-peers" / "vllm-venv" / "bin" / "python"
-SYSTEMS = ("ours", "vllm", "engine")
-LABELS = {"ours": "ours (gRPC)", "vllm": "vLLM (OpenAI HTTP)", "engine": "in-process engine"}
-RUN_ORDER = ("engine", "ours", "vllm")  # one at a time; the ceiling first
+SYSTEMS = ("ours", "ours-http", "vllm", "engine")
+LABELS = {
+    "ours": "ours (gRPC)",
+    "ours-http": "ours (OpenAI HTTP)",
+    "vllm": "vLLM (OpenAI HTTP)",
+    "engine": "in-process engine",
+}
+RUN_ORDER = ("engine", "ours", "vllm")  # servers one at a time; the ceiling first
 
 
 # ---- workload and settings ----------------------------------------------------------------------
@@ -218,7 +230,10 @@ def run_engine(config: ClusterConfig, work: Workload) -> dict:
         gc.collect()
 
 
-def run_ours(config: ClusterConfig, work: Workload) -> dict:
+def run_ours(config: ClusterConfig, work: Workload, args, protocols: list[str]) -> dict:
+    """Our server, started once, driven over each of ``protocols`` in turn ("ours": gRPC,
+    "ours-http": OpenAI HTTP) -> {protocol: result}; with --vllm-bench-client, vLLM's client
+    too, over HTTP."""
     import grpc
 
     from cluster.commands.local import start_local
@@ -226,11 +241,19 @@ def run_ours(config: ClusterConfig, work: Workload) -> dict:
     from protos.exaone.v1 import generation_pb2_grpc as pb_grpc
 
     start = time.perf_counter()
-    cluster = start_local(config, grpc_port=free_port(), http_port=free_port(), dashboard_port=None)
+    cluster = start_local(
+        config,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        openai_port=free_port(),
+        dashboard_port=None,
+    )
+    assert cluster.openai_url is not None
+    http = cluster.openai_url.removesuffix("/v1")
     info = {"start_s": round(time.perf_counter() - start, 1), "address": cluster.grpc_address}
-    print(f"  ours: serving at {cluster.grpc_address} after {info['start_s']} s", flush=True)
+    print(f"  ours: serving at {cluster.grpc_address} and {http} after {info['start_s']} s")
 
-    async def main():
+    async def over_grpc():
         async with grpc.aio.insecure_channel(cluster.grpc_address) as channel:
             stub = pb_grpc.GenerationStub(channel)
 
@@ -248,8 +271,19 @@ def run_ours(config: ClusterConfig, work: Workload) -> dict:
 
             return await run_levels(send, work, "ours")
 
+    out: dict[str, dict] = {}
     try:
-        return {**info, "levels": asyncio.run(main())}
+        for protocol in protocols:
+            if protocol == "ours":
+                levels = asyncio.run(over_grpc())
+            else:
+                levels = asyncio.run(drive_http(http, config.name, work, "ours-http"))
+            out[protocol] = {**info, "levels": levels}
+        if args.vllm_bench_client:
+            out.setdefault("ours-http", dict(info))["vllm_client"] = run_vllm_bench(
+                http, config.name, config.model_path, work.levels, args, "ours-http"
+            )
+        return out
     finally:
         cluster.stop()
 
@@ -282,19 +316,50 @@ def table(results: dict[str, dict], levels: list[int]) -> tuple[str, dict]:
                 ]
                 lines.append("| " + " | ".join(map(str, cells)) + " |")
     ratios: dict = {}
-    ours = rows.get("ours", {})
-    for other, key in (("vllm", "ours/vllm_tok_s"), ("engine", "ours/engine_tok_s")):
+    for mine in ("ours", "ours-http"):
+        ours = rows.get(mine, {})
+        for other in ("vllm", "engine"):
+            for c in levels:
+                a, b = ours.get(c), rows.get(other, {}).get(c)
+                if a and b and b["out_tok_s"]:
+                    ratio = a["out_tok_s"] / b["out_tok_s"]
+                    ratios.setdefault(str(c), {})[f"{mine}/{other}_tok_s"] = round(ratio, 3)
+                    lines.append(f"| {LABELS[mine]} / {LABELS[other]} | {c} | {ratio:.2f}x |||||")
+        a, b = ours.get(1), rows.get("engine", {}).get(1)
+        if a and b and a["tpot_p50_ms"] is not None and b["tpot_p50_ms"] is not None:
+            diff = a["tpot_p50_ms"] - b["tpot_p50_ms"]
+            ratios.setdefault("1", {})[f"tpot_p50_ms_{mine}_minus_engine"] = round(diff, 3)
+            lines.append(f"| {LABELS[mine]} - in-process | 1 | | | | {diff:+.2f} | |")
+    client = {s: r["vllm_client"] for s, r in results.items() if r.get("vllm_client")}
+    if client:
+        lines += [
+            "",
+            "vLLM's benchmark client (vllm.benchmarks.serve, random dataset, the same settings):",
+            "",
+            "| server | in flight | out tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) "
+            "| TPOT p99 (ms) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for c in levels:
-            a, b = ours.get(c), rows.get(other, {}).get(c)
+            for system, by_level in client.items():
+                r = by_level.get(c)
+                if r:
+                    cells = [
+                        LABELS[system],
+                        c,
+                        fmt(r["out_tok_s"], ".1f"),
+                        fmt(r["ttft_p50_ms"], ".1f"),
+                        fmt(r["ttft_p99_ms"], ".1f"),
+                        fmt(r["tpot_p50_ms"], ".2f"),
+                        fmt(r["tpot_p99_ms"], ".2f"),
+                    ]
+                    lines.append("| " + " | ".join(map(str, cells)) + " |")
+        for c in levels:
+            a, b = client.get("ours-http", {}).get(c), client.get("vllm", {}).get(c)
             if a and b and b["out_tok_s"]:
                 ratio = a["out_tok_s"] / b["out_tok_s"]
-                ratios.setdefault(str(c), {})[key] = round(ratio, 3)
-                lines.append(f"| ours / {LABELS[other]} | {c} | {ratio:.2f}x | | | | |")
-    a, b = ours.get(1), rows.get("engine", {}).get(1)
-    if a and b and a["tpot_p50_ms"] is not None and b["tpot_p50_ms"] is not None:
-        diff = a["tpot_p50_ms"] - b["tpot_p50_ms"]
-        ratios.setdefault("1", {})["tpot_p50_ms_ours_minus_engine"] = round(diff, 3)
-        lines.append(f"| ours - in-process | 1 | | | | {diff:+.2f} | |")
+                ratios.setdefault(str(c), {})["vllm_client:ours/vllm_tok_s"] = round(ratio, 3)
+                lines.append(f"| ours / vLLM (vLLM's client) | {c} | {ratio:.2f}x |||||")
     notes = [f"- {LABELS[s]}: {r['error']}" for s, r in results.items() if r.get("error")]
     return "\n".join(lines + ([""] + notes if notes else [])), ratios
 
@@ -316,7 +381,17 @@ def main() -> None:
         help="'bundled', a preset (tiny, small) or a checkpoint directory",
     )
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    ap.add_argument("--systems", default="ours,vllm,engine")
+    ap.add_argument(
+        "--systems",
+        default="ours,ours-http,vllm,engine",
+        help="ours (gRPC), ours-http (OpenAI HTTP, the same server), vllm, engine",
+    )
+    ap.add_argument(
+        "--vllm-bench-client",
+        action="store_true",
+        help="also drive ours (HTTP) and vLLM's server with vLLM's own benchmark client "
+        "(bench/vllm_bench_client.py; from --vllm-python's venv)",
+    )
     ap.add_argument("--concurrency", default="1,8,32,64", help="in-flight levels")
     ap.add_argument(
         "--requests-per-stream",
@@ -408,13 +483,16 @@ def main() -> None:
         )
         print(f"\n== {title}\n{header}", flush=True)
         results: dict[str, dict] = {}
-        for system in [s for s in RUN_ORDER if s in systems]:
-            print(f"- {LABELS[system]}", flush=True)
+        ours = [p for p in ("ours", "ours-http") if p in systems]
+        for system in RUN_ORDER:
+            if system == "ours" and not ours or system != "ours" and system not in systems:
+                continue
+            print(f"- {', '.join(LABELS[p] for p in ours) if system == 'ours' else LABELS[system]}")
             try:
                 if system == "engine":
                     results[system] = run_engine(config, work)
                 elif system == "ours":
-                    results[system] = run_ours(config, work)
+                    results.update(run_ours(config, work, args, ours))
                 else:
                     results[system] = run_vllm(config, work, args)
             except Exception as err:  # noqa: BLE001 - report it, go on with the next system

@@ -1,6 +1,7 @@
 """vLLM's OpenAI server as bench/served.py runs it: started from its own venv on a free loopback
-port with the same engine limits as ours, driven over HTTP with streamed /v1/completions, stopped
-with its process group."""
+port with the same engine limits as ours, driven over HTTP with streamed /v1/completions
+(bench.loadgen.completions_sender, and vLLM's own client with --vllm-bench-client), stopped with
+its process group."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import Stream, Workload, free_port, run_levels  # noqa: E402
+from bench.loadgen import Workload, drive_http, free_port  # noqa: E402
+from bench.vllm_bench_client import run_vllm_bench  # noqa: E402
 from cluster.config import ClusterConfig  # noqa: E402
 
 
@@ -40,8 +42,6 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 30) -> None:
 
 
 def run_vllm(config: ClusterConfig, work: Workload, args) -> dict:
-    import aiohttp
-
     python = args.vllm_python
     e = config.engine
     port = free_port()
@@ -110,44 +110,11 @@ def run_vllm(config: ClusterConfig, work: Workload, args) -> dict:
             info["version"] = get_json(f"{base}/version").get("version")
         print(f"  vllm {info.get('version', '?')}: healthy after {info['start_s']} s", flush=True)
 
-        async def main():
-            timeout = aiohttp.ClientTimeout(total=600)
-            connector = aiohttp.TCPConnector(limit=0)
-            async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-
-                async def send(prompt: list[int], new_tokens: int) -> Stream:
-                    body = {
-                        "model": "bench",
-                        "prompt": prompt,
-                        "max_tokens": new_tokens,
-                        "temperature": 0,
-                        "ignore_eos": True,
-                        "stream": True,
-                        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-                    }
-                    s, seen = Stream(), 0
-                    async with session.post(f"{base}/v1/completions", json=body) as resp:
-                        if resp.status != 200:
-                            raise RuntimeError(f"vLLM {resp.status}: {await resp.text()}")
-                        async for raw in resp.content:  # server-sent events, one per line
-                            line = raw.strip()
-                            if not line.startswith(b"data:"):
-                                continue
-                            data = line[5:].strip()
-                            if data == b"[DONE]":
-                                break
-                            chunk = json.loads(data)
-                            usage = chunk.get("usage") or {}
-                            if "completion_tokens" in usage:  # cumulative
-                                s.got(usage["completion_tokens"] - seen)
-                                seen = usage["completion_tokens"]
-                            elif chunk.get("choices"):
-                                s.got(1)
-                                seen += 1
-                    return s
-
-                return await run_levels(send, work, "vllm")
-
-        return {**info, "levels": asyncio.run(main())}
+        levels = asyncio.run(drive_http(base, "bench", work, "vllm"))
+        if args.vllm_bench_client:
+            info["vllm_client"] = run_vllm_bench(
+                base, "bench", config.model_path, work.levels, args, "vllm"
+            )
+        return {**info, "levels": levels}
     finally:
         stop_process(proc)
