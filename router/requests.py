@@ -93,26 +93,24 @@ def check_counts(request: pb.GenerateRequest | pb.TokenizeRequest, limits: Reque
         if request.WhichOneof("input") == "token_ids":
             n = len(request.token_ids.ids)
             if n >= limits.max_model_len:
-                raise invalid(_too_long(n, limits))
-        _at_most("stopping.stop", len(request.stopping.stop), MAX_STOP_STRINGS)
-        _at_most(
-            "stopping.stop_token_ids", len(request.stopping.stop_token_ids), MAX_STOP_TOKEN_IDS
-        )
+                raise invalid(too_long(n, limits))
+        at_most("stopping.stop", len(request.stopping.stop), MAX_STOP_STRINGS)
+        at_most("stopping.stop_token_ids", len(request.stopping.stop_token_ids), MAX_STOP_TOKEN_IDS)
 
 
-def _at_most(field: str, n: int, limit: int) -> None:
+def at_most(field: str, n: int, limit: int) -> None:
     if n > limit:
         raise invalid(f"{field} has {n} entries; at most {limit}")
 
 
 def _check_chat_counts(chat: pb.Chat, limits: RequestLimits, where: str) -> None:
-    _at_most(f"{where}.messages", len(chat.messages), limits.max_messages)
-    _at_most(f"{where}.tools", len(chat.tools), limits.max_tools)
+    at_most(f"{where}.messages", len(chat.messages), limits.max_messages)
+    at_most(f"{where}.tools", len(chat.tools), limits.max_tools)
     for i, m in enumerate(chat.messages):
-        _at_most(f"{where}.messages[{i}].tool_calls", len(m.tool_calls), limits.max_tool_calls)
+        at_most(f"{where}.messages[{i}].tool_calls", len(m.tool_calls), limits.max_tool_calls)
 
 
-def _too_long(n: int, limits: RequestLimits) -> str:
+def too_long(n: int, limits: RequestLimits) -> str:
     return (
         f"prompt has {n} tokens; the context limit is {limits.max_model_len} (prompt + at "
         "least 1 output token): shorten the prompt"
@@ -266,7 +264,7 @@ def prompt_of(request: pb.GenerateRequest, tokenizer: Tokenizer, limits: Request
         raise invalid(f"{kind} gives no tokens: send a non-empty prompt")
     n = len(prompt.token_ids)
     if n >= limits.max_model_len:
-        raise invalid(_too_long(n, limits))
+        raise invalid(too_long(n, limits))
     return prompt
 
 

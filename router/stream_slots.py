@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import grpc
 
-from router.errors import RequestError
+from router.errors import RequestError, invalid
 
 
 class StreamSlots:
@@ -19,7 +19,12 @@ class StreamSlots:
     @contextmanager
     def hold(self, n: int = 1) -> Iterator[None]:
         """Hold n slots for the block; RESOURCE_EXHAUSTED (before any work) when they are not
-        free."""
+        free, INVALID_ARGUMENT when n is more than the limit (retrying would never help)."""
+        if self.limit is not None and n > self.limit:
+            raise invalid(
+                f"the request needs {n} streams (its choices); this router replica holds at "
+                f"most {self.limit} (router.max_ongoing_requests): ask for fewer choices"
+            )
         if self.limit is not None and self.in_use + n > self.limit:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

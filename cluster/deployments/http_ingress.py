@@ -58,8 +58,22 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def _failure(error: RequestError) -> web.Response:
-    return _json(error_body(error.http_status, error.message, error.param), error.http_status)
+def _internal(error: Exception) -> RequestError:
+    """An error of the server's own (never the caller's: never a 400)."""
+    return RequestError(
+        grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}: {error})"[:1000]
+    )
+
+
+@web.middleware
+async def _openai_errors(request: web.Request, handler):
+    """aiohttp's own errors (no such route, wrong method) as OpenAI's error object."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return _json(error_body(e.status, f"{request.method} {request.path}: {e.reason}"), e.status)
 
 
 class OpenAIServer:
@@ -72,12 +86,27 @@ class OpenAIServer:
         slots: StreamSlots,
         max_request_bytes: int,
         timeout_s: float | None,
+        metrics=None,
     ):
+        """``metrics``: told of every refused or failed request (``failed``, with the gRPC
+        status name), as the gRPC server tells it."""
         self.frontend, self.healthy, self.slots = frontend, healthy, slots
         self.max_request_bytes, self.timeout_s = max_request_bytes, timeout_s
+        self.metrics = metrics
+
+    def _failure(self, error: RequestError) -> web.Response:
+        if self.metrics is not None:
+            self.metrics.failed(error.code.name)
+        body = error_body(error.http_status, error.message, error.param)
+        return _json(body, error.http_status)
+
+    async def _error_event(self, response: web.StreamResponse, error: RequestError) -> None:
+        if self.metrics is not None:
+            self.metrics.failed(error.code.name)
+        await _event(response, error_body(error.http_status, error.message, error.param))
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_request_bytes)
+        app = web.Application(client_max_size=self.max_request_bytes, middlewares=[_openai_errors])
         app.add_routes(
             [
                 web.get("/health", self.health),
@@ -104,23 +133,25 @@ class OpenAIServer:
         try:
             return _json(self.frontend.model(request.match_info["model"]))
         except RequestError as e:
-            return _failure(e)
+            return self._failure(e)
 
     async def tokenize(self, request: web.Request) -> web.Response:
         try:
             return _json(await self.frontend.tokenize(await self._body(request)))
         except RequestError as e:
-            return _failure(e)
-        except _TooLarge as e:
-            return e.response
+            return self._failure(e)
+        except Exception as e:  # noqa: BLE001 - the server's fault: a 500 in OpenAI's shape
+            _log.exception("tokenize failed")
+            return self._failure(_internal(e))
 
     async def detokenize(self, request: web.Request) -> web.Response:
         try:
             return _json(self.frontend.detokenize(await self._body(request)))
         except RequestError as e:
-            return _failure(e)
-        except _TooLarge as e:
-            return e.response
+            return self._failure(e)
+        except Exception as e:  # noqa: BLE001 - the server's fault: a 500 in OpenAI's shape
+            _log.exception("detokenize failed")
+            return self._failure(_internal(e))
 
     # ---- completions ----------------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -145,9 +176,10 @@ class OpenAIServer:
                 except TimeoutError:
                     raise self._timed_out() from None
         except RequestError as e:
-            return _failure(e)
-        except _TooLarge as e:
-            return e.response
+            return self._failure(e)
+        except Exception as e:  # noqa: BLE001 - the server's fault: a 500 in OpenAI's shape
+            _log.exception("%s request failed", kind)
+            return self._failure(_internal(e))
 
     async def _stream(self, request: web.Request, call, deadline) -> web.StreamResponse:
         async with aclosing(self.frontend.stream(call)) as chunks:
@@ -165,10 +197,12 @@ class OpenAIServer:
                         async for chunk in chunks:
                             await _event(response, chunk)
             except RequestError as e:  # after the headers: one error event ends the stream
-                await _event(response, error_body(e.http_status, e.message, e.param))
+                await self._error_event(response, e)
             except TimeoutError:
-                late = self._timed_out()
-                await _event(response, error_body(late.http_status, late.message))
+                await self._error_event(response, self._timed_out())
+            except Exception as e:  # noqa: BLE001 - the server's fault, still one clean ending
+                _log.exception("stream failed")
+                await self._error_event(response, _internal(e))
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             return response
@@ -184,27 +218,43 @@ class OpenAIServer:
         """The JSON body; 413 past router.max_request_bytes, before the body is read."""
         limit = self.max_request_bytes
         if request.content_length is not None and request.content_length > limit:
-            raise _TooLarge(request.content_length, limit)
+            raise _too_large(f"{request.content_length} bytes", limit)
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise _TooLarge(None, limit) from None
+            raise _too_large("larger than that", limit) from None
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except RecursionError:
             raise invalid("the request body nests too deeply") from None
         except ValueError as e:
             raise invalid(f"the request body is not valid JSON ({e})") from None
+        try:  # \ud800-style escapes decode to strings no UTF-8 (or protobuf) can hold
+            _dumps(body).encode()
+        except UnicodeEncodeError:
+            raise invalid(
+                "the request body has an unpaired surrogate escape (\\ud800-\\udfff) in a "
+                "string: send valid Unicode"
+            ) from None
+        except RecursionError:
+            raise invalid("the request body nests too deeply") from None
+        return body
 
 
-class _TooLarge(Exception):
-    def __init__(self, size: int | None, limit: int):
-        said = f"{size} bytes" if size is not None else "larger than the limit"
-        message = (
-            f"request body is {said}; the limit is {limit} bytes (router.max_request_bytes): "
-            "send a shorter prompt"
-        )
-        self.response = _json(error_body(413, message), 413)
+class _TooLargeError(RequestError):
+    """A body over router.max_request_bytes: 413 over HTTP (gRPC's INVALID_ARGUMENT)."""
+
+    @property
+    def http_status(self) -> int:
+        return 413
+
+
+def _too_large(said: str, limit: int) -> RequestError:
+    return _TooLargeError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"request body is {said}; the limit is {limit} bytes (router.max_request_bytes): send a "
+        "shorter prompt",
+    )
 
 
 async def _event(response: web.StreamResponse, data: dict[str, Any]) -> None:
@@ -220,7 +270,10 @@ async def start_http_ingress(
     """Serve the OpenAI-compatible API on host:port (shared with other replicas on this
     node); with ``tls`` (certificate chain file, private key file: PEM) over HTTPS only.
     ``runner.cleanup()`` stops it."""
-    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
+    # Streams still open at shutdown get a second (as gRPC's stop(1.0)), not aiohttp's 60 s.
+    runner = web.AppRunner(
+        server.app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+    )
     await runner.setup()
     context = None
     if tls is not None:

@@ -116,7 +116,12 @@ class RouterDeployment:
                 self.service, info.model_id, info.max_context_tokens, self.metrics
             )
             server = OpenAIServer(
-                frontend, self.healthy, slots, r.max_request_bytes, r.request_timeout_s
+                frontend,
+                self.healthy,
+                slots,
+                r.max_request_bytes,
+                r.request_timeout_s,
+                self.metrics,
             )
             self.http = await start_http_ingress(r.grpc_host, r.openai_port, server, tls)
             _serve_log.info("Router serving the OpenAI API at %s:%d", r.grpc_host, r.openai_port)
@@ -142,12 +147,13 @@ class RouterDeployment:
         return False
 
     async def __del__(self):
+        # Both listeners stop taking requests at once; open streams get a second (then cut).
         http, self.http = getattr(self, "http", None), None
-        if http is not None:
-            await http.cleanup()
-        if getattr(self, "server", None) is not None:
-            await self.server.stop(1.0)
-            self.server = None
+        grpc_server, self.server = getattr(self, "server", None), None
+        stops = [http.cleanup()] if http is not None else []
+        if grpc_server is not None:
+            stops.append(grpc_server.stop(1.0))
+        await asyncio.gather(*stops)
         if getattr(self, "client", None) is not None:
             await self.client.subscriber.close()
         if getattr(self, "prompts", None) is not None:

@@ -14,18 +14,19 @@ from contextlib import aclosing
 from functools import partial
 from typing import Any
 
+import grpc
+
 from protos.exaone.v1 import generation_pb2 as pb
-from router.errors import RequestError, invalid
+from router.errors import RequestError
 from router.openai_api.requests import (
     Call,
     Kind,
-    _message,
-    _tool,
-    body_object,
     chat_call,
     completion_call,
+    detokenize_ids,
     not_found_model,
     renamed,
+    tokenize_request,
 )
 from router.openai_api.responses import ChoiceState, usage_of, usage_so_far
 from router.service import GenerationService
@@ -66,7 +67,7 @@ class OpenAIFrontend:
         """Parse a /v1/chat/completions (``chat``) or /v1/completions body; RequestError when
         its shape is wrong."""
         parse = chat_call if kind == "chat" else completion_call
-        return parse(body, self.served, request_id)
+        return parse(body, self.served, self.service.limits, request_id)
 
     async def stream(self, call: Call) -> AsyncGenerator[dict[str, Any], None]:
         """The chunks of a streamed answer, without the SSE framing and the final [DONE].
@@ -93,34 +94,29 @@ class OpenAIFrontend:
             return out
 
         waiting: list[tuple[int, pb.GenerateResponse]] | None = []
-        started: set[int] = set()
-        async for i, response in self._merged(call, states):
-            if waiting is not None:
-                waiting.append((i, response))
-                started.add(i)
-                if len(started) < len(states):
-                    continue
-                if call.kind == "chat":
-                    yield chunk([s.role_part() for s in states])
-                ready, waiting = waiting, None
-            else:
-                ready = [(i, response)]
-            for j, r in ready:
-                state = states[j]
-                part = state.finish(r.final) if r.HasField("final") else state.delta_part(r.delta)
-                if part is not None:
-                    yield chunk([part])
+        async with aclosing(self._merged(call, states)) as merged:
+            async for i, response in merged:
+                if waiting is not None:  # until every choice was accepted
+                    waiting.append((i, response))
+                    if len({j for j, _ in waiting}) < len(states):
+                        continue
+                    if call.kind == "chat":
+                        yield chunk([s.role_part() for s in states])
+                    ready, waiting = waiting, None
+                else:
+                    ready = [(i, response)]
+                for j, r in ready:
+                    if (part := _part(states[j], r)) is not None:
+                        yield chunk([part])
         if call.include_usage:
             yield chunk([], usage_of([s.final for s in states], call.n))
 
     async def complete(self, call: Call) -> dict[str, Any]:
         """The whole answer of a non-streamed request."""
         states = self._states(call)
-        async for i, r in self._merged(call, states):
-            if r.HasField("final"):
-                states[i].finish(r.final)
-            else:
-                states[i].delta_part(r.delta)
+        async with aclosing(self._merged(call, states)) as merged:
+            async for i, r in merged:
+                _part(states[i], r)
         return {
             "id": _id(call.kind),
             "object": "chat.completion" if call.kind == "chat" else "text_completion",
@@ -145,8 +141,15 @@ class OpenAIFrontend:
         assert call.echo is not None
         if call.echo[prompt]:
             return call.echo[prompt]
-        ids = call.requests[prompt * call.n].token_ids.ids  # a token-id prompt: its text
-        return self.service.detokenize(pb.DetokenizeRequest(token_ids=ids)).text
+        request = call.requests[prompt * call.n]  # a token-id prompt: its text
+        detokenize = pb.DetokenizeRequest(
+            token_ids=request.token_ids.ids,
+            include_special_tokens=request.include_special_tokens,
+        )
+        try:
+            return self.service.detokenize(detokenize).text
+        except RequestError as e:
+            raise renamed(e, call.kind) from e
 
     async def _merged(
         self, call: Call, states: list[ChoiceState]
@@ -157,49 +160,39 @@ class OpenAIFrontend:
             self.service.generate(r, call.default_max_tokens, partial(_set_prompt, state))
             for r, state in zip(call.requests, states, strict=True)
         ]
+        finished: set[int] = set()
         try:
             if len(streams) == 1:
                 async for r in streams[0]:
-                    self._observe(r)
+                    self._observe(r, 0, finished)
                     yield 0, r
-                return
-            async with aclosing(_interleaved(streams)) as merged:
-                async for i, r in merged:
-                    self._observe(r)
-                    yield i, r
+            else:
+                async with aclosing(_interleaved(streams)) as merged:
+                    async for i, r in merged:
+                        self._observe(r, i, finished)
+                        yield i, r
+            if len(finished) < len(streams):  # the service always ends with a final message
+                raise RequestError(
+                    grpc.StatusCode.INTERNAL,
+                    f"internal error: {len(streams) - len(finished)} of {len(streams)} choices "
+                    "ended without their final message",
+                )
         except RequestError as e:
-            if self.metrics is not None:
-                self.metrics.failed(e.code.name)
             raise renamed(e, call.kind) from e
         finally:
             for s in streams:
                 await s.aclose()
 
-    def _observe(self, response: pb.GenerateResponse) -> None:
-        if self.metrics is not None and response.HasField("final"):
-            self.metrics.finished(response.final)
+    def _observe(self, response: pb.GenerateResponse, i: int, finished: set[int]) -> None:
+        if response.HasField("final"):
+            finished.add(i)
+            if self.metrics is not None:
+                self.metrics.finished(response.final)
 
     # ---- tokenizer ------------------------------------------------------------------------------
     async def tokenize(self, body: Any) -> dict[str, Any]:
         """vLLM's /tokenize: {prompt} or {messages[, tools]} -> {count, max_model_len, tokens}."""
-        body = body_object(body)
-        if (name := body.get("model")) is not None and name != self.served:
-            raise not_found_model(name, self.served)
-        request = pb.TokenizeRequest()
-        if "messages" in body:
-            messages = body["messages"]
-            if not isinstance(messages, list):
-                raise invalid("messages must be an array", "messages")
-            request.chat.messages.extend(
-                _message(m, f"messages[{i}]") for i, m in enumerate(messages)
-            )
-            tools = body.get("tools") or []
-            request.chat.tools.extend(_tool(t, f"tools[{k}]") for k, t in enumerate(tools))
-        elif isinstance(body.get("prompt"), str):
-            request.text = body["prompt"]
-            request.parse_special_tokens = body.get("parse_special_tokens") is True
-        else:
-            raise invalid("send prompt (a string) or messages (an array)", "prompt")
+        request = tokenize_request(body, self.served, self.service.limits)
         try:
             response = await self.service.tokenize(request)
         except RequestError as e:
@@ -209,17 +202,19 @@ class OpenAIFrontend:
 
     def detokenize(self, body: Any) -> dict[str, Any]:
         """vLLM's /detokenize: {tokens} -> {prompt}."""
-        body = body_object(body)
-        tokens = body.get("tokens")
-        if not isinstance(tokens, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens
-        ):
-            raise invalid("tokens must be an array of token ids (integers >= 0)", "tokens")
+        tokens = detokenize_ids(body, self.service.limits)
         try:
             text = self.service.detokenize(pb.DetokenizeRequest(token_ids=tokens)).text
         except RequestError as e:
             raise RequestError(e.code, e.message.replace("token_ids", "tokens"), "tokens") from e
         return {"prompt": text}
+
+
+def _part(state: ChoiceState, response: pb.GenerateResponse) -> dict[str, Any] | None:
+    """A response's entry in a chunk (None: nothing to show yet)."""
+    if response.HasField("final"):
+        return state.finish(response.final)
+    return state.delta_part(response.delta)
 
 
 def _set_prompt(state: ChoiceState, tokens: int) -> None:
@@ -235,12 +230,17 @@ async def _interleaved(streams) -> AsyncGenerator[tuple[int, pb.GenerateResponse
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, stream) -> None:
+        end: object = _END
         try:
             async for r in stream:
                 queue.put_nowait((i, r))
-            queue.put_nowait((i, _END))
         except Exception as e:  # noqa: BLE001 - handed to the reader, which raises it
-            queue.put_nowait((i, e))
+            end = e
+        except asyncio.CancelledError:  # ours (the reader is gone) or the stream's own
+            end = RequestError(grpc.StatusCode.UNAVAILABLE, "a choice's stream was cancelled")
+            raise
+        finally:
+            queue.put_nowait((i, end))  # the reader never waits on a choice that is over
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:

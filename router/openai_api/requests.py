@@ -10,6 +10,7 @@ Fields we do not know are ignored, as vLLM's server does, so clients that send n
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,6 +19,7 @@ import grpc
 
 from protos.exaone.v1 import generation_pb2 as pb
 from router.errors import RequestError, invalid
+from router.requests import REQUEST_ID, RequestLimits, at_most, too_long
 
 MAX_N = 16
 """Choices one request may ask for (``n``)."""
@@ -74,7 +76,13 @@ def _number(body: dict, name: str) -> float | None:
         return None
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise invalid(f"{name} must be a number, got {_kind_of(v)}", name)
-    return float(v)
+    try:
+        value = float(v)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise invalid(f"{name} must be a finite number", name)
+    return value
 
 
 def _integer(body: dict, name: str, low: int, high: int) -> int | None:
@@ -247,16 +255,19 @@ def _choices(base: pb.GenerateRequest, n: int) -> list[pb.GenerateRequest]:
 
 
 # ---- /v1/chat/completions ----------------------------------------------------------------------
-def chat_call(body: Any, served: str, request_id: str = "") -> Call:
+def chat_call(body: Any, served: str, limits: RequestLimits, request_id: str = "") -> Call:
     body = body_object(body)
     common = _common(body, "chat", served)
+    _check_request_id(request_id)
     chat = pb.Chat()
     messages = _list(body, "messages", "messages")
     if messages is None:
         raise invalid("messages is missing: send the conversation as an array", "messages")
+    at_most("messages", len(messages), limits.max_messages)  # before reading any of them
+    at_most("tools", len(_list(body, "tools", "tools") or []), limits.max_tools)
     for i, m in enumerate(messages):
-        chat.messages.append(_message(m, f"messages[{i}]"))
-    tool_choice = body.get("tool_choice", "auto")
+        chat.messages.append(_message(m, f"messages[{i}]", limits))
+    tool_choice = body.get("tool_choice") or "auto"
     if tool_choice not in ("auto", "none"):
         raise invalid(
             f'tool_choice={json.dumps(tool_choice)[:80]}: only "auto" and "none" are '
@@ -302,7 +313,7 @@ def chat_call(body: Any, served: str, request_id: str = "") -> Call:
     )
 
 
-def _message(m: Any, where: str) -> pb.ChatMessage:
+def _message(m: Any, where: str, limits: RequestLimits) -> pb.ChatMessage:
     m = _dict(m, where)
     role = _string(m, "role", f"{where}.role", required=True)
     out = pb.ChatMessage(role="system" if role == "developer" else role)
@@ -321,7 +332,9 @@ def _message(m: Any, where: str) -> pb.ChatMessage:
             raise invalid(f"{where}.reasoning_content must be a string", f"{where}.reasoning")
         out.reasoning_content = reasoning
     out.tool_call_id = _string(m, "tool_call_id", f"{where}.tool_call_id") or ""
-    for j, c in enumerate(_list(m, "tool_calls", f"{where}.tool_calls") or []):
+    calls = _list(m, "tool_calls", f"{where}.tool_calls") or []
+    at_most(f"{where}.tool_calls", len(calls), limits.max_tool_calls)
+    for j, c in enumerate(calls):
         w = f"{where}.tool_calls[{j}]"
         c = _dict(c, w)
         fn = _dict(c.get("function"), f"{w}.function")
@@ -370,10 +383,11 @@ def _tool(t: Any, where: str) -> pb.Tool:
 
 
 # ---- /v1/completions ---------------------------------------------------------------------------
-def completion_call(body: Any, served: str, request_id: str = "") -> Call:
+def completion_call(body: Any, served: str, limits: RequestLimits, request_id: str = "") -> Call:
     body = body_object(body)
     common = _common(body, "completion", served)
-    prompts = _prompts(body.get("prompt"))
+    _check_request_id(request_id)
+    prompts = _prompts(body.get("prompt"), limits)
     if len(prompts) * common["n"] > MAX_CHOICES:
         raise invalid(
             f"{len(prompts)} prompts x n={common['n']} asks for "
@@ -413,8 +427,9 @@ def completion_call(body: Any, served: str, request_id: str = "") -> Call:
     )
 
 
-def _prompts(prompt: Any) -> list[str | list[int]]:
-    """prompt: a string, an array of strings, an array of token ids, or an array of those."""
+def _prompts(prompt: Any, limits: RequestLimits) -> list[str | list[int]]:
+    """prompt: a string, an array of strings, an array of token ids, or an array of those;
+    token-id prompts no longer than the context (checked before their ids are read)."""
     if isinstance(prompt, str):
         return [prompt]
     if not isinstance(prompt, list) or not prompt:
@@ -423,17 +438,68 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
             f"{_kind_of(prompt) if prompt != [] else 'an empty array'}",
             "prompt",
         )
-    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-        return [[_token_id(t, f"prompt[{i}]") for i, t in enumerate(prompt)]]
+    if not isinstance(prompt[0], str | list):
+        return [_token_ids(prompt, "prompt", limits)]
+    at_most("prompt", len(prompt), MAX_CHOICES)
     out: list[str | list[int]] = []
     for i, p in enumerate(prompt):
         if isinstance(p, str):
             out.append(p)
         elif isinstance(p, list):
-            out.append([_token_id(t, f"prompt[{i}][{k}]") for k, t in enumerate(p)])
+            out.append(_token_ids(p, f"prompt[{i}]", limits))
         else:
             raise invalid(f"prompt[{i}] must be a string or an array of token ids", "prompt")
     return out
+
+
+def _token_ids(ids: list, where: str, limits: RequestLimits) -> list[int]:
+    if len(ids) >= limits.max_model_len:
+        raise invalid(too_long(len(ids), limits), "prompt")
+    if not all(type(t) is int and 0 <= t <= UINT32 for t in ids):  # the field names only then
+        for k, t in enumerate(ids):
+            _token_id(t, f"{where}[{k}]")
+    return ids
+
+
+def _check_request_id(request_id: str) -> None:
+    if request_id and not REQUEST_ID.fullmatch(request_id):
+        raise invalid(
+            "X-Request-Id header: use 1-128 printable ASCII characters without spaces, or leave "
+            "it out",
+            "X-Request-Id",
+        )
+
+
+# ---- /tokenize, /detokenize --------------------------------------------------------------------
+def tokenize_request(body: Any, served: str, limits: RequestLimits) -> pb.TokenizeRequest:
+    """vLLM's /tokenize body: {prompt} (a string) or {messages[, tools]}."""
+    body = body_object(body)
+    if (name := body.get("model")) is not None and name != served:
+        raise not_found_model(name, served)
+    request = pb.TokenizeRequest()
+    if "messages" in body:
+        messages = _list(body, "messages", "messages") or []
+        tools = _list(body, "tools", "tools") or []
+        at_most("messages", len(messages), limits.max_messages)
+        at_most("tools", len(tools), limits.max_tools)
+        request.chat.messages.extend(
+            _message(m, f"messages[{i}]", limits) for i, m in enumerate(messages)
+        )
+        request.chat.tools.extend(_tool(t, f"tools[{k}]") for k, t in enumerate(tools))
+    elif isinstance(body.get("prompt"), str):
+        request.text = body["prompt"]
+        request.parse_special_tokens = _boolean(body, "parse_special_tokens")
+    else:
+        raise invalid("send prompt (a string) or messages (an array)", "prompt")
+    return request
+
+
+def detokenize_ids(body: Any, limits: RequestLimits) -> list[int]:
+    """vLLM's /detokenize body: {tokens} -> the ids (each a token id, fewer than the context)."""
+    tokens = body_object(body).get("tokens")
+    if not isinstance(tokens, list):
+        raise invalid("tokens must be an array of token ids", "tokens")
+    return _token_ids(tokens, "tokens", limits)
 
 
 # ---- the gRPC path's messages, in OpenAI's names -----------------------------------------------

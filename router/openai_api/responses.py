@@ -7,6 +7,7 @@ choice's part of a chunk (``delta_part``) and remembers what a non-streaming ans
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,12 @@ FINISH = {
 }
 
 
+def _logprob(value: float) -> float:
+    """A log-probability JSON can hold: -inf (a token the filters ruled out) as -9999.0, as
+    vLLM's server writes it (strict JSON has no Infinity)."""
+    return value if math.isfinite(value) else -9999.0
+
+
 def _bytes(token: str) -> list[int]:
     return list(token.encode("utf-8", errors="surrogatepass"))
 
@@ -29,10 +36,11 @@ def chat_logprobs(entries) -> list[dict[str, Any]]:
     return [
         {
             "token": e.token,
-            "logprob": e.logprob,
+            "logprob": _logprob(e.logprob),
             "bytes": _bytes(e.token),
             "top_logprobs": [
-                {"token": t.token, "logprob": t.logprob, "bytes": _bytes(t.token)} for t in e.top
+                {"token": t.token, "logprob": _logprob(t.logprob), "bytes": _bytes(t.token)}
+                for t in e.top
             ],
         }
         for e in entries
@@ -57,7 +65,8 @@ class CompletionLogprobs:
         """Append entries; -> the object for just these (a streamed chunk's)."""
         part: dict[str, list[Any]] = {key: [] for key in _KEYS}
         for e in entries:
-            values = (e.token, e.logprob, {t.token: t.logprob for t in e.top}, self.offset)
+            top = {t.token: _logprob(t.logprob) for t in e.top}
+            values = (e.token, _logprob(e.logprob), top, self.offset)
             for key, value in zip(_KEYS, values, strict=True):
                 part[key].append(value)
                 getattr(self, key).append(value)
@@ -118,8 +127,9 @@ class ChoiceState:
 
     # ---- streaming ------------------------------------------------------------------------------
     def delta_part(self, d: pb.Delta) -> dict[str, Any] | None:
-        """The choice's entry of a chunk for this delta; None when it shows nothing (text held
-        back for a stop string, with no logprobs to send)."""
+        """The choice's entry of a chunk for this delta; None when it shows nothing: for chat,
+        text the parser or a stop string holds back, with no logprobs to send (vLLM's server
+        skips those too); a completion sends every delta that carries tokens."""
         self.completion_tokens += len(d.token_ids)
         if self.chat:
             delta: dict[str, Any] = {}
@@ -162,8 +172,11 @@ class ChoiceState:
         logprobs = None
         if self.logprobs and d.logprobs:
             logprobs = self.completion_logprobs.add(d.logprobs)
-        if not text and logprobs is None:
+        if not text and logprobs is None and not d.token_ids:
             return None
+        # A token whose text is held back (part of a UTF-8 character, or of a stop string) still
+        # gets its chunk, with empty text, as vLLM's server sends it: clients time tokens by
+        # chunks (TTFT, inter-token latency) and count them with continuous_usage_stats.
         self.text.append(text)
         return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": None}
 

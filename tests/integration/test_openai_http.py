@@ -28,6 +28,7 @@ from cluster.deployments.http_ingress import OpenAIServer, start_http_ingress
 from protos.exaone.v1 import generation_pb2 as pb
 from router.client import GenerationClient
 from router.openai_api.frontend import OpenAIFrontend
+from router.requests import RequestLimits
 from router.stream_slots import StreamSlots
 from tests.integration.conftest import local_cluster, shard_stats, wait_until_idle
 
@@ -38,6 +39,8 @@ pytestmark = pytest.mark.integration
 class SlowService:
     """Scripted GenerationService: ``count`` one-token deltas, one every ``interval_s``, then
     the final message; records starts and closes (a close is what aborts an engine request)."""
+
+    limits = RequestLimits(vocab_size=1000, max_model_len=100, max_output_tokens=99)
 
     def __init__(self, count: int, interval_s: float):
         self.count, self.interval_s = count, interval_s
@@ -138,26 +141,29 @@ def test_timeout_ends_the_request_and_closes_its_stream(stream):
     assert service.closed == 1
 
 
-def test_a_client_that_disconnects_closes_its_stream():
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_client_that_disconnects_closes_its_streams(n):
+    """Every choice's stream (n > 1: one per choice, merged) is closed."""
+
     async def main():
         service = SlowService(count=10_000, interval_s=0.01)
         runner, port = await _serve(service)
         try:
             async with aiohttp.ClientSession() as http:
                 url = f"http://127.0.0.1:{port}/v1/completions"
-                r = await http.post(url, json={**BODY, "stream": True})
+                r = await http.post(url, json={**BODY, "stream": True, "n": n})
                 for _ in range(3):
                     await r.content.readline()
                 r.close()  # drops the connection mid-stream
             deadline = time.monotonic() + 10
-            while service.closed == 0 and time.monotonic() < deadline:
+            while service.closed < n and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             return service
         finally:
             await runner.cleanup()
 
     service = asyncio.run(asyncio.wait_for(main(), 60))
-    assert service.started == 1 and service.closed == 1
+    assert service.started == n and service.closed == n
 
 
 def test_body_size_json_and_health():
@@ -170,9 +176,23 @@ def test_body_size_json_and_health():
         try:
             async with aiohttp.ClientSession() as http:
                 big = json.dumps({"prompt": "x" * 5000})
-                for name, data in (("big", big), ("bad json", "{"), ("not object", "[1]")):
+
+                async def chunked():  # no Content-Length: the limit holds while reading
+                    for _ in range(5):
+                        yield b" " * 1000
+
+                for name, data in (
+                    ("big", big),
+                    ("chunked", chunked()),
+                    ("bad json", "{"),
+                    ("not object", "[1]"),
+                    ("surrogate", '{"prompt": "\\ud800"}'),
+                    ("huge number", '{"prompt": "x", "temperature": 1' + "0" * 400 + "}"),
+                ):
                     async with http.post(f"{base}/v1/completions", data=data) as r:
                         out[name] = (r.status, (await r.json())["error"])
+                async with http.get(f"{base}/v1/nothing") as r:
+                    out["no route"] = (r.status, (await r.json())["error"])
                 async with http.get(f"{base}/health") as r:
                     out["health"] = r.status
                 async with http.get(f"http://127.0.0.1:{sick_port}/health") as r:
@@ -187,8 +207,20 @@ def test_body_size_json_and_health():
             await sick.cleanup()
 
     service, out = asyncio.run(asyncio.wait_for(main(), 60))
-    status, error = out["big"]
-    assert status == 413 and "router.max_request_bytes" in error["message"]
+    for name in ("big", "chunked"):
+        status, error = out[name]
+        assert status == 413 and "router.max_request_bytes" in error["message"], (name, error)
+    assert out["surrogate"][0] == 400 and "surrogate" in out["surrogate"][1]["message"]
+    assert out["huge number"] == (
+        400,
+        {
+            "message": "temperature must be a finite number",
+            "type": "invalid_request_error",
+            "param": "temperature",
+            "code": 400,
+        },
+    )
+    assert out["no route"][0] == 404 and "/v1/nothing" in out["no route"][1]["message"]
     assert out["bad json"][0] == 400 and "not valid JSON" in out["bad json"][1]["message"]
     assert out["not object"][0] == 400 and "JSON object" in out["not object"][1]["message"]
     assert out["health"] == 200
@@ -379,11 +411,13 @@ def test_a_client_that_goes_away_frees_its_kv_blocks(cluster, tiny_ckpt):
                 line = (await r.content.readline()).decode()
                 if line.startswith("data: "):
                     got.append(line)
-            held = (await asyncio.to_thread(shard_stats)).num_blocks_in_use  # still streaming
+            busy = await asyncio.to_thread(shard_stats)  # still streaming: its blocks are held
             r.close()  # drops the connection mid-stream
-            return got, held
+            return got, busy
 
-    got, held = asyncio.run(asyncio.wait_for(main(), 60))
-    assert len(got) == 3 and held > 0
+    got, busy = asyncio.run(asyncio.wait_for(main(), 60))
+    assert len(got) == 3 and busy.num_blocks_in_use > 0 and busy.num_requests == 1
     stats = wait_until_idle()
     assert stats.num_blocks_in_use == 0 and stats.num_requests == 0
+    # Aborted, not run to its end: finishing would have taken ~270 more engine steps.
+    assert stats.num_steps - busy.num_steps < 100, (busy.num_steps, stats.num_steps)

@@ -64,6 +64,20 @@ def _openai_chat_and_tool_round_trip(base_url: str) -> None:
     assert "21" in content and "sunny" in content and "Paris" in content, content
 
 
+def _readme_openai_example_runs(port: int) -> None:
+    """The README's `openai` client example, as written but for the port, runs and answers."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### OpenAI-compatible HTTP") : readme.index("### Errors")]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "127.0.0.1:9080" in code
+    code = code.replace("127.0.0.1:9080", f"127.0.0.1:{port}")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "The capital of Japan is Tokyo." in done.stdout, done.stdout
+    assert 'get_weather {"city": "Paris"}' in done.stdout, done.stdout
+    assert "sunny in Paris" in done.stdout, done.stdout
+
+
 def _lines(proc) -> queue.Queue:
     q: queue.Queue = queue.Queue()
 
@@ -152,6 +166,8 @@ def test_serve_bundled_model_answers_and_stops_on_sigterm(tmp_path, extra, mode)
         base_url = f"http://127.0.0.1:{openai_port}/v1"
         assert base_url in _wait_for(lines, "OpenAI-compatible API:", 10, seen)
         _openai_chat_and_tool_round_trip(base_url)
+        if not extra:
+            _readme_openai_example_runs(openai_port)
         ray_processes = descendants(proc.pid)
         assert ray_processes
         proc.send_signal(signal.SIGTERM)

@@ -217,6 +217,21 @@ def test_completions_stream_and_default_max_tokens(env):
     assert engine.calls[0][1].max_tokens == 16  # OpenAI's (and vLLM's) completions default
 
 
+def test_completion_chunks_come_per_delta_even_when_text_is_held_back(env):
+    """A completion stream sends a chunk for every delta that carries tokens, with empty text
+    while the text is held back (here: it could be the start of a stop string), as vLLM's
+    server does: clients time tokens by chunks."""
+    text = " one two three four five six seven"
+    engine = Scripted(env[1], text)
+    body = {"prompt": "Count:", "stream": True, "stop": ["two three four five six nine"]}
+    chunks = _run(_frontend(env, engine), "completion", body)[1]
+    parts = [c["choices"][0] for c in chunks]
+    deltas = -(-len(engine.ids) // 3)  # Scripted's outputs: 3 tokens each
+    assert len([p for p in parts if p["finish_reason"] is None]) == deltas
+    assert any(p["text"] == "" for p in parts[:-1])  # held back, still sent
+    assert "".join(p["text"] for p in parts) == text
+
+
 def test_continuous_usage_counts_tokens_as_they_stream(env):
     """stream_options.continuous_usage_stats (vLLM's; load generators count tokens with it):
     every chunk carries the usage so far, the prompt's tokens from the first."""
@@ -377,6 +392,15 @@ def test_bad_bodies_get_a_status_and_name_the_openai_field(env, kind, body, stat
         assert proto_name not in e.value.message
 
 
+def test_request_id_header_and_null_tool_choice(env):
+    frontend = _frontend(env, Scripted(env[1], "ok"))
+    with pytest.raises(RequestError) as e:
+        frontend.call("chat", {"messages": [USER]}, "bad id\u00e9")
+    assert e.value.http_status == 400 and e.value.param == "X-Request-Id"
+    call = frontend.call("chat", {"messages": [USER], "tools": [WEATHER], "tool_choice": None})
+    assert call.tools and call.requests[0].chat.tools[0].name == "get_weather"  # null: auto
+
+
 def test_renamed_maps_the_grpc_paths(env):
     import grpc
 
@@ -418,10 +442,23 @@ def test_models_tokenize_and_detokenize(env):
     with pytest.raises(RequestError) as e:
         frontend.detokenize({"tokens": [1, 10**6]})
     assert e.value.http_status == 400 and "tokens[1]" in e.value.message
+    for body, named in (
+        ({"tokens": [1 << 32]}, "tokens[0] must be a token id"),
+        ({"tokens": "1 2"}, "tokens must be an array"),
+    ):
+        with pytest.raises(RequestError) as e:
+            frontend.detokenize(body)
+        assert e.value.http_status == 400 and named in e.value.message
+    with pytest.raises(RequestError) as e:
+        asyncio.run(frontend.tokenize({"messages": [USER], "tools": 5}))
+    assert e.value.http_status == 400 and "tools must be an array" in e.value.message
 
 
 def test_stream_slots_refuse_past_the_limit_and_free_on_exit():
     slots = StreamSlots(3)
+    with pytest.raises(RequestError) as never, slots.hold(4):
+        pass
+    assert never.value.http_status == 400 and "at most 3" in never.value.message
     with slots.hold(2):
         with pytest.raises(RequestError) as e, slots.hold(2):
             pass
