@@ -14,6 +14,7 @@ frees their KV blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
@@ -23,6 +24,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from router.errors import HTTP_ERROR_TYPE, RequestError, invalid
 from router.openai_api.frontend import OpenAIFrontend
@@ -173,8 +175,8 @@ class OpenAIServer:
                 try:
                     async with asyncio.timeout_at(deadline):
                         return _json(await self.frontend.complete(call))
-                except TimeoutError:
-                    raise self._timed_out() from None
+                except TimeoutError as e:
+                    raise self._timeout_error(deadline, e) from None
         except RequestError as e:
             return self._failure(e)
         except Exception as e:  # noqa: BLE001 - the server's fault: a 500 in OpenAI's shape
@@ -182,32 +184,47 @@ class OpenAIServer:
             return self._failure(_internal(e))
 
     async def _stream(self, request: web.Request, call, deadline) -> web.StreamResponse:
+        """Errors before the first chunk raise (the caller answers with a status); once the
+        headers are out, every ending is handled here and the response returned."""
         async with aclosing(self.frontend.stream(call)) as chunks:
             try:  # the first chunk comes once every choice was accepted: errors get a status
                 async with asyncio.timeout_at(deadline):
                     first = await anext(chunks, None)
-            except TimeoutError:
-                raise self._timed_out() from None
+            except TimeoutError as e:
+                raise self._timeout_error(deadline, e) from None
             response = web.StreamResponse(headers=SSE_HEADERS)
             await response.prepare(request)
+            error: RequestError | None = None
             try:
                 if first is not None:
                     await _event(response, first)
                     async with asyncio.timeout_at(deadline):
                         async for chunk in chunks:
                             await _event(response, chunk)
+            except ConnectionError:  # the client is gone: nothing more to say to it
+                return response
             except RequestError as e:  # after the headers: one error event ends the stream
-                await self._error_event(response, e)
-            except TimeoutError:
-                await self._error_event(response, self._timed_out())
+                error = e
+            except TimeoutError as e:
+                error = self._timeout_error(deadline, e)
             except Exception as e:  # noqa: BLE001 - the server's fault, still one clean ending
                 _log.exception("stream failed")
-                await self._error_event(response, _internal(e))
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-            return response
+                error = _internal(e)
+        # The requests are closed (aborted) by now; the ending gets a few seconds, so a client
+        # that stopped reading cannot hold this stream's slots.
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with asyncio.timeout(5.0):
+                if error is not None:
+                    await self._error_event(response, error)
+                await response.write(b"data: [DONE]\n\n")
+                await response.write_eof()
+        return response
 
-    def _timed_out(self) -> RequestError:
+    def _timeout_error(self, deadline: float | None, error: TimeoutError) -> RequestError:
+        """router.request_timeout_s when it is the deadline that passed; any other timeout
+        is the server's own fault."""
+        if deadline is None or asyncio.get_running_loop().time() < deadline:
+            return _internal(error)
         return RequestError(
             grpc.StatusCode.DEADLINE_EXCEEDED,
             f"the request ran past the server's limit of {self.timeout_s:g} s "
@@ -223,6 +240,8 @@ class OpenAIServer:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise _too_large("larger than that", limit) from None
+        except RequestPayloadError as e:  # bad chunked framing or compression: the client's
+            raise invalid(f"the request body could not be read ({e})") from None
         try:
             body = json.loads(raw)
         except RecursionError:

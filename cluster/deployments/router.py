@@ -153,7 +153,9 @@ class RouterDeployment:
         stops = [http.cleanup()] if http is not None else []
         if grpc_server is not None:
             stops.append(grpc_server.stop(1.0))
-        await asyncio.gather(*stops)
+        for result in await asyncio.gather(*stops, return_exceptions=True):
+            if isinstance(result, BaseException):
+                _serve_log.warning("stopping a listener failed: %r", result)
         if getattr(self, "client", None) is not None:
             await self.client.subscriber.close()
         if getattr(self, "prompts", None) is not None:

@@ -163,7 +163,7 @@ class OpenAIFrontend:
         finished: set[int] = set()
         try:
             if len(streams) == 1:
-                async for r in streams[0]:
+                async for r in _own_cancel_only(streams[0]):
                     self._observe(r, 0, finished)
                     yield 0, r
             else:
@@ -210,6 +210,25 @@ class OpenAIFrontend:
         return {"prompt": text}
 
 
+async def _own_cancel_only(stream) -> AsyncGenerator[pb.GenerateResponse, None]:
+    """The stream's messages; a CancelledError of the stream's own (this task is not being
+    cancelled) ends the request UNAVAILABLE, as it does a choice of several (_interleaved)."""
+    try:
+        async for r in stream:
+            yield r
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise _cancelled() from None
+
+
+def _cancelled() -> RequestError:
+    return RequestError(
+        grpc.StatusCode.UNAVAILABLE, "a choice's stream was cancelled inside the server; retry"
+    )
+
+
 def _part(state: ChoiceState, response: pb.GenerateResponse) -> dict[str, Any] | None:
     """A response's entry in a chunk (None: nothing to show yet)."""
     if response.HasField("final"):
@@ -237,7 +256,7 @@ async def _interleaved(streams) -> AsyncGenerator[tuple[int, pb.GenerateResponse
         except Exception as e:  # noqa: BLE001 - handed to the reader, which raises it
             end = e
         except asyncio.CancelledError:  # ours (the reader is gone) or the stream's own
-            end = RequestError(grpc.StatusCode.UNAVAILABLE, "a choice's stream was cancelled")
+            end = _cancelled()
             raise
         finally:
             queue.put_nowait((i, end))  # the reader never waits on a choice that is over

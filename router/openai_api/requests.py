@@ -455,6 +455,10 @@ def _prompts(prompt: Any, limits: RequestLimits) -> list[str | list[int]]:
 def _token_ids(ids: list, where: str, limits: RequestLimits) -> list[int]:
     if len(ids) >= limits.max_model_len:
         raise invalid(too_long(len(ids), limits), "prompt")
+    return _in_range(ids, where)
+
+
+def _in_range(ids: list, where: str) -> list[int]:
     if not all(type(t) is int and 0 <= t <= UINT32 for t in ids):  # the field names only then
         for k, t in enumerate(ids):
             _token_id(t, f"{where}[{k}]")
@@ -499,7 +503,7 @@ def detokenize_ids(body: Any, limits: RequestLimits) -> list[int]:
     tokens = body_object(body).get("tokens")
     if not isinstance(tokens, list):
         raise invalid("tokens must be an array of token ids", "tokens")
-    return _token_ids(tokens, "tokens", limits)
+    return _in_range(tokens, "tokens")  # as many as the body holds (gRPC's Detokenize too)
 
 
 # ---- the gRPC path's messages, in OpenAI's names -----------------------------------------------

@@ -88,7 +88,7 @@ BODY = {"prompt": "x", "max_tokens": 5}
 
 def test_limit_is_429_before_any_work_and_counts_streams():
     async def main():
-        service = SlowService(count=5, interval_s=0.1)
+        service = SlowService(count=20, interval_s=0.1)  # holds its slot for 2 s
         runner, port = await _serve(service, slots=StreamSlots(1))
         url = f"http://127.0.0.1:{port}/v1/completions"
         try:
@@ -108,10 +108,9 @@ def test_limit_is_429_before_any_work_and_counts_streams():
     assert status == 429 and error["type"] == "rate_limit_error" and error["code"] == 429
     assert "router.max_ongoing_requests" in error["message"]
     assert events[-1] == "[DONE]"
-    assert "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"]) == (
-        "t0 t1 t2 t3 t4 "
-    )
-    assert after_status == 200 and after["choices"][0]["text"] == "t0 t1 t2 t3 t4 "
+    want = "".join(f"t{i} " for i in range(20))
+    assert "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"]) == want
+    assert after_status == 200 and after["choices"][0]["text"] == want
     assert after["choices"][0]["finish_reason"] == "length"
     assert service.started == 2  # the refused request never reached the service
 
@@ -119,8 +118,8 @@ def test_limit_is_429_before_any_work_and_counts_streams():
 @pytest.mark.parametrize("stream", [False, True])
 def test_timeout_ends_the_request_and_closes_its_stream(stream):
     async def main():
-        service = SlowService(count=1000, interval_s=0.02)
-        runner, port = await _serve(service, timeout_s=0.5)
+        service = SlowService(count=1000, interval_s=0.05)
+        runner, port = await _serve(service, timeout_s=1.5)
         try:
             async with aiohttp.ClientSession() as http:
                 url = f"http://127.0.0.1:{port}/v1/completions"
@@ -419,5 +418,5 @@ def test_a_client_that_goes_away_frees_its_kv_blocks(cluster, tiny_ckpt):
     assert len(got) == 3 and busy.num_blocks_in_use > 0 and busy.num_requests == 1
     stats = wait_until_idle()
     assert stats.num_blocks_in_use == 0 and stats.num_requests == 0
-    # Aborted, not run to its end: finishing would have taken ~270 more engine steps.
-    assert stats.num_steps - busy.num_steps < 100, (busy.num_steps, stats.num_steps)
+    # Aborted, not run to its end: finishing would have taken ~275 more engine steps.
+    assert stats.num_steps - busy.num_steps < 200, (busy.num_steps, stats.num_steps)

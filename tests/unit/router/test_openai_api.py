@@ -12,6 +12,7 @@ import pytest
 
 from cluster.config import ClusterConfig, EngineOptions
 from cluster.deployments.router import model_info
+from protos.exaone.v1 import generation_pb2 as pb
 from replicas.attention_shard import AttentionShard
 from replicas.engine.engine import EngineConfig
 from replicas.engine.request import FinishReason
@@ -399,6 +400,57 @@ def test_request_id_header_and_null_tool_choice(env):
     assert e.value.http_status == 400 and e.value.param == "X-Request-Id"
     call = frontend.call("chat", {"messages": [USER], "tools": [WEATHER], "tool_choice": None})
     assert call.tools and call.requests[0].chat.tools[0].name == "get_weather"  # null: auto
+
+
+class Cancelled:
+    """Fake engine: one token, then its stream is cancelled from inside (not by the caller)."""
+
+    async def generate(self, request_id, prompt_ids, params):
+        yield RequestOutput(request_id, [5], num_prompt_tokens=len(prompt_ids))
+        raise asyncio.CancelledError
+
+
+class NoFinal:
+    """Fake service: a stream that ends without its final message."""
+
+    limits = RequestLimits(vocab_size=1000, max_model_len=100, max_output_tokens=99)
+
+    async def generate(self, request, default_max_tokens=16, on_prompt=None):
+        yield pb.GenerateResponse(delta=pb.Delta(token_ids=[1], text="a"))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_stream_cancelled_inside_or_without_final_ends_the_request(env, n):
+    """Neither hangs the request nor passes for success: UNAVAILABLE (retryable) for a stream
+    cancelled inside the server, INTERNAL for one that ends without its final message."""
+    body = {"prompt": "x", "n": n, "stream": True}
+    with pytest.raises(RequestError) as e:
+        asyncio.run(
+            asyncio.wait_for(
+                asyncio.to_thread(_run, _frontend(env, Cancelled()), "completion", body), 30
+            )
+        )
+    assert e.value.http_status == 503 and "cancelled" in e.value.message
+    frontend = OpenAIFrontend(NoFinal(), "m", 100)
+    with pytest.raises(RequestError) as e:
+        _run(frontend, "completion", {**body, "stream": False})
+    assert e.value.http_status == 500 and "without their final message" in e.value.message
+
+
+def test_logprobs_of_minus_infinity_are_written_as_vllm_does():
+    from router.openai_api.responses import ChoiceState
+
+    entry = pb.TokenLogprob(
+        token_id=5,
+        token="a",
+        logprob=float("-inf"),
+        top=[pb.TopLogprob(token_id=6, token="b", logprob=float("-inf"))],
+    )
+    for chat in (True, False):
+        state = ChoiceState(0, chat=chat, logprobs=True)
+        part = state.delta_part(pb.Delta(token_ids=[5], text="a", content="a", logprobs=[entry]))
+        text = json.dumps(part, allow_nan=False)  # strict JSON: no Infinity
+        assert "-9999.0" in text
 
 
 def test_renamed_maps_the_grpc_paths(env):
