@@ -293,6 +293,19 @@ def fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+def _row(label: str, level: int, r: dict) -> str:
+    cells = [
+        label,
+        level,
+        fmt(r["out_tok_s"], ".1f"),
+        fmt(r["ttft_p50_ms"], ".1f"),
+        fmt(r["ttft_p99_ms"], ".1f"),
+        fmt(r["tpot_p50_ms"], ".2f"),
+        fmt(r["tpot_p99_ms"], ".2f"),
+    ]
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
 def table(results: dict[str, dict], levels: list[int]) -> tuple[str, dict]:
     """The markdown table of one checkpoint and its ratio rows (also returned as numbers)."""
     lines = [
@@ -303,18 +316,8 @@ def table(results: dict[str, dict], levels: list[int]) -> tuple[str, dict]:
     rows = {s: r.get("levels", {}) for s, r in results.items()}
     for c in levels:
         for system in SYSTEMS:
-            r = rows.get(system, {}).get(c)
-            if r:
-                cells = [
-                    LABELS[system],
-                    c,
-                    fmt(r["out_tok_s"], ".1f"),
-                    fmt(r["ttft_p50_ms"], ".1f"),
-                    fmt(r["ttft_p99_ms"], ".1f"),
-                    fmt(r["tpot_p50_ms"], ".2f"),
-                    fmt(r["tpot_p99_ms"], ".2f"),
-                ]
-                lines.append("| " + " | ".join(map(str, cells)) + " |")
+            if r := rows.get(system, {}).get(c):
+                lines.append(_row(LABELS[system], c, r))
     ratios: dict = {}
     for mine in ("ours", "ours-http"):
         ours = rows.get(mine, {})
@@ -342,18 +345,8 @@ def table(results: dict[str, dict], levels: list[int]) -> tuple[str, dict]:
         ]
         for c in levels:
             for system, by_level in client.items():
-                r = by_level.get(c)
-                if r:
-                    cells = [
-                        LABELS[system],
-                        c,
-                        fmt(r["out_tok_s"], ".1f"),
-                        fmt(r["ttft_p50_ms"], ".1f"),
-                        fmt(r["ttft_p99_ms"], ".1f"),
-                        fmt(r["tpot_p50_ms"], ".2f"),
-                        fmt(r["tpot_p99_ms"], ".2f"),
-                    ]
-                    lines.append("| " + " | ".join(map(str, cells)) + " |")
+                if r := by_level.get(c):
+                    lines.append(_row(LABELS[system], c, r))
         for c in levels:
             a, b = client.get("ours-http", {}).get(c), client.get("vllm", {}).get(c)
             if a and b and b["out_tok_s"]:

@@ -18,8 +18,10 @@ from typing import Any, Literal
 import grpc
 
 from protos.exaone.v1 import generation_pb2 as pb
+from replicas.sampling_params import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from router.errors import RequestError, invalid
-from router.requests import REQUEST_ID, RequestLimits, at_most, too_long
+from router.requests import REQUEST_ID, RequestLimits, too_long
+from router.requests import at_most as _counted
 
 MAX_N = 16
 """Choices one request may ask for (``n``)."""
@@ -57,6 +59,14 @@ def not_found_model(name: Any, served: str) -> RequestError:
         "(GET /v1/models)",
         "model",
     )
+
+
+def at_most(field: str, n: int, limit: int) -> None:
+    """router.requests' count check, with OpenAI's ``param`` set to the field."""
+    try:
+        _counted(field, n, limit)
+    except RequestError as e:
+        raise invalid(e.message, re.sub(r"\[\d+\].*$", "", field)) from None
 
 
 # ---- typed reads -------------------------------------------------------------------------------
@@ -186,14 +196,16 @@ def _stopping(body: dict, kind: Kind) -> pb.StoppingParameters:
     if isinstance(stop, str):
         st.stop.append(stop)
     elif isinstance(stop, list):
+        at_most("stop", len(stop), MAX_STOP_STRINGS)  # before reading any of them
         for i, s in enumerate(stop):
             if not isinstance(s, str):
                 raise invalid(f"stop[{i}] must be a string, got {_kind_of(s)}", "stop")
         st.stop.extend(stop)
     elif stop is not None:
         raise invalid(f"stop must be a string or an array of strings, got {_kind_of(stop)}", "stop")
-    for i, t in enumerate(_list(body, "stop_token_ids", "stop_token_ids") or []):
-        st.stop_token_ids.append(_token_id(t, f"stop_token_ids[{i}]"))
+    stop_ids = _list(body, "stop_token_ids", "stop_token_ids") or []
+    at_most("stop_token_ids", len(stop_ids), MAX_STOP_TOKEN_IDS)
+    st.stop_token_ids.extend(_in_range(stop_ids, "stop_token_ids"))
     st.ignore_eos = _boolean(body, "ignore_eos")
     return st
 

@@ -23,6 +23,36 @@ def on_free_port(config):
     return config.serving_at("127.0.0.1", port, free_port()), f"127.0.0.1:{port}"
 
 
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1 (and its key), PEM, made with openssl."""
+    import subprocess
+
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
 def shard_stats(app: str = APP_NAME):
     """The stats of one AttentionShard replica of the running application ``app``."""
     from ray import serve

@@ -14,6 +14,7 @@ from cluster.deployments.ingress import start_ingress
 from protos.exaone.v1 import generation_pb2 as pb
 from protos.exaone.v1 import generation_pb2_grpc as pb_grpc
 from router.stream_slots import StreamSlots
+from tests.integration.conftest import self_signed_cert
 
 pytestmark = pytest.mark.integration
 
@@ -97,33 +98,9 @@ def test_stream_limit_and_timeout(case):
 def test_tls_port_serves_only_tls(tmp_path):
     """router.tls_cert_file / tls_key_file: the port speaks TLS; a client trusting the CA
     (router.client's tls_ca_file) streams, a plaintext client does not get through."""
-    import subprocess
-
     from router.client import GenerationClient
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_cert(tmp_path)
     port = free_port()
     address = f"127.0.0.1:{port}"
 

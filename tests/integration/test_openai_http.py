@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -30,7 +29,12 @@ from router.client import GenerationClient
 from router.openai_api.frontend import OpenAIFrontend
 from router.requests import RequestLimits
 from router.stream_slots import StreamSlots
-from tests.integration.conftest import local_cluster, shard_stats, wait_until_idle
+from tests.integration.conftest import (
+    local_cluster,
+    self_signed_cert,
+    shard_stats,
+    wait_until_idle,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -229,29 +233,7 @@ def test_body_size_json_and_health():
 
 
 def test_https_only_with_tls(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_cert(tmp_path)
 
     async def main():
         service = SlowService(count=2, interval_s=0)

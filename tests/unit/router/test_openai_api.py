@@ -10,13 +10,10 @@ import json
 
 import pytest
 
-from cluster.config import ClusterConfig, EngineOptions
-from cluster.deployments.router import model_info
 from protos.exaone.v1 import generation_pb2 as pb
 from replicas.attention_shard import AttentionShard
 from replicas.engine.engine import EngineConfig
 from replicas.engine.request import FinishReason
-from replicas.model.config import ModelConfig
 from replicas.outputs import RequestOutput
 from router.errors import RequestError
 from router.openai_api.frontend import OpenAIFrontend
@@ -24,7 +21,6 @@ from router.openai_api.requests import MAX_N, renamed
 from router.requests import RequestLimits
 from router.service import GenerationService
 from router.stream_slots import StreamSlots
-from router.tokenizer import Tokenizer
 
 ENGINE = EngineConfig(
     max_num_seqs=8,
@@ -46,17 +42,6 @@ ANSWER = (
     'Let me check.\n</think>\n\nChecking now.<tool_call>{"name": "get_weather", '
     '"arguments": {"city": "Seoul"}}</tool_call><tool_call>{broken</tool_call>'
 )
-
-
-@pytest.fixture(scope="module")
-def env(make_ckpt):
-    path = make_ckpt(dtype="float32")
-    config = ClusterConfig(model_path=str(path), engine=EngineOptions(max_model_len=256))
-    cfg = ModelConfig.from_json_file(path / "config.json")
-    tok = Tokenizer(path)
-    info = model_info(config, cfg, tok)
-    limits = RequestLimits(cfg.vocab_size, info.max_context_tokens, info.max_output_tokens)
-    return path, tok, info, limits
 
 
 class Scripted:
@@ -376,6 +361,13 @@ BAD = [
     ("completion", {"prompt": "x", "logprobs": 21}, 400, "logprobs=21", "logprobs"),
     ("completion", {"prompt": ["x"] * 5, "n": 16}, 400, "at most 64", "prompt"),
     ("completion", {"prompt": "x", "stop": ["s"] * 17}, 400, "stop has 17 entries", "stop"),
+    (
+        "completion",
+        {"prompt": "x", "stop_token_ids": list(range(300))},
+        400,
+        "stop_token_ids has 300 entries; at most 256",
+        "stop_token_ids",
+    ),
 ]
 
 

@@ -10,20 +10,15 @@ import json
 import grpc
 import pytest
 
-from cluster.config import ClusterConfig, EngineOptions
-from cluster.deployments.router import model_info
 from protos.exaone.v1 import generation_pb2 as pb
 from replicas.attention_shard import AttentionShard
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.engine.request import FinishReason
-from replicas.model.config import ModelConfig
 from replicas.outputs import RequestOutput, RequestRejectedError
 from replicas.sampling_params import SamplingParams
 from router.client import build_request
 from router.errors import RequestError
-from router.requests import RequestLimits
 from router.service import GenerationService
-from router.tokenizer import Tokenizer
 from tests.bad_inputs import BAD_INPUTS
 
 ENGINE = EngineConfig(
@@ -33,17 +28,6 @@ ENGINE = EngineConfig(
     kv_cache_bytes=8 << 20,
     max_model_len=256,
 )
-
-
-@pytest.fixture(scope="module")
-def env(make_ckpt):
-    path = make_ckpt(dtype="float32")
-    config = ClusterConfig(model_path=str(path), engine=EngineOptions(max_model_len=256))
-    cfg = ModelConfig.from_json_file(path / "config.json")
-    tok = Tokenizer(path)
-    info = model_info(config, cfg, tok)
-    limits = RequestLimits(cfg.vocab_size, info.max_context_tokens, info.max_output_tokens)
-    return path, tok, info, limits
 
 
 def _service(env, engine):
