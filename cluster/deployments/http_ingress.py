@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import ssl
@@ -96,16 +97,14 @@ class OpenAIServer:
         self.max_request_bytes, self.timeout_s = max_request_bytes, timeout_s
         self.metrics = metrics
 
-    def _failure(self, error: RequestError) -> web.Response:
+    def _reported(self, error: RequestError) -> dict[str, Any]:
+        """The error counted in the metrics, as OpenAI's error object."""
         if self.metrics is not None:
             self.metrics.failed(error.code.name)
-        body = error_body(error.http_status, error.message, error.param)
-        return _json(body, error.http_status)
+        return error_body(error.http_status, error.message, error.param)
 
-    async def _error_event(self, response: web.StreamResponse, error: RequestError) -> None:
-        if self.metrics is not None:
-            self.metrics.failed(error.code.name)
-        await _event(response, error_body(error.http_status, error.message, error.param))
+    def _failure(self, error: RequestError) -> web.Response:
+        return _json(self._reported(error), error.http_status)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_request_bytes, middlewares=[_openai_errors])
@@ -138,21 +137,20 @@ class OpenAIServer:
             return self._failure(e)
 
     async def tokenize(self, request: web.Request) -> web.Response:
-        try:
-            return _json(await self.frontend.tokenize(await self._body(request)))
-        except RequestError as e:
-            return self._failure(e)
-        except Exception as e:  # noqa: BLE001 - the server's fault: a 500 in OpenAI's shape
-            _log.exception("tokenize failed")
-            return self._failure(_internal(e))
+        return await self._unary(request, self.frontend.tokenize)
 
     async def detokenize(self, request: web.Request) -> web.Response:
+        return await self._unary(request, self.frontend.detokenize)
+
+    async def _unary(self, request: web.Request, method) -> web.Response:
+        """A JSON body in, ``method``'s answer (a dict, or an awaitable of one) out."""
         try:
-            return _json(self.frontend.detokenize(await self._body(request)))
+            answer = method(await self._body(request))
+            return _json(await answer if inspect.isawaitable(answer) else answer)
         except RequestError as e:
             return self._failure(e)
         except Exception as e:  # noqa: BLE001 - the server's fault: a 500 in OpenAI's shape
-            _log.exception("detokenize failed")
+            _log.exception("%s failed", request.path)
             return self._failure(_internal(e))
 
     # ---- completions ----------------------------------------------------------------------------
@@ -215,7 +213,7 @@ class OpenAIServer:
         with contextlib.suppress(ConnectionError, TimeoutError):
             async with asyncio.timeout(5.0):
                 if error is not None:
-                    await self._error_event(response, error)
+                    await _event(response, self._reported(error))
                 await response.write(b"data: [DONE]\n\n")
                 await response.write_eof()
         return response

@@ -112,9 +112,7 @@ class RouterDeployment:
         _serve_log.info("Router serving gRPC at %s:%d", r.grpc_host, r.grpc_port)
         self.http: web.AppRunner | None = None
         if r.openai_api:
-            frontend = OpenAIFrontend(
-                self.service, info.model_id, info.max_context_tokens, self.metrics
-            )
+            frontend = OpenAIFrontend(self.service, info.model_id, self.metrics)
             server = OpenAIServer(
                 frontend,
                 self.healthy,

@@ -35,11 +35,11 @@ _END = object()
 
 
 class OpenAIFrontend:
-    def __init__(self, service: GenerationService, served: str, max_model_len: int, metrics=None):
-        """``metrics``: told of every choice's final message (``finished``) and of every
-        refused or failed request (``failed``), as the gRPC server tells it."""
-        self.service, self.served, self.max_model_len = service, served, max_model_len
-        self.metrics = metrics
+    def __init__(self, service: GenerationService, served: str, metrics=None):
+        """``metrics``: told of every choice's final message (``finished``), as the gRPC
+        server tells it (the HTTP host counts refusals and failures)."""
+        self.service, self.served, self.metrics = service, served, metrics
+        self.max_model_len = service.limits.max_model_len
         self.created = int(time.time())
 
     # ---- models ---------------------------------------------------------------------------------

@@ -48,8 +48,6 @@ class Call:
     echo: tuple[str, ...] | None = None
     """Completions with echo: each prompt's text, put before its choices' text."""
     default_max_tokens: int | None = 16
-    tools: bool = False
-    """Tool calls are parsed (a stop after one finishes as "tool_calls")."""
 
 
 def not_found_model(name: Any, served: str) -> RequestError:
@@ -320,7 +318,6 @@ def chat_call(body: Any, served: str, limits: RequestLimits, request_id: str = "
         requests=tuple(_choices(base, common["n"])),
         logprobs=logprobs,
         default_max_tokens=None,
-        tools=len(chat.tools) > 0,
         **common,
     )
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cluster.commands.local import APP_NAME
 from cluster.commands.redis_server import free_port  # noqa: F401  (the tests import it from here)
+from cluster.config import EngineOptions
 from replicas.model.loader import load_causal_lm
 
 
@@ -21,6 +22,35 @@ def on_free_port(config):
     replicas run the servers)."""
     port = free_port()
     return config.serving_at("127.0.0.1", port, free_port()), f"127.0.0.1:{port}"
+
+
+TINY_ENGINE = EngineOptions(
+    max_num_seqs=32,
+    max_num_batched_tokens=256,
+    block_size=8,
+    kv_cache_bytes=32 << 20,
+    max_model_len=384,
+    max_waiting_requests=64,
+)
+"""The engine of the tiny-model clusters the API tests serve (test_grpc_api, test_openai_http)."""
+
+
+def serve_tiny(tiny_ckpt):
+    """The tiny model served with TINY_ENGINE on free loopback ports (a context manager)."""
+    from cluster.config import ClusterConfig
+
+    return local_cluster(ClusterConfig(model_path=str(tiny_ckpt), engine=TINY_ENGINE))
+
+
+def random_prompts(n: int, seed: int) -> list[list[int]]:
+    """n seeded prompts of 3-39 ids in [3, 1000)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(3, 1000, (int(k),), generator=g).tolist()
+        for k in torch.randint(3, 40, (n,), generator=g)
+    ]
 
 
 def self_signed_cert(directory: Path) -> tuple[Path, Path]:

@@ -28,27 +28,19 @@ from tests.bad_inputs import BAD_INPUTS
 from tests.integration.conftest import (
     descendants,
     listening_addresses,
-    local_cluster,
     on_free_port,
+    random_prompts,
+    serve_tiny,
     shard_stats,
     wait_until_idle,
 )
 
 pytestmark = pytest.mark.integration
 
-ENGINE = EngineOptions(
-    max_num_seqs=32,
-    max_num_batched_tokens=256,
-    block_size=8,
-    kv_cache_bytes=32 << 20,
-    max_model_len=384,
-    max_waiting_requests=64,
-)
-
 
 @pytest.fixture(scope="module")
 def cluster(tiny_ckpt):
-    with local_cluster(ClusterConfig(model_path=str(tiny_ckpt), engine=ENGINE)) as local:
+    with serve_tiny(tiny_ckpt) as local:
         yield local
 
 
@@ -58,20 +50,12 @@ def client(cluster):
         yield c
 
 
-def prompts(n):
-    g = torch.Generator().manual_seed(1)
-    return [
-        torch.randint(3, 1000, (int(k),), generator=g).tolist()
-        for k in torch.randint(3, 40, (n,), generator=g)
-    ]
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_ckpt):
     """Greedy outputs of the same prompts from the engine in this process."""
     model = load_causal_lm(tiny_ckpt, dtype=torch.float32)
     engine = LLMEngine(model, EngineConfig(max_num_seqs=32, block_size=8, max_model_len=384))
-    ps = prompts(32)
+    ps = random_prompts(32, seed=1)
     outs = engine.generate(ps, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
     return ps, outs
 

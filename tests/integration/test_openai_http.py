@@ -19,10 +19,8 @@ import urllib.request
 import aiohttp
 import openai
 import pytest
-import torch
 
 from cluster.commands.redis_server import free_port
-from cluster.config import ClusterConfig, EngineOptions
 from cluster.deployments.http_ingress import OpenAIServer, start_http_ingress
 from protos.exaone.v1 import generation_pb2 as pb
 from router.client import GenerationClient
@@ -30,8 +28,9 @@ from router.openai_api.frontend import OpenAIFrontend
 from router.requests import RequestLimits
 from router.stream_slots import StreamSlots
 from tests.integration.conftest import (
-    local_cluster,
+    random_prompts,
     self_signed_cert,
+    serve_tiny,
     shard_stats,
     wait_until_idle,
 )
@@ -69,7 +68,7 @@ async def _serve(service, slots=None, timeout_s=None, healthy=True, tls=None, li
     async def health() -> bool:
         return healthy
 
-    frontend = OpenAIFrontend(service, "m", 100)
+    frontend = OpenAIFrontend(service, "m")
     server = OpenAIServer(frontend, health, slots or StreamSlots(None), limit, timeout_s)
     port = free_port()
     runner = await start_http_ingress("127.0.0.1", port, server, tls)
@@ -259,19 +258,11 @@ def test_https_only_with_tls(tmp_path):
 
 
 # ---- a real cluster ----------------------------------------------------------------------------
-ENGINE = EngineOptions(
-    max_num_seqs=32,
-    max_num_batched_tokens=256,
-    block_size=8,
-    kv_cache_bytes=32 << 20,
-    max_model_len=384,
-    max_waiting_requests=64,
-)
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_ckpt):
-    with local_cluster(ClusterConfig(model_path=str(tiny_ckpt), engine=ENGINE)) as local:
+    with serve_tiny(tiny_ckpt) as local:
         yield local
 
 
@@ -279,14 +270,6 @@ def cluster(tiny_ckpt):
 def grpc_client(cluster):
     with GenerationClient(cluster.grpc_address, timeout_s=120) as c:
         yield c
-
-
-def _prompts(n: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(7)
-    return [
-        torch.randint(3, 1000, (int(k),), generator=g).tolist()
-        for k in torch.randint(3, 40, (n,), generator=g)
-    ]
 
 
 def test_models_and_health(cluster, tiny_ckpt):
@@ -297,7 +280,7 @@ def test_models_and_health(cluster, tiny_ckpt):
 
 
 def test_greedy_completions_equal_the_grpc_path_at_16_concurrent(cluster, grpc_client, tiny_ckpt):
-    prompts = _prompts(16)
+    prompts = random_prompts(16, seed=7)
     want = [
         grpc_client.generate(token_ids=p, max_tokens=24, temperature=0.0, ignore_eos=True).text
         for p in prompts

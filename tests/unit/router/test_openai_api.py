@@ -72,7 +72,7 @@ class NoEngine:
 def _frontend(env, engine) -> OpenAIFrontend:
     path, tok, info, limits = env
     service = GenerationService(tok, engine, limits, info)
-    return OpenAIFrontend(service, info.model_id, info.max_context_tokens)
+    return OpenAIFrontend(service, info.model_id)
 
 
 def _run(frontend, kind, body):
@@ -391,7 +391,8 @@ def test_request_id_header_and_null_tool_choice(env):
         frontend.call("chat", {"messages": [USER]}, "bad id\u00e9")
     assert e.value.http_status == 400 and e.value.param == "X-Request-Id"
     call = frontend.call("chat", {"messages": [USER], "tools": [WEATHER], "tool_choice": None})
-    assert call.tools and call.requests[0].chat.tools[0].name == "get_weather"  # null: auto
+    tools = call.requests[0].chat.tools
+    assert len(tools) == 1 and tools[0].name == "get_weather"  # null: auto
 
 
 class Cancelled:
@@ -423,7 +424,7 @@ def test_a_stream_cancelled_inside_or_without_final_ends_the_request(env, n):
             )
         )
     assert e.value.http_status == 503 and "cancelled" in e.value.message
-    frontend = OpenAIFrontend(NoFinal(), "m", 100)
+    frontend = OpenAIFrontend(NoFinal(), "m")
     with pytest.raises(RequestError) as e:
         _run(frontend, "completion", {**body, "stream": False})
     assert e.value.http_status == 500 and "without their final message" in e.value.message
