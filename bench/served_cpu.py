@@ -11,6 +11,8 @@ engine needs one core; whatever the request plane takes beyond the other one slo
     .venv/bin/python bench/served_cpu.py                          # bundled model, 1 and 32 streams
     .venv/bin/python bench/served_cpu.py --streams 1,8,64 --model DIR
     .venv/bin/python bench/served_cpu.py --streams 1 --idle-s 20     # and Ray's own, idle
+    .venv/bin/python bench/served_cpu.py --streams 64 --py-spy /tmp/prof  # where the Router's
+                                                  # CPU goes (collapsed stacks, one file a level)
 
 Asserts nothing.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import statistics
 import subprocess
 import sys
@@ -93,6 +96,30 @@ def print_shares(before: dict[str, float], after: dict[str, float], wall: float)
             print(f"  {100 * share:5.1f}% of a core  {name}")
 
 
+def start_spies(procs: dict[str, psutil.Process], out: str, streams: int) -> list:
+    """py-spy on each Serve replica (ServeReplica:<app>:<deployment>), sampling until stopped."""
+    spy = Path(sys.executable).with_name("py-spy")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    spies = []
+    for name, p in procs.items():
+        if name.startswith("ServeReplica:"):
+            file = Path(out) / f"{name.rsplit(':', 1)[-1]}-{streams}.txt"
+            cmd = [str(spy), "record", "--nonblocking", "--format", "raw", "--rate", "200"]
+            cmd += ["--output", str(file), "--pid", str(p.pid)]
+            spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    return spies
+
+
+def stop_spies(spies: list) -> None:
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file when interrupted
+    for spy in spies:
+        try:
+            spy.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+
+
 def main() -> None:
     from ray import serve
 
@@ -107,6 +134,12 @@ def main() -> None:
         type=float,
         default=0.0,
         help="first measure each process's CPU this long with no requests (after one)",
+    )
+    ap.add_argument(
+        "--py-spy",
+        metavar="DIR",
+        help="sample the Router and AttentionShard replicas with py-spy during each level and "
+        "write their collapsed stacks to DIR/<replica>-<streams>.txt",
     )
     args = ap.parse_args()
     # Explicit threads and dtype, so older trees (other defaults) run the same engine.
@@ -134,9 +167,11 @@ def main() -> None:
             asyncio.run(level(cluster.grpc_address, streams, streams, 8))  # warm-up
             before, stats = cpu_seconds(procs), shard.stats.remote().result()
             router.hop_stats.remote(clear=True).result()
+            spies = start_spies(procs, args.py_spy, streams) if args.py_spy else []
             tok_s, tpot, wall = asyncio.run(
                 level(cluster.grpc_address, streams, requests, args.new_tokens)
             )
+            stop_spies(spies)
             after, stats2 = cpu_seconds(procs), shard.stats.remote().result()
             hops = router.hop_stats.remote(clear=True).result()
             steps = getattr(stats2, "num_steps", 0) - getattr(stats, "num_steps", 0)

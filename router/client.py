@@ -140,6 +140,7 @@ class Completion:
     prompt_logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str = ""
     stop_string: str = ""
+    stop_token_id: int | None = None
     usage: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     num_deltas: int = 0
@@ -162,6 +163,7 @@ class Completion:
                 pb.FinishReason.Name(f.finish_reason).removeprefix("FINISH_REASON_").lower()
             )
             self.stop_string = f.stop_string
+            self.stop_token_id = f.stop_token_id if f.HasField("stop_token_id") else None
             self.usage = _as_dict(f.usage)
             self.timings = _as_dict(f.timings)
             self.prompt_logprobs = [_as_dict(entry) for entry in f.prompt_logprobs]

@@ -126,6 +126,7 @@ class GenerationService:
                             d.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED
                         ),
                         stop_string=d.stop_string or "",
+                        stop_token_id=_stop_token_id(d, request.stopping.stop_token_ids),
                         usage=pb.Usage(
                             prompt_tokens=len(prompt.token_ids),
                             cached_prompt_tokens=outputs.last_cached,
@@ -198,6 +199,12 @@ class GenerationService:
 
     def model_info(self) -> pb.ModelInfo:
         return self.info
+
+
+def _stop_token_id(d: TextDelta, listed: Sequence[int]) -> int | None:
+    """The caller's stop token id that ended the stream (its last token), else None."""
+    stopped = d.finish_reason == "stop" and d.stop_string is None and d.token_ids
+    return d.token_ids[-1] if stopped and d.token_ids[-1] in listed else None
 
 
 class _Tracked:

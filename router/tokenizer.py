@@ -156,6 +156,11 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def id_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        """The vocabulary's strings of ``ids`` (byte-level, as transformers'
+        convert_ids_to_tokens gives them: "Ġthe")."""
+        return [self._tok.id_to_token(i) or "" for i in ids]
+
     def render_chat(
         self,
         messages: Sequence[dict[str, Any]],

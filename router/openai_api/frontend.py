@@ -191,14 +191,20 @@ class OpenAIFrontend:
 
     # ---- tokenizer ------------------------------------------------------------------------------
     async def tokenize(self, body: Any) -> dict[str, Any]:
-        """vLLM's /tokenize: {prompt} or {messages[, tools]} -> {count, max_model_len, tokens}."""
-        request = tokenize_request(body, self.served, self.service.limits)
+        """vLLM's /tokenize: {prompt} or {messages[, tools]} -> {count, max_model_len, tokens,
+        token_strs} (token_strs: the vocabulary's strings when return_token_strs, else null)."""
+        request, token_strs = tokenize_request(body, self.served, self.service.limits)
         try:
             response = await self.service.tokenize(request)
         except RequestError as e:
             raise renamed(e, "chat") from e
         ids = list(response.token_ids)
-        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
+        return {
+            "count": len(ids),
+            "max_model_len": self.max_model_len,
+            "tokens": ids,
+            "token_strs": self.service.tokenizer.id_to_tokens(ids) if token_strs else None,
+        }
 
     def detokenize(self, body: Any) -> dict[str, Any]:
         """vLLM's /detokenize: {tokens} -> {prompt}."""

@@ -288,18 +288,7 @@ def chat_call(body: Any, served: str, limits: RequestLimits, request_id: str = "
     if tool_choice == "auto":
         for k, t in enumerate(tools):
             chat.tools.append(_tool(t, f"tools[{k}]"))
-    kwargs = body.get("chat_template_kwargs")
-    if kwargs is not None:
-        kwargs = _dict(kwargs, "chat_template_kwargs")
-        unknown = sorted(set(kwargs) - {"enable_thinking"})
-        if unknown:
-            raise invalid(
-                f"chat_template_kwargs: {', '.join(map(str, unknown))[:120]} not accepted; the "
-                "template takes enable_thinking only",
-                "chat_template_kwargs",
-            )
-        if "enable_thinking" in kwargs:
-            chat.enable_thinking = _boolean(kwargs, "enable_thinking", True)
+    _template_kwargs(body, chat)
     logprobs = _boolean(body, "logprobs")
     top = _integer(body, "top_logprobs", 0, 20)
     if top is not None and not logprobs:
@@ -320,6 +309,23 @@ def chat_call(body: Any, served: str, limits: RequestLimits, request_id: str = "
         default_max_tokens=None,
         **common,
     )
+
+
+def _template_kwargs(body: dict, chat: pb.Chat) -> None:
+    """vLLM's chat_template_kwargs: enable_thinking (the only argument the template takes)."""
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is None:
+        return
+    kwargs = _dict(kwargs, "chat_template_kwargs")
+    unknown = sorted(set(kwargs) - {"enable_thinking"})
+    if unknown:
+        raise invalid(
+            f"chat_template_kwargs: {', '.join(map(str, unknown))[:120]} not accepted; the "
+            "template takes enable_thinking only",
+            "chat_template_kwargs",
+        )
+    if "enable_thinking" in kwargs:
+        chat.enable_thinking = _boolean(kwargs, "enable_thinking", True)
 
 
 def _message(m: Any, where: str, limits: RequestLimits) -> pb.ChatMessage:
@@ -484,13 +490,27 @@ def _check_request_id(request_id: str) -> None:
 
 
 # ---- /tokenize, /detokenize --------------------------------------------------------------------
-def tokenize_request(body: Any, served: str, limits: RequestLimits) -> pb.TokenizeRequest:
-    """vLLM's /tokenize body: {prompt} (a string) or {messages[, tools]}."""
+def tokenize_request(
+    body: Any, served: str, limits: RequestLimits
+) -> tuple[pb.TokenizeRequest, bool]:
+    """vLLM's /tokenize body: {prompt} (a string) or {messages[, tools, chat_template_kwargs]}
+    -> (the request, return_token_strs). ``add_special_tokens`` is read and changes nothing:
+    EXAONE's tokenizer adds no special tokens (no BOS) either way."""
     body = body_object(body)
     if (name := body.get("model")) is not None and name != served:
         raise not_found_model(name, served)
+    _boolean(body, "add_special_tokens")
+    token_strs = _boolean(body, "return_token_strs")
     request = pb.TokenizeRequest()
     if "messages" in body:
+        if not _boolean(body, "add_generation_prompt", True) or _boolean(
+            body, "continue_final_message"
+        ):
+            raise invalid(
+                "the chat is always rendered with the assistant's generation prompt: leave "
+                "add_generation_prompt and continue_final_message out",
+                "add_generation_prompt",
+            )
         messages = _list(body, "messages", "messages") or []
         tools = _list(body, "tools", "tools") or []
         at_most("messages", len(messages), limits.max_messages)
@@ -499,12 +519,13 @@ def tokenize_request(body: Any, served: str, limits: RequestLimits) -> pb.Tokeni
             _message(m, f"messages[{i}]", limits) for i, m in enumerate(messages)
         )
         request.chat.tools.extend(_tool(t, f"tools[{k}]") for k, t in enumerate(tools))
+        _template_kwargs(body, request.chat)
     elif isinstance(body.get("prompt"), str):
         request.text = body["prompt"]
         request.parse_special_tokens = _boolean(body, "parse_special_tokens")
     else:
         raise invalid("send prompt (a string) or messages (an array)", "prompt")
-    return request
+    return request, token_strs
 
 
 def detokenize_ids(body: Any, limits: RequestLimits) -> list[int]:

@@ -198,7 +198,7 @@ class ChoiceState:
                 "delta": {},
                 "logprobs": None,
                 "finish_reason": self.finish_reason,
-                "stop_reason": final.stop_string or None,
+                "stop_reason": stop_reason(final),
             }
         text = self.echo if not self.text and self.echo else ""
         self.text.append(text)
@@ -207,7 +207,7 @@ class ChoiceState:
             "text": text,
             "logprobs": None,
             "finish_reason": self.finish_reason,
-            "stop_reason": final.stop_string or None,
+            "stop_reason": stop_reason(final),
         }
 
     @property
@@ -219,7 +219,7 @@ class ChoiceState:
 
     # ---- the whole answer -----------------------------------------------------------------------
     def choice(self) -> dict[str, Any]:
-        stop = (self.final.stop_string or None) if self.final is not None else None
+        stop = stop_reason(self.final) if self.final is not None else None
         if self.chat:
             message: dict[str, Any] = {
                 "role": "assistant",
@@ -242,3 +242,11 @@ class ChoiceState:
             "finish_reason": self.finish_reason,
             "stop_reason": stop,
         }
+
+
+def stop_reason(final: pb.Final) -> str | int | None:
+    """vLLM's stop_reason: the stop string or the caller's stop token id that ended the choice;
+    None when the model's end-of-turn token or a length limit did."""
+    if final.stop_string:
+        return final.stop_string
+    return final.stop_token_id if final.HasField("stop_token_id") else None

@@ -12,9 +12,10 @@ import pytest
 
 from protos.exaone.v1 import generation_pb2 as pb
 from replicas.attention_shard import AttentionShard
-from replicas.engine.engine import EngineConfig
+from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.engine.request import FinishReason
 from replicas.outputs import RequestOutput
+from replicas.sampling_params import SamplingParams
 from router.errors import RequestError
 from router.openai_api.frontend import OpenAIFrontend
 from router.openai_api.requests import MAX_N, renamed
@@ -266,6 +267,45 @@ def test_logprobs_in_openai_shapes_from_the_real_engine(env, kind):
     assert shard.stats().num_blocks_in_use == 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_reason_names_the_stop_token_id_or_string_that_ended_the_choice(env, stream):
+    """vLLM's stop_reason: the caller's stop token id (an int) or stop string; null when
+    max_tokens ended the choice. The real engine stops on the id."""
+    path, tok, info, limits = env
+    shard = AttentionShard(path, ENGINE)
+    frontend = _frontend(env, shard)
+    prompt = [7, 300, 42, 9]
+    ids = LLMEngine(shard.engine.engine.model, ENGINE).generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    )[0]
+    common = {"prompt": prompt, "temperature": 0, "max_tokens": 8, "ignore_eos": True}
+
+    async def choice(**extra):
+        call = frontend.call("completion", {**common, **extra, "stream": stream})
+        if not stream:
+            return (await frontend.complete(call))["choices"][0]
+        parts = [c async for chunk in frontend.stream(call) for c in chunk["choices"]]
+        (end,) = [c for c in parts if c["finish_reason"]]
+        return {**end, "text": "".join(c["text"] for c in parts)}
+
+    async def go():  # one event loop: the engine thread stops when its loop closes
+        whole = await choice()
+        assert (whole["finish_reason"], whole["stop_reason"]) == ("length", None)
+        assert whole["text"] == tok.decode(ids)
+        first = ids.index(ids[2])  # the engine stops at the id's first occurrence
+        unused = next(i for i in range(info.vocab_size) if i not in ids)
+        stopped = await choice(stop_token_ids=[unused, ids[2]])
+        assert (stopped["finish_reason"], stopped["stop_reason"]) == ("stop", ids[2])
+        assert stopped["text"] == tok.decode(ids[: first + 1])
+        word = tok.decode(ids[first + 1 :])[:3]
+        assert word.strip()
+        by_string = await choice(stop=[word])
+        assert (by_string["finish_reason"], by_string["stop_reason"]) == ("stop", word)
+        return await shard.wait_idle(10)  # a stop string aborts the request upstream
+
+    assert asyncio.run(go()).num_blocks_in_use == 0
+
+
 # Bodies the API refuses: (kind, body, HTTP status, a piece of the message, param).
 TOO_LONG = list(range(5, 5 + 300))
 BAD = [
@@ -481,8 +521,26 @@ def test_models_tokenize_and_detokenize(env):
     assert e.value.http_status == 404
     out = asyncio.run(frontend.tokenize({"prompt": "Hello world"}))
     assert out["tokens"] == tok.encode_text("Hello world") and out["count"] == len(out["tokens"])
+    assert out["token_strs"] is None
+    strs = asyncio.run(
+        frontend.tokenize(
+            {"prompt": "Hello world", "return_token_strs": True, "add_special_tokens": True}
+        )
+    )
+    assert strs["tokens"] == out["tokens"]  # EXAONE's tokenizer adds no BOS
+    assert "".join(strs["token_strs"]).replace("\u0120", " ") == "Hello world"
     chat = asyncio.run(frontend.tokenize({"messages": [USER]}))
     assert chat["tokens"] == tok.encode_chat([USER])[1]
+    thinking_off = {"messages": [USER], "chat_template_kwargs": {"enable_thinking": False}}
+    off = asyncio.run(frontend.tokenize(thinking_off))
+    assert off["tokens"] == tok.encode_chat([USER], enable_thinking=False)[1] != chat["tokens"]
+    for body, named in (
+        ({"messages": [USER], "add_generation_prompt": False}, "add_generation_prompt"),
+        ({"prompt": "x", "return_token_strs": 1}, "return_token_strs must be true or false"),
+    ):
+        with pytest.raises(RequestError) as e:
+            asyncio.run(frontend.tokenize(body))
+        assert e.value.http_status == 400 and named in e.value.message
     assert frontend.detokenize({"tokens": out["tokens"]}) == {"prompt": "Hello world"}
     with pytest.raises(RequestError) as e:
         frontend.detokenize({"tokens": [1, 10**6]})

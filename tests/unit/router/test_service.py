@@ -108,6 +108,7 @@ def test_greedy_stream_matches_engine_and_reports_usage(env):
     assert [e.token_id for e in logprobs] == ids and all(len(e.top) == 2 for e in logprobs)
     assert len(final.prompt_logprobs) == len(prompt) - 1
     assert final.finish_reason == pb.FINISH_REASON_LENGTH
+    assert not final.HasField("stop_token_id")  # only a caller's stop token id is named
     assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (len(prompt), 24)
     t = final.timings
     assert 0 <= t.queue_ms <= t.time_to_first_token_ms <= t.total_ms
