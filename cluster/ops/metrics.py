@@ -72,7 +72,7 @@ class RouterMetrics:
             "exaone_stream_hop_seconds",
             "A token delta's time per hop of the "
             "served path: engine_to_publish, publish_to_router, router "
-            "(router.hops; one sample in 8 of each hop).",
+            "(router.hops; at most one sample of each hop per 0.1 s).",
             boundaries=HOP_S,
             tag_keys=("hop",),
         )
