@@ -456,14 +456,17 @@ def _prompts(prompt: Any, limits: RequestLimits) -> list[str | list[int]]:
     if not isinstance(prompt[0], str | list):
         return [_token_ids(prompt, "prompt", limits)]
     at_most("prompt", len(prompt), MAX_CHOICES)
+    kind = type(prompt[0])  # one kind per array, as vLLM's server takes them
     out: list[str | list[int]] = []
     for i, p in enumerate(prompt):
-        if isinstance(p, str):
-            out.append(p)
-        elif isinstance(p, list):
-            out.append(_token_ids(p, f"prompt[{i}]", limits))
-        else:
-            raise invalid(f"prompt[{i}] must be a string or an array of token ids", "prompt")
+        if not isinstance(p, kind):
+            what = "a string" if kind is str else "an array of token ids"
+            raise invalid(
+                f"prompt[{i}] must be {what}, as prompt[0] is: send strings or token-id "
+                "arrays, not both",
+                "prompt",
+            )
+        out.append(p if isinstance(p, str) else _token_ids(p, f"prompt[{i}]", limits))
     return out
 
 

@@ -183,15 +183,18 @@ def test_n_choices_are_streams_of_their_own_with_seeds_in_turn(env):
     assert "usage" not in chunks[-1]  # not asked for
 
 
-def test_completions_batch_n_echo_and_usage(env):
+@pytest.mark.parametrize("as_ids", [False, True])
+def test_completions_batch_n_echo_and_usage(env, as_ids):
     engine = Scripted(env[1], " done")
     ids = env[1].encode_text("Count: 1 2")
-    body = {"prompt": ["Hello there", ids], "n": 2, "echo": True, "max_tokens": 5}
+    hello = env[1].encode_text("Hello there")
+    prompts = [hello, ids] if as_ids else ["Hello there", "Count: 1 2"]
+    body = {"prompt": prompts, "n": 2, "echo": True, "max_tokens": 5}
     out = _run(_frontend(env, engine), "completion", body)[1]
     assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
     assert [c["text"] for c in out["choices"]] == ["Hello there done"] * 2 + ["Count: 1 2 done"] * 2
     assert [p.max_tokens for _, p in engine.calls] == [5] * 4
-    assert out["usage"]["prompt_tokens"] == len(env[1].encode_text("Hello there")) + len(ids)
+    assert out["usage"]["prompt_tokens"] == len(hello) + len(ids)
     assert out["usage"]["completion_tokens"] == 4 * len(engine.ids)
     assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
 
@@ -400,6 +403,9 @@ BAD = [
     ("completion", {"prompt": "x", "echo": True, "logprobs": 1}, 400, "echo with logprobs", "echo"),
     ("completion", {"prompt": "x", "logprobs": 21}, 400, "logprobs=21", "logprobs"),
     ("completion", {"prompt": ["x"] * 5, "n": 16}, 400, "at most 64", "prompt"),
+    ("completion", {"prompt": [[1], "a"]}, 400, "prompt[1] must be an array of", "prompt"),
+    ("completion", {"prompt": ["a", [1]]}, 400, "prompt[1] must be a string, as", "prompt"),
+    ("completion", {"prompt": ["a", 7]}, 400, "prompt[1] must be a string, as", "prompt"),
     ("completion", {"prompt": "x", "stop": ["s"] * 17}, 400, "stop has 17 entries", "stop"),
     (
         "completion",
