@@ -138,8 +138,8 @@ def main() -> None:
     ap.add_argument(
         "--py-spy",
         metavar="DIR",
-        help="sample the Router and AttentionShard replicas with py-spy during each level and "
-        "write their collapsed stacks to DIR/<replica>-<streams>.txt",
+        help="sample every Serve replica (Router, AttentionShard, ...) with py-spy during each "
+        "level and write their collapsed stacks to DIR/<deployment>-<streams>.txt",
     )
     args = ap.parse_args()
     # Explicit threads and dtype, so older trees (other defaults) run the same engine.
