@@ -27,6 +27,7 @@ BASE_FLAGS = [
     "-O3",
     "-mavx512f",
     "-mavx512bf16",
+    "-mavx512vbmi",
     "-ffp-contract=off",
     "-fopenmp",
     "-shared",
@@ -110,7 +111,23 @@ class Library:
 
 
 def _avx512_bf16() -> str | None:
-    return None if torch.cpu._is_avx512_bf16_supported() else "this CPU has no AVX512-BF16"
+    if not torch.cpu._is_avx512_bf16_supported():
+        return "this CPU has no AVX512-BF16"
+    if "avx512vbmi" not in _cpu_flags():
+        return "this CPU has no AVX512-VBMI (the FP8 kernels' byte lookups)"
+    return None
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo is unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def _declare_bf16(lib: ctypes.CDLL) -> str | None:

@@ -35,6 +35,18 @@ static inline void silu_times_up16(const float* g, const float* u, float* a) {
   _mm512_storeu_ps(a, _mm512_mul_ps(silu, round_bf16x16(_mm512_loadu_ps(u))));
 }
 
+/* act rows [nr, I], features first..last = bf16(silu(bf16(gate))) * bf16(up) from the gate
+ * and up sums g, u [feature - first][row] */
+static void silu_times_up_rows(float g[BLOCK][4], float u[BLOCK][4], int nr, int inter,
+                               int first, int last, uint16_t* act) {
+  for (int f = first; f < last; f++)
+    for (int q = 0; q < nr; q++) {
+      const float gate = round_bf16(g[f - first][q]);
+      const float silu = round_bf16(gate / (1.0f + expf(-gate)));
+      act[(int64_t)q * inter + f] = f32_to_bf16(silu * round_bf16(u[f - first][q]));
+    }
+}
+
 /* act rows [nr, I], features first..last = bf16(silu(bf16(x W_gate^T))) * bf16(x W_up^T):
  * each weight row read alone, front to back (simd.h's dot_weight_rows) */
 static void up_streamed(const uint16_t* x, int nr, int hidden, int inter, const uint16_t* gate_w,
@@ -44,12 +56,7 @@ static void up_streamed(const uint16_t* x, int nr, int hidden, int inter, const 
     dot_weight_rows(x, hidden, nr, gate_w + (int64_t)f * hidden, hidden, g[f - first]);
   for (int f = first; f < last; f++)
     dot_weight_rows(x, hidden, nr, up_w + (int64_t)f * hidden, hidden, u[f - first]);
-  for (int f = first; f < last; f++)
-    for (int q = 0; q < nr; q++) {
-      const float gate = round_bf16(g[f - first][q]);
-      const float silu = round_bf16(gate / (1.0f + expf(-gate)));
-      act[(int64_t)q * inter + f] = f32_to_bf16(silu * round_bf16(u[f - first][q]));
-    }
+  silu_times_up_rows(g, u, nr, inter, first, last, act);
 }
 
 /* the same in tiles of 4 rows x 4 features (simd.h's tile) */
@@ -192,6 +199,93 @@ int moe_layer_decode_bf16(const uint16_t* x, int n, int hidden, int inter, int k
  * memory at K-EXAONE's expert size the kernel reads 7-10 GB/s of FP8 against ~17-20 of bf16,
  * so FP8 takes 0.85-1.15x bf16's time: decoding, not memory, bounds it there. */
 
+/* moe_experts_fp8 for streamed experts (larger than TILED_MAX_EXPERT_BYTES) with blocks of a
+ * multiple of 64 columns: every block's table (fp8.h) worked out first, for the experts that got
+ * rows, then each weight row dequantized in registers as it is read (dot_fp8_row). Measured on
+ * 2 cores (AMD Zen 4), one thread, the small preset's experts read from memory, us per layer
+ * call, this vs the scratch vs bf16 weights: see README "FP8 checkpoints". Returns 1 when the
+ * tables cannot be had. */
+static int moe_experts_fp8_lookup(const uint16_t* x, const int64_t* offsets, int num_experts,
+                                  int hidden, int inter, const uint8_t* w13, const float* s13,
+                                  const uint8_t* w2, const float* s2, int br, int bc,
+                                  uint16_t* act, uint16_t* out, int num_threads) {
+  const int blocks_up = (inter + BLOCK - 1) / BLOCK, blocks_down = (hidden + BLOCK - 1) / BLOCK;
+  const long items_up = (long)num_experts * blocks_up, items_down = (long)num_experts * blocks_down;
+  const int gi = (inter + br - 1) / br, gh = (hidden + bc - 1) / bc; /* w13 halves' grids */
+  const int gh2 = (hidden + br - 1) / br, gi2 = (inter + bc - 1) / bc; /* w2's grid */
+  const int64_t per13 = (int64_t)2 * gi * gh, per_expert = per13 + (int64_t)gh2 * gi2;
+  int64_t* slot = malloc(sizeof(int64_t) * (num_experts + 1));
+  if (slot == NULL) return 1;
+  int used = 0;
+  for (int e = 0; e < num_experts; e++) slot[e] = offsets[e + 1] > offsets[e] ? used++ : -1;
+  uint8_t* tables = malloc((size_t)FP8_TABLE_BYTES * per_expert * (used > 0 ? used : 1));
+  if (tables == NULL) {
+    free(slot);
+    return 1;
+  }
+  const __m512i order = fp8_order();
+
+#pragma omp parallel num_threads(num_threads)
+  {
+#pragma omp for schedule(static)
+    for (int e = 0; e < num_experts; e++)
+      if (slot[e] >= 0) {
+        uint8_t* t = tables + (int64_t)FP8_TABLE_BYTES * per_expert * slot[e];
+        fp8_tables(s13 + (int64_t)e * per13, per13, t);
+        fp8_tables(s2 + (int64_t)e * gh2 * gi2, (int64_t)gh2 * gi2,
+                   t + (int64_t)FP8_TABLE_BYTES * per13);
+      }
+
+#pragma omp for schedule(dynamic, 4)
+    for (long item = 0; item < items_up; item++) {
+      const int e = (int)(item / blocks_up), first = (int)(item % blocks_up) * BLOCK;
+      const int64_t r0 = offsets[e], r1 = offsets[e + 1];
+      if (r0 == r1) continue;
+      const int last = first + BLOCK < inter ? first + BLOCK : inter;
+      const uint8_t* gate_w = w13 + (int64_t)e * 2 * inter * hidden;
+      const uint8_t* up_w = gate_w + (int64_t)inter * hidden;
+      const uint8_t* gate_t = tables + (int64_t)FP8_TABLE_BYTES * per_expert * slot[e];
+      const uint8_t* up_t = gate_t + (int64_t)FP8_TABLE_BYTES * gi * gh;
+      for (int64_t r = r0; r < r1; r += 4) {
+        const int nr = r1 - r < 4 ? (int)(r1 - r) : 4;
+        const uint16_t* xr = x + r * hidden;
+        float g[BLOCK][4], u[BLOCK][4];
+        for (int f = first; f < last; f++)
+          dot_fp8_rows(xr, hidden, nr, gate_w + (int64_t)f * hidden, hidden,
+                       gate_t + (int64_t)FP8_TABLE_BYTES * (f / br) * gh, bc, order,
+                       g[f - first]);
+        for (int f = first; f < last; f++)
+          dot_fp8_rows(xr, hidden, nr, up_w + (int64_t)f * hidden, hidden,
+                       up_t + (int64_t)FP8_TABLE_BYTES * (f / br) * gh, bc, order, u[f - first]);
+        silu_times_up_rows(g, u, nr, inter, first, last, act + r * inter);
+      }
+    }
+
+#pragma omp for schedule(dynamic, 4)
+    for (long item = 0; item < items_down; item++) {
+      const int e = (int)(item / blocks_down), first = (int)(item % blocks_down) * BLOCK;
+      const int64_t r0 = offsets[e], r1 = offsets[e + 1];
+      if (r0 == r1) continue;
+      const int last = first + BLOCK < hidden ? first + BLOCK : hidden;
+      const uint8_t* down_w = w2 + (int64_t)e * hidden * inter;
+      const uint8_t* down_t =
+          tables + (int64_t)FP8_TABLE_BYTES * (per_expert * slot[e] + per13);
+      for (int64_t r = r0; r < r1; r += 4) {
+        const int nr = r1 - r < 4 ? (int)(r1 - r) : 4;
+        float sums[4];
+        for (int f = first; f < last; f++) {
+          dot_fp8_rows(act + r * inter, inter, nr, down_w + (int64_t)f * inter, inter,
+                       down_t + (int64_t)FP8_TABLE_BYTES * (f / br) * gi2, bc, order, sums);
+          for (int q = 0; q < nr; q++) out[(r + q) * hidden + f] = f32_to_bf16(sums[q]);
+        }
+      }
+    }
+  }
+  free(tables);
+  free(slot);
+  return 0;
+}
+
 /* moe_experts_bf16 on FP8 weights: w13 [E, 2I, H] e4m3 with s13 [E, 2, ceil(I/br), ceil(H/bc)]
  * (gate's scale grid, then up's: the checkpoint's two tensors), w2 [E, H, I] with
  * s2 [E, ceil(H/br), ceil(I/bc)]. Returns 0, or 1 when a thread's scratch cannot be had. */
@@ -206,6 +300,9 @@ int moe_experts_fp8(const uint16_t* x, const int64_t* offsets, int num_experts, 
   const int gh2 = (hidden + br - 1) / br, gi2 = (inter + bc - 1) / bc; /* w2's grid */
   const int widest = hidden > inter ? hidden : inter;
   int failed = 0;
+  if (!tiles && bc % 64 == 0)
+    return moe_experts_fp8_lookup(x, offsets, num_experts, hidden, inter, w13, s13, w2, s2, br,
+                                  bc, act, out, num_threads);
 
 #pragma omp parallel num_threads(num_threads)
   {

@@ -3,8 +3,6 @@ path's hidden states bit for bit, and is taken only where it applies."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -13,9 +11,11 @@ from replicas.engine import engine as engine_module
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.model.loader import load_causal_lm
 from replicas.sampling_params import SamplingParams
+from tests.cpu_features import CAN_BUILD
 
-CAN_BUILD = torch.cpu._is_avx512_bf16_supported() and shutil.which("cc") is not None
-needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs AVX512-BF16 and a C compiler")
+needs_kernel = pytest.mark.skipif(
+    not CAN_BUILD, reason="needs AVX512-BF16, AVX512-VBMI and a C compiler"
+)
 
 
 def _step_hiddens(model, prompts, use_decode_path: bool, monkeypatch) -> tuple[list, list]:

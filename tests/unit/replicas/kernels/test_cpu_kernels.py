@@ -3,9 +3,6 @@ replicas.kernels.cpu)."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,19 +17,7 @@ from replicas.model.moe import (
     KERNEL_MAX_ROWS_PER_EXPERT,
     RoutedExperts,
 )
-
-CAN_BUILD = torch.cpu._is_avx512_bf16_supported() and shutil.which("cc") is not None
-
-
-def _cpu_flags() -> set[str]:
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    return next(
-        (set(line.split(":")[1].split()) for line in lines if line.startswith("flags")), set()
-    )
-
-
-CAN_AMX = CAN_BUILD and {"amx_bf16", "amx_tile"} <= _cpu_flags()
+from tests.cpu_features import CAN_AMX, CAN_BUILD
 
 
 def test_available_exactly_when_the_cpu_and_a_compiler_allow():
@@ -115,6 +100,7 @@ def test_kernel_matches_pytorch_bf16(hidden, inter):
         (96, 80, (24, 40)),
         (48, 40, (128, 128)),
         (1024, 256, (128, 128)),
+        (200, 400, (48, 64)),
         (70, 42, (16, 24)),
     ],
     ids=[
@@ -122,15 +108,19 @@ def test_kernel_matches_pytorch_bf16(hidden, inter):
         "tiles-edge-blocks",
         "one-partial-block",
         "streamed",
+        "streamed-64-column-blocks-tails",
         "odd-features",
     ],
 )
 def test_fp8_kernel_equals_the_bf16_kernel_on_dequantized_weights(hidden, inter, block):
     """Block-wise e4m3 experts (gate, up, down quantized as the checkpoint's three tensors):
     the kernel's output is moe_experts_bf16's on quantization.dequantize's weights, bit for bit,
-    on the tiled path (small experts, whole groups of 4 rows) and the streamed one, with partial
-    edge blocks, blocks whose columns straddle a 16-value chunk, and feature counts that leave
-    a group of fewer than 4 (42 and 70)."""
+    on the tiled path (small experts, whole groups of 4 rows; dequantized into a scratch) and the
+    streamed one (larger experts; dequantized in registers by lookup tables when blocks span a
+    multiple of 64 columns), with partial edge blocks, blocks whose columns straddle a 16-value
+    chunk, row blocks that split a work item's features (48), 64-column blocks with the 32-value
+    and scalar tails (200 and 400 columns), and feature counts that leave a group of fewer than 4
+    (42 and 70)."""
     from replicas.model.quantization import dequantize, quantize
 
     counts = torch.tensor([0, 3, 5, 1, 0, 9, 4, 8, 13])

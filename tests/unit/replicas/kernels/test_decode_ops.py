@@ -4,8 +4,6 @@ the rows beside them (replicas/kernels/csrc/linear_bf16.c)."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -13,8 +11,8 @@ from replicas.kernels import cpu as cpu_kernels
 from replicas.model.layers import FUSED_DECODE_MAX_ROWS, RMSNorm, apply_rope, rope_cos_sin
 from replicas.model.loader import load_causal_lm
 from replicas.model.moe import weighted_sum
+from tests.cpu_features import CAN_BUILD
 
-CAN_BUILD = torch.cpu._is_avx512_bf16_supported() and shutil.which("cc") is not None
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="covered by the availability test")
 
 

@@ -4,8 +4,6 @@ neighbours, the packed copy redone when the weight changes, and the row and size
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,9 +16,11 @@ from replicas.model.layers import (
     STREAM_LINEAR_MAX_ROWS,
     Linear,
 )
+from tests.cpu_features import CAN_BUILD
 
-CAN_BUILD = torch.cpu._is_avx512_bf16_supported() and shutil.which("cc") is not None
-needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs AVX512-BF16 and a C compiler")
+needs_kernel = pytest.mark.skipif(
+    not CAN_BUILD, reason="needs AVX512-BF16, AVX512-VBMI and a C compiler"
+)
 
 
 @needs_kernel

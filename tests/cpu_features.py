@@ -1,0 +1,26 @@
+"""What this machine's CPU lets our C kernels do (replicas.kernels.cpu_build decides the same
+from the same facts), for tests that must know whether a kernel runs here."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def cpu_flags() -> set[str]:
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next(
+        (set(line.split(":")[1].split()) for line in lines if line.startswith("flags")), set()
+    )
+
+
+# AVX512-BF16 for the bf16 kernels, AVX512-VBMI for the FP8 ones' byte lookups, and a compiler
+CAN_BUILD = (
+    torch.cpu._is_avx512_bf16_supported()
+    and "avx512vbmi" in cpu_flags()
+    and shutil.which("cc") is not None
+)
+CAN_AMX = CAN_BUILD and {"amx_bf16", "amx_tile"} <= cpu_flags()
