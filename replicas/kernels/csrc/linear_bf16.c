@@ -49,6 +49,41 @@ void linear_bf16(const uint16_t* x, int m, int k, int n, const uint16_t* w, uint
   }
 }
 
+/* linear_fp8's streamed rows when blocks span a multiple of 64 columns: every block's table
+ * first (fp8.h), then each weight row dequantized in registers as it is read (dot_fp8_row), the
+ * same sums as project_streamed on the dequantized weight. Returns 1 when the tables cannot be
+ * had. */
+static int linear_fp8_lookup(const uint16_t* x, int m, int k, int n, const uint8_t* w,
+                             const float* scale, int br, int bc, uint16_t* out, int threads) {
+  const int items = (n + FEATURES - 1) / FEATURES;
+  const int64_t grid_rows = (n + br - 1) / br, grid_cols = (k + bc - 1) / bc;
+  uint8_t* tables = malloc((size_t)FP8_TABLE_BYTES * grid_rows * grid_cols);
+  if (tables == NULL) return 1;
+  const __m512i order = fp8_order();
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < grid_rows; g++)
+      fp8_tables(scale + g * grid_cols, grid_cols,
+                 tables + (int64_t)FP8_TABLE_BYTES * grid_cols * g);
+#pragma omp for schedule(static)
+    for (int item = 0; item < items; item++) {
+      const int f0 = item * FEATURES, f1 = f0 + FEATURES < n ? f0 + FEATURES : n;
+      for (int r = 0; r < m; r += 4) {
+        const int nr = m - r < 4 ? m - r : 4;
+        float sums[4];
+        for (int f = f0; f < f1; f++) {
+          dot_fp8_rows(x + (int64_t)r * k, k, nr, w + (int64_t)f * k, k,
+                       tables + (int64_t)FP8_TABLE_BYTES * grid_cols * (f / br), bc, order, sums);
+          for (int q = 0; q < nr; q++) out[(int64_t)(r + q) * n + f] = f32_to_bf16(sums[q]);
+        }
+      }
+    }
+  }
+  free(tables);
+  return 0;
+}
+
 /* linear_bf16 on a block-wise FP8 weight w [N, K] e4m3 with scale [ceil(N / br), ceil(K / bc)]:
  * each group of 4 output features is dequantized into a bf16 scratch of its thread (fp8.h)
  * and run through the same loops, so the result is linear_bf16's on the dequantized weight,
@@ -60,6 +95,8 @@ int linear_fp8(const uint16_t* x, int m, int k, int n, const uint8_t* w, const f
   const int threads = (int64_t)m * k * n < FORK_MACS ? 1 : num_threads;
   const int stream = m <= STREAM_MAX_ROWS, grid_cols = (k + bc - 1) / bc;
   int failed = 0;
+  if (stream && bc % 64 == 0)
+    return linear_fp8_lookup(x, m, k, n, w, scale, br, bc, out, threads);
 #pragma omp parallel num_threads(threads)
   {
     uint16_t* rows = malloc(sizeof(uint16_t) * 4 * (size_t)k);

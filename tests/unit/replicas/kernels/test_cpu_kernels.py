@@ -342,12 +342,19 @@ def test_avx512_linear_equals_exact_products(rows, k, n):
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 16])
 @pytest.mark.parametrize(
     "n,k,block",
-    [(96, 256, (32, 128)), (70, 200, (16, 24)), (45, 72, (128, 128)), (520, 1040, (128, 128))],
-    ids=["whole-blocks", "edge-blocks", "one-partial-block", "threads"],
+    [
+        (96, 256, (32, 128)),
+        (70, 200, (16, 24)),
+        (70, 200, (24, 64)),
+        (45, 72, (128, 128)),
+        (520, 1040, (128, 128)),
+    ],
+    ids=["whole-blocks", "edge-blocks", "64-column-blocks-tails", "one-partial-block", "threads"],
 )
 def test_fp8_linear_equals_the_bf16_kernel_on_dequantized_weights(rows, n, k, block):
     """linear_fp8 reads a block-wise e4m3 weight and gives linear_bf16's result on
-    quantization.dequantize's weight bit for bit: streamed (up to 4 rows) and tiled, partial
+    quantization.dequantize's weight bit for bit: streamed (up to 4 rows; dequantized in
+    registers by lookup tables when blocks span a multiple of 64 columns) and tiled, partial
     edge blocks, blocks whose columns straddle a 32-value chunk, feature counts past the 4-wide
     groups, a product large enough to fork threads, e4m3 subnormal codes."""
     from replicas.model.quantization import dequantize, quantize
