@@ -190,4 +190,18 @@ static inline void dot_fp8_rows(const uint16_t* x, int64_t lda, int nr, const ui
   }
 }
 
+/* out[q * ldo + f] = bf16(dot_fp8_rows) for q < nr <= 4 rows of x (ldx apart) and features
+ * f0 <= f < f1 of w [., k], feature f's tables at tables + FP8_TABLE_BYTES * ld * (f / br):
+ * simd.h's project_streamed on the dequantized weight */
+static inline void project_fp8(const uint16_t* x, int64_t ldx, int nr, const uint8_t* w, int k,
+                               const uint8_t* tables, int64_t ld, int br, int bc, __m512i order,
+                               int f0, int f1, uint16_t* out, int64_t ldo) {
+  float sums[4];
+  for (int f = f0; f < f1; f++) {
+    dot_fp8_rows(x, ldx, nr, w + (int64_t)f * k, k, tables + FP8_TABLE_BYTES * ld * (f / br), bc,
+                 order, sums);
+    for (int q = 0; q < nr; q++) out[q * ldo + f] = f32_to_bf16(sums[q]);
+  }
+}
+
 #endif

@@ -71,12 +71,8 @@ static int linear_fp8_lookup(const uint16_t* x, int m, int k, int n, const uint8
       const int f0 = item * FEATURES, f1 = f0 + FEATURES < n ? f0 + FEATURES : n;
       for (int r = 0; r < m; r += 4) {
         const int nr = m - r < 4 ? m - r : 4;
-        float sums[4];
-        for (int f = f0; f < f1; f++) {
-          dot_fp8_rows(x + (int64_t)r * k, k, nr, w + (int64_t)f * k, k,
-                       tables + (int64_t)FP8_TABLE_BYTES * grid_cols * (f / br), bc, order, sums);
-          for (int q = 0; q < nr; q++) out[(int64_t)(r + q) * n + f] = f32_to_bf16(sums[q]);
-        }
+        project_fp8(x + (int64_t)r * k, k, nr, w, k, tables, grid_cols, br, bc, order, f0, f1,
+                    out + (int64_t)r * n, n);
       }
     }
   }
