@@ -150,13 +150,21 @@ def test_cancel_frees_kv_blocks(client):
 
 
 def test_deadline_aborts_and_frees_kv_blocks(client):
-    call = _start_long_stream(client, timeout=1.0)
+    # The deadline is an eighth of what the whole stream takes here and now (a fixed one ran
+    # past the stream's end on a fast machine), so the stream is cut while it runs.
+    start = time.monotonic()
+    assert sum(1 for _ in _start_long_stream(client)) > 1
+    whole_s = time.monotonic() - start
+    busy = shard_stats()
+    call = _start_long_stream(client, timeout=whole_s / 8)
     with pytest.raises(grpc.RpcError) as e:
         for _ in call:
             pass
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     stats = wait_until_idle()
     assert stats.num_blocks_in_use == 0 and stats.num_requests == 0
+    # Aborted, not run to its end: finishing would have taken ~350 engine steps.
+    assert stats.num_steps - busy.num_steps < 250, (busy.num_steps, stats.num_steps)
 
 
 def test_bad_inputs_get_their_status_and_server_keeps_serving(client):
