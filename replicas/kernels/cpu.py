@@ -8,7 +8,8 @@
 - ``moe_experts_fp8``, ``linear_fp8``, ``dequantize_fp8``: block-wise FP8 weights, with the
   dequantized weights' results bit for bit (csrc/fp8.h).
 - ``linear_bf16`` / ``linear_amx``, ``rms_norm_bf16``, ``qk_norm_rope_bf16``,
-  ``decode_attention_bf16``, ``moe_layer_decode_bf16``: the decode step's other operations.
+  ``decode_attention_bf16``, ``moe_layer_decode_bf16`` (bf16 or FP8 experts): the decode step's
+  other operations.
 
 ``available()`` / ``amx_available()`` are False, and callers use PyTorch, when the CPU lacks the
 instructions, no compiler works, or ``EXAONE_CPU_KERNELS=0``; the first reason is kept in
@@ -196,15 +197,22 @@ def moe_layer_decode_bf16(
     w13: torch.Tensor,
     w2: torch.Tensor,
     max_rows_per_expert: int,
+    fp8: Fp8Scales | None = None,
 ) -> torch.Tensor | None:
     """A routed-expert layer for a decode step's few tokens: x [N, H] bf16, topk_ids [N, K]
     int64 global ids, topk_weights [N, K] fp32, local_index [>= num_experts] int64 (slot of each
     global id in w13 / w2, -1 if not held) -> [N, H] bf16, the weighted sum of the K expert
-    outputs, bit for bit what moe_experts_bf16 + model.weighted_sum give. None (nothing done)
-    when a chosen expert is not held or the slots average more than ``max_rows_per_expert``
-    rows per used expert."""
+    outputs, bit for bit what moe_experts_bf16 (moe_experts_fp8 with ``fp8``: w13 / w2 e4m3
+    with these scales) + model.weighted_sum give. None (nothing done) when a chosen expert is
+    not held or the slots average more than ``max_rows_per_expert`` rows per used expert."""
     lib = BF16_LIBRARY.require()
-    _require_bf16(x=x, w13=w13, w2=w2)
+    _require_bf16(x=x)
+    if fp8 is None:
+        _require_bf16(w13=w13, w2=w2)
+    else:
+        fp8.check(w13, w2)
+        if not (w13.is_contiguous() and w2.is_contiguous() and w13.is_cpu and w2.is_cpu):
+            raise ValueError("moe_layer_decode_bf16: FP8 weights must be contiguous on CPU")
     (n, hidden), (num_local, two_inter, _), top_k = x.shape, w13.shape, topk_ids.shape[1]
     inter = two_inter // 2
     if (
@@ -227,7 +235,7 @@ def moe_layer_decode_bf16(
     act = torch.empty(slots, inter, dtype=torch.bfloat16)
     y = torch.empty(slots, hidden, dtype=torch.bfloat16)
     out = torch.empty(n, hidden, dtype=torch.bfloat16)
-    code = lib.moe_layer_decode_bf16(
+    head = (
         x.data_ptr(),
         n,
         hidden,
@@ -239,8 +247,8 @@ def moe_layer_decode_bf16(
         local_index.numel(),
         num_local,
         max_rows_per_expert,
-        w13.data_ptr(),
-        w2.data_ptr(),
+    )
+    tail = (
         order.data_ptr(),
         offsets.data_ptr(),
         h.data_ptr(),
@@ -249,11 +257,19 @@ def moe_layer_decode_bf16(
         out.data_ptr(),
         torch.get_num_threads(),
     )
+    if fp8 is None:
+        code = lib.moe_layer_decode_bf16(*head, w13.data_ptr(), w2.data_ptr(), *tail)
+    else:
+        s13, s2 = (s.to(torch.float32).contiguous() for s in (fp8.w13_scale, fp8.w2_scale))
+        weights = (w13.data_ptr(), s13.data_ptr(), w2.data_ptr(), s2.data_ptr(), *fp8.block)
+        code = lib.moe_layer_decode_fp8(*head, *weights, *tail)
     if code == 2:
         raise ValueError(
             f"expert ids must be in [0, {local_index.numel()}) and map to held "
             f"experts (< {num_local}), with top_k >= 1"
         )
+    if code == 3:
+        raise MemoryError("moe_layer_decode_bf16: no memory for the FP8 experts' scratch")
     return None if code else out
 
 

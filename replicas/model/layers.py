@@ -34,8 +34,9 @@ operations), ~4 us fused. Longer prefills keep PyTorch's operations (and transfo
 numerics bit for bit)."""
 
 
-def fused_decode_op(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu":
+def fused_decode_op(x: torch.Tensor, weight_dtype: torch.dtype) -> bool:
+    """Whether x's rows on weights computing in ``weight_dtype`` take our fused CPU kernels."""
+    if x.dtype != torch.bfloat16 or weight_dtype != torch.bfloat16 or x.device.type != "cpu":
         return False
     return x.numel() <= FUSED_DECODE_MAX_ROWS * x.shape[-1] and cpu_kernels.available()
 
@@ -49,7 +50,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
-        if fused_decode_op(x, self.weight):
+        if fused_decode_op(x, self.weight.dtype):
             flat = x.reshape(-1, x.shape[-1])  # [R, dim]
             return cpu_kernels.rms_norm_bf16(flat, self.weight, self.eps).view(x.shape)
         x32 = x.float()
@@ -291,7 +292,7 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, H] -> q [B, T, Hq, D], k and v [B, T, Hkv, D]; k is what a KV cache stores."""
         qkv = self.qkv_proj(x)  # [B, T, q_size + 2 kv_size]
-        if x.shape[0] == 1 and fused_decode_op(qkv, self.q_norm.weight):
+        if x.shape[0] == 1 and fused_decode_op(qkv, self.q_norm.weight.dtype):
             tables = (cos, sin) if self.use_rope else (None, None)
             q, k = cpu_kernels.qk_norm_rope_bf16(
                 qkv[0],

@@ -343,18 +343,25 @@ class RoutedExperts(nn.Module):
     def decode_layer(self, x: torch.Tensor, routing: Routing) -> torch.Tensor | None:
         """x [N, H] -> the routed MoE output [N, H] in one fused call for a decode step's few
         bf16 tokens on CPU when this module holds every chosen expert and the AVX512 kernel is
-        the one ``_cpu_kernel`` would pick (cpu_kernels.moe_layer_decode_bf16: the same result
-        as ``weighted_sum(self(x, routing), ...)``, bit for bit, without a dozen PyTorch
-        operations of grouping and combining); else None."""
+        the one ``_cpu_kernel`` would pick (cpu_kernels.moe_layer_decode_bf16, on bf16 or FP8
+        weights: the same result as ``weighted_sum(self(x, routing), ...)``, bit for bit,
+        without a dozen PyTorch operations of grouping and combining); else None."""
         w13, w2 = self.w13, self.w2
-        if self.kernels != "torch" or self.fp8_block is not None or not fused_decode_op(x, w13):
+        if self.kernels != "torch" or not fused_decode_op(x, self.weight_dtype):
             return None
         if not (x.is_contiguous() and w13.is_contiguous() and w2.is_contiguous()):
             return None
         amx = self._amx_shapes() and cpu_kernels.amx_available()
         limit = AVX512_BEST_ROWS_PER_EXPERT if amx else self.kernel_max_rows()
         return cpu_kernels.moe_layer_decode_bf16(
-            x, routing.topk_ids, routing.topk_weights, self.local_index, w13, w2, limit
+            x,
+            routing.topk_ids,
+            routing.topk_weights,
+            self.local_index,
+            w13,
+            w2,
+            limit,
+            self.fp8_scales(),
         )
 
     def _cpu_kernel(self, x: torch.Tensor, num_rows: int, sizes: torch.Tensor) -> str | None:

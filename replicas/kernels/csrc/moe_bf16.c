@@ -128,24 +128,22 @@ void moe_experts_bf16(const uint16_t* x, const int64_t* offsets, int num_experts
 
 /* A whole routed-expert layer for the few tokens of a decode step, when this process holds
  * every expert the tokens chose: group the N x K slots by expert (slot order within an expert,
- * as RoutedExperts.compute_rows), run moe_experts_bf16 on them, and combine each token's K
- * outputs as model.weighted_sum does (fp32 products, summed in slot order, rounded once), so the
- * result is bit for bit the unfused path's. Returns 0; 1 without doing anything when a slot's
- * expert is not held here or the slots average more than max_rows_per_expert rows per used
- * expert (the caller then takes the general path); 2 when an id is outside [0, num_ids), maps
- * past the held experts, or k < 1.
+ * as RoutedExperts.compute_rows), run the experts on them (moe_experts_bf16, or moe_experts_fp8
+ * below), and combine each token's K outputs as model.weighted_sum does (fp32 products, summed
+ * in slot order, rounded once), so the result is bit for bit the unfused path's.
  *
  * topk_ids [N, K] global expert ids, topk_w [N, K] fp32, local_index [num_ids] (local slot
- * of each global id, -1 if not held), w13 / w2 as above for the num_local held experts;
- * scratch: order [N K] int64, offsets [num_local + 1] int64, h [N K, H], act [N K, I],
- * y [N K, H]; out [N, H]. */
-int moe_layer_decode_bf16(const uint16_t* x, int n, int hidden, int inter, int k,
-                          const int64_t* topk_ids, const float* topk_w,
-                          const int64_t* local_index, int num_ids, int num_local,
-                          int max_rows_per_expert,
-                          const uint16_t* w13, const uint16_t* w2, int64_t* order,
-                          int64_t* offsets, uint16_t* h, uint16_t* act, uint16_t* y,
-                          uint16_t* out, int num_threads) {
+ * of each global id, -1 if not held); scratch: order [N K] int64, offsets [num_local + 1] int64,
+ * h [N K, H], act [N K, I], y [N K, H]; out [N, H]. */
+
+/* The grouping: offsets of each held expert's rows, order[s] = the row of slot s, h = x's row
+ * of each slot. Returns 0; 1 without doing anything when a slot's expert is not held here or
+ * the slots average more than max_rows_per_expert rows per used expert (the caller then takes
+ * the general path); 2 when an id is outside [0, num_ids), maps past the held experts, or
+ * k < 1. */
+static int group_slots(const uint16_t* x, int n, int hidden, int k, const int64_t* topk_ids,
+                       const int64_t* local_index, int num_ids, int num_local,
+                       int max_rows_per_expert, int64_t* order, int64_t* offsets, uint16_t* h) {
   const int slots = n * k;
   if (k < 1) return 2;
   memset(offsets, 0, sizeof(int64_t) * (num_local + 1));
@@ -161,26 +159,46 @@ int moe_layer_decode_bf16(const uint16_t* x, int n, int hidden, int inter, int k
   for (int e = 0; e < num_local; e++) used += offsets[e + 1] > 0;
   if (slots > (int64_t)max_rows_per_expert * used) return 1;
   for (int e = 0; e < num_local; e++) offsets[e + 1] += offsets[e];
-  int64_t* next = order; /* reused: first the fill position of each expert, then row of slot */
-  int64_t fill[num_local];
+  int64_t fill[num_local]; /* the next row of each expert */
   for (int e = 0; e < num_local; e++) fill[e] = offsets[e];
   for (int s = 0; s < slots; s++) { /* stable: slot order within each expert */
     const int64_t row = fill[local_index[topk_ids[s]]]++;
-    next[s] = row;
+    order[s] = row;
     memcpy(h + row * hidden, x + (int64_t)(s / k) * hidden, sizeof(uint16_t) * hidden);
   }
-  moe_experts_bf16(h, offsets, num_local, hidden, inter, w13, w2, act, y, num_threads);
+  return 0;
+}
+
+/* The combine: out[t] = bf16(sum over j < k of fp32(y[order[t k + j]]) * topk_w[t k + j]) */
+static void combine_slots(const uint16_t* y, int n, int hidden, int k, const float* topk_w,
+                          const int64_t* order, uint16_t* out) {
   for (int t = 0; t < n; t++) {
     uint16_t* o = out + (int64_t)t * hidden;
     for (int i = 0; i < hidden; i++) {
-      float acc = bf16_to_f32(y[next[t * k] * hidden + i]) * topk_w[t * k];
+      float acc = bf16_to_f32(y[order[t * k] * hidden + i]) * topk_w[t * k];
       for (int j = 1; j < k; j++) {
-        const float p = bf16_to_f32(y[next[t * k + j] * hidden + i]) * topk_w[t * k + j];
+        const float p = bf16_to_f32(y[order[t * k + j] * hidden + i]) * topk_w[t * k + j];
         acc = acc + p;
       }
       o[i] = f32_to_bf16(acc);
     }
   }
+}
+
+/* bf16 experts (w13, w2 as moe_experts_bf16's for the num_local held experts): returns
+ * group_slots' code */
+int moe_layer_decode_bf16(const uint16_t* x, int n, int hidden, int inter, int k,
+                          const int64_t* topk_ids, const float* topk_w,
+                          const int64_t* local_index, int num_ids, int num_local,
+                          int max_rows_per_expert,
+                          const uint16_t* w13, const uint16_t* w2, int64_t* order,
+                          int64_t* offsets, uint16_t* h, uint16_t* act, uint16_t* y,
+                          uint16_t* out, int num_threads) {
+  const int code = group_slots(x, n, hidden, k, topk_ids, local_index, num_ids, num_local,
+                               max_rows_per_expert, order, offsets, h);
+  if (code) return code;
+  moe_experts_bf16(h, offsets, num_local, hidden, inter, w13, w2, act, y, num_threads);
+  combine_slots(y, n, hidden, k, topk_w, order, out);
   return 0;
 }
 
@@ -360,6 +378,24 @@ int moe_experts_fp8(const uint16_t* x, const int64_t* offsets, int num_experts, 
     free(scratch);
   }
   return failed;
+}
+
+/* moe_layer_decode_bf16 on FP8 experts (w13, s13, w2, s2, br, bc as moe_experts_fp8's):
+ * group_slots' code, or 3 when moe_experts_fp8 found no memory for its scratch or tables */
+int moe_layer_decode_fp8(const uint16_t* x, int n, int hidden, int inter, int k,
+                         const int64_t* topk_ids, const float* topk_w, const int64_t* local_index,
+                         int num_ids, int num_local, int max_rows_per_expert, const uint8_t* w13,
+                         const float* s13, const uint8_t* w2, const float* s2, int br, int bc,
+                         int64_t* order, int64_t* offsets, uint16_t* h, uint16_t* act,
+                         uint16_t* y, uint16_t* out, int num_threads) {
+  const int code = group_slots(x, n, hidden, k, topk_ids, local_index, num_ids, num_local,
+                               max_rows_per_expert, order, offsets, h);
+  if (code) return code;
+  if (moe_experts_fp8(h, offsets, num_local, hidden, inter, w13, s13, w2, s2, br, bc, act, y,
+                      num_threads))
+    return 3;
+  combine_slots(y, n, hidden, k, topk_w, order, out);
+  return 0;
 }
 
 /* w [mats, rows, cols] e4m3 with scale [mats, ceil(rows / br), ceil(cols / bc)] -> dst [mats,

@@ -178,3 +178,47 @@ def test_fused_moe_layer_equals_the_unfused_path_bit_for_bit(make_ckpt):
         cpu_kernels.moe_layer_decode_bf16(
             x, same - 1, routing.topk_weights, experts.local_index, experts.w13, experts.w2, 12
         )
+
+
+# FP8 experts on each of the kernel's paths, as (hidden size, blocks) with 128 intermediate
+# features: tiles from a scratch (experts of 256 KiB or less), streamed from a scratch (blocks
+# not spanning a multiple of 64 columns; partial edge blocks), streamed by lookup tables.
+FP8_LAYOUTS = {
+    "tiled-scratch": (256, (128, 128)),
+    "streamed-scratch": (512, (64, 96)),
+    "streamed-lookup": (512, (128, 128)),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", list(FP8_LAYOUTS))
+def test_fused_moe_layer_on_fp8_experts_equals_the_unfused_path(make_ckpt, tmp_path, layout):
+    """On experts held in FP8 the fused layer (moe_layer_decode_fp8) gives the unfused FP8 path's
+    result, and the bf16 fused layer's on the same checkpoint dequantized at load, bit for bit,
+    on each of the FP8 kernel's paths; it is what decoding runs."""
+    from cluster.bundled.quantize import quantize_checkpoint
+
+    hidden, block = FP8_LAYOUTS[layout]
+    bf16 = make_ckpt(
+        dtype="bfloat16",
+        hidden_size=hidden,
+        moe_intermediate_size=128,
+        head_dim=64,
+        initializer_range=0.05,
+    )
+    ckpt = quantize_checkpoint(bf16, tmp_path / "fp8", block)
+    held = load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False)
+    dense = load_causal_lm(ckpt, dtype=torch.bfloat16, include_mtp=False, keep_fp8=False)
+    layer = str(held.cfg.moe_layers[0])
+    moe, dense_moe = held.model.layers[layer].mlp, dense.model.layers[layer].mlp
+    assert moe.experts.fp8_scales() is not None and dense_moe.experts.fp8_scales() is None
+    g = torch.Generator().manual_seed(7)
+    for tokens in (1, 3, 16):
+        x = torch.randn(tokens, held.cfg.hidden_size, generator=g).bfloat16()
+        routing = moe.gate(x)
+        fused = moe.experts.decode_layer(x, routing)
+        assert fused is not None
+        unfused = weighted_sum(moe.experts(x, routing), routing.topk_weights)
+        assert torch.equal(fused, unfused), tokens
+        assert torch.equal(fused, dense_moe.experts.decode_layer(x, routing)), tokens
+        assert torch.equal(moe.routed(x), fused)

@@ -337,8 +337,8 @@ def _greedy(model, prompts, **config) -> list[list[int]]:
 def test_fp8_experts_stay_fp8_and_compute_the_dequantized_results(make_ckpt, tmp_path, monkeypatch):
     """Held as the checkpoint's e4m3 bytes with their scales, the experts give what the same
     checkpoint dequantized at load gives, bit for bit: whole forwards of 1 to 2 x 40 tokens (the
-    C FP8 kernel for few rows per expert, dequantized GEMMs for many) and the engine's greedy
-    steps (decode rows through the unfused expert path)."""
+    C FP8 kernel for few rows per expert, fused into one layer call up to 64 rows, dequantized
+    GEMMs for many) and the engine's greedy steps (decode rows through the fused layer)."""
     from replicas.kernels import cpu as cpu_kernels
 
     calls = []
