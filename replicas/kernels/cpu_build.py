@@ -17,6 +17,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -166,10 +167,11 @@ def _declare_bf16(lib: ctypes.CDLL) -> str | None:
     lib.linear_packed_bf16.restype = None
     # moe_layer_decode_*: x, n, hidden, inter, k, topk_ids, topk_w, local_index, num_ids,
     # num_local, max_rows_per_expert, then the weights, then the scratch, out and threads
-    head, tail = [P, I32, I32, I32, I32, P, P, P, I32, I32, I32], [P, P, P, P, P, P, I32]
-    lib.moe_layer_decode_bf16.argtypes = [*head, P, P, *tail]
+    head: list[Any] = [P, I32, I32, I32, I32, P, P, P, I32, I32, I32]
+    tail: list[Any] = [P, P, P, P, P, P, I32]
+    lib.moe_layer_decode_bf16.argtypes = head + [P, P] + tail
     lib.moe_layer_decode_bf16.restype = I32
-    lib.moe_layer_decode_fp8.argtypes = [*head, P, P, P, P, I32, I32, *tail]
+    lib.moe_layer_decode_fp8.argtypes = head + [P, P, P, P, I32, I32] + tail
     lib.moe_layer_decode_fp8.restype = I32
     lib.rms_norm_bf16.argtypes = [P, I32, I32, ctypes.c_int64, P, ctypes.c_float, P]
     lib.rms_norm_bf16.restype = None
