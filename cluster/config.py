@@ -296,6 +296,16 @@ class RouterOptions(_Strict):
     max_output_tokens: int | None = Field(
         None, ge=1, description="Largest max_tokens accepted; default: the context limit."
     )
+    stream_interval_ms: float = Field(
+        50.0,
+        ge=0,
+        description="Under load (stream_pacing_min_streams or more streams on a Router "
+        "replica) one stream's token deltas leave at most this often, merged; its first and "
+        "last still leave at once. 0: every engine step's delta is sent as it comes.",
+    )
+    stream_pacing_min_streams: int = Field(
+        8, ge=1, description="Streams a Router replica holds from which on it paces them."
+    )
     max_ongoing_requests: int = Field(
         1024,
         ge=1,

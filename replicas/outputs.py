@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from replicas.engine.request import FinishReason
@@ -65,16 +66,39 @@ def merge_pending(item, queue) -> RequestOutput | BaseException:
     return item
 
 
-async def read_outputs(queue) -> AsyncIterator[RequestOutput]:
+async def read_outputs(
+    queue, interval_s: Callable[[], float] | None = None
+) -> AsyncIterator[RequestOutput]:
     """One request's outputs from ``queue`` (an asyncio.Queue of its outputs and errors), each
-    merged with those already waiting, up to the finished one; an error is raised."""
+    merged with those already waiting, up to the finished one; an error is raised.
+
+    ``interval_s``: paces the stream (router.pacing): after each output it gives the least time
+    until the next may leave, merging what arrives meanwhile (0: at once). The first output, the
+    finished one and errors leave as soon as they arrive."""
+    loop = asyncio.get_running_loop()
+    due: float | None = None  # when the next output may leave (None: at once)
     while True:
         item = merge_pending(await queue.get(), queue)
+        while due is not None and isinstance(item, RequestOutput) and not item.finished:
+            wait = due - loop.time()
+            if wait <= 0:
+                break
+            try:
+                async with asyncio.timeout(wait):
+                    later = await queue.get()
+            except TimeoutError:
+                break
+            if isinstance(later, BaseException):
+                item = later
+            else:
+                item = merge_pending(item.merge(later), queue)
         if isinstance(item, BaseException):
             raise item
         yield item
         if item.finished:
             return
+        pause = interval_s() if interval_s is not None else 0.0
+        due = loop.time() + pause if pause > 0 else None
 
 
 class RequestRejectedError(ValueError):

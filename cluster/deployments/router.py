@@ -19,6 +19,7 @@ from replicas.model.config import ModelConfig
 from replicas.model.quant_config import BlockFp8
 from router.hops import HopStats
 from router.openai_api.frontend import OpenAIFrontend
+from router.pacing import StreamPacing
 from router.prompt_workers import PromptWorkers
 from router.requests import RequestLimits
 from router.service import GenerationService
@@ -90,7 +91,10 @@ class RouterDeployment:
         self.metrics = RouterMetrics()
         self.hops = HopStats(self.metrics.hop_observed)
         self.client = DirectShardClient(
-            shard, StepSubscriber(self.hops), retry_budget_s=r.retry_budget_s
+            shard,
+            StepSubscriber(self.hops),
+            retry_budget_s=r.retry_budget_s,
+            pacing=StreamPacing(r.stream_interval_ms / 1000, r.stream_pacing_min_streams),
         )
         self.prompts = PromptWorkers(config.model_path, tokenizer, limits)
         self.service = GenerationService(

@@ -32,6 +32,7 @@ from protos.exaone.internal.v1 import step_stream_pb2_grpc as spb_grpc
 from replicas.outputs import ReplicaUnavailableError, read_outputs
 from replicas.sampling_params import SamplingParams
 from router.hops import HopStats
+from router.pacing import StreamPacing
 
 LOST_REPLICA = (ActorDiedError, ActorUnavailableError)
 
@@ -113,11 +114,23 @@ class DirectShardClient:
     streams."""
 
     def __init__(
-        self, handle, subscriber: StepSubscriber | None = None, retry_budget_s: float = 30.0
+        self,
+        handle,
+        subscriber: StepSubscriber | None = None,
+        retry_budget_s: float = 30.0,
+        pacing: StreamPacing | None = None,
     ):
+        """``pacing``: how often a request's deltas are handed on, by how many requests this
+        router holds (router.pacing); None: each as it arrives."""
         self.handle = handle.options(stream=True)
         self.subscriber = subscriber or StepSubscriber()
         self.retry_budget_s = retry_budget_s
+        self.pacing = pacing
+
+    def _interval_s(self) -> float:
+        if self.pacing is None:
+            return 0.0
+        return self.pacing.interval(len(self.subscriber.queues))
 
     async def generate(
         self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
@@ -156,7 +169,7 @@ class DirectShardClient:
                 raise _Lost(type(e).__name__) from None
             sub.bind(request_id, address)
             watcher = asyncio.get_running_loop().create_task(_watch(call, queue))
-            async for item in read_outputs(queue):
+            async for item in read_outputs(queue, self._interval_s):
                 finished = item.finished
                 yield item
         finally:
