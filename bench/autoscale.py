@@ -134,7 +134,6 @@ def run(ckpt: Path, args, balancer: bool) -> list[dict]:
     local = start_local(
         config,
         grpc_port=free_port(),
-        http_port=free_port(),
         dashboard_port=None,
         num_cpus=16,
         ready_timeout_s=600,

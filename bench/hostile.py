@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="baseline / attacked rounds")
     args = ap.parse_args()
     config = ClusterConfig(model_path=args.model, prefix_cache={"enabled": False})
-    cluster = start_local(config, grpc_port=free_port(), http_port=free_port(), dashboard_port=None)
+    cluster = start_local(config, grpc_port=free_port(), dashboard_port=None)
     try:
         address = cluster.grpc_address
         streams(address, 8)  # warm-up

@@ -244,7 +244,6 @@ def run_ours(config: ClusterConfig, work: Workload, args, protocols: list[str]) 
     cluster = start_local(
         config,
         grpc_port=free_port(),
-        http_port=free_port(),
         openai_port=free_port(),
         dashboard_port=None,
     )

@@ -149,7 +149,7 @@ def main() -> None:
         prefix_cache={"enabled": False},
         attention={"num_threads": args.threads},
     )
-    cluster = start_local(config, grpc_port=free_port(), http_port=free_port(), dashboard_port=None)
+    cluster = start_local(config, grpc_port=free_port(), dashboard_port=None)
     shard = serve.get_deployment_handle("AttentionShard", APP_NAME)
     router = serve.get_deployment_handle("Router", APP_NAME)
     try:

@@ -33,6 +33,19 @@ LOCAL_ENV = {
     # engine on a small machine. Every 0.5 s: 3% (bench/served_cpu.py --idle-s). Replicas then
     # start, stop and scale up to 0.4 s later.
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    # Every Ray worker process costs 0.6-0.7% of a core doing nothing (its task loop wakes
+    # every 10 ms to check for signals): Ray's default prestarts one for the first driver that
+    # nothing here uses, and it stayed idle for the server's life.
+    "RAY_prestart_worker_first_driver": "0",
+    # Ray's log monitor lists the log directory 10 times a second while it holds fewer than
+    # this many files (0.8% of a core, idle); then every LOG_NAME_UPDATE_INTERVAL_S. The
+    # driver does not take the workers' logs (log_to_driver=False): they stay in the files.
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+    "LOG_NAME_UPDATE_INTERVAL_S": "5",
+    # Serve hands its own request metrics to Ray's metrics agent every 0.1 s from every replica
+    # and handle; the agent exports every 10 s (Ray's metrics_report_interval_ms), so once a
+    # second loses nothing a scrape sees.
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
 }
 
 
@@ -62,7 +75,7 @@ class LocalCluster:
 def start_local(
     config: ClusterConfig,
     grpc_port: int = 9000,
-    http_port: int = 8000,
+    http_port: int | None = None,
     openai_port: int | None = None,
     dashboard_port: int | None = 8265,
     num_cpus: int | None = None,
@@ -70,8 +83,9 @@ def start_local(
     metrics_port: int | None = None,
 ) -> LocalCluster:
     """Start Ray + Serve + the app; return once the model answers a health check.
-    ``http_port``: Serve's own HTTP proxy; ``openai_port``: our OpenAI-compatible API (None:
-    config.router.openai_port)."""
+    ``http_port``: Serve's own HTTP proxy (None: none; the gRPC and OpenAI-compatible APIs are
+    the Router's own servers, and a proxy idles at about 1% of a core); ``openai_port``: our
+    OpenAI-compatible API (None: config.router.openai_port)."""
     from replicas.prefix_cache.redis_tier import MAC_KEY_ENV
 
     os.environ.update(LOCAL_ENV)
@@ -106,7 +120,8 @@ def start_local(
             raise PlacementError(problem)
         serve_logging = LoggingConfig(enable_access_log=False, log_level="WARNING")
         serve.start(
-            http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+            proxy_location="HeadOnly" if http_port is not None else "Disabled",
+            http_options=HTTPOptions(host="127.0.0.1", port=http_port or 8000),
             logging_config=serve_logging,
         )
         serve.run(build_app(config), name=APP_NAME, route_prefix="/", logging_config=serve_logging)

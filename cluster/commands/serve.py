@@ -36,7 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-openai", action="store_true", help="serve gRPC only (router.openai_api: false)"
     )
-    p.add_argument("--http-port", type=int, default=8000, help="Ray Serve's HTTP proxy port")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        help="also start Ray Serve's HTTP proxy on this port (default: none; the gRPC and "
+        "OpenAI-compatible APIs do not use it)",
+    )
     p.add_argument("--dashboard-port", type=int, default=8265)
     p.add_argument("--no-dashboard", action="store_true")
     p.add_argument("--metrics-port", type=int, help="Ray's Prometheus metrics port (default: any)")

@@ -190,7 +190,6 @@ def local_cluster(config, num_cpus: int = 2, **kwargs):
     local = start_local(
         config,
         grpc_port=free_port(),
-        http_port=free_port(),
         openai_port=free_port(),
         dashboard_port=None,
         num_cpus=num_cpus,

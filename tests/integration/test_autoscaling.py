@@ -14,6 +14,7 @@ succeeds with the colocated engine's greedy output.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -29,7 +30,13 @@ from cluster.commands.status import collect, render
 from cluster.config import ClusterConfig
 from cluster.deployments.expert_group import expert_group_name
 from router.client import GenerationClient
-from tests.integration.conftest import colocated_reference, free_port, on_free_port
+from tests.integration.conftest import (
+    colocated_reference,
+    descendants,
+    free_port,
+    listening_addresses,
+    on_free_port,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +44,7 @@ HOT = (0, 1)
 NEW_TOKENS = 16
 BALANCED = "balanced"
 ADDRESSES: dict[str, str] = {}  # application -> its gRPC address (set by the cluster fixture)
+PROXY_PORT: list[int] = []  # Serve's HTTP proxy, which this cluster asks for (set by the fixture)
 THRESHOLD = 1.3
 TARGET_TOKENS_PER_S = 60.0  # per expert replica (slots/s per MoE layer)
 TRICKLE_PAUSE_S = 2.0
@@ -115,12 +123,13 @@ def cluster(skewed_ckpt):
         **{k: v for k, v in scaling.items() if not k.startswith("target_")},
         "target_running_seqs": 8.0,
     }
+    PROXY_PORT[:] = [free_port()]
     local = start_local(
         _config(
             skewed_ckpt, autoscaling=scaling, metrics_interval_s=0.5, attention_scaling=attention
         ),
         grpc_port=free_port(),
-        http_port=free_port(),
+        http_port=PROXY_PORT[0],
         dashboard_port=None,
         num_cpus=8,
         ready_timeout_s=300,
@@ -295,6 +304,18 @@ def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
         out.append((labels, float(m.group(2))))
     return out
+
+
+def test_serves_http_proxy_runs_where_asked_for(cluster):
+    """`serve --http-port` (start_local's http_port) starts Serve's HTTP proxy, on loopback,
+    which answers its health route with both applications routed (without it there is none:
+    tests/integration/test_grpc_api.py)."""
+    base = f"http://127.0.0.1:{PROXY_PORT[0]}"
+    assert urllib.request.urlopen(f"{base}/-/healthz", timeout=10).read() == b"success"
+    routes = json.loads(urllib.request.urlopen(f"{base}/-/routes", timeout=10).read())
+    assert set(routes.values()) == {APP_NAME, BALANCED}
+    found = listening_addresses(descendants(os.getpid()))
+    assert {ip for _, ip, port in found if port == PROXY_PORT[0]} == {"127.0.0.1"}
 
 
 def test_the_metrics_reach_rays_prometheus_endpoint(cluster, reference):

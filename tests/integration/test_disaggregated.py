@@ -85,7 +85,6 @@ def cluster(tiny_ckpt):
         local = start_local(
             _config(tiny_ckpt, 2, 2, 2, url),
             grpc_port=free_port(),
-            http_port=free_port(),
             dashboard_port=None,
             num_cpus=8,
             ready_timeout_s=300,

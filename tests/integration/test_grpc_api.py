@@ -306,6 +306,18 @@ def test_every_listener_is_on_loopback(cluster):
     assert not wide, f"listening beyond loopback: {wide}"
 
 
+def test_no_serve_http_proxy_unless_asked(cluster):
+    """Both APIs are the Router's own servers: `serve` starts no Serve HTTP proxy (an idle one
+    takes about 1% of a core from the engine) unless --http-port asks for it
+    (tests/integration/test_autoscaling.py starts one)."""
+    from ray import serve
+
+    assert serve.status().proxies == {}
+    names = {_command(pid) for pid in descendants(os.getpid())}
+    assert not [n for n in names if "ProxyActor" in n]
+    assert [n for n in names if "ServeReplica" in n]  # the search sees the replicas
+
+
 def _command(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:100]

@@ -122,8 +122,6 @@ def test_serve_bundled_model_answers_and_stops_on_sigterm(tmp_path, extra, mode)
         "serve",
         "--grpc-port",
         str(port),
-        "--http-port",
-        str(free_port()),
         "--openai-port",
         str(openai_port),
         "--no-dashboard",
