@@ -306,7 +306,7 @@ def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     return out
 
 
-def test_serves_http_proxy_runs_where_asked_for(cluster):
+def test_the_serve_http_proxy_runs_where_asked_for(cluster):
     """`serve --http-port` (start_local's http_port) starts Serve's HTTP proxy, on loopback,
     which answers its health route with both applications routed (without it there is none:
     tests/integration/test_grpc_api.py)."""
