@@ -239,6 +239,12 @@ def test_health_reports_a_dead_engine_thread_and_a_hung_step(setup, monkeypatch)
         problem = engine.health(stall_timeout_s=0.3)
         with pytest.raises(ReplicaUnavailableError, match="died"):
             _ = [o async for o in engine.generate("refused", prompt, params)]
+        # The thread fails the requests before its exception leaves it: wait for that, so the
+        # exception meets this test's excepthook, not whatever test runs next.
+        thread = engine._thread
+        assert thread is not None
+        await asyncio.to_thread(thread.join, 30)
+        assert not thread.is_alive()
         return outs, seen, healthy_after, died, problem
 
     outs, seen, healthy_after, died, problem = asyncio.run(asyncio.wait_for(main(), 60))
