@@ -124,7 +124,7 @@ def moe_experts_fp8(
             "(contiguous CPU weights)"
         )
     offsets = offsets.to(torch.int64).contiguous()
-    s13, s2 = (s.to(torch.float32).contiguous() for s in (fp8.w13_scale, fp8.w2_scale))
+    s13, s2 = fp8.float32()
     act = h.new_empty(h.shape[0], inter)
     out = torch.empty_like(h)
     failed = lib.moe_experts_fp8(
@@ -260,7 +260,7 @@ def moe_layer_decode_bf16(
     if fp8 is None:
         code = lib.moe_layer_decode_bf16(*head, w13.data_ptr(), w2.data_ptr(), *tail)
     else:
-        s13, s2 = (s.to(torch.float32).contiguous() for s in (fp8.w13_scale, fp8.w2_scale))
+        s13, s2 = fp8.float32()
         weights = (w13.data_ptr(), s13.data_ptr(), w2.data_ptr(), s2.data_ptr(), *fp8.block)
         code = lib.moe_layer_decode_fp8(*head, *weights, *tail)
     if code == 2:

@@ -32,3 +32,11 @@ class Fp8Scales:
                 f"scales {list(self.w13_scale.shape)} / {list(self.w2_scale.shape)} do not fit "
                 f"blocks of {list(self.block)}: want {list(want13)} / {list(want2)}"
             )
+
+    def float32(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13_scale, w2_scale) as contiguous float32, the C kernels' layout (keep them alive
+        while a kernel reads them)."""
+        return (
+            self.w13_scale.to(torch.float32).contiguous(),
+            self.w2_scale.to(torch.float32).contiguous(),
+        )
