@@ -191,6 +191,9 @@ def _declare_bf16(lib: ctypes.CDLL) -> str | None:
         P,
     ]
     lib.qk_norm_rope_bf16.restype = None
+    # decode_layers: layers, num_layers, step, start, topk_ids, topk_w, routed
+    lib.decode_layers.argtypes = [P, I32, P, I32, P, P, P]
+    lib.decode_layers.restype = I32
     return None
 
 
@@ -213,6 +216,7 @@ _BF16_SOURCES = [
     "linear_bf16.c",
     "linear_packed.c",
     "decode_ops.c",
+    "decode_step.c",
 ]
 BF16_LIBRARY = Library("exaone_avx512", _BF16_SOURCES, BASE_FLAGS, _avx512_bf16, _declare_bf16)
 AMX_LIBRARY = Library(

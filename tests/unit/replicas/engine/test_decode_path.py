@@ -1,12 +1,14 @@
 """replicas.engine.decode_path: a colocated bf16 decode step without module calls gives the module
-path's hidden states bit for bit, and is taken only where it applies."""
+path's hidden states bit for bit, and is taken only where it applies; so does its C version
+(replicas.engine.decode_native, csrc/decode_step.c), with the routers in PyTorch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from replicas.engine import decode_path
+from replicas.engine import decode_native, decode_path
 from replicas.engine import engine as engine_module
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.model.loader import load_causal_lm
@@ -18,9 +20,13 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
-def _step_hiddens(model, prompts, use_decode_path: bool, monkeypatch) -> tuple[list, list]:
-    """Greedy generation -> (every step's hidden states, whether the decode path ran it)."""
+def _step_hiddens(
+    model, prompts, use_decode_path: bool, monkeypatch, native: bool = False
+) -> tuple[list, list]:
+    """Greedy generation -> (every step's hidden states, whether the decode path ran it: True,
+    or "native" where decode_native ran it)."""
     monkeypatch.setattr(engine_module, "DECODE_PATH", use_decode_path)
+    monkeypatch.setattr(decode_path, "NATIVE", native)
     engine = LLMEngine(
         model,
         EngineConfig(
@@ -40,28 +46,98 @@ def _step_hiddens(model, prompts, use_decode_path: bool, monkeypatch) -> tuple[l
         hiddens.append(execute(plan))
         return hiddens[-1]
 
+    native_run = decode_native.NativeDecode.run
+
+    def recording_native(self, *args):
+        fast[-1] = "native"
+        return native_run(self, *args)
+
     monkeypatch.setattr(decode_path, "decode_hidden", recording_decode)
+    monkeypatch.setattr(decode_native.NativeDecode, "run", recording_native)
     monkeypatch.setattr(engine, "_execute", recording_execute)
     engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     return hiddens, fast
 
 
-@needs_kernel
-@pytest.mark.parametrize("batch", [1, 6, 20])  # 20: past the rows the dense kernel takes
-def test_decode_path_equals_the_module_path_bit_for_bit(make_ckpt, monkeypatch, batch):
-    model = load_causal_lm(make_ckpt(dtype="bfloat16"), dtype=torch.bfloat16)
+def _prompts(batch: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(batch)
-    prompts = [
+    return [
         torch.randint(5, 1000, (int(n),), generator=g).tolist()
         for n in torch.randint(3, 30, (batch,), generator=g)
     ]
-    fast_hiddens, fast = _step_hiddens(model, prompts, True, monkeypatch)
+
+
+@needs_kernel
+@pytest.mark.parametrize("native", [False, True], ids=["python", "native"])
+@pytest.mark.parametrize("batch", [1, 6, 20])  # 20: past the rows the dense kernel takes
+def test_decode_path_equals_the_module_path_bit_for_bit(make_ckpt, monkeypatch, batch, native):
+    model = load_causal_lm(make_ckpt(dtype="bfloat16"), dtype=torch.bfloat16)
+    prompts = _prompts(batch)
+    fast_hiddens, fast = _step_hiddens(model, prompts, True, monkeypatch, native)
     slow_hiddens, slow = _step_hiddens(model, prompts, False, monkeypatch)
     assert not any(slow)
-    assert fast[0] is False and sum(fast) >= 10  # prefill steps take the module path
+    assert fast[0] is False and sum(map(bool, fast)) >= 10  # prefills take the module path
+    # the tiny preset's projections all have the packed kernel: native takes every decode step
+    assert all(f == ("native" if native else True) for f in fast if f)
     assert len(fast_hiddens) == len(slow_hiddens)
     for a, b in zip(fast_hiddens, slow_hiddens, strict=True):
         assert torch.equal(a, b)
+
+
+@needs_kernel
+def test_native_decode_hands_declined_experts_to_the_module_path(make_ckpt, monkeypatch):
+    """Where the C expert kernel declines a layer's rows (more rows per expert than it takes),
+    decode_layers returns and the caller computes them as the module path does: the same bits."""
+    model = load_causal_lm(make_ckpt(dtype="bfloat16"), dtype=torch.bfloat16)
+    monkeypatch.setattr(decode_native, "_experts_max_rows", lambda experts: 1)
+    declined = []
+    original = decode_native.weighted_sum
+    monkeypatch.setattr(
+        decode_native, "weighted_sum", lambda *a: declined.append(1) or original(*a)
+    )
+    prompts = _prompts(12)
+    fast_hiddens, fast = _step_hiddens(model, prompts, True, monkeypatch, True)
+    slow_hiddens, _ = _step_hiddens(model, prompts, False, monkeypatch)
+    assert "native" in fast and len(declined) >= 10
+    for a, b in zip(fast_hiddens, slow_hiddens, strict=True):
+        assert torch.equal(a, b)
+
+
+def _silu_as_swiglu(inter: int, values: torch.Tensor) -> torch.Tensor:
+    """F.silu of bf16 ``values`` (a multiple of ``inter`` of them) as a SwiGLU of width ``inter``
+    calls it: on the gate half of a [rows, 2 * inter] projection."""
+    gate_up = torch.zeros(values.numel() // inter, 2 * inter, dtype=torch.bfloat16)
+    gate_up[:, :inter] = values.view(-1, inter)
+    return F.silu(gate_up.split(inter, dim=-1)[0]).reshape(-1)
+
+
+@pytest.mark.parametrize("inter", [32, 64, 96, 256])
+def test_silu_table_is_pytorchs_silu_of_every_bf16_value(inter):
+    """Every bf16 bit pattern through F.silu as a SwiGLU of width I calls it, on as many rows as
+    it takes and one row at a time for some: the table of width I holds the same bits. Where
+    there is no table, a value's result really does depend on its column."""
+    bits = torch.arange(65536, dtype=torch.int32)
+    values = torch.where(bits >= 32768, bits - 65536, bits).to(torch.int16).view(torch.bfloat16)
+    padded = torch.cat([values, values[: -65536 % inter]])
+    got = _silu_as_swiglu(inter, padded)[:65536].view(torch.int16)
+    table = decode_native.silu_table(inter)
+    if table is None:
+        moved = torch.cat([padded[1:], padded[:1]])  # every value one column to the left
+        again = _silu_as_swiglu(inter, moved).view(torch.int16)
+        assert not torch.equal(got[1:], again[:65535])  # value v + 1 at column v
+        return
+    assert torch.equal(got, table.view(torch.int16))
+    for start in (0, 12345, 65536 - inter):
+        one = _silu_as_swiglu(inter, values[start : start + inter])
+        assert torch.equal(one.view(torch.int16), table[start : start + inter].view(torch.int16))
+
+
+@needs_kernel
+def test_native_decode_declines_fp8_models(make_ckpt):
+    """FP8 weights (their own kernels) keep the Python decode path."""
+    model = load_causal_lm(make_ckpt(dtype="bfloat16", quantize="fp8"), dtype=torch.bfloat16)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, kv_cache_bytes=4 << 20))
+    assert decode_native.native_for(model, engine.cache) is None
 
 
 def test_decode_path_declines_fp32_models(make_ckpt):

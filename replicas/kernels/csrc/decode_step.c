@@ -1,0 +1,220 @@
+/* A colocated bf16 model's decode step, layer after layer, with one call per MoE layer.
+ *
+ * replicas/engine/decode_path.py runs a decode step as a chain of calls into this library's
+ * kernels with small PyTorch operations between them; on a small model the Python and PyTorch
+ * dispatch around those calls cost more than the kernels (bundled model, one sequence: about
+ * 1.7 ms of a 2.1 ms step). decode_layers makes the same kernel calls, on the same inputs, in the
+ * same order, and does the operations between them itself, each rounded where PyTorch rounds:
+ *
+ *   embedding    the rows of the table, copied
+ *   residuals    h = bf16(h + y)                                  (fp32 sum, nearest even)
+ *   MoE output   h = bf16(h + bf16(routed + shared))
+ *   SwiGLU       act = bf16(silu(gate) * up): silu from a table of PyTorch's own silu of every
+ *                bf16 value at that width (F.silu computes in fp32 with its own exp, so a table
+ *                is the way to its bits), the product rounded as PyTorch's bf16 multiply
+ *   KV writes    the step's keys and values copied to their cache rows (index_copy_)
+ *
+ * so its hidden states equal decode_path's bit for bit. The router of each MoE layer stays in
+ * PyTorch (its fp32 GEMM, sigmoid and top-k are the module path's bits only there): the call
+ * returns at a MoE layer with the router's input in s->x, and the caller calls again with the
+ * chosen experts and their weights.
+ *
+ * Projections: linear_bf16 up to s->stream_rows rows, linear_packed_bf16 on the packed weight
+ * beyond (the caller checks that every weight has what its row count needs, as Linear chooses).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#include "simd.h"
+
+void rms_norm_bf16(const uint16_t* x, int rows, int dim, int64_t stride, const uint16_t* w,
+                   float eps, uint16_t* out);
+void qk_norm_rope_bf16(const uint16_t* qkv, int tokens, int64_t stride, int q_heads, int kv_heads,
+                       int d, const uint16_t* q_w, const uint16_t* k_w, float eps,
+                       const uint16_t* cos, const uint16_t* sin, uint16_t* q_out,
+                       uint16_t* k_out);
+void linear_bf16(const uint16_t* x, int m, int k, int n, const uint16_t* w, uint16_t* out,
+                 int num_threads);
+void linear_packed_bf16(const uint16_t* x, int m, int k, int n, const uint16_t* wp,
+                        uint16_t* out, int num_threads);
+void decode_attention_bf16(const uint16_t* q, const uint16_t* k_pool, const uint16_t* v_pool,
+                           const int64_t* rows, int num_rows, const uint16_t* k_extra,
+                           const uint16_t* v_extra, const uint8_t* valid, int batch, int heads,
+                           int kv_heads, int dim, float scale, float* scores, uint16_t* out,
+                           int num_threads);
+int moe_layer_decode_bf16(const uint16_t* x, int n, int hidden, int inter, int k,
+                          const int64_t* topk_ids, const float* topk_w,
+                          const int64_t* local_index, int num_ids, int num_local,
+                          int max_rows_per_expert, const uint16_t* w13, const uint16_t* w2,
+                          int64_t* order, int64_t* offsets, uint16_t* h, uint16_t* act,
+                          uint16_t* y, uint16_t* out, int num_threads);
+
+typedef struct { /* a bf16 weight [out, in], and its pack_vnni_bf16 copy or NULL */
+  const uint16_t* w;
+  const uint16_t* packed;
+  int in, out;
+} Proj;
+
+typedef struct { /* one decoder layer: fixed while the model serves */
+  const uint16_t* in_norm;
+  const uint16_t* post_norm;
+  float eps;
+  Proj qkv, o;
+  const uint16_t* q_norm;
+  const uint16_t* k_norm;
+  float qk_eps;
+  int rope;    /* RoPE on q and k */
+  int sliding; /* keys in a sliding ring (else the global pool) */
+  uint16_t* k_cache;
+  uint16_t* v_cache;
+  int moe;       /* a MoE layer (else a dense SwiGLU) */
+  Proj gate_up;  /* the dense SwiGLU's, or the shared expert's: [2I, H] */
+  Proj down;     /* [H, I] */
+  const uint16_t* silu; /* [65536] PyTorch's silu of every bf16 value, as this width computes it */
+  const uint16_t* w13; /* routed experts (MoE layers): [E, 2I', H], [E, H, I'] */
+  const uint16_t* w2;
+  const int64_t* local_index;
+  int num_ids, num_local, expert_inter, max_rows;
+} DecodeLayer;
+
+typedef struct { /* one step: its rows, indices and scratch */
+  int n, hidden, q_heads, kv_heads, head_dim, top_k, stream_rows, threads;
+  float scale;
+  const int64_t* ids;     /* [n] token ids */
+  const uint16_t* embed;  /* [V, H] */
+  const uint16_t* cos;    /* [n, D] */
+  const uint16_t* sin;
+  uint16_t* h;            /* [n, H] the residual stream */
+  uint16_t* x;            /* [n, H] a norm's output (the router's input at a MoE layer) */
+  uint16_t* qkv;          /* [n, (Hq + 2 Hkv) D] */
+  uint16_t* q;            /* [n, Hq D] */
+  uint16_t* k;            /* [n, Hkv D] */
+  uint16_t* v;            /* [n, Hkv D] */
+  uint16_t* attn;         /* [n, Hq D] */
+  uint16_t* proj;         /* [n, H] */
+  uint16_t* gate_up;      /* [n, 2 I] (the widest SwiGLU's) */
+  uint16_t* act;          /* [n, I] */
+  uint16_t* routed;       /* [n, H] */
+  int64_t* order;         /* moe_layer_decode_bf16's scratch */
+  int64_t* offsets;
+  uint16_t* slot_h;
+  uint16_t* slot_act;
+  uint16_t* slot_y;
+  float* scores;          /* decode_attention_bf16's scratch */
+  const int64_t* write_rows;   /* global pool row of each sequence's new token */
+  const int64_t* global_rows;  /* [n, global_keys] */
+  const uint8_t* global_valid;
+  int global_keys;
+  const int64_t* ring_rows;    /* [n, ring_keys] rows of the flat ring */
+  const uint8_t* ring_valid;   /* [n, ring_keys + 1] */
+  const int64_t* ring_dst;     /* [n] ring row each new token goes to */
+  int ring_keys;
+  const uint16_t* final_norm;
+  float final_eps;
+  uint16_t* out;               /* [n, H] the final norm's output */
+} DecodeStep;
+
+static void project(const DecodeStep* s, const Proj* p, const uint16_t* x, uint16_t* out) {
+  if (s->n <= s->stream_rows)
+    linear_bf16(x, s->n, p->in, p->out, p->w, out, s->threads);
+  else
+    linear_packed_bf16(x, s->n, p->in, p->out, p->packed, out, s->threads);
+}
+
+static void add_rows(uint16_t* h, const uint16_t* y, int64_t count) { /* h = bf16(h + y) */
+  for (int64_t i = 0; i < count; i++) h[i] = f32_to_bf16(bf16_to_f32(h[i]) + bf16_to_f32(y[i]));
+}
+
+static void copy_rows(uint16_t* pool, const int64_t* rows, const uint16_t* src, int n,
+                      int64_t width) {
+  for (int b = 0; b < n; b++)
+    memcpy(pool + rows[b] * width, src + (int64_t)b * width, sizeof(uint16_t) * width);
+}
+
+/* h += o_proj(attention(norm(h))); then s->x = post_attention_norm(h) */
+static void attention_block(const DecodeLayer* L, const DecodeStep* s) {
+  const int n = s->n, hd = s->head_dim;
+  const int64_t q_size = (int64_t)s->q_heads * hd, kv_size = (int64_t)s->kv_heads * hd;
+  const int64_t width = q_size + 2 * kv_size;
+  rms_norm_bf16(s->h, n, s->hidden, s->hidden, L->in_norm, L->eps, s->x);
+  project(s, &L->qkv, s->x, s->qkv);
+  qk_norm_rope_bf16(s->qkv, n, width, s->q_heads, s->kv_heads, hd, L->q_norm, L->k_norm,
+                    L->qk_eps, L->rope ? s->cos : 0, L->rope ? s->sin : 0, s->q, s->k);
+  for (int b = 0; b < n; b++)
+    memcpy(s->v + b * kv_size, s->qkv + b * width + q_size + kv_size, sizeof(uint16_t) * kv_size);
+  if (L->sliding) { /* keys: the ring, then the token itself; the ring takes it after */
+    decode_attention_bf16(s->q, L->k_cache, L->v_cache, s->ring_rows, s->ring_keys, s->k, s->v,
+                          s->ring_valid, n, s->q_heads, s->kv_heads, hd, s->scale, s->scores,
+                          s->attn, s->threads);
+    copy_rows(L->k_cache, s->ring_dst, s->k, n, kv_size);
+    copy_rows(L->v_cache, s->ring_dst, s->v, n, kv_size);
+  } else {
+    copy_rows(L->k_cache, s->write_rows, s->k, n, kv_size);
+    copy_rows(L->v_cache, s->write_rows, s->v, n, kv_size);
+    decode_attention_bf16(s->q, L->k_cache, L->v_cache, s->global_rows, s->global_keys, 0, 0,
+                          s->global_valid, n, s->q_heads, s->kv_heads, hd, s->scale, s->scores,
+                          s->attn, s->threads);
+  }
+  project(s, &L->o, s->attn, s->proj);
+  add_rows(s->h, s->proj, (int64_t)n * s->hidden);
+  rms_norm_bf16(s->h, n, s->hidden, s->hidden, L->post_norm, L->eps, s->x);
+}
+
+/* s->proj = down(bf16(silu(gate(x)) * up(x))), gate_up's rows gate then up */
+static void swiglu(const DecodeLayer* L, const DecodeStep* s) {
+  const int inter = L->gate_up.out / 2;
+  project(s, &L->gate_up, s->x, s->gate_up);
+  for (int b = 0; b < s->n; b++) {
+    const uint16_t* g = s->gate_up + (int64_t)b * 2 * inter;
+    uint16_t* a = s->act + (int64_t)b * inter;
+    for (int j = 0; j < inter; j++)
+      a[j] = f32_to_bf16(bf16_to_f32(L->silu[g[j]]) * bf16_to_f32(g[inter + j]));
+  }
+  project(s, &L->down, s->act, s->proj);
+}
+
+/* Runs layers start.. of the step. A call with topk_ids / topk_w (the router's choice for
+ * layer `start`, from the x the last call left) or with `routed` (that layer's routed-expert
+ * output, computed by the caller) resumes at that layer's MLP; otherwise the call begins at
+ * layer start's attention (and at 0 with the embedding).
+ * Returns: i < num_layers: layer i is a MoE layer whose router the caller runs on s->x;
+ * num_layers: done, s->out holds the final norm's rows; num_layers + 1 + i: layer i's routed
+ * experts were not computed here (moe_layer_decode_bf16 declined: an expert not held, or too
+ * many rows per expert), call again with them in `routed`; -2: bad expert ids. */
+int decode_layers(const DecodeLayer* layers, int num_layers, const DecodeStep* s, int start,
+                  const int64_t* topk_ids, const float* topk_w, const uint16_t* routed) {
+  const int64_t count = (int64_t)s->n * s->hidden;
+  int resume = topk_ids != 0 || routed != 0;
+  if (!resume && start == 0)
+    for (int b = 0; b < s->n; b++)
+      memcpy(s->h + (int64_t)b * s->hidden, s->embed + s->ids[b] * s->hidden,
+             sizeof(uint16_t) * s->hidden);
+  for (int i = start; i < num_layers; i++, resume = 0, routed = 0) {
+    const DecodeLayer* L = layers + i;
+    if (!resume) {
+      attention_block(L, s);
+      if (L->moe) return i;
+    }
+    if (!L->moe) {
+      swiglu(L, s);
+      add_rows(s->h, s->proj, count);
+      continue;
+    }
+    if (routed == 0) {
+      const int code = moe_layer_decode_bf16(
+          s->x, s->n, s->hidden, L->expert_inter, s->top_k, topk_ids, topk_w, L->local_index,
+          L->num_ids, L->num_local, L->max_rows, L->w13, L->w2, s->order, s->offsets, s->slot_h,
+          s->slot_act, s->slot_y, s->routed, s->threads);
+      if (code == 1) return num_layers + 1 + i;
+      if (code) return -2;
+      routed = s->routed;
+    }
+    swiglu(L, s); /* the shared expert */
+    for (int64_t j = 0; j < count; j++) {
+      const float both = round_bf16(bf16_to_f32(routed[j]) + bf16_to_f32(s->proj[j]));
+      s->h[j] = f32_to_bf16(bf16_to_f32(s->h[j]) + both);
+    }
+  }
+  rms_norm_bf16(s->h, s->n, s->hidden, s->hidden, s->final_norm, s->final_eps, s->out);
+  return num_layers;
+}
