@@ -1,24 +1,29 @@
-"""A colocated bf16 decode step in csrc/decode_step.c, with the routers in PyTorch.
+"""A colocated bf16 step of up to 64 rows in csrc/decode_step.c, routers (and, but for decode
+steps, attention) in PyTorch.
 
-``decode_path.decode_hidden`` calls our C kernels from Python with small PyTorch operations
-between them; on the bundled model those calls and operations, not the kernels, took most of a
-decode step (one sequence: about 1.7 of 2.1 ms). ``NativeDecode`` hands the whole chain to
-``decode_layers`` in C, which runs the same kernels on the same inputs in the same order and
-does the operations between them itself (see decode_step.c), so its hidden states are
-decode_path's bit for bit. Python keeps what only PyTorch computes to its own bits: the rotary
-tables, each MoE layer's router (an fp32 GEMM, sigmoid and top-k) and, where the C kernel
-declines a layer's routed experts, those experts (``weighted_sum`` over ``RoutedExperts``).
+The model's modules, and ``decode_path.decode_hidden`` for decode steps, call our C kernels from
+Python with small PyTorch operations between them; on the bundled model those calls and
+operations, not the kernels, took most of a step (one decoding sequence: about 1.7 of 2.7 ms).
+``NativeDecode`` hands the chain to ``decode_layers`` in C, which runs the same kernels on the
+same inputs in the same order and does the operations between them itself (see
+decode_step.c), so its hidden states are the module path's bit for bit. Python keeps what only
+PyTorch computes to its own bits: the rotary tables, each MoE layer's router (an fp32 GEMM,
+sigmoid and top-k), the routed experts where the C kernel declines a layer's rows
+(``weighted_sum`` over ``RoutedExperts``), and the attention of any step that is not
+decode-only (the step's KV-cache backend, between two calls).
 
-It runs where decode_path runs and, besides, every projection has a C kernel for the step's row
-count (``linear_bf16`` up to STREAM_LINEAR_MAX_ROWS rows, the packed kernel past it for weights
-small enough), no weight is FP8 and every SwiGLU width is a multiple of 32 (where PyTorch's
-silu is the same function for every element: see ``silu_table``). The model's weights and the
-cache's tensors must stay where they are while the engine runs (they do: a colocated engine
-never reloads them); the layer table is built once per cache.
+It runs a colocated bf16 model on CPU where every projection has a C kernel for the step's rows
+(``linear_bf16`` up to STREAM_LINEAR_MAX_ROWS rows, the packed kernel past it for weights small
+enough), up to FUSED_DECODE_MAX_ROWS rows (where the modules' norms are our fused kernels too),
+with no FP8 weight and PyTorch's silu a function of the value alone at every SwiGLU width (see
+``silu_table``). The model's weights and the cache's tensors must stay where they are while the
+engine runs (they do: a colocated engine never reloads them); the layer table is built once per
+cache.
 """
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import cast
 
@@ -27,11 +32,23 @@ import torch.nn.functional as F
 
 from replicas.engine.kv_cache import HybridKVCache, StepAttention
 from replicas.kernels import cpu as cpu_kernels
-from replicas.kernels.decode_step import DecodeLayer, DecodeStep, Proj, decode_layers
+from replicas.kernels.decode_step import (
+    AFTER_ATTEND,
+    AFTER_ROUTER,
+    ATTEND,
+    DONE,
+    ROUTER,
+    WITH_ROUTED,
+    DecodeLayer,
+    DecodeStep,
+    Proj,
+    decode_layers,
+)
 from replicas.model.exaone_moe import DecoderLayer, ExaoneMoeForCausalLM
 from replicas.model.layers import (
     FUSED_DECODE_MAX_ROWS,
     STREAM_LINEAR_MAX_ROWS,
+    AttentionBackend,
     Linear,
     SwiGLU,
     rope_cos_sin,
@@ -247,26 +264,70 @@ class NativeDecode:
         keep += [model.model.embed_tokens.weight, norm.weight]
         self.group = cfg.num_attention_heads // cfg.num_key_value_heads
         self.rope = (cfg.head_dim, cfg.rope_theta)
+        self.head_dim, self.v_start = cfg.head_dim, q_size + kv_size
+        self.q, self.k, self.qkv = scratch["q"], scratch["k"], scratch["qkv"]
 
     def takes(self, num_rows: int) -> bool:
         return 0 < num_rows <= self.max_rows
 
     def run(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, backend: StepAttention
+        self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend
     ) -> torch.Tensor:
-        """input_ids, positions [N] -> [N, H] final-normed hidden states (decode_hidden's)."""
+        """input_ids, positions [N] -> [N, H] final-normed hidden states, the module path's
+        (``step_hidden``). A decode-only step with the C decode kernel attends in C too; any
+        other step attends through ``backend`` between two calls."""
         n = input_ids.shape[0]
         s = self.step
         ids = input_ids.to(torch.int64).contiguous()
         cos, sin = rope_cos_sin(positions, *self.rope, torch.bfloat16)  # [N, D]
         out = torch.empty(n, s.hidden, dtype=torch.bfloat16)
+        s.n, s.threads = n, torch.get_num_threads()
+        s.ids, s.cos, s.sin, s.out = ids.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr()
+        internal = isinstance(backend, StepAttention) and backend.use_kernel
+        s.external_attention = not internal
+        scores = (
+            self._decode_indices(backend)
+            if isinstance(backend, StepAttention) and internal
+            else None
+        )
+        x = self.x[:n]
+        routing = None
+        layer, next_ = decode_layers(self.layers, s, 0)
+        while next_ != DONE:
+            if next_ == ATTEND:  # attention through the backend, as the module path calls it
+                q = self.q[:n].view(n, -1, self.head_dim)  # [N, Hq, D]
+                k = self.k[:n].view(n, -1, self.head_dim)  # [N, Hkv, D]
+                v = self.qkv[:n, self.v_start :].unflatten(-1, (-1, self.head_dim))
+                attn = backend.attend_fn(layer)(q, k, v).flatten(1).contiguous()  # [N, Hq D]
+                layer, next_ = decode_layers(
+                    self.layers, s, layer, AFTER_ATTEND, attn=attn.data_ptr()
+                )
+            elif next_ == ROUTER:  # a MoE layer's router, in PyTorch
+                routing = self.gates[layer].gate.forward(x)
+                ids_k = routing.topk_ids.contiguous()
+                weights = routing.topk_weights.contiguous()
+                layer, next_ = decode_layers(
+                    self.layers, s, layer, AFTER_ROUTER, ids_k.data_ptr(), weights.data_ptr()
+                )
+            else:  # ROUTED: the C kernel declined this layer's experts; the module path's
+                assert routing is not None  # this layer's, from the call before
+                experts = cast(RoutedExperts, self.gates[layer].experts)
+                routed = weighted_sum(experts(x, routing), routing.topk_weights).contiguous()
+                layer, next_ = decode_layers(
+                    self.layers, s, layer, WITH_ROUTED, routed=routed.data_ptr()
+                )
+        del scores  # (held through the calls: the C attention's scratch)
+        return out
+
+    def _decode_indices(self, backend: StepAttention) -> torch.Tensor:
+        """Point the step at a decode step's cache indices; -> the attention's scratch."""
+        s = self.step
         keys = backend.global_rows.shape[1]
         ring = getattr(backend, "ring_rows", None)
         ring_keys = 0 if ring is None else ring.shape[1]
-        threads = torch.get_num_threads()
-        scores = torch.empty(threads * self.group * (max(keys, ring_keys) + 1), dtype=torch.float32)
-        s.n, s.threads = n, threads
-        s.ids, s.cos, s.sin, s.out = ids.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr()
+        scores = torch.empty(
+            s.threads * self.group * (max(keys, ring_keys) + 1), dtype=torch.float32
+        )
         s.scores = scores.data_ptr()
         s.write_rows = backend.write_rows.data_ptr()
         s.global_rows, s.global_keys = backend.global_rows.data_ptr(), keys
@@ -275,23 +336,7 @@ class NativeDecode:
             s.ring_rows, s.ring_keys = ring.data_ptr(), ring_keys
             s.ring_valid = backend.sliding_valid.data_ptr()
             s.ring_dst = backend.ring_dst.data_ptr()
-        x = self.x[:n]
-        routing = None
-        code = decode_layers(self.layers, s, 0)
-        while code != self.num_layers:
-            if code < self.num_layers:  # a MoE layer's router, in PyTorch
-                layer = code
-                routing = self.gates[layer].gate.forward(x)
-                ids_k = routing.topk_ids.contiguous()
-                weights = routing.topk_weights.contiguous()
-                code = decode_layers(self.layers, s, layer, ids_k.data_ptr(), weights.data_ptr())
-            else:  # the C kernel declined this layer's experts: the module path's
-                layer = code - self.num_layers - 1
-                assert routing is not None  # this layer's, from the call before
-                experts = cast(RoutedExperts, self.gates[layer].experts)
-                routed = weighted_sum(experts(x, routing), routing.topk_weights).contiguous()
-                code = decode_layers(self.layers, s, layer, routed=routed.data_ptr())
-        return out
+        return scores
 
 
 _TABLES: weakref.WeakKeyDictionary[HybridKVCache, NativeDecode | None] = weakref.WeakKeyDictionary()
@@ -310,3 +355,28 @@ def native_for(model: ExaoneMoeForCausalLM, cache: HybridKVCache) -> NativeDecod
         table = None
     _TABLES[cache] = table
     return table
+
+
+NATIVE = os.environ.get("EXAONE_DECODE_NATIVE", "1") != "0"
+"""Run the steps a NativeDecode takes in C; 0 keeps them on the Python paths, for comparisons."""
+
+
+def step_hidden(
+    model: ExaoneMoeForCausalLM,
+    cache: HybridKVCache,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    backend: AttentionBackend,
+) -> torch.Tensor | None:
+    """A colocated step's [N, H] final-normed hidden states from C (the module path's bits), or
+    None where it does not apply: a model it does not run, rows past what every projection's C
+    kernel (and the fused norms, FUSED_DECODE_MAX_ROWS) takes, or NATIVE off."""
+    if not NATIVE or not cpu_kernels.available():
+        return None
+    embed = model.model.embed_tokens.weight
+    if embed.dtype is not torch.bfloat16 or embed.device.type != "cpu" or not model.is_complete:
+        return None
+    native = native_for(model, cache)
+    if native is None or not native.takes(input_ids.shape[0]):
+        return None
+    return native.run(input_ids, positions, backend)

@@ -10,31 +10,25 @@ choice without the module call.
 
 It applies to steps where every sequence decodes one token through the torch attention backend
 with our decode kernel, and the model holds all its experts (colocated); ``None`` otherwise,
-and the caller runs the general path. Of those steps, the ones replicas.engine.decode_native
-takes (bf16 weights whose projections all have a C kernel for the step's rows) run the same
-chain from C, with only the routers in PyTorch: the same bits again, at a fraction of the time
-(bundled model, one sequence: 0.97 against 2.69 ms a step).
+and the caller runs the general path. The engine first offers a step to
+replicas.engine.decode_native, which runs the same chain from C (the same bits again, at a
+fraction of the time) where every projection has a C kernel for the step's rows; this module is
+its Python reference and what runs the rest.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 
-from replicas.engine import decode_native
 from replicas.engine.kv_cache import StepAttention
 from replicas.kernels import cpu as cpu_kernels
 from replicas.model.exaone_moe import DecoderLayer, ExaoneMoeForCausalLM
 from replicas.model.layers import FUSED_DECODE_MAX_ROWS, SwiGLU, rope_cos_sin
 from replicas.model.moe import SparseMoE
-
-NATIVE = os.environ.get("EXAONE_DECODE_NATIVE", "1") != "0"
-"""Run the steps it takes in csrc/decode_step.c (replicas.engine.decode_native); 0 keeps every
-step in the Python calls below, for comparisons."""
 
 
 def applies(model: ExaoneMoeForCausalLM, num_rows: int, backend) -> bool:
@@ -66,10 +60,6 @@ def decode_hidden(
 ) -> torch.Tensor:
     """input_ids, positions [N] (one new token per sequence) -> [N, H] final-normed hidden
     states, what ``model.step_hidden`` returns for them. Call when ``applies``."""
-    if NATIVE:
-        native = decode_native.native_for(model, backend.cache)
-        if native is not None and native.takes(input_ids.shape[0]):
-            return native.run(input_ids, positions, backend)
     cfg = model.cfg
     h = model.model.embed_tokens(input_ids)  # [N, H]
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)  # [N, D]

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from replicas.engine import decode_path
+from replicas.engine import decode_native, decode_path
 from replicas.engine.draft_policy import AcceptanceTracker, DraftPolicy, DraftPolicyConfig
 from replicas.engine.kv_cache import HybridKVCache, kv_footprint
 from replicas.engine.prefix_interface import PrefixCache, PrefixCacheSpec
@@ -36,8 +36,9 @@ from replicas.model.moe import use_expert_kernels
 from replicas.outputs import RequestOutput, StepFailedError, TokenLogprob
 from replicas.sampling_params import SamplingParams
 
-# Colocated bf16 decode steps on CPU run replicas.engine.decode_path (the same bits as the module
-# path, less time around the kernels); EXAONE_DECODE_PATH=0 keeps the module path, for comparisons.
+# Colocated bf16 steps on CPU of up to 64 rows run replicas.engine.decode_native (from C) and other
+# decode steps replicas.engine.decode_path (the same bits as the module path, less time around the
+# kernels); EXAONE_DECODE_PATH=0 keeps the module path for every step, for comparisons.
 DECODE_PATH = os.environ.get("EXAONE_DECODE_PATH", "1") != "0"
 
 logger = logging.getLogger(__name__)
@@ -282,8 +283,12 @@ class LLMEngine:
     def _execute(self, plan: SchedulerOutput) -> torch.Tensor:
         if self.experts is None:
             ids, positions, backend = self._inputs(plan.chunks)
-            if DECODE_PATH and decode_path.applies(self.model, ids.shape[0], backend):
-                return decode_path.decode_hidden(self.model, ids, positions, backend)
+            if DECODE_PATH:
+                hidden = decode_native.step_hidden(self.model, self.cache, ids, positions, backend)
+                if hidden is not None:
+                    return hidden
+                if decode_path.applies(self.model, ids.shape[0], backend):
+                    return decode_path.decode_hidden(self.model, ids, positions, backend)
             return self.model.step_hidden(ids, positions, backend)
         self.experts.begin_step()  # a new expert map takes effect between steps
         try:

@@ -48,6 +48,7 @@ class DecodeLayer(ctypes.Structure):
 
 class DecodeStep(ctypes.Structure):
     _fields_ = [
+        ("external_attention", I32),
         ("n", I32),
         ("hidden", I32),
         ("q_heads", I32),
@@ -92,24 +93,29 @@ class DecodeStep(ctypes.Structure):
     ]
 
 
-BAD_EXPERT_IDS = -2
+# what the caller does next (decode_layers' second result)
+DONE, ROUTER, ROUTED, ATTEND = 0, 1, 2, 3
+# where a call resumes
+BEGIN, AFTER_ATTEND, AFTER_ROUTER, WITH_ROUTED = 0, 1, 2, 3
 
 
 def decode_layers(
     layers: ctypes.Array,
     step: DecodeStep,
     start: int,
+    phase: int = BEGIN,
     topk_ids: int | None = None,
     topk_weights: int | None = None,
     routed: int | None = None,
-) -> int:
-    """One call of csrc/decode_step.c's decode_layers (pointers as ints). Returns the layer
-    whose router the caller runs next, ``len(layers)`` when the step is done, or
-    ``len(layers) + 1 + i`` when layer i's routed experts are the caller's to compute."""
+    attn: int | None = None,
+) -> tuple[int, int]:
+    """One call of csrc/decode_step.c's decode_layers (pointers as ints), resuming at layer
+    ``start`` as ``phase`` says -> (layer, what the caller does next: DONE, ROUTER, ROUTED or
+    ATTEND)."""
     lib = BF16_LIBRARY.require()
     code = lib.decode_layers(
-        layers, len(layers), ctypes.byref(step), start, topk_ids, topk_weights, routed
+        layers, len(layers), ctypes.byref(step), start, phase, topk_ids, topk_weights, routed, attn
     )
-    if code == BAD_EXPERT_IDS:
+    if code < 0:
         raise ValueError("decode_layers: router chose expert ids outside the held experts")
-    return code
+    return divmod(code, 4)

@@ -1,10 +1,11 @@
-/* A colocated bf16 model's decode step, layer after layer, with one call per MoE layer.
+/* A colocated bf16 model's step of up to 64 rows, layer after layer, in a few calls per layer.
  *
  * replicas/engine/decode_path.py runs a decode step as a chain of calls into this library's
- * kernels with small PyTorch operations between them; on a small model the Python and PyTorch
- * dispatch around those calls cost more than the kernels (bundled model, one sequence: about
- * 1.7 ms of a 2.1 ms step). decode_layers makes the same kernel calls, on the same inputs, in the
- * same order, and does the operations between them itself, each rounded where PyTorch rounds:
+ * kernels with small PyTorch operations between them, and the model's modules run any other
+ * step that way; on a small model the Python and PyTorch dispatch around those calls cost more
+ * than the kernels (bundled model, one sequence: about 1.7 ms of a 2.7 ms step). decode_layers
+ * makes the same kernel calls, on the same inputs, in the same order, and does the operations
+ * between them itself, each rounded where PyTorch rounds:
  *
  *   embedding    the rows of the table, copied
  *   residuals    h = bf16(h + y)                                  (fp32 sum, nearest even)
@@ -12,12 +13,14 @@
  *   SwiGLU       act = bf16(silu(gate) * up): silu from a table of PyTorch's own silu of every
  *                bf16 value at that width (F.silu computes in fp32 with its own exp, so a table
  *                is the way to its bits), the product rounded as PyTorch's bf16 multiply
- *   KV writes    the step's keys and values copied to their cache rows (index_copy_)
+ *   KV writes    a decode step's keys and values copied to their cache rows (index_copy_)
  *
- * so its hidden states equal decode_path's bit for bit. The router of each MoE layer stays in
- * PyTorch (its fp32 GEMM, sigmoid and top-k are the module path's bits only there): the call
+ * so its hidden states equal the Python paths' bit for bit. The router of each MoE layer stays
+ * in PyTorch (its fp32 GEMM, sigmoid and top-k are the module path's bits only there): the call
  * returns at a MoE layer with the router's input in s->x, and the caller calls again with the
- * chosen experts and their weights.
+ * chosen experts and their weights. A decode-only step attends here (decode_attention_bf16); any
+ * other step (prompt chunks, drafts to verify) returns at each layer's attention for the caller
+ * to attend through its KV-cache backend.
  *
  * Projections: linear_bf16 up to s->stream_rows rows, linear_packed_bf16 on the packed weight
  * beyond (the caller checks that every weight has what its row count needs, as Linear chooses).
@@ -78,6 +81,7 @@ typedef struct { /* one decoder layer: fixed while the model serves */
 } DecodeLayer;
 
 typedef struct { /* one step: its rows, indices and scratch */
+  int external_attention; /* the caller attends (any step); else decode_attention (decode only) */
   int n, hidden, q_heads, kv_heads, head_dim, top_k, stream_rows, threads;
   float scale;
   const int64_t* ids;     /* [n] token ids */
@@ -131,8 +135,8 @@ static void copy_rows(uint16_t* pool, const int64_t* rows, const uint16_t* src, 
     memcpy(pool + rows[b] * width, src + (int64_t)b * width, sizeof(uint16_t) * width);
 }
 
-/* h += o_proj(attention(norm(h))); then s->x = post_attention_norm(h) */
-static void attention_block(const DecodeLayer* L, const DecodeStep* s) {
+/* s->x = norm(h); q, k (and v, contiguous) of the step's rows */
+static void attention_inputs(const DecodeLayer* L, const DecodeStep* s) {
   const int n = s->n, hd = s->head_dim;
   const int64_t q_size = (int64_t)s->q_heads * hd, kv_size = (int64_t)s->kv_heads * hd;
   const int64_t width = q_size + 2 * kv_size;
@@ -142,6 +146,12 @@ static void attention_block(const DecodeLayer* L, const DecodeStep* s) {
                     L->qk_eps, L->rope ? s->cos : 0, L->rope ? s->sin : 0, s->q, s->k);
   for (int b = 0; b < n; b++)
     memcpy(s->v + b * kv_size, s->qkv + b * width + q_size + kv_size, sizeof(uint16_t) * kv_size);
+}
+
+/* s->attn = attention of a decode-only step (one new token per sequence), with its KV writes */
+static void decode_attention(const DecodeLayer* L, const DecodeStep* s) {
+  const int n = s->n, hd = s->head_dim;
+  const int64_t kv_size = (int64_t)s->kv_heads * hd;
   if (L->sliding) { /* keys: the ring, then the token itself; the ring takes it after */
     decode_attention_bf16(s->q, L->k_cache, L->v_cache, s->ring_rows, s->ring_keys, s->k, s->v,
                           s->ring_valid, n, s->q_heads, s->kv_heads, hd, s->scale, s->scores,
@@ -155,9 +165,13 @@ static void attention_block(const DecodeLayer* L, const DecodeStep* s) {
                           s->global_valid, n, s->q_heads, s->kv_heads, hd, s->scale, s->scores,
                           s->attn, s->threads);
   }
-  project(s, &L->o, s->attn, s->proj);
-  add_rows(s->h, s->proj, (int64_t)n * s->hidden);
-  rms_norm_bf16(s->h, n, s->hidden, s->hidden, L->post_norm, L->eps, s->x);
+}
+
+/* h += o_proj(attn); then s->x = post_attention_norm(h) */
+static void attention_output(const DecodeLayer* L, const DecodeStep* s, const uint16_t* attn) {
+  project(s, &L->o, attn, s->proj);
+  add_rows(s->h, s->proj, (int64_t)s->n * s->hidden);
+  rms_norm_bf16(s->h, s->n, s->hidden, s->hidden, L->post_norm, L->eps, s->x);
 }
 
 /* s->proj = down(bf16(silu(gate(x)) * up(x))), gate_up's rows gate then up */
@@ -173,48 +187,60 @@ static void swiglu(const DecodeLayer* L, const DecodeStep* s) {
   project(s, &L->down, s->act, s->proj);
 }
 
-/* Runs layers start.. of the step. A call with topk_ids / topk_w (the router's choice for
- * layer `start`, from the x the last call left) or with `routed` (that layer's routed-expert
- * output, computed by the caller) resumes at that layer's MLP; otherwise the call begins at
- * layer start's attention (and at 0 with the embedding).
- * Returns: i < num_layers: layer i is a MoE layer whose router the caller runs on s->x;
- * num_layers: done, s->out holds the final norm's rows; num_layers + 1 + i: layer i's routed
- * experts were not computed here (moe_layer_decode_bf16 declined: an expert not held, or too
- * many rows per expert), call again with them in `routed`; -2: bad expert ids. */
+enum { DONE = 0, ROUTER = 1, ROUTED = 2, ATTEND = 3 };          /* what the caller does next */
+enum { BEGIN = 0, AFTER_ATTEND = 1, AFTER_ROUTER = 2, WITH_ROUTED = 3 }; /* where a call resumes */
+
+/* Runs the step from layer `start`, resuming as `phase` says: BEGIN at that layer's attention
+ * (at 0 with the embedding); AFTER_ATTEND with `attn` [n, Hq D], the attention output the caller
+ * computed from s->q, s->k, s->v (and wrote to the cache); AFTER_ROUTER with `topk_ids` /
+ * `topk_w`, the router's choice from s->x; WITH_ROUTED with `routed` [n, H], that layer's
+ * routed-expert output the caller computed.
+ * Returns layer * 4 + what the caller does next: DONE (layer = num_layers; s->out holds the
+ * final norm's rows), ROUTER (run layer's router on s->x), ROUTED (compute layer's routed
+ * experts: the C kernel declined them, with an expert not held or too many rows per expert),
+ * ATTEND (only with s->external_attention: attend layer's q, k, v); -1 on bad expert ids. */
 int decode_layers(const DecodeLayer* layers, int num_layers, const DecodeStep* s, int start,
-                  const int64_t* topk_ids, const float* topk_w, const uint16_t* routed) {
+                  int phase, const int64_t* topk_ids, const float* topk_w,
+                  const uint16_t* routed, const uint16_t* attn) {
   const int64_t count = (int64_t)s->n * s->hidden;
-  int resume = topk_ids != 0 || routed != 0;
-  if (!resume && start == 0)
+  if (phase == BEGIN && start == 0)
     for (int b = 0; b < s->n; b++)
       memcpy(s->h + (int64_t)b * s->hidden, s->embed + s->ids[b] * s->hidden,
              sizeof(uint16_t) * s->hidden);
-  for (int i = start; i < num_layers; i++, resume = 0, routed = 0) {
+  for (int i = start; i < num_layers; i++, phase = BEGIN) {
     const DecodeLayer* L = layers + i;
-    if (!resume) {
-      attention_block(L, s);
-      if (L->moe) return i;
+    if (phase == BEGIN) {
+      attention_inputs(L, s);
+      if (s->external_attention) return i * 4 + ATTEND;
+      decode_attention(L, s);
+      attn = s->attn;
+      phase = AFTER_ATTEND;
+    }
+    if (phase == AFTER_ATTEND) {
+      attention_output(L, s, attn);
+      if (L->moe) return i * 4 + ROUTER;
     }
     if (!L->moe) {
       swiglu(L, s);
       add_rows(s->h, s->proj, count);
       continue;
     }
-    if (routed == 0) {
+    const uint16_t* r = routed;
+    if (phase != WITH_ROUTED) {
       const int code = moe_layer_decode_bf16(
           s->x, s->n, s->hidden, L->expert_inter, s->top_k, topk_ids, topk_w, L->local_index,
           L->num_ids, L->num_local, L->max_rows, L->w13, L->w2, s->order, s->offsets, s->slot_h,
           s->slot_act, s->slot_y, s->routed, s->threads);
-      if (code == 1) return num_layers + 1 + i;
-      if (code) return -2;
-      routed = s->routed;
+      if (code == 1) return i * 4 + ROUTED;
+      if (code) return -1;
+      r = s->routed;
     }
     swiglu(L, s); /* the shared expert */
     for (int64_t j = 0; j < count; j++) {
-      const float both = round_bf16(bf16_to_f32(routed[j]) + bf16_to_f32(s->proj[j]));
+      const float both = round_bf16(bf16_to_f32(r[j]) + bf16_to_f32(s->proj[j]));
       s->h[j] = f32_to_bf16(bf16_to_f32(s->h[j]) + both);
     }
   }
   rms_norm_bf16(s->h, s->n, s->hidden, s->hidden, s->final_norm, s->final_eps, s->out);
-  return num_layers;
+  return num_layers * 4 + DONE;
 }

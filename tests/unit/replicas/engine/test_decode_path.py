@@ -26,7 +26,7 @@ def _step_hiddens(
     """Greedy generation -> (every step's hidden states, whether the decode path ran it: True,
     or "native" where decode_native ran it)."""
     monkeypatch.setattr(engine_module, "DECODE_PATH", use_decode_path)
-    monkeypatch.setattr(decode_path, "NATIVE", native)
+    monkeypatch.setattr(decode_native, "NATIVE", native)
     engine = LLMEngine(
         model,
         EngineConfig(
@@ -76,11 +76,54 @@ def test_decode_path_equals_the_module_path_bit_for_bit(make_ckpt, monkeypatch, 
     fast_hiddens, fast = _step_hiddens(model, prompts, True, monkeypatch, native)
     slow_hiddens, slow = _step_hiddens(model, prompts, False, monkeypatch)
     assert not any(slow)
-    assert fast[0] is False and sum(map(bool, fast)) >= 10  # prefills take the module path
-    # the tiny preset's projections all have the packed kernel: native takes every decode step
-    assert all(f == ("native" if native else True) for f in fast if f)
+    assert sum(map(bool, fast)) >= 10
+    if native:  # every step of up to 64 rows (the tiny preset has the packed kernel for all)
+        rows = [h.shape[0] for h in fast_hiddens]
+        assert [f == "native" for f in fast] == [n <= 64 for n in rows]
+        assert any(n > 1 for n in rows[: len(prompts)] if n <= 64)  # a prefill among them
+    else:  # decode steps only; the prefill takes the module path
+        assert fast[0] is False
     assert len(fast_hiddens) == len(slow_hiddens)
     for a, b in zip(fast_hiddens, slow_hiddens, strict=True):
+        assert torch.equal(a, b)
+
+
+def _staggered_hiddens(model, native: bool, monkeypatch) -> tuple[list, int]:
+    """Requests arriving every third step (steps mixing prompt chunks with decode rows) ->
+    (every step's hidden states, how many steps decode_native ran)."""
+    monkeypatch.setattr(decode_native, "NATIVE", native)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=16, kv_cache_bytes=16 << 20))
+    g = torch.Generator().manual_seed(3)
+    hiddens, execute = [], engine._execute
+    runs = []
+    native_run = decode_native.NativeDecode.run
+    monkeypatch.setattr(
+        decode_native.NativeDecode, "run", lambda self, *a: runs.append(1) or native_run(self, *a)
+    )
+    monkeypatch.setattr(
+        engine, "_execute", lambda plan: hiddens.append(execute(plan)) or hiddens[-1]
+    )
+    for step in range(90):
+        if step % 3 == 0 and step < 60:
+            prompt = torch.randint(
+                5, 1000, (int(torch.randint(3, 40, (), generator=g)),), generator=g
+            )
+            params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+            engine.add_request(f"r{step}", prompt.tolist(), params)
+        engine.step()
+    return hiddens, len(runs)
+
+
+@needs_kernel
+def test_native_steps_mixing_prompts_and_decodes_equal_the_module_path(make_ckpt, monkeypatch):
+    """Steps with prompt chunks beside decode rows attend through the step's backend between two
+    C calls: the module path's bits."""
+    model = load_causal_lm(make_ckpt(dtype="bfloat16"), dtype=torch.bfloat16)
+    fast, runs = _staggered_hiddens(model, True, monkeypatch)
+    slow, none = _staggered_hiddens(model, False, monkeypatch)
+    assert none == 0 and runs == len(fast) == len(slow) >= 60
+    assert sum(h.shape[0] > 1 for h in fast) >= 15  # prompt rows in a third of the steps
+    for a, b in zip(fast, slow, strict=True):
         assert torch.equal(a, b)
 
 
