@@ -16,9 +16,9 @@ It runs a colocated bf16 model on CPU where every projection has a C kernel for 
 (``linear_bf16`` up to STREAM_LINEAR_MAX_ROWS rows, the packed kernel past it for weights small
 enough), up to FUSED_DECODE_MAX_ROWS rows (where the modules' norms are our fused kernels too),
 with no FP8 weight and PyTorch's silu a function of the value alone at every SwiGLU width (see
-``silu_table``). The model's weights and the cache's tensors must stay where they are while the
-engine runs (they do: a colocated engine never reloads them); the layer table is built once per
-cache.
+``silu_table``; and rows x width within ELEMENTWISE_ONE_THREAD). The model's weights and the
+cache's tensors must stay where they are while the engine runs (they do: a colocated engine
+never reloads them); the layer table is built once per cache.
 """
 
 from __future__ import annotations
@@ -123,15 +123,22 @@ def _proj(linear: Linear, keep: list) -> tuple[Proj, int]:
     return Proj(w.data_ptr(), ptr, w.shape[1], w.shape[0]), max(stream, packed_rows)
 
 
+ELEMENTWISE_ONE_THREAD = 32768
+"""PyTorch's grain size: an elementwise operation on at most this many values runs on one
+thread, over whole rows. Past it the threads split the values where they fall, a row's columns
+can start a vectorized block elsewhere, and silu_table would no longer be the module path's."""
+
+
 def _swiglu(mlp: SwiGLU, keep: list) -> tuple[Proj, Proj, torch.Tensor, int]:
-    """A SwiGLU's projections, its silu table and the rows their C kernels take."""
+    """A SwiGLU's projections, its silu table and the rows this layout takes (their C kernels',
+    and as many as PyTorch's silu computes on one thread)."""
     silu = silu_table(mlp.inter)
     if silu is None:
         raise _Unsupported(f"PyTorch's silu at width {mlp.inter} depends on more than the value")
     gate_up, rows_a = _proj(mlp.gate_up_proj, keep)
     down, rows_b = _proj(mlp.down_proj, keep)
     keep.append(silu)
-    return gate_up, down, silu, min(rows_a, rows_b)
+    return gate_up, down, silu, min(rows_a, rows_b, ELEMENTWISE_ONE_THREAD // mlp.inter)
 
 
 def _experts_max_rows(experts: RoutedExperts) -> int:
@@ -283,13 +290,10 @@ class NativeDecode:
         out = torch.empty(n, s.hidden, dtype=torch.bfloat16)
         s.n, s.threads = n, torch.get_num_threads()
         s.ids, s.cos, s.sin, s.out = ids.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr()
-        internal = isinstance(backend, StepAttention) and backend.use_kernel
-        s.external_attention = not internal
-        scores = (
-            self._decode_indices(backend)
-            if isinstance(backend, StepAttention) and internal
-            else None
-        )
+        scores = None  # the C decode attention's scratch, held through the calls
+        if isinstance(backend, StepAttention) and backend.use_kernel:  # a decode-only step
+            scores = self._decode_indices(backend)
+        s.external_attention = scores is None
         x = self.x[:n]
         routing = None
         layer, next_ = decode_layers(self.layers, s, 0)
@@ -316,7 +320,7 @@ class NativeDecode:
                 layer, next_ = decode_layers(
                     self.layers, s, layer, WITH_ROUTED, routed=routed.data_ptr()
                 )
-        del scores  # (held through the calls: the C attention's scratch)
+        del scores
         return out
 
     def _decode_indices(self, backend: StepAttention) -> torch.Tensor:
