@@ -162,6 +162,20 @@ class AttentionOptions(_Strict):
         "stream); false: on a thread of the replica. With expert groups the engine always "
         "runs on a thread of the replica.",
     )
+    pin_engine: bool = Field(
+        True,
+        description="With the engine in its own process and one attention replica (not "
+        "autoscaled): bind that process to its torch threads' worth of cores, the last the "
+        "replica may use, when it may use more; the request plane keeps the others. The "
+        "engine then keeps its core's caches and is not moved between cores mid-step. "
+        "Several replicas of a node would bind to the same cores: not done then.",
+    )
+
+    def pins_engine(self) -> bool:
+        """Whether each replica binds its engine process (see ``pin_engine``)."""
+        scaled = self.autoscaling.enabled and self.autoscaling.max_replicas > 1
+        return self.pin_engine and self.engine_process and self.num_replicas == 1 and not scaled
+
     prefix_affinity_blocks: int = Field(
         4, ge=0, description="Leading prompt blocks that pick a replica (0: least loaded only)."
     )

@@ -9,6 +9,7 @@ in-process.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 from replicas.engine.async_engine import AsyncEngine, OutputSink
 from replicas.engine.engine import EngineConfig
 from replicas.engine.engine_process import EngineProcess
-from replicas.engine.engine_spec import EngineSpec
+from replicas.engine.engine_spec import EngineSpec, engine_cores
 from replicas.experts.dispatch import ExpertDispatcher, ExpertTransport
 from replicas.model.loader import resident_bytes
 from replicas.outputs import QueueFullError, RequestOutput
@@ -65,12 +66,14 @@ class AttentionShard:
         redis: Callable[[], RedisTier] | None = None,
         pinned_prefixes: Sequence[Sequence[int]] = (),
         engine_process: bool = False,
+        pin_engine: bool = False,
     ):
         """``redis``: makes the prefix cache's shared tier (a picklable factory;
         engine_config.prefix_cache must be set); ``pinned_prefixes``: token ids of prefixes
         computed now and kept without TTL. ``engine_process``: the engine steps in a process of
         its own (replicas.engine.engine_process), not on a thread of this one; colocated
-        experts only (an expert transport lives in this process)."""
+        experts only (an expert transport lives in this process). ``pin_engine``: that process
+        binds itself to ``num_threads`` cores (``engine_cores``), where this one may use more."""
         if engine_process and experts is not None:
             raise ValueError("engine_process needs colocated experts (no expert transport)")
         spec = EngineSpec(
@@ -81,7 +84,11 @@ class AttentionShard:
             num_threads=num_threads,
             redis=redis,
             pinned_prefixes=tuple(tuple(ids) for ids in pinned_prefixes),
+            cpus=engine_cores(os.sched_getaffinity(0), num_threads)
+            if engine_process and pin_engine
+            else None,
         )
+        self.engine_cpus = spec.cpus
         self.experts = experts
         self.num_requests_total = 0
         self.dispatcher = None if experts is None else ExpertDispatcher(experts)

@@ -91,12 +91,15 @@ class AttentionShardDeployment:
             redis=redis,
             pinned_prefixes=pinned,
             engine_process=a.engine_process and transport is None,
+            pin_engine=a.pins_engine(),
         )
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.stall_timeout_s = a.stall_timeout_s
         self.publisher: StepPublisher | None = None
         self.publisher_lock = asyncio.Lock()
         _serve_log.info("attention kernels: %s (%s)", *self.shard.engine.kernels)
+        if self.shard.engine_cpus:
+            _serve_log.info("engine process bound to cores %s", list(self.shard.engine_cpus))
         self.balancer, self.reporter = balancer, None
         if balancer is not None and self.shard.dispatcher is not None:
             self.reporter = Every(x.balancer.report_interval_s, self._report).start()

@@ -321,6 +321,8 @@ def _main(fd: int) -> None:
     conn = Connection(fd)
     spec: EngineSpec = conn.recv()
     try:
+        if spec.cpus:  # before torch's threads start: they inherit it
+            os.sched_setaffinity(0, spec.cpus)
         if spec.num_threads:
             torch.set_num_threads(spec.num_threads)
         engine = spec.build()

@@ -30,6 +30,9 @@ class EngineSpec:
     engine_config.prefix_cache."""
     pinned_prefixes: Sequence[Sequence[int]] = ()
     """Token ids of prefixes computed at start and kept without TTL (the prefix cache)."""
+    cpus: tuple[int, ...] | None = None
+    """The cores an engine process binds itself to (``engine_cores``); None: wherever the OS
+    puts it."""
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -51,3 +54,12 @@ class EngineSpec:
         for ids in self.pinned_prefixes:
             engine.pin_prefix(ids)
         return engine
+
+
+def engine_cores(allowed: set[int], threads: int | None) -> tuple[int, ...] | None:
+    """The cores to bind an engine process of ``threads`` torch threads to, out of the cores
+    its replica may use: the last ``threads`` of them, leaving the first to the request plane
+    (Serve, gRPC, Ray); None where that leaves none (or the threads are not known)."""
+    if threads is None or threads < 1 or len(allowed) <= threads:
+        return None
+    return tuple(sorted(allowed)[-threads:])

@@ -26,6 +26,7 @@ from replicas.sampling_params import SamplingParams
 from router.client import GenerationClient, build_request
 from tests.bad_inputs import BAD_INPUTS
 from tests.integration.conftest import (
+    TINY_ENGINE,
     descendants,
     listening_addresses,
     on_free_port,
@@ -316,6 +317,25 @@ def test_no_serve_http_proxy_unless_asked(cluster):
     names = {_command(pid) for pid in descendants(os.getpid())}
     assert not [n for n in names if "ProxyActor" in n]
     assert [n for n in names if "ServeReplica" in n]  # the search sees the replicas
+
+
+def test_the_engine_process_has_its_own_cores(cluster, tiny_ckpt):
+    """`serve` with one attention replica binds its engine process to the engine's torch
+    threads' worth of the replica's cores, the last ones (attention.pin_engine); the replica
+    keeps all of them for the request plane."""
+    from replicas.engine.engine_spec import engine_cores
+
+    pids = [p for p in descendants(os.getpid()) if "replicas.engine.engine_process" in _command(p)]
+    replica = [
+        p for p in descendants(os.getpid()) if "ServeReplica:exaone:AttentionShard" in _command(p)
+    ]
+    assert len(pids) == 1 and len(replica) == 1
+    threads = ClusterConfig(model_path=str(tiny_ckpt), engine=TINY_ENGINE).engine_threads()
+    allowed = os.sched_getaffinity(replica[0])
+    want = engine_cores(allowed, threads)
+    assert os.sched_getaffinity(pids[0]) == (set(want) if want else allowed)
+    if os.cpu_count() == 2 and threads == 1:  # this project's CI machines: 2 cores
+        assert want == (max(allowed),)
 
 
 def _command(pid: int) -> str:

@@ -272,3 +272,19 @@ def test_active_params_per_token_is_the_models_active_weights_without_embeddings
     embeddings = cfg.vocab_size * cfg.hidden_size
     counted = count_parameters(cfg)["active"] - embeddings  # its norms and biases stay in
     assert counted * 0.99 <= cfg.active_params_per_token <= counted
+
+
+@pytest.mark.parametrize(
+    "attention, pins",
+    [
+        ({}, True),
+        ({"pin_engine": False}, False),
+        ({"engine_process": False}, False),  # the engine thread shares the replica's process
+        ({"num_replicas": 2}, False),  # two replicas of a node would bind the same cores
+        ({"autoscaling": {"enabled": True, "max_replicas": 3}}, False),
+        ({"autoscaling": {"enabled": True, "max_replicas": 1}}, True),
+    ],
+)
+def test_the_engine_process_is_bound_only_where_it_is_alone(tiny_ckpt, attention, pins):
+    config = ClusterConfig(model_path=str(tiny_ckpt), attention=attention)
+    assert config.attention.pins_engine() is pins

@@ -12,7 +12,7 @@ import pytest
 
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.engine.engine_process import EngineProcess
-from replicas.engine.engine_spec import EngineSpec
+from replicas.engine.engine_spec import EngineSpec, engine_cores
 from replicas.outputs import ReplicaUnavailableError, RequestOutput, RequestRejectedError
 from replicas.sampling_params import SamplingParams
 
@@ -139,3 +139,30 @@ def test_a_fault_the_engine_cannot_take_is_refused_in_the_replica(tiny_ckpt, mon
             await front.close()
 
     asyncio.run(main())
+
+
+def test_the_engine_process_binds_itself_to_the_cores_it_is_given(tiny_ckpt):
+    """EngineSpec.cpus: the child binds itself (and so its torch threads) before building; the
+    replica's own process keeps its cores."""
+    mine = os.sched_getaffinity(0)
+    core = max(mine)
+
+    async def main():
+        front = EngineProcess(EngineSpec(tiny_ckpt, CONFIG, num_threads=1, cpus=(core,)))
+        try:
+            assert os.sched_getaffinity(front._proc.pid) == {core}
+            assert len(await _tokens(front, "a", PROMPTS[0], 4)) == 4
+        finally:
+            await front.close()
+
+    asyncio.run(main())
+    assert os.sched_getaffinity(0) == mine
+
+
+def test_engine_cores_leave_the_first_cores_to_the_request_plane():
+    assert engine_cores({0, 1}, 1) == (1,)
+    assert engine_cores({0, 1, 2, 3}, 2) == (2, 3)
+    assert engine_cores({4, 9, 7}, 1) == (9,)  # a cpuset's own numbering
+    assert engine_cores({0, 1}, 2) is None  # nothing would be left: not bound
+    assert engine_cores({0}, 1) is None
+    assert engine_cores({0, 1, 2}, None) is None
