@@ -168,7 +168,8 @@ class AttentionOptions(_Strict):
         "autoscaled): bind that process to its torch threads' worth of cores, the last the "
         "replica may use, when it may use more; the request plane keeps the others. The "
         "engine then keeps its core's caches and is not moved between cores mid-step. "
-        "Several replicas of a node would bind to the same cores: not done then.",
+        "Several replicas of a node would bind to the same cores, and under a CPU quota "
+        "narrower than the cores a pod may run on the cores are shared: not done then.",
     )
 
     def pins_engine(self) -> bool:

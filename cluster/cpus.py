@@ -58,3 +58,12 @@ def _read(path: Path) -> str | None:
         return path.read_text()
     except OSError:
         return None
+
+
+def owns_its_cores() -> bool:
+    """Whether this process may use every core it may run on: no CPU quota (a pod's limit)
+    narrower than its affinity. Where there is one, its cores are shared with other work, and
+    binding a process to some of them (attention.pin_engine) could leave it on a busy one."""
+    if not hasattr(os, "sched_getaffinity"):
+        return False
+    return node_cpus() >= len(os.sched_getaffinity(0))

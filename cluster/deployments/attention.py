@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ClusterConfig
+from cluster.cpus import owns_its_cores
 from cluster.deployments.prefix_cache_setup import prefix_cache_parts
 from cluster.deployments.resources import device_for
 from cluster.deployments.threads import Every
@@ -91,7 +92,7 @@ class AttentionShardDeployment:
             redis=redis,
             pinned_prefixes=pinned,
             engine_process=a.engine_process and transport is None,
-            pin_engine=a.pins_engine(),
+            pin_engine=a.pins_engine() and owns_its_cores(),
         )
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.stall_timeout_s = a.stall_timeout_s

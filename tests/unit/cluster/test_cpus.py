@@ -36,3 +36,15 @@ def test_node_cpus_on_this_machine_is_within_what_it_may_use():
     import os
 
     assert 1 <= node_cpus() <= len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("usable, owns", [(4, True), (2, False)])
+def test_a_process_owns_its_cores_unless_a_quota_is_narrower(monkeypatch, usable, owns):
+    """Four cores to run on: a quota of 2 means they are shared (no binding to some of them)."""
+    import os
+
+    from cluster import cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(cpus, "node_cpus", lambda: usable)
+    assert cpus.owns_its_cores() is owns
