@@ -7,8 +7,10 @@ operations, not the kernels, took most of a step (one decoding sequence: about 1
 ``NativeDecode`` hands the chain to ``decode_layers`` in C, which runs the same kernels on the
 same inputs in the same order and does the operations between them itself (see
 decode_step.c), so its hidden states are the module path's bit for bit. Python keeps what only
-PyTorch computes to its own bits: the rotary tables, each MoE layer's router (an fp32 GEMM,
-sigmoid and top-k), the routed experts where the C kernel declines a layer's rows
+PyTorch computes to its own bits: the rotary tables, each MoE layer's router GEMM and sigmoid
+(the rest of the router runs in C where it is PyTorch's to the bit: one group, top-k of at
+most 2 when normalised, no ties; else the whole router runs in PyTorch), the routed experts
+where the C kernel declines a layer's rows
 (``weighted_sum`` over ``RoutedExperts``), and the attention of any step that is not
 decode-only (the step's KV-cache backend, between two calls).
 
@@ -35,9 +37,11 @@ from replicas.kernels import cpu as cpu_kernels
 from replicas.kernels.decode_step import (
     AFTER_ATTEND,
     AFTER_ROUTER,
+    AFTER_SCORES,
     ATTEND,
     DONE,
     ROUTER,
+    SCORES,
     WITH_ROUTED,
     DecodeLayer,
     DecodeStep,
@@ -53,7 +57,13 @@ from replicas.model.layers import (
     SwiGLU,
     rope_cos_sin,
 )
-from replicas.model.moe import AVX512_BEST_ROWS_PER_EXPERT, RoutedExperts, SparseMoE, weighted_sum
+from replicas.model.moe import (
+    AVX512_BEST_ROWS_PER_EXPERT,
+    RoutedExperts,
+    Routing,
+    SparseMoE,
+    weighted_sum,
+)
 
 _SILU: dict[int, torch.Tensor | None] = {}
 
@@ -158,6 +168,7 @@ class NativeDecode:
         layers = []
         self.max_rows = FUSED_DECODE_MAX_ROWS
         self.gates: dict[int, SparseMoE] = {}
+        self.router_weights: dict[int, torch.Tensor] = {}  # fp32, where C runs the router's tail
         widest = 0
         top_k = cfg.num_experts_per_tok
         for index, (name, module) in enumerate(model.model.layers.items()):
@@ -219,6 +230,14 @@ class NativeDecode:
                 entry.expert_inter = experts.inter
                 entry.max_rows = _experts_max_rows(experts)
                 self.gates[i] = mlp
+                gate = mlp.gate
+                if gate.n_group == 1 and (top_k <= 2 or not gate.norm_topk_prob):
+                    bias = gate.e_score_correction_bias.float().contiguous()
+                    self.router_weights[i] = gate._weight32()
+                    keep += [bias, self.router_weights[i]]
+                    entry.c_router, entry.bias = 1, bias.data_ptr()
+                    entry.num_experts, entry.norm_topk = gate.num_experts, int(gate.norm_topk_prob)
+                    entry.scaling = gate.scaling
             self.max_rows = min(self.max_rows, rows_qkv, rows_o, rows_mlp)
             layers.append(entry)
         self.layers = (DecodeLayer * len(layers))(*layers)
@@ -245,6 +264,9 @@ class NativeDecode:
             "gate_up": buf(r, 2 * widest),
             "act": buf(r, widest),
             "routed": buf(r, hidden),
+            "x32": buf(r, hidden, dtype=torch.float32),
+            "topk_ids": buf(r, top_k, dtype=torch.int64),
+            "topk_w": buf(r, top_k, dtype=torch.float32),
             "order": buf(slots, dtype=torch.int64),
             "offsets": buf(cfg.num_experts + 1, dtype=torch.int64),
             "slot_h": buf(slots, hidden),
@@ -273,6 +295,8 @@ class NativeDecode:
         self.rope = (cfg.head_dim, cfg.rope_theta)
         self.head_dim, self.v_start = cfg.head_dim, q_size + kv_size
         self.q, self.k, self.qkv = scratch["q"], scratch["k"], scratch["qkv"]
+        self.x32 = scratch["x32"]
+        self.topk_ids, self.topk_w = scratch["topk_ids"], scratch["topk_w"]
 
     def takes(self, num_rows: int) -> bool:
         return 0 < num_rows <= self.max_rows
@@ -290,12 +314,12 @@ class NativeDecode:
         out = torch.empty(n, s.hidden, dtype=torch.bfloat16)
         s.n, s.threads = n, torch.get_num_threads()
         s.ids, s.cos, s.sin, s.out = ids.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr()
-        scores = None  # the C decode attention's scratch, held through the calls
+        scratch = None  # the C decode attention's, held through the calls
         if isinstance(backend, StepAttention) and backend.use_kernel:  # a decode-only step
-            scores = self._decode_indices(backend)
-        s.external_attention = scores is None
+            scratch = self._decode_indices(backend)
+        s.external_attention = scratch is None
         x = self.x[:n]
-        routing = None
+        routing, routing_layer = None, -1  # the last router PyTorch ran, and its layer
         layer, next_ = decode_layers(self.layers, s, 0)
         while next_ != DONE:
             if next_ == ATTEND:  # attention through the backend, as the module path calls it
@@ -306,21 +330,28 @@ class NativeDecode:
                 layer, next_ = decode_layers(
                     self.layers, s, layer, AFTER_ATTEND, attn=attn.data_ptr()
                 )
+            elif next_ == SCORES:  # the router's GEMM and sigmoid, PyTorch's; its tail in C
+                scores = F.linear(self.x32[:n], self.router_weights[layer]).sigmoid()
+                layer, next_ = decode_layers(
+                    self.layers, s, layer, AFTER_SCORES, scores=scores.data_ptr()
+                )
             elif next_ == ROUTER:  # a MoE layer's router, in PyTorch
-                routing = self.gates[layer].gate.forward(x)
+                routing, routing_layer = self.gates[layer].gate.forward(x), layer
                 ids_k = routing.topk_ids.contiguous()
                 weights = routing.topk_weights.contiguous()
                 layer, next_ = decode_layers(
                     self.layers, s, layer, AFTER_ROUTER, ids_k.data_ptr(), weights.data_ptr()
                 )
             else:  # ROUTED: the C kernel declined this layer's experts; the module path's
+                if layer in self.router_weights and routing_layer != layer:  # C chose them
+                    routing = Routing(self.topk_ids[:n].clone(), self.topk_w[:n].clone())
                 assert routing is not None  # this layer's, from the call before
                 experts = cast(RoutedExperts, self.gates[layer].experts)
                 routed = weighted_sum(experts(x, routing), routing.topk_weights).contiguous()
                 layer, next_ = decode_layers(
                     self.layers, s, layer, WITH_ROUTED, routed=routed.data_ptr()
                 )
-        del scores
+        del scratch
         return out
 
     def _decode_indices(self, backend: StepAttention) -> torch.Tensor:

@@ -191,8 +191,9 @@ def _declare_bf16(lib: ctypes.CDLL) -> str | None:
         P,
     ]
     lib.qk_norm_rope_bf16.restype = None
-    # decode_layers: layers, num_layers, step, start, phase, topk_ids, topk_w, routed, attn
-    lib.decode_layers.argtypes = [P, I32, P, I32, I32, P, P, P, P]
+    # decode_layers: layers, num_layers, step, start, phase, topk_ids, topk_w, routed, attn,
+    # scores
+    lib.decode_layers.argtypes = [P, I32, P, I32, I32, P, P, P, P, P]
     lib.decode_layers.restype = I32
     return None
 

@@ -43,6 +43,11 @@ class DecodeLayer(ctypes.Structure):
         ("num_local", I32),
         ("expert_inter", I32),
         ("max_rows", I32),
+        ("c_router", I32),
+        ("bias", P),
+        ("num_experts", I32),
+        ("norm_topk", I32),
+        ("scaling", F32),
     ]
 
 
@@ -73,6 +78,9 @@ class DecodeStep(ctypes.Structure):
         ("gate_up", P),
         ("act", P),
         ("routed", P),
+        ("x32", P),
+        ("topk_ids", P),
+        ("topk_w", P),
         ("order", P),
         ("offsets", P),
         ("slot_h", P),
@@ -94,9 +102,9 @@ class DecodeStep(ctypes.Structure):
 
 
 # what the caller does next (decode_layers' second result)
-DONE, ROUTER, ROUTED, ATTEND = 0, 1, 2, 3
+DONE, ROUTER, ROUTED, ATTEND, SCORES = 0, 1, 2, 3, 4
 # where a call resumes
-BEGIN, AFTER_ATTEND, AFTER_ROUTER, WITH_ROUTED = 0, 1, 2, 3
+BEGIN, AFTER_ATTEND, AFTER_ROUTER, WITH_ROUTED, AFTER_SCORES = 0, 1, 2, 3, 4
 
 
 def decode_layers(
@@ -108,14 +116,24 @@ def decode_layers(
     topk_weights: int | None = None,
     routed: int | None = None,
     attn: int | None = None,
+    scores: int | None = None,
 ) -> tuple[int, int]:
     """One call of csrc/decode_step.c's decode_layers (pointers as ints), resuming at layer
-    ``start`` as ``phase`` says -> (layer, what the caller does next: DONE, ROUTER, ROUTED or
-    ATTEND)."""
+    ``start`` as ``phase`` says -> (layer, what the caller does next: DONE, ROUTER, ROUTED,
+    ATTEND or SCORES)."""
     lib = BF16_LIBRARY.require()
     code = lib.decode_layers(
-        layers, len(layers), ctypes.byref(step), start, phase, topk_ids, topk_weights, routed, attn
+        layers,
+        len(layers),
+        ctypes.byref(step),
+        start,
+        phase,
+        topk_ids,
+        topk_weights,
+        routed,
+        attn,
+        scores,
     )
     if code < 0:
         raise ValueError("decode_layers: router chose expert ids outside the held experts")
-    return divmod(code, 4)
+    return divmod(code, 8)

@@ -15,10 +15,12 @@
  *                is the way to its bits), the product rounded as PyTorch's bf16 multiply
  *   KV writes    a decode step's keys and values copied to their cache rows (index_copy_)
  *
- * so its hidden states equal the Python paths' bit for bit. The router of each MoE layer stays
- * in PyTorch (its fp32 GEMM, sigmoid and top-k are the module path's bits only there): the call
- * returns at a MoE layer with the router's input in s->x, and the caller calls again with the
- * chosen experts and their weights. A decode-only step attends here (decode_attention_bf16); any
+ * so its hidden states equal the Python paths' bit for bit. The router of each MoE layer keeps
+ * its fp32 GEMM and sigmoid in PyTorch (their bits are PyTorch's alone): the call returns at a
+ * MoE layer with the router's input in s->x32 and resumes with the scores; the rest of the
+ * router (bias, top-k, normalising, scaling) runs here where it is PyTorch's to the bit (one
+ * group; top-k of at most 2 when normalised; no tie among a row's top k + 1), else the caller
+ * runs the whole router and calls again with the chosen experts and their weights. A decode-only step attends here (decode_attention_bf16); any
  * other step (prompt chunks, drafts to verify) returns at each layer's attention for the caller
  * to attend through its KV-cache backend.
  *
@@ -78,6 +80,10 @@ typedef struct { /* one decoder layer: fixed while the model serves */
   const uint16_t* w2;
   const int64_t* local_index;
   int num_ids, num_local, expert_inter, max_rows;
+  int c_router;         /* the router's tail (after PyTorch's sigmoid scores) runs here */
+  const float* bias;    /* [E] the router's e_score_correction_bias */
+  int num_experts, norm_topk;
+  float scaling;        /* routed_scaling_factor */
 } DecodeLayer;
 
 typedef struct { /* one step: its rows, indices and scratch */
@@ -99,6 +105,9 @@ typedef struct { /* one step: its rows, indices and scratch */
   uint16_t* gate_up;      /* [n, 2 I] (the widest SwiGLU's) */
   uint16_t* act;          /* [n, I] */
   uint16_t* routed;       /* [n, H] */
+  float* x32;             /* [n, H] s->x in fp32 (the router's GEMM input) */
+  int64_t* topk_ids;      /* [n, K] the router's choice, when its tail runs here */
+  float* topk_w;          /* [n, K] */
   int64_t* order;         /* moe_layer_decode_bf16's scratch */
   int64_t* offsets;
   uint16_t* slot_h;
@@ -187,21 +196,61 @@ static void swiglu(const DecodeLayer* L, const DecodeStep* s) {
   project(s, &L->down, s->act, s->proj);
 }
 
-enum { DONE = 0, ROUTER = 1, ROUTED = 2, ATTEND = 3 };          /* what the caller does next */
-enum { BEGIN = 0, AFTER_ATTEND = 1, AFTER_ROUTER = 2, WITH_ROUTED = 3 }; /* where a call resumes */
+/* The router after its scores (PyTorch's sigmoid of the fp32 GEMM, [n, E]), as MoEGate does
+ * it for one group: choice = scores + bias, the top k of choice (largest first), their scores,
+ * normalised (k <= 2: the sum's order is the only one) and scaled, each an fp32 operation as
+ * PyTorch's. Returns 1 without a choice where a row has a NaN or two equal values among its top
+ * k + 1 (PyTorch's topk breaks such ties its own way): the caller runs the router in PyTorch. */
+static int router_tail(const DecodeLayer* L, const DecodeStep* s, const float* scores) {
+  const int k = s->top_k, e = L->num_experts;
+  for (int t = 0; t < s->n; t++) {
+    const float* sc = scores + (int64_t)t * e;
+    int64_t* ids = s->topk_ids + (int64_t)t * k;
+    float best[k + 1];
+    int bi[k + 1];
+    int have = 0; /* best[0 .. have): the largest k + 1 values so far, largest first */
+    for (int j = 0; j < e; j++) {
+      const float c = sc[j] + L->bias[j];
+      if (c != c) return 1; /* NaN */
+      int pos = 0;
+      while (pos < have && best[pos] > c) pos++;
+      if (pos > k) continue; /* below the k + 1 largest */
+      if (pos < have && best[pos] == c) return 1;
+      for (int q = have < k + 1 ? have : k; q > pos; q--) best[q] = best[q - 1], bi[q] = bi[q - 1];
+      best[pos] = c, bi[pos] = j;
+      if (have < k + 1) have++;
+    }
+    float* w = s->topk_w + (int64_t)t * k;
+    for (int q = 0; q < k; q++) ids[q] = bi[q], w[q] = sc[bi[q]];
+    if (L->norm_topk) {
+      float sum = w[0];
+      for (int q = 1; q < k; q++) sum = sum + w[q];
+      const float denom = sum + 1e-20f;
+      for (int q = 0; q < k; q++) w[q] = w[q] / denom;
+    }
+    for (int q = 0; q < k; q++) w[q] = w[q] * L->scaling;
+  }
+  return 0;
+}
+
+enum { DONE = 0, ROUTER = 1, ROUTED = 2, ATTEND = 3, SCORES = 4 }; /* what the caller does next */
+enum { BEGIN = 0, AFTER_ATTEND = 1, AFTER_ROUTER = 2, WITH_ROUTED = 3, AFTER_SCORES = 4 };
 
 /* Runs the step from layer `start`, resuming as `phase` says: BEGIN at that layer's attention
  * (at 0 with the embedding); AFTER_ATTEND with `attn` [n, Hq D], the attention output the caller
  * computed from s->q, s->k, s->v (and wrote to the cache); AFTER_ROUTER with `topk_ids` /
  * `topk_w`, the router's choice from s->x; WITH_ROUTED with `routed` [n, H], that layer's
  * routed-expert output the caller computed.
- * Returns layer * 4 + what the caller does next: DONE (layer = num_layers; s->out holds the
+ * AFTER_SCORES with `scores` [n, E], the router's sigmoid scores the caller computed from s->x32
+ * (layers with c_router; the rest of the router runs here).
+ * Returns layer * 8 + what the caller does next: DONE (layer = num_layers; s->out holds the
  * final norm's rows), ROUTER (run layer's router on s->x), ROUTED (compute layer's routed
  * experts: the C kernel declined them, with an expert not held or too many rows per expert),
- * ATTEND (only with s->external_attention: attend layer's q, k, v); -1 on bad expert ids. */
+ * ATTEND (only with s->external_attention: attend layer's q, k, v), SCORES (a c_router layer:
+ * the router's sigmoid scores from s->x32); -1 on bad expert ids. */
 int decode_layers(const DecodeLayer* layers, int num_layers, const DecodeStep* s, int start,
                   int phase, const int64_t* topk_ids, const float* topk_w,
-                  const uint16_t* routed, const uint16_t* attn) {
+                  const uint16_t* routed, const uint16_t* attn, const float* scores) {
   const int64_t count = (int64_t)s->n * s->hidden;
   if (phase == BEGIN && start == 0)
     for (int b = 0; b < s->n; b++)
@@ -211,14 +260,22 @@ int decode_layers(const DecodeLayer* layers, int num_layers, const DecodeStep* s
     const DecodeLayer* L = layers + i;
     if (phase == BEGIN) {
       attention_inputs(L, s);
-      if (s->external_attention) return i * 4 + ATTEND;
+      if (s->external_attention) return i * 8 + ATTEND;
       decode_attention(L, s);
       attn = s->attn;
       phase = AFTER_ATTEND;
     }
     if (phase == AFTER_ATTEND) {
       attention_output(L, s, attn);
-      if (L->moe) return i * 4 + ROUTER;
+      if (L->moe && L->c_router) {
+        for (int64_t j = 0; j < count; j++) s->x32[j] = bf16_to_f32(s->x[j]);
+        return i * 8 + SCORES;
+      }
+      if (L->moe) return i * 8 + ROUTER;
+    }
+    if (phase == AFTER_SCORES) {
+      if (router_tail(L, s, scores)) return i * 8 + ROUTER;
+      topk_ids = s->topk_ids, topk_w = s->topk_w;
     }
     if (!L->moe) {
       swiglu(L, s);
@@ -231,7 +288,7 @@ int decode_layers(const DecodeLayer* layers, int num_layers, const DecodeStep* s
           s->x, s->n, s->hidden, L->expert_inter, s->top_k, topk_ids, topk_w, L->local_index,
           L->num_ids, L->num_local, L->max_rows, L->w13, L->w2, s->order, s->offsets, s->slot_h,
           s->slot_act, s->slot_y, s->routed, s->threads);
-      if (code == 1) return i * 4 + ROUTED;
+      if (code == 1) return i * 8 + ROUTED;
       if (code) return -1;
       r = s->routed;
     }
@@ -242,5 +299,5 @@ int decode_layers(const DecodeLayer* layers, int num_layers, const DecodeStep* s
     }
   }
   rms_norm_bf16(s->h, s->n, s->hidden, s->hidden, s->final_norm, s->final_eps, s->out);
-  return num_layers * 4 + DONE;
+  return num_layers * 8 + DONE;
 }

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from replicas.engine import decode_native, decode_path
 from replicas.engine import engine as engine_module
 from replicas.engine.engine import EngineConfig, LLMEngine
+from replicas.kernels import decode_step
 from replicas.model.loader import load_causal_lm
+from replicas.model.moe import MoEGate
 from replicas.sampling_params import SamplingParams
 from tests.cpu_features import CAN_BUILD
 
@@ -142,6 +144,37 @@ def test_native_decode_hands_declined_experts_to_the_module_path(make_ckpt, monk
     fast_hiddens, fast = _step_hiddens(model, prompts, True, monkeypatch, True)
     slow_hiddens, _ = _step_hiddens(model, prompts, False, monkeypatch)
     assert "native" in fast and len(declined) >= 10
+    for a, b in zip(fast_hiddens, slow_hiddens, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_kernel
+def test_router_ties_go_to_pytorchs_router(make_ckpt, monkeypatch):
+    """The router's tail runs in C (top-k of scores + bias, normalised, scaled) unless a row has
+    two equal values among its top k + 1, whose order is PyTorch's topk's to choose: two experts
+    with the same router row and bias tie on every token, and those layers' routers run in
+    PyTorch. Either way the module path's bits."""
+    model = load_causal_lm(make_ckpt(dtype="bfloat16"), dtype=torch.bfloat16)
+    for module in model.modules():
+        if isinstance(module, MoEGate):
+            with torch.no_grad():
+                module.weight[1] = module.weight[0]
+                module.e_score_correction_bias[1] = module.e_score_correction_bias[0] + 5.0
+                module.e_score_correction_bias[0] += 5.0  # and both always among the chosen
+    kinds = []
+    original = decode_native.decode_layers
+
+    def recording(*args, **kwargs):
+        layer, kind = original(*args, **kwargs)
+        kinds.append(kind)
+        return layer, kind
+
+    monkeypatch.setattr(decode_native, "decode_layers", recording)
+    prompts = _prompts(6)
+    fast_hiddens, fast = _step_hiddens(model, prompts, True, monkeypatch, True)
+    slow_hiddens, _ = _step_hiddens(model, prompts, False, monkeypatch)
+    assert "native" in fast
+    assert kinds.count(decode_step.ROUTER) == kinds.count(decode_step.SCORES) > 0  # each tied
     for a, b in zip(fast_hiddens, slow_hiddens, strict=True):
         assert torch.equal(a, b)
 
