@@ -58,7 +58,6 @@ from replicas.model.layers import (
     rope_cos_sin,
 )
 from replicas.model.moe import (
-    AVX512_BEST_ROWS_PER_EXPERT,
     RoutedExperts,
     Routing,
     SparseMoE,
@@ -151,12 +150,6 @@ def _swiglu(mlp: SwiGLU, keep: list) -> tuple[Proj, Proj, torch.Tensor, int]:
     return gate_up, down, silu, min(rows_a, rows_b, ELEMENTWISE_ONE_THREAD // mlp.inter)
 
 
-def _experts_max_rows(experts: RoutedExperts) -> int:
-    """The rows-per-expert limit RoutedExperts.decode_layer gives the C kernel."""
-    amx = experts._amx_shapes() and cpu_kernels.amx_available()
-    return AVX512_BEST_ROWS_PER_EXPERT if amx else experts.kernel_max_rows()
-
-
 class NativeDecode:
     """The layer table of one model over one KV cache, and the step scratch (rows up to
     FUSED_DECODE_MAX_ROWS)."""
@@ -228,7 +221,7 @@ class NativeDecode:
                 entry.num_ids = experts.local_index.numel()
                 entry.num_local = len(experts.expert_ids)
                 entry.expert_inter = experts.inter
-                entry.max_rows = _experts_max_rows(experts)
+                entry.max_rows = experts.decode_max_rows()
                 self.gates[i] = mlp
                 gate = mlp.gate
                 if gate.n_group == 1 and (top_k <= 2 or not gate.norm_topk_prob):

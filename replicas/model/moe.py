@@ -351,8 +351,6 @@ class RoutedExperts(nn.Module):
             return None
         if not (x.is_contiguous() and w13.is_contiguous() and w2.is_contiguous()):
             return None
-        amx = self._amx_shapes() and cpu_kernels.amx_available()
-        limit = AVX512_BEST_ROWS_PER_EXPERT if amx else self.kernel_max_rows()
         return cpu_kernels.moe_layer_decode_bf16(
             x,
             routing.topk_ids,
@@ -360,7 +358,7 @@ class RoutedExperts(nn.Module):
             self.local_index,
             w13,
             w2,
-            limit,
+            self.decode_max_rows(),
             self.fp8_scales(),
         )
 
@@ -391,6 +389,12 @@ class RoutedExperts(nn.Module):
         if num_rows <= self.kernel_max_rows() * used and cpu_kernels.available():
             return "avx512"
         return None
+
+    def decode_max_rows(self) -> int:
+        """Average rows per used expert up to which ``decode_layer``'s fused kernel takes a
+        layer (AMX machines keep it for the smallest batches)."""
+        amx = self._amx_shapes() and cpu_kernels.amx_available()
+        return AVX512_BEST_ROWS_PER_EXPERT if amx else self.kernel_max_rows()
 
     def kernel_max_rows(self) -> int:
         """Average rows per used expert up to which the AVX512 kernel runs (see

@@ -13,7 +13,7 @@ from replicas.engine import engine as engine_module
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.kernels import decode_step
 from replicas.model.loader import load_causal_lm
-from replicas.model.moe import MoEGate
+from replicas.model.moe import MoEGate, RoutedExperts
 from replicas.sampling_params import SamplingParams
 from tests.cpu_features import CAN_BUILD
 
@@ -134,7 +134,7 @@ def test_native_decode_hands_declined_experts_to_the_module_path(make_ckpt, monk
     """Where the C expert kernel declines a layer's rows (more rows per expert than it takes),
     decode_layers returns and the caller computes them as the module path does: the same bits."""
     model = load_causal_lm(make_ckpt(dtype="bfloat16"), dtype=torch.bfloat16)
-    monkeypatch.setattr(decode_native, "_experts_max_rows", lambda experts: 1)
+    monkeypatch.setattr(RoutedExperts, "decode_max_rows", lambda self: 1)
     declined = []
     original = decode_native.weighted_sum
     monkeypatch.setattr(
