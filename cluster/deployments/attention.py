@@ -33,7 +33,10 @@ class AttentionShardDeployment:
         config: ClusterConfig,
         balancer: DeploymentHandle | None,
         *expert_groups: DeploymentHandle,
+        stream_token: str,
     ):
+        """``stream_token``: what routers' calls to this replica's step stream must carry
+        (cluster.deployments.step_stream)."""
         from cluster.deployments.expert_transport import (
             ActorTransport,
             ServeHandleTransport,
@@ -96,6 +99,8 @@ class AttentionShardDeployment:
         )
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.stall_timeout_s = a.stall_timeout_s
+        self.graceful_shutdown_timeout_s = a.graceful_shutdown_timeout_s
+        self.stream_token = stream_token
         self.publisher: StepPublisher | None = None
         self.publisher_lock = asyncio.Lock()
         _serve_log.info("attention kernels: %s (%s)", *self.shard.engine.kernels)
@@ -154,16 +159,37 @@ class AttentionShardDeployment:
             if not ended.is_set():
                 publisher.abort(subscriber, request_id)
 
-    async def _publisher(self):
+    async def _publisher(self) -> StepPublisher:
         if self.publisher is None:
             from cluster.deployments.step_stream import StepPublisher
 
             async with self.publisher_lock:
                 if self.publisher is None:
-                    publisher = StepPublisher(self.shard, ray.util.get_node_ip_address())
+                    host = ray.util.get_node_ip_address()
+                    publisher = StepPublisher(self.shard, host, self.stream_token)
                     await publisher.start()
                     self.publisher = publisher
         return self.publisher
+
+    async def record_routing_stats(self) -> dict[str, str]:
+        """What Serve tells the routers' handles of this replica (Serve asks once it runs, then
+        every request_routing_stats_period_s): its step stream's address, where routers submit
+        requests directly (cluster.deployments.replica_directory)."""
+        from cluster.deployments.replica_directory import STEP_STREAM_KEY
+
+        publisher = await self._publisher()
+        assert publisher.address is not None  # set by start
+        return {STEP_STREAM_KEY: publisher.address}
+
+    async def __del__(self):
+        """Serve stops this replica (scaled down, redeployed): routers stop choosing it once
+        Serve has told their handles; until then, submits are refused (the router retries on
+        another replica). Requests submitted directly are not Serve's ongoing requests, so
+        Serve did not wait for them: wait here, up to attention.graceful_shutdown_timeout_s
+        (then Serve ends the process, and their streams end UNAVAILABLE)."""
+        publisher = getattr(self, "publisher", None)
+        if publisher is not None:
+            await publisher.drain(self.graceful_shutdown_timeout_s)
 
     def stats(self):
         return dataclasses.replace(self.shard.stats(), replica=self.replica)

@@ -4,6 +4,10 @@ Serve calls ``choose_replicas`` for each pending ``generate(request_id, prompt_i
 ``generate_direct(subscriber, request_id, prompt_ids, params)`` (the prompt is the list argument);
 the ranks it returns are tried in order (a replica at max_ongoing_requests is skipped).
 Loads come from Serve's queue-length cache, probed when missing.
+
+It also publishes the running replicas and their step streams' addresses
+(cluster.deployments.replica_directory) whenever Serve updates its replica set, so the router
+can submit to them without a Serve call per request.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from cluster.deployments import replica_directory
 from router.affinity import prefix_key, rank_replicas
 
 
@@ -22,6 +27,18 @@ class PrefixAffinityRouter(RequestRouter):
     ):
         self.block_size, self.num_blocks = block_size, num_blocks
         self.max_imbalance = max_imbalance
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        key = replica_directory.STEP_STREAM_KEY
+        replica_directory.publish(
+            self.app_name,
+            (
+                replica_directory.DirectReplica(r.replica_id.unique_id, address)
+                for r in replicas
+                if isinstance(address := (r.routing_stats or {}).get(key), str)
+            ),
+        )
 
     async def choose_replicas(
         self,

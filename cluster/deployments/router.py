@@ -71,7 +71,11 @@ class RouterDeployment:
     (cluster.deployments.shard_client)."""
 
     # Serve awaits an async constructor (type checkers want __init__ to return None).
-    async def __init__(self, config: ClusterConfig, shard: DeploymentHandle):  # type: ignore[misc]
+    async def __init__(  # type: ignore[misc]
+        self, config: ClusterConfig, shard: DeploymentHandle, stream_token: str
+    ):
+        """``stream_token``: what calls to the attention replicas' step streams carry."""
+        from cluster.deployments import replica_directory
         from cluster.deployments.http_ingress import OpenAIServer, start_http_ingress
         from cluster.deployments.ingress import start_ingress
         from cluster.deployments.shard_client import DirectShardClient, StepSubscriber
@@ -90,11 +94,16 @@ class RouterDeployment:
         self.shard = shard
         self.metrics = RouterMetrics()
         self.hops = HopStats(self.metrics.hop_observed)
+        app_name = serve.get_replica_context().app_name
         self.client = DirectShardClient(
             shard,
-            StepSubscriber(self.hops),
+            StepSubscriber(stream_token, self.hops),
             retry_budget_s=r.retry_budget_s,
             pacing=StreamPacing(r.stream_interval_ms / 1000, r.stream_pacing_min_streams),
+            replicas=lambda: replica_directory.running(app_name),
+            block_size=config.engine.block_size,
+            affinity_blocks=config.attention.prefix_affinity_blocks,
+            max_imbalance=config.attention.max_load_imbalance,
         )
         self.prompts = PromptWorkers(config.model_path, tokenizer, limits)
         self.service = GenerationService(
@@ -128,6 +137,11 @@ class RouterDeployment:
             self.http = await start_http_ingress(r.grpc_host, r.openai_port, server, tls)
             _serve_log.info("Router serving the OpenAI API at %s:%d", r.grpc_host, r.openai_port)
 
+    def submit_counts(self) -> dict[str, int]:
+        """Request attempts this router sent to a replica it chose ("direct") and through a
+        Serve handle call ("serve"), since start (cluster.deployments.shard_client)."""
+        return {"direct": self.client.num_direct, "serve": self.client.num_via_serve}
+
     def hop_stats(self, clear: bool = False) -> dict[str, dict[str, float]]:
         """Recent per-hop latencies of this router's token deltas (router.hops); ``clear``
         starts a new window."""
@@ -159,6 +173,6 @@ class RouterDeployment:
             if isinstance(result, BaseException):
                 _serve_log.warning("stopping a listener failed: %r", result)
         if getattr(self, "client", None) is not None:
-            await self.client.subscriber.close()
+            await self.client.close()
         if getattr(self, "prompts", None) is not None:
             self.prompts.close()

@@ -1,22 +1,29 @@
 """Token outputs from an attention replica to the router replicas, one message per engine step.
 
-The request goes through Ray Serve (replica choice, admission, cancel, the request's lifetime:
-``AttentionShardDeployment.generate_direct``); its token deltas do not. Each router replica
-has a random subscriber id and holds one ``Subscribe`` stream (gRPC, internal proto
-``exaone.internal.v1``) to every attention replica it sends requests to. After each engine
-step the replica sends each subscriber one ``StepBatch`` with the deltas of all that
-subscriber's requests; a subscriber that falls behind gets the steps since its last read in
-one message. So the cost per message does not grow with the number of streams, and no Ray
-object crosses processes per token.
+Each router replica has a random subscriber id and holds one ``Subscribe`` stream (gRPC,
+internal proto ``exaone.internal.v1``) to every attention replica it sends requests to. After
+each engine step the replica sends each subscriber one ``StepBatch`` with the deltas of all that
+subscriber's requests (and the replica's load); a subscriber that falls behind gets the steps
+since its last read in one message. So the cost per message does not grow with the number of
+streams, and no Ray object crosses processes per token.
 
-This module is the replica's side (``StepPublisher``) and the codec both sides use.
+Requests reach the replica on the same server: ``Submit`` and ``Abort``, from a router that
+chose this replica among those Serve runs (cluster.deployments.replica_directory), or through
+a Serve handle call (``AttentionShardDeployment.generate_direct``) where it could not. Every
+call must carry the application's stream token (``TOKEN_KEY`` metadata): the port listens on
+the node's address, and a request submitted here skips the router's checks and limits.
+
+This module is the replica's side (``StepPublisher``) and the codecs both sides use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hmac
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
@@ -31,6 +38,18 @@ from replicas.outputs import (
     TokenLogprob,
 )
 from replicas.sampling_params import SamplingParams
+
+TOKEN_KEY = "x-exaone-stream-token"
+"""The metadata key of the stream token every StepStream call carries."""
+
+# Both sides keep a stream's HTTP/2 connection checked, so a replica's node that vanishes
+# without closing its sockets ends its streams within seconds, not at TCP's timeout.
+CLIENT_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 10_000)]
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+]
 
 # error_kind on the wire <-> the exception the router's caller sees
 _ERRORS: dict[str, type[Exception]] = {
@@ -61,13 +80,16 @@ def _logprobs(entries) -> list[TokenLogprob]:
     ]
 
 
+def _error_kind(error: BaseException) -> str:
+    return next((k for k, cls in _ERRORS.items() if isinstance(error, cls)), "internal")
+
+
 def encode(request_id: str, item: RequestOutput | BaseException) -> spb.Output:
     if isinstance(item, BaseException):
-        kind = next((k for k, cls in _ERRORS.items() if isinstance(item, cls)), "internal")
         return spb.Output(
             request_id=request_id,
             finished=True,
-            error_kind=kind,
+            error_kind=_error_kind(item),
             error=str(item) or type(item).__name__,
         )
     return spb.Output(
@@ -107,6 +129,43 @@ def decode(out: spb.Output) -> RequestOutput | Exception:
     )
 
 
+def error_of(kind: str, message: str) -> Exception:
+    """The exception an error kind on the wire stands for (RuntimeError when unknown)."""
+    return _ERRORS.get(kind, RuntimeError)(message)
+
+
+def encode_params(params: SamplingParams) -> spb.Params:
+    msg = spb.Params()
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if isinstance(value, tuple):
+            getattr(msg, f.name).extend(value)
+        elif value is not None:
+            setattr(msg, f.name, value)
+    return msg
+
+
+def decode_params(msg: spb.Params) -> SamplingParams:
+    """The SamplingParams ``msg`` carries (the engine validates them as any request's)."""
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(SamplingParams):
+        if isinstance(f.default, tuple):
+            kwargs[f.name] = tuple(getattr(msg, f.name))
+        elif f.default is None:
+            kwargs[f.name] = getattr(msg, f.name) if msg.HasField(f.name) else None
+        else:
+            kwargs[f.name] = getattr(msg, f.name)
+    return SamplingParams(**kwargs)
+
+
+def _admission_error_kind(error: Exception) -> str:
+    """A refused Submit's error kind: what the engine refuses as bad input (a ValueError at
+    admission) is the caller's mistake, unlike a ValueError from a step (``encode``)."""
+    if isinstance(error, QueueFullError):
+        return "capacity"
+    return "invalid" if isinstance(error, ValueError) else _error_kind(error)
+
+
 # ---- the replica's side ------------------------------------------------------------------------
 class _Subscriber:
     """One router replica's pending deltas (an ``OutputSink`` of the replica's engine)."""
@@ -130,8 +189,13 @@ class _Subscriber:
             self.step_end_s = self.step_end_s or step_end_s
             self.ready.set()
 
-    def take(self) -> spb.StepBatch:
-        batch = spb.StepBatch(outputs=self.pending, step_end_s=self.step_end_s, sent_s=time.time())
+    def take(self, num_requests: int) -> spb.StepBatch:
+        batch = spb.StepBatch(
+            outputs=self.pending,
+            step_end_s=self.step_end_s,
+            sent_s=time.time(),
+            num_requests=num_requests,
+        )
         self.pending, self.step_end_s = [], 0.0
         self.ready.clear()
         return batch
@@ -141,17 +205,22 @@ class StepPublisher(spb_grpc.StepStreamServicer):
     """The attention replica's side: requests submitted for a subscriber send their deltas to
     that subscriber's ``Subscribe`` stream. Must be used on the event loop the engine runs on.
 
-    ``shard`` is a ``replicas.attention_shard.AttentionShard`` (``submit``/``abort``)."""
+    ``shard`` is a ``replicas.attention_shard.AttentionShard`` (``submit``/``abort``);
+    ``token``: what every call must carry as ``TOKEN_KEY`` metadata."""
 
-    def __init__(self, shard, host: str):
-        self.shard, self.host = shard, host
+    def __init__(self, shard, host: str, token: str):
+        if not token:
+            raise ValueError("a StepPublisher needs a stream token")
+        self.shard, self.host, self.token = shard, host, token.encode()
         self.subscribers: dict[str, _Subscriber] = {}
         self.server: grpc.aio.Server | None = None
         self.address: str | None = None
+        self.draining = False
+        """Set by ``drain``: Submit refuses new requests (the router retries elsewhere)."""
 
     async def start(self) -> str:
         """Listen on ``host`` at a port the OS picks; -> the address routers connect to."""
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
         spb_grpc.add_StepStreamServicer_to_server(self, self.server)
         port = self.server.add_insecure_port(f"{self.host}:0")
         await self.server.start()
@@ -161,6 +230,21 @@ class StepPublisher(spb_grpc.StepStreamServicer):
     async def stop(self, grace_s: float | None = None) -> None:
         if self.server is not None:
             await self.server.stop(grace_s)
+
+    def num_open(self) -> int:
+        """Requests submitted here whose last delta is not queued yet."""
+        return sum(len(sub.requests) for sub in self.subscribers.values())
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests; wait up to ``timeout_s`` until the open ones have ended and
+        their last deltas are sent -> whether they all were."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.num_open() or any(s.pending for s in self.subscribers.values()):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     def submit(
         self, subscriber: str, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
@@ -192,7 +276,31 @@ class StepPublisher(spb_grpc.StepStreamServicer):
         if sub is not None and not sub.requests and not sub.num_streams and not sub.pending:
             del self.subscribers[subscriber]
 
+    async def _authorize(self, context) -> None:
+        given = dict(context.invocation_metadata()).get(TOKEN_KEY, "")
+        if not hmac.compare_digest(str(given).encode(), self.token):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong {TOKEN_KEY} metadata"
+            )
+
+    async def Submit(self, request: spb.SubmitRequest, context) -> spb.SubmitReply:
+        await self._authorize(context)
+        if self.draining:
+            return spb.SubmitReply(error_kind="unavailable", error="the replica is stopping")
+        try:
+            params = decode_params(request.params)
+            self.submit(request.subscriber, request.request_id, request.prompt_ids, params)
+        except Exception as e:  # noqa: BLE001 - the router raises it for this request
+            return spb.SubmitReply(error_kind=_admission_error_kind(e), error=str(e))
+        return spb.SubmitReply()
+
+    async def Abort(self, request: spb.AbortRequest, context) -> spb.AbortReply:
+        await self._authorize(context)
+        self.abort(request.subscriber, request.request_id)
+        return spb.AbortReply()
+
     async def Subscribe(self, request: spb.SubscribeRequest, context):
+        await self._authorize(context)
         sub = self.subscribers.get(request.subscriber)
         if sub is None:
             sub = self.subscribers[request.subscriber] = _Subscriber()
@@ -200,7 +308,7 @@ class StepPublisher(spb_grpc.StepStreamServicer):
         try:
             while True:
                 await sub.ready.wait()
-                yield sub.take()
+                yield sub.take(self.shard.engine.num_requests)
         finally:
             sub.num_streams -= 1
             self._forget_if_idle(request.subscriber)

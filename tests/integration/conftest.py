@@ -90,6 +90,14 @@ def shard_stats(app: str = APP_NAME):
     return serve.get_deployment_handle("AttentionShard", app).stats.remote().result()
 
 
+def submit_counts(app: str = APP_NAME) -> dict[str, int]:
+    """How the (one) Router replica of ``app`` sent its requests so far: to a replica it chose
+    ("direct") or through a Serve handle call ("serve")."""
+    from ray import serve
+
+    return serve.get_deployment_handle("Router", app).submit_counts.remote().result()
+
+
 def wait_until_idle(timeout_s=30.0):
     """Until the attention replica holds no request and no KV block (or the time is up)
     -> its last stats."""

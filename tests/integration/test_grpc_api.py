@@ -33,6 +33,7 @@ from tests.integration.conftest import (
     random_prompts,
     serve_tiny,
     shard_stats,
+    submit_counts,
     wait_until_idle,
 )
 
@@ -110,7 +111,10 @@ def test_greedy_over_grpc_equals_engine_and_streams(client, reference):
 
 
 def test_32_concurrent_streams_complete_correctly(client, reference):
+    """... each submitted straight to the attention replica the router chose (Serve listed it
+    with its step stream's address; no Serve call per request)."""
     ps, want = reference
+    before = submit_counts()
     results: dict[int, list[int]] = {}
     errors: list[BaseException] = []
 
@@ -128,6 +132,8 @@ def test_32_concurrent_streams_complete_correctly(client, reference):
         t.join(timeout=300)
     assert not errors, errors[:3]
     assert [results[i] for i in range(32)] == want
+    after = submit_counts()
+    assert after["direct"] - before["direct"] == 32 and after["serve"] == before["serve"]
 
 
 def _start_long_stream(client, **kwargs):
@@ -138,6 +144,7 @@ def _start_long_stream(client, **kwargs):
 
 
 def test_cancel_frees_kv_blocks(client):
+    before = submit_counts()
     call = _start_long_stream(client)
     stream = iter(call)
     next(stream), next(stream)
@@ -148,6 +155,7 @@ def test_cancel_frees_kv_blocks(client):
     assert stats.num_blocks_in_use == 0 and stats.num_requests == 0
     # Aborted, not run to its end: finishing would have taken ~345 more engine steps.
     assert stats.num_steps - busy.num_steps < 250, (busy.num_steps, stats.num_steps)
+    assert submit_counts()["direct"] == before["direct"] + 1  # aborted with Abort
 
 
 def test_deadline_aborts_and_frees_kv_blocks(client):

@@ -5,12 +5,24 @@ router's StepSubscriber."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
+import grpc
 import pytest
 import torch
 
-from cluster.deployments.shard_client import StepSubscriber, _Lost
-from cluster.deployments.step_stream import StepPublisher, decode, encode
+from cluster.deployments.replica_directory import DirectReplica
+from cluster.deployments.shard_client import DirectShardClient, StepSubscriber, _Lost
+from cluster.deployments.step_stream import (
+    TOKEN_KEY,
+    StepPublisher,
+    decode,
+    decode_params,
+    encode,
+    encode_params,
+)
+from protos.exaone.internal.v1 import step_stream_pb2 as spb
+from protos.exaone.internal.v1 import step_stream_pb2_grpc as spb_grpc
 from replicas.attention_shard import AttentionShard
 from replicas.engine.engine import EngineConfig, LLMEngine
 from replicas.engine.request import FinishReason
@@ -28,6 +40,7 @@ pytestmark = pytest.mark.integration
 
 ENGINE = EngineConfig(block_size=4, max_num_batched_tokens=64, max_num_seqs=8)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+TOKEN = "test-stream-token"
 PROMPTS = {f"r{i}": [3 + i, 17, 29 + 2 * i, 41, 5 + i] for i in range(3)}
 
 
@@ -78,9 +91,9 @@ def test_every_requests_deltas_arrive_in_one_message_per_step(tiny_ckpt):
 
     async def main():
         shard = AttentionShard(tiny_ckpt, ENGINE)
-        publisher = StepPublisher(shard, "127.0.0.1")
+        publisher = StepPublisher(shard, "127.0.0.1", TOKEN)
         await publisher.start()
-        sub = StepSubscriber()
+        sub = StepSubscriber(TOKEN)
         try:
             queues = {rid: sub.register(rid) for rid in PROMPTS}
             ended = [publisher.submit(sub.id, rid, p, GREEDY) for rid, p in PROMPTS.items()]
@@ -103,9 +116,9 @@ def test_every_requests_deltas_arrive_in_one_message_per_step(tiny_ckpt):
 def test_abort_frees_blocks_and_a_lost_stream_ends_its_requests(tiny_ckpt):
     async def main():
         shard = AttentionShard(tiny_ckpt, ENGINE)
-        publisher = StepPublisher(shard, "127.0.0.1")
+        publisher = StepPublisher(shard, "127.0.0.1", TOKEN)
         await publisher.start()
-        sub = StepSubscriber()
+        sub = StepSubscriber(TOKEN)
         long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
         try:
             first, second = sub.register("a"), sub.register("b")
@@ -137,7 +150,7 @@ def test_submit_rejects_bad_input_and_a_full_replica_at_once(tiny_ckpt):
         shard = AttentionShard(
             tiny_ckpt, EngineConfig(block_size=4, max_num_seqs=1), max_waiting_requests=0
         )
-        publisher = StepPublisher(shard, "127.0.0.1")
+        publisher = StepPublisher(shard, "127.0.0.1", TOKEN)
         try:
             with pytest.raises(ValueError, match="max_tokens"):
                 publisher.submit("s", "x", [1, 2], SamplingParams(max_tokens=10**6))
@@ -150,3 +163,159 @@ def test_submit_rejects_bad_input_and_a_full_replica_at_once(tiny_ckpt):
             await shard.close()
 
     asyncio.run(main())
+
+
+def test_params_codec_carries_every_field():
+    names = {f.name for f in dataclasses.fields(SamplingParams)}
+    assert names == {f.name for f in spb.Params.DESCRIPTOR.fields}
+    every = SamplingParams(
+        temperature=0.7,
+        top_p=0.9,
+        top_k=40,
+        min_p=0.05,
+        presence_penalty=0.5,
+        frequency_penalty=-0.25,
+        repetition_penalty=1.1,
+        seed=(1 << 64) - 1,
+        max_tokens=33,
+        stop=("</s>", "\n\n"),
+        stop_token_ids=(2, 7),
+        ignore_eos=True,
+        logprobs=0,
+        prompt_logprobs=3,
+        prefix_boundaries=(8, 16),
+    )
+    assert all(getattr(every, n) != getattr(SamplingParams(), n) for n in names)
+    assert decode_params(encode_params(every)) == every
+    assert decode_params(encode_params(SamplingParams())) == SamplingParams()  # None stays None
+
+
+class _NoServe:
+    """Stands in for the AttentionShard handle where a test must not reach Serve."""
+
+    def options(self, **_):
+        return self
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the request went through Serve ({name})")
+
+
+def _direct_client(publisher: StepPublisher) -> DirectShardClient:
+    replica = DirectReplica("replica-0", publisher.address)
+    return DirectShardClient(_NoServe(), StepSubscriber(TOKEN), replicas=lambda: (replica,))
+
+
+async def _generate(client: DirectShardClient, rid: str, prompt, params) -> list[int]:
+    ids = []
+    async for out in client.generate(rid, prompt, params):
+        ids += out.new_token_ids
+    return ids
+
+
+def test_a_router_submits_and_aborts_over_grpc(tiny_ckpt):
+    """Requests submitted to a chosen replica with Submit stream the engine's tokens; closing
+    one early sends Abort, which frees its blocks; the replica reports its load with each
+    step's message; admission errors come back as the engine's own."""
+    model = load_causal_lm(tiny_ckpt, dtype=torch.float32)
+    want = LLMEngine(model, ENGINE).generate(list(PROMPTS.values()), GREEDY)
+
+    async def main():
+        shard = AttentionShard(tiny_ckpt, ENGINE, max_waiting_requests=2)
+        publisher = StepPublisher(shard, "127.0.0.1", TOKEN)
+        await publisher.start()
+        client = _direct_client(publisher)
+        try:
+            got = await asyncio.gather(
+                *(_generate(client, rid, p, GREEDY) for rid, p in PROMPTS.items())
+            )
+            long = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+            stream = client.generate("long", PROMPTS["r0"], long)
+            assert (await anext(stream)).new_token_ids
+            assert client.subscriber.loads.load(publisher.address) == 1  # reported: "long"
+            await stream.aclose()
+            stats = await shard.wait_idle()
+            with pytest.raises(RequestRejectedError, match="max_tokens"):
+                await _generate(client, "bad", [1, 2], SamplingParams(max_tokens=10**6))
+            held = await asyncio.gather(  # max_num_seqs 8 + 2 waiting: one too many
+                *(_generate(client, f"h{i}", [1, 2], long) for i in range(11)),
+                return_exceptions=True,
+            )
+            refused = [r for r in held if isinstance(r, BaseException)]
+            assert len(refused) == 1 and isinstance(refused[0], QueueFullError), refused
+            assert "at capacity" in str(refused[0])
+            return got, stats, await shard.wait_idle(), client.num_direct
+        finally:
+            await client.close()
+            await publisher.stop()
+            await shard.close()
+
+    got, after_abort, after_all, num_direct = asyncio.run(main())
+    assert got == want
+    assert after_abort.num_blocks_in_use == 0 and after_abort.num_requests == 0
+    assert after_all.num_blocks_in_use == 0 and after_all.num_requests == 0
+    assert num_direct == 3 + 1 + 1 + 11
+
+
+def test_calls_without_the_stream_token_are_refused(tiny_ckpt):
+    async def main():
+        shard = AttentionShard(tiny_ckpt, ENGINE)
+        publisher = StepPublisher(shard, "127.0.0.1", TOKEN)
+        await publisher.start()
+        request = spb.SubmitRequest(
+            subscriber="s", request_id="x", prompt_ids=[1, 2], params=encode_params(GREEDY)
+        )
+        codes = []
+        try:
+            async with grpc.aio.insecure_channel(publisher.address) as channel:
+                stub = spb_grpc.StepStreamStub(channel)
+                for metadata in ((), ((TOKEN_KEY, "not-the-token"),)):
+                    for call in (
+                        stub.Submit(request, metadata=metadata),
+                        stub.Abort(spb.AbortRequest(subscriber="s"), metadata=metadata),
+                    ):
+                        with pytest.raises(grpc.aio.AioRpcError) as e:
+                            await call
+                        codes.append(e.value.code())
+                    stream = stub.Subscribe(spb.SubscribeRequest(subscriber="s"), metadata=metadata)
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        await stream.read()
+                    codes.append(e.value.code())
+            return codes, shard.engine.num_requests
+        finally:
+            await publisher.stop()
+            await shard.close()
+
+    codes, admitted = asyncio.run(main())
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 6
+    assert admitted == 0
+
+
+def test_a_draining_replica_refuses_submits_and_waits_for_its_streams(tiny_ckpt):
+    async def main():
+        shard = AttentionShard(tiny_ckpt, ENGINE)
+        publisher = StepPublisher(shard, "127.0.0.1", TOKEN)
+        await publisher.start()
+        client = _direct_client(publisher)
+        try:
+            params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+            running = asyncio.create_task(_generate(client, "a", PROMPTS["r0"], params))
+            while not shard.engine.num_requests:
+                await asyncio.sleep(0.01)
+            drained = asyncio.create_task(publisher.drain(60))
+            request = spb.SubmitRequest(
+                subscriber="s", request_id="late", prompt_ids=[1, 2], params=encode_params(GREEDY)
+            )
+            reply = await client.subscriber.stub(publisher.address).Submit(
+                request, metadata=client.subscriber.metadata
+            )
+            open_then = shard.engine.num_requests
+            return reply, open_then, await running, await drained
+        finally:
+            await client.close()
+            await publisher.stop()
+            await shard.close()
+
+    reply, open_then, ids, drained = asyncio.run(main())
+    assert reply.error_kind == "unavailable" and "stopping" in reply.error
+    assert open_then == 1  # the late request was not admitted
+    assert len(ids) == 40 and drained
