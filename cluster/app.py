@@ -15,7 +15,6 @@ through a Serve handle and its token deltas come back over that replica's step s
 
 from __future__ import annotations
 
-import secrets
 from typing import Any, cast
 
 from ray import serve
@@ -51,9 +50,6 @@ def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:
             .bind(config)
         )
     groups = expert_groups(config, balancer)
-    # The routers' calls to the attention replicas' step streams carry it; a new one each time
-    # the application is built (both deployments get it as an argument).
-    stream_token = secrets.token_urlsafe(32)
     shard = (
         _deployment(AttentionShardDeployment)
         .options(
@@ -74,7 +70,7 @@ def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:
             graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
             graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
         )
-        .bind(config, balancer, *groups, stream_token=stream_token)
+        .bind(config, balancer, *groups)
     )
     return (
         _deployment(RouterDeployment)
@@ -84,7 +80,7 @@ def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:
             max_ongoing_requests=r.max_ongoing_requests,
             graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
         )
-        .bind(config, shard, stream_token)
+        .bind(config, shard)
     )
 
 

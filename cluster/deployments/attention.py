@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import secrets
 from typing import TYPE_CHECKING
 
 import ray
@@ -33,10 +34,7 @@ class AttentionShardDeployment:
         config: ClusterConfig,
         balancer: DeploymentHandle | None,
         *expert_groups: DeploymentHandle,
-        stream_token: str,
     ):
-        """``stream_token``: what routers' calls to this replica's step stream must carry
-        (cluster.deployments.step_stream)."""
         from cluster.deployments.expert_transport import (
             ActorTransport,
             ServeHandleTransport,
@@ -100,7 +98,9 @@ class AttentionShardDeployment:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.stall_timeout_s = a.stall_timeout_s
         self.graceful_shutdown_timeout_s = a.graceful_shutdown_timeout_s
-        self.stream_token = stream_token
+        # What routers' calls to this replica's step stream must carry: its own, given to the
+        # routers with its address (record_routing_stats, generate_direct).
+        self.stream_token = secrets.token_urlsafe(32)
         self.publisher: StepPublisher | None = None
         self.publisher_lock = asyncio.Lock()
         _serve_log.info("attention kernels: %s (%s)", *self.shard.engine.kernels)
@@ -148,12 +148,12 @@ class AttentionShardDeployment:
         self, subscriber: str, request_id: str, prompt_ids: list[int], params: SamplingParams
     ):
         """A request whose deltas go to ``subscriber``'s step stream
-        (cluster.deployments.step_stream). Yields the stream's address once admitted, then ends
-        when the request has ended; cancelling the call aborts the request."""
+        (cluster.deployments.step_stream). Yields the stream's address and token once admitted,
+        then ends when the request has ended; cancelling the call aborts the request."""
         publisher = await self._publisher()
         ended = publisher.submit(subscriber, request_id, prompt_ids, params)
         try:
-            yield publisher.address
+            yield publisher.address, self.stream_token
             await ended.wait()
         finally:
             if not ended.is_set():
@@ -174,12 +174,12 @@ class AttentionShardDeployment:
     async def record_routing_stats(self) -> dict[str, str]:
         """What Serve tells the routers' handles of this replica (Serve asks once it runs, then
         every request_routing_stats_period_s): its step stream's address, where routers submit
-        requests directly (cluster.deployments.replica_directory)."""
-        from cluster.deployments.replica_directory import STEP_STREAM_KEY
+        requests directly, and its token (cluster.deployments.replica_directory)."""
+        from cluster.deployments import replica_directory as rd
 
         publisher = await self._publisher()
         assert publisher.address is not None  # set by start
-        return {STEP_STREAM_KEY: publisher.address}
+        return {rd.STEP_STREAM_KEY: publisher.address, rd.STEP_STREAM_TOKEN_KEY: self.stream_token}
 
     async def __del__(self):
         """Serve stops this replica (scaled down, redeployed): routers stop choosing it once

@@ -2,7 +2,7 @@
 
 Serve owns the replica set: it starts, health-checks, autoscales and stops the replicas, and
 tells every handle which ones are running (a replica it is stopping is no longer listed). Each
-attention replica reports its step stream's address through Serve's routing stats
+attention replica reports its step stream's address and token through Serve's routing stats
 (``AttentionShardDeployment.record_routing_stats``); the AttentionShard deployment's request
 router (``cluster.deployments.request_router``), which Serve keeps up to date in the router
 replica's process, publishes the running replicas with an address here. The router's shard
@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 STEP_STREAM_KEY = "step_stream"
 """The routing-stats key under which an attention replica reports its step stream's address."""
+STEP_STREAM_TOKEN_KEY = "step_stream_token"
+"""... and the token calls to it must carry (its own, random; Serve carries it to the
+routers' processes over Ray's own channels)."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,8 @@ class DirectReplica:
     """Serve's unique id of the replica (what prefix affinity hashes)."""
     address: str
     """host:port of its step stream (Subscribe, Submit, Abort)."""
+    token: str
+    """What calls to it carry (cluster.deployments.step_stream.TOKEN_KEY)."""
 
 
 _published: dict[str, tuple[DirectReplica, ...]] = {}

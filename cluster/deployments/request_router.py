@@ -30,15 +30,16 @@ class PrefixAffinityRouter(RequestRouter):
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
-        key = replica_directory.STEP_STREAM_KEY
-        replica_directory.publish(
-            self.app_name,
-            (
-                replica_directory.DirectReplica(r.replica_id.unique_id, address)
-                for r in replicas
-                if isinstance(address := (r.routing_stats or {}).get(key), str)
-            ),
-        )
+        listed = []
+        for r in replicas:
+            stats = r.routing_stats or {}
+            address = stats.get(replica_directory.STEP_STREAM_KEY)
+            token = stats.get(replica_directory.STEP_STREAM_TOKEN_KEY)
+            if isinstance(address, str) and isinstance(token, str):
+                listed.append(
+                    replica_directory.DirectReplica(r.replica_id.unique_id, address, token)
+                )
+        replica_directory.publish(self.app_name, listed)
 
     async def choose_replicas(
         self,

@@ -71,10 +71,7 @@ class RouterDeployment:
     (cluster.deployments.shard_client)."""
 
     # Serve awaits an async constructor (type checkers want __init__ to return None).
-    async def __init__(  # type: ignore[misc]
-        self, config: ClusterConfig, shard: DeploymentHandle, stream_token: str
-    ):
-        """``stream_token``: what calls to the attention replicas' step streams carry."""
+    async def __init__(self, config: ClusterConfig, shard: DeploymentHandle):  # type: ignore[misc]
         from cluster.deployments import replica_directory
         from cluster.deployments.http_ingress import OpenAIServer, start_http_ingress
         from cluster.deployments.ingress import start_ingress
@@ -97,7 +94,7 @@ class RouterDeployment:
         app_name = serve.get_replica_context().app_name
         self.client = DirectShardClient(
             shard,
-            StepSubscriber(stream_token, self.hops),
+            StepSubscriber(self.hops),
             retry_budget_s=r.retry_budget_s,
             pacing=StreamPacing(r.stream_interval_ms / 1000, r.stream_pacing_min_streams),
             replicas=lambda: replica_directory.running(app_name),

@@ -64,12 +64,13 @@ class _Lost(Exception):
 
 class StepSubscriber:
     """This router replica's subscriber id, its channel and step stream to each replica
-    address, the queue of each request it waits on, and the loads the replicas report.
-    ``token``: the application's stream token (cluster.deployments.step_stream)."""
+    address, the queue of each request it waits on, and the loads the replicas report. Calls
+    to a replica carry its stream token (cluster.deployments.step_stream), learned with its
+    address."""
 
-    def __init__(self, token: str, hops: HopStats | None = None):
+    def __init__(self, hops: HopStats | None = None):
         self.id = secrets.token_hex(16)
-        self.metadata = ((TOKEN_KEY, token),)
+        self.tokens: dict[str, str] = {}  # by address
         self.hops = hops if hops is not None else HopStats()
         self.loads = ReplicaLoads()  # by address
         self.queues: dict[str, asyncio.Queue] = {}
@@ -91,6 +92,12 @@ class StepSubscriber:
         self.queues.pop(request_id, None)
         self.address_of.pop(request_id, None)
 
+    def learn(self, address: str, token: str) -> None:
+        self.tokens[address] = token
+
+    def metadata(self, address: str) -> tuple[tuple[str, str], ...]:
+        return ((TOKEN_KEY, self.tokens.get(address, "")),)
+
     def stub(self, address: str) -> spb_grpc.StepStreamStub:
         """Calls to the replica at ``address`` (one channel per address, kept while its step
         stream lasts)."""
@@ -111,7 +118,7 @@ class StepSubscriber:
         error: BaseException = _Lost(f"step stream from {address} ended")
         try:
             stream = self.stub(address).Subscribe(
-                spb.SubscribeRequest(subscriber=self.id), metadata=self.metadata
+                spb.SubscribeRequest(subscriber=self.id), metadata=self.metadata(address)
             )
             async for batch in stream:
                 received = time.time()
@@ -146,9 +153,12 @@ class StepSubscriber:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    def drop_all_but(self, addresses: set[str]) -> None:
+    def forget_all_but(self, addresses: set[str]) -> None:
+        """Close the channels to replicas no longer listed (unless a stream is read there)."""
         for address in [a for a in self.channels if a not in addresses]:
             self.drop(address)
+        for address in [a for a in self.tokens if a not in addresses and a not in self.readers]:
+            del self.tokens[address]
 
     async def close(self) -> None:
         for task in list(self.readers.values()):
@@ -245,7 +255,7 @@ class DirectShardClient:
         published = self.replicas()
         if published is not self._published:  # Serve's replica set changed
             self._published = published
-            self.subscriber.drop_all_but({r.address for r in published})
+            self.subscriber.forget_all_but({r.address for r in published})
         running = {r.replica_id: r for r in published if r.replica_id not in tried}
         if not running:
             return None
@@ -267,6 +277,7 @@ class DirectShardClient:
         params: SamplingParams,
     ) -> AsyncGenerator[Any, None]:
         sub, address = self.subscriber, replica.address
+        sub.learn(address, replica.token)
         queue = sub.register(request_id)
         sub.loads.sent(address)
         self.num_direct += 1
@@ -280,7 +291,7 @@ class DirectShardClient:
             )
             try:
                 reply = await sub.stub(address).Submit(
-                    request, metadata=sub.metadata, timeout=SUBMIT_TIMEOUT_S
+                    request, metadata=sub.metadata(address), timeout=SUBMIT_TIMEOUT_S
                 )
             except grpc.aio.AioRpcError as e:
                 raise _Lost(f"submitting to {address}: {e.code().name} {e.details()}") from None
@@ -308,7 +319,7 @@ class DirectShardClient:
         async def send() -> None:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 request = spb.AbortRequest(subscriber=sub.id, request_id=request_id)
-                await sub.stub(address).Abort(request, metadata=sub.metadata, timeout=30)
+                await sub.stub(address).Abort(request, metadata=sub.metadata(address), timeout=30)
 
         task = asyncio.get_running_loop().create_task(send())
         self._aborts.add(task)
@@ -324,11 +335,12 @@ class DirectShardClient:
         watcher, finished = None, False
         try:
             try:
-                address = await call.__anext__()
+                address, token = await call.__anext__()
             except RayTaskError as e:
                 raise _raised(e) from None
             except LOST_REPLICA as e:
                 raise _Lost(type(e).__name__) from None
+            sub.learn(address, token)
             sub.bind(request_id, address)
             watcher = asyncio.get_running_loop().create_task(_watch(call, queue))
             async for item in read_outputs(queue, self._interval_s):

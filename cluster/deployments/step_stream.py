@@ -10,8 +10,9 @@ streams, and no Ray object crosses processes per token.
 Requests reach the replica on the same server: ``Submit`` and ``Abort``, from a router that
 chose this replica among those Serve runs (cluster.deployments.replica_directory), or through
 a Serve handle call (``AttentionShardDeployment.generate_direct``) where it could not. Every
-call must carry the application's stream token (``TOKEN_KEY`` metadata): the port listens on
-the node's address, and a request submitted here skips the router's checks and limits.
+call must carry the replica's stream token (``TOKEN_KEY`` metadata; random per replica, given
+to the routers with its address through Serve): the port listens on the node's address, and a
+request submitted here skips the router's checks and limits.
 
 This module is the replica's side (``StepPublisher``) and the codecs both sides use.
 """

@@ -93,10 +93,11 @@ def test_every_requests_deltas_arrive_in_one_message_per_step(tiny_ckpt):
         shard = AttentionShard(tiny_ckpt, ENGINE)
         publisher = StepPublisher(shard, "127.0.0.1", TOKEN)
         await publisher.start()
-        sub = StepSubscriber(TOKEN)
+        sub = StepSubscriber()
         try:
             queues = {rid: sub.register(rid) for rid in PROMPTS}
             ended = [publisher.submit(sub.id, rid, p, GREEDY) for rid, p in PROMPTS.items()]
+            sub.learn(publisher.address, TOKEN)
             for rid in PROMPTS:
                 sub.bind(rid, publisher.address)
             got = [await _collect(queues[rid]) for rid in PROMPTS]
@@ -118,12 +119,13 @@ def test_abort_frees_blocks_and_a_lost_stream_ends_its_requests(tiny_ckpt):
         shard = AttentionShard(tiny_ckpt, ENGINE)
         publisher = StepPublisher(shard, "127.0.0.1", TOKEN)
         await publisher.start()
-        sub = StepSubscriber(TOKEN)
+        sub = StepSubscriber()
         long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
         try:
             first, second = sub.register("a"), sub.register("b")
             publisher.submit(sub.id, "a", PROMPTS["r0"], long)
             publisher.submit(sub.id, "b", PROMPTS["r1"], long)
+            sub.learn(publisher.address, TOKEN)
             sub.bind("a", publisher.address)
             sub.bind("b", publisher.address)
             assert (await asyncio.wait_for(first.get(), 60)).new_token_ids
@@ -201,8 +203,8 @@ class _NoServe:
 
 
 def _direct_client(publisher: StepPublisher) -> DirectShardClient:
-    replica = DirectReplica("replica-0", publisher.address)
-    return DirectShardClient(_NoServe(), StepSubscriber(TOKEN), replicas=lambda: (replica,))
+    replica = DirectReplica("replica-0", publisher.address, TOKEN)
+    return DirectShardClient(_NoServe(), StepSubscriber(), replicas=lambda: (replica,))
 
 
 async def _generate(client: DirectShardClient, rid: str, prompt, params) -> list[int]:
@@ -305,8 +307,9 @@ def test_a_draining_replica_refuses_submits_and_waits_for_its_streams(tiny_ckpt)
             request = spb.SubmitRequest(
                 subscriber="s", request_id="late", prompt_ids=[1, 2], params=encode_params(GREEDY)
             )
-            reply = await client.subscriber.stub(publisher.address).Submit(
-                request, metadata=client.subscriber.metadata
+            sub = client.subscriber
+            reply = await sub.stub(publisher.address).Submit(
+                request, metadata=sub.metadata(publisher.address)
             )
             open_then = shard.engine.num_requests
             return reply, open_then, await running, await drained
