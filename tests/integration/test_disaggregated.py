@@ -33,7 +33,12 @@ from replicas.model.config import ModelConfig
 from replicas.model.loader import load_causal_lm
 from replicas.sampling_params import SamplingParams
 from router.client import Completion, GenerationClient, build_request
-from tests.integration.conftest import colocated_reference, free_port, on_free_port
+from tests.integration.conftest import (
+    colocated_reference,
+    free_port,
+    on_free_port,
+    submit_counts,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -326,11 +331,15 @@ def test_a_hung_expert_worker_is_failed_over(cluster, reference, report):
 
 
 def test_32_concurrent_streams_equal_colocated(cluster, tiny_ckpt):
+    """... each submitted straight to the attention replica the router chose (of two)."""
     ps, want = colocated_reference(
         tiny_ckpt, seed=8, num_prompts=32, max_len=60, new_tokens=NEW_TOKENS
     )
+    before = submit_counts(APP_NAME)
     got = _generate_all(APP_NAME, ps)
     assert [got[i] for i in range(32)] == want
+    after = submit_counts(APP_NAME)
+    assert after["direct"] - before["direct"] == 32 and after["serve"] == before["serve"]
 
 
 def test_cancel_frees_kv_blocks_on_every_replica(cluster):
