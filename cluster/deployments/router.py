@@ -75,7 +75,8 @@ class RouterDeployment:
         from cluster.deployments import replica_directory
         from cluster.deployments.http_ingress import OpenAIServer, start_http_ingress
         from cluster.deployments.ingress import start_ingress
-        from cluster.deployments.shard_client import DirectShardClient, StepSubscriber
+        from cluster.deployments.shard_client import DirectShardClient
+        from cluster.deployments.step_subscriber import StepSubscriber
         from cluster.ops.metrics import RouterMetrics
 
         cfg = config.read_model_config()

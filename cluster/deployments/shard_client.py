@@ -28,8 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -37,140 +35,17 @@ import grpc
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
 from cluster.deployments.replica_directory import DirectReplica
-from cluster.deployments.step_stream import (
-    CLIENT_OPTIONS,
-    TOKEN_KEY,
-    decode,
-    encode_params,
-    error_of,
-)
+from cluster.deployments.step_stream import encode_params, error_of
+from cluster.deployments.step_subscriber import ReplicaLost, StepSubscriber
 from protos.exaone.internal.v1 import step_stream_pb2 as spb
-from protos.exaone.internal.v1 import step_stream_pb2_grpc as spb_grpc
 from replicas.outputs import ReplicaUnavailableError, read_outputs
 from replicas.sampling_params import SamplingParams
 from router.affinity import prefix_key, rank_replicas
-from router.hops import HopStats
 from router.pacing import StreamPacing
-from router.replica_loads import ReplicaLoads
 
 LOST_REPLICA = (ActorDiedError, ActorUnavailableError)
 SUBMIT_TIMEOUT_S = 10.0
 """A replica that has not admitted (or refused) a request by then counts as lost for it."""
-
-
-class _Lost(Exception):
-    """The replica went away (its call or its step stream broke, or it is stopping)."""
-
-
-class StepSubscriber:
-    """This router replica's subscriber id, its channel and step stream to each replica
-    address, the queue of each request it waits on, and the loads the replicas report. Calls
-    to a replica carry its stream token (cluster.deployments.step_stream), learned with its
-    address."""
-
-    def __init__(self, hops: HopStats | None = None):
-        self.id = secrets.token_hex(16)
-        self.tokens: dict[str, str] = {}  # by address
-        self.hops = hops if hops is not None else HopStats()
-        self.loads = ReplicaLoads()  # by address
-        self.queues: dict[str, asyncio.Queue] = {}
-        self.address_of: dict[str, str] = {}
-        self.readers: dict[str, asyncio.Task] = {}
-        self.channels: dict[str, grpc.aio.Channel] = {}
-        self._closing: set[asyncio.Task] = set()
-        self.num_messages = 0
-        self.num_outputs = 0
-        """Step-stream messages and the request deltas in them, received since start."""
-
-    def register(self, request_id: str) -> asyncio.Queue:
-        if request_id in self.queues:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        queue = self.queues[request_id] = asyncio.Queue()
-        return queue
-
-    def unregister(self, request_id: str) -> None:
-        self.queues.pop(request_id, None)
-        self.address_of.pop(request_id, None)
-
-    def learn(self, address: str, token: str) -> None:
-        self.tokens[address] = token
-
-    def metadata(self, address: str) -> tuple[tuple[str, str], ...]:
-        return ((TOKEN_KEY, self.tokens.get(address, "")),)
-
-    def stub(self, address: str) -> spb_grpc.StepStreamStub:
-        """Calls to the replica at ``address`` (one channel per address, kept while its step
-        stream lasts)."""
-        channel = self.channels.get(address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
-            self.channels[address] = channel
-        return spb_grpc.StepStreamStub(channel)
-
-    def bind(self, request_id: str, address: str) -> None:
-        """The request's deltas come from ``address``; read it (once per address)."""
-        self.address_of[request_id] = address
-        reader = self.readers.get(address)
-        if reader is None or reader.done():
-            self.readers[address] = asyncio.get_running_loop().create_task(self._read(address))
-
-    async def _read(self, address: str) -> None:
-        error: BaseException = _Lost(f"step stream from {address} ended")
-        try:
-            stream = self.stub(address).Subscribe(
-                spb.SubscribeRequest(subscriber=self.id), metadata=self.metadata(address)
-            )
-            async for batch in stream:
-                received = time.time()
-                self.hops.batch(batch.step_end_s, batch.sent_s, received)
-                self.loads.reported(address, batch.num_requests)
-                self.num_messages += 1
-                self.num_outputs += len(batch.outputs)
-                for out in batch.outputs:
-                    if (queue := self.queues.get(out.request_id)) is not None:
-                        item = decode(out)
-                        if not isinstance(item, Exception):
-                            item.received_s = received
-                        queue.put_nowait(item)
-        except grpc.aio.AioRpcError as e:
-            error = _Lost(f"step stream from {address}: {e.code().name} {e.details()}")
-        except asyncio.CancelledError:
-            return
-        finally:
-            if self.readers.get(address) is asyncio.current_task():
-                del self.readers[address]
-                self.loads.forget(address)
-                self.drop(address)
-        for request_id, bound in list(self.address_of.items()):
-            if bound == address and (queue := self.queues.get(request_id)) is not None:
-                queue.put_nowait(error)
-
-    def drop(self, address: str) -> None:
-        """Close the channel to ``address`` (in the background: a call still on it is
-        cancelled) unless its step stream is being read."""
-        if address not in self.readers and (channel := self.channels.pop(address, None)):
-            task = asyncio.get_running_loop().create_task(channel.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-
-    def forget_all_but(self, addresses: set[str]) -> None:
-        """Close the channels to replicas no longer listed (unless a stream is read there)."""
-        for address in [a for a in self.channels if a not in addresses]:
-            self.drop(address)
-        for address in [a for a in self.tokens if a not in addresses and a not in self.readers]:
-            del self.tokens[address]
-
-    async def close(self) -> None:
-        for task in list(self.readers.values()):
-            task.cancel()
-        for task in list(self.readers.values()):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for channel in list(self.channels.values()):
-            await channel.close()
-        self.channels.clear()
-        if self._closing:
-            await asyncio.wait(list(self._closing), timeout=5)
 
 
 class DirectShardClient:
@@ -232,7 +107,7 @@ class DirectShardClient:
                         started = True
                         yield out
                 return
-            except _Lost as e:
+            except ReplicaLost as e:
                 if started or loop.time() + backoff_s > deadline:
                     raise ReplicaUnavailableError(
                         f"the attention replica serving this request was lost ({e}); retry the "
@@ -294,12 +169,13 @@ class DirectShardClient:
                     request, metadata=sub.metadata(address), timeout=SUBMIT_TIMEOUT_S
                 )
             except grpc.aio.AioRpcError as e:
-                raise _Lost(f"submitting to {address}: {e.code().name} {e.details()}") from None
+                lost = f"submitting to {address}: {e.code().name} {e.details()}"
+                raise ReplicaLost(lost) from None
             if reply.error_kind:
                 open_there = False
                 error = error_of(reply.error_kind, reply.error)
                 if isinstance(error, ReplicaUnavailableError):
-                    raise _Lost(f"{address}: {reply.error}")
+                    raise ReplicaLost(f"{address}: {reply.error}")
                 raise error
             sub.bind(request_id, address)
             async for item in read_outputs(queue, self._interval_s):
@@ -339,7 +215,7 @@ class DirectShardClient:
             except RayTaskError as e:
                 raise _raised(e) from None
             except LOST_REPLICA as e:
-                raise _Lost(type(e).__name__) from None
+                raise ReplicaLost(type(e).__name__) from None
             sub.learn(address, token)
             sub.bind(request_id, address)
             watcher = asyncio.get_running_loop().create_task(_watch(call, queue))
@@ -367,10 +243,10 @@ async def _watch(call, queue: asyncio.Queue) -> None:
         async for _ in call:
             pass
     except LOST_REPLICA as e:
-        queue.put_nowait(_Lost(type(e).__name__))
+        queue.put_nowait(ReplicaLost(type(e).__name__))
     except RayTaskError as e:
         queue.put_nowait(_raised(e))
     except asyncio.CancelledError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever ended the call ends the request
-        queue.put_nowait(_Lost(f"{type(e).__name__}: {e}"))
+        queue.put_nowait(ReplicaLost(f"{type(e).__name__}: {e}"))

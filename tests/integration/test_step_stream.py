@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cluster.deployments.replica_directory import DirectReplica
-from cluster.deployments.shard_client import DirectShardClient, StepSubscriber, _Lost
+from cluster.deployments.shard_client import DirectShardClient
 from cluster.deployments.step_stream import (
     TOKEN_KEY,
     StepPublisher,
@@ -21,6 +21,7 @@ from cluster.deployments.step_stream import (
     encode,
     encode_params,
 )
+from cluster.deployments.step_subscriber import ReplicaLost, StepSubscriber
 from protos.exaone.internal.v1 import step_stream_pb2 as spb
 from protos.exaone.internal.v1 import step_stream_pb2_grpc as spb_grpc
 from replicas.attention_shard import AttentionShard
@@ -136,7 +137,7 @@ def test_abort_frees_blocks_and_a_lost_stream_ends_its_requests(tiny_ckpt):
             await publisher.stop(0)  # the replica goes away: "b" learns it
             while not isinstance(item := await asyncio.wait_for(second.get(), 60), BaseException):
                 pass
-            assert isinstance(item, _Lost)
+            assert isinstance(item, ReplicaLost)
             publisher.abort(sub.id, "b")
             return await shard.wait_idle()
         finally:

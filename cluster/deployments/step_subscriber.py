@@ -1,0 +1,137 @@
+"""The router replica's end of the attention replicas' step streams
+(cluster.deployments.step_stream): one channel and one ``Subscribe`` stream per replica
+address, shared by all of this router's requests there; each request's deltas go to its own
+queue, and the load each replica reports is kept (router.replica_loads). Calls to a replica
+carry its stream token, learned with its address. ``cluster.deployments.shard_client`` sends
+the requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+
+import grpc
+
+from cluster.deployments.step_stream import CLIENT_OPTIONS, TOKEN_KEY, decode
+from protos.exaone.internal.v1 import step_stream_pb2 as spb
+from protos.exaone.internal.v1 import step_stream_pb2_grpc as spb_grpc
+from router.hops import HopStats
+from router.replica_loads import ReplicaLoads
+
+
+class ReplicaLost(Exception):
+    """The replica went away (its call or its step stream broke, or it is stopping)."""
+
+
+class StepSubscriber:
+    """This router replica's subscriber id, its channel and step stream to each replica
+    address, the queue of each request it waits on, and the loads the replicas report. Calls
+    to a replica carry its stream token (cluster.deployments.step_stream), learned with its
+    address."""
+
+    def __init__(self, hops: HopStats | None = None):
+        self.id = secrets.token_hex(16)
+        self.tokens: dict[str, str] = {}  # by address
+        self.hops = hops if hops is not None else HopStats()
+        self.loads = ReplicaLoads()  # by address
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.address_of: dict[str, str] = {}
+        self.readers: dict[str, asyncio.Task] = {}
+        self.channels: dict[str, grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Task] = set()
+        self.num_messages = 0
+        self.num_outputs = 0
+        """Step-stream messages and the request deltas in them, received since start."""
+
+    def register(self, request_id: str) -> asyncio.Queue:
+        if request_id in self.queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        queue = self.queues[request_id] = asyncio.Queue()
+        return queue
+
+    def unregister(self, request_id: str) -> None:
+        self.queues.pop(request_id, None)
+        self.address_of.pop(request_id, None)
+
+    def learn(self, address: str, token: str) -> None:
+        self.tokens[address] = token
+
+    def metadata(self, address: str) -> tuple[tuple[str, str], ...]:
+        return ((TOKEN_KEY, self.tokens.get(address, "")),)
+
+    def stub(self, address: str) -> spb_grpc.StepStreamStub:
+        """Calls to the replica at ``address`` (one channel per address, kept while its step
+        stream lasts)."""
+        channel = self.channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
+            self.channels[address] = channel
+        return spb_grpc.StepStreamStub(channel)
+
+    def bind(self, request_id: str, address: str) -> None:
+        """The request's deltas come from ``address``; read it (once per address)."""
+        self.address_of[request_id] = address
+        reader = self.readers.get(address)
+        if reader is None or reader.done():
+            self.readers[address] = asyncio.get_running_loop().create_task(self._read(address))
+
+    async def _read(self, address: str) -> None:
+        error: BaseException = ReplicaLost(f"step stream from {address} ended")
+        try:
+            stream = self.stub(address).Subscribe(
+                spb.SubscribeRequest(subscriber=self.id), metadata=self.metadata(address)
+            )
+            async for batch in stream:
+                received = time.time()
+                self.hops.batch(batch.step_end_s, batch.sent_s, received)
+                self.loads.reported(address, batch.num_requests)
+                self.num_messages += 1
+                self.num_outputs += len(batch.outputs)
+                for out in batch.outputs:
+                    if (queue := self.queues.get(out.request_id)) is not None:
+                        item = decode(out)
+                        if not isinstance(item, Exception):
+                            item.received_s = received
+                        queue.put_nowait(item)
+        except grpc.aio.AioRpcError as e:
+            error = ReplicaLost(f"step stream from {address}: {e.code().name} {e.details()}")
+        except asyncio.CancelledError:
+            return
+        finally:
+            if self.readers.get(address) is asyncio.current_task():
+                del self.readers[address]
+                self.loads.forget(address)
+                self.drop(address)
+        for request_id, bound in list(self.address_of.items()):
+            if bound == address and (queue := self.queues.get(request_id)) is not None:
+                queue.put_nowait(error)
+
+    def drop(self, address: str) -> None:
+        """Close the channel to ``address`` (in the background: a call still on it is
+        cancelled) unless its step stream is being read."""
+        if address not in self.readers and (channel := self.channels.pop(address, None)):
+            task = asyncio.get_running_loop().create_task(channel.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    def forget_all_but(self, addresses: set[str]) -> None:
+        """Close the channels to replicas no longer listed (unless a stream is read there)."""
+        for address in [a for a in self.channels if a not in addresses]:
+            self.drop(address)
+        for address in [a for a in self.tokens if a not in addresses and a not in self.readers]:
+            del self.tokens[address]
+
+    async def close(self) -> None:
+        for task in list(self.readers.values()):
+            task.cancel()
+        for task in list(self.readers.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for channel in list(self.channels.values()):
+            await channel.close()
+        self.channels.clear()
+        if self._closing:
+            await asyncio.wait(list(self._closing), timeout=5)
