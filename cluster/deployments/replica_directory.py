@@ -38,8 +38,9 @@ _published: dict[str, tuple[DirectReplica, ...]] = {}
 
 
 def publish(app_name: str, replicas: Iterable[DirectReplica]) -> None:
-    """The running attention replicas of ``app_name`` (all of them: a replica left out is no
-    longer submitted to)."""
+    """The running attention replicas of ``app_name``: all of them, or none while one has not
+    reported its address (a replica left out would get no request from the routers; with
+    none listed, Serve chooses)."""
     _published[app_name] = tuple(replicas)
 
 

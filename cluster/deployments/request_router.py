@@ -39,7 +39,9 @@ class PrefixAffinityRouter(RequestRouter):
                 listed.append(
                     replica_directory.DirectReplica(r.replica_id.unique_id, address, token)
                 )
-        replica_directory.publish(self.app_name, listed)
+        # All or none: a replica Serve runs but has not told its address yet (just started)
+        # would get none of the router's requests, so until it has, Serve chooses them all.
+        replica_directory.publish(self.app_name, listed if len(listed) == len(replicas) else ())
 
     async def choose_replicas(
         self,
