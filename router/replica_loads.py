@@ -9,7 +9,6 @@ replica's first report, only this router's own open requests there count.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
 
 
 class ReplicaLoads:
@@ -36,9 +35,6 @@ class ReplicaLoads:
         if replica not in self._reported:
             return own
         return max(own, self._reported[replica] + self._since.get(replica, 0))
-
-    def loads(self, replicas: Iterable[str]) -> dict[str, int | None]:
-        return {r: self.load(r) for r in replicas}
 
     def forget(self, replica: str) -> None:
         """Drop the reports of a replica whose stream ended (its open requests here still end

@@ -113,8 +113,9 @@ class DirectShardClient:
                         f"the attention replica serving this request was lost ({e}); retry the "
                         "request"
                     ) from None
+                # With another replica left to try, at once; else (Serve's turn) after a pause.
                 if replica is None or not self.choose(prompt_ids, tried):
-                    await asyncio.sleep(backoff_s)  # another replica is tried at once
+                    await asyncio.sleep(backoff_s)
                     backoff_s = min(2 * backoff_s, 1.0)
 
     async def close(self) -> None:

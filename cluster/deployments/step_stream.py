@@ -162,8 +162,6 @@ def decode_params(msg: spb.Params) -> SamplingParams:
 def _admission_error_kind(error: Exception) -> str:
     """A refused Submit's error kind: what the engine refuses as bad input (a ValueError at
     admission) is the caller's mistake, unlike a ValueError from a step (``encode``)."""
-    if isinstance(error, QueueFullError):
-        return "capacity"
     return "invalid" if isinstance(error, ValueError) else _error_kind(error)
 
 

@@ -7,7 +7,7 @@ def test_before_a_report_only_this_routers_open_requests_count():
     loads.sent("a")
     loads.sent("b")
     loads.ended("a")
-    assert loads.loads(["a", "b", "c"]) == {"a": 1, "b": 1, "c": 0}
+    assert [loads.load(r) for r in "abc"] == [1, 1, 0]
 
 
 def test_a_report_counts_every_router_plus_what_was_sent_since():
@@ -38,7 +38,7 @@ def test_forgetting_a_replica_keeps_its_open_requests_until_they_end():
     loads.reported("a", 7)
     loads.reported("b", 2)
     loads.forget("b")
-    assert loads.loads(["a", "b"]) == {"a": 7, "b": 0}
+    assert [loads.load(r) for r in "ab"] == [7, 0]
     loads.forget("a")
     assert loads.load("a") == 1
     loads.ended("a")
