@@ -54,20 +54,51 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summarize(streams: list[Stream], wall_s: float) -> dict:
-    ttft = [s.ttft_s for s in streams if s.first is not None]
-    tpot = [s.tpot_s for s in streams if s.tpot_s is not None]
-    tokens = sum(s.tokens for s in streams)
-    messages = sum(s.messages for s in streams)
-    row = {
-        "requests": len(streams),
+    """A level's row: totals, rates and percentiles, and every request's TTFT and TPOT (ms)."""
+    return _row(
+        ttft_ms=[1e3 * s.ttft_s for s in streams if s.first is not None],
+        tpot_ms=[1e3 * t for s in streams if (t := s.tpot_s) is not None],
+        requests=len(streams),
+        tokens=sum(s.tokens for s in streams),
+        messages=sum(s.messages for s in streams),
+        wall_s=wall_s,
+    )
+
+
+def merge(rows: list[dict]) -> dict:
+    """One row for the same level run several times (bench/served.py --rounds): tok/s over
+    the rounds' summed tokens and wall time, percentiles over all their requests."""
+    return _row(
+        ttft_ms=[v for r in rows for v in r["ttft_ms"]],
+        tpot_ms=[v for r in rows for v in r["tpot_ms"]],
+        requests=sum(r["requests"] for r in rows),
+        tokens=sum(r["out_tokens"] for r in rows),
+        messages=sum(r["messages"] for r in rows),
+        wall_s=sum(r["wall_s"] for r in rows),
+    )
+
+
+def _row(
+    ttft_ms: list[float],
+    tpot_ms: list[float],
+    requests: int,
+    tokens: int,
+    messages: int,
+    wall_s: float,
+) -> dict:
+    row: dict = {
+        "requests": requests,
         "out_tokens": tokens,
+        "messages": messages,
         "wall_s": round(wall_s, 3),
         "out_tok_s": round(tokens / wall_s, 2),
         "tokens_per_message": round(tokens / max(messages, 1), 2),
     }
-    for name, values in (("ttft", ttft), ("tpot", tpot)):
+    for name, values in (("ttft", ttft_ms), ("tpot", tpot_ms)):
         for q in (50, 99):
-            row[f"{name}_p{q}_ms"] = round(1e3 * percentile(values, q), 3) if values else None
+            row[f"{name}_p{q}_ms"] = round(percentile(values, q), 3) if values else None
+    row["ttft_ms"] = [round(v, 3) for v in ttft_ms]
+    row["tpot_ms"] = [round(v, 3) for v in tpot_ms]
     return row
 
 
@@ -92,6 +123,20 @@ class Workload:
     warmup: dict[int, list[list[int]]]  # per level: the warm-up requests
     new_tokens: int
     warmup_tokens: int
+
+    def rounds(self, n: int) -> list[Workload]:
+        """This workload as ``n`` rounds: each level's timed requests dealt out among them (the
+        same warm-up in each)."""
+        return [
+            Workload(
+                self.levels,
+                {c: prompts[r::n] for c, prompts in self.prompts.items()},
+                self.warmup,
+                self.new_tokens,
+                self.warmup_tokens,
+            )
+            for r in range(n)
+        ]
 
 
 async def run_levels(send: Send, work: Workload, label: str) -> dict[int, dict]:

@@ -9,12 +9,19 @@ nothing (benchmarks print, tests assert).
     .venv/bin/python bench/served.py --systems ours-http,vllm --concurrency 1,8,32 \
         --vllm-bench-client
     .venv/bin/python bench/served.py --checkpoints /path/to/checkpoint --dtype float32
+    .venv/bin/python bench/served.py --checkpoints small --systems ours,engine --concurrency 1 \
+        --min-requests 48 --rounds 4          # the served path's cost per token, drift shared
 
 Workload (the same for every system, one system running at a time): each request is a prompt of
 --prompt-tokens random token ids (seeded; drawn above the tokenizer's added/special tokens),
 --new-tokens new tokens, greedy, ignore_eos, streamed. At each in-flight level C (--concurrency)
 C closed-loop streams send max(C * --requests-per-stream, --min-requests) requests; every system
 first gets a short warm-up (C requests of --warmup-tokens at each level, other prompts).
+With --rounds R the systems take turns R times (each server started afresh, one at a time as
+always), each round sending its share of every level's requests; each system's rounds are then
+merged (tok/s over their summed tokens and time, percentiles over all their requests). On a
+shared machine whose speed drifts by 10-20% over minutes, that drift then falls on every system
+alike instead of on whichever ran during a slow minute.
 
 Systems (--systems):
   ours    our server, started in this process with cluster.commands.local.start_local; driven over
@@ -65,7 +72,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.forward import checkpoint  # noqa: E402
-from bench.loadgen import Stream, Workload, drive_http, free_port, run_levels  # noqa: E402
+from bench.loadgen import (  # noqa: E402
+    Stream,
+    Workload,
+    drive_http,
+    free_port,
+    merge,
+    run_levels,
+)
 from bench.vllm_bench_client import run_vllm_bench  # noqa: E402
 from bench.vllm_server import run_vllm  # noqa: E402
 from cluster.config import (  # noqa: E402
@@ -288,6 +302,16 @@ def run_ours(config: ClusterConfig, work: Workload, args, protocols: list[str]) 
 
 
 # ---- report -------------------------------------------------------------------------------------
+def merge_rounds(runs: list[dict]) -> dict:
+    """One system's result over its rounds: the first round's details, each level merged
+    (bench.loadgen.merge); an error in any round is the result."""
+    failed = [run for run in runs if run.get("error")]
+    if failed:
+        return failed[0]
+    levels = {c: merge([run["levels"][c] for run in runs]) for c in runs[0].get("levels", {})}
+    return {**runs[0], "rounds": len(runs), "levels": levels}
+
+
 def fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
@@ -392,6 +416,14 @@ def main() -> None:
         help="rounds: a level C sends C * this many requests ...",
     )
     ap.add_argument("--min-requests", type=int, default=16, help="... and at least this many")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the systems in turn this many times, each round with its share of every "
+        "level's requests, and merge each system's rounds (slow drift of the machine's speed "
+        "then falls on every system alike)",
+    )
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--warmup-tokens", type=int, default=8)
@@ -442,6 +474,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write every number here")
     args = ap.parse_args()
     args.levels = [int(c) for c in args.concurrency.split(",") if c]
+    if args.rounds < 1:
+        ap.error("--rounds: at least 1")
     systems = [s for s in args.systems.split(",") if s]
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
@@ -474,23 +508,29 @@ def main() -> None:
             f"{'on' if args.prefix_cache else 'off'}"
         )
         print(f"\n== {title}\n{header}", flush=True)
-        results: dict[str, dict] = {}
+        rounds: dict[str, list[dict]] = {}
         ours = [p for p in ("ours", "ours-http") if p in systems]
-        for system in RUN_ORDER:
-            if system == "ours" and not ours or system != "ours" and system not in systems:
-                continue
-            print(f"- {', '.join(LABELS[p] for p in ours) if system == 'ours' else LABELS[system]}")
-            try:
-                if system == "engine":
-                    results[system] = run_engine(config, work)
-                elif system == "ours":
-                    results.update(run_ours(config, work, args, ours))
-                else:
-                    results[system] = run_vllm(config, work, args)
-            except Exception as err:  # noqa: BLE001 - report it, go on with the next system
-                text = f"{type(err).__name__}: {err}"
-                print(f"  {system} failed: {text}", flush=True)
-                results[system] = {"error": text}
+        for r, part in enumerate(work.rounds(args.rounds)):
+            for system in RUN_ORDER:
+                if system == "ours" and not ours or system != "ours" and system not in systems:
+                    continue
+                names = ", ".join(LABELS[p] for p in ours) if system == "ours" else LABELS[system]
+                which = f", round {r + 1} of {args.rounds}" if args.rounds > 1 else ""
+                print(f"- {names}{which}", flush=True)
+                try:
+                    if system == "engine":
+                        got = {system: run_engine(config, part)}
+                    elif system == "ours":
+                        got = run_ours(config, part, args, ours)
+                    else:
+                        got = {system: run_vllm(config, part, args)}
+                except Exception as err:  # noqa: BLE001 - report it, go on with the next system
+                    text = f"{type(err).__name__}: {err}"
+                    print(f"  {system} failed: {text}", flush=True)
+                    got = {p: {"error": text} for p in (ours if system == "ours" else [system])}
+                for p, result in got.items():
+                    rounds.setdefault(p, []).append(result)
+        results = {system: merge_rounds(runs) for system, runs in rounds.items()}
         text, ratios = table(results, args.levels)
         tables.append(f"### {title}\n\n{header}\n\n{text}")
         report["checkpoints"][name] = {

@@ -4,8 +4,9 @@ Starts our server (as ``exaone-cluster serve`` runs it) on a checkpoint, drives 
 streams (32 prompt tokens, 64 new tokens, ignore_eos) over gRPC from this process, and prints
 for each in-flight level: output tok/s, TPOT p50, the engine's mean step (AttentionShard
 stats), the latency of each hop from the engine's step to the router's gRPC server (router.hops,
-p50 and p99), and the share of a core each process used during the level (Serve replicas, Serve's
-controller and proxy, Ray's raylet and GCS, and this client). On a 2-core machine the
+p50 and p99), and the share of a core each process used during the level (Serve replicas, the
+attention replicas' engine processes, Serve's controller and proxy, Ray's raylet and GCS, and this
+client). On a 2-core machine the
 engine needs one core; whatever the request plane takes beyond the other one slows the engine.
 
     .venv/bin/python bench/served_cpu.py                          # bundled model, 1 and 32 streams
@@ -41,6 +42,7 @@ from protos.exaone.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 from router.client import build_request  # noqa: E402
 
 PROCESSES = ("ServeReplica:", "ServeController", "ProxyActor", "raylet", "gcs_server")
+ENGINE_PROCESS = "replicas.engine.engine_process"  # an attention replica's engine, its own process
 
 
 def processes() -> dict[str, psutil.Process]:
@@ -49,6 +51,8 @@ def processes() -> dict[str, psutil.Process]:
     for line in ps.splitlines()[1:]:
         pid, args = line.strip().split(None, 1)
         name = next((args.split()[0] for key in PROCESSES if key in args), None)
+        if ENGINE_PROCESS in args:
+            name = f"engine process {pid}"
         if name is not None:
             found[name.rsplit("/", 1)[-1].removeprefix("ray::")] = psutil.Process(int(pid))
     return found
