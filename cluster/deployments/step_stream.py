@@ -251,6 +251,8 @@ class StepPublisher(spb_grpc.StepStreamServicer):
         """Admit the request (raises ValueError / QueueFullError at once); -> an event set when
         its last delta (finished, or its error) is queued for the subscriber."""
         sub = self.subscribers.get(subscriber)
+        if sub is not None and request_id in sub.requests:  # before anything of it is touched
+            raise RequestRejectedError(f"request id {request_id!r} is already in use")
         if sub is None:
             sub = self.subscribers[subscriber] = _Subscriber()
         ended = asyncio.Event()

@@ -168,6 +168,26 @@ def test_submit_rejects_bad_input_and_a_full_replica_at_once(tiny_ckpt):
     asyncio.run(main())
 
 
+def test_a_request_id_in_use_is_refused_and_the_first_request_kept(tiny_ckpt):
+    async def main():
+        shard = AttentionShard(tiny_ckpt, ENGINE)
+        publisher = StepPublisher(shard, "127.0.0.1", TOKEN)
+        try:
+            ended = publisher.submit("s", "x", PROMPTS["r0"], GREEDY)
+            with pytest.raises(RequestRejectedError, match="already in use"):
+                publisher.submit("s", "x", PROMPTS["r1"], GREEDY)
+            assert publisher.num_open() == 1  # the first one is still open, and ends
+            await asyncio.wait_for(ended.wait(), 60)
+            assert publisher.num_open() == 0
+            return publisher.subscribers["s"].pending
+        finally:
+            await shard.close()
+
+    pending = asyncio.run(main())
+    tokens = [t for out in pending for t in out.new_token_ids]
+    assert len(tokens) == GREEDY.max_tokens and pending[-1].finished  # its outputs, all of them
+
+
 def test_params_codec_carries_every_field():
     names = {f.name for f in dataclasses.fields(SamplingParams)}
     assert names == {f.name for f in spb.Params.DESCRIPTOR.fields}
