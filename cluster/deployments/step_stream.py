@@ -251,18 +251,15 @@ class StepPublisher(spb_grpc.StepStreamServicer):
         """Admit the request (raises ValueError / QueueFullError at once); -> an event set when
         its last delta (finished, or its error) is queued for the subscriber."""
         sub = self.subscribers.get(subscriber)
-        if sub is not None and request_id in sub.requests:  # before anything of it is touched
-            raise RequestRejectedError(f"request id {request_id!r} is already in use")
         if sub is None:
             sub = self.subscribers[subscriber] = _Subscriber()
-        ended = asyncio.Event()
-        sub.requests[request_id] = ended
-        try:
+        try:  # the shard refuses an id in use (so its open request's entry stays as it is)
             self.shard.submit(request_id, prompt_ids, params, sub)
         except BaseException:
-            del sub.requests[request_id]
             self._forget_if_idle(subscriber)
             raise
+        # Its outputs reach ``sub`` on this event loop after a step, so after this line.
+        ended = sub.requests[request_id] = asyncio.Event()
         return ended
 
     def abort(self, subscriber: str, request_id: str) -> None:
