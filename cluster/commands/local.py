@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from cluster.commands.loopback import HOOK
 from cluster.config import ClusterConfig
 from cluster.ops.capacity import shortfall
+from cluster.ray_env import RAY_ENV
 
 APP_NAME = "exaone"
 # Before Ray starts: node IP 127.0.0.1 (platform.md section 2), and patience for a proxy that
@@ -23,29 +24,7 @@ LOCAL_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
     "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    # Ray starts its workers at niceness 15 (they yield to anything else on the machine): the
-    # engine replicas then lose their core to the clients and Ray's own processes. Measured on
-    # 2 cores, bundled model, one stream: TPOT 7.8 ms served at 15 against 4.6 in-process.
-    "RAY_worker_niceness": "0",
-    # Serve's controller reconciles every 0.1 s by default, asking GCS for every node's
-    # resources each time: 8% of a core between them with the cluster idle, taken from the
-    # engine on a small machine. Every 0.5 s: 3% (bench/served_cpu.py --idle-s). Replicas then
-    # start, stop and scale up to 0.4 s later.
-    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
-    # Every Ray worker process costs 0.6-0.7% of a core doing nothing (its task loop wakes
-    # every 10 ms to check for signals): Ray's default prestarts one for the first driver that
-    # nothing here uses, and it stayed idle for the server's life.
-    "RAY_prestart_worker_first_driver": "0",
-    # Ray's log monitor lists the log directory 10 times a second while it holds fewer than
-    # this many files (0.8% of a core, idle); then every LOG_NAME_UPDATE_INTERVAL_S. The
-    # driver does not take the workers' logs (log_to_driver=False): they stay in the files.
-    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
-    "LOG_NAME_UPDATE_INTERVAL_S": "5",
-    # Serve hands its own request metrics to Ray's metrics agent every 0.1 s from every replica
-    # and handle; the agent exports every 10 s (Ray's metrics_report_interval_ms), so once a
-    # second loses nothing a scrape sees.
-    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+    **RAY_ENV,  # what every Ray node we run gets (the Helm chart's too)
 }
 
 

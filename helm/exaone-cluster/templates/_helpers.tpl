@@ -259,9 +259,23 @@ RAY_AUTH_TOKEN: KubeRay sets them from rayClusterConfig.authOptions. */}}
 image: "{{ .root.Values.image.repository }}:{{ .root.Values.image.tag }}"
 imagePullPolicy: {{ .root.Values.image.pullPolicy }}
 env:
+  # cluster/ray_env.py's RAY_ENV, which `exaone-cluster serve` sets too (why each: there).
   # Ray starts workers at niceness 15; the engine and expert replicas are the pod's work.
   - name: RAY_worker_niceness
     value: "0"
+  - name: RAY_USAGE_STATS_ENABLED
+    value: "0"
+  # The rest cut what Ray and Serve do for nothing while a model is served (idle wake-ups).
+  - name: RAY_SERVE_CONTROL_LOOP_INTERVAL_S
+    value: "0.5"
+  - name: RAY_prestart_worker_first_driver
+    value: "0"
+  - name: RAY_LOG_MONITOR_MANY_FILES_THRESHOLD
+    value: "0"
+  - name: LOG_NAME_UPDATE_INTERVAL_S
+    value: "5"
+  - name: RAY_SERVE_METRICS_EXPORT_INTERVAL_MS
+    value: "1000"
   {{- if include "exaone.redisPasswordSet" .root }}
   - name: EXAONE_REDIS_PASSWORD
     valueFrom:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from cluster.helm_schema import values_schema
+from cluster.ray_env import RAY_ENV
 from tests.unit.helm.render import (
     CHART,
     DEFAULTS,
@@ -21,8 +22,10 @@ from tests.unit.helm.render import (
     KUBE_VERSION,
     KUBERAY,
     VALUES_FILES,
+    env_by_name,
     load_values,
     parse_cluster_config,
+    ray_containers,
     render_chart,
 )
 
@@ -87,6 +90,19 @@ def _ray_resources(group: dict) -> dict[str, float]:
         return {}
     assert quoted.startswith('"') and quoted.endswith('"'), quoted
     return json.loads(json.loads(quoted))
+
+
+@pytest.mark.parametrize(
+    "values_file", [None, *VALUES_FILES], ids=lambda p: p.stem if p else "defaults"
+)
+def test_every_ray_container_gets_the_ray_env_serve_sets(values_file):
+    """The pods' Ray runs as `exaone-cluster serve`'s does (cluster.ray_env.RAY_ENV)."""
+    containers = ray_containers(render_chart(load_values(values_file)))
+    assert len(containers) >= 2  # the head and a worker group at least
+    for container in containers:
+        env = env_by_name(container)
+        got = {name: env.get(name, {}).get("value") for name in RAY_ENV}
+        assert got == RAY_ENV, container["name"]
 
 
 def test_serve_arguments_are_the_values_config_plus_what_the_chart_sets():
