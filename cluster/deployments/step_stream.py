@@ -44,8 +44,17 @@ TOKEN_KEY = "x-exaone-stream-token"
 """The metadata key of the stream token every StepStream call carries."""
 
 # Both sides keep a stream's HTTP/2 connection checked, so a replica's node that vanishes
-# without closing its sockets ends its streams within seconds, not at TCP's timeout.
-CLIENT_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 10_000)]
+# without closing its sockets ends its streams within seconds, not at TCP's timeout (a stopped
+# process's kernel even acknowledges its segments). While tokens arrive, gRPC keeps a ping of
+# its own in flight (its bandwidth probe), and an unanswered one is given
+# grpc.http2.ping_timeout_ms, 60 s by default, whatever keepalive_timeout_ms says: a
+# SIGSTOPped replica's streams ended after 60 s (tests/faults), 10 s with it set. A stream gone
+# quiet first ends by the keepalive ping (about 17 s after, measured).
+CLIENT_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),
+]
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
     ("grpc.keepalive_permit_without_calls", 1),

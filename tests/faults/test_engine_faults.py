@@ -1,17 +1,23 @@
 """Faults inside the attention replica, on the fault tier's cluster (tests/faults/conftest.py),
 each under 16 concurrent greedy streams: an exception in the engine loop outside a model step,
 one in MTP drafting, the engine thread dying (health must read NOT_SERVING within 10 s and
-SERVING again once Serve has replaced the replica), and Redis killed and restarted mid-traffic
-(served as misses, hits resume). Every stream returns the colocated output or ends UNAVAILABLE
-(retryable) within a bounded time, none hangs, and the cluster serves new requests afterwards."""
+SERVING again once Serve has replaced the replica), Redis killed and restarted mid-traffic
+(served as misses, hits resume), and the attention replica's process frozen (SIGSTOP: its
+sockets stay open, as a node that hangs or vanishes without closing them leaves them; the
+Router's keepalive on the step stream must end its streams). Every stream returns the
+colocated output or ends UNAVAILABLE (retryable) within a bounded time, none hangs, and the
+cluster serves new requests afterwards."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
 import torch
 from ray import serve
+from ray.util.state import list_actors
 
 from router.client import GenerationClient
 from tests.faults.conftest import (
@@ -130,4 +136,47 @@ def test_health_tells_when_the_engine_thread_dies_and_when_the_replica_is_back(
         f"engine thread died under {len(ps)} streams: {len(lost)} UNAVAILABLE, health "
         f"NOT_SERVING {not_serving_after:.1f} s after, SERVING again {back_after:.1f} s "
         f"after (replica replaced)"
+    )
+
+
+KEEPALIVE_BOUND_S = 40
+"""A frozen replica's streams end by then: the step stream's pings (cluster.deployments.
+step_stream: 10 s for an answer) with room for a loaded machine. With gRPC's default ping
+timeout they ended after 60 s; without pings they would wait for the client's own
+timeout: the kernel still acknowledges a stopped process's TCP segments, so TCP never gives up
+on it."""
+
+
+def test_a_frozen_attention_replica_ends_its_streams_and_health_says_so(nodes, reference, report):
+    """The only attention replica's process is stopped (SIGSTOP) mid-traffic: every stream
+    ends UNAVAILABLE (retryable) within KEEPALIVE_BOUND_S, gRPC health reads NOT_SERVING while
+    it is stopped, and once it runs again (SIGCONT) health reads SERVING and new requests get
+    the colocated outputs."""
+    ps, want = reference
+    [replica] = [
+        a
+        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        if a.class_name == f"ServeReplica:{APP}:AttentionShard"
+    ]
+    pid = replica.pid
+    try:
+        results, took = under_streams(nodes.address, ps, lambda: os.kill(pid, signal.SIGSTOP))
+        stopped_at = time.monotonic() - took
+        lost = full_or_unavailable(results, want)
+        assert len(lost) == len(ps), "every stream was running on the frozen replica"
+        assert took < KEEPALIVE_BOUND_S, f"the streams ended {took:.0f} s after the stop"
+        while _health(nodes.address) != "NOT_SERVING":
+            assert time.monotonic() - stopped_at < KEEPALIVE_BOUND_S, "health still SERVING"
+            time.sleep(0.2)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    resumed_at = time.monotonic()
+    while _health(nodes.address) != "SERVING":
+        assert time.monotonic() - resumed_at < 180, "health not SERVING after the replica ran on"
+        time.sleep(1)
+    serves_again(nodes.address, ps[:4], want[:4])
+    report(
+        f"attention replica stopped under {len(ps)} streams: all {len(lost)} ended "
+        f"UNAVAILABLE {took:.1f} s after the stop, health NOT_SERVING while stopped, SERVING "
+        f"{time.monotonic() - resumed_at:.1f} s after it ran on"
     )
