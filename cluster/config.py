@@ -195,7 +195,9 @@ class AttentionOptions(_Strict):
         120.0,
         gt=0,
         description="An engine step running longer than this is hung: the replica reports "
-        "unhealthy (health NOT_SERVING) and Serve replaces it.",
+        "unhealthy (health NOT_SERVING) and refuses new requests (the router retries them "
+        "elsewhere), its open requests end UNAVAILABLE at Serve's next health check, and Serve "
+        "replaces it.",
     )
 
 

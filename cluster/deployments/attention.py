@@ -140,7 +140,17 @@ class AttentionShardDeployment:
         ).result(timeout_s=30)
         dispatcher.offer(published)
 
+    def _refuse_unless_healthy(self) -> None:
+        """No new request while the engine cannot serve (it failed, or a step has run past
+        attention.stall_timeout_s): the Router retries it on another replica, or on the one
+        Serve starts in this one's place, rather than leaving it behind a hung step."""
+        if (problem := self.shard.health(self.stall_timeout_s)) is not None:
+            from replicas.outputs import ReplicaUnavailableError
+
+            raise ReplicaUnavailableError(f"{problem}; retry the request")
+
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
+        self._refuse_unless_healthy()
         async for out in self.shard.generate(request_id, prompt_ids, params):
             yield out
 
@@ -150,6 +160,7 @@ class AttentionShardDeployment:
         """A request whose deltas go to ``subscriber``'s step stream
         (cluster.deployments.step_stream). Yields the stream's address and token once admitted,
         then ends when the request has ended; cancelling the call aborts the request."""
+        self._refuse_unless_healthy()
         publisher = await self._publisher()
         ended = publisher.submit(subscriber, request_id, prompt_ids, params)
         try:
@@ -196,9 +207,13 @@ class AttentionShardDeployment:
 
     def check_health(self) -> None:
         """Serve's health check: the engine thread is alive and no step has hung past
-        ``attention.stall_timeout_s``; else Serve replaces this replica."""
+        ``attention.stall_timeout_s``; else Serve replaces this replica. Its open requests end
+        then with a retryable error that says why: they could not finish here, and Serve
+        (three failed checks, then up to graceful_shutdown_timeout_s waiting on them) would
+        keep their clients waiting well over a minute more."""
         problem = self.shard.health(self.stall_timeout_s)
         if problem is not None:
+            self.shard.engine.fail_open(problem)
             raise RuntimeError(problem)
 
     def inject_fault(self, fault: str, after_steps: int = 0) -> None:

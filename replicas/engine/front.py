@@ -156,6 +156,13 @@ class EngineFront:
         for sink in flush:
             sink.flush(step_end_s)
 
+    def fail_open(self, reason: str) -> None:
+        """End every open request with a retryable error naming ``reason`` (the replica is
+        being stopped because its engine cannot serve); callable from any thread."""
+        if self._loop is not None and not self._loop.is_closed():
+            failure = ReplicaUnavailableError(f"{reason}; retry the request")
+            self._loop.call_soon_threadsafe(self._fail_open, failure)
+
     def _fail_open(self, failure: BaseException) -> None:
         """On the event loop, once the engine is gone: every open request ends with
         ``failure``."""

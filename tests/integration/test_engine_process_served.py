@@ -7,6 +7,7 @@ replacement replica serves again. Its processes run with EXAONE_FAULT_INJECTION=
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -32,10 +33,15 @@ ENGINE = EngineOptions(
 )  # fmt: skip
 
 
+STALL_TIMEOUT_S = 10.0  # a tiny model's step takes milliseconds
+
+
 @pytest.fixture(scope="module")
 def cluster(tiny_ckpt):
     config = ClusterConfig(
-        model_path=str(tiny_ckpt), engine=ENGINE, attention=AttentionOptions(engine_process=True)
+        model_path=str(tiny_ckpt),
+        engine=ENGINE,
+        attention=AttentionOptions(engine_process=True, stall_timeout_s=STALL_TIMEOUT_S),
     )
     before = os.environ.get(FAULT_INJECTION)
     os.environ[FAULT_INJECTION] = "1"  # inherited by Ray's workers and the engine process
@@ -152,4 +158,50 @@ def test_faults_in_the_engine_process_end_streams_and_health_tells(cluster, tiny
     report(
         f"engine process died under {len(ps)} streams: {len(lost)} UNAVAILABLE, SERVING "
         f"again {back_after:.1f} s after (replica and engine process replaced)"
+    )
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only its zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_frozen_engine_process_is_replaced_and_not_left_behind(cluster, tiny_ckpt, report):
+    """The engine process stops (SIGSTOP) mid-traffic, as a hung engine does: once no step has
+    come for attention.stall_timeout_s, health reads NOT_SERVING, the open streams end
+    UNAVAILABLE naming the hang at Serve's next health check, and Serve replaces the replica;
+    the stopped process does not outlive it, and the new one serves."""
+    ps, want = colocated_reference(tiny_ckpt, seed=11, num_prompts=16, max_len=60, new_tokens=24)
+    address = cluster.grpc_address
+    [pid] = _engine_processes()
+    try:
+        results, took = under_streams(
+            address, ps, lambda: os.kill(pid, signal.SIGSTOP), new_tokens=24
+        )
+        stopped_at = time.monotonic() - took
+        lost = full_or_unavailable(results, want)
+        assert lost, "the streams were running when it stopped"
+        assert all("has run for" in results[i].details() for i in lost)  # the hang is named
+        # At Serve's first failed health check (every 10 s), not after Serve's three failures
+        # and its wait on them (88-100 s before).
+        assert took < STALL_TIMEOUT_S + 40, f"the streams ended {took:.0f} s after the stop"
+        while _health(address) != "SERVING" or pid in _engine_processes():
+            assert time.monotonic() - stopped_at < 240, "the replica was not replaced"
+            time.sleep(1)
+        back_after = time.monotonic() - stopped_at
+        serves_again(address, ps[:4], want[:4])
+        deadline = time.monotonic() + 30
+        while not _gone(pid):
+            assert time.monotonic() < deadline, "the stopped engine process outlived its replica"
+            time.sleep(0.5)
+    finally:
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
+    report(
+        f"engine process stopped under {len(ps)} streams: {len(lost)} UNAVAILABLE, all ended "
+        f"{took:.1f} s after the stop; SERVING again {back_after:.1f} s after (replaced)"
     )

@@ -255,6 +255,55 @@ def test_health_reports_a_dead_engine_thread_and_a_hung_step(setup, monkeypatch)
     assert problem is not None and "engine thread died" in problem and "injected" in problem
 
 
+def test_fail_open_ends_the_open_requests_of_a_hung_step_and_the_engine_serves_after(
+    setup, monkeypatch
+):
+    """``fail_open`` (what the replica does when Serve's health check finds a hung step): every
+    open request ends at once with a retryable error that carries the reason, though the step
+    has not ended; the engine serves new requests once it has."""
+    import threading
+
+    from replicas.outputs import ReplicaUnavailableError
+
+    model, tok = setup
+    prompt = tok.encode("<|user|>\nHello<|endofturn|>\n")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    async def main():
+        engine = _engine(model)
+        step, release = engine.engine.step, threading.Event()
+
+        def hang():
+            release.wait(30)
+            return step()
+
+        monkeypatch.setattr(engine.engine, "step", hang)
+
+        async def run(request_id):
+            try:
+                return [t for o in [o async for o in engine.generate(request_id, prompt, params)]
+                        for t in o.new_token_ids]  # fmt: skip
+            except ReplicaUnavailableError as e:
+                return e
+
+        runs = [asyncio.ensure_future(run(f"r{i}")) for i in range(3)]
+        while engine.num_requests < 3 or engine.health(stall_timeout_s=0.2) is None:
+            await asyncio.sleep(0.02)
+        engine.fail_open("the step hung")
+        ended = await asyncio.wait_for(asyncio.gather(*runs), 10)  # the step still hangs
+        release.set()
+        monkeypatch.setattr(engine.engine, "step", step)
+        await engine.wait_idle()
+        after = await asyncio.wait_for(run("after"), 60)
+        await engine.close()
+        return ended, after
+
+    ended, after = asyncio.run(main())
+    assert all(isinstance(e, ReplicaUnavailableError) for e in ended), ended
+    assert all(str(e) == "the step hung; retry the request" for e in ended)
+    assert isinstance(after, list) and len(after) == 6
+
+
 @pytest.mark.parametrize("threads", [2, 1])
 def test_build_makes_the_engine_on_the_thread_that_steps_it_with_2_or_more_threads(setup, threads):
     """2+ torch threads: made on the engine thread (one OpenMP pool); one: on the caller's."""
