@@ -4,6 +4,7 @@ env; tests/unit/helm checks that it lists all of these). Each one cuts work Ray 
 for nothing while a model is served; on a small machine that work is taken from the engine."""
 
 RAY_ENV = {
+    # No usage reports to Ray's own servers (a call out of the cluster, every so often).
     "RAY_USAGE_STATS_ENABLED": "0",
     # Ray starts its workers at niceness 15 (they yield to anything else on the machine): the
     # engine replicas then lose their core to the clients and Ray's own processes. Measured on

@@ -20,7 +20,7 @@ from replicas.engine.engine_process import EngineProcess
 from replicas.engine.engine_spec import EngineSpec, engine_cores
 from replicas.experts.dispatch import ExpertDispatcher, ExpertTransport
 from replicas.model.loader import resident_bytes
-from replicas.outputs import QueueFullError, RequestOutput
+from replicas.outputs import QueueFullError, ReplicaUnavailableError, RequestOutput
 from replicas.prefix_cache.redis_tier import RedisTier
 from replicas.prefix_cache.types import PrefixCacheStats
 from replicas.sampling_params import SamplingParams
@@ -67,13 +67,16 @@ class AttentionShard:
         pinned_prefixes: Sequence[Sequence[int]] = (),
         engine_process: bool = False,
         pin_engine: bool = False,
+        stall_timeout_s: float = 120.0,
     ):
         """``redis``: makes the prefix cache's shared tier (a picklable factory;
         engine_config.prefix_cache must be set); ``pinned_prefixes``: token ids of prefixes
         computed now and kept without TTL. ``engine_process``: the engine steps in a process of
         its own (replicas.engine.engine_process), not on a thread of this one; colocated
         experts only (an expert transport lives in this process). ``pin_engine``: that process
-        binds itself to ``num_threads`` cores (``engine_cores``), where this one may use more."""
+        binds itself to ``num_threads`` cores (``engine_cores``), where this one may use more.
+        ``stall_timeout_s``: while a step has run longer, new requests are refused (retryable;
+        ``health`` says why)."""
         if engine_process and experts is not None:
             raise ValueError("engine_process needs colocated experts (no expert transport)")
         spec = EngineSpec(
@@ -101,6 +104,7 @@ class AttentionShard:
             self.resident_bytes = resident_bytes(engine.engine.model)
             self.engine = engine
         self.max_requests = engine_config.max_num_seqs + max_waiting_requests
+        self.stall_timeout_s = stall_timeout_s
 
     async def generate(
         self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
@@ -129,6 +133,10 @@ class AttentionShard:
         self.engine.abort(request_id)
 
     def _admit(self) -> None:
+        # A hung engine (or a dead one) takes no new request: the router retries it on another
+        # replica, or on the one Serve starts in this one's place.
+        if (problem := self.health(self.stall_timeout_s)) is not None:
+            raise ReplicaUnavailableError(f"{problem}; retry the request")
         if self.engine.num_requests >= self.max_requests:
             raise QueueFullError(
                 f"replica at capacity ({self.engine.num_requests} requests in flight, limit "

@@ -94,6 +94,7 @@ class AttentionShardDeployment:
             pinned_prefixes=pinned,
             engine_process=a.engine_process and transport is None,
             pin_engine=a.pins_engine() and owns_its_cores(),
+            stall_timeout_s=a.stall_timeout_s,
         )
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.stall_timeout_s = a.stall_timeout_s
@@ -140,17 +141,7 @@ class AttentionShardDeployment:
         ).result(timeout_s=30)
         dispatcher.offer(published)
 
-    def _refuse_unless_healthy(self) -> None:
-        """No new request while the engine cannot serve (it failed, or a step has run past
-        attention.stall_timeout_s): the Router retries it on another replica, or on the one
-        Serve starts in this one's place, rather than leaving it behind a hung step."""
-        if (problem := self.shard.health(self.stall_timeout_s)) is not None:
-            from replicas.outputs import ReplicaUnavailableError
-
-            raise ReplicaUnavailableError(f"{problem}; retry the request")
-
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
-        self._refuse_unless_healthy()
         async for out in self.shard.generate(request_id, prompt_ids, params):
             yield out
 
@@ -160,7 +151,6 @@ class AttentionShardDeployment:
         """A request whose deltas go to ``subscriber``'s step stream
         (cluster.deployments.step_stream). Yields the stream's address and token once admitted,
         then ends when the request has ended; cancelling the call aborts the request."""
-        self._refuse_unless_healthy()
         publisher = await self._publisher()
         ended = publisher.submit(subscriber, request_id, prompt_ids, params)
         try:

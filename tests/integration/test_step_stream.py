@@ -343,3 +343,56 @@ def test_a_draining_replica_refuses_submits_and_waits_for_its_streams(tiny_ckpt)
     assert reply.error_kind == "unavailable" and "stopping" in reply.error
     assert open_then == 1  # the late request was not admitted
     assert len(ids) == 40 and drained
+
+
+def test_a_replica_whose_step_hangs_refuses_submits_and_fail_open_ends_its_streams(tiny_ckpt):
+    """While a step has run past the shard's stall limit, Submit is refused as unavailable,
+    naming the hang (the router retries elsewhere); ``fail_open`` (Serve's failed health
+    check) ends the open stream with a retryable error at once; once the step ends the replica
+    serves again."""
+    import threading
+
+    async def main():
+        shard = AttentionShard(tiny_ckpt, ENGINE, stall_timeout_s=0.3)
+        step, release = shard.engine.engine.step, threading.Event()
+
+        def hang():
+            release.wait(30)
+            return step()
+
+        shard.engine.engine.step = hang  # type: ignore[method-assign]
+        publisher = StepPublisher(shard, "127.0.0.1", TOKEN)
+        await publisher.start()
+        client = _direct_client(publisher)
+        try:
+            running = asyncio.create_task(_generate(client, "a", PROMPTS["r0"], GREEDY))
+            while shard.health(0.3) is None:
+                await asyncio.sleep(0.02)
+            request = spb.SubmitRequest(
+                subscriber="s", request_id="late", prompt_ids=[1, 2], params=encode_params(GREEDY)
+            )
+            sub = client.subscriber
+            reply = await sub.stub(publisher.address).Submit(
+                request, metadata=sub.metadata(publisher.address)
+            )
+            shard.engine.fail_open("the step hung")
+            ended = await asyncio.wait_for(
+                asyncio.gather(running, return_exceptions=True), 10
+            )  # the step still hangs
+            release.set()
+            shard.engine.engine.step = step  # type: ignore[method-assign]
+            await shard.wait_idle()
+            after = await _generate(client, "after", PROMPTS["r1"], GREEDY)
+            return reply, ended[0], after
+        finally:
+            release.set()
+            await client.close()
+            await publisher.stop()
+            await shard.close()
+
+    reply, ended, after = asyncio.run(main())
+    assert reply.error_kind == "unavailable" and "has run for" in reply.error
+    assert "retry" in reply.error
+    assert isinstance(ended, ReplicaUnavailableError)
+    assert "the step hung; retry the request" in str(ended)
+    assert len(after) == GREEDY.max_tokens
