@@ -69,6 +69,7 @@ def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:
             # A stream is one ongoing request until it ends: a stopping replica waits this long.
             graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
             graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
+            health_check_timeout_s=a.health_check_timeout_s,
         )
         .bind(config, balancer, *groups)
     )

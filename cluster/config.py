@@ -199,6 +199,15 @@ class AttentionOptions(_Strict):
         "elsewhere), its open requests end UNAVAILABLE at Serve's next health check, and Serve "
         "replaces it.",
     )
+    health_check_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A replica that has not answered Serve's health check (every 10 s) by then "
+        "fails it; three failures in a row and Serve replaces the replica. The check only reads "
+        "the engine's state, so a live replica answers in milliseconds; one that does not is "
+        "frozen (a stopped process, a hung node). Serve's own default, 30 s, kept a frozen "
+        "replica in the set for over 90 s.",
+    )
 
 
 class BalancerOptions(_Strict):

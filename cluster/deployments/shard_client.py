@@ -5,16 +5,20 @@ over one gRPC stream per attention replica.
 Per request, where Serve has told this process of running replicas with their step streams
 (cluster.deployments.replica_directory): this router chooses one the way Serve's request
 router would (router.affinity: prefix affinity bounded by load; the loads each replica reports
-on its step stream, router.replica_loads) and sends the request there with one ``Submit``
-call; an early end (cancel, deadline) sends ``Abort``, which frees its KV blocks. That costs
-the request one gRPC call where a Serve handle call cost several process hops and Ray tasks,
-which, with many requests arriving at once, made each wait for those before it (bundled model,
-32 streams: time to first token p50 111-146 ms through Serve against 78-82 ms this way).
+on its step stream, router.replica_loads), passing over replicas that lately timed out or
+refused as unavailable while any other is left (router.unresponsive), and sends the request
+there with one ``Submit`` call; an early end (cancel, deadline) sends ``Abort``, which frees
+its KV blocks. That costs the request one gRPC call where a Serve handle call cost several
+process hops and Ray tasks, which, with many requests arriving at once, made each wait for
+those before it (bundled model, 32 streams: time to first token p50 111-146 ms through Serve
+against 78-82 ms this way).
 
 Otherwise (no replica published yet, or each one tried has failed this request), a streaming
 handle call ``generate_direct(subscriber, request_id, ...)`` lets Serve choose the replica
 (with the same prefix affinity) and admit the request; it answers the step stream's address
-and stays open until the request ends; closing it cancels the request.
+and stays open until the request ends; closing it cancels the request. An answer that does not
+come within the submit timeout counts as a lost replica too (Serve keeps routing to a frozen
+replica until its health checks fail it, and waits with no bound while none runs).
 
 The deltas arrive over the replica's ``Subscribe`` stream, which this router opens once per
 replica and shares among all its requests. A replica lost (its stream or call broke, or it is
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -45,7 +50,8 @@ from router.pacing import StreamPacing
 
 LOST_REPLICA = (ActorDiedError, ActorUnavailableError)
 SUBMIT_TIMEOUT_S = 10.0
-"""A replica that has not admitted (or refused) a request by then counts as lost for it."""
+"""A replica that has not admitted (or refused) a request by then counts as lost for it; so
+does a Serve handle call that has not answered by then."""
 
 
 class DirectShardClient:
@@ -126,8 +132,9 @@ class DirectShardClient:
         await self.subscriber.close()
 
     def choose(self, prompt_ids: Sequence[int], tried: set[str]) -> DirectReplica | None:
-        """The running replica this request goes to, best by prefix affinity and load; None
-        when none is known (or each has failed it): Serve chooses then."""
+        """The running replica this request goes to, best by prefix affinity and load, one
+        that lately failed to answer only when no other is left; None when none is known (or
+        each has failed this request): Serve chooses then."""
         published = self.replicas()
         if published is not self._published:  # Serve's replica set changed
             self._published = published
@@ -143,7 +150,9 @@ class DirectShardClient:
             self.max_imbalance,
             os.urandom(8),  # spreads ties, as Serve's router does
         )
-        return running[ranked[0]]
+        now, unresponsive = time.monotonic(), self.subscriber.unresponsive
+        ok = [r for r in ranked if not unresponsive.is_unresponsive(running[r].address, now)]
+        return running[(ok or ranked)[0]]
 
     async def _direct(
         self,
@@ -170,14 +179,17 @@ class DirectShardClient:
                     request, metadata=sub.metadata(address), timeout=SUBMIT_TIMEOUT_S
                 )
             except grpc.aio.AioRpcError as e:
+                sub.unresponsive.failed(address, time.monotonic())
                 lost = f"submitting to {address}: {e.code().name} {e.details()}"
                 raise ReplicaLost(lost) from None
             if reply.error_kind:
                 open_there = False
                 error = error_of(reply.error_kind, reply.error)
                 if isinstance(error, ReplicaUnavailableError):
+                    sub.unresponsive.failed(address, time.monotonic())
                     raise ReplicaLost(f"{address}: {reply.error}")
                 raise error
+            sub.unresponsive.heard_from(address)
             sub.bind(request_id, address)
             async for item in read_outputs(queue, self._interval_s):
                 finished = item.finished
@@ -212,7 +224,11 @@ class DirectShardClient:
         watcher, finished = None, False
         try:
             try:
-                address, token = await call.__anext__()
+                address, token = await asyncio.wait_for(call.__anext__(), SUBMIT_TIMEOUT_S)
+            except TimeoutError:
+                # Serve chose a replica that does not answer (frozen: Serve routes to it until
+                # its health checks fail), or has none running: try again, within the budget.
+                raise ReplicaLost(f"no replica admitted it within {SUBMIT_TIMEOUT_S:g} s") from None
             except RayTaskError as e:
                 raise _raised(e) from None
             except LOST_REPLICA as e:

@@ -1,8 +1,9 @@
 """The router replica's end of the attention replicas' step streams
 (cluster.deployments.step_stream): one channel and one ``Subscribe`` stream per replica
 address, shared by all of this router's requests there; each request's deltas go to its own
-queue, and the load each replica reports is kept (router.replica_loads). Calls to a replica
-carry its stream token, learned with its address. ``cluster.deployments.shard_client`` sends
+queue, and the load each replica reports is kept (router.replica_loads), as is which replicas
+lately failed to answer (router.unresponsive). Calls to a replica carry its stream token,
+learned with its address. ``cluster.deployments.shard_client`` sends
 the requests.
 """
 
@@ -20,6 +21,7 @@ from protos.exaone.internal.v1 import step_stream_pb2 as spb
 from protos.exaone.internal.v1 import step_stream_pb2_grpc as spb_grpc
 from router.hops import HopStats
 from router.replica_loads import ReplicaLoads
+from router.unresponsive import UnresponsiveReplicas
 
 
 class ReplicaLost(Exception):
@@ -37,6 +39,7 @@ class StepSubscriber:
         self.tokens: dict[str, str] = {}  # by address
         self.hops = hops if hops is not None else HopStats()
         self.loads = ReplicaLoads()  # by address
+        self.unresponsive = UnresponsiveReplicas()  # by address
         self.queues: dict[str, asyncio.Queue] = {}
         self.address_of: dict[str, str] = {}
         self.readers: dict[str, asyncio.Task] = {}
@@ -88,6 +91,7 @@ class StepSubscriber:
                 received = time.time()
                 self.hops.batch(batch.step_end_s, batch.sent_s, received)
                 self.loads.reported(address, batch.num_requests)
+                self.unresponsive.heard_from(address)
                 self.num_messages += 1
                 self.num_outputs += len(batch.outputs)
                 for out in batch.outputs:
@@ -98,6 +102,7 @@ class StepSubscriber:
                         queue.put_nowait(item)
         except grpc.aio.AioRpcError as e:
             error = ReplicaLost(f"step stream from {address}: {e.code().name} {e.details()}")
+            self.unresponsive.failed(address, time.monotonic())
         except asyncio.CancelledError:
             return
         finally:

@@ -18,6 +18,8 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 from ray.serve.config import HTTPOptions
+from ray.serve.context import _get_global_client
+from ray.serve.schema import ServeDeploySchema
 
 from cluster.app import build_app
 from cluster.commands.local import wait_serving
@@ -210,3 +212,36 @@ def under_streams(
     runner.join(timeout_s + 60)
     assert not runner.is_alive(), "a stream hung"
     return results, time.monotonic() - at
+
+
+def deploy_app(app: str, config: ClusterConfig, attention_replicas: int) -> None:
+    """Deploy (or update) application ``app`` the way an operator does: a declarative Serve
+    config (what KubeRay applies from the chart's serveConfigV2) with ``attention_replicas``
+    AttentionShard replicas."""
+    schema = ServeDeploySchema(
+        applications=[
+            {
+                "name": app,
+                "route_prefix": f"/{app}",
+                "import_path": "cluster.app:build_app",
+                "args": config.model_dump(mode="json"),
+                "deployments": [{"name": "AttentionShard", "num_replicas": attention_replicas}],
+            }
+        ]
+    )
+    _get_global_client().deploy_apps(schema)
+
+
+def replica_states(app: str, deployment: str) -> dict[str, int]:
+    """How many replicas of ``deployment`` in ``app`` are in each state, by Serve's status."""
+    status = serve.status().applications.get(app)
+    if status is None or deployment not in status.deployments:
+        return {}
+    return dict(status.deployments[deployment].replica_states)
+
+
+def wait_until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        time.sleep(0.5)

@@ -8,50 +8,24 @@ application serves new requests afterwards."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from ray import serve
-from ray.serve.context import _get_global_client
-from ray.serve.schema import ServeDeploySchema
 
 from cluster.config import ClusterConfig
-from tests.faults.conftest import full_or_unavailable, stream_all, under_streams
+from tests.faults.conftest import (
+    deploy_app,
+    full_or_unavailable,
+    replica_states,
+    stream_all,
+    under_streams,
+    wait_until,
+)
 from tests.integration.conftest import colocated_reference, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 APP = "scaled"
 LONG = 1000  # new tokens per stream: seconds longer than the grace period
-
-
-def _deploy(config: ClusterConfig, attention_replicas: int) -> None:
-    schema = ServeDeploySchema(
-        applications=[
-            {
-                "name": APP,
-                "route_prefix": f"/{APP}",
-                "import_path": "cluster.app:build_app",
-                "args": config.model_dump(mode="json"),
-                "deployments": [{"name": "AttentionShard", "num_replicas": attention_replicas}],
-            }
-        ]
-    )
-    _get_global_client().deploy_apps(schema)
-
-
-def _replicas(deployment: str) -> dict[str, int]:
-    status = serve.status().applications.get(APP)
-    if status is None or deployment not in status.deployments:
-        return {}
-    return dict(status.deployments[deployment].replica_states)
-
-
-def _wait(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
-        time.sleep(0.5)
 
 
 def test_scaling_attention_down_under_long_streams(nodes, tiny_ckpt, report):
@@ -78,25 +52,25 @@ def test_scaling_attention_down_under_long_streams(nodes, tiny_ckpt, report):
         },
     )
     address = f"127.0.0.1:{port}"
-    _deploy(config, 2)
+    deploy_app(APP, config, 2)
     try:
 
         def ready():
-            running = _replicas("AttentionShard").get("RUNNING") == 2
+            running = replica_states(APP, "AttentionShard").get("RUNNING") == 2
             return running and serve.status().applications[APP].status == "RUNNING"
 
-        _wait(ready, 300, "2 replicas")
-        routers = _replicas("Router")
+        wait_until(ready, 300, "2 replicas")
+        routers = replica_states(APP, "Router")
 
         def scale_down():
-            _deploy(config, 1)
+            deploy_app(APP, config, 1)
 
         results, took = under_streams(address, ps, scale_down, timeout_s=300, new_tokens=LONG)
         lost = full_or_unavailable(results, want)
         assert lost, "the stopped replica's streams outlived the grace period"
         assert len(lost) < len(ps), "the other replica's streams went on"
-        _wait(lambda: _replicas("AttentionShard") == {"RUNNING": 1}, 60, "1 replica")
-        assert _replicas("Router") == routers  # scaled in place: the Router kept running
+        wait_until(lambda: replica_states(APP, "AttentionShard") == {"RUNNING": 1}, 60, "1 replica")
+        assert replica_states(APP, "Router") == routers  # scaled in place: the Router kept running
         again = stream_all(address, ps[:4], new_tokens=LONG)
         assert [again[i] for i in range(4)] == want[:4]
         report(

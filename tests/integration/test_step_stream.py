@@ -396,3 +396,109 @@ def test_a_replica_whose_step_hangs_refuses_submits_and_fail_open_ends_its_strea
     assert isinstance(ended, ReplicaUnavailableError)
     assert "the step hung; retry the request" in str(ended)
     assert len(after) == GREEDY.max_tokens
+
+
+def _silent_listener():
+    """A loopback port whose connections the kernel accepts and nothing ever answers: what a
+    router sees of a replica whose process is frozen (SIGSTOP, a hung node)."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    return sock, f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_a_replica_that_does_not_answer_costs_one_request_the_submit_timeout(
+    tiny_ckpt, monkeypatch
+):
+    """Two replicas, one of which never answers, every prompt's prefix preferring that one:
+    the first request waits out the submit timeout there and is served by the other; the
+    next ones go straight to the other (router.unresponsive) and all outputs are the
+    engine's."""
+    from cluster.deployments import shard_client
+    from router.affinity import prefix_key, rank_replicas
+
+    monkeypatch.setattr(shard_client, "SUBMIT_TIMEOUT_S", 0.5)
+    model = load_causal_lm(tiny_ckpt, dtype=torch.float32)
+    silent, silent_address = _silent_listener()
+    frozen = DirectReplica("replica-frozen", silent_address, TOKEN)
+    prompts = []  # prompts whose prefix prefers the frozen replica
+    for i in range(200):
+        p = [7 + i % 50, 3 + i // 50, 11, 13] * 4
+        key = prefix_key(p, 16, 4)
+        if rank_replicas(key, {"replica-frozen": 0, "replica-live": 0}, 8)[0] == frozen.replica_id:
+            prompts.append(p)
+        if len(prompts) == 6:
+            break
+    want = LLMEngine(model, ENGINE).generate(prompts, GREEDY)
+
+    async def main():
+        shard = AttentionShard(tiny_ckpt, ENGINE)
+        publisher = StepPublisher(shard, "127.0.0.1", TOKEN)
+        await publisher.start()
+        live = DirectReplica("replica-live", publisher.address, TOKEN)
+        client = DirectShardClient(_NoServe(), StepSubscriber(), replicas=lambda: (frozen, live))
+        try:
+            got = [await _generate(client, f"q{i}", p, GREEDY) for i, p in enumerate(prompts)]
+            return got, client.num_direct
+        finally:
+            await client.close()
+            await publisher.stop()
+            await shard.close()
+
+    try:
+        got, num_direct = asyncio.run(main())
+    finally:
+        silent.close()
+    assert got == want
+    assert num_direct == len(prompts) + 1  # one submit to the frozen replica, then none
+
+
+def test_a_serve_call_that_does_not_answer_is_retried_then_ends_unavailable(monkeypatch):
+    """With no replica published, Serve chooses; a handle call whose first answer does not
+    come (Serve routed it to a frozen replica, or none runs) counts as a lost replica: it is
+    cancelled and tried again until ``retry_budget_s``, then the request ends with a
+    retryable error."""
+    from cluster.deployments import shard_client
+
+    monkeypatch.setattr(shard_client, "SUBMIT_TIMEOUT_S", 0.2)
+
+    class Silent:
+        def __init__(self):
+            self.calls, self.cancelled = 0, 0
+
+        def options(self, **_):
+            return self
+
+        @property
+        def generate_direct(self):
+            return self
+
+        def remote(self, *args):
+            self.calls += 1
+            handle = self
+
+            class Call:
+                async def __anext__(self):
+                    await asyncio.Event().wait()
+
+                def cancel(self):
+                    handle.cancelled += 1
+
+            return Call()
+
+    async def main():
+        handle = Silent()
+        client = DirectShardClient(handle, StepSubscriber(), retry_budget_s=1.0)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(ReplicaUnavailableError, match="no replica admitted it"):
+            await asyncio.wait_for(_generate(client, "a", [1, 2, 3], GREEDY), 30)
+        took = loop.time() - start
+        await client.close()
+        return handle, took
+
+    handle, took = asyncio.run(main())
+    assert handle.calls >= 2 and handle.cancelled == handle.calls
+    assert took < 5  # the budget (1 s) and one more attempt, not an unbounded wait
