@@ -98,6 +98,14 @@ def moe_experts_bf16(
     return out
 
 
+def _require_fp8(fp8: Fp8Scales, w13: torch.Tensor, w2: torch.Tensor, kernel: str) -> None:
+    """``fp8`` fits w13 / w2 (Fp8Scales.check), which the C kernels read in place: contiguous,
+    on CPU."""
+    fp8.check(w13, w2)
+    if not all(w.is_cpu and w.is_contiguous() for w in (w13, w2)):
+        raise ValueError(f"{kernel}: FP8 weights must be contiguous CPU tensors")
+
+
 def moe_experts_fp8(
     h: torch.Tensor, offsets: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, fp8: Fp8Scales
 ) -> torch.Tensor:
@@ -106,13 +114,12 @@ def moe_experts_fp8(
     weights replicas.model.quantization.dequantize gives (each work item dequantizes the rows it
     reads into a scratch; see csrc/moe_bf16.c)."""
     lib = BF16_LIBRARY.require()
-    fp8.check(w13, w2)
+    _require_fp8(fp8, w13, w2, "moe_experts_fp8")
     num_experts, two_inter, hidden = w13.shape
     inter, (br, bc) = two_inter // 2, fp8.block
     _require_bf16(h=h)
     if (
-        not (w13.is_contiguous() and w2.is_contiguous() and w13.is_cpu and w2.is_cpu)
-        or h.shape[1] != hidden
+        h.shape[1] != hidden
         or w2.shape != (num_experts, hidden, inter)
         or offsets.shape != (num_experts + 1,)
         or br < 1
@@ -120,8 +127,7 @@ def moe_experts_fp8(
     ):
         raise ValueError(
             f"moe_experts_fp8: h {tuple(h.shape)}, w13 {tuple(w13.shape)}, w2 "
-            f"{tuple(w2.shape)}, offsets {tuple(offsets.shape)}, blocks {fp8.block} do not fit "
-            "(contiguous CPU weights)"
+            f"{tuple(w2.shape)}, offsets {tuple(offsets.shape)}, blocks {fp8.block} do not fit"
         )
     offsets = offsets.to(torch.int64).contiguous()
     s13, s2 = fp8.float32()
@@ -210,9 +216,7 @@ def moe_layer_decode_bf16(
     if fp8 is None:
         _require_bf16(w13=w13, w2=w2)
     else:
-        fp8.check(w13, w2)
-        if not (w13.is_contiguous() and w2.is_contiguous() and w13.is_cpu and w2.is_cpu):
-            raise ValueError("moe_layer_decode_bf16: FP8 weights must be contiguous on CPU")
+        _require_fp8(fp8, w13, w2, "moe_layer_decode_bf16")
     (n, hidden), (num_local, two_inter, _), top_k = x.shape, w13.shape, topk_ids.shape[1]
     inter = two_inter // 2
     if (

@@ -146,6 +146,11 @@ def test_fp8_kernel_equals_the_bf16_kernel_on_dequantized_weights(hidden, inter,
     assert torch.equal(got, want)
     with pytest.raises(ValueError, match="do not fit"):
         cpu_kernels.moe_experts_fp8(h, offsets, w13_fp8, dq, Fp8Scales(gs, ds, block))
+    strided = w13_fp8.transpose(1, 2).contiguous().transpose(1, 2)  # same values, not in place
+    with pytest.raises(ValueError, match="contiguous CPU"):
+        cpu_kernels.moe_experts_fp8(
+            h, offsets, strided, dq, Fp8Scales(torch.stack([gs, us], 1), ds, block)
+        )
 
 
 @needs_kernel

@@ -222,3 +222,9 @@ def test_fused_moe_layer_on_fp8_experts_equals_the_unfused_path(make_ckpt, tmp_p
         assert torch.equal(fused, unfused), tokens
         assert torch.equal(fused, dense_moe.experts.decode_layer(x, routing)), tokens
         assert torch.equal(moe.routed(x), fused)
+    e, scales = moe.experts, moe.experts.fp8_scales()
+    strided = e.w2.transpose(1, 2).contiguous().transpose(1, 2)  # same values, not in place
+    with pytest.raises(ValueError, match="contiguous CPU"):
+        cpu_kernels.moe_layer_decode_bf16(
+            x, routing.topk_ids, routing.topk_weights, e.local_index, e.w13, strided, 12, scales
+        )
