@@ -183,11 +183,10 @@ KEEPALIVE_OPTIONS = [
     # While a call is open, ping the server after 20 s without a frame from it, and count
     # the connection lost when a ping goes unanswered for 10 s: a server whose process is
     # frozen or whose node hung keeps its socket open, and its streams would otherwise wait
-    # for the call's deadline (gRPC's own bandwidth probes, sent while tokens arrive, time
-    # out only after 60 s). Measured with a throwaway script, a frozen server: a quiet
-    # stream ended UNAVAILABLE after 28 s (without: at its 120 s deadline); a streaming one
-    # after 10.3 s (tests/faults/test_router_freeze.py; without: once Serve killed the
-    # process).
+    # for the call's deadline. A frozen server, measured: a quiet stream ended UNAVAILABLE
+    # after 28 s (a throwaway script; without these options, at its 120 s deadline);
+    # streams receiving tokens after 10.3 s (tests/faults/test_router_freeze.py; without,
+    # they ran on until Serve had failed the Router's health checks and stopped it).
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.ping_timeout_ms", 10_000),
