@@ -80,6 +80,7 @@ def build_app(args: ClusterConfig | dict[str, Any]) -> serve.Application:
             ray_actor_options=actor_options(0, 0, r.resources),
             max_ongoing_requests=r.max_ongoing_requests,
             graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
+            health_check_timeout_s=r.health_check_timeout_s,
         )
         .bind(config, shard)
     )

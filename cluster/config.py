@@ -284,6 +284,15 @@ class ExpertOptions(_Strict):
 
 class RouterOptions(_Strict):
     num_replicas: int = Field(1, ge=1)
+    health_check_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A Router replica that has not answered Serve's health check (every 10 s) "
+        "by then fails it; after three failures Serve replaces it. A live one answers at once; "
+        "one that does not is frozen, its clients' streams cut by their keepalive, and new "
+        "connections to its port left unanswered (Serve's default, 30 s, took 108 s to serve "
+        "again).",
+    )
     grpc_host: str = Field(
         "127.0.0.1",
         description="Address each Router replica's gRPC server listens on (0.0.0.0 in a pod "

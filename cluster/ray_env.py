@@ -27,4 +27,10 @@ RAY_ENV = {
     # and handle; the agent exports every 10 s (Ray's metrics_report_interval_ms), so once a
     # second loses nothing a scrape sees.
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+    # A replica that failed its health checks is stopped at once rather than drained (Serve's
+    # default waits its graceful_shutdown_timeout_s for its ongoing calls). Ours fail a check
+    # when they cannot serve: an attention replica's hung step has already ended its requests
+    # (cluster.deployments.attention), and a frozen process (a Router, an attention replica)
+    # finishes nothing; the wait only kept it, and the port it holds, from being replaced.
+    "RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1",
 }

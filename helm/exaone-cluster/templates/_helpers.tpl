@@ -276,6 +276,9 @@ env:
     value: "5"
   - name: RAY_SERVE_METRICS_EXPORT_INTERVAL_MS
     value: "1000"
+  # A replica that failed its health checks is stopped at once, not drained.
+  - name: RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS
+    value: "1"
   {{- if include "exaone.redisPasswordSet" .root }}
   - name: EXAONE_REDIS_PASSWORD
     valueFrom:
