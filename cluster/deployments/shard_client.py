@@ -41,7 +41,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
 from cluster.deployments.replica_directory import DirectReplica
 from cluster.deployments.step_stream import encode_params, error_of
-from cluster.deployments.step_subscriber import ReplicaLost, StepSubscriber
+from cluster.deployments.step_subscriber import NO_ANSWER, ReplicaLost, StepSubscriber
 from protos.exaone.internal.v1 import step_stream_pb2 as spb
 from replicas.outputs import ReplicaUnavailableError, read_outputs
 from replicas.sampling_params import SamplingParams
@@ -179,7 +179,8 @@ class DirectShardClient:
                     request, metadata=sub.metadata(address), timeout=SUBMIT_TIMEOUT_S
                 )
             except grpc.aio.AioRpcError as e:
-                sub.unresponsive.failed(address, time.monotonic())
+                if e.code() in NO_ANSWER:
+                    sub.unresponsive.failed(address, time.monotonic())
                 lost = f"submitting to {address}: {e.code().name} {e.details()}"
                 raise ReplicaLost(lost) from None
             if reply.error_kind:

@@ -3,8 +3,7 @@
 address, shared by all of this router's requests there; each request's deltas go to its own
 queue, and the load each replica reports is kept (router.replica_loads), as is which replicas
 lately failed to answer (router.unresponsive). Calls to a replica carry its stream token,
-learned with its address. ``cluster.deployments.shard_client`` sends
-the requests.
+learned with its address. ``cluster.deployments.shard_client`` sends the requests.
 """
 
 from __future__ import annotations
@@ -22,6 +21,9 @@ from protos.exaone.internal.v1 import step_stream_pb2_grpc as spb_grpc
 from router.hops import HopStats
 from router.replica_loads import ReplicaLoads
 from router.unresponsive import UnresponsiveReplicas
+
+NO_ANSWER = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+"""How a call to a replica that does not answer (gone, frozen, unreachable) ends."""
 
 
 class ReplicaLost(Exception):
@@ -102,7 +104,8 @@ class StepSubscriber:
                         queue.put_nowait(item)
         except grpc.aio.AioRpcError as e:
             error = ReplicaLost(f"step stream from {address}: {e.code().name} {e.details()}")
-            self.unresponsive.failed(address, time.monotonic())
+            if e.code() in NO_ANSWER:
+                self.unresponsive.failed(address, time.monotonic())
         except asyncio.CancelledError:
             return
         finally:
