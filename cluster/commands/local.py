@@ -18,6 +18,9 @@ from cluster.ops.capacity import shortfall
 from cluster.ray_env import RAY_ENV
 
 APP_NAME = "exaone"
+DIRECT_READY_S = 30.0
+"""How long start_local waits, after the health check passes, for the Router to submit to the
+attention replicas directly (wait_direct)."""
 # Before Ray starts: node IP 127.0.0.1 (platform.md section 2), and patience for a proxy that
 # starts slowly on a busy 2-core machine (the default 5 s readiness check kills it).
 LOCAL_ENV = {
@@ -106,6 +109,7 @@ def start_local(
         serve.run(build_app(config), name=APP_NAME, route_prefix="/", logging_config=serve_logging)
         address = f"127.0.0.1:{grpc_port}"
         wait_serving(address, ready_timeout_s)
+        wait_direct(APP_NAME, min(ready_timeout_s, DIRECT_READY_S))
     except BaseException:
         serve.shutdown()
         ray.shutdown()
@@ -121,6 +125,22 @@ def start_local(
         if r.openai_api
         else None,
     )
+
+
+def wait_direct(app: str, timeout_s: float) -> bool:
+    """Until ``app``'s Router submits to the attention replicas itself (Serve has told it their
+    step streams); False if not within ``timeout_s``. Serving starts before that (Serve then
+    chooses the replica for each request), so a cluster that answers health checks serves
+    either way; this makes its first requests take the direct path, as the rest will."""
+    from ray import serve
+
+    router = serve.get_deployment_handle("Router", app)
+    deadline = time.monotonic() + timeout_s
+    while not router.submits_directly.remote().result():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def wait_serving(address: str, timeout_s: float) -> None:

@@ -135,6 +135,16 @@ class RouterDeployment:
             self.http = await start_http_ingress(r.grpc_host, r.openai_port, server, tls)
             _serve_log.info("Router serving the OpenAI API at %s:%d", r.grpc_host, r.openai_port)
 
+    async def submits_directly(self) -> bool:
+        """Whether this router knows the attention replicas' step streams and submits to them
+        itself (cluster.deployments.replica_directory); until then Serve chooses the replica for
+        each request, which works but costs each a Serve call. A call through the AttentionShard
+        handle starts the Serve request router that publishes them, so one is made while they
+        are unknown."""
+        if not self.client.replicas():
+            await self.healthy(tries=1)
+        return bool(self.client.replicas())
+
     def submit_counts(self) -> dict[str, int]:
         """Request attempts this router sent to a replica it chose ("direct") and through a
         Serve handle call ("serve"), since start (cluster.deployments.shard_client)."""

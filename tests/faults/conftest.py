@@ -22,7 +22,7 @@ from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeDeploySchema
 
 from cluster.app import build_app
-from cluster.commands.local import wait_serving
+from cluster.commands.local import wait_direct, wait_serving
 from cluster.commands.loopback import HOOK
 from cluster.commands.redis_server import RedisServer
 from cluster.config import ClusterConfig, EngineOptions
@@ -103,6 +103,7 @@ def nodes(tiny_ckpt):
         serve.run(build_app(config), name=APP, route_prefix="/")
         address = f"127.0.0.1:{port}"
         wait_serving(address, 300)
+        assert wait_direct(APP, 60), "the Router never learned the attention replica's address"
         yield Nodes(address, cluster, roles, redis)
     finally:
         serve.shutdown()
