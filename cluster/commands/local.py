@@ -136,11 +136,16 @@ def wait_direct(app: str, timeout_s: float) -> bool:
 
     router = serve.get_deployment_handle("Router", app)
     deadline = time.monotonic() + timeout_s
-    while not router.submits_directly.remote().result():
-        if time.monotonic() > deadline:
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            if router.submits_directly.remote().result(timeout_s=left):
+                return True
+        except TimeoutError:
             return False
         time.sleep(0.2)
-    return True
 
 
 def wait_serving(address: str, timeout_s: float) -> None:
