@@ -135,7 +135,7 @@ class AttentionShard:
     def _admit(self) -> None:
         # A hung engine (or a dead one) takes no new request: the router retries it on another
         # replica, or on the one Serve starts in this one's place.
-        if (problem := self.health(self.stall_timeout_s)) is not None:
+        if (problem := self.health()) is not None:
             raise ReplicaUnavailableError(f"{problem}; retry the request")
         if self.engine.num_requests >= self.max_requests:
             raise QueueFullError(
@@ -143,9 +143,10 @@ class AttentionShard:
                 f"{self.max_requests}): retry with backoff"
             )
 
-    def health(self, stall_timeout_s: float) -> str | None:
-        """None while this replica's engine can serve, else why not (AsyncEngine.health)."""
-        return self.engine.health(stall_timeout_s)
+    def health(self) -> str | None:
+        """None while this replica's engine can serve (no step past ``stall_timeout_s``), else
+        why not (AsyncEngine.health)."""
+        return self.engine.health(self.stall_timeout_s)
 
     def stats(self) -> ShardStats:
         state = self.engine.state()

@@ -97,7 +97,6 @@ class AttentionShardDeployment:
             stall_timeout_s=a.stall_timeout_s,
         )
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.stall_timeout_s = a.stall_timeout_s
         self.graceful_shutdown_timeout_s = a.graceful_shutdown_timeout_s
         # What routers' calls to this replica's step stream must carry: its own, given to the
         # routers with its address (record_routing_stats, generate_direct).
@@ -201,7 +200,7 @@ class AttentionShardDeployment:
         then with a retryable error that says why: they could not finish here, and Serve
         (three failed checks, then up to graceful_shutdown_timeout_s waiting on them) would
         keep their clients waiting well over a minute more."""
-        problem = self.shard.health(self.stall_timeout_s)
+        problem = self.shard.health()
         if problem is not None:
             self.shard.engine.fail_open(problem)
             raise RuntimeError(problem)
@@ -214,7 +213,7 @@ class AttentionShardDeployment:
 
     def healthy(self) -> bool:
         """What the Router's gRPC health service asks (SERVING or NOT_SERVING)."""
-        return self.shard.health(self.stall_timeout_s) is None
+        return self.shard.health() is None
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What the attention autoscaling policy reads (cluster.ops.autoscaling.AttentionPolicy)."""
