@@ -241,6 +241,17 @@ def replica_states(app: str, deployment: str) -> dict[str, int]:
     return dict(status.deployments[deployment].replica_states)
 
 
+def replica_pids(app: str, deployment: str) -> list[int]:
+    """The process ids of ``deployment``'s live replicas in ``app``."""
+    from ray.util.state import list_actors
+
+    return [
+        a.pid
+        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        if a.class_name == f"ServeReplica:{app}:{deployment}"
+    ]
+
+
 def wait_until(condition, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():

@@ -14,12 +14,11 @@ import time
 
 import pytest
 from ray import serve
-from ray.util.state import list_actors
 
 from cluster.config import ClusterConfig
 from cluster.deployments.shard_client import SUBMIT_TIMEOUT_S
 from router.client import GenerationClient
-from tests.faults.conftest import deploy_app, replica_states, wait_until
+from tests.faults.conftest import deploy_app, replica_pids, replica_states, wait_until
 from tests.integration.conftest import colocated_reference, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -72,11 +71,7 @@ def test_one_of_two_attention_replicas_frozen_costs_one_request_the_submit_timeo
                 return _direct_submits() > before
 
             wait_until(submits_directly, 120, "the router submitting directly")
-            pid = next(
-                a.pid
-                for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                if a.class_name == f"ServeReplica:{APP}:AttentionShard"
-            )
+            pid = replica_pids(APP, "AttentionShard")[0]
             os.kill(pid, signal.SIGSTOP)
             took = []
             for prompt, expected in zip(ps, want, strict=True):

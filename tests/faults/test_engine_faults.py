@@ -17,12 +17,12 @@ import time
 import pytest
 import torch
 from ray import serve
-from ray.util.state import list_actors
 
 from router.client import GenerationClient
 from tests.faults.conftest import (
     APP,
     full_or_unavailable,
+    replica_pids,
     serves_again,
     stream_all,
     under_streams,
@@ -153,12 +153,7 @@ def test_a_frozen_attention_replica_ends_its_streams_and_health_says_so(nodes, r
     it is stopped, and once it runs again (SIGCONT) health reads SERVING and new requests get
     the colocated outputs."""
     ps, want = reference
-    [replica] = [
-        a
-        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-        if a.class_name == f"ServeReplica:{APP}:AttentionShard"
-    ]
-    pid = replica.pid
+    [pid] = replica_pids(APP, "AttentionShard")
     try:
         results, took = under_streams(nodes.address, ps, lambda: os.kill(pid, signal.SIGSTOP))
         stopped_at = time.monotonic() - took

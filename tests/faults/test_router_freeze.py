@@ -14,9 +14,8 @@ import signal
 
 import grpc
 import pytest
-from ray.util.state import list_actors
 
-from tests.faults.conftest import APP, serves_again, under_streams
+from tests.faults.conftest import APP, replica_pids, serves_again, under_streams
 from tests.integration.conftest import colocated_outputs
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -28,12 +27,7 @@ LONG = 300  # new tokens per stream: none ends before the stop
 def test_a_frozen_router_ends_its_clients_streams(nodes, reference, tiny_ckpt, report):
     ps = reference[0]
     want = colocated_outputs(tiny_ckpt, ps, LONG)
-    [router] = [
-        a
-        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-        if a.class_name == f"ServeReplica:{APP}:Router"
-    ]
-    pid = router.pid
+    [pid] = replica_pids(APP, "Router")
     try:
         results, took = under_streams(
             nodes.address, ps, lambda: os.kill(pid, signal.SIGSTOP), new_tokens=LONG
