@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -99,14 +100,14 @@ class DirectShardClient:
         loop = asyncio.get_running_loop()
         deadline, backoff_s = loop.time() + self.retry_budget_s, 0.1
         tried: set[str] = set()  # replicas that failed this request
-        while True:
+        for attempt_id in attempt_ids(request_id):
             started = False
             replica = self.choose(prompt_ids, tried)
             if replica is None:
-                attempt = self._via_serve(request_id, prompt_ids, params)
+                attempt = self._via_serve(attempt_id, prompt_ids, params)
             else:
                 tried.add(replica.replica_id)
-                attempt = self._direct(replica, request_id, prompt_ids, params)
+                attempt = self._direct(replica, attempt_id, prompt_ids, params)
             try:
                 async with contextlib.aclosing(attempt) as outputs:
                     async for out in outputs:
@@ -246,6 +247,17 @@ class DirectShardClient:
                 watcher.cancel()
             if not finished:
                 call.cancel()  # aborts the request in the replica
+
+
+def attempt_ids(request_id: str) -> Iterator[str]:
+    """The id each attempt of a request has in the replicas: the request's own, then one of
+    its own per retry. A retry may reach the replica the attempt before it was admitted to (the
+    only one running, or Serve's choice) while that attempt is still open there, or before the
+    Abort sent for it arrives: under the same id it would be refused as a duplicate, or ended
+    by that Abort with nothing sent for it, its stream left waiting."""
+    yield request_id
+    for n in itertools.count(1):
+        yield f"{request_id}~retry{n}"
 
 
 def _raised(e: RayTaskError) -> Exception:

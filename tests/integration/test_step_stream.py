@@ -5,6 +5,7 @@ router's StepSubscriber."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 
 import grpc
@@ -502,3 +503,93 @@ def test_a_serve_call_that_does_not_answer_is_retried_then_ends_unavailable(monk
     handle, took = asyncio.run(main())
     assert handle.calls >= 2 and handle.cancelled == handle.calls
     assert took < 5  # the budget (1 s) and one more attempt, not an unbounded wait
+
+
+class _CuttableLink:
+    """A loopback TCP forwarder to a replica's step-stream port that can be cut: its
+    connections reset and its port closed, as a network partition between a router and a
+    replica looks to the router (the replica itself runs on)."""
+
+    def __init__(self, target: str):
+        self.host, port = target.rsplit(":", 1)
+        self.port = int(port)
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._forward, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _forward(self, reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src, dst):
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(1 << 16):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()  # new connections refused from now on
+        for writer in self.writers:
+            writer.transport.abort()  # open ones reset
+
+
+def test_a_retry_reaching_the_same_replica_is_a_request_of_its_own(tiny_ckpt, monkeypatch):
+    """The router reaches one replica at two addresses (as when Serve replaced a replica at
+    the address the router knew, or chooses the same one for a retry). The first attempt's link
+    is cut after the replica admitted it and before its first delta: the router cannot abort
+    it there, so it is still open in the replica when the retry arrives at the other address.
+    The retry is served in full (under the same id it was refused as a duplicate), and the
+    first attempt ends on its own, freeing its blocks."""
+    from router.affinity import prefix_key, rank_replicas
+
+    model = load_causal_lm(tiny_ckpt, dtype=torch.float32)
+    prompt = next(  # a prompt whose prefix prefers the replica behind the cut link
+        p
+        for i in range(200)
+        if rank_replicas(
+            prefix_key(p := [7 + i % 50, 3 + i // 50, 11, 13] * 4, 16, 4),
+            {"replica-cut": 0, "replica-direct": 0},
+            8,
+        )[0]
+        == "replica-cut"
+    )
+    want = LLMEngine(model, ENGINE).generate([prompt], GREEDY)[0]
+    bound: list[str] = []
+    bind = StepSubscriber.bind
+
+    async def main():
+        shard = AttentionShard(tiny_ckpt, ENGINE)
+        publisher = StepPublisher(shard, "127.0.0.1", TOKEN)
+        await publisher.start()
+        link = _CuttableLink(publisher.address)
+        cut = DirectReplica("replica-cut", await link.start(), TOKEN)
+        direct = DirectReplica("replica-direct", publisher.address, TOKEN)
+
+        def bind_then_cut(self, request_id, address):
+            bound.append(request_id)
+            bind(self, request_id, address)
+            if address == cut.address:
+                link.cut()
+
+        monkeypatch.setattr(StepSubscriber, "bind", bind_then_cut)
+        client = DirectShardClient(_NoServe(), StepSubscriber(), replicas=lambda: (cut, direct))
+        try:
+            got = await asyncio.wait_for(_generate(client, "q", prompt, GREEDY), 60)
+            return got, await shard.wait_idle(), shard.num_requests_total
+        finally:
+            await client.close()
+            await publisher.stop()
+            await shard.close()
+
+    got, stats, admitted = asyncio.run(main())
+    assert len(bound) == 2 and bound[0] == "q" and bound[1] != "q"
+    assert got == want
+    assert admitted == 2  # both attempts ran in the replica
+    assert stats.num_blocks_in_use == 0 and stats.num_requests == 0
