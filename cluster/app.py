@@ -101,6 +101,7 @@ def expert_groups(config: ClusterConfig, balancer=None) -> list[serve.Applicatio
             # Each attention replica keeps num_microbatches calls in flight per group.
             max_ongoing_requests=max(16, 4 * a.num_replicas * a.num_microbatches),
             graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
+            health_check_timeout_s=x.health_check_timeout_s,
         )
         .bind(config, g, balancer)
         for g in range(x.num_groups)

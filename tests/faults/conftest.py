@@ -26,6 +26,7 @@ from cluster.commands.local import wait_direct, wait_serving
 from cluster.commands.loopback import HOOK
 from cluster.commands.redis_server import RedisServer
 from cluster.config import ClusterConfig, EngineOptions
+from cluster.deployments.expert_transport import WORKER_NAMESPACE, worker_prefix
 from replicas.engine.fault_injection import ENV as FAULT_INJECTION
 from replicas.prefix_cache.redis_tier import MAC_KEY_ENV
 from router.client import Completion, GenerationClient
@@ -250,6 +251,13 @@ def replica_pids(app: str, deployment: str) -> list[int]:
         for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
         if a.class_name == f"ServeReplica:{app}:{deployment}"
     ]
+
+
+def expert_workers(group: int) -> list[str]:
+    """The names of expert group ``group``'s live worker actors in the fault tier's app."""
+    named = ray.util.list_named_actors(all_namespaces=True)
+    ours = [a["name"] for a in named if a["namespace"] == WORKER_NAMESPACE]
+    return sorted(name for name in ours if name.startswith(worker_prefix(APP, group)))
 
 
 def wait_until(condition, timeout_s: float, what: str) -> None:

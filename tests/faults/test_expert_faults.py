@@ -14,22 +14,15 @@ import pytest
 import ray
 from ray.util.state import list_actors
 
-from cluster.deployments.expert_transport import WORKER_NAMESPACE, worker_prefix
-from tests.faults.conftest import APP, full_or_unavailable, serves_again, under_streams
+from cluster.deployments.expert_transport import WORKER_NAMESPACE
+from tests.faults.conftest import expert_workers, full_or_unavailable, serves_again, under_streams
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 
-def _workers(group: int) -> list[str]:
-    named = ray.util.list_named_actors(all_namespaces=True)
-    prefix = worker_prefix(APP, group)
-    ours = [a["name"] for a in named if a["namespace"] == WORKER_NAMESPACE]
-    return sorted(name for name in ours if name.startswith(prefix))
-
-
 def test_sigkill_of_an_expert_worker_process(nodes, reference, report):
     ps, want = reference
-    (name, *_) = _workers(1)
+    (name, *_) = expert_workers(1)
     pid = ray.get(ray.get_actor(name, namespace=WORKER_NAMESPACE).pid.remote())
     results, took = under_streams(nodes.address, ps, lambda: os.kill(pid, signal.SIGKILL))
     lost = full_or_unavailable(results, want)
@@ -39,8 +32,8 @@ def test_sigkill_of_an_expert_worker_process(nodes, reference, report):
     )
     serves_again(nodes.address, ps[:4], want[:4])
     deadline = time.monotonic() + 120  # the dead worker's replica was replaced: 2 again
-    while len(_workers(1)) != 2 or name in _workers(1):
-        assert time.monotonic() < deadline, _workers(1)
+    while len(expert_workers(1)) != 2 or name in expert_workers(1):
+        assert time.monotonic() < deadline, expert_workers(1)
         time.sleep(1)
 
 
