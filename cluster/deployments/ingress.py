@@ -113,6 +113,18 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             await asyncio.sleep(self.interval_s)
 
 
+CLIENT_PINGS = [
+    # Clients may ping a quiet connection this often (router.client pings after 20 s without a
+    # frame). gRPC's default, 5 min, counts such pings as abuse and closes the connection with
+    # too_many_pings: a stream waiting minutes for its next token (a long queue, a long prompt's
+    # prefill) then ended UNAVAILABLE "Too many pings" (measured: about 130 s after the last
+    # frame with pings every 2-10 s, 100 s after it with router.client's; tests/integration/
+    # test_quiet_connections.py).
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
 async def start_ingress(
     host: str,
     port: int,
@@ -134,6 +146,7 @@ async def start_ingress(
             ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
+            *CLIENT_PINGS,
         ]
     )
     servicer = GenerationServicer(service, metrics, slots, timeout_s)

@@ -55,10 +55,15 @@ CLIENT_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.ping_timeout_ms", 10_000),
 ]
+# The server lets a subscriber ping that often while nothing is sent on the connection. With
+# gRPC's default (5 min) it counted the router's pings on a quiet stream (an idle replica, or one
+# whose requests all wait that long for a first token) as abuse and closed the connection:
+# too_many_pings after 131 s (measured). Requests without a first token were then retried from
+# the start, and the replica counted as not answering (router.unresponsive) for a while.
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
 ]
 
 # error_kind on the wire <-> the exception the router's caller sees
