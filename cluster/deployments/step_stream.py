@@ -54,6 +54,13 @@ CLIENT_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.ping_timeout_ms", 10_000),
+    # One message carries every delta of a step (and any left waiting before it) for all of a
+    # router's requests on the replica, so its size is the engine's to bound (each request's
+    # prompt log-probabilities within MAX_PROMPT_LOGPROB_ENTRIES, at most max_num_seqs of them),
+    # not a per-message limit: with gRPC's default (4 MiB) a step in which a dozen requests
+    # got their prompt's top-20 log-probabilities broke the stream, and with it every other
+    # request the router had there.
+    ("grpc.max_receive_message_length", -1),
 ]
 # The server lets a subscriber ping that often while nothing is sent on the connection. With
 # gRPC's default (5 min) it counted the router's pings on a quiet stream (an idle replica, or one

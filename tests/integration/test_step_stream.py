@@ -36,7 +36,7 @@ from replicas.outputs import (
     RequestRejectedError,
     TokenLogprob,
 )
-from replicas.sampling_params import SamplingParams
+from replicas.sampling_params import MAX_PROMPT_LOGPROB_ENTRIES, SamplingParams
 
 pytestmark = pytest.mark.integration
 
@@ -593,3 +593,57 @@ def test_a_retry_reaching_the_same_replica_is_a_request_of_its_own(tiny_ckpt, mo
     assert got == want
     assert admitted == 2  # both attempts ran in the replica
     assert stats.num_blocks_in_use == 0 and stats.num_requests == 0
+
+
+def test_a_step_stream_message_over_4_mib_reaches_the_router(tiny_ckpt):
+    """Requests that each ask for their prompt's top-20 log-probabilities (within the
+    per-request budget) end while the router is not yet reading: the step stream's next
+    message carries all of their outputs and is larger than gRPC's default receive limit (4
+    MiB). The router gets it: every request its full output, and one beside them that asked for
+    nothing of the kind too."""
+    engine = EngineConfig(block_size=16, max_num_batched_tokens=8192, max_num_seqs=16)
+    length = MAX_PROMPT_LOGPROB_ENTRIES // 21 + 1  # (length - 1) x 21 entries: the budget
+    prompts = [[(7 * i + 13 * j) % 1000 + 1 for j in range(length)] for i in range(12)]
+    heavy = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=20)
+    light = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+    async def main():
+        shard = AttentionShard(tiny_ckpt, engine)
+        publisher = StepPublisher(shard, "127.0.0.1", TOKEN)
+        await publisher.start()
+        sub = StepSubscriber()
+        try:
+            queues = {}
+            for rid, prompt, params in [
+                *((f"h{i}", p, heavy) for i, p in enumerate(prompts)),
+                ("light", [5, 6, 7, 8], light),
+            ]:
+                queues[rid] = sub.register(rid)
+                publisher.submit(sub.id, rid, prompt, params)
+            while publisher.num_open():  # every output waits for the router's stream
+                await asyncio.sleep(0.05)
+            pending = spb.StepBatch(outputs=publisher.subscribers[sub.id].pending).ByteSize()
+            sub.learn(publisher.address, TOKEN)
+            for rid in queues:
+                sub.bind(rid, publisher.address)
+            got = {}
+            for rid, queue in queues.items():
+                outs = []
+                while not outs or not outs[-1].finished:
+                    item = await asyncio.wait_for(queue.get(), 60)
+                    assert not isinstance(item, BaseException), (rid, item)
+                    outs.append(item)
+                got[rid] = outs
+            return got, pending, sub.num_messages
+        finally:
+            await sub.close()
+            await publisher.stop()
+            await shard.close()
+
+    got, pending, messages = asyncio.run(main())
+    assert pending > 4 << 20 and messages == 1  # one message, over the default limit
+    for i, prompt in enumerate(prompts):
+        outs = got[f"h{i}"]
+        assert sum(len(o.new_token_ids) for o in outs) == 2
+        assert len(outs[0].prompt_logprobs) == len(prompt) - 1
+    assert sum(len(o.new_token_ids) for o in got["light"]) == 8
