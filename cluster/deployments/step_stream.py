@@ -43,13 +43,15 @@ from replicas.sampling_params import SamplingParams
 TOKEN_KEY = "x-exaone-stream-token"
 """The metadata key of the stream token every StepStream call carries."""
 
-# Both sides keep a stream's HTTP/2 connection checked, so a replica's node that vanishes
-# without closing its sockets ends its streams within seconds, not at TCP's timeout (a stopped
+# Both sides keep a stream's HTTP/2 connection checked, so a peer whose node vanishes without
+# closing its sockets ends its streams within seconds, not at TCP's timeout (a stopped
 # process's kernel even acknowledges its segments). While tokens arrive, gRPC keeps a ping of
 # its own in flight (its bandwidth probe), and an unanswered one is given
 # grpc.http2.ping_timeout_ms, 60 s by default, whatever keepalive_timeout_ms says: a
 # SIGSTOPped replica's streams ended after 60 s (tests/faults), 10 s with it set. A stream gone
-# quiet first ends by the keepalive ping (about 17 s after, measured).
+# quiet first ends by the keepalive ping (about 17 s after, measured). The replica's end pings
+# too (gRPC's server default is every 2 h): a router that stopped answering has its stream
+# ended, and so its requests aborted (StepPublisher._orphaned).
 CLIENT_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -71,7 +73,14 @@ SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),
 ]
+
+ORPHAN_GRACE_S = 5.0
+"""How long a router's requests outlive its last step stream from a replica: then they are
+aborted (StepPublisher._orphaned)."""
 
 # error_kind on the wire <-> the exception the router's caller sees
 _ERRORS: dict[str, type[Exception]] = {
@@ -196,6 +205,7 @@ class _Subscriber:
         self.ready = asyncio.Event()
         self.num_streams = 0
         self.requests: dict[str, asyncio.Event] = {}  # request id -> set once it has ended
+        self.orphan_timer: asyncio.TimerHandle | None = None  # set while no stream is open
 
     def put(self, request_id: str, item: RequestOutput | BaseException) -> None:
         self.pending.append(encode(request_id, item))
@@ -226,12 +236,14 @@ class StepPublisher(spb_grpc.StepStreamServicer):
     that subscriber's ``Subscribe`` stream. Must be used on the event loop the engine runs on.
 
     ``shard`` is a ``replicas.attention_shard.AttentionShard`` (``submit``/``abort``);
-    ``token``: what every call must carry as ``TOKEN_KEY`` metadata."""
+    ``token``: what every call must carry as ``TOKEN_KEY`` metadata; ``orphan_grace_s``: how
+    long a subscriber's requests outlive its last stream (``_orphaned``)."""
 
-    def __init__(self, shard, host: str, token: str):
+    def __init__(self, shard, host: str, token: str, orphan_grace_s: float = ORPHAN_GRACE_S):
         if not token:
             raise ValueError("a StepPublisher needs a stream token")
         self.shard, self.host, self.token = shard, host, token.encode()
+        self.orphan_grace_s = orphan_grace_s
         self.subscribers: dict[str, _Subscriber] = {}
         self.server: grpc.aio.Server | None = None
         self.address: str | None = None
@@ -293,6 +305,8 @@ class StepPublisher(spb_grpc.StepStreamServicer):
     def _forget_if_idle(self, subscriber: str) -> None:
         sub = self.subscribers.get(subscriber)
         if sub is not None and not sub.requests and not sub.num_streams and not sub.pending:
+            if sub.orphan_timer is not None:
+                sub.orphan_timer.cancel()
             del self.subscribers[subscriber]
 
     async def _authorize(self, context) -> None:
@@ -324,10 +338,35 @@ class StepPublisher(spb_grpc.StepStreamServicer):
         if sub is None:
             sub = self.subscribers[request.subscriber] = _Subscriber()
         sub.num_streams += 1
+        if sub.orphan_timer is not None:  # the router is back within the grace period
+            sub.orphan_timer.cancel()
+            sub.orphan_timer = None
         try:
             while True:
                 await sub.ready.wait()
                 yield sub.take(self.shard.engine.num_requests)
         finally:
             sub.num_streams -= 1
+            if not sub.num_streams:
+                sub.orphan_timer = asyncio.get_running_loop().call_later(
+                    self.orphan_grace_s, self._orphaned, request.subscriber, sub
+                )
             self._forget_if_idle(request.subscriber)
+
+    def _orphaned(self, subscriber: str, sub: _Subscriber) -> None:
+        """``orphan_grace_s`` after the router's last step stream from here ended, none open
+        again: the router went away (its process, its node, the network between). A live one
+        has counted every request bound to that stream as lost and sent each an Abort (which a
+        partition keeps from arriving), and would have opened a stream again at once for a
+        request it still reads. Abort what is left, freeing its KV blocks now rather than after
+        every token it may still make, and drop what waits to be sent."""
+        sub.orphan_timer = None
+        if self.subscribers.get(subscriber) is not sub or sub.num_streams:
+            return
+        for request_id, ended in list(sub.requests.items()):
+            self.shard.abort(request_id)
+            ended.set()  # a Serve call holding it open (generate_direct) ends
+        sub.requests.clear()
+        sub.pending, sub.step_end_s = [], 0.0
+        sub.ready.clear()
+        self._forget_if_idle(subscriber)

@@ -506,15 +506,17 @@ def test_a_serve_call_that_does_not_answer_is_retried_then_ends_unavailable(monk
 
 
 class _CuttableLink:
-    """A loopback TCP forwarder to a replica's step-stream port that can be cut: its
+    """A loopback TCP forwarder to a replica's step-stream port that can be cut (its
     connections reset and its port closed, as a network partition between a router and a
-    replica looks to the router (the replica itself runs on)."""
+    replica looks to the router) or held (nothing passes, the connections stay open)."""
 
     def __init__(self, target: str):
         self.host, port = target.rsplit(":", 1)
         self.port = int(port)
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
+        self.flowing = asyncio.Event()
+        self.flowing.set()
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._forward, "127.0.0.1", 0)
@@ -527,11 +529,18 @@ class _CuttableLink:
         async def pipe(src, dst):
             with contextlib.suppress(ConnectionError):
                 while data := await src.read(1 << 16):
+                    await self.flowing.wait()
                     dst.write(data)
                     await dst.drain()
+            await self.flowing.wait()  # held: not even a close passes
             dst.close()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def hold(self) -> None:
+        """Nothing passes any more, both ways, the connections left open: what a peer whose
+        process is frozen (or whose node hung) looks like."""
+        self.flowing.clear()
 
     def cut(self) -> None:
         assert self.server is not None
@@ -647,3 +656,115 @@ def test_a_step_stream_message_over_4_mib_reaches_the_router(tiny_ckpt):
         assert sum(len(o.new_token_ids) for o in outs) == 2
         assert len(outs[0].prompt_logprobs) == len(prompt) - 1
     assert sum(len(o.new_token_ids) for o in got["light"]) == 8
+
+
+def test_a_routers_requests_are_aborted_when_its_step_stream_ends(tiny_ckpt):
+    """A router that goes away (its process killed, its node or the network gone) leaves the
+    requests it submitted with nobody to read them: once ``orphan_grace_s`` has passed with no
+    step stream of its own open at the replica, the replica aborts them (their KV blocks freed,
+    not after thousands of tokens nobody will see) and keeps nothing for it."""
+    long = SamplingParams(temperature=0.0, max_tokens=3000, ignore_eos=True)
+
+    async def main():
+        shard = AttentionShard(tiny_ckpt, ENGINE)
+        publisher = StepPublisher(shard, "127.0.0.1", TOKEN, orphan_grace_s=1.0)
+        await publisher.start()
+        sub = StepSubscriber()
+        try:
+            sub.learn(publisher.address, TOKEN)
+            for rid in ("a", "b"):
+                queue = sub.register(rid)
+                publisher.submit(sub.id, rid, PROMPTS["r0"], long)
+                sub.bind(rid, publisher.address)
+                assert (await asyncio.wait_for(queue.get(), 60)).new_token_ids
+            assert shard.engine.num_requests == 2
+            loop = asyncio.get_running_loop()
+            gone_at = loop.time()
+            await sub.close()  # the router's end of its step stream goes away
+            stats = await shard.wait_idle(timeout_s=30)
+            return stats, loop.time() - gone_at, publisher.subscribers
+        finally:
+            await publisher.stop()
+            await shard.close()
+
+    stats, took, subscribers = asyncio.run(main())
+    assert stats.num_requests == 0 and stats.num_blocks_in_use == 0
+    assert took < 6  # the grace period, not 3000 tokens each (about 20 s here)
+    assert subscribers == {}  # nothing kept for a router that is gone
+
+
+def test_a_router_back_within_the_grace_period_keeps_its_requests(tiny_ckpt):
+    """A router's step stream ends and it opens one again at once (it reconnected, with a new
+    request it submitted in between): nothing it has at the replica is aborted."""
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+
+    async def main():
+        shard = AttentionShard(tiny_ckpt, ENGINE)
+        publisher = StepPublisher(shard, "127.0.0.1", TOKEN, orphan_grace_s=0.2)
+        await publisher.start()
+        first, again = StepSubscriber(), StepSubscriber()
+        again.id = first.id  # the same router, a new connection
+        try:
+            for sub in (first, again):
+                sub.learn(publisher.address, TOKEN)
+            queue = first.register("a")
+            publisher.submit(first.id, "a", PROMPTS["r0"], GREEDY)
+            first.bind("a", publisher.address)
+            while not (await asyncio.wait_for(queue.get(), 60)).finished:
+                pass
+            await first.close()  # its stream ends
+            queue = again.register("b")
+            publisher.submit(again.id, "b", PROMPTS["r1"], params)
+            again.bind("b", publisher.address)
+            tokens: list[int] = []
+            while True:  # far longer than the grace period
+                item = await asyncio.wait_for(queue.get(), 60)
+                assert not isinstance(item, BaseException), item
+                tokens += item.new_token_ids
+                if item.finished:
+                    return tokens
+        finally:
+            await again.close()
+            await publisher.stop()
+            await shard.close()
+
+    assert len(asyncio.run(main())) == 400
+
+
+def test_a_router_that_stops_answering_has_its_requests_aborted(tiny_ckpt):
+    """The router's end of the step stream stops answering without closing anything (its
+    process frozen, its node hung): the replica's keepalive ping goes unanswered, the stream
+    ends there, and after the grace period the router's requests are aborted."""
+    long = SamplingParams(temperature=0.0, max_tokens=4000, ignore_eos=True)
+
+    async def main():
+        shard = AttentionShard(tiny_ckpt, ENGINE)
+        publisher = StepPublisher(shard, "127.0.0.1", TOKEN, orphan_grace_s=1.0)
+        await publisher.start()
+        link = _CuttableLink(publisher.address)
+        address = await link.start()
+        sub = StepSubscriber()
+        try:
+            sub.learn(address, TOKEN)
+            for rid in ("a", "b"):
+                queue = sub.register(rid)
+                publisher.submit(sub.id, rid, PROMPTS["r0"], long)
+                sub.bind(rid, address)
+                assert (await asyncio.wait_for(queue.get(), 60)).new_token_ids
+            loop = asyncio.get_running_loop()
+            held_at = loop.time()
+            link.hold()
+            while sub.id in publisher.subscribers and publisher.subscribers[sub.id].num_streams:
+                assert loop.time() - held_at < 40, "the replica never noticed"
+                await asyncio.sleep(0.2)
+            noticed = loop.time() - held_at
+            stats = await shard.wait_idle(timeout_s=10)
+            return noticed, stats
+        finally:
+            await sub.close()
+            await publisher.stop()
+            await shard.close()
+
+    noticed, stats = asyncio.run(main())
+    assert 5 < noticed < 40  # keepalive: a ping after 10 s, unanswered for 10 s
+    assert stats.num_requests == 0 and stats.num_blocks_in_use == 0
