@@ -165,6 +165,7 @@ class DirectShardClient:
         sub, address = self.subscriber, replica.address
         sub.learn(address, replica.token)
         queue = sub.register(request_id)
+        ended_before = sub.ended_streams(address)
         sub.loads.sent(address)
         self.num_direct += 1
         open_there, finished = True, False  # unknown until the replica answers: abort then
@@ -192,7 +193,7 @@ class DirectShardClient:
                     raise ReplicaLost(f"{address}: {reply.error}")
                 raise error
             sub.unresponsive.heard_from(address)
-            sub.bind(request_id, address)
+            sub.bind(request_id, address, ended_before)
             async for item in read_outputs(queue, self._interval_s):
                 finished = item.finished
                 yield item
@@ -221,6 +222,7 @@ class DirectShardClient:
     ) -> AsyncGenerator[Any, None]:
         sub = self.subscriber
         queue = sub.register(request_id)
+        ends_before = dict(sub.ends)  # the replica is known once it has admitted the request
         self.num_via_serve += 1
         call = self.handle.generate_direct.remote(sub.id, request_id, list(prompt_ids), params)
         watcher, finished = None, False
@@ -236,7 +238,7 @@ class DirectShardClient:
             except LOST_REPLICA as e:
                 raise ReplicaLost(type(e).__name__) from None
             sub.learn(address, token)
-            sub.bind(request_id, address)
+            sub.bind(request_id, address, ends_before.get(address, 0))
             watcher = asyncio.get_running_loop().create_task(_watch(call, queue))
             async for item in read_outputs(queue, self._interval_s):
                 finished = item.finished

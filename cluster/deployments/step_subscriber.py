@@ -45,6 +45,7 @@ class StepSubscriber:
         self.queues: dict[str, asyncio.Queue] = {}
         self.address_of: dict[str, str] = {}
         self.readers: dict[str, asyncio.Task] = {}
+        self.ends: dict[str, int] = {}  # by address: step streams from there that have ended
         self.channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task] = set()
         self.num_messages = 0
@@ -76,9 +77,19 @@ class StepSubscriber:
             self.channels[address] = channel
         return spb_grpc.StepStreamStub(channel)
 
-    def bind(self, request_id: str, address: str) -> None:
-        """The request's deltas come from ``address``; read it (once per address)."""
+    def ended_streams(self, address: str) -> int:
+        """How many step streams from ``address`` have ended so far: taken before a request is
+        sent there, and handed to ``bind`` once it is admitted."""
+        return self.ends.get(address, 0)
+
+    def bind(self, request_id: str, address: str, ended_before: int | None = None) -> None:
+        """The request's deltas come from ``address``; read it (once per address). A stream
+        from there that ended after ``ended_before`` was taken (while the request was being
+        admitted) may have taken some of its deltas with it, unseen: the request is lost."""
         self.address_of[request_id] = address
+        queue = self.queues.get(request_id)
+        if ended_before not in (None, self.ended_streams(address)) and queue is not None:
+            queue.put_nowait(ReplicaLost(f"step stream from {address} ended while admitting"))
         reader = self.readers.get(address)
         if reader is None or reader.done():
             self.readers[address] = asyncio.get_running_loop().create_task(self._read(address))
@@ -109,6 +120,7 @@ class StepSubscriber:
         except asyncio.CancelledError:
             return
         finally:
+            self.ends[address] = self.ends.get(address, 0) + 1
             if self.readers.get(address) is asyncio.current_task():
                 del self.readers[address]
                 self.loads.forget(address)

@@ -542,6 +542,13 @@ class _CuttableLink:
         process is frozen (or whose node hung) looks like."""
         self.flowing.clear()
 
+    def reset(self) -> None:
+        """Its connections reset (what they held is lost); new ones pass again."""
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers = []
+        self.flowing.set()
+
     def cut(self) -> None:
         assert self.server is not None
         self.server.close()  # new connections refused from now on
@@ -581,9 +588,9 @@ def test_a_retry_reaching_the_same_replica_is_a_request_of_its_own(tiny_ckpt, mo
         cut = DirectReplica("replica-cut", await link.start(), TOKEN)
         direct = DirectReplica("replica-direct", publisher.address, TOKEN)
 
-        def bind_then_cut(self, request_id, address):
+        def bind_then_cut(self, request_id, address, *rest):
             bound.append(request_id)
-            bind(self, request_id, address)
+            bind(self, request_id, address, *rest)
             if address == cut.address:
                 link.cut()
 
@@ -767,4 +774,66 @@ def test_a_router_that_stops_answering_has_its_requests_aborted(tiny_ckpt):
 
     noticed, stats = asyncio.run(main())
     assert 5 < noticed < 40  # keepalive: a ping after 10 s, unanswered for 10 s
+    assert stats.num_requests == 0 and stats.num_blocks_in_use == 0
+
+
+def test_a_stream_lost_while_a_request_is_admitted_does_not_leave_it_waiting(
+    tiny_ckpt, monkeypatch
+):
+    """The step stream a request's deltas go out on breaks after the replica admitted it and
+    before the router has bound the request to it (the router handles the stream's end before
+    the Submit's answer): the deltas went out on the broken connection and are gone, and the
+    request was not yet bound to hear of it. The router counts it lost (before its first
+    token: retried under another id, here on the same replica) instead of waiting for deltas
+    that never come."""
+    model = load_causal_lm(tiny_ckpt, dtype=torch.float32)
+    want = LLMEngine(model, ENGINE).generate([PROMPTS["r1"]], GREEDY)[0]
+    long = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+    bind = StepSubscriber.bind
+
+    async def main():
+        shard = AttentionShard(tiny_ckpt, ENGINE)
+        publisher = StepPublisher(shard, "127.0.0.1", TOKEN)
+        await publisher.start()
+        link = _CuttableLink(publisher.address)
+        address = await link.start()
+        replicas = (
+            DirectReplica("replica-0", address, TOKEN),
+            DirectReplica("again", address, TOKEN),
+        )
+        client = DirectShardClient(_NoServe(), StepSubscriber(), replicas=lambda: replicas)
+        sub, later = client.subscriber, []
+
+        def bind_late(self, request_id, at, *rest):
+            if request_id != "r":
+                return bind(self, request_id, at, *rest)
+            link.hold()  # what the replica sends from now on stays in the link
+
+            async def lose_then_bind():
+                pending = publisher.subscribers[sub.id]
+                while "r" in pending.requests or any(o.request_id == "r" for o in pending.pending):
+                    await asyncio.sleep(0.01)  # until all of "r" is out, into the link
+                link.reset()  # and lost with the connection
+                while at in sub.readers:  # the router has handled the stream's end
+                    await asyncio.sleep(0.01)
+                bind(self, request_id, at, *rest)
+
+            later.append(asyncio.get_running_loop().create_task(lose_then_bind()))
+
+        try:
+            keep = client.generate("keep", PROMPTS["r0"], long)  # holds a step stream open
+            assert (await anext(keep)).new_token_ids
+            monkeypatch.setattr(StepSubscriber, "bind", bind_late)
+            got = await asyncio.wait_for(_generate(client, "r", PROMPTS["r1"], GREEDY), 30)
+            with contextlib.suppress(ReplicaUnavailableError):  # its stream broke too
+                await keep.aclose()
+            return got, await shard.wait_idle(), later
+        finally:
+            await client.close()
+            await publisher.stop()
+            await shard.close()
+
+    got, stats, later = asyncio.run(main())
+    assert len(later) == 1  # the first attempt was bound late; the retry, under its own id, not
+    assert got == want
     assert stats.num_requests == 0 and stats.num_blocks_in_use == 0
