@@ -111,6 +111,48 @@ def test_redis_killed_and_restarted_mid_traffic(nodes, tiny_ckpt, report):
     )
 
 
+def test_redis_frozen_mid_traffic(nodes, tiny_ckpt, report):
+    """Redis stops answering without closing anything (SIGSTOP: a hung server or node) while
+    16 prompts sharing a prefix stream, and 16 more come while it is frozen: every output is
+    the colocated one; a Redis call gives up after the tier's timeout (1 s) and the tier rests
+    (1 s) before the next (misses, never errors or stalls). Once it runs on, hits resume."""
+    g = torch.Generator().manual_seed(6)
+    shared = torch.randint(3, 1000, (48,), generator=g).tolist()
+    ps = [shared + torch.randint(3, 1000, (5,), generator=g).tolist() for _ in range(34)]
+    want = colocated_outputs(tiny_ckpt, ps, new_tokens=24)
+    assert stream_all(nodes.address, ps[:1]) == {0: want[0]}  # writes the prefix to Redis
+    time.sleep(0.5)  # the write is asynchronous
+    before = _redis_stats()
+    pid = nodes.redis.proc.pid
+    try:
+        results, took = under_streams(
+            nodes.address, ps[1:17], lambda: os.kill(pid, signal.SIGSTOP), wait_started=False
+        )
+        assert [results[i] for i in range(16)] == want[1:17]
+        start = time.monotonic()
+        results = stream_all(nodes.address, ps[17:33])  # while it is frozen
+        frozen_took = time.monotonic() - start
+        assert [results[i] for i in range(16)] == want[17:33]
+        during = _redis_stats()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert during.num_redis_errors > before.num_redis_errors  # its calls did time out
+    deadline = time.monotonic() + 30
+    while True:  # the tier tries again after its rest; the prefix is still there
+        hits = _redis_stats().num_redis_hits
+        assert stream_all(nodes.address, [ps[33]]) == {0: want[33]}
+        if _redis_stats().num_redis_hits > hits:
+            break
+        assert time.monotonic() < deadline, _redis_stats()
+        time.sleep(0.5)
+    report(
+        f"Redis frozen under 16 streams, 16 more while frozen: 32 full outputs (the first 16 "
+        f"done {took:.1f} s after the freeze, the next 16 in {frozen_took:.1f} s), "
+        f"Redis calls timed out: {during.num_redis_errors - before.num_redis_errors} (the tier "
+        f"rests between); hits resumed once it ran on"
+    )
+
+
 def test_health_tells_when_the_engine_thread_dies_and_when_the_replica_is_back(
     nodes, reference, report
 ):
