@@ -68,32 +68,50 @@ def _redis_stats():
     return _shard().stats.remote().result().prefix_cache
 
 
-def test_redis_killed_and_restarted_mid_traffic(nodes, tiny_ckpt, report):
-    """Prompts sharing a 48-token prefix (a snapshot every 16 tokens): Redis is killed while
-    16 of them stream, 16 more come while it is down; all are served (misses where Redis did
-    not answer), every output colocated. Once it is back, writes resume and the next prompt
-    with that prefix is served from Redis (this cluster keeps no local snapshots)."""
-    g = torch.Generator().manual_seed(5)
+def _prefix_prompts(nodes, tiny_ckpt, seed: int):
+    """34 prompts sharing a 48-token prefix and their colocated outputs; the first is served,
+    which writes the prefix to Redis -> (prompts, outputs, the prefix cache's stats then)."""
+    g = torch.Generator().manual_seed(seed)
     shared = torch.randint(3, 1000, (48,), generator=g).tolist()
     ps = [shared + torch.randint(3, 1000, (5,), generator=g).tolist() for _ in range(34)]
     want = colocated_outputs(tiny_ckpt, ps, new_tokens=24)
     assert stream_all(nodes.address, ps[:1]) == {0: want[0]}  # writes the prefix to Redis
     time.sleep(0.5)  # the write is asynchronous
-    before = _redis_stats()
+    return ps, want, _redis_stats()
+
+
+def _served_while_redis_is_out(nodes, ps, want, fault, recover):
+    """``fault()`` as prompts 1-16 start streaming, then prompts 17-32 while it lasts, every
+    output colocated (misses, never errors); ``recover()`` after -> (seconds from the fault to
+    the first 16's end, seconds the next 16 took, the prefix cache's stats before recovery)."""
+    try:
+        results, took = under_streams(nodes.address, ps[1:17], fault, wait_started=False)
+        assert [results[i] for i in range(16)] == want[1:17]
+        start = time.monotonic()
+        results = stream_all(nodes.address, ps[17:33])
+        out_took = time.monotonic() - start
+        assert [results[i] for i in range(16)] == want[17:33]
+        return took, out_took, _redis_stats()
+    finally:
+        recover()
+
+
+def test_redis_killed_and_restarted_mid_traffic(nodes, tiny_ckpt, report):
+    """Prompts sharing a 48-token prefix (a snapshot every 16 tokens): Redis is killed while
+    16 of them stream, 16 more come while it is down; all are served (misses where Redis did
+    not answer), every output colocated. Once it is back, writes resume and the next prompt
+    with that prefix is served from Redis (this cluster keeps no local snapshots)."""
+    ps, want, before = _prefix_prompts(nodes, tiny_ckpt, 5)
 
     def kill():
         nodes.redis.proc.kill()
         nodes.redis.proc.wait()
 
-    try:
-        results, took = under_streams(nodes.address, ps[1:17], kill, wait_started=False)
-        assert [results[i] for i in range(16)] == want[1:17]
-        results = stream_all(nodes.address, ps[17:33])  # while it is down
-        assert [results[i] for i in range(16)] == want[17:33]  # misses, never errors
-        during = _redis_stats()
-    finally:
+    def restart():
         nodes.redis.proc = None
         nodes.redis.start()  # same port, empty
+
+    _, _, during = _served_while_redis_is_out(nodes, ps, want, kill, restart)
     assert during.num_redis_errors > before.num_redis_errors  # it was down while they ran
     deadline = time.monotonic() + 30
     while True:  # the tier tries again after its quiet period; a request writes the prefix
@@ -116,26 +134,15 @@ def test_redis_frozen_mid_traffic(nodes, tiny_ckpt, report):
     16 prompts sharing a prefix stream, and 16 more come while it is frozen: every output is
     the colocated one; a Redis call gives up after the tier's timeout (1 s) and the tier rests
     (1 s) before the next (misses, never errors or stalls). Once it runs on, hits resume."""
-    g = torch.Generator().manual_seed(6)
-    shared = torch.randint(3, 1000, (48,), generator=g).tolist()
-    ps = [shared + torch.randint(3, 1000, (5,), generator=g).tolist() for _ in range(34)]
-    want = colocated_outputs(tiny_ckpt, ps, new_tokens=24)
-    assert stream_all(nodes.address, ps[:1]) == {0: want[0]}  # writes the prefix to Redis
-    time.sleep(0.5)  # the write is asynchronous
-    before = _redis_stats()
+    ps, want, before = _prefix_prompts(nodes, tiny_ckpt, 6)
     pid = nodes.redis.proc.pid
-    try:
-        results, took = under_streams(
-            nodes.address, ps[1:17], lambda: os.kill(pid, signal.SIGSTOP), wait_started=False
-        )
-        assert [results[i] for i in range(16)] == want[1:17]
-        start = time.monotonic()
-        results = stream_all(nodes.address, ps[17:33])  # while it is frozen
-        frozen_took = time.monotonic() - start
-        assert [results[i] for i in range(16)] == want[17:33]
-        during = _redis_stats()
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    took, frozen_took, during = _served_while_redis_is_out(
+        nodes,
+        ps,
+        want,
+        lambda: os.kill(pid, signal.SIGSTOP),
+        lambda: os.kill(pid, signal.SIGCONT),
+    )
     assert during.num_redis_errors > before.num_redis_errors  # its calls did time out
     deadline = time.monotonic() + 30
     while True:  # the tier tries again after its rest; the prefix is still there

@@ -23,16 +23,9 @@ from tests.faults.conftest import (
     under_streams,
     wait_until,
 )
+from tests.integration.conftest import process_gone
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_a_frozen_expert_worker_is_replaced(nodes, reference, report):
@@ -52,7 +45,7 @@ def test_a_frozen_expert_worker_is_replaced(nodes, reference, report):
 
         def replaced():
             workers = expert_workers(0)
-            return len(workers) == 2 and name not in workers and not _alive(pid)
+            return len(workers) == 2 and name not in workers and process_gone(pid)
 
         wait_until(replaced, 180, "the frozen worker's replica replaced")
         replaced_after = time.monotonic() - frozen_at

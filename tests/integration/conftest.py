@@ -126,6 +126,15 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def process_gone(pid: int) -> bool:
+    """No such process, or only its zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def listening_addresses(pids: set[int]) -> list[tuple[int, str, int]]:
     """(pid, address, port) of every TCP socket in LISTEN state owned by ``pids``."""
     listening: dict[str, tuple[str, int]] = {}

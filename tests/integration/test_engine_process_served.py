@@ -23,7 +23,12 @@ from replicas.model.loader import load_causal_lm
 from replicas.sampling_params import SamplingParams
 from router.client import GenerationClient, build_request
 from tests.faults.conftest import full_or_unavailable, serves_again, under_streams
-from tests.integration.conftest import colocated_reference, descendants, local_cluster
+from tests.integration.conftest import (
+    colocated_reference,
+    descendants,
+    local_cluster,
+    process_gone,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -161,15 +166,6 @@ def test_faults_in_the_engine_process_end_streams_and_health_tells(cluster, tiny
     )
 
 
-def _gone(pid: int) -> bool:
-    """No such process, or only its zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 def test_a_frozen_engine_process_is_replaced_and_not_left_behind(cluster, tiny_ckpt, report):
     """The engine process stops (SIGSTOP) mid-traffic, as a hung engine does: once no step has
     come for attention.stall_timeout_s, health reads NOT_SERVING, the open streams end
@@ -195,11 +191,11 @@ def test_a_frozen_engine_process_is_replaced_and_not_left_behind(cluster, tiny_c
         back_after = time.monotonic() - stopped_at
         serves_again(address, ps[:4], want[:4])
         deadline = time.monotonic() + 30
-        while not _gone(pid):
+        while not process_gone(pid):
             assert time.monotonic() < deadline, "the stopped engine process outlived its replica"
             time.sleep(0.5)
     finally:
-        if not _gone(pid):
+        if not process_gone(pid):
             os.kill(pid, signal.SIGKILL)
     report(
         f"engine process stopped under {len(ps)} streams: {len(lost)} UNAVAILABLE, all ended "

@@ -16,7 +16,6 @@ import pytest
 
 from cluster.commands.redis_server import free_port
 from cluster.deployments.ingress import start_ingress
-from cluster.deployments.step_stream import StepPublisher
 from cluster.deployments.step_subscriber import StepSubscriber
 from protos.exaone.v1 import generation_pb2 as pb
 from protos.exaone.v1 import generation_pb2_grpc as pb_grpc
@@ -24,11 +23,11 @@ from replicas.attention_shard import AttentionShard
 from replicas.engine.engine import EngineConfig
 from replicas.sampling_params import SamplingParams
 from router.client import KEEPALIVE_OPTIONS
+from tests.integration.test_step_stream import TOKEN, _collect, _published
 
 pytestmark = pytest.mark.integration
 
 QUIET_S = 150.0
-TOKEN = "quiet-test-token"
 
 
 async def _healthy() -> bool:
@@ -69,35 +68,26 @@ async def _step_stream_idles(checkpoint) -> tuple[list[object], list[int]]:
     """A router's step stream from a replica with nothing to send for QUIET_S, then a request
     over the same stream -> (what the idle request's queue got, the request's tokens)."""
     shard = AttentionShard(checkpoint, EngineConfig(block_size=4, max_num_seqs=2))
-    publisher = StepPublisher(shard, "127.0.0.1", TOKEN)
-    await publisher.start()
-    sub = StepSubscriber()
-    try:
-        sub.learn(publisher.address, TOKEN)
-        idle = sub.register("idle")  # never submitted: only holds the stream open
-        sub.bind("idle", publisher.address)
-        reader = sub.readers[publisher.address]
-        await asyncio.sleep(QUIET_S)
-        assert sub.readers.get(publisher.address) is reader, "the step stream was opened again"
-        queue = sub.register("r")
-        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-        publisher.submit(sub.id, "r", [3, 17, 29, 41], params)
-        sub.bind("r", publisher.address)
-        tokens: list[int] = []
-        while True:
-            item = await asyncio.wait_for(queue.get(), 60)
-            assert not isinstance(item, BaseException), item
-            tokens += item.new_token_ids
-            if item.finished:
-                break
-        idle_got = []
-        while not idle.empty():
-            idle_got.append(idle.get_nowait())
-        return idle_got, tokens
-    finally:
-        await sub.close()
-        await publisher.stop()
-        await shard.close()
+    async with _published(shard) as publisher:
+        sub = StepSubscriber()
+        try:
+            sub.learn(publisher.address, TOKEN)
+            idle = sub.register("idle")  # never submitted: only holds the stream open
+            sub.bind("idle", publisher.address)
+            reader = sub.readers[publisher.address]
+            await asyncio.sleep(QUIET_S)
+            assert sub.readers.get(publisher.address) is reader, "the step stream was opened again"
+            queue = sub.register("r")
+            params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+            publisher.submit(sub.id, "r", [3, 17, 29, 41], params)
+            sub.bind("r", publisher.address)
+            tokens = await _collect(queue)
+            idle_got = []
+            while not idle.empty():
+                idle_got.append(idle.get_nowait())
+            return idle_got, tokens
+        finally:
+            await sub.close()
 
 
 def test_quiet_connections_stay_open_while_their_clients_ping(tiny_ckpt):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -76,15 +77,32 @@ def test_codec_round_trips_outputs_and_errors():
         assert type(decode(encode("d", error))) is RuntimeError
 
 
-async def _collect(queue: asyncio.Queue) -> list[int]:
-    ids = []
-    while True:
+async def _outputs(queue: asyncio.Queue) -> list[RequestOutput]:
+    """A request's outputs from its queue, to the finished one (an error item raises)."""
+    outs: list[RequestOutput] = []
+    while not outs or not outs[-1].finished:
         item = await asyncio.wait_for(queue.get(), 60)
         if isinstance(item, BaseException):
             raise item
-        ids += item.new_token_ids
-        if item.finished:
-            return ids
+        outs.append(item)
+    return outs
+
+
+async def _collect(queue: asyncio.Queue) -> list[int]:
+    return [t for out in await _outputs(queue) for t in out.new_token_ids]
+
+
+@contextlib.asynccontextmanager
+async def _published(shard: AttentionShard, **options) -> AsyncIterator[StepPublisher]:
+    """``shard``'s step-stream server on loopback, started; stopped and the shard closed
+    after."""
+    publisher = StepPublisher(shard, "127.0.0.1", TOKEN, **options)
+    try:
+        await publisher.start()
+        yield publisher
+    finally:
+        await publisher.stop()
+        await shard.close()
 
 
 def test_every_requests_deltas_arrive_in_one_message_per_step(tiny_ckpt):
@@ -582,27 +600,24 @@ def test_a_retry_reaching_the_same_replica_is_a_request_of_its_own(tiny_ckpt, mo
 
     async def main():
         shard = AttentionShard(tiny_ckpt, ENGINE)
-        publisher = StepPublisher(shard, "127.0.0.1", TOKEN)
-        await publisher.start()
-        link = _CuttableLink(publisher.address)
-        cut = DirectReplica("replica-cut", await link.start(), TOKEN)
-        direct = DirectReplica("replica-direct", publisher.address, TOKEN)
+        async with _published(shard) as publisher:
+            link = _CuttableLink(publisher.address)
+            cut = DirectReplica("replica-cut", await link.start(), TOKEN)
+            direct = DirectReplica("replica-direct", publisher.address, TOKEN)
 
-        def bind_then_cut(self, request_id, address, *rest):
-            bound.append(request_id)
-            bind(self, request_id, address, *rest)
-            if address == cut.address:
-                link.cut()
+            def bind_then_cut(self, request_id, address, *rest):
+                bound.append(request_id)
+                bind(self, request_id, address, *rest)
+                if address == cut.address:
+                    link.cut()
 
-        monkeypatch.setattr(StepSubscriber, "bind", bind_then_cut)
-        client = DirectShardClient(_NoServe(), StepSubscriber(), replicas=lambda: (cut, direct))
-        try:
-            got = await asyncio.wait_for(_generate(client, "q", prompt, GREEDY), 60)
-            return got, await shard.wait_idle(), shard.num_requests_total
-        finally:
-            await client.close()
-            await publisher.stop()
-            await shard.close()
+            monkeypatch.setattr(StepSubscriber, "bind", bind_then_cut)
+            client = DirectShardClient(_NoServe(), StepSubscriber(), replicas=lambda: (cut, direct))
+            try:
+                got = await asyncio.wait_for(_generate(client, "q", prompt, GREEDY), 60)
+                return got, await shard.wait_idle(), shard.num_requests_total
+            finally:
+                await client.close()
 
     got, stats, admitted = asyncio.run(main())
     assert len(bound) == 2 and bound[0] == "q" and bound[1] != "q"
@@ -624,37 +639,27 @@ def test_a_step_stream_message_over_4_mib_reaches_the_router(tiny_ckpt):
     light = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
     async def main():
-        shard = AttentionShard(tiny_ckpt, engine)
-        publisher = StepPublisher(shard, "127.0.0.1", TOKEN)
-        await publisher.start()
-        sub = StepSubscriber()
-        try:
-            queues = {}
-            for rid, prompt, params in [
-                *((f"h{i}", p, heavy) for i, p in enumerate(prompts)),
-                ("light", [5, 6, 7, 8], light),
-            ]:
-                queues[rid] = sub.register(rid)
-                publisher.submit(sub.id, rid, prompt, params)
-            while publisher.num_open():  # every output waits for the router's stream
-                await asyncio.sleep(0.05)
-            pending = spb.StepBatch(outputs=publisher.subscribers[sub.id].pending).ByteSize()
-            sub.learn(publisher.address, TOKEN)
-            for rid in queues:
-                sub.bind(rid, publisher.address)
-            got = {}
-            for rid, queue in queues.items():
-                outs = []
-                while not outs or not outs[-1].finished:
-                    item = await asyncio.wait_for(queue.get(), 60)
-                    assert not isinstance(item, BaseException), (rid, item)
-                    outs.append(item)
-                got[rid] = outs
-            return got, pending, sub.num_messages
-        finally:
-            await sub.close()
-            await publisher.stop()
-            await shard.close()
+        async with _published(AttentionShard(tiny_ckpt, engine)) as publisher:
+            sub = StepSubscriber()
+            try:
+                queues = {}
+                for rid, prompt, params in [
+                    *((f"h{i}", p, heavy) for i, p in enumerate(prompts)),
+                    ("light", [5, 6, 7, 8], light),
+                ]:
+                    queues[rid] = sub.register(rid)
+                    publisher.submit(sub.id, rid, prompt, params)
+                while publisher.num_open():  # every output waits for the router's stream
+                    await asyncio.sleep(0.05)
+                waiting = publisher.subscribers[sub.id].pending
+                pending = spb.StepBatch(outputs=waiting).ByteSize()
+                sub.learn(publisher.address, TOKEN)
+                for rid in queues:
+                    sub.bind(rid, publisher.address)
+                got = {rid: await _outputs(queue) for rid, queue in queues.items()}
+                return got, pending, sub.num_messages
+            finally:
+                await sub.close()
 
     got, pending, messages = asyncio.run(main())
     assert pending > 4 << 20 and messages == 1  # one message, over the default limit
@@ -663,6 +668,15 @@ def test_a_step_stream_message_over_4_mib_reaches_the_router(tiny_ckpt):
         assert sum(len(o.new_token_ids) for o in outs) == 2
         assert len(outs[0].prompt_logprobs) == len(prompt) - 1
     assert sum(len(o.new_token_ids) for o in got["light"]) == 8
+
+
+async def _running(publisher, sub: StepSubscriber, address: str, params) -> None:
+    """Requests "a" and "b" submitted for ``sub``, read from ``address``, each with a token."""
+    for rid in ("a", "b"):
+        queue = sub.register(rid)
+        publisher.submit(sub.id, rid, PROMPTS["r0"], params)
+        sub.bind(rid, address)
+        assert (await asyncio.wait_for(queue.get(), 60)).new_token_ids
 
 
 def test_a_routers_requests_are_aborted_when_its_step_stream_ends(tiny_ckpt):
@@ -674,25 +688,16 @@ def test_a_routers_requests_are_aborted_when_its_step_stream_ends(tiny_ckpt):
 
     async def main():
         shard = AttentionShard(tiny_ckpt, ENGINE)
-        publisher = StepPublisher(shard, "127.0.0.1", TOKEN, orphan_grace_s=1.0)
-        await publisher.start()
-        sub = StepSubscriber()
-        try:
+        async with _published(shard, orphan_grace_s=1.0) as publisher:
+            sub = StepSubscriber()
             sub.learn(publisher.address, TOKEN)
-            for rid in ("a", "b"):
-                queue = sub.register(rid)
-                publisher.submit(sub.id, rid, PROMPTS["r0"], long)
-                sub.bind(rid, publisher.address)
-                assert (await asyncio.wait_for(queue.get(), 60)).new_token_ids
+            await _running(publisher, sub, publisher.address, long)
             assert shard.engine.num_requests == 2
             loop = asyncio.get_running_loop()
             gone_at = loop.time()
             await sub.close()  # the router's end of its step stream goes away
             stats = await shard.wait_idle(timeout_s=30)
             return stats, loop.time() - gone_at, publisher.subscribers
-        finally:
-            await publisher.stop()
-            await shard.close()
 
     stats, took, subscribers = asyncio.run(main())
     assert stats.num_requests == 0 and stats.num_blocks_in_use == 0
@@ -707,33 +712,23 @@ def test_a_router_back_within_the_grace_period_keeps_its_requests(tiny_ckpt):
 
     async def main():
         shard = AttentionShard(tiny_ckpt, ENGINE)
-        publisher = StepPublisher(shard, "127.0.0.1", TOKEN, orphan_grace_s=0.2)
-        await publisher.start()
-        first, again = StepSubscriber(), StepSubscriber()
-        again.id = first.id  # the same router, a new connection
-        try:
-            for sub in (first, again):
-                sub.learn(publisher.address, TOKEN)
-            queue = first.register("a")
-            publisher.submit(first.id, "a", PROMPTS["r0"], GREEDY)
-            first.bind("a", publisher.address)
-            while not (await asyncio.wait_for(queue.get(), 60)).finished:
-                pass
-            await first.close()  # its stream ends
-            queue = again.register("b")
-            publisher.submit(again.id, "b", PROMPTS["r1"], params)
-            again.bind("b", publisher.address)
-            tokens: list[int] = []
-            while True:  # far longer than the grace period
-                item = await asyncio.wait_for(queue.get(), 60)
-                assert not isinstance(item, BaseException), item
-                tokens += item.new_token_ids
-                if item.finished:
-                    return tokens
-        finally:
-            await again.close()
-            await publisher.stop()
-            await shard.close()
+        async with _published(shard, orphan_grace_s=0.2) as publisher:
+            first, again = StepSubscriber(), StepSubscriber()
+            again.id = first.id  # the same router, a new connection
+            try:
+                for sub in (first, again):
+                    sub.learn(publisher.address, TOKEN)
+                queue = first.register("a")
+                publisher.submit(first.id, "a", PROMPTS["r0"], GREEDY)
+                first.bind("a", publisher.address)
+                await _collect(queue)
+                await first.close()  # its stream ends
+                queue = again.register("b")
+                publisher.submit(again.id, "b", PROMPTS["r1"], params)
+                again.bind("b", publisher.address)
+                return await _collect(queue)  # far longer than the grace period
+            finally:
+                await again.close()
 
     assert len(asyncio.run(main())) == 400
 
@@ -746,31 +741,24 @@ def test_a_router_that_stops_answering_has_its_requests_aborted(tiny_ckpt):
 
     async def main():
         shard = AttentionShard(tiny_ckpt, ENGINE)
-        publisher = StepPublisher(shard, "127.0.0.1", TOKEN, orphan_grace_s=1.0)
-        await publisher.start()
-        link = _CuttableLink(publisher.address)
-        address = await link.start()
-        sub = StepSubscriber()
-        try:
-            sub.learn(address, TOKEN)
-            for rid in ("a", "b"):
-                queue = sub.register(rid)
-                publisher.submit(sub.id, rid, PROMPTS["r0"], long)
-                sub.bind(rid, address)
-                assert (await asyncio.wait_for(queue.get(), 60)).new_token_ids
-            loop = asyncio.get_running_loop()
-            held_at = loop.time()
-            link.hold()
-            while sub.id in publisher.subscribers and publisher.subscribers[sub.id].num_streams:
-                assert loop.time() - held_at < 40, "the replica never noticed"
-                await asyncio.sleep(0.2)
-            noticed = loop.time() - held_at
-            stats = await shard.wait_idle(timeout_s=10)
-            return noticed, stats
-        finally:
-            await sub.close()
-            await publisher.stop()
-            await shard.close()
+        async with _published(shard, orphan_grace_s=1.0) as publisher:
+            link = _CuttableLink(publisher.address)
+            address = await link.start()
+            sub = StepSubscriber()
+            try:
+                sub.learn(address, TOKEN)
+                await _running(publisher, sub, address, long)
+                loop = asyncio.get_running_loop()
+                held_at = loop.time()
+                link.hold()
+                subscribers = publisher.subscribers
+                while sub.id in subscribers and subscribers[sub.id].num_streams:
+                    assert loop.time() - held_at < 40, "the replica never noticed"
+                    await asyncio.sleep(0.2)
+                noticed = loop.time() - held_at
+                return noticed, await shard.wait_idle(timeout_s=10)
+            finally:
+                await sub.close()
 
     noticed, stats = asyncio.run(main())
     assert 5 < noticed < 40  # keepalive: a ping after 10 s, unanswered for 10 s
@@ -791,10 +779,7 @@ def test_a_stream_lost_while_a_request_is_admitted_does_not_leave_it_waiting(
     long = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
     bind = StepSubscriber.bind
 
-    async def main():
-        shard = AttentionShard(tiny_ckpt, ENGINE)
-        publisher = StepPublisher(shard, "127.0.0.1", TOKEN)
-        await publisher.start()
+    async def run(shard, publisher):
         link = _CuttableLink(publisher.address)
         address = await link.start()
         replicas = (
@@ -830,8 +815,11 @@ def test_a_stream_lost_while_a_request_is_admitted_does_not_leave_it_waiting(
             return got, await shard.wait_idle(), later
         finally:
             await client.close()
-            await publisher.stop()
-            await shard.close()
+
+    async def main():
+        shard = AttentionShard(tiny_ckpt, ENGINE)
+        async with _published(shard) as publisher:
+            return await run(shard, publisher)
 
     got, stats, later = asyncio.run(main())
     assert len(later) == 1  # the first attempt was bound late; the retry, under its own id, not
