@@ -10,7 +10,7 @@ fi
 # cache when one exists, else from PyPI.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 # Build our C kernels now (cached under ~/.cache/exaone-cluster/kernels); without a compiler or
-# AVX512-BF16 the engine uses PyTorch instead, and this says why.
+# AVX512-BF16 or AVX2 the engine uses PyTorch instead, and this says why.
 .venv/bin/python -c "from replicas.kernels import cpu as k
-print('CPU kernels: AVX512-BF16', 'ready' if k.available() else k.unavailable_reason())
+print('CPU kernels: bf16', k.isa() if k.available() else k.unavailable_reason())
 print('CPU kernels: AMX', 'ready' if k.amx_available() else k.amx_unavailable_reason())"

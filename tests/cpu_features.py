@@ -17,10 +17,8 @@ def cpu_flags() -> set[str]:
     )
 
 
-# AVX512-BF16 for the bf16 kernels, AVX512-VBMI for the FP8 ones' byte lookups, and a compiler
-CAN_BUILD = (
-    torch.cpu._is_avx512_bf16_supported()
-    and "avx512vbmi" in cpu_flags()
-    and shutil.which("cc") is not None
-)
-CAN_AMX = CAN_BUILD and {"amx_bf16", "amx_tile"} <= cpu_flags()
+# The bf16 kernels' AVX512 build: AVX512-BF16, and AVX512-VBMI for the FP8 ones' byte lookups
+AVX512 = torch.cpu._is_avx512_bf16_supported() and "avx512vbmi" in cpu_flags()
+# ... else their AVX2 build; either needs a compiler
+CAN_BUILD = (AVX512 or {"avx2", "fma", "f16c"} <= cpu_flags()) and shutil.which("cc") is not None
+CAN_AMX = CAN_BUILD and AVX512 and {"amx_bf16", "amx_tile"} <= cpu_flags()

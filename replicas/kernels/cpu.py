@@ -3,8 +3,8 @@
 
 - ``moe_experts_amx``: the routed experts of one MoE layer in bf16 on AMX (Sapphire Rapids and
   later), for any number of rows. See csrc/moe_amx.c.
-- ``moe_experts_bf16``: the same on AVX512-BF16 without AMX, for few rows per expert (decode).
-  See csrc/moe_bf16.c.
+- ``moe_experts_bf16``: the same on AVX512-BF16 without AMX, or on AVX2 (the same sources built
+  for it, csrc/simd.h), for few rows per expert (decode). See csrc/moe_bf16.c.
 - ``moe_experts_fp8``, ``linear_fp8``, ``dequantize_fp8``: block-wise FP8 weights, with the
   dequantized weights' results bit for bit (csrc/fp8.h).
 - ``linear_bf16`` / ``linear_amx``, ``rms_norm_bf16``, ``qk_norm_rope_bf16``,
@@ -25,8 +25,18 @@ from replicas.kernels.fp8_scales import Fp8Scales
 
 
 def available() -> bool:
-    """The AVX512-BF16 kernel (moe_experts_bf16) can run here."""
+    """The bf16 kernels (moe_experts_bf16 and the rest but AMX's) can run here, built for
+    AVX512-BF16 or, on a CPU without it, for AVX2 (``isa()`` says which)."""
     return BF16_LIBRARY.load() is not None
+
+
+AVX512_ISA, AVX2_ISA = "exaone_avx512", "exaone_avx2"
+
+
+def isa() -> str | None:
+    """The build of the bf16 kernels loaded: "exaone_avx512", "exaone_avx2", or None."""
+    BF16_LIBRARY.load()
+    return BF16_LIBRARY.isa
 
 
 def unavailable_reason() -> str | None:

@@ -1,9 +1,11 @@
 """Building and loading our C kernels (csrc/ beside this file): each library is compiled with the
 system C compiler (``$CC``, else ``cc``) into ``$EXAONE_KERNEL_CACHE`` (default
 ``~/.cache/exaone-cluster/kernels``), under a name that hashes the source and flags, so a changed
-source is rebuilt and concurrent builders do not collide. A library that cannot run here (the CPU
-lacks the instructions, no compiler works, or ``EXAONE_CPU_KERNELS=0``) keeps the first reason.
-The calls themselves are ``replicas.kernels.cpu``'s.
+source is rebuilt and concurrent builders do not collide. A library may have several builds of
+the same sources (the bf16 kernels: AVX512-BF16, else AVX2 with FMA and F16C; csrc/simd.h): the
+first the CPU can run is the one loaded. A library that cannot run here (the CPU lacks the
+instructions, no compiler works, or ``EXAONE_CPU_KERNELS=0``) keeps the first reason. The calls
+themselves are ``replicas.kernels.cpu``'s.
 """
 
 from __future__ import annotations
@@ -24,16 +26,9 @@ import torch
 CSRC = Path(__file__).with_name("csrc")
 # -ffp-contract=off: no fused multiply-adds where the C says multiply, round, add (the kernels
 # reproduce PyTorch's roundings; moe_layer_decode_bf16's combine is bit for bit weighted_sum's).
-BASE_FLAGS = [
-    "-O3",
-    "-mavx512f",
-    "-mavx512bf16",
-    "-mavx512vbmi",
-    "-ffp-contract=off",
-    "-fopenmp",
-    "-shared",
-    "-fPIC",
-]
+COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+BASE_FLAGS = [*COMMON_FLAGS, "-mavx512f", "-mavx512bf16", "-mavx512vbmi"]
+AVX2_FLAGS = [*COMMON_FLAGS, "-mavx2", "-mfma", "-mf16c"]
 P, I32 = ctypes.c_void_p, ctypes.c_int
 
 
@@ -67,21 +62,28 @@ def build(name: str, sources: list[Path], flags: list[str]) -> Path:
     return target
 
 
+class Build:
+    """One way to compile a library: its name (the file's), flags, and what the CPU needs."""
+
+    def __init__(self, name: str, flags: list[str], cpu_check: Callable[[], str | None]):
+        self.name, self.flags, self.cpu_check = name, flags, cpu_check
+
+
 class Library:
-    """One kernel library: built and loaded once, on first use, or the reason it cannot be."""
+    """One kernel library: built and loaded once, on first use (the first of ``builds`` this CPU
+    can run), or the reason it cannot be. ``isa`` names the build loaded."""
 
     def __init__(
         self,
-        name: str,
         sources: list[str],
-        flags: list[str],
-        cpu_check: Callable[[], str | None],
+        builds: list[Build],
         declare: Callable[[ctypes.CDLL], str | None],
     ):
-        self.name, self.sources, self.flags = name, [CSRC / s for s in sources], flags
-        self.cpu_check, self.declare = cpu_check, declare
+        self.sources, self.builds = [CSRC / s for s in sources], builds
+        self.declare = declare
         self.lib: ctypes.CDLL | None = None
         self.reason: str | None = None
+        self.isa: str | None = None
         self.lock = threading.Lock()
 
     def load(self) -> ctypes.CDLL | None:
@@ -92,22 +94,27 @@ class Library:
                 return self.lib
             if os.environ.get("EXAONE_CPU_KERNELS", "1") == "0":
                 self.reason = "disabled by EXAONE_CPU_KERNELS=0"
-            elif (reason := self.cpu_check()) is not None:
-                self.reason = reason
+                return None
+            reasons = [(b, b.cpu_check()) for b in self.builds]
+            chosen = next((b for b, reason in reasons if reason is None), None)
+            if chosen is None:
+                self.reason = "; ".join(reason for _, reason in reasons if reason)
+                return None
+            try:
+                lib = ctypes.CDLL(str(build(chosen.name, self.sources, chosen.flags)))
+            except (OSError, RuntimeError) as e:
+                self.reason = str(e)
             else:
-                try:
-                    lib = ctypes.CDLL(str(build(self.name, self.sources, self.flags)))
-                except (OSError, RuntimeError) as e:
-                    self.reason = str(e)
-                else:
-                    self.reason = self.declare(lib)
-                    self.lib = lib if self.reason is None else None
+                self.reason = self.declare(lib)
+                self.lib = lib if self.reason is None else None
+                self.isa = chosen.name if self.reason is None else None
             return self.lib
 
     def require(self) -> ctypes.CDLL:
         lib = self.load()
         if lib is None:
-            raise RuntimeError(f"CPU kernels {self.name} unavailable: {self.reason}")
+            names = "/".join(b.name for b in self.builds)
+            raise RuntimeError(f"CPU kernels {names} unavailable: {self.reason}")
         return lib
 
 
@@ -117,6 +124,11 @@ def _avx512_bf16() -> str | None:
     if "avx512vbmi" not in _cpu_flags():
         return "this CPU has no AVX512-VBMI (the FP8 kernels' byte lookups)"
     return None
+
+
+def _avx2() -> str | None:
+    missing = [f for f in ("avx2", "fma", "f16c") if f not in _cpu_flags()]
+    return f"this CPU has no {', '.join(m.upper() for m in missing)}" if missing else None
 
 
 def _cpu_flags() -> set[str]:
@@ -219,11 +231,13 @@ _BF16_SOURCES = [
     "decode_ops.c",
     "decode_step.c",
 ]
-BF16_LIBRARY = Library("exaone_avx512", _BF16_SOURCES, BASE_FLAGS, _avx512_bf16, _declare_bf16)
+BF16_LIBRARY = Library(
+    _BF16_SOURCES,
+    [Build("exaone_avx512", BASE_FLAGS, _avx512_bf16), Build("exaone_avx2", AVX2_FLAGS, _avx2)],
+    _declare_bf16,
+)
 AMX_LIBRARY = Library(
-    "exaone_amx",
     ["moe_amx.c"],
-    [*BASE_FLAGS, "-mamx-tile", "-mamx-bf16"],
-    _avx512_bf16,
+    [Build("exaone_amx", [*BASE_FLAGS, "-mamx-tile", "-mamx-bf16"], _avx512_bf16)],
     _declare_amx,
 )

@@ -109,11 +109,11 @@ class Linear(nn.Linear):
     - bf16 with up to AMX_LINEAR_MAX_ROWS rows runs ``cpu_kernels.linear_amx`` where the CPU
       has AMX. Measured on 2 cores (small preset's 5 projections of one layer, 33 MB): 1 row
       2.6 vs 4.8 ms for oneDNN, 64 rows 5.2 vs 9.8, 512 rows 28 vs 36, 2048 rows 179 vs 138.
-    - else, where the CPU has AVX512-BF16, bf16 with up to STREAM_LINEAR_MAX_ROWS rows runs
-      ``cpu_kernels.linear_bf16`` and up to PACKED_LINEAR_MAX_ROWS rows
-      ``cpu_kernels.linear_packed_bf16`` on a packed copy of a small weight (oneDNN's fixed cost
-      per call dominates small models' decode; past it, the packed kernel gives oneDNN's
-      results, faster).
+    - else, where our bf16 kernels run (AVX512-BF16 or AVX2), bf16 with up to
+      STREAM_LINEAR_MAX_ROWS rows runs ``cpu_kernels.linear_bf16`` (oneDNN's fixed cost per call
+      dominates small models' decode), and in the AVX512 build up to PACKED_LINEAR_MAX_ROWS rows
+      ``cpu_kernels.linear_packed_bf16`` on a packed copy of a small weight (past it, the packed
+      kernel gives oneDNN's results, faster).
     - otherwise row counts are padded (replicas.kernels.gemm_rows), so oneDNN compiles far fewer
       kernels in serving.
 
@@ -230,15 +230,18 @@ class Linear(nn.Linear):
         amx = bf16 and w.shape[1] % 32 == 0 and w.shape[0] % 16 == 0 and cpu_kernels.amx_available()
         if amx:
             return (AMX_LINEAR_MAX_ROWS, 0, 0)
-        avx512 = bf16 and cpu_kernels.available()
+        kernels = bf16 and cpu_kernels.available()
+        # the packed kernel's sums are oneDNN's only in the AVX512 build (vdpbf16ps's order); in
+        # the AVX2 one oneDNN keeps those rows, so outputs still do not change at the switch
+        packed = kernels and cpu_kernels.isa() == cpu_kernels.AVX512_ISA
         small = (
             w.shape[1] <= PACKED_MAX_IN_FEATURES
             and w.numel() * w.element_size() <= PACKED_MAX_WEIGHT_BYTES
         )
         return (
             0,
-            STREAM_LINEAR_MAX_ROWS if avx512 else 0,
-            PACKED_LINEAR_MAX_ROWS if avx512 and small else 0,
+            STREAM_LINEAR_MAX_ROWS if kernels else 0,
+            PACKED_LINEAR_MAX_ROWS if packed and small else 0,
         )
 
     def _packed_weight(self) -> torch.Tensor:

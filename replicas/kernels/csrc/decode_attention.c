@@ -1,4 +1,4 @@
-/* Decode attention in bf16 on AVX512-BF16: one query token per sequence over keys read in
+/* Decode attention in bf16 (AVX512-BF16 or AVX2: simd.h): one query token per sequence over keys read in
  * place from the KV cache (paged pool rows or sliding ring rows), with no gathered copy.
  *
  * PyTorch's path gathers each sequence's keys and values into padded [B, K, Hkv, D] tensors
@@ -41,11 +41,10 @@ void decode_attention_bf16(const uint16_t* q, const uint16_t* k_pool, const uint
       const uint16_t* kj = j < num_rows ? k_pool + rows[(int64_t)b * num_rows + j] * row_len + g * dim
                                         : k_extra + ((int64_t)b * kv_heads + g) * dim;
       for (int h = 0; h < group; h++) {
-        __m512 acc = _mm512_setzero_ps();
+        vf16 acc = vf_zero();
         for (int d = 0; d < dim; d += 32)
-          acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qg + h * dim + d),
-                                 (__m512bh)_mm512_loadu_si512(kj + d));
-        const float v = _mm512_reduce_add_ps(acc) * scale;
+          acc = vf_dpbf16(acc, vbf_load(qg + h * dim + d), vbf_load(kj + d));
+        const float v = vf_reduce_add(acc) * scale;
         s[h * keys + j] = v;
         if (v > best[h]) best[h] = v;
       }
@@ -53,39 +52,35 @@ void decode_attention_bf16(const uint16_t* q, const uint16_t* k_pool, const uint
     /* softmax weights, then out[h] = sum_j p[h][j] v[j] / sum_j p[h][j] */
     for (int h = 0; h < group; h++) {
       float* sh = s + h * keys;
-      __m512 total = _mm512_setzero_ps();
-      const __m512 top = _mm512_set1_ps(best[h]);
+      vf16 total = vf_zero();
+      const vf16 top = vf_set1(best[h]);
       int j = 0;
       for (; j + 16 <= keys; j += 16) {
-        const __m512i flags = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(ok + j)));
-        const __mmask16 m = _mm512_test_epi32_mask(flags, flags);
-        const __m512 p = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_loadu_ps(sh + j), top)));
-        _mm512_storeu_ps(sh + j, p);
-        total = _mm512_add_ps(total, p);
+        const vf16 p = vf_where(ok + j, vf_exp(vf_sub(vf_load(sh + j), top)));
+        vf_store(sh + j, p);
+        total = vf_add(total, p);
       }
-      float sum = _mm512_reduce_add_ps(total);
+      float sum = vf_reduce_add(total);
       for (; j < keys; j++) {
         sh[j] = ok[j] ? expf(sh[j] - best[h]) : 0.f;
         sum += sh[j];
       }
-      __m512 acc[8]; /* dim <= 128 per pass of 8 x 16 lanes */
+      vf16 acc[8]; /* dim <= 128 per pass of 8 x 16 lanes */
       for (int d0 = 0; d0 < dim; d0 += 128) {
         const int width = dim - d0 < 128 ? (dim - d0) / 16 : 8;
-        for (int i = 0; i < width; i++) acc[i] = _mm512_setzero_ps();
+        for (int i = 0; i < width; i++) acc[i] = vf_zero();
         for (int jj = 0; jj < keys; jj++) {
           if (!ok[jj]) continue;
           const uint16_t* vj = jj < num_rows
                                    ? v_pool + rows[(int64_t)b * num_rows + jj] * row_len + g * dim
                                    : v_extra + ((int64_t)b * kv_heads + g) * dim;
-          const __m512 p = _mm512_set1_ps(sh[jj]);
+          const vf16 p = vf_set1(sh[jj]);
           for (int i = 0; i < width; i++)
-            acc[i] = _mm512_fmadd_ps(p, bf16x16_to_f32(vj + d0 + 16 * i), acc[i]);
+            acc[i] = vf_fmadd(p, vf_from_bf16(vj + d0 + 16 * i), acc[i]);
         }
-        const __m512 inv = _mm512_set1_ps(1.f / sum);
+        const vf16 inv = vf_set1(1.f / sum);
         uint16_t* o = out + ((int64_t)b * heads + (int64_t)g * group + h) * dim + d0;
-        for (int i = 0; i < width; i++)
-          _mm256_storeu_si256((__m256i*)(o + 16 * i),
-                              (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i], inv)));
+        for (int i = 0; i < width; i++) vf_store_bf16(o + 16 * i, vf_mul(acc[i], inv));
       }
     }
   }

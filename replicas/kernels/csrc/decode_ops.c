@@ -1,4 +1,4 @@
-/* The small per-token operations of a decode step, fused, in bf16 (x86 AVX512).
+/* The small per-token operations of a decode step, fused, in bf16 (x86 AVX512 or AVX2: simd.h).
  *
  * A decode step of a small model is a chain of tiny operations; PyTorch spends a few
  * microseconds of dispatch on each, and an RMSNorm alone is seven of them. These kernels do the
@@ -17,14 +17,14 @@
 #include "simd.h"
 
 static float sum_squares(const uint16_t* x, int n) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  vf16 a0 = vf_zero(), a1 = vf_zero();
   int i = 0;
   for (; i + 32 <= n; i += 32) {
-    const __m512 v0 = bf16x16_to_f32(x + i), v1 = bf16x16_to_f32(x + i + 16);
-    a0 = _mm512_add_ps(a0, _mm512_mul_ps(v0, v0));
-    a1 = _mm512_add_ps(a1, _mm512_mul_ps(v1, v1));
+    const vf16 v0 = vf_from_bf16(x + i), v1 = vf_from_bf16(x + i + 16);
+    a0 = vf_add(a0, vf_mul(v0, v0));
+    a1 = vf_add(a1, vf_mul(v1, v1));
   }
-  float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  float s = vf_reduce_add(vf_add(a0, a1));
   for (; i < n; i++) {
     const float v = bf16_to_f32(x[i]);
     s += v * v;

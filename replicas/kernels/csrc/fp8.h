@@ -1,9 +1,11 @@
-/* Block-wise FP8 (e4m3) weights read by the CPU kernels (moe_bf16.c, linear_bf16.c), x86
- * AVX512-BF16 and AVX512-VBMI (which imply AVX512BW), dequantized to quantization.dequantize's
- * bf16 values bit for bit (the exceptions in moe_bf16.c's FP8 section), two ways:
- * - dequant_rows: the rows a work item reads, into a bf16 scratch;
+/* Block-wise FP8 (e4m3) weights read by the CPU kernels (moe_bf16.c, linear_bf16.c),
+ * dequantized to quantization.dequantize's bf16 values bit for bit (the exceptions in
+ * moe_bf16.c's FP8 section), two ways:
+ * - dequant_rows: the rows a work item reads, into a bf16 scratch (AVX512-BF16, or AVX2 with
+ *   F16C: the same conversion 8 codes at a time);
  * - fp8_tables and dot_fp8_row: the same values looked up per block from the codes in
- *   registers, for the weight rows moe_experts_fp8 streams (below). */
+ *   registers, for the weight rows moe_experts_fp8 streams (below): AVX512-VBMI's byte lookups
+ *   (with AVX512-BF16; EXAONE_FP8_LOOKUP), which the AVX2 build does without. */
 #ifndef EXAONE_FP8_H
 #define EXAONE_FP8_H
 
@@ -11,6 +13,9 @@
 #include <stdint.h>
 
 #include "simd.h"
+
+#ifdef EXAONE_AVX512
+#define EXAONE_FP8_LOOKUP 1
 
 /* fp16 bits of n <= 32 e4m3 codes (mask m: the first n), each value times 2^-8: e4m3's
  * exponent field (bias 7) read as fp16's (bias 15), its subnormals (exponent 0, m * 2^-9)
@@ -47,6 +52,41 @@ static inline void dequant_rows(const uint8_t* w, const float* scale, int64_t ld
   }
 }
 
+#else
+
+/* dequant_rows (below) 8 codes at a time: fp16 bits of the codes as fp8x32_to_f16 forms them,
+ * widened by F16C, times the block's scale * 2^8, rounded to bf16 */
+static inline void dequant8(const uint8_t* p, int n, __m256 sc, uint16_t* d) {
+  uint8_t codes[16] = {0};
+  memcpy(codes, p, (size_t)n);
+  const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)codes));
+  const __m128i h = _mm_slli_epi16(_mm_add_epi16(b, _mm_and_si128(b, _mm_set1_epi16(0x80))), 7);
+  const __m256i bits = bf16_bits8(_mm256_mul_ps(_mm256_cvtph_ps(h), sc));
+  uint16_t out[8];
+  _mm_storeu_si128((__m128i*)out, _mm_packus_epi32(_mm256_castsi256_si128(bits),
+                                                   _mm256_extracti128_si256(bits, 1)));
+  memcpy(d, out, sizeof(uint16_t) * (size_t)n);
+}
+
+/* dst [nrows, cols] bf16 = rows row0.. of w [., cols] e4m3 times their scales (scale [., ld]):
+ * the AVX512 build's values (its comment above), 8 at a time */
+static inline void dequant_rows(const uint8_t* w, const float* scale, int64_t ld, int br, int bc,
+                                int row0, int nrows, int cols, uint16_t* dst) {
+  for (int r = 0; r < nrows; r++) {
+    const uint8_t* src = w + (int64_t)(row0 + r) * cols;
+    const float* s = scale + (int64_t)((row0 + r) / br) * ld;
+    uint16_t* d = dst + (int64_t)r * cols;
+    for (int c0 = 0, blk = 0; c0 < cols; c0 += bc, blk++) {
+      const int c1 = c0 + bc < cols ? c0 + bc : cols;
+      const __m256 sc = _mm256_set1_ps(s[blk] * 256.0f);
+      for (int c = c0; c < c1; c += 8) dequant8(src + c, c1 - c < 8 ? c1 - c : 8, sc, d + c);
+    }
+  }
+}
+
+#endif
+
+#ifdef EXAONE_FP8_LOOKUP
 /* ---- dequantizing in registers, one lookup table per block ----------------------------------
  * A weight's dequantized bf16 value depends only on its code and its block's scale, and
  * rounding to nearest even is symmetric, so the 128 magnitudes' values (dequant_rows'
@@ -203,5 +243,7 @@ static inline void project_fp8(const uint16_t* x, int64_t ldx, int nr, const uin
     for (int q = 0; q < nr; q++) out[q * ldo + f] = f32_to_bf16(sums[q]);
   }
 }
+
+#endif /* EXAONE_FP8_LOOKUP */
 
 #endif

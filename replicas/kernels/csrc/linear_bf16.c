@@ -1,4 +1,4 @@
-/* Dense bf16 projection for the rows of a decode step, x86 AVX512-BF16.
+/* Dense bf16 projection for the rows of a decode step, x86 AVX512-BF16 or AVX2 (simd.h).
  *
  * out [M, N] = x [M, K] . w [N, K]^T, fp32 sums rounded once to bf16, as oneDNN computes it
  * (only the order of the sums inside each dot product differs). oneDNN's fixed cost per call
@@ -18,7 +18,6 @@
  * features are split over OpenMP threads (the same libgomp as torch's) when the product is
  * large enough to repay the fork.
  */
-#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,6 +48,7 @@ void linear_bf16(const uint16_t* x, int m, int k, int n, const uint16_t* w, uint
   }
 }
 
+#ifdef EXAONE_FP8_LOOKUP
 /* linear_fp8's streamed rows when blocks span a multiple of 64 columns: every block's table
  * first (fp8.h), then each weight row dequantized in registers as it is read (dot_fp8_row), the
  * same sums as project_streamed on the dequantized weight. Returns 1 when the tables cannot be
@@ -79,6 +79,7 @@ static int linear_fp8_lookup(const uint16_t* x, int m, int k, int n, const uint8
   free(tables);
   return 0;
 }
+#endif
 
 /* linear_bf16 on a block-wise FP8 weight w [N, K] e4m3 with scale [ceil(N / br), ceil(K / bc)]:
  * each group of 4 output features is dequantized into a bf16 scratch of its thread (fp8.h)
@@ -91,8 +92,10 @@ int linear_fp8(const uint16_t* x, int m, int k, int n, const uint8_t* w, const f
   const int threads = (int64_t)m * k * n < FORK_MACS ? 1 : num_threads;
   const int stream = m <= STREAM_MAX_ROWS, grid_cols = (k + bc - 1) / bc;
   int failed = 0;
+#ifdef EXAONE_FP8_LOOKUP
   if (stream && bc % 64 == 0)
     return linear_fp8_lookup(x, m, k, n, w, scale, br, bc, out, threads);
+#endif
 #pragma omp parallel num_threads(threads)
   {
     uint16_t* rows = malloc(sizeof(uint16_t) * 4 * (size_t)k);

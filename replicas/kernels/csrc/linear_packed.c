@@ -17,9 +17,10 @@
  * apart). Blocks of features are split over OpenMP threads (the same libgomp as torch's) when
  * the product is large enough to repay the fork.
  */
-#include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "simd.h"
 
 #define BLOCK 64              /* output features per packed block */
 #define FORK_MACS 262144      /* below this many multiply-adds one thread does it all */
@@ -42,27 +43,25 @@ static inline int32_t pair_at(const uint16_t* row, int p) { /* (row[2p], row[2p+
 
 /* rows [0, NR) of x (lda apart) times one packed block -> out (ldo apart), its first `cols`
  * features. */
-static inline __attribute__((always_inline)) void tile(const uint16_t* x, int64_t lda,
-                                                       const int NR, int k,
-                                                       const uint16_t* block, uint16_t* out,
-                                                       int64_t ldo, int cols) {
-  __m512 c[4][4];
+static inline __attribute__((always_inline)) void packed_tile(const uint16_t* x, int64_t lda,
+                                                              const int NR, int k,
+                                                              const uint16_t* block, uint16_t* out,
+                                                              int64_t ldo, int cols) {
+  vf16 c[4][4];
   for (int r = 0; r < NR; r++)
-    for (int j = 0; j < 4; j++) c[r][j] = _mm512_setzero_ps();
+    for (int j = 0; j < 4; j++) c[r][j] = vf_zero();
   /* k-pair p: its 64 features' weights, times each row's pair broadcast to every lane */
 #define STEP(p, PAIR)                                                        \
   do {                                                                       \
     const uint16_t* b = block + (int64_t)(p) * BLOCK * 2;                    \
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b);                     \
-    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + 32);                \
-    const __m512bh b2 = (__m512bh)_mm512_loadu_si512(b + 64);                \
-    const __m512bh b3 = (__m512bh)_mm512_loadu_si512(b + 96);                \
+    const vbf32 b0 = vbf_load(b), b1 = vbf_load(b + 32);                    \
+    const vbf32 b2 = vbf_load(b + 64), b3 = vbf_load(b + 96);               \
     for (int r = 0; r < NR; r++) {                                           \
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(PAIR);                  \
-      c[r][0] = _mm512_dpbf16_ps(c[r][0], a, b0);                            \
-      c[r][1] = _mm512_dpbf16_ps(c[r][1], a, b1);                            \
-      c[r][2] = _mm512_dpbf16_ps(c[r][2], a, b2);                            \
-      c[r][3] = _mm512_dpbf16_ps(c[r][3], a, b3);                            \
+      const vbf32 a = vbf_set1_pair(PAIR);                                   \
+      c[r][0] = vf_dpbf16(c[r][0], a, b0);                                   \
+      c[r][1] = vf_dpbf16(c[r][1], a, b1);                                   \
+      c[r][2] = vf_dpbf16(c[r][2], a, b2);                                   \
+      c[r][3] = vf_dpbf16(c[r][3], a, b3);                                   \
     }                                                                        \
   } while (0)
   for (int p = 0; p < k / 2; p++) STEP(p, pair_at(x + r * lda, p));
@@ -72,13 +71,12 @@ static inline __attribute__((always_inline)) void tile(const uint16_t* x, int64_
     for (int j = 0; j < 4; j++) {
       const int left = cols - 16 * j;
       if (left <= 0) break;
-      const __m256i v = (__m256i)_mm512_cvtneps_pbh(c[r][j]);
       uint16_t* dst = out + r * ldo + 16 * j;
       if (left >= 16)
-        _mm256_storeu_si256((__m256i*)dst, v);
+        vf_store_bf16(dst, c[r][j]);
       else { /* the last block's valid features only */
         uint16_t tail[16];
-        _mm256_storeu_si256((__m256i*)tail, v);
+        vf_store_bf16(tail, c[r][j]);
         memcpy(dst, tail, (size_t)left * sizeof(uint16_t));
       }
     }
@@ -96,10 +94,10 @@ void linear_packed_bf16(const uint16_t* x, int m, int k, int n, const uint16_t* 
       const uint16_t* xr = x + (int64_t)r * k;
       uint16_t* o = out + (int64_t)r * n + f0;
       switch (m - r < 4 ? m - r : 4) {
-        case 4: tile(xr, k, 4, k, block, o, n, cols); break;
-        case 3: tile(xr, k, 3, k, block, o, n, cols); break;
-        case 2: tile(xr, k, 2, k, block, o, n, cols); break;
-        default: tile(xr, k, 1, k, block, o, n, cols); break;
+        case 4: packed_tile(xr, k, 4, k, block, o, n, cols); break;
+        case 3: packed_tile(xr, k, 3, k, block, o, n, cols); break;
+        case 2: packed_tile(xr, k, 2, k, block, o, n, cols); break;
+        default: packed_tile(xr, k, 1, k, block, o, n, cols); break;
       }
     }
   }

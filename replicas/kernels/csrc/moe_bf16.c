@@ -1,9 +1,10 @@
-/* Routed experts of one MoE layer for few rows per expert (decode), bf16 on x86 AVX512-BF16.
+/* Routed experts of one MoE layer for few rows per expert (decode), bf16 on x86 AVX512-BF16
+ * or AVX2 (simd.h).
  *
  * The GEMMs of a decode step have a handful of rows per expert, so they are bound by reading
  * the expert weights; oneDNN reaches 4-5 GB/s there on our 2-core machines. This kernel reads
  * each held expert's weights once per 4 rows (in tiles of 4 rows x 4 output features for
- * experts that stay in cache, see TILED_MAX_EXPERT_BYTES), with _mm512_dpbf16_ps and fp32
+ * experts that stay in cache, see TILED_MAX_EXPERT_BYTES), with simd.h's vf_dpbf16 and fp32
  * accumulation, and parallelises over (expert, block of output features) with OpenMP (the same
  * libgomp as torch's).
  *
@@ -14,7 +15,6 @@
  * Layout: x [R, H] rows grouped by expert, expert e owning rows offsets[e] .. offsets[e+1];
  * w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; act [R, I] scratch; out [R, H].
  */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -26,13 +26,12 @@
 #define BLOCK 16 /* output features per work item */
 
 /* a = bf16(silu(bf16(g))) * bf16(u) for 16 values (rounded to bf16 by the caller), as
- * up_streamed computes it one value at a time, with simd.h's exp16 for expf. */
+ * up_streamed computes it one value at a time, with simd.h's vf_exp for expf. */
 static inline void silu_times_up16(const float* g, const float* u, float* a) {
-  const __m512 gate = round_bf16x16(_mm512_loadu_ps(g));
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate));
-  const __m512 silu = round_bf16x16(_mm512_div_ps(gate, _mm512_add_ps(one, e)));
-  _mm512_storeu_ps(a, _mm512_mul_ps(silu, round_bf16x16(_mm512_loadu_ps(u))));
+  const vf16 gate = vf_round_bf16(vf_load(g));
+  const vf16 e = vf_exp(vf_sub(vf_zero(), gate));
+  const vf16 silu = vf_round_bf16(vf_div(gate, vf_add(vf_set1(1.0f), e)));
+  vf_store(a, vf_mul(silu, vf_round_bf16(vf_load(u))));
 }
 
 /* act rows [nr, I], features first..last = bf16(silu(bf16(gate))) * bf16(up) from the gate
@@ -217,6 +216,7 @@ int moe_layer_decode_bf16(const uint16_t* x, int n, int hidden, int inter, int k
  * memory at K-EXAONE's expert size that scratch path reads 7-10 GB/s of FP8 against ~17-20 of
  * bf16: decoding, not memory, bounds it, hence the lookup path below for streamed experts. */
 
+#ifdef EXAONE_FP8_LOOKUP
 /* moe_experts_fp8 for streamed experts (larger than TILED_MAX_EXPERT_BYTES) with blocks of a
  * multiple of 64 columns: every block's table (fp8.h) worked out first, for the experts that got
  * rows, then each weight row dequantized in registers as it is read (dot_fp8_row). Measured on
@@ -299,6 +299,7 @@ static int moe_experts_fp8_lookup(const uint16_t* x, const int64_t* offsets, int
   free(slot);
   return 0;
 }
+#endif
 
 /* moe_experts_bf16 on FP8 weights: w13 [E, 2I, H] e4m3 with s13 [E, 2, ceil(I/br), ceil(H/bc)]
  * (gate's scale grid, then up's: the checkpoint's two tensors), w2 [E, H, I] with
@@ -314,9 +315,11 @@ int moe_experts_fp8(const uint16_t* x, const int64_t* offsets, int num_experts, 
   const int gh2 = (hidden + br - 1) / br, gi2 = (inter + bc - 1) / bc; /* w2's grid */
   const int widest = hidden > inter ? hidden : inter;
   int failed = 0;
+#ifdef EXAONE_FP8_LOOKUP
   if (!tiles && bc % 64 == 0)
     return moe_experts_fp8_lookup(x, offsets, num_experts, hidden, inter, w13, s13, w2, s2, br,
                                   bc, act, out, num_threads);
+#endif
 
 #pragma omp parallel num_threads(num_threads)
   {

@@ -17,13 +17,15 @@ from replicas.model.moe import (
     KERNEL_MAX_ROWS_PER_EXPERT,
     RoutedExperts,
 )
-from tests.cpu_features import CAN_AMX, CAN_BUILD
+from tests.cpu_features import AVX512, CAN_AMX, CAN_BUILD
 
 
 def test_available_exactly_when_the_cpu_and_a_compiler_allow():
-    """Not a skip: on machines like ours (AVX512-BF16, cc) the kernel must build and load;
-    elsewhere it must say why, and refuse to run."""
+    """Not a skip: on machines like ours (AVX512-BF16 or AVX2, cc) the kernel must build and
+    load, the AVX512 build where the CPU has it; elsewhere it must say why, and refuse to run."""
     assert cpu_kernels.available() == CAN_BUILD, cpu_kernels.unavailable_reason()
+    if CAN_BUILD:
+        assert cpu_kernels.isa() == ("exaone_avx512" if AVX512 else "exaone_avx2")
     if not CAN_BUILD:
         assert cpu_kernels.unavailable_reason()
         with pytest.raises(RuntimeError, match="unavailable"):

@@ -16,10 +16,10 @@ from replicas.model.layers import (
     STREAM_LINEAR_MAX_ROWS,
     Linear,
 )
-from tests.cpu_features import CAN_BUILD
+from tests.cpu_features import AVX512, CAN_BUILD
 
 needs_kernel = pytest.mark.skipif(
-    not CAN_BUILD, reason="needs AVX512-BF16, AVX512-VBMI and a C compiler"
+    not CAN_BUILD, reason="needs AVX512-BF16 and AVX512-VBMI, or AVX2, and a C compiler"
 )
 
 
@@ -42,7 +42,11 @@ def test_packed_linear_equals_exact_products(rows, k, n):
     assert diff <= 0.01 * want.abs().max()  # vs oneDNN: the fp32 order of sums only
 
 
-@needs_kernel
+@pytest.mark.skipif(
+    not (CAN_BUILD and AVX512),
+    reason="oneDNN's order on AVX512-BF16 (vdpbf16ps); on AVX2 it converts to fp32 and sums in "
+    "an order of its own, and the packed kernel differs from it in the last bit now and then",
+)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("rows", [17, 31, 64, 128])
 @pytest.mark.parametrize("k,n", [(256, 512), (512, 256), (255, 200), (100, 2048), (32, 1)])
@@ -87,8 +91,9 @@ def test_linear_runs_the_packed_kernel_between_the_streamed_rows_and_onednn(monk
     """bf16 Linear without AMX: linear_bf16 up to STREAM_LINEAR_MAX_ROWS rows, the packed kernel
     up to PACKED_LINEAR_MAX_ROWS, oneDNN beyond; a weight changed in place is packed again; a
     weight with more than PACKED_MAX_IN_FEATURES inputs or over PACKED_MAX_WEIGHT_BYTES is never
-    packed."""
+    packed. (The AVX512 build's routing, run by whichever build this CPU loads.)"""
     monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "isa", lambda: cpu_kernels.AVX512_ISA)
     calls: list[int] = []
     kernel = cpu_kernels.linear_packed_bf16
     monkeypatch.setattr(
@@ -120,3 +125,23 @@ def test_linear_runs_the_packed_kernel_between_the_streamed_rows_and_onednn(monk
     big = Linear(64, 96, bias=False).bfloat16()
     big(torch.randn(20, 64).bfloat16())
     assert calls == []  # over the size limit: oneDNN
+
+
+@needs_kernel
+def test_linear_leaves_the_packed_rows_to_onednn_in_the_avx2_build(monkeypatch):
+    """The AVX2 build's packed sums are not oneDNN's: Linear runs linear_bf16 up to
+    STREAM_LINEAR_MAX_ROWS rows and oneDNN beyond, so its results past the switch are oneDNN's."""
+    monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "isa", lambda: cpu_kernels.AVX2_ISA)
+    calls: list[int] = []
+    kernel = cpu_kernels.linear_packed_bf16
+    monkeypatch.setattr(
+        cpu_kernels,
+        "linear_packed_bf16",
+        lambda x, packed, n: calls.append(x.shape[0]) or kernel(x, packed, n),
+    )
+    layer = Linear(64, 96, bias=False).bfloat16()
+    for rows in (STREAM_LINEAR_MAX_ROWS + 1, PACKED_LINEAR_MAX_ROWS):
+        x = torch.randn(rows, 64).bfloat16()
+        assert torch.equal(layer(x), F.linear(x, layer.weight))
+    assert calls == []
