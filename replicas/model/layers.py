@@ -89,15 +89,16 @@ def attention_mask(num_tokens: int, window: int | None, device: torch.device) ->
 
 
 AMX_LINEAR_MAX_ROWS = 512  # rows up to which bf16 Linear runs our AMX kernel, not oneDNN
-# Without AMX, bf16 Linear runs our AVX512-BF16 kernels: up to STREAM_LINEAR_MAX_ROWS rows
+# Without AMX, bf16 Linear runs our kernels: up to STREAM_LINEAR_MAX_ROWS rows
 # csrc/linear_bf16.c (decode of few sequences; oneDNN's fixed cost per call dominates there),
-# then up to PACKED_LINEAR_MAX_ROWS rows csrc/linear_packed.c on a copy of the weight packed once,
-# for weights of at most PACKED_MAX_IN_FEATURES inputs (where its results are oneDNN's bit for
-# bit) and PACKED_MAX_WEIGHT_BYTES (the copy costs their size again); oneDNN beyond. Measured
-# on 2 cores (AMD Zen 4), one thread, us per call summed over the bundled model's 5 projection
-# shapes (weights in cache), oneDNN / packed: 32 rows 1230 / 983, 64 rows 2504 / 2308,
-# 128 rows 4272 / 3894; the bundled engine's CPU per token at 32 / 64 / 96 sequences, one
-# process alternating both 8 times: paired median 1.14x / 1.08x / 1.07x the tokens per second.
+# then, in the AVX512 build, up to PACKED_LINEAR_MAX_ROWS rows csrc/linear_packed.c on a copy of
+# the weight packed once, for weights of at most PACKED_MAX_IN_FEATURES inputs (where its
+# results are oneDNN's bit for bit) and PACKED_MAX_WEIGHT_BYTES (the copy costs their size
+# again); oneDNN beyond. Measured on 2 cores (AMD Zen 4), one thread, us per call summed over
+# the bundled model's 5 projection shapes (weights in cache), oneDNN / packed: 32 rows 1230 /
+# 983, 64 rows 2504 / 2308, 128 rows 4272 / 3894; the bundled engine's CPU per token at 32 /
+# 64 / 96 sequences, one process alternating both 8 times: paired median 1.14x / 1.08x / 1.07x
+# the tokens per second.
 STREAM_LINEAR_MAX_ROWS = 16
 PACKED_LINEAR_MAX_ROWS = 128
 PACKED_MAX_IN_FEATURES = 512
@@ -141,8 +142,8 @@ class Linear(nn.Linear):
     @staticmethod
     def fp8_kernel_runs(device: torch.device, compute_dtype: torch.dtype) -> bool:
         """Whether a Linear on ``device`` computing in ``compute_dtype`` has a kernel that reads
-        FP8 weights (``cpu_kernels.linear_fp8``: bf16 on a CPU with AVX512-BF16 and without AMX,
-        whose bf16 Linear runs linear_bf16 for few rows). Elsewhere every call would dequantize
+        FP8 weights (``cpu_kernels.linear_fp8``: bf16 where our bf16 kernels run and there is no
+        AMX, whose bf16 Linear runs linear_bf16 for few rows). Elsewhere every call would dequantize
         the whole weight (GPU, AMX, fp32), so the loader dequantizes it once at load instead."""
         return (
             device.type == "cpu"
