@@ -22,3 +22,5 @@ AVX512 = torch.cpu._is_avx512_bf16_supported() and "avx512vbmi" in cpu_flags()
 # ... else their AVX2 build; either needs a compiler
 CAN_BUILD = (AVX512 or {"avx2", "fma", "f16c"} <= cpu_flags()) and shutil.which("cc") is not None
 CAN_AMX = CAN_BUILD and AVX512 and {"amx_bf16", "amx_tile"} <= cpu_flags()
+# The AVX2 build on a CPU where PyTorch runs its AVX2 kernels: linear_bf16_torch is F.linear there
+TORCH_ORDER = CAN_BUILD and not AVX512 and torch.backends.cpu.get_cpu_capability() == "AVX2"

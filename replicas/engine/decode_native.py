@@ -55,6 +55,7 @@ from replicas.model.layers import (
     AttentionBackend,
     Linear,
     SwiGLU,
+    packs_weights,
     rope_cos_sin,
 )
 from replicas.model.moe import (
@@ -126,7 +127,8 @@ def _proj(linear: Linear, keep: list) -> tuple[Proj, int]:
     amx, stream, packed_rows = plan
     if amx or stream != STREAM_LINEAR_MAX_ROWS:
         raise _Unsupported("a projection on other kernels (AMX)")
-    packed = linear._packed_weight() if packed_rows else None
+    # past stream rows: the packed copy (AVX512 build), or C's linear_bf16_torch on the weight
+    packed = linear._packed_weight() if packed_rows and packs_weights() else None
     keep.extend(t for t in (w, packed) if t is not None)
     ptr = packed.data_ptr() if packed is not None else None
     return Proj(w.data_ptr(), ptr, w.shape[1], w.shape[0]), max(stream, packed_rows)

@@ -39,6 +39,12 @@ def isa() -> str | None:
     return BF16_LIBRARY.isa
 
 
+def torch_order_linear() -> bool:
+    """linear_bf16_torch gives F.linear's bits: the AVX2 build, on a CPU where PyTorch runs its
+    AVX2 kernels (where it has AVX512, PyTorch's bf16 matmul takes other paths)."""
+    return isa() == AVX2_ISA and torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
 def unavailable_reason() -> str | None:
     BF16_LIBRARY.load()
     return BF16_LIBRARY.reason
@@ -334,20 +340,32 @@ def moe_experts_amx(
     return out
 
 
-def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ weight [N, K]^T in bf16 with fp32 sums -> [M, N] bf16 (no bias), for few rows
-    (csrc/linear_bf16.c: 4 x 4 tiles, or a large weight streamed row by row for up to 4
-    rows)."""
+def _linear(kernel: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     lib = BF16_LIBRARY.require()
     _require_bf16(x=x, weight=weight)
     (m, k), (n, k_w) = x.shape, weight.shape
     if k != k_w:
         raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)}: inner sizes differ")
+    if not hasattr(lib, kernel):
+        raise RuntimeError(f"{kernel} is not in the {BF16_LIBRARY.isa} build")
     out = torch.empty(m, n, dtype=torch.bfloat16)
-    lib.linear_bf16(
+    getattr(lib, kernel)(
         x.data_ptr(), m, k, n, weight.data_ptr(), out.data_ptr(), torch.get_num_threads()
     )
     return out
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T in bf16 with fp32 sums -> [M, N] bf16 (no bias), for few rows
+    (csrc/linear_bf16.c: 4 x 4 tiles, or a large weight streamed row by row for up to 4
+    rows)."""
+    return _linear("linear_bf16", x, weight)
+
+
+def linear_bf16_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """linear_bf16 with each output summed in PyTorch's own order for bf16 on AVX2 CPUs, so the
+    results are F.linear's there bit for bit (csrc/linear_bf16.c); the AVX2 build's only."""
+    return _linear("linear_bf16_torch", x, weight)
 
 
 def linear_fp8(

@@ -91,18 +91,24 @@ def attention_mask(num_tokens: int, window: int | None, device: torch.device) ->
 AMX_LINEAR_MAX_ROWS = 512  # rows up to which bf16 Linear runs our AMX kernel, not oneDNN
 # Without AMX, bf16 Linear runs our kernels: up to STREAM_LINEAR_MAX_ROWS rows
 # csrc/linear_bf16.c (decode of few sequences; oneDNN's fixed cost per call dominates there),
-# then, in the AVX512 build, up to PACKED_LINEAR_MAX_ROWS rows csrc/linear_packed.c on a copy of
-# the weight packed once, for weights of at most PACKED_MAX_IN_FEATURES inputs (where its
-# results are oneDNN's bit for bit) and PACKED_MAX_WEIGHT_BYTES (the copy costs their size
-# again); oneDNN beyond. Measured on 2 cores (AMD Zen 4), one thread, us per call summed over
-# the bundled model's 5 projection shapes (weights in cache), oneDNN / packed: 32 rows 1230 /
-# 983, 64 rows 2504 / 2308, 128 rows 4272 / 3894; the bundled engine's CPU per token at 32 /
-# 64 / 96 sequences, one process alternating both 8 times: paired median 1.14x / 1.08x / 1.07x
-# the tokens per second.
+# then up to PACKED_LINEAR_MAX_ROWS rows, in the AVX2 build linear_bf16_torch (PyTorch's sums),
+# in the AVX512 build csrc/linear_packed.c on a copy of the weight packed once, for weights of
+# at most PACKED_MAX_IN_FEATURES inputs (where its results are oneDNN's bit for bit) and
+# PACKED_MAX_WEIGHT_BYTES (the copy costs their size again); oneDNN beyond. Measured on 2 cores
+# (AMD Zen 4), one thread, us per call summed over the bundled model's 5 projection shapes
+# (weights in cache), oneDNN / packed: 32 rows 1230 / 983, 64 rows 2504 / 2308, 128 rows 4272 /
+# 3894; the bundled engine's CPU per token at 32 / 64 / 96 sequences, one process alternating
+# both 8 times: paired median 1.14x / 1.08x / 1.07x the tokens per second.
 STREAM_LINEAR_MAX_ROWS = 16
 PACKED_LINEAR_MAX_ROWS = 128
 PACKED_MAX_IN_FEATURES = 512
 PACKED_MAX_WEIGHT_BYTES = 16 << 20
+
+
+def packs_weights() -> bool:
+    """Rows past STREAM_LINEAR_MAX_ROWS take the packed kernel (the AVX512 build), else
+    linear_bf16_torch (the AVX2 build)."""
+    return cpu_kernels.isa() == cpu_kernels.AVX512_ISA
 
 
 class Linear(nn.Linear):
@@ -112,9 +118,10 @@ class Linear(nn.Linear):
       2.6 vs 4.8 ms for oneDNN, 64 rows 5.2 vs 9.8, 512 rows 28 vs 36, 2048 rows 179 vs 138.
     - else, where our bf16 kernels run (AVX512-BF16 or AVX2), bf16 with up to
       STREAM_LINEAR_MAX_ROWS rows runs ``cpu_kernels.linear_bf16`` (oneDNN's fixed cost per call
-      dominates small models' decode), and in the AVX512 build up to PACKED_LINEAR_MAX_ROWS rows
-      ``cpu_kernels.linear_packed_bf16`` on a packed copy of a small weight (past it, the packed
-      kernel gives oneDNN's results, faster).
+      dominates small models' decode), and up to PACKED_LINEAR_MAX_ROWS rows, in the AVX512
+      build ``cpu_kernels.linear_packed_bf16`` on a packed copy of a small weight (past it, the
+      packed kernel gives oneDNN's results, faster), in the AVX2 build
+      ``cpu_kernels.linear_bf16_torch`` (PyTorch's own results there, faster).
     - otherwise row counts are padded (replicas.kernels.gemm_rows), so oneDNN compiles far fewer
       kernels in serving.
 
@@ -188,10 +195,12 @@ class Linear(nn.Linear):
             out = cpu_kernels.linear_amx(flat.contiguous(), weight)
         elif rows <= stream:
             out = cpu_kernels.linear_bf16(flat.contiguous(), weight)
-        elif rows <= packed:
+        elif rows <= packed and packs_weights():
             out = cpu_kernels.linear_packed_bf16(
                 flat.contiguous(), self._packed_weight(), self.out_features
             )
+        elif rows <= packed:
+            out = cpu_kernels.linear_bf16_torch(flat.contiguous(), weight)
         else:
             out = F.linear(pad_rows(flat, padded_rows(rows)), weight, self.bias)[:rows]
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -232,17 +241,19 @@ class Linear(nn.Linear):
         if amx:
             return (AMX_LINEAR_MAX_ROWS, 0, 0)
         kernels = bf16 and cpu_kernels.available()
-        # the packed kernel's sums are oneDNN's only in the AVX512 build (vdpbf16ps's order); in
-        # the AVX2 one oneDNN keeps those rows, so outputs still do not change at the switch
-        packed = kernels and cpu_kernels.isa() == cpu_kernels.AVX512_ISA
+        # the packed kernel's sums are oneDNN's only in the AVX512 build (vdpbf16ps's order); the
+        # AVX2 build has linear_bf16_torch for those rows (PyTorch's own order there, any weight)
         small = (
             w.shape[1] <= PACKED_MAX_IN_FEATURES
             and w.numel() * w.element_size() <= PACKED_MAX_WEIGHT_BYTES
         )
+        packed = (kernels and packs_weights() and small) or (
+            kernels and cpu_kernels.torch_order_linear()
+        )
         return (
             0,
             STREAM_LINEAR_MAX_ROWS if kernels else 0,
-            PACKED_LINEAR_MAX_ROWS if packed and small else 0,
+            PACKED_LINEAR_MAX_ROWS if packed else 0,
         )
 
     def _packed_weight(self) -> torch.Tensor:

@@ -25,7 +25,8 @@
  * to attend through its KV-cache backend.
  *
  * Projections: linear_bf16 up to s->stream_rows rows, linear_packed_bf16 on the packed weight
- * beyond (the caller checks that every weight has what its row count needs, as Linear chooses).
+ * beyond, or linear_bf16_torch where a weight has no packed copy (the AVX2 build; the caller
+ * checks that every weight has what its row count needs, as Linear chooses).
  */
 #include <stdint.h>
 #include <string.h>
@@ -42,6 +43,10 @@ void linear_bf16(const uint16_t* x, int m, int k, int n, const uint16_t* w, uint
                  int num_threads);
 void linear_packed_bf16(const uint16_t* x, int m, int k, int n, const uint16_t* wp,
                         uint16_t* out, int num_threads);
+#ifndef EXAONE_AVX512
+void linear_bf16_torch(const uint16_t* x, int m, int k, int n, const uint16_t* w, uint16_t* out,
+                       int num_threads);
+#endif
 void decode_attention_bf16(const uint16_t* q, const uint16_t* k_pool, const uint16_t* v_pool,
                            const int64_t* rows, int num_rows, const uint16_t* k_extra,
                            const uint16_t* v_extra, const uint8_t* valid, int batch, int heads,
@@ -130,6 +135,10 @@ typedef struct { /* one step: its rows, indices and scratch */
 static void project(const DecodeStep* s, const Proj* p, const uint16_t* x, uint16_t* out) {
   if (s->n <= s->stream_rows)
     linear_bf16(x, s->n, p->in, p->out, p->w, out, s->threads);
+#ifndef EXAONE_AVX512
+  else if (!p->packed) /* the AVX2 build's rows past stream_rows */
+    linear_bf16_torch(x, s->n, p->in, p->out, p->w, out, s->threads);
+#endif
   else
     linear_packed_bf16(x, s->n, p->in, p->out, p->packed, out, s->threads);
 }

@@ -48,6 +48,75 @@ void linear_bf16(const uint16_t* x, int m, int k, int n, const uint16_t* w, uint
   }
 }
 
+/* ---- PyTorch's order on AVX2 -------------------------------------------------------------
+ * On a CPU without AVX512-BF16 PyTorch's bf16 matmul is its own vectorized dot product per
+ * output (no oneDNN), about 2.4 G multiply-adds a second on one core of our AVX2 machines, and
+ * the packed kernel's sums are not its: linear_bf16_torch takes the rows the AVX512 build gives
+ * the packed kernel, computing each output as PyTorch does (dot_bf16), so the results are
+ * F.linear's bit for bit there (checked on 66,576 outputs of 16 shapes, one and two threads),
+ * and a colocated step of up to 64 rows stays in C (decode_step.c). The AVX2 build's only. */
+#ifndef EXAONE_AVX512
+/* a . b over n bf16 values in PyTorch's own order for bf16 dot products on AVX2 CPUs (torch
+ * 2.13's dot_with_fp32_arith, which its bf16 matmul runs there, F.linear's gemv and gemm alike):
+ * 8 fp32 accumulators of 8 lanes over 64-value blocks (accumulator j takes values 8j .. 8j + 7 of
+ * each block, one fused multiply-add each), summed 4 + 4, 2 + 2, 1 + 1 and across lanes
+ * (vec_reduce_all's tree: halves, pairs of pairs, pairs), then 16-value chunks into one more
+ * accumulator (low 8 values, then high 8), summed the same way and added, then one value at a
+ * time. */
+static inline void widen16(const uint16_t* p, __m256* lo, __m256* hi) { /* 16 bf16 -> 2 x 8 */
+  const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+  *lo = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
+  *hi = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
+}
+static inline float hsum8(__m256 v) {
+  v = _mm256_add_ps(v, _mm256_permute2f128_ps(v, v, 1));
+  v = _mm256_add_ps(v, _mm256_shuffle_ps(v, v, 0x4E));
+  v = _mm256_add_ps(v, _mm256_shuffle_ps(v, v, 0xB1));
+  return _mm256_cvtss_f32(v);
+}
+static inline float dot_bf16(const uint16_t* a, const uint16_t* b, int n) {
+  __m256 acc[8];
+  for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+  const int blocks = n & ~63, chunks = n & ~15;
+  for (int j = 0; j < blocks; j += 64)
+    for (int q = 0; q < 4; q++) {
+      __m256 alo, ahi, blo, bhi;
+      widen16(a + j + 16 * q, &alo, &ahi);
+      widen16(b + j + 16 * q, &blo, &bhi);
+      acc[2 * q] = _mm256_fmadd_ps(alo, blo, acc[2 * q]);
+      acc[2 * q + 1] = _mm256_fmadd_ps(ahi, bhi, acc[2 * q + 1]);
+    }
+  for (int i = 0; i < 4; i++) acc[i] = _mm256_add_ps(acc[i], acc[i + 4]);
+  for (int i = 0; i < 2; i++) acc[i] = _mm256_add_ps(acc[i], acc[i + 2]);
+  float sum = hsum8(_mm256_add_ps(acc[0], acc[1]));
+  __m256 tail = _mm256_setzero_ps();
+  for (int j = blocks; j < chunks; j += 16) {
+    __m256 alo, ahi, blo, bhi;
+    widen16(a + j, &alo, &ahi);
+    widen16(b + j, &blo, &bhi);
+    tail = _mm256_fmadd_ps(ahi, bhi, _mm256_fmadd_ps(alo, blo, tail));
+  }
+  sum = sum + hsum8(tail);
+  for (int j = chunks; j < n; j++) sum = sum + bf16_to_f32(a[j]) * bf16_to_f32(b[j]);
+  return sum;
+}
+
+void linear_bf16_torch(const uint16_t* x, int m, int k, int n, const uint16_t* w, uint16_t* out,
+                       int num_threads) {
+  const int items = (n + FEATURES - 1) / FEATURES;
+  const int threads = (int64_t)m * k * n < FORK_MACS ? 1 : num_threads;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int item = 0; item < items; item++) {
+    const int f1 = (item + 1) * FEATURES < n ? (item + 1) * FEATURES : n;
+    for (int f = item * FEATURES; f < f1; f++)
+      for (int r = 0; r < m; r++)
+        out[(int64_t)r * n + f] = f32_to_bf16(dot_bf16(x + (int64_t)r * k, w + (int64_t)f * k, k));
+  }
+}
+#endif
+
 #ifdef EXAONE_FP8_LOOKUP
 /* linear_fp8's streamed rows when blocks span a multiple of 64 columns: every block's table
  * first (fp8.h), then each weight row dequantized in registers as it is read (dot_fp8_row), the

@@ -16,7 +16,7 @@ from replicas.model.layers import (
     STREAM_LINEAR_MAX_ROWS,
     Linear,
 )
-from tests.cpu_features import AVX512, CAN_BUILD
+from tests.cpu_features import AVX512, CAN_BUILD, TORCH_ORDER
 
 needs_kernel = pytest.mark.skipif(
     not CAN_BUILD, reason="needs AVX512-BF16 and AVX512-VBMI, or AVX2, and a C compiler"
@@ -44,8 +44,8 @@ def test_packed_linear_equals_exact_products(rows, k, n):
 
 @pytest.mark.skipif(
     not (CAN_BUILD and AVX512),
-    reason="oneDNN's order on AVX512-BF16 (vdpbf16ps); on AVX2 it converts to fp32 and sums in "
-    "an order of its own, and the packed kernel differs from it in the last bit now and then",
+    reason="oneDNN's order on AVX512-BF16 (vdpbf16ps); without it PyTorch sums bf16 in its own "
+    "order (test_torch_order_linear_is_pytorchs_bit_for_bit), not the packed kernel's",
 )
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("rows", [17, 31, 64, 128])
@@ -94,6 +94,7 @@ def test_linear_runs_the_packed_kernel_between_the_streamed_rows_and_onednn(monk
     packed. (The AVX512 build's routing, run by whichever build this CPU loads.)"""
     monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
     monkeypatch.setattr(cpu_kernels, "isa", lambda: cpu_kernels.AVX512_ISA)
+    monkeypatch.setattr(cpu_kernels, "torch_order_linear", lambda: False)
     calls: list[int] = []
     kernel = cpu_kernels.linear_packed_bf16
     monkeypatch.setattr(
@@ -127,21 +128,51 @@ def test_linear_runs_the_packed_kernel_between_the_streamed_rows_and_onednn(monk
     assert calls == []  # over the size limit: oneDNN
 
 
-@needs_kernel
-def test_linear_leaves_the_packed_rows_to_onednn_in_the_avx2_build(monkeypatch):
-    """The AVX2 build's packed sums are not oneDNN's: Linear runs linear_bf16 up to
-    STREAM_LINEAR_MAX_ROWS rows and oneDNN beyond, so its results past the switch are oneDNN's."""
+@pytest.mark.skipif(
+    not TORCH_ORDER, reason="PyTorch's own bf16 order: the AVX2 build where PyTorch runs AVX2"
+)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 5, 17, 64, 130])
+@pytest.mark.parametrize("k,n", [(256, 512), (1000, 96), (15, 40), (4096, 8), (333, 65)])
+def test_torch_order_linear_is_pytorchs_bit_for_bit(rows, k, n, threads):
+    """The AVX2 build's kernel for Linear's rows past STREAM_LINEAR_MAX_ROWS: every output summed
+    as PyTorch sums a bf16 dot product on AVX2 (64-value blocks, 16-value chunks, a scalar tail:
+    k = 1000, 15, 333 reach all three), so it is F.linear, bit for bit."""
+    g = torch.Generator().manual_seed(rows * 7 + k + n + threads)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        want = F.linear(x, w)
+        got = cpu_kernels.linear_bf16_torch(x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.skipif(not TORCH_ORDER, reason="the AVX2 build where PyTorch runs AVX2")
+def test_linear_takes_pytorchs_order_past_the_streamed_rows_in_the_avx2_build(monkeypatch):
+    """bf16 Linear in the AVX2 build: linear_bf16 up to STREAM_LINEAR_MAX_ROWS rows,
+    linear_bf16_torch up to PACKED_LINEAR_MAX_ROWS for any weight (no packed copy), PyTorch
+    beyond; from linear_bf16_torch on, every result is F.linear's."""
     monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
-    monkeypatch.setattr(cpu_kernels, "isa", lambda: cpu_kernels.AVX2_ISA)
-    calls: list[int] = []
-    kernel = cpu_kernels.linear_packed_bf16
+    calls: dict[str, list[int]] = {"packed": [], "torch": []}
+    packed_kernel, torch_kernel = cpu_kernels.linear_packed_bf16, cpu_kernels.linear_bf16_torch
     monkeypatch.setattr(
         cpu_kernels,
         "linear_packed_bf16",
-        lambda x, packed, n: calls.append(x.shape[0]) or kernel(x, packed, n),
+        lambda x, p, n: calls["packed"].append(x.shape[0]) or packed_kernel(x, p, n),
     )
-    layer = Linear(64, 96, bias=False).bfloat16()
-    for rows in (STREAM_LINEAR_MAX_ROWS + 1, PACKED_LINEAR_MAX_ROWS):
-        x = torch.randn(rows, 64).bfloat16()
+    monkeypatch.setattr(
+        cpu_kernels,
+        "linear_bf16_torch",
+        lambda x, w: calls["torch"].append(x.shape[0]) or torch_kernel(x, w),
+    )
+    wide = PACKED_MAX_IN_FEATURES + 2  # past the packed kernel's limit: taken all the same
+    layer = Linear(wide, 96, bias=False).bfloat16()
+    for rows in (STREAM_LINEAR_MAX_ROWS + 1, PACKED_LINEAR_MAX_ROWS, PACKED_LINEAR_MAX_ROWS + 1):
+        x = torch.randn(rows, wide).bfloat16()
         assert torch.equal(layer(x), F.linear(x, layer.weight))
-    assert calls == []
+    assert calls == {"packed": [], "torch": [STREAM_LINEAR_MAX_ROWS + 1, PACKED_LINEAR_MAX_ROWS]}
+    assert "_packed" not in layer.__dict__  # no packed copy held
