@@ -27,36 +27,29 @@ static inline __m512i fp8x32_to_f16(const uint8_t* p, __mmask64 m) {
   return _mm512_slli_epi16(_mm512_add_epi16(b, sign), 7);
 }
 
-/* dst [nrows, cols] bf16 = rows row0.. of w [., cols] e4m3 times their scales (scale [., ld]),
- * block by block: the fp16 values times scale * 2^8 (exact, a power of two) in fp32 are the
- * single rounding of value * scale that quantization.dequantize's fp32 product makes, then
+/* dequant_rows' step (below): the n <= FP8_CHUNK codes at p times their block's scale, sc = the
+ * scale * 2^8 in every lane, into d: the fp16 values times sc (exact, a power of two) in fp32 are
+ * the single rounding of value * scale that quantization.dequantize's fp32 product makes, then
  * rounded to bf16, 32 at a time (masked at a block's end) */
-static inline void dequant_rows(const uint8_t* w, const float* scale, int64_t ld, int br, int bc,
-                         int row0, int nrows, int cols, uint16_t* dst) {
-  for (int r = 0; r < nrows; r++) {
-    const uint8_t* src = w + (int64_t)(row0 + r) * cols;
-    const float* s = scale + (int64_t)((row0 + r) / br) * ld;
-    uint16_t* d = dst + (int64_t)r * cols;
-    for (int c0 = 0, blk = 0; c0 < cols; c0 += bc, blk++) {
-      const int c1 = c0 + bc < cols ? c0 + bc : cols;
-      const __m512 sc = _mm512_set1_ps(s[blk] * 256.0f);
-      for (int c = c0; c < c1; c += 32) {
-        const int n = c1 - c < 32 ? c1 - c : 32;
-        const __mmask32 m = n == 32 ? 0xffffffffu : (1u << n) - 1;
-        const __m512i h = fp8x32_to_f16(src + c, m);
-        const __m512 lo = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), sc);
-        const __m512 hi = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), sc);
-        _mm512_mask_storeu_epi16(d + c, m, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-      }
-    }
-  }
+#define FP8_CHUNK 32
+typedef __m512 fp8_scale;
+static inline fp8_scale fp8_scale_of(float s) { return _mm512_set1_ps(s * 256.0f); }
+static inline void dequant_chunk(const uint8_t* p, int n, fp8_scale sc, uint16_t* d) {
+  const __mmask32 m = n == 32 ? 0xffffffffu : (1u << n) - 1;
+  const __m512i h = fp8x32_to_f16(p, m);
+  const __m512 lo = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), sc);
+  const __m512 hi = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), sc);
+  _mm512_mask_storeu_epi16(d, m, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
 }
 
 #else
 
-/* dequant_rows (below) 8 codes at a time: fp16 bits of the codes as fp8x32_to_f16 forms them,
+/* dequant_rows' step, 8 codes at a time: fp16 bits of the codes as fp8x32_to_f16 forms them,
  * widened by F16C, times the block's scale * 2^8, rounded to bf16 */
-static inline void dequant8(const uint8_t* p, int n, __m256 sc, uint16_t* d) {
+#define FP8_CHUNK 8
+typedef __m256 fp8_scale;
+static inline fp8_scale fp8_scale_of(float s) { return _mm256_set1_ps(s * 256.0f); }
+static inline void dequant_chunk(const uint8_t* p, int n, fp8_scale sc, uint16_t* d) {
   uint8_t codes[16] = {0};
   memcpy(codes, p, (size_t)n);
   const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)codes));
@@ -68,8 +61,10 @@ static inline void dequant8(const uint8_t* p, int n, __m256 sc, uint16_t* d) {
   memcpy(d, out, sizeof(uint16_t) * (size_t)n);
 }
 
-/* dst [nrows, cols] bf16 = rows row0.. of w [., cols] e4m3 times their scales (scale [., ld]):
- * the AVX512 build's values (its comment above), 8 at a time */
+#endif
+
+/* dst [nrows, cols] bf16 = rows row0.. of w [., cols] e4m3 times their scales (scale [., ld]),
+ * block by block, FP8_CHUNK codes at a time (dequant_chunk) */
 static inline void dequant_rows(const uint8_t* w, const float* scale, int64_t ld, int br, int bc,
                                 int row0, int nrows, int cols, uint16_t* dst) {
   for (int r = 0; r < nrows; r++) {
@@ -78,13 +73,12 @@ static inline void dequant_rows(const uint8_t* w, const float* scale, int64_t ld
     uint16_t* d = dst + (int64_t)r * cols;
     for (int c0 = 0, blk = 0; c0 < cols; c0 += bc, blk++) {
       const int c1 = c0 + bc < cols ? c0 + bc : cols;
-      const __m256 sc = _mm256_set1_ps(s[blk] * 256.0f);
-      for (int c = c0; c < c1; c += 8) dequant8(src + c, c1 - c < 8 ? c1 - c : 8, sc, d + c);
+      const fp8_scale sc = fp8_scale_of(s[blk]);
+      for (int c = c0; c < c1; c += FP8_CHUNK)
+        dequant_chunk(src + c, c1 - c < FP8_CHUNK ? c1 - c : FP8_CHUNK, sc, d + c);
     }
   }
 }
-
-#endif
 
 #ifdef EXAONE_FP8_LOOKUP
 /* ---- dequantizing in registers, one lookup table per block ----------------------------------

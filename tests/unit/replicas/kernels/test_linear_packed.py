@@ -42,6 +42,20 @@ def test_packed_linear_equals_exact_products(rows, k, n):
     assert diff <= 0.01 * want.abs().max()  # vs oneDNN: the fp32 order of sums only
 
 
+def _against_pytorch(rows: int, k: int, n: int, threads: int, kernel) -> tuple:
+    """(F.linear, kernel) on the same random bf16 x [rows, k] and w [n, k], both run with
+    ``threads`` torch threads."""
+    g = torch.Generator().manual_seed(rows * 7 + k + n + threads)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return F.linear(x, w), kernel(x, w)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.skipif(
     not (CAN_BUILD and AVX512),
     reason="oneDNN's order on AVX512-BF16 (vdpbf16ps); without it PyTorch sums bf16 in its own "
@@ -53,16 +67,10 @@ def test_packed_linear_equals_exact_products(rows, k, n):
 def test_packed_linear_is_onednn_bit_for_bit_up_to_512_inputs(rows, k, n, threads):
     """Where Linear uses it (17..128 rows, <= 512 inputs), the packed kernel's sums run in
     oneDNN's order: outputs do not change when Linear switches to it."""
-    g = torch.Generator().manual_seed(rows * 7 + k + n + threads)
-    x = torch.randn(rows, k, generator=g).bfloat16()
-    w = torch.randn(n, k, generator=g).bfloat16()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        want = F.linear(x, w)
-        got = cpu_kernels.linear_packed_bf16(x, cpu_kernels.pack_vnni_bf16(w), n)
-    finally:
-        torch.set_num_threads(before)
+    packed = cpu_kernels.linear_packed_bf16
+    want, got = _against_pytorch(
+        rows, k, n, threads, lambda x, w: packed(x, cpu_kernels.pack_vnni_bf16(w), n)
+    )
     assert torch.equal(got, want)
 
 
@@ -138,16 +146,7 @@ def test_torch_order_linear_is_pytorchs_bit_for_bit(rows, k, n, threads):
     """The AVX2 build's kernel for Linear's rows past STREAM_LINEAR_MAX_ROWS: every output summed
     as PyTorch sums a bf16 dot product on AVX2 (64-value blocks, 16-value chunks, a scalar tail:
     k = 1000, 15, 333 reach all three), so it is F.linear, bit for bit."""
-    g = torch.Generator().manual_seed(rows * 7 + k + n + threads)
-    x = torch.randn(rows, k, generator=g).bfloat16()
-    w = torch.randn(n, k, generator=g).bfloat16()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        want = F.linear(x, w)
-        got = cpu_kernels.linear_bf16_torch(x, w)
-    finally:
-        torch.set_num_threads(before)
+    want, got = _against_pytorch(rows, k, n, threads, cpu_kernels.linear_bf16_torch)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
