@@ -91,9 +91,9 @@ def attention_mask(num_tokens: int, window: int | None, device: torch.device) ->
 AMX_LINEAR_MAX_ROWS = 512  # rows up to which bf16 Linear runs our AMX kernel, not oneDNN
 # Without AMX, bf16 Linear runs our kernels: up to STREAM_LINEAR_MAX_ROWS rows
 # csrc/linear_bf16.c (decode of few sequences; oneDNN's fixed cost per call dominates there),
-# then up to PACKED_LINEAR_MAX_ROWS rows, in the AVX2 build linear_bf16_torch (PyTorch's sums),
-# in the AVX512 build csrc/linear_packed.c on a copy of the weight packed once, for weights of
-# at most PACKED_MAX_IN_FEATURES inputs (where its results are oneDNN's bit for bit) and
+# then in the AVX2 build linear_bf16_torch at any row count (PyTorch's sums), in the AVX512 build
+# up to PACKED_LINEAR_MAX_ROWS rows csrc/linear_packed.c on a copy of the weight packed once, for
+# weights of at most PACKED_MAX_IN_FEATURES inputs (where its results are oneDNN's bit for bit) and
 # PACKED_MAX_WEIGHT_BYTES (the copy costs their size again); oneDNN beyond. Measured on 2 cores
 # (AMD Zen 4), one thread, us per call summed over the bundled model's 5 projection shapes
 # (weights in cache), oneDNN / packed: 32 rows 1230 / 983, 64 rows 2504 / 2308, 128 rows 4272 /
@@ -103,6 +103,9 @@ STREAM_LINEAR_MAX_ROWS = 16
 PACKED_LINEAR_MAX_ROWS = 128
 PACKED_MAX_IN_FEATURES = 512
 PACKED_MAX_WEIGHT_BYTES = 16 << 20
+# The AVX2 build's linear_bf16_torch is PyTorch's bf16 matmul there, bit for bit, and faster (one
+# thread: 64 x 1,024 x 3,072 42.0 vs 53.9 ms, 512 x 256 x 768 22.1 vs 31.8): every row count.
+TORCH_ORDER_MAX_ROWS = 1 << 30
 
 
 def packs_weights() -> bool:
@@ -120,8 +123,9 @@ class Linear(nn.Linear):
       STREAM_LINEAR_MAX_ROWS rows runs ``cpu_kernels.linear_bf16`` (oneDNN's fixed cost per call
       dominates small models' decode), and up to PACKED_LINEAR_MAX_ROWS rows, in the AVX512
       build ``cpu_kernels.linear_packed_bf16`` on a packed copy of a small weight (past it, the
-      packed kernel gives oneDNN's results, faster), in the AVX2 build
-      ``cpu_kernels.linear_bf16_torch`` (PyTorch's own results there, faster).
+      packed kernel gives oneDNN's results, faster); in the AVX2 build past
+      STREAM_LINEAR_MAX_ROWS every row count runs ``cpu_kernels.linear_bf16_torch`` (PyTorch's
+      own results there, faster).
     - otherwise row counts are padded (replicas.kernels.gemm_rows), so oneDNN compiles far fewer
       kernels in serving.
 
@@ -241,15 +245,14 @@ class Linear(nn.Linear):
         if amx:
             return (AMX_LINEAR_MAX_ROWS, 0, 0)
         kernels = bf16 and cpu_kernels.available()
-        # the packed kernel's sums are oneDNN's only in the AVX512 build (vdpbf16ps's order); the
-        # AVX2 build has linear_bf16_torch for those rows (PyTorch's own order there, any weight)
+        if kernels and cpu_kernels.torch_order_linear():  # PyTorch's own bits, any rows, any weight
+            return (0, STREAM_LINEAR_MAX_ROWS, TORCH_ORDER_MAX_ROWS)
+        # the packed kernel's sums are oneDNN's only in the AVX512 build (vdpbf16ps's order)
         small = (
             w.shape[1] <= PACKED_MAX_IN_FEATURES
             and w.numel() * w.element_size() <= PACKED_MAX_WEIGHT_BYTES
         )
-        packed = (kernels and packs_weights() and small) or (
-            kernels and cpu_kernels.torch_order_linear()
-        )
+        packed = kernels and packs_weights() and small
         return (
             0,
             STREAM_LINEAR_MAX_ROWS if kernels else 0,

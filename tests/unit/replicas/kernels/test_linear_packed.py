@@ -153,8 +153,8 @@ def test_torch_order_linear_is_pytorchs_bit_for_bit(rows, k, n, threads):
 @pytest.mark.skipif(not TORCH_ORDER, reason="the AVX2 build where PyTorch runs AVX2")
 def test_linear_takes_pytorchs_order_past_the_streamed_rows_in_the_avx2_build(monkeypatch):
     """bf16 Linear in the AVX2 build: linear_bf16 up to STREAM_LINEAR_MAX_ROWS rows,
-    linear_bf16_torch up to PACKED_LINEAR_MAX_ROWS for any weight (no packed copy), PyTorch
-    beyond; from linear_bf16_torch on, every result is F.linear's."""
+    linear_bf16_torch past them at any row count and for any weight (no packed copy), every
+    result F.linear's."""
     monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
     calls: dict[str, list[int]] = {"packed": [], "torch": []}
     packed_kernel, torch_kernel = cpu_kernels.linear_packed_bf16, cpu_kernels.linear_bf16_torch
@@ -170,8 +170,9 @@ def test_linear_takes_pytorchs_order_past_the_streamed_rows_in_the_avx2_build(mo
     )
     wide = PACKED_MAX_IN_FEATURES + 2  # past the packed kernel's limit: taken all the same
     layer = Linear(wide, 96, bias=False).bfloat16()
-    for rows in (STREAM_LINEAR_MAX_ROWS + 1, PACKED_LINEAR_MAX_ROWS, PACKED_LINEAR_MAX_ROWS + 1):
+    rows_tried = [STREAM_LINEAR_MAX_ROWS + 1, PACKED_LINEAR_MAX_ROWS + 1, 700]
+    for rows in rows_tried:
         x = torch.randn(rows, wide).bfloat16()
         assert torch.equal(layer(x), F.linear(x, layer.weight))
-    assert calls == {"packed": [], "torch": [STREAM_LINEAR_MAX_ROWS + 1, PACKED_LINEAR_MAX_ROWS]}
+    assert calls == {"packed": [], "torch": rows_tried}
     assert "_packed" not in layer.__dict__  # no packed copy held
