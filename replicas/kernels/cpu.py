@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from replicas.kernels.cpu_build import AMX_LIBRARY, BF16_LIBRARY
+from replicas.kernels.cpu_build import AMX_LIBRARY, AVX2_ISA, BF16_LIBRARY
+from replicas.kernels.cpu_build import AVX512_ISA as AVX512_ISA  # callers compare isa() with it
 from replicas.kernels.fp8_scales import Fp8Scales
 
 
@@ -30,11 +31,8 @@ def available() -> bool:
     return BF16_LIBRARY.load() is not None
 
 
-AVX512_ISA, AVX2_ISA = "exaone_avx512", "exaone_avx2"
-
-
 def isa() -> str | None:
-    """The build of the bf16 kernels loaded: "exaone_avx512", "exaone_avx2", or None."""
+    """The build of the bf16 kernels loaded: AVX512_ISA, AVX2_ISA, or None."""
     BF16_LIBRARY.load()
     return BF16_LIBRARY.isa
 

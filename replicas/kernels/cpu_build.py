@@ -234,9 +234,10 @@ _BF16_SOURCES = [
     "decode_ops.c",
     "decode_step.c",
 ]
+AVX512_ISA, AVX2_ISA = "exaone_avx512", "exaone_avx2"  # the bf16 library's builds
 BF16_LIBRARY = Library(
     _BF16_SOURCES,
-    [Build("exaone_avx512", BASE_FLAGS, _avx512_bf16), Build("exaone_avx2", AVX2_FLAGS, _avx2)],
+    [Build(AVX512_ISA, BASE_FLAGS, _avx512_bf16), Build(AVX2_ISA, AVX2_FLAGS, _avx2)],
     _declare_bf16,
 )
 AMX_LIBRARY = Library(

@@ -63,13 +63,6 @@ void linear_bf16(const uint16_t* x, int m, int k, int n, const uint16_t* w, uint
  * (vec_reduce_all's tree: halves, pairs of pairs, pairs), then 16-value chunks into one more
  * accumulator (low 8 values, then high 8), summed the same way and added, then one value at a
  * time. */
-static inline void widen16(const uint16_t* p, __m256* lo, __m256* hi) { /* 16 bf16 -> 2 x 8 */
-  const __m256i v = _mm256_loadu_si256((const __m256i*)p);
-  *lo = _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
-  *hi = _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
-}
 static inline float hsum8(__m256 v) {
   v = _mm256_add_ps(v, _mm256_permute2f128_ps(v, v, 1));
   v = _mm256_add_ps(v, _mm256_shuffle_ps(v, v, 0x4E));
@@ -82,21 +75,17 @@ static inline float dot_bf16(const uint16_t* a, const uint16_t* b, int n) {
   const int blocks = n & ~63, chunks = n & ~15;
   for (int j = 0; j < blocks; j += 64)
     for (int q = 0; q < 4; q++) {
-      __m256 alo, ahi, blo, bhi;
-      widen16(a + j + 16 * q, &alo, &ahi);
-      widen16(b + j + 16 * q, &blo, &bhi);
-      acc[2 * q] = _mm256_fmadd_ps(alo, blo, acc[2 * q]);
-      acc[2 * q + 1] = _mm256_fmadd_ps(ahi, bhi, acc[2 * q + 1]);
+      const vf16 av = vf_from_bf16(a + j + 16 * q), bv = vf_from_bf16(b + j + 16 * q);
+      acc[2 * q] = _mm256_fmadd_ps(av.lo, bv.lo, acc[2 * q]);
+      acc[2 * q + 1] = _mm256_fmadd_ps(av.hi, bv.hi, acc[2 * q + 1]);
     }
   for (int i = 0; i < 4; i++) acc[i] = _mm256_add_ps(acc[i], acc[i + 4]);
   for (int i = 0; i < 2; i++) acc[i] = _mm256_add_ps(acc[i], acc[i + 2]);
   float sum = hsum8(_mm256_add_ps(acc[0], acc[1]));
   __m256 tail = _mm256_setzero_ps();
   for (int j = blocks; j < chunks; j += 16) {
-    __m256 alo, ahi, blo, bhi;
-    widen16(a + j, &alo, &ahi);
-    widen16(b + j, &blo, &bhi);
-    tail = _mm256_fmadd_ps(ahi, bhi, _mm256_fmadd_ps(alo, blo, tail));
+    const vf16 av = vf_from_bf16(a + j), bv = vf_from_bf16(b + j);
+    tail = _mm256_fmadd_ps(av.hi, bv.hi, _mm256_fmadd_ps(av.lo, bv.lo, tail));
   }
   sum = sum + hsum8(tail);
   for (int j = chunks; j < n; j++) sum = sum + bf16_to_f32(a[j]) * bf16_to_f32(b[j]);

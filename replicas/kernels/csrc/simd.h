@@ -1,8 +1,8 @@
 /* Vector helpers shared by our CPU kernels. The same kernel sources build twice
  * (replicas.kernels.cpu_build): for AVX512-BF16 (with -mavx512bf16), where the types below are
  * the registers themselves and each helper one or two instructions, and for AVX2 + FMA + F16C
- * (x86 CPUs without AVX512: AMD Zen 2 / Zen 3, Intel before Ice Lake), where a vector of 16
- * fp32 lanes is two 8-lane halves and the helpers do the same arithmetic with more
+ * (x86 CPUs without AVX512-BF16: AMD Zen 2 / Zen 3, Intel before Cooper Lake), where a vector
+ * of 16 fp32 lanes is two 8-lane halves and the helpers do the same arithmetic with more
  * instructions:
  *
  *   vf16    16 fp32 lanes
