@@ -366,6 +366,41 @@ def linear_bf16_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _linear("linear_bf16_torch", x, weight)
 
 
+def grouped_linear_bf16_torch(
+    x: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """x [R, K] bf16 rows grouped by expert (expert e owns rows offsets[e] .. offsets[e + 1],
+    offsets [E + 1]), weight [E, N, K] bf16 -> [R, N] bf16, each row times its expert's weight
+    transposed, summed as linear_bf16_torch sums: torch._grouped_mm's results on AVX2 CPUs, bit
+    for bit (csrc/linear_bf16.c); the AVX2 build's only."""
+    lib = BF16_LIBRARY.require()
+    _require_bf16(x=x, weight=weight)
+    num_experts, n, k = weight.shape
+    if x.shape[1] != k:
+        raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)}: inner sizes differ")
+    offsets = offsets.to(torch.int64).contiguous()
+    if (
+        offsets.shape != (num_experts + 1,)
+        or int(offsets[0]) != 0
+        or int(offsets[-1]) != x.shape[0]
+    ):
+        raise ValueError(f"offsets must be [{num_experts + 1}] from 0 to {x.shape[0]} rows")
+    if not hasattr(lib, "grouped_linear_bf16_torch"):
+        raise RuntimeError(f"grouped_linear_bf16_torch is not in the {BF16_LIBRARY.isa} build")
+    out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    lib.grouped_linear_bf16_torch(
+        x.data_ptr(),
+        offsets.data_ptr(),
+        num_experts,
+        k,
+        n,
+        weight.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
 def linear_fp8(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]
 ) -> torch.Tensor:

@@ -174,6 +174,8 @@ def _declare_bf16(lib: ctypes.CDLL) -> str | None:
     if hasattr(lib, "linear_bf16_torch"):  # the AVX2 build's
         lib.linear_bf16_torch.argtypes = [P, I32, I32, I32, P, P, I32]
         lib.linear_bf16_torch.restype = None
+        lib.grouped_linear_bf16_torch.argtypes = [P, P, I32, I32, I32, P, P, I32]
+        lib.grouped_linear_bf16_torch.restype = None
     lib.linear_fp8.argtypes = [P, I32, I32, I32, P, P, I32, I32, P, I32]
     lib.linear_fp8.restype = I32
     lib.pack_vnni_bf16.argtypes = [P, I32, I32, P]

@@ -274,6 +274,14 @@ class RoutedExperts(nn.Module):
                 y = kernel_backend.moe_experts(kernel)(x, tokens, offsets, w13, w2)
             return slots, None, y
         w13, w2, sizes = self._compute_weights(sizes)
+        if self._torch_order(x, w13, w2):  # PyTorch's bits without its slow bf16 matmul
+            offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # [E + 1]
+            h = x.index_select(0, tokens)  # [S_held, H]
+            gate, up = cpu_kernels.grouped_linear_bf16_torch(h, offsets, w13).split(
+                self.inter, dim=-1
+            )  # 2 x [S_held, I]
+            y = cpu_kernels.grouped_linear_bf16_torch(F.silu(gate) * up, offsets, w2)
+            return slots, None, y
         padded = sizes
         if self._pads_rows(x):
             padded = torch.tensor([padded_rows(c) for c in sizes.tolist()], device=sizes.device)
@@ -286,6 +294,14 @@ class RoutedExperts(nn.Module):
         source[rows] = tokens  # token of each padded row; row n of the input is zeros
         h = torch.cat([x, x.new_zeros(1, x.shape[-1])]).index_select(0, source)  # [R, H]
         return slots, rows, self._experts(h, padded, w13, w2)
+
+    @staticmethod
+    def _torch_order(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+        """Whether cpu_kernels.grouped_linear_bf16_torch computes these bf16 experts' GEMMs: on
+        AVX2 CPUs PyTorch's bf16 matmul is a dot product per output (no oneDNN), which that
+        kernel sums in the same order, tiled (the same bits as ``_experts``, 5-8x faster)."""
+        bf16 = all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in (x, w13, w2))
+        return bf16 and x.device.type == "cpu" and cpu_kernels.torch_order_linear()
 
     def _compute_weights(
         self, sizes: torch.Tensor

@@ -69,21 +69,18 @@ static inline float hsum8(__m256 v) {
   v = _mm256_add_ps(v, _mm256_shuffle_ps(v, v, 0xB1));
   return _mm256_cvtss_f32(v);
 }
-static inline float dot_bf16(const uint16_t* a, const uint16_t* b, int n) {
-  __m256 acc[8];
-  for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
-  const int blocks = n & ~63, chunks = n & ~15;
-  for (int j = 0; j < blocks; j += 64)
-    for (int q = 0; q < 4; q++) {
-      const vf16 av = vf_from_bf16(a + j + 16 * q), bv = vf_from_bf16(b + j + 16 * q);
-      acc[2 * q] = _mm256_fmadd_ps(av.lo, bv.lo, acc[2 * q]);
-      acc[2 * q + 1] = _mm256_fmadd_ps(av.hi, bv.hi, acc[2 * q + 1]);
-    }
+/* the 8 accumulators of dot_bf16's 64-value blocks summed as it sums them */
+static inline float sum_blocks(__m256 acc[8]) {
   for (int i = 0; i < 4; i++) acc[i] = _mm256_add_ps(acc[i], acc[i + 4]);
   for (int i = 0; i < 2; i++) acc[i] = _mm256_add_ps(acc[i], acc[i + 2]);
-  float sum = hsum8(_mm256_add_ps(acc[0], acc[1]));
+  return hsum8(_mm256_add_ps(acc[0], acc[1]));
+}
+/* sum (the blocks' total) plus a . b over the n values past the last whole block, as dot_bf16
+ * adds them: 16-value chunks into one accumulator, then one value at a time */
+static inline float add_tail(float sum, const uint16_t* a, const uint16_t* b, int n) {
+  const int chunks = n & ~15;
   __m256 tail = _mm256_setzero_ps();
-  for (int j = blocks; j < chunks; j += 16) {
+  for (int j = 0; j < chunks; j += 16) {
     const vf16 av = vf_from_bf16(a + j), bv = vf_from_bf16(b + j);
     tail = _mm256_fmadd_ps(av.hi, bv.hi, _mm256_fmadd_ps(av.lo, bv.lo, tail));
   }
@@ -91,17 +88,173 @@ static inline float dot_bf16(const uint16_t* a, const uint16_t* b, int n) {
   for (int j = chunks; j < n; j++) sum = sum + bf16_to_f32(a[j]) * bf16_to_f32(b[j]);
   return sum;
 }
+static inline float dot_bf16(const uint16_t* a, const uint16_t* b, int n) {
+  __m256 acc[8];
+  for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+  const int blocks = n & ~63;
+  for (int j = 0; j < blocks; j += 64)
+    for (int q = 0; q < 4; q++) {
+      const vf16 av = vf_from_bf16(a + j + 16 * q), bv = vf_from_bf16(b + j + 16 * q);
+      acc[2 * q] = _mm256_fmadd_ps(av.lo, bv.lo, acc[2 * q]);
+      acc[2 * q + 1] = _mm256_fmadd_ps(av.hi, bv.hi, acc[2 * q + 1]);
+    }
+  return add_tail(sum_blocks(acc), a + blocks, b + blocks, n - blocks);
+}
+
+/* out [m, ldo] features f0 .. f1 = x [m, k] . w[f]^T, dot_bf16 per output */
+static void torch_order_dots(const uint16_t* x, int m, int k, const uint16_t* w, int f0, int f1,
+                             uint16_t* out, int64_t ldo) {
+  for (int f = f0; f < f1; f++)
+    for (int r = 0; r < m; r++)
+      out[(int64_t)r * ldo + f] = f32_to_bf16(dot_bf16(x + (int64_t)r * k, w + (int64_t)f * k, k));
+}
+
+/* Many rows: the same sums, tiled. Each of dot_bf16's 64 fp32 lanes (accumulator j, lane l)
+ * sums the values 64b + 8j + l of every block b in block order, independently of the others,
+ * so a tile of TILE_ROWS rows x TILE_FEATURES features takes one accumulator j at a time for
+ * all its outputs (12 registers), over all blocks, then sums the 8 per output as dot_bf16
+ * does: the same fused multiply-adds in the same order, only interleaved differently. Rows and
+ * weight rows are widened to fp32 first, accumulator-major ([j][block][8 lanes]: the loads
+ * of one pass are sequential), a row tile and the weight rows of a work item at a time. */
+#define TILE_ROWS 4
+#define TILE_FEATURES 3
+#define TILE_MIN_ROWS 4 /* rows from which the tiled loops run (fewer: dot_bf16 per output) */
+
+/* dst [nr][8 j][nb][8] = src rows [nr, ld] bf16, values 64b + 8j + l of each row's nb blocks */
+static void widen_blocks(const uint16_t* src, int64_t ld, int nr, int nb, float* dst) {
+  const int64_t row = (int64_t)nb * 64, lane_group = (int64_t)nb * 8;
+  for (int r = 0; r < nr; r++)
+    for (int b = 0; b < nb; b++)
+      for (int q = 0; q < 4; q++) {
+        const vf16 v = vf_from_bf16(src + r * ld + 64 * b + 16 * q);
+        _mm256_storeu_ps(dst + r * row + 2 * q * lane_group + 8 * b, v.lo);
+        _mm256_storeu_ps(dst + r * row + (2 * q + 1) * lane_group + 8 * b, v.hi);
+      }
+}
+
+/* part [nr][TILE_FEATURES][8 j][8] = accumulator j of each output of the tile, xs / ws
+ * widen_blocks' rows (nr and nf constants once inlined: the accumulators stay in registers) */
+static inline __attribute__((always_inline)) void block_sums(const float* xs, int nr,
+                                                               const float* ws, int nf, int nb,
+                                                               float* part) {
+  const int64_t row = (int64_t)nb * 64;
+  for (int j = 0; j < 8; j++) {
+    __m256 acc[TILE_ROWS][TILE_FEATURES];
+    for (int r = 0; r < nr; r++)
+      for (int f = 0; f < nf; f++) acc[r][f] = _mm256_setzero_ps();
+    const float* xj = xs + (int64_t)j * nb * 8;
+    const float* wj = ws + (int64_t)j * nb * 8;
+    for (int b = 0; b < nb; b++) {
+      __m256 wv[TILE_FEATURES];
+      for (int f = 0; f < nf; f++) wv[f] = _mm256_loadu_ps(wj + f * row + 8 * b);
+      for (int r = 0; r < nr; r++) {
+        const __m256 xv = _mm256_loadu_ps(xj + r * row + 8 * b);
+        for (int f = 0; f < nf; f++) acc[r][f] = _mm256_fmadd_ps(xv, wv[f], acc[r][f]);
+      }
+    }
+    for (int r = 0; r < nr; r++)
+      for (int f = 0; f < nf; f++)
+        _mm256_storeu_ps(part + ((r * TILE_FEATURES + f) * 8 + j) * 8, acc[r][f]);
+  }
+}
+
+#define BLOCK_SUMS_CASE(R, F) \
+  case (R) * 4 + (F):         \
+    block_sums(xs, R, ws, F, nb, part); \
+    break;
+static void block_sums_any(const float* xs, int nr, const float* ws, int nf, int nb,
+                           float* part) {
+  switch (nr * 4 + nf) {
+    BLOCK_SUMS_CASE(1, 1) BLOCK_SUMS_CASE(1, 2) BLOCK_SUMS_CASE(1, 3)
+    BLOCK_SUMS_CASE(2, 1) BLOCK_SUMS_CASE(2, 2) BLOCK_SUMS_CASE(2, 3)
+    BLOCK_SUMS_CASE(3, 1) BLOCK_SUMS_CASE(3, 2) BLOCK_SUMS_CASE(3, 3)
+    BLOCK_SUMS_CASE(4, 1) BLOCK_SUMS_CASE(4, 2) BLOCK_SUMS_CASE(4, 3)
+  }
+}
+
+/* out [m, ldo] features f0 .. f1 = x [m, k] . w[f]^T in dot_bf16's order, tiled; xs / ws the
+ * caller's scratch for TILE_ROWS widened rows and f1 - f0 widened weight rows */
+static void torch_order_tiles(const uint16_t* x, int m, int k, const uint16_t* w, int f0, int f1,
+                              uint16_t* out, int64_t ldo, float* xs, float* ws) {
+  const int nb = k / 64, blocks = nb * 64;
+  const int64_t row = (int64_t)nb * 64;
+  float part[TILE_ROWS * TILE_FEATURES * 64];
+  widen_blocks(w + (int64_t)f0 * k, k, f1 - f0, nb, ws);
+  for (int r = 0; r < m; r += TILE_ROWS) {
+    const int nr = m - r < TILE_ROWS ? m - r : TILE_ROWS;
+    widen_blocks(x + (int64_t)r * k, k, nr, nb, xs);
+    for (int f = f0; f < f1; f += TILE_FEATURES) {
+      const int nf = f1 - f < TILE_FEATURES ? f1 - f : TILE_FEATURES;
+      block_sums_any(xs, nr, ws + (f - f0) * row, nf, nb, part);
+      for (int q = 0; q < nr; q++)
+        for (int c = 0; c < nf; c++) {
+          __m256 acc[8];
+          for (int j = 0; j < 8; j++)
+            acc[j] = _mm256_loadu_ps(part + ((q * TILE_FEATURES + c) * 8 + j) * 8);
+          const uint16_t* xr = x + (int64_t)(r + q) * k + blocks;
+          const uint16_t* wr = w + (int64_t)(f + c) * k + blocks;
+          out[(int64_t)(r + q) * ldo + f + c] =
+              f32_to_bf16(add_tail(sum_blocks(acc), xr, wr, k - blocks));
+        }
+    }
+  }
+}
+
+/* one work item of either: tiles when there are rows enough and scratch, else dots */
+static void torch_order_item(const uint16_t* x, int m, int k, const uint16_t* w, int f0, int f1,
+                             uint16_t* out, int64_t ldo, float* xs, float* ws) {
+  if (m >= TILE_MIN_ROWS && xs != NULL && ws != NULL)
+    torch_order_tiles(x, m, k, w, f0, f1, out, ldo, xs, ws);
+  else
+    torch_order_dots(x, m, k, w, f0, f1, out, ldo);
+}
+
+static float* widened_rows(int rows, int k) { /* scratch for widen_blocks, or NULL */
+  return malloc(sizeof(float) * (size_t)(k / 64) * 64 * rows + 64);
+}
 
 void linear_bf16_torch(const uint16_t* x, int m, int k, int n, const uint16_t* w, uint16_t* out,
                        int num_threads) {
   const int items = (n + FEATURES - 1) / FEATURES;
   const int threads = (int64_t)m * k * n < FORK_MACS ? 1 : num_threads;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int item = 0; item < items; item++) {
-    const int f1 = (item + 1) * FEATURES < n ? (item + 1) * FEATURES : n;
-    for (int f = item * FEATURES; f < f1; f++)
-      for (int r = 0; r < m; r++)
-        out[(int64_t)r * n + f] = f32_to_bf16(dot_bf16(x + (int64_t)r * k, w + (int64_t)f * k, k));
+#pragma omp parallel num_threads(threads)
+  {
+    float* xs = m >= TILE_MIN_ROWS ? widened_rows(TILE_ROWS, k) : NULL;
+    float* ws = m >= TILE_MIN_ROWS ? widened_rows(FEATURES, k) : NULL;
+#pragma omp for schedule(static)
+    for (int item = 0; item < items; item++) {
+      const int f0 = item * FEATURES, f1 = f0 + FEATURES < n ? f0 + FEATURES : n;
+      torch_order_item(x, m, k, w, f0, f1, out, n, xs, ws);
+    }
+    free(xs);
+    free(ws);
+  }
+}
+
+/* linear_bf16_torch per expert: x [R, K] rows grouped by expert (expert e owns rows offsets[e]
+ * .. offsets[e + 1]), w [E, N, K] -> out [R, N], each row by its expert's weight, every output
+ * F.linear's on AVX2 bit for bit (so torch._grouped_mm's, which runs one such product per
+ * expert). Work items are (expert, block of FEATURES outputs), handed out as threads free up
+ * (experts' row counts differ). */
+void grouped_linear_bf16_torch(const uint16_t* x, const int64_t* offsets, int e, int k, int n,
+                               const uint16_t* w, uint16_t* out, int num_threads) {
+  const int blocks = (n + FEATURES - 1) / FEATURES, items = e * blocks;
+  const int threads = (offsets[e] - offsets[0]) * k * (int64_t)n < FORK_MACS ? 1 : num_threads;
+#pragma omp parallel num_threads(threads)
+  {
+    float* xs = widened_rows(TILE_ROWS, k);
+    float* ws = widened_rows(FEATURES, k);
+#pragma omp for schedule(dynamic)
+    for (int item = 0; item < items; item++) {
+      const int ex = item / blocks, f0 = item % blocks * FEATURES;
+      const int f1 = f0 + FEATURES < n ? f0 + FEATURES : n;
+      const int64_t r0 = offsets[ex], rows = offsets[ex + 1] - r0;
+      if (rows > 0)
+        torch_order_item(x + r0 * k, (int)rows, k, w + (int64_t)ex * n * k, f0, f1,
+                         out + r0 * n, n, xs, ws);
+    }
+    free(xs);
+    free(ws);
   }
 }
 #endif

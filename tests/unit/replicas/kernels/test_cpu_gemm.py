@@ -90,6 +90,7 @@ def test_bf16_experts_pad_each_expert_and_return_slot_rows(make_ckpt, monkeypatc
     experts = layer.experts
     monkeypatch.setattr(RoutedExperts, "_use_grouped_mm", lambda self, x, n: grouped)
     monkeypatch.setattr(RoutedExperts, "_cpu_kernel", lambda self, x, n, sizes: None)  # PyTorch
+    monkeypatch.setattr(RoutedExperts, "_torch_order", staticmethod(lambda x, w13, w2: False))
     x = torch.randn(150, 64, dtype=torch.bfloat16)
     # Skewed routing: expert 0 in every token (150 rows -> 160), others uneven.
     topk_ids = torch.stack([torch.tensor([0, 1 + i % 3]) for i in range(150)])

@@ -150,6 +150,33 @@ def test_torch_order_linear_is_pytorchs_bit_for_bit(rows, k, n, threads):
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
+@pytest.mark.skipif(
+    not TORCH_ORDER, reason="PyTorch's own bf16 order: the AVX2 build where PyTorch runs AVX2"
+)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("k,n", [(1024, 512), (256, 1024), (200, 72), (24, 40)])
+def test_grouped_torch_order_linear_is_grouped_mms_bit_for_bit(k, n, threads):
+    """The routed experts' GEMMs on AVX2 (RoutedExperts past our fused kernels): experts with
+    no rows, with fewer rows than a tile (one dot product per output), with many (tiles and
+    partial tiles), inner sizes with and without a tail past the 64-value blocks: each row by
+    its own expert's weight, torch._grouped_mm's results bit for bit."""
+    sizes = [0, 1, 3, 4, 17, 0, 66, 9]
+    g = torch.Generator().manual_seed(k + n + threads)
+    x = torch.randn(sum(sizes), k, generator=g).bfloat16()
+    w = torch.randn(len(sizes), n, k, generator=g).bfloat16()
+    offsets = torch.tensor([0, *sizes]).cumsum(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        want = torch._grouped_mm(x, w.transpose(1, 2), offs=offsets[1:].to(torch.int32))
+        got = cpu_kernels.grouped_linear_bf16_torch(x, offsets, w)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    with pytest.raises(ValueError, match="offsets"):
+        cpu_kernels.grouped_linear_bf16_torch(x, offsets[:-1], w)
+
+
 @pytest.mark.skipif(not TORCH_ORDER, reason="the AVX2 build where PyTorch runs AVX2")
 def test_linear_takes_pytorchs_order_past_the_streamed_rows_in_the_avx2_build(monkeypatch):
     """bf16 Linear in the AVX2 build: linear_bf16 up to STREAM_LINEAR_MAX_ROWS rows,

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
 from transformers import ExaoneMoeForCausalLM as HFModel
 
+from replicas.kernels import cpu as cpu_kernels
 from replicas.model.config import ModelConfig
 from replicas.model.exaone_moe import ExaoneMoeForCausalLM
 from replicas.model.loader import load_causal_lm
+from tests.cpu_features import TORCH_ORDER
 
 # Between them these cover every feature the issue lists; each names what it adds.
 FP32_CASES = {
@@ -171,9 +174,31 @@ def test_mtp_block_runs_and_is_loaded(make_ckpt):
     assert not torch.allclose(model.mtp_logits(ids2)[:, 4], draft[:, 4])
 
 
+# How RoutedExperts computes its GEMMs on CPU past our fused kernels: a loop of F.linear, one
+# torch._grouped_mm, and on AVX2 CPUs cpu_kernels.grouped_linear_bf16_torch (bf16 only).
+EXPERT_PATHS = ["loop", "grouped_mm"] + (["torch_order"] if TORCH_ORDER else [])
+
+
+def _expert_path(monkeypatch, path: str) -> None:
+    from replicas.model.moe import RoutedExperts
+
+    monkeypatch.setattr(RoutedExperts, "decode_layer", lambda self, x, routing: None)
+    monkeypatch.setattr(RoutedExperts, "_cpu_kernel", lambda self, x, n, sizes: None)
+    monkeypatch.setattr(RoutedExperts, "_use_grouped_mm", lambda self, x, n: path == "grouped_mm")
+    if path != "torch_order":
+        monkeypatch.setattr(RoutedExperts, "_torch_order", staticmethod(lambda x, w13, w2: False))
+
+
+def _counted(kernel, calls: list[str], path: str, *args):
+    calls.append(path)
+    return kernel(*args)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_expert_loop_and_grouped_mm_agree_bitwise(make_ckpt, dtype, monkeypatch):
-    from replicas.model.moe import RoutedExperts, weighted_sum
+def test_expert_paths_agree_bitwise(make_ckpt, dtype):
+    """Every path, on the whole model and on a subset of experts, gives the same bits (ours
+    only for bf16: in fp32 the torch-order kernel is never asked)."""
+    from replicas.model.moe import weighted_sum
 
     ckpt = make_ckpt(dtype="float32")
     ids = _ids(ckpt, 2, 24)
@@ -182,15 +207,17 @@ def test_expert_loop_and_grouped_mm_agree_bitwise(make_ckpt, dtype, monkeypatch)
     layer = full.cfg.moe_layers[0]
     x = torch.randn(48, full.cfg.hidden_size, dtype=dtype)
     routing = full.model.layers[str(layer)].mlp.gate(x)
-    results = {}
-    for path in (True, False):
-        monkeypatch.setattr(RoutedExperts, "_use_grouped_mm", lambda self, x, n, p=path: p)
-        with torch.no_grad():
-            results[path] = (
-                full(ids),
-                subset.model.layers[str(layer)].mlp.experts(x, routing),
-            )
-    assert torch.equal(results[True][0], results[False][0])
+    results, calls = {}, []
+    for path in EXPERT_PATHS:
+        with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+            _expert_path(mp, path)
+            spy = functools.partial(_counted, cpu_kernels.grouped_linear_bf16_torch, calls, path)
+            mp.setattr(cpu_kernels, "grouped_linear_bf16_torch", spy)
+            results[path] = (full(ids), subset.model.layers[str(layer)].mlp.experts(x, routing))
+    ours = "torch_order" in EXPERT_PATHS and dtype == torch.bfloat16
+    assert set(calls) == ({"torch_order"} if ours else set())  # and only there
     subset_out = {p: weighted_sum(r[1], routing.topk_weights) for p, r in results.items()}
-    assert torch.equal(subset_out[True], subset_out[False])
-    assert subset_out[True].abs().sum() > 0  # the subset really computed its slots
+    for path in EXPERT_PATHS[1:]:
+        assert torch.equal(results[path][0], results["loop"][0]), path
+        assert torch.equal(subset_out[path], subset_out["loop"]), path
+    assert subset_out["loop"].abs().sum() > 0  # the subset really computed its slots
