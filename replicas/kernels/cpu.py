@@ -338,14 +338,19 @@ def moe_experts_amx(
     return out
 
 
+def _require_in_build(lib, kernel: str) -> None:
+    """Some kernels are one build's only (linear_bf16_torch and its grouped form: AVX2's)."""
+    if not hasattr(lib, kernel):
+        raise RuntimeError(f"{kernel} is not in the {BF16_LIBRARY.isa} build")
+
+
 def _linear(kernel: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     lib = BF16_LIBRARY.require()
     _require_bf16(x=x, weight=weight)
     (m, k), (n, k_w) = x.shape, weight.shape
     if k != k_w:
         raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)}: inner sizes differ")
-    if not hasattr(lib, kernel):
-        raise RuntimeError(f"{kernel} is not in the {BF16_LIBRARY.isa} build")
+    _require_in_build(lib, kernel)
     out = torch.empty(m, n, dtype=torch.bfloat16)
     getattr(lib, kernel)(
         x.data_ptr(), m, k, n, weight.data_ptr(), out.data_ptr(), torch.get_num_threads()
@@ -385,8 +390,7 @@ def grouped_linear_bf16_torch(
         or int(offsets[-1]) != x.shape[0]
     ):
         raise ValueError(f"offsets must be [{num_experts + 1}] from 0 to {x.shape[0]} rows")
-    if not hasattr(lib, "grouped_linear_bf16_torch"):
-        raise RuntimeError(f"grouped_linear_bf16_torch is not in the {BF16_LIBRARY.isa} build")
+    _require_in_build(lib, "grouped_linear_bf16_torch")
     out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
     lib.grouped_linear_bf16_torch(
         x.data_ptr(),

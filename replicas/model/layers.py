@@ -103,8 +103,9 @@ STREAM_LINEAR_MAX_ROWS = 16
 PACKED_LINEAR_MAX_ROWS = 128
 PACKED_MAX_IN_FEATURES = 512
 PACKED_MAX_WEIGHT_BYTES = 16 << 20
-# The AVX2 build's linear_bf16_torch is PyTorch's bf16 matmul there, bit for bit, and faster (one
-# thread: 64 x 1,024 x 3,072 42.0 vs 53.9 ms, 512 x 256 x 768 22.1 vs 31.8): every row count.
+# The AVX2 build's linear_bf16_torch is PyTorch's bf16 matmul there, bit for bit, and faster
+# (bench/cpu_linear.py, one thread: 64 x 1,024 x 3,072 6.88 vs 54.07 ms, 512 x 256 x 768 4.62 vs
+# 32.61): every row count.
 TORCH_ORDER_MAX_ROWS = 1 << 30
 
 

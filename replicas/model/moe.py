@@ -85,6 +85,12 @@ experts) 10.9 vs 21.9, 15.9 vs 22.7, 30.2 vs 29.8, 58.6 vs 47.3; bundled model (
 AVX512_BEST_ROWS_PER_EXPERT = 2  # ... and up to which it beats the AMX kernel
 
 
+def _row_offsets(sizes: torch.Tensor) -> torch.Tensor:
+    """sizes [E] rows of each expert -> offsets [E + 1]: expert e owns rows offsets[e] ..
+    offsets[e + 1] of rows grouped by expert."""
+    return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+
+
 class RoutedExperts(nn.Module):
     """The routed experts of one MoE layer that this process holds (any subset of expert ids).
 
@@ -256,7 +262,7 @@ class RoutedExperts(nn.Module):
         )
         fp8 = self.fp8_scales()
         if kernel is not None:
-            offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # [E_local + 1]
+            offsets = _row_offsets(sizes)
             if kernel == "triton" and fp8 is not None:
                 y = kernel_backend.moe_experts(kernel)(x, tokens, offsets, self.w13, self.w2, fp8)
             elif kernel == "avx512" and fp8 is not None:
@@ -267,7 +273,7 @@ class RoutedExperts(nn.Module):
                 y = cpu_kernels.moe_experts_bf16(h, offsets, self.w13, self.w2)
             elif kernel == "amx":  # our AMX kernel: each expert alone, so only the used ones
                 w13, w2, sizes = self._compute_weights(sizes)
-                offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+                offsets = _row_offsets(sizes)
                 y = cpu_kernels.moe_experts_amx(x, tokens, offsets, w13, w2)
             else:  # triton / vllm on the weights as they compute
                 w13, w2 = self.dense_weights() if fp8 is None else self._used_dense(sizes)
@@ -275,7 +281,7 @@ class RoutedExperts(nn.Module):
             return slots, None, y
         w13, w2, sizes = self._compute_weights(sizes)
         if self._torch_order(x, w13, w2):  # PyTorch's bits without its slow bf16 matmul
-            offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # [E + 1]
+            offsets = _row_offsets(sizes)
             h = x.index_select(0, tokens)  # [S_held, H]
             gate, up = cpu_kernels.grouped_linear_bf16_torch(h, offsets, w13).split(
                 self.inter, dim=-1
