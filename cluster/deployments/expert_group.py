@@ -3,6 +3,7 @@ and the worker actor that holds the weights with the "actor" transport."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import TYPE_CHECKING, Any, cast
@@ -54,6 +55,7 @@ class ExpertGroupDeployment:
         )
         ctx = serve.get_replica_context()
         self.replica, self.group_id = ctx.replica_id.unique_id, group
+        self.answer_timeout_s = e.health_check_timeout_s  # a live worker answers in ms
         self.worker: Any = None  # the worker actor's handle ("actor" transport)
         # "serve" transport: the experts themselves, and the thread they compute on
         self.local: tuple[ExpertGroup, ComputeThread] | None = None
@@ -122,17 +124,27 @@ class ExpertGroupDeployment:
 
     def stats(self):
         return (
-            ray.get(self.worker.stats.remote())
+            ray.get(self.worker.stats.remote(), timeout=self.answer_timeout_s)
             if self.worker is not None
             else self._local()[0].stats()
         )
 
     async def check_health(self) -> None:
         """Serve's health check: the worker holding this replica's experts answers (a dead one
-        raises at once, a hung one past Serve's health-check timeout), so Serve replaces a
-        replica whose worker is gone; the replacement starts a worker with its experts."""
-        if self.worker is not None:
-            await self.worker.ready.remote()
+        raises at once, a hung one after ``experts.health_check_timeout_s``), so Serve
+        replaces a replica whose worker is gone; the replacement starts a worker with its
+        experts. The wait is bounded here, not only by Serve: Serve's first check, before a
+        new replica counts as started, has no timeout of its own, and a worker frozen then
+        left the replica starting for good (its frozen worker never replaced)."""
+        if self.worker is None:
+            return
+        try:
+            await asyncio.wait_for(self.worker.ready.remote(), self.answer_timeout_s)
+        except TimeoutError:
+            raise RuntimeError(
+                f"expert group {self.group_id}'s worker did not answer its health check within "
+                f"{self.answer_timeout_s:g} s (experts.health_check_timeout_s): hung or frozen"
+            ) from None
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What this group's autoscaling policy reads

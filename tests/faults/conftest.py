@@ -260,8 +260,12 @@ def expert_workers(group: int) -> list[str]:
     return sorted(name for name in ours if name.startswith(worker_prefix(APP, group)))
 
 
-def wait_until(condition, timeout_s: float, what: str) -> None:
+def wait_until(condition, timeout_s: float, what: str, state=None) -> None:
+    """Poll ``condition`` until true; past ``timeout_s`` fail, with ``state()`` (what the test
+    sees then) in the message when given."""
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s" + (
+            f" ({state()})" if state is not None else ""
+        )  # the message (and so state()) is evaluated only on failure
         time.sleep(0.5)

@@ -17,8 +17,10 @@ import ray
 
 from cluster.deployments.expert_transport import WORKER_NAMESPACE
 from tests.faults.conftest import (
+    APP,
     expert_workers,
     full_or_unavailable,
+    replica_states,
     serves_again,
     under_streams,
     wait_until,
@@ -47,7 +49,13 @@ def test_a_frozen_expert_worker_is_replaced(nodes, reference, report):
             workers = expert_workers(0)
             return len(workers) == 2 and name not in workers and process_gone(pid)
 
-        wait_until(replaced, 180, "the frozen worker's replica replaced")
+        def state():
+            alive = "gone" if process_gone(pid) else "alive"
+            return f"workers {expert_workers(0)}, {name}'s process {alive}, replicas " + str(
+                replica_states(APP, "ExpertGroup-0")
+            )
+
+        wait_until(replaced, 180, "the frozen worker's replica replaced", state)
         replaced_after = time.monotonic() - frozen_at
     finally:
         with contextlib.suppress(ProcessLookupError):  # gone once its replica was replaced
