@@ -279,9 +279,10 @@ class ExpertOptions(_Strict):
         gt=0,
         description="An expert replica that has not answered Serve's health check (every "
         "10 s) by then fails it; three failures in a row and Serve replaces the replica and "
-        "its worker. The check asks the worker to answer beside its layer calls, so a live one "
-        "answers in milliseconds; one that does not is frozen (its layer calls already go to "
-        "the group's other replicas). Serve's own default, 30 s, took 103 s to replace a "
+        "its worker (a starting replica's first check: one failure). The check asks the "
+        "worker to answer beside its layer calls, so a live one answers in milliseconds; "
+        "one that does not is frozen (its layer calls already go to the group's other "
+        "replicas). Serve's own default, 30 s, took 103 s to replace a "
         "frozen worker's replica, 45 s with 10 s.",
     )
     transport: Literal["actor", "serve"] = Field(
