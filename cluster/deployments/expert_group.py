@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 import ray
 from ray import serve
 from ray.actor import ActorClass
+from ray.exceptions import GetTimeoutError
 from ray.serve.handle import DeploymentHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
     from replicas.experts.expert_group import ExpertGroup
 
 _serve_log = logging.getLogger("ray.serve")  # shown in each replica's log and the dashboard
+
+WORKER_START_TIMEOUT_S = 1800.0
+"""How long a new replica waits for its worker to load its experts (as an attention replica
+waits for its engine process: replicas.engine.engine_process)."""
 
 
 @serve.deployment(name="ExpertGroup")
@@ -76,7 +81,13 @@ class ExpertGroupDeployment:
                 )
                 .remote(*args)
             )
-            ray.get(self.worker.ready.remote())
+            try:  # loading takes minutes for a large group; a worker frozen meanwhile, forever
+                ray.get(self.worker.ready.remote(), timeout=WORKER_START_TIMEOUT_S)
+            except GetTimeoutError:
+                raise RuntimeError(
+                    f"expert group {group}'s worker did not load its experts in "
+                    f"{WORKER_START_TIMEOUT_S:.0f} s"
+                ) from None  # a failed start: Serve starts another replica (and worker)
         else:  # loaded in a thread that ends, computed on one that stays (compute_thread)
             held = in_passing_thread(lambda: _load_group(*args))
             self.local = (held, ComputeThread("expert-compute"))
