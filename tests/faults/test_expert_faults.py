@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 import ray
 from ray.util.state import list_actors
 
 from cluster.deployments.expert_transport import WORKER_NAMESPACE
-from tests.faults.conftest import expert_workers, full_or_unavailable, serves_again, under_streams
+from tests.faults.conftest import (
+    expert_workers,
+    full_or_unavailable,
+    serves_again,
+    under_streams,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -31,10 +36,12 @@ def test_sigkill_of_an_expert_worker_process(nodes, reference, report):
         f"outputs, {len(lost)} UNAVAILABLE, all ended {took:.1f} s after the kill"
     )
     serves_again(nodes.address, ps[:4], want[:4])
-    deadline = time.monotonic() + 120  # the dead worker's replica was replaced: 2 again
-    while len(expert_workers(1)) != 2 or name in expert_workers(1):
-        assert time.monotonic() < deadline, expert_workers(1)
-        time.sleep(1)
+
+    def replaced():  # the dead worker's replica was replaced: 2 again
+        workers = expert_workers(1)
+        return len(workers) == 2 and name not in workers
+
+    wait_until(replaced, 120, "the dead worker's replica replaced", lambda: expert_workers(1))
 
 
 def test_every_replica_of_a_group_killed(nodes, reference, report):
