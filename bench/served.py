@@ -34,6 +34,10 @@ Systems (--systems):
           its venv is missing
   engine  replicas.engine.async_engine.AsyncEngine over replicas.engine.engine.LLMEngine in
           this process
+  engine-beside  the same in-process engine with our server started beside it and left idle
+          (Ray, Serve's controller, the replicas, the engine process, Redis): on a machine the
+          engine's threads fill, what the cluster costs it by being there, apart from what the
+          requests' path through it costs (the row "in-process beside idle server - in-process")
 
 Ours and the in-process engine are built from one ClusterConfig (engine options, torch threads,
 KV capacity sized to admit max(64, C) sequences of prompt + new tokens); vLLM gets the same
@@ -49,7 +53,8 @@ Columns of the table printed per checkpoint:
   TTFT p50/99 time to first token (ms): request sent -> first message carrying token ids
   TPOT p50/99 time per output token (ms) of a request: (last token - first token) / (tokens - 1)
 then ratio rows: ours / vLLM and ours / in-process output tok/s at each level, and ours minus
-in-process TPOT p50 at in-flight 1 (what the served path adds per token). With
+in-process TPOT p50 at in-flight 1 (what the served path adds per token; with engine-beside,
+also the idle server's part of it: in-process beside it minus in-process). With
 --vllm-bench-client, a second table: vLLM's own serving benchmark client
 (bench/vllm_bench_client.py) against our HTTP server and vLLM's, same dataset settings.
 --json FILE writes every number (and the settings) as JSON.
@@ -92,14 +97,16 @@ from replicas.model.loader import load_causal_lm  # noqa: E402
 
 BUNDLED = ROOT / "cluster" / "bundled_model"
 DEFAULT_VLLM_PYTHON = Path.home() / ".cache" / "exaone-peers" / "vllm-venv" / "bin" / "python"
-SYSTEMS = ("ours", "ours-http", "vllm", "engine")
+SYSTEMS = ("ours", "ours-http", "vllm", "engine", "engine-beside")
 LABELS = {
     "ours": "ours (gRPC)",
     "ours-http": "ours (OpenAI HTTP)",
     "vllm": "vLLM (OpenAI HTTP)",
     "engine": "in-process engine",
+    "engine-beside": "in-process beside idle server",
 }
-RUN_ORDER = ("engine", "ours", "vllm")  # servers one at a time; the ceiling first
+# servers one at a time; the ceiling first
+RUN_ORDER = ("engine", "engine-beside", "ours", "vllm")
 
 
 # ---- workload and settings ----------------------------------------------------------------------
@@ -196,7 +203,14 @@ def engine_config(config: ClusterConfig):
 
 
 # ---- systems ------------------------------------------------------------------------------------
-def run_engine(config: ClusterConfig, work: Workload) -> dict:
+def start_ours(config: ClusterConfig):
+    """Our server as `exaone-cluster serve` runs it (no dashboard), started in this process."""
+    from cluster.commands.local import start_local
+
+    return start_local(config, grpc_port=free_port(), openai_port=free_port(), dashboard_port=None)
+
+
+def run_engine(config: ClusterConfig, work: Workload, label: str = "engine") -> dict:
     from replicas.engine.async_engine import AsyncEngine
     from replicas.engine.engine import LLMEngine
     from replicas.model.loader import DTYPES
@@ -233,7 +247,7 @@ def run_engine(config: ClusterConfig, work: Workload) -> dict:
             return s
 
         try:
-            return await run_levels(send, work, "engine")
+            return await run_levels(send, work, label)
         finally:
             await front.close()
 
@@ -244,23 +258,27 @@ def run_engine(config: ClusterConfig, work: Workload) -> dict:
         gc.collect()
 
 
+def run_engine_beside(config: ClusterConfig, work: Workload) -> dict:
+    """The in-process engine on ``work`` while our server runs beside it, idle."""
+    cluster = start_ours(config)
+    print(f"  ours: serving at {cluster.grpc_address}, idle", flush=True)
+    try:
+        return run_engine(config, work, "engine-beside")
+    finally:
+        cluster.stop()
+
+
 def run_ours(config: ClusterConfig, work: Workload, args, protocols: list[str]) -> dict:
     """Our server, started once, driven over each of ``protocols`` in turn ("ours": gRPC,
     "ours-http": OpenAI HTTP) -> {protocol: result}; with --vllm-bench-client, vLLM's client
     too, over HTTP."""
     import grpc
 
-    from cluster.commands.local import start_local
     from protos.exaone.v1 import generation_pb2 as pb
     from protos.exaone.v1 import generation_pb2_grpc as pb_grpc
 
     start = time.perf_counter()
-    cluster = start_local(
-        config,
-        grpc_port=free_port(),
-        openai_port=free_port(),
-        dashboard_port=None,
-    )
+    cluster = start_ours(config)
     assert cluster.openai_url is not None
     http = cluster.openai_url.removesuffix("/v1")
     info = {"start_s": round(time.perf_counter() - start, 1), "address": cluster.grpc_address}
@@ -356,6 +374,11 @@ def table(results: dict[str, dict], levels: list[int]) -> tuple[str, dict]:
             diff = a["tpot_p50_ms"] - b["tpot_p50_ms"]
             ratios.setdefault("1", {})[f"tpot_p50_ms_{mine}_minus_engine"] = round(diff, 3)
             lines.append(f"| {LABELS[mine]} - in-process | 1 | | | | {diff:+.2f} | |")
+    a, b = rows.get("engine-beside", {}).get(1), rows.get("engine", {}).get(1)
+    if a and b and a["tpot_p50_ms"] is not None and b["tpot_p50_ms"] is not None:
+        diff = a["tpot_p50_ms"] - b["tpot_p50_ms"]
+        ratios.setdefault("1", {})["tpot_p50_ms_engine_beside_minus_engine"] = round(diff, 3)
+        lines.append(f"| {LABELS['engine-beside']} - in-process | 1 | | | | {diff:+.2f} | |")
     client = {s: r["vllm_client"] for s, r in results.items() if r.get("vllm_client")}
     if client:
         lines += [
@@ -400,7 +423,8 @@ def main() -> None:
     ap.add_argument(
         "--systems",
         default="ours,ours-http,vllm,engine",
-        help="ours (gRPC), ours-http (OpenAI HTTP, the same server), vllm, engine",
+        help="ours (gRPC), ours-http (OpenAI HTTP, the same server), vllm, engine, "
+        "engine-beside (in-process with our server idle beside it)",
     )
     ap.add_argument(
         "--vllm-bench-client",
@@ -520,6 +544,8 @@ def main() -> None:
                 try:
                     if system == "engine":
                         got = {system: run_engine(config, part)}
+                    elif system == "engine-beside":
+                        got = {system: run_engine_beside(config, part)}
                     elif system == "ours":
                         got = run_ours(config, part, args, ours)
                     else:
