@@ -86,7 +86,6 @@ class DirectShardClient:
         self.num_direct = 0
         self.num_via_serve = 0
         """Attempts submitted to a replica this router chose, and through Serve, since start."""
-        self._aborts: set[asyncio.Task] = set()
         self._published: Sequence[DirectReplica] = ()
 
     def _interval_s(self) -> float:
@@ -128,8 +127,6 @@ class DirectShardClient:
     async def close(self) -> None:
         """Send the aborts still on their way (for a few seconds at most), then close the step
         streams."""
-        if self._aborts:
-            await asyncio.wait(list(self._aborts), timeout=5)
         await self.subscriber.close()
 
     def choose(self, prompt_ids: Sequence[int], tried: set[str]) -> DirectReplica | None:
@@ -200,22 +197,8 @@ class DirectShardClient:
         finally:
             sub.unregister(request_id)
             sub.loads.ended(address)
-            if open_there and not finished:
-                self._abort(address, request_id)
-
-    def _abort(self, address: str, request_id: str) -> None:
-        """Tell the replica the request ended early (its KV blocks are freed); not waited for:
-        a replica that is gone has nothing left to free."""
-        sub = self.subscriber
-
-        async def send() -> None:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                request = spb.AbortRequest(subscriber=sub.id, request_id=request_id)
-                await sub.stub(address).Abort(request, metadata=sub.metadata(address), timeout=30)
-
-        task = asyncio.get_running_loop().create_task(send())
-        self._aborts.add(task)
-        task.add_done_callback(self._aborts.discard)
+            if open_there and not finished:  # its KV blocks freed (StepSubscriber.abort)
+                sub.abort(address, request_id)
 
     async def _via_serve(
         self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams

@@ -2,8 +2,10 @@
 (cluster.deployments.step_stream): one channel and one ``Subscribe`` stream per replica
 address, shared by all of this router's requests there; each request's deltas go to its own
 queue, and the load each replica reports is kept (router.replica_loads), as is which replicas
-lately failed to answer (router.unresponsive). Calls to a replica carry its stream token,
-learned with its address. ``cluster.deployments.shard_client`` sends the requests.
+lately failed to answer (router.unresponsive). A request this router no longer reads is
+aborted at its replica, and aborted again when its deltas still come after an Abort that did
+not arrive (router.owed_aborts). Calls to a replica carry its stream token, learned with its
+address. ``cluster.deployments.shard_client`` sends the requests.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from cluster.deployments.step_stream import CLIENT_OPTIONS, TOKEN_KEY, decode
 from protos.exaone.internal.v1 import step_stream_pb2 as spb
 from protos.exaone.internal.v1 import step_stream_pb2_grpc as spb_grpc
 from router.hops import HopStats
+from router.owed_aborts import OwedAborts
 from router.replica_loads import ReplicaLoads
 from router.unresponsive import UnresponsiveReplicas
 
@@ -47,6 +50,8 @@ class StepSubscriber:
         self.readers: dict[str, asyncio.Task] = {}
         self.ends: dict[str, int] = {}  # by address: step streams from there that have ended
         self.channels: dict[str, grpc.aio.Channel] = {}
+        self.aborts = OwedAborts()
+        self._aborting: set[asyncio.Task] = set()
         self._closing: set[asyncio.Task] = set()
         self.num_messages = 0
         self.num_outputs = 0
@@ -76,6 +81,23 @@ class StepSubscriber:
             channel = grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
             self.channels[address] = channel
         return spb_grpc.StepStreamStub(channel)
+
+    def abort(self, address: str, request_id: str) -> None:
+        """Tell the replica at ``address`` that this router stopped reading the request (its
+        KV blocks are freed); not waited for. One that does not arrive (the replica cut off or
+        gone) is owed: sent again if the request's deltas come later."""
+        self.aborts.sent(request_id, time.monotonic())
+
+        async def send() -> None:
+            request = spb.AbortRequest(subscriber=self.id, request_id=request_id)
+            try:
+                await self.stub(address).Abort(request, metadata=self.metadata(address), timeout=30)
+            except grpc.aio.AioRpcError:
+                self.aborts.failed(request_id)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._aborting.add(task)
+        task.add_done_callback(self._aborting.discard)
 
     def ended_streams(self, address: str) -> int:
         """How many step streams from ``address`` have ended so far: taken before a request is
@@ -113,6 +135,8 @@ class StepSubscriber:
                         if not isinstance(item, Exception):
                             item.received_s = received
                         queue.put_nowait(item)
+                    elif not (out.finished or out.error_kind):  # still running there
+                        self._read_by_nobody(address, out.request_id)
         except grpc.aio.AioRpcError as e:
             error = ReplicaLost(f"step stream from {address}: {e.code().name} {e.details()}")
             if e.code() in NO_ANSWER:
@@ -128,6 +152,12 @@ class StepSubscriber:
         for request_id, bound in list(self.address_of.items()):
             if bound == address and (queue := self.queues.get(request_id)) is not None:
                 queue.put_nowait(error)
+
+    def _read_by_nobody(self, address: str, request_id: str) -> None:
+        """A delta of a request still running at ``address`` that this router no longer reads:
+        abort it, unless an Abort for it is on its way (router.owed_aborts)."""
+        if self.aborts.owed(request_id, time.monotonic()):
+            self.abort(address, request_id)
 
     def drop(self, address: str) -> None:
         """Close the channel to ``address`` (in the background: a call still on it is
@@ -145,6 +175,10 @@ class StepSubscriber:
             del self.tokens[address]
 
     async def close(self) -> None:
+        """Send the aborts still on their way (for a few seconds at most), then close the step
+        streams and the channels."""
+        if self._aborting:
+            await asyncio.wait(list(self._aborting), timeout=5)
         for task in list(self.readers.values()):
             task.cancel()
         for task in list(self.readers.values()):

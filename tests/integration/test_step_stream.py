@@ -733,6 +733,46 @@ def test_a_router_back_within_the_grace_period_keeps_its_requests(tiny_ckpt):
     assert len(asyncio.run(main())) == 400
 
 
+def test_a_request_whose_abort_was_lost_is_aborted_when_its_deltas_come_again(tiny_ckpt):
+    """The router's step stream broke (a partition): it counted its request there as lost and
+    the Abort it sent did not arrive. Back within the grace period (the same router, with a new
+    request), the lost request's deltas come to it again: it aborts that request then, rather
+    than leave it running to its last token for nobody; its new request is served."""
+    long = SamplingParams(temperature=0.0, max_tokens=3000, ignore_eos=True)
+
+    async def main():
+        shard = AttentionShard(tiny_ckpt, ENGINE)
+        async with _published(shard, orphan_grace_s=30.0) as publisher:
+            first, again = StepSubscriber(), StepSubscriber()
+            again.id = first.id  # the same router, a new connection
+            aborts: list[str] = []
+            abort = publisher.abort
+            publisher.abort = lambda subscriber, rid: (aborts.append(rid), abort(subscriber, rid))
+            try:
+                for sub in (first, again):
+                    sub.learn(publisher.address, TOKEN)
+                lost = first.register("lost")
+                publisher.submit(first.id, "lost", PROMPTS["r0"], long)
+                first.bind("lost", publisher.address)
+                assert (await asyncio.wait_for(lost.get(), 60)).new_token_ids
+                first.unregister("lost")  # the router stopped reading it ...
+                await first.close()  # ... when its stream broke; no Abort arrived
+                assert shard.engine.num_requests == 1
+                queue = again.register("new")
+                publisher.submit(again.id, "new", PROMPTS["r1"], GREEDY)
+                again.bind("new", publisher.address)
+                new = await _collect(queue)
+                stats = await shard.wait_idle(timeout_s=10)  # not 3000 tokens (about 20 s)
+                return new, stats, aborts
+            finally:
+                await again.close()
+
+    new, stats, aborts = asyncio.run(main())
+    assert len(new) == GREEDY.max_tokens
+    assert stats.num_requests == 0 and stats.num_blocks_in_use == 0
+    assert aborts == ["lost"]  # once, though each step after it carried a delta of it
+
+
 def test_a_router_that_stops_answering_has_its_requests_aborted(tiny_ckpt):
     """The router's end of the step stream stops answering without closing anything (its
     process frozen, its node hung): the replica's keepalive ping goes unanswered, the stream
