@@ -364,6 +364,14 @@ class RouterOptions(_Strict):
         description="How long one Generate stream may run before it ends DEADLINE_EXCEEDED "
         "and its request is aborted (null: no limit).",
     )
+    http_read_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="The OpenAI-compatible HTTP port closes a connection that has not sent a "
+        "whole request's headers within this long of opening or of its last response (an idle "
+        "or slow client holds no connection for good), and answers 408 to a request whose body "
+        "has not all arrived within this long of its headers.",
+    )
     tls_cert_file: str | None = Field(
         None,
         description="PEM certificate chain: the gRPC port serves TLS and the HTTP port HTTPS "

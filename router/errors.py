@@ -18,12 +18,14 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 """gRPC status -> HTTP status. Retryable on both: RESOURCE_EXHAUSTED (429) and UNAVAILABLE
-(503). A body over router.max_request_bytes is 413 on HTTP, refused before it is read."""
+(503). A body over router.max_request_bytes is 413 on HTTP, refused before it is read; one
+that does not arrive within router.http_read_timeout_s is 408."""
 
 # OpenAI's error "type" for each HTTP status (what its SDKs and vLLM's server send).
 HTTP_ERROR_TYPE = {
     400: "invalid_request_error",
     404: "not_found_error",
+    408: "timeout_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     499: "cancelled",

@@ -1,7 +1,11 @@
 """The OpenAI-compatible HTTP server, run by each Router replica beside its gRPC server
 (cluster.deployments.ingress): on the same host, with the same TLS files, stream limit
 (router.max_ongoing_requests, counted over both protocols), request size and stream timeout.
-Several replicas on one node share the port (SO_REUSEPORT).
+Several replicas on one node share the port (SO_REUSEPORT). A connection that sends no whole
+request's headers within router.http_read_timeout_s of opening or of its last response is
+closed, and a body that does not arrive within it is answered 408: a client that connects and
+sends nothing, or a byte now and then, holds no connection for good (aiohttp's own limit on
+idle connections is an hour, and it sets none on a body).
 
 The API itself is router.openai_api (no HTTP here but framing): /v1/chat/completions and
 /v1/completions (JSON, or server-sent events with ``stream``), /v1/models, /health, /tokenize
@@ -90,12 +94,15 @@ class OpenAIServer:
         max_request_bytes: int,
         timeout_s: float | None,
         metrics=None,
+        read_timeout_s: float = 30.0,
     ):
         """``metrics``: told of every refused or failed request (``failed``, with the gRPC
-        status name), as the gRPC server tells it."""
+        status name), as the gRPC server tells it; ``read_timeout_s``:
+        router.http_read_timeout_s."""
         self.frontend, self.healthy, self.slots = frontend, healthy, slots
         self.max_request_bytes, self.timeout_s = max_request_bytes, timeout_s
         self.metrics = metrics
+        self.read_timeout_s = read_timeout_s
 
     def _reported(self, error: RequestError) -> dict[str, Any]:
         """The error counted in the metrics, as OpenAI's error object."""
@@ -104,7 +111,10 @@ class OpenAIServer:
         return error_body(error.http_status, error.message, error.param)
 
     def _failure(self, error: RequestError) -> web.Response:
-        return _json(self._reported(error), error.http_status)
+        response = _json(self._reported(error), error.http_status)
+        if isinstance(error, _TooSlowError):  # the rest of its body is not waited for
+            response.force_close()
+        return response
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_request_bytes, middlewares=[_openai_errors])
@@ -235,7 +245,14 @@ class OpenAIServer:
         if request.content_length is not None and request.content_length > limit:
             raise _too_large(f"{request.content_length} bytes", limit)
         try:
-            raw = await request.read()
+            async with asyncio.timeout(self.read_timeout_s):
+                raw = await request.read()
+        except TimeoutError:
+            raise _TooSlowError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the request body did not arrive within {self.read_timeout_s:g} s "
+                "(router.http_read_timeout_s): send it at once",
+            ) from None
         except web.HTTPRequestEntityTooLarge:
             raise _too_large("larger than that", limit) from None
         except RequestPayloadError as e:  # bad chunked framing or compression: the client's
@@ -266,6 +283,15 @@ class _TooLargeError(RequestError):
         return 413
 
 
+class _TooSlowError(RequestError):
+    """A body that did not arrive within router.http_read_timeout_s: 408, the connection
+    closed."""
+
+    @property
+    def http_status(self) -> int:
+        return 408
+
+
 def _too_large(said: str, limit: int) -> RequestError:
     return _TooLargeError(
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -288,8 +314,14 @@ async def start_http_ingress(
     node); with ``tls`` (certificate chain file, private key file: PEM) over HTTPS only.
     ``runner.cleanup()`` stops it."""
     # Streams still open at shutdown get a second (as gRPC's stop(1.0)), not aiohttp's 60 s.
+    # aiohttp's keep-alive timeout runs from a connection's start and from each response until
+    # a request's headers are whole: past it, the connection is closed.
     runner = web.AppRunner(
-        server.app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+        server.app(),
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=1.0,
+        keepalive_timeout=server.read_timeout_s,
     )
     await runner.setup()
     context = None

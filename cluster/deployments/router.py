@@ -131,6 +131,7 @@ class RouterDeployment:
                 r.max_request_bytes,
                 r.request_timeout_s,
                 self.metrics,
+                r.http_read_timeout_s,
             )
             self.http = await start_http_ingress(r.grpc_host, r.openai_port, server, tls)
             _serve_log.info("Router serving the OpenAI API at %s:%d", r.grpc_host, r.openai_port)

@@ -64,12 +64,21 @@ class SlowService:
             self.closed += 1
 
 
-async def _serve(service, slots=None, timeout_s=None, healthy=True, tls=None, limit=4096):
+async def _serve(
+    service, slots=None, timeout_s=None, healthy=True, tls=None, limit=4096, read_timeout_s=30.0
+):
     async def health() -> bool:
         return healthy
 
     frontend = OpenAIFrontend(service, "m")
-    server = OpenAIServer(frontend, health, slots or StreamSlots(None), limit, timeout_s)
+    server = OpenAIServer(
+        frontend,
+        health,
+        slots or StreamSlots(None),
+        limit,
+        timeout_s,
+        read_timeout_s=read_timeout_s,
+    )
     port = free_port()
     runner = await start_http_ingress("127.0.0.1", port, server, tls)
     return runner, port
@@ -229,6 +238,79 @@ def test_body_size_json_and_health():
     assert out["sick"][0] == 503 and out["sick"][1]["type"] == "service_unavailable"
     assert [m["id"] for m in out["models"]["data"]] == ["m"] and out["other"] == 404
     assert service.started == 0  # none of these reached the service
+
+
+async def _closed_after(reader: asyncio.StreamReader, start: float) -> tuple[float, bytes]:
+    """Read until the server closes the connection -> (seconds since ``start``, what it sent)."""
+    data = await reader.read()
+    return time.monotonic() - start, data
+
+
+async def _completion_status(port: int) -> int:
+    """The status of one completion request on a connection of its own."""
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    async with aiohttp.ClientSession() as http, http.post(url, json=BODY) as r:
+        return r.status
+
+
+def test_connections_that_send_no_whole_request_are_closed():
+    """A client that connects and sends nothing, or part of a request's headers, or nothing
+    after a response, holds its connection router.http_read_timeout_s at most; the server
+    serves others meanwhile and after."""
+
+    async def main():
+        service = SlowService(count=1, interval_s=0)
+        runner, port = await _serve(service, read_timeout_s=1.0)
+        try:
+            start = time.monotonic()
+            nothing, _ = await asyncio.open_connection("127.0.0.1", port)
+            part, part_w = await asyncio.open_connection("127.0.0.1", port)
+            part_w.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            idle, idle_w = await asyncio.open_connection("127.0.0.1", port)
+            idle_w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # then nothing
+            answered = await idle.readuntil(b"\r\n\r\n")
+            meanwhile = await _completion_status(port)
+            closed = await asyncio.gather(
+                *(_closed_after(reader, start) for reader in (nothing, part, idle))
+            )
+            return answered, meanwhile, closed, await _completion_status(port)
+        finally:
+            await runner.cleanup()
+
+    answered, meanwhile, closed, after = asyncio.run(asyncio.wait_for(main(), 60))
+    assert answered.startswith(b"HTTP/1.1 200")
+    for took, data in closed:
+        assert 0.9 < took < 10 and data == b"", (took, data)  # closed, nothing more said
+    assert meanwhile == 200 and after == 200
+
+
+def test_a_body_that_does_not_arrive_is_408_and_its_connection_closed():
+    async def main():
+        service = SlowService(count=1, interval_s=0)
+        runner, port = await _serve(service, read_timeout_s=1.0)
+        try:
+            start = time.monotonic()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                b"\r\nContent-Length: 100\r\n\r\n" + b'{"prompt": "x", '  # and no more
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            answered = time.monotonic() - start
+            closed, body = await _closed_after(reader, start)
+            return service, head, body, answered, closed
+        finally:
+            await runner.cleanup()
+
+    service, head, body, answered, closed = asyncio.run(asyncio.wait_for(main(), 60))
+    assert head.startswith(b"HTTP/1.1 408") and b"Connection: close" in head, head
+    error = json.loads(body)["error"]
+    assert error["code"] == 408 and error["type"] == "timeout_error"
+    assert "router.http_read_timeout_s" in error["message"]
+    assert 0.9 < answered < 10
+    # Then closed: after aiohttp's lingering read of what the client still sends (10 s at most).
+    assert closed < answered + 15
+    assert service.started == 0
 
 
 def test_https_only_with_tls(tmp_path):
