@@ -705,6 +705,16 @@ def test_a_routers_requests_are_aborted_when_its_step_stream_ends(tiny_ckpt):
     assert subscribers == {}  # nothing kept for a router that is gone
 
 
+def _one_router_twice(address: str) -> tuple[StepSubscriber, StepSubscriber]:
+    """A router's subscriber and the one it reads with after its stream ended: one id, a new
+    connection."""
+    first, again = StepSubscriber(), StepSubscriber()
+    again.id = first.id
+    for sub in (first, again):
+        sub.learn(address, TOKEN)
+    return first, again
+
+
 def test_a_router_back_within_the_grace_period_keeps_its_requests(tiny_ckpt):
     """A router's step stream ends and it opens one again at once (it reconnected, with a new
     request it submitted in between): nothing it has at the replica is aborted."""
@@ -713,11 +723,8 @@ def test_a_router_back_within_the_grace_period_keeps_its_requests(tiny_ckpt):
     async def main():
         shard = AttentionShard(tiny_ckpt, ENGINE)
         async with _published(shard, orphan_grace_s=0.2) as publisher:
-            first, again = StepSubscriber(), StepSubscriber()
-            again.id = first.id  # the same router, a new connection
+            first, again = _one_router_twice(publisher.address)
             try:
-                for sub in (first, again):
-                    sub.learn(publisher.address, TOKEN)
                 queue = first.register("a")
                 publisher.submit(first.id, "a", PROMPTS["r0"], GREEDY)
                 first.bind("a", publisher.address)
@@ -743,14 +750,11 @@ def test_a_request_whose_abort_was_lost_is_aborted_when_its_deltas_come_again(ti
     async def main():
         shard = AttentionShard(tiny_ckpt, ENGINE)
         async with _published(shard, orphan_grace_s=30.0) as publisher:
-            first, again = StepSubscriber(), StepSubscriber()
-            again.id = first.id  # the same router, a new connection
+            first, again = _one_router_twice(publisher.address)
             aborts: list[str] = []
             abort = publisher.abort
             publisher.abort = lambda subscriber, rid: (aborts.append(rid), abort(subscriber, rid))
             try:
-                for sub in (first, again):
-                    sub.learn(publisher.address, TOKEN)
                 lost = first.register("lost")
                 publisher.submit(first.id, "lost", PROMPTS["r0"], long)
                 first.bind("lost", publisher.address)
