@@ -204,7 +204,7 @@ def engine_config(config: ClusterConfig):
 
 # ---- systems ------------------------------------------------------------------------------------
 def start_ours(config: ClusterConfig):
-    """Our server as `exaone-cluster serve` runs it (no dashboard), started in this process."""
+    """Our server as `exaone-cluster serve --no-dashboard` runs it, started in this process."""
     from cluster.commands.local import start_local
 
     return start_local(config, grpc_port=free_port(), openai_port=free_port(), dashboard_port=None)
